@@ -14,10 +14,10 @@ import json
 import os
 import re
 import socket
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -89,8 +89,9 @@ class MqttConfig(_Section):
         "5", description="MQTT protocol version. v5 enables Response Topic/Correlation Data."
     )
     client_id: str | None = Field(
-        None, description="MQTT client id; default `edgeagent-{device_id}`.  Must be stable for a "
-        "persistent session."
+        None,
+        description="MQTT client id; default `edgeagent-{device_id}`.  Must be stable for a "
+        "persistent session.",
     )
     username: str | None = Field(None, description="Broker user name.")
     password: SecretStr | None = Field(
@@ -144,7 +145,9 @@ class TopicsConfig(_Section):
         "[`{prefix}/`].  Job, status, stats and cloud topics are always refused.",
     )
     stats_interval_s: float = Field(
-        30.0, ge=0, description="Publish counters on `{prefix}/{device}/stats` this often (0 = off)."
+        30.0,
+        ge=0,
+        description="Publish counters on `{prefix}/{device}/stats` this often (0 = off).",
     )
 
     _v_prefix = field_validator("prefix")(_segment)
@@ -464,7 +467,9 @@ def credential_path(name: str, environ: dict[str, str] | None = None) -> Path | 
 
 def _read_secret(path: Path, what: str) -> str:
     try:
-        return path.read_text(encoding="utf-8").splitlines()[0].strip() if path.stat().st_size else ""
+        return (
+            path.read_text(encoding="utf-8").splitlines()[0].strip() if path.stat().st_size else ""
+        )
     except OSError as exc:
         raise ConfigError(str(path), [(what, f"cannot read secret file: {exc.strerror}")]) from exc
 
@@ -538,8 +543,10 @@ def _flatten(exc: ValidationError) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for err in exc.errors():
         parts = [str(p) for p in err["loc"]]
-        # Drop the discriminator tag pydantic inserts after `backend` (backend.rules.x -> backend.x).
-        parts = [p for i, p in enumerate(parts) if not (i and parts[i - 1] == "backend" and p in _TAGS)]
+        # Drop the union tag pydantic inserts after `backend` (backend.rules.x -> backend.x).
+        parts = [
+            p for i, p in enumerate(parts) if not (i and parts[i - 1] == "backend" and p in _TAGS)
+        ]
         loc = ".".join(parts)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
@@ -562,7 +569,11 @@ def reference_markdown() -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 walk(ann, key + ".")
                 continue
-            default = "" if field.is_required() else _fmt_default(field.get_default(call_default_factory=True))
+            default = (
+                ""
+                if field.is_required()
+                else _fmt_default(field.get_default(call_default_factory=True))
+            )
             tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
             desc = (field.description or "").replace("|", "\\|")
             lines.append(f"| `{key}` | {tname} | {default} | {desc} |")

@@ -1,0 +1,113 @@
+"""The ``rules`` backend: keyword/regex classification and regex extraction from the config.
+
+Deterministic and model-free: a match answers with confidence 1.0, no match
+answers nothing (confidence 0.0), so the router escalates or answers
+``unrecognized``.  Pure Python; thread-safe (compiled patterns are immutable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+import jsonschema
+
+from edgeagent.backends.base import JSONValue, Prediction
+from edgeagent.config import RulesBackendConfig, TaskConfig
+
+
+class RulesBackend:
+    def __init__(self, task_name: str, task: TaskConfig) -> None:
+        if not isinstance(task.backend, RulesBackendConfig):
+            raise TypeError("RulesBackend needs a rules backend config")
+        self._task_name = task_name
+        self._task = task
+        self._cfg = task.backend
+        flags = re.IGNORECASE if self._cfg.ignore_case else 0
+        self._rules: list[tuple[str, list[re.Pattern[str]]]] = []
+        for rule in self._cfg.rules:
+            pats = [re.compile(p, flags) for p in rule.patterns]
+            pats += [re.compile(r"\b" + re.escape(k) + r"\b", flags) for k in rule.keywords]
+            self._rules.append((rule.label, pats))
+        self._fields = {name: re.compile(p, flags) for name, p in self._cfg.fields.items()}
+        self._validator = (
+            jsonschema.Draft202012Validator(task.output_schema) if task.output_schema else None
+        )
+        digest = hashlib.sha256(
+            json.dumps(self._cfg.model_dump(mode="json"), sort_keys=True).encode()
+        ).hexdigest()
+        self._fingerprint = digest[:16]
+
+    @property
+    def model_id(self) -> str:
+        return f"rules@{self._fingerprint[:8]}"
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def load(self) -> None:
+        return None
+
+    def warmup(self) -> None:
+        self.infer_batch(["warm-up"])
+
+    def close(self) -> None:
+        return None
+
+    def infer_batch(self, inputs: list[JSONValue]) -> list[Prediction]:
+        return [self._infer(_as_text(x)) for x in inputs]
+
+    def _infer(self, text: str) -> Prediction:
+        if self._task.kind == "classify":
+            for label, pats in self._rules:
+                for p in pats:
+                    if p.search(text):
+                        return Prediction({"label": label}, 1.0, details={"rule": p.pattern})
+            return Prediction(None, 0.0, reason="out_of_scope")
+        return self._extract(text)
+
+    def _extract(self, text: str) -> Prediction:
+        props: dict[str, Any] = {}
+        if self._task.output_schema:
+            props = self._task.output_schema.get("properties", {})
+        out: dict[str, JSONValue] = {}
+        for name, pat in self._fields.items():
+            m = pat.search(text)
+            if m is None:
+                continue
+            raw = m.group(1) if m.groups() else m.group(0)
+            value = _convert(raw, props.get(name, {}).get("type"))
+            if value is not None:
+                out[name] = value
+        if self._validator is not None and not self._validator.is_valid(out):
+            return Prediction(None, 0.0, reason="schema_invalid", details={"partial": out})
+        if not out:
+            return Prediction(None, 0.0, reason="out_of_scope")
+        return Prediction(out, 1.0)
+
+
+def _as_text(value: JSONValue) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("text"), str):
+        return str(value["text"])
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _convert(raw: str | None, typ: object) -> JSONValue:
+    if raw is None:
+        return None
+    try:
+        if typ == "integer":
+            return int(raw)
+        if typ == "number":
+            return float(raw)
+    except ValueError:
+        return None
+    if typ == "boolean":
+        low = raw.strip().lower()
+        return True if low in {"true", "yes", "on", "1"} else False if low else None
+    return raw

@@ -1,0 +1,687 @@
+"""The daemon: builds everything from config; ordered start, intake, outbox, signals, phased drain.
+
+Thread model: one asyncio event loop owns all state (store, queues, in-flight
+maps).  The MQTT network thread and inference threads only hand results back
+with ``call_soon_threadsafe``.
+
+A job's life (PROTOCOL.md): PUBLISH → parse → journal commit → PUBACK →
+cache/infer → result + outbox + ``answered`` in one commit → PUBLISH →
+broker PUBACK → outbox row deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import signal
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edgeagent import __version__
+from edgeagent.backends import BackendError
+from edgeagent.config import ConfigError, Settings, TaskConfig, load_settings
+from edgeagent.logs import get_logger
+from edgeagent.metrics import Metrics
+from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter
+from edgeagent.pipeline import Outcome, PendingJob, TaskRuntime
+from edgeagent.protocol import (
+    REPLY_TOPIC_NOT_ALLOWED,
+    ErrorInfo,
+    Job,
+    Limits,
+    Rejection,
+    ResultMessage,
+    Topics,
+    derive_job_id,
+    parse_job,
+    reply_to_of,
+    truncate,
+)
+from edgeagent.store import ReplyTarget, Store, StoreError, Transaction, cache_key
+from edgeagent.systemd import Notifier
+
+log = get_logger("edgeagent.daemon")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 78  # EX_CONFIG: systemd must not restart (RestartPreventExitStatus=78)
+
+INTAKE_BATCH = 256
+MAX_OPEN_JOBS = 2048
+"""Jobs journaled but not answered before intake pauses (the broker holds the rest)."""
+QOS0_INBOX_CAP = 10000
+
+
+class FatalError(Exception):
+    """Start-up failed in a way a restart will not fix; ``exit_code`` says how to exit."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_CONFIG) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class _Stats:
+    """Counters for the `stats` topic (Prometheus has the full picture)."""
+
+    started: float
+    by_status: collections.Counter[str]
+    by_source: collections.Counter[str]
+    reasons: collections.Counter[str]
+    latencies: collections.deque[float]
+    cache_hits: int = 0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, config_path: Path | None = None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.topics = Topics(
+            settings.topics.prefix, settings.device_id, settings.topics.fleet_group
+        )
+        self.limits = Limits(
+            settings.limits.max_payload_bytes,
+            settings.limits.max_input_bytes,
+            settings.limits.default_deadline_ms,
+            settings.limits.max_deadline_ms,
+        )
+        self.metrics = Metrics()
+        self.notifier = Notifier()
+        self.runtimes: dict[str, TaskRuntime] = {}
+        self._retired: list[TaskRuntime] = []
+        self._inbox: collections.deque[Inbound] = collections.deque()
+        self._wake_intake = asyncio.Event()
+        self._wake_outbox = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._intake_open = True
+        self._open: set[str] = set()  # job ids scheduled, not answered
+        self._inflight: dict[int, int] = {}  # MQTT packet id -> outbox seq
+        self._last_sent_seq = 0
+        self._acked: list[int] = []
+        self._flush_scheduled = False
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stats = _Stats(
+            time.time(),
+            collections.Counter(),
+            collections.Counter(),
+            collections.Counter(),
+            collections.deque(maxlen=2048),
+        )
+        self.store: Store | None = None
+        self.mqtt: MqttAdapter | None = None
+        self._reload_requested = False
+
+    # -- start-up -----------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT (exit 0) or a fatal error (its exit code)."""
+        loop = asyncio.get_running_loop()
+        try:
+            await self._start(loop)
+        except FatalError as exc:
+            log.error("daemon.start_failed", error=str(exc))
+            await self._close_runtimes()
+            return exc.exit_code
+        fatal = self.mqtt.fatal if self.mqtt else loop.create_future()
+        stop_wait = loop.create_task(self._stop.wait(), name="daemon:stop-wait")
+        done, _ = await asyncio.wait({stop_wait, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        if fatal in done:
+            stop_wait.cancel()
+            log.error("mqtt.fatal", error=fatal.result())
+            await self._shutdown(graceful=False)
+            return EXIT_CONFIG
+        await self._shutdown(graceful=True)
+        return EXIT_OK
+
+    async def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        s = self.settings
+        db_path = s.state_dir() / "edgeagent.db"
+        try:
+            self.store = Store(db_path, synchronous=s.store.synchronous)
+        except StoreError as exc:
+            raise FatalError(str(exc), EXIT_FAILURE) from exc
+        log.info(
+            "store.opened",
+            path=str(db_path),
+            open_jobs=self.store.open_job_count(),
+            outbox=self.store.outbox_depth,
+        )
+        self.notifier.status("loading models")
+        self.runtimes = await self._build_runtimes(s.tasks)
+        for rt in self.runtimes.values():
+            rt.start(self._deliver)
+        for sig, handler in (
+            (signal.SIGTERM, self.request_stop),
+            (signal.SIGINT, self.request_stop),
+            (signal.SIGHUP, self.request_reload),
+        ):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, handler)
+        if s.metrics.listen:
+            try:
+                self.metrics.serve(s.metrics.listen)
+            except OSError as exc:
+                raise FatalError(f"metrics.listen {s.metrics.listen}: {exc.strerror}") from exc
+        self._recover()
+        self.mqtt = MqttAdapter(
+            self._connect_options(),
+            loop=loop,
+            subscriptions=self._subscriptions,
+            on_message=self._on_message,
+            on_connected=self._on_connected,
+            on_disconnected=self._on_disconnected,
+            on_puback=self._on_puback,
+        )
+        self.mqtt.start()
+        self._spawn(self._intake_loop(), "daemon:intake")
+        self._spawn(self._outbox_loop(), "daemon:outbox")
+        self._spawn(self._housekeeping_loop(), "daemon:housekeeping")
+        if self.notifier.watchdog_interval_s:
+            self._spawn(self._watchdog_loop(self.notifier.watchdog_interval_s), "daemon:watchdog")
+        if s.topics.stats_interval_s > 0:
+            self._spawn(self._stats_loop(s.topics.stats_interval_s), "daemon:stats")
+        self.notifier.ready(f"serving {len(self.runtimes)} task(s); connecting to broker")
+        log.info(
+            "daemon.started",
+            version=__version__,
+            device=s.device_id,
+            tasks=sorted(self.runtimes),
+            broker=f"{s.mqtt.host}:{s.mqtt.port}",
+        )
+
+    async def _build_runtimes(self, tasks: dict[str, TaskConfig]) -> dict[str, TaskRuntime]:
+        built: dict[str, TaskRuntime] = {}
+        for name, cfg in tasks.items():
+            try:
+                rt = await asyncio.to_thread(TaskRuntime.build, name, cfg, self.metrics)
+            except BackendError as exc:
+                for b in built.values():
+                    b.close()
+                raise FatalError(str(exc)) from exc
+            except Exception as exc:
+                for b in built.values():
+                    b.close()
+                raise FatalError(f"task {name!r}: backend failed to load: {exc!r}") from exc
+            built[name] = rt
+            log.info("task.loaded", task=name, kind=cfg.kind, model=rt.backend.model_id)
+        return built
+
+    def _connect_options(self) -> ConnectOptions:
+        s = self.settings
+        m = s.mqtt
+        key = s.tls_key_file()
+        try:
+            password = s.mqtt_password()
+        except ConfigError as exc:
+            raise FatalError(str(exc)) from exc
+        return ConnectOptions(
+            host=m.host,
+            port=m.port,
+            client_id=s.client_id,
+            protocol=m.protocol,
+            username=m.username,
+            password=password,
+            tls=m.tls.enabled,
+            ca_file=str(m.tls.ca_file) if m.tls.ca_file else None,
+            cert_file=str(m.tls.cert_file) if m.tls.cert_file else None,
+            key_file=str(key) if key else None,
+            tls_insecure=m.tls.insecure_skip_verify,
+            keepalive_s=m.keepalive_s,
+            session_expiry_s=m.session_expiry_s,
+            receive_maximum=m.receive_maximum,
+            max_inflight=m.max_inflight,
+            reconnect_min_s=m.reconnect_min_s,
+            reconnect_max_s=m.reconnect_max_s,
+            connect_timeout_s=m.connect_timeout_s,
+            will_topic=self.topics.status,
+            will_payload=self._status_payload("offline"),
+        )
+
+    def _subscriptions(self) -> list[str]:
+        """Called by the MQTT thread on every CONNACK (reads immutable data only)."""
+        subs = [self.topics.jobs_filter]
+        if self.topics.fleet_filter:
+            subs.append(self.topics.fleet_filter)
+        return subs
+
+    def _recover(self) -> None:
+        """Assume we were killed last time: re-run every job the journal holds open."""
+        assert self.store is not None
+        jobs = self.store.open_jobs()
+        for job in jobs:
+            received = self.store.received_at(job.id) or time.time()
+            self._schedule(job, received)
+        if jobs or self.store.outbox_depth:
+            log.info("daemon.recovered", jobs=len(jobs), outbox=self.store.outbox_depth)
+
+    # -- MQTT events (loop thread) ------------------------------------------------
+
+    def _on_connected(self, session_present: bool) -> None:
+        self.metrics.connected.set(1)
+        self.metrics.reconnects.inc()
+        log.info("mqtt.connected", session_present=session_present)
+        self.notifier.status(f"connected; {len(self.runtimes)} task(s)")
+        if self.mqtt is not None:
+            self.mqtt.publish(self.topics.status, self._status_payload("online"), retain=True)
+        self._wake_outbox.set()
+
+    def _on_disconnected(self) -> None:
+        self.metrics.connected.set(0)
+        self.notifier.status("disconnected from broker; retrying")
+
+    def _on_message(self, msg: Inbound) -> None:
+        if msg.qos == 0 and len(self._inbox) >= QOS0_INBOX_CAP:
+            log.warning("job.qos0_dropped", topic=msg.topic)  # QoS 0 carries no guarantee
+            return
+        self._inbox.append(msg)
+        self._wake_intake.set()
+
+    def _on_puback(self, mid: int) -> None:
+        seq = self._inflight.pop(mid, None)
+        if seq is None or seq < 0:  # not an outbox row (the `stopped` status)
+            return
+        self._acked.append(seq)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acked)
+        self._wake_outbox.set()
+
+    def _flush_acked(self) -> None:
+        self._flush_scheduled = False
+        if self.store is None or not self._acked:
+            return
+        acked, self._acked = self._acked, []
+        self.store.outbox_done(acked)
+        self.metrics.outbox_depth.set(self.store.outbox_depth)
+        self._wake_intake.set()  # outbox space may unblock intake
+
+    # -- intake -------------------------------------------------------------------
+
+    async def _intake_loop(self) -> None:
+        assert self.store is not None and self.mqtt is not None
+        while True:
+            await self._wake_intake.wait()
+            self._wake_intake.clear()
+            while self._inbox and self._intake_open and self._has_capacity():
+                batch = [self._inbox.popleft() for _ in range(min(INTAKE_BATCH, len(self._inbox)))]
+                scheduled: list[tuple[Job, float]] = []
+                with self.store.transaction() as tx:
+                    for msg in batch:
+                        self._admit(tx, msg, scheduled)
+                # Durable now: only at this point do we acknowledge to the broker.
+                for msg in batch:
+                    self.mqtt.ack(msg)
+                for job, received in scheduled:
+                    self._schedule(job, received)
+                self._wake_outbox.set()
+                await asyncio.sleep(0)
+
+    def _has_capacity(self) -> bool:
+        assert self.store is not None
+        return (
+            len(self._open) < MAX_OPEN_JOBS
+            and self.store.outbox_depth < self.settings.store.outbox_max_rows
+        )
+
+    def _admit(self, tx: Transaction, msg: Inbound, scheduled: list[tuple[Job, float]]) -> None:
+        task = self.topics.task_of(msg.topic) or msg.topic.rsplit("/", 1)[-1]
+        derived = derive_job_id(msg.topic, msg.payload, msg.correlation)
+        default_target = ReplyTarget(self.topics.results(task), msg.correlation)
+        wanted = msg.response_topic or reply_to_of(msg.payload)
+        target = default_target
+        if wanted is not None:
+            if self.topics.reply_allowed(wanted, self.settings.reply_prefixes):
+                target = ReplyTarget(wanted, msg.correlation)
+            else:
+                self._reject(
+                    tx,
+                    Rejection(
+                        derived,
+                        REPLY_TOPIC_NOT_ALLOWED,
+                        f"reply topic {truncate(wanted, 80)!r} is outside the allowed prefixes",
+                    ),
+                    task,
+                    default_target,
+                )
+                return
+        parsed = parse_job(
+            msg.payload,
+            task=task,
+            derived_id=derived,
+            limits=self.limits,
+            known_tasks=frozenset(self.runtimes),
+        )
+        if isinstance(parsed, Rejection):
+            self._reject(tx, parsed, task, target)
+            return
+        adm = tx.admit(parsed, target, redelivery=msg.dup)
+        if adm.state == "new":
+            received = time.time()
+            if not self._answer_from_cache(tx, parsed, received):
+                scheduled.append((parsed, received))
+        elif adm.state == "answered" and adm.result is not None:
+            tx.enqueue(target.topic, adm.result, target.correlation)
+            log.info("job.replayed", job_id=parsed.id, task=task)
+        else:
+            log.info("job.duplicate", job_id=parsed.id, task=task, state=adm.state)
+
+    def _reject(self, tx: Transaction, rej: Rejection, task: str, target: ReplyTarget) -> None:
+        res = ResultMessage(
+            id=rej.id,
+            task=task,
+            status="rejected",
+            error=ErrorInfo(code=rej.code, message=rej.message),
+        )
+        tx.enqueue(target.topic, res.to_bytes(), target.correlation)
+        self.metrics.rejected.labels(rej.code).inc()
+        self.metrics.jobs.labels(task, "rejected", "").inc()
+        self._stats.by_status["rejected"] += 1
+        log.info("job.rejected", job_id=rej.id, task=truncate(task, 64), code=rej.code)
+
+    def _answer_from_cache(self, tx: Transaction, job: Job, received: float) -> bool:
+        rt = self.runtimes.get(job.task)
+        if (
+            rt is None
+            or not (self.settings.cache.enabled and rt.config.cache)
+            or job.escalate == "always"
+        ):
+            return False
+        assert self.store is not None
+        hit = self.store.cache_get(cache_key(job.task, rt.fingerprint, job.input))
+        self.metrics.cache.labels(job.task, "hit" if hit else "miss").inc()
+        if hit is None:
+            return False
+        res = ResultMessage(
+            id=job.id,
+            task=job.task,
+            status="ok",
+            output=hit.get("output"),
+            confidence=hit.get("confidence"),
+            source="cache",
+            model=hit.get("model"),
+            latency_ms=round((time.time() - received) * 1000.0, 3),
+        )
+        tx.answer(job.id, res.to_bytes(), fallback=ReplyTarget(self.topics.results(job.task)))
+        self._stats.cache_hits += 1
+        self._count(res)
+        return True
+
+    def _schedule(self, job: Job, received_at: float) -> None:
+        rt = self.runtimes.get(job.task)
+        self._open.add(job.id)
+        self.metrics.queue_depth.set(len(self._open))
+        if rt is None:
+            # The task was removed by a reload after the job was journaled.
+            res = ResultMessage(
+                id=job.id,
+                task=job.task,
+                status="rejected",
+                error=ErrorInfo(code="unknown_task", message=f"task {job.task!r} was removed"),
+            )
+            self._deliver([Outcome(PendingJob(job, received_at), res)])
+            return
+        rt.queue.put_nowait(PendingJob(job, received_at))
+
+    # -- results ------------------------------------------------------------------
+
+    def _deliver(self, outcomes: list[Outcome]) -> None:
+        """Commit a batch of results (one transaction) and hand them to the outbox."""
+        if not outcomes or self.store is None:
+            return
+        with self.store.transaction() as tx:
+            for o in outcomes:
+                job = o.pending.job
+                fallback = ReplyTarget(self.topics.results(job.task))
+                tx.answer(job.id, o.result.to_bytes(), fallback=fallback)
+                rt = self.runtimes.get(job.task)
+                if (
+                    o.cacheable
+                    and rt is not None
+                    and self.settings.cache.enabled
+                    and rt.config.cache
+                ):
+                    tx.cache_put(
+                        cache_key(job.task, rt.fingerprint, job.input),
+                        job.task,
+                        {
+                            "output": o.result.output,
+                            "confidence": o.result.confidence,
+                            "model": o.result.model,
+                        },
+                        ttl_s=self.settings.cache.ttl_s,
+                        max_entries=self.settings.cache.max_entries,
+                    )
+        for o in outcomes:
+            self._open.discard(o.pending.job.id)
+            self._count(o.result)
+            log.info(
+                "job.done",
+                job_id=o.result.id,
+                task=o.result.task,
+                status=o.result.status,
+                source=o.result.source,
+                confidence=o.result.confidence,
+                latency_ms=o.result.latency_ms,
+                code=o.result.error.code if o.result.error else None,
+            )
+        self.metrics.queue_depth.set(len(self._open))
+        self._wake_outbox.set()
+        self._wake_intake.set()
+
+    def _count(self, res: ResultMessage) -> None:
+        source = res.source or ""
+        self.metrics.jobs.labels(res.task, res.status, source).inc()
+        if res.latency_ms is not None:
+            self.metrics.latency.labels(res.task, source).observe(res.latency_ms / 1000.0)
+            self._stats.latencies.append(res.latency_ms)
+        self._stats.by_status[res.status] += 1
+        self._stats.by_source[source] += 1
+        if res.error is not None and res.status == "unrecognized":
+            self._stats.reasons[res.error.code] += 1
+
+    # -- outbox -------------------------------------------------------------------
+
+    async def _outbox_loop(self) -> None:
+        assert self.store is not None and self.mqtt is not None
+        window = self.settings.mqtt.max_inflight
+        while True:
+            await self._wake_outbox.wait()
+            self._wake_outbox.clear()
+            if not self.mqtt.connected:
+                continue
+            room = window - len(self._inflight)
+            if room <= 0:
+                continue
+            rows = self.store.outbox(after=self._last_sent_seq, limit=room)
+            for row in rows:
+                mid = self.mqtt.publish(row.topic, row.payload, correlation=row.correlation)
+                if mid is None:
+                    break
+                self._inflight[mid] = row.seq
+                self._last_sent_seq = row.seq
+            self.metrics.outbox_depth.set(self.store.outbox_depth)
+            if len(rows) == room:
+                self._wake_outbox.set()
+                await asyncio.sleep(0)
+
+    # -- periodic -----------------------------------------------------------------
+
+    async def _housekeeping_loop(self) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(300)
+            pruned = self.store.prune(retention_s=self.settings.store.journal_retention_s)
+            if pruned:
+                log.info("store.pruned", jobs=pruned)
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        # Pinging from the event loop: a stalled loop stops the pings and systemd restarts us.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _stats_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self.mqtt is not None and self.mqtt.connected:
+                self.mqtt.publish(self.topics.stats, self.stats_payload(), qos=0)
+
+    def stats_payload(self) -> bytes:
+        st = self._stats
+        lat = sorted(st.latencies)
+
+        def q(p: float) -> float | None:
+            if not lat:
+                return None
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 3)
+
+        done = sum(st.by_status.values())
+        return json.dumps(
+            {
+                "v": 1,
+                "device": self.settings.device_id,
+                "uptime_s": round(time.time() - st.started, 1),
+                "jobs": dict(st.by_status),
+                "sources": dict(st.by_source),
+                "latency_ms": {
+                    "p50": q(0.5),
+                    "p90": q(0.9),
+                    "p99": q(0.99),
+                    "mean": round(statistics.fmean(lat), 3) if lat else None,
+                },
+                "cache_hits": st.cache_hits,
+                "escalation_rate": 0.0 if done else None,
+                "unrecognized_reasons": dict(st.reasons),
+                "queue_depth": len(self._open),
+                "outbox_depth": self.store.outbox_depth if self.store else 0,
+            }
+        ).encode()
+
+    def _status_payload(self, state: str) -> bytes:
+        return json.dumps(
+            {
+                "v": 1,
+                "state": state,
+                "device": self.settings.device_id,
+                "version": __version__,
+                "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "models": {name: rt.backend.model_id for name, rt in self.runtimes.items()},
+            }
+        ).encode()
+
+    # -- signals ------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        log.info("daemon.stop_requested")
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        if self._reload_requested:
+            return
+        self._reload_requested = True
+        self._spawn(self._reload(), "daemon:reload")
+
+    async def _reload(self) -> None:
+        """SIGHUP: re-read tasks and thresholds; jobs in flight finish on the old backends."""
+        self.notifier.reloading()
+        try:
+            new, _ = load_settings(self.config_path)
+        except ConfigError as exc:
+            log.error("reload.invalid_config", error=str(exc))
+            return
+        finally:
+            self._reload_requested = False
+        if new.model_dump(exclude={"tasks"}) != self.settings.model_dump(exclude={"tasks"}):
+            log.warning("reload.restart_needed", hint="only [tasks] change on reload")
+        try:
+            fresh = await self._build_runtimes(new.tasks)
+        except FatalError as exc:
+            log.error("reload.failed", error=str(exc))
+            self.notifier.ready("reload failed; serving previous tasks")
+            return
+        old = self.runtimes
+        self.runtimes = fresh
+        self.settings = self.settings.model_copy(update={"tasks": new.tasks})
+        for rt in fresh.values():
+            rt.start(self._deliver)
+        for rt in old.values():
+            # Hand the queued jobs to the new runtime of the same task (or reject them).
+            while not rt.queue.empty():
+                p = rt.queue.get_nowait()
+                self._open.discard(p.job.id)
+                self._schedule(p.job, p.received_at)
+            self._spawn(self._retire(rt), f"daemon:retire:{rt.name}")
+        log.info("reload.done", tasks=sorted(fresh))
+        self.notifier.ready(f"reloaded; serving {len(fresh)} task(s)")
+
+    async def _retire(self, rt: TaskRuntime) -> None:
+        # Let a batch in progress finish, then release the backend.
+        await asyncio.sleep(rt.config.timeout_s)
+        await rt.stop()
+        rt.close()
+
+    # -- shutdown -----------------------------------------------------------------
+
+    async def _shutdown(self, *, graceful: bool) -> None:
+        self.notifier.stopping()
+        self._intake_open = False  # unacknowledged jobs stay with the broker
+        deadline = time.monotonic() + (self.settings.runtime.drain_timeout_s if graceful else 0)
+        while self._open and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._open:
+            log.warning("daemon.drain_timeout", open_jobs=len(self._open))
+        # Results are committed; give the broker a moment to acknowledge what is in flight.
+        flush_until = time.monotonic() + (5.0 if graceful else 0)
+        while (
+            self.mqtt is not None
+            and self.mqtt.connected
+            and (self._inflight or (self.store and self.store.outbox_depth))
+            and time.monotonic() < flush_until
+        ):
+            self._wake_outbox.set()
+            await asyncio.sleep(0.02)
+        if graceful and self.mqtt is not None and self.mqtt.connected:
+            mid = self.mqtt.publish(
+                self.topics.status, self._status_payload("stopped"), retain=True
+            )
+            until = time.monotonic() + 2.0
+            self._inflight[mid or -1] = -1
+            while mid is not None and mid in self._inflight and time.monotonic() < until:
+                await asyncio.sleep(0.02)
+        for t in list(self._background):
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self.mqtt is not None:
+            await asyncio.to_thread(self.mqtt.stop)
+        self._flush_acked()
+        await self._close_runtimes()
+        self.metrics.close()
+        if self.store is not None:
+            self.store.close()
+        log.info("daemon.stopped", graceful=graceful)
+
+    async def _close_runtimes(self) -> None:
+        for rt in self.runtimes.values():
+            await rt.stop()
+            rt.close()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("daemon.task_crashed", task=task.get_name(), error=repr(task.exception()))
+            self._stop.set()
+
+
+def run(settings: Settings, config_path: Path | None) -> int:
+    return asyncio.run(Daemon(settings, config_path).run())

@@ -1,0 +1,69 @@
+"""Prometheus metrics of one daemon (own registry, so tests can run several)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.jobs = Counter(
+            "edgeagent_jobs", "Jobs finished", ["task", "status", "source"], registry=r
+        )
+        self.rejected = Counter(
+            "edgeagent_rejected", "Jobs rejected as bad input", ["code"], registry=r
+        )
+        self.latency = Histogram(
+            "edgeagent_job_latency_seconds",
+            "Receipt to result, seconds",
+            ["task", "source"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "edgeagent_inference_seconds",
+            "Backend batch inference time, seconds",
+            ["task"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "edgeagent_batch_size",
+            "Jobs per inference batch",
+            ["task"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.cache = Counter("edgeagent_cache", "Cache lookups", ["task", "result"], registry=r)
+        self.queue_depth = Gauge("edgeagent_queue_depth", "Jobs received, not answered", registry=r)
+        self.outbox_depth = Gauge(
+            "edgeagent_outbox_depth", "Messages waiting for the broker's PUBACK", registry=r
+        )
+        self.connected = Gauge("edgeagent_mqtt_connected", "1 while connected", registry=r)
+        self.reconnects = Counter("edgeagent_mqtt_connects", "Successful connects", registry=r)
+        self.unrecognized = Counter(
+            "edgeagent_unrecognized", "Jobs answered unrecognized", ["task", "reason"], registry=r
+        )
+        self.timeouts = Counter(
+            "edgeagent_inference_timeouts", "Inference calls past timeout_s", ["task"], registry=r
+        )
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def serve(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        result = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        if isinstance(result, tuple):
+            self._server, self._thread = result
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

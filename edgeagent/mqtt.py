@@ -1,0 +1,381 @@
+"""MQTT adapter: the only module that imports paho.
+
+Thread model: paho runs in one network thread owned by this adapter (its own
+connect/backoff loop, not paho's).  paho callbacks never touch daemon state;
+they hand events to the event loop with ``loop.call_soon_threadsafe``.
+``publish`` and ``ack`` are called from the event loop thread (paho guards its
+queues with locks and wakes its network thread).
+
+Guarantees this adapter gives the daemon:
+* jobs are acknowledged only when the daemon calls :meth:`ack` (manual ack),
+  and only on the connection they arrived on (a stale packet id is never
+  acknowledged on a new connection: the broker redelivers instead);
+* every CONNACK re-subscribes; reconnects use capped, jittered backoff;
+* a refused login (bad credentials, not authorised) or a TLS verification
+  failure is fatal: :attr:`fatal` is set and no retry storm follows;
+* the retained status topic carries a last will (``offline``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edgeagent.logs import get_logger
+
+log = get_logger("edgeagent.mqtt")
+
+# CONNACK reason codes that retrying cannot fix (v5 codes; paho maps v3 rc 4/5 to 134/135).
+FATAL_CONNACK = {
+    0x84: "unsupported protocol version",
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
+    0x87: "not authorized",
+    0x8A: "banned",
+    0x8C: "bad authentication method",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A PUBLISH received from the broker, detached from paho."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    dup: bool
+    generation: int
+    response_topic: str | None = None
+    correlation: bytes | None = None
+    received_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectOptions:
+    host: str
+    port: int
+    client_id: str
+    protocol: str = "5"
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_insecure: bool = False
+    keepalive_s: int = 30
+    session_expiry_s: int = 86400
+    receive_maximum: int = 64
+    max_inflight: int = 256
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    clean_start: bool = False
+    will_topic: str | None = None
+    will_payload: bytes | None = None
+
+
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+def backoff_delays(min_s: float, max_s: float, rng: random.Random) -> Callable[[int], float]:
+    """Capped exponential backoff with jitter: attempt n sleeps in [d/2, d], d = min*2^n <= max."""
+
+    def delay(attempt: int) -> float:
+        d = min(max_s, min_s * (2 ** min(attempt, 30)))
+        return rng.uniform(d / 2, d)
+
+    return delay
+
+
+class MqttAdapter:
+    """One broker connection.  Create in the event loop thread, then :meth:`start`."""
+
+    def __init__(
+        self,
+        options: ConnectOptions,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        subscriptions: Callable[[], list[str]],
+        on_message: Callable[[Inbound], None],
+        on_connected: Callable[[bool], None],
+        on_disconnected: Callable[[], None],
+        on_puback: Callable[[int], None],
+        name: str = "mqtt",
+    ) -> None:
+        self.options = options
+        self._loop = loop
+        self._subscriptions = subscriptions
+        self._on_message_cb = on_message
+        self._on_connected_cb = on_connected
+        self._on_disconnected_cb = on_disconnected
+        self._on_puback_cb = on_puback
+        self._name = name
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._generation = 0
+        self._connected = threading.Event()
+        self.fatal: asyncio.Future[str] = loop.create_future()
+        self._v5 = options.protocol == "5"
+        self._client = self._build_client()
+
+    # -- construction -------------------------------------------------------------
+
+    def _build_client(self) -> paho.Client:
+        o = self.options
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=o.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if self._v5 else o.clean_start,
+            reconnect_on_failure=False,
+            manual_ack=True,
+        )
+        client.max_inflight_messages_set(o.max_inflight)
+        client.max_queued_messages_set(0)
+        client.connect_timeout = o.connect_timeout_s
+        if o.username is not None:
+            client.username_pw_set(o.username, o.password)
+        if o.tls:
+            client.tls_set(
+                ca_certs=o.ca_file,
+                certfile=o.cert_file,
+                keyfile=o.key_file,
+                cert_reqs=ssl.CERT_NONE if o.tls_insecure else ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+            client.tls_insecure_set(o.tls_insecure)
+        if o.will_topic is not None:
+            client.will_set(o.will_topic, o.will_payload, qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    # -- lifecycle (event loop thread) --------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (no last will) and join the network thread."""
+        self._stopping.set()
+        if self._connected.is_set():
+            self._client.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        correlation: bytes | None = None,
+        response_topic: str | None = None,
+    ) -> int | None:
+        """Queue a publish; return its packet id (QoS 1: wait for on_puback), None if refused."""
+        props = None
+        if self._v5 and (correlation is not None or response_topic is not None):
+            props = _properties(PacketTypes.PUBLISH)
+            if correlation is not None:
+                props.CorrelationData = correlation
+            if response_topic is not None:
+                props.ResponseTopic = response_topic
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.warning("mqtt.publish_refused", topic=topic, rc=int(info.rc))
+            return None
+        return int(info.mid)
+
+    def ack(self, message: Inbound) -> None:
+        """Acknowledge a job to the broker (only on the connection that delivered it)."""
+        if message.qos == 0 or message.generation != self._generation:
+            return
+        self._client.ack(message.mid, message.qos)
+
+    # -- network thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        o = self.options
+        delay = backoff_delays(o.reconnect_min_s, o.reconnect_max_s, random.Random())
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                self._connect()
+            except ssl.SSLCertVerificationError as exc:
+                self._set_fatal(
+                    f"TLS verification of {o.host}:{o.port} failed: {exc.verify_message}"
+                )
+                return
+            except (OSError, ssl.SSLError) as exc:
+                wait = delay(attempt)
+                attempt += 1
+                log.warning(
+                    "mqtt.connect_failed",
+                    host=o.host,
+                    port=o.port,
+                    error=str(exc),
+                    retry_in_s=round(wait, 2),
+                )
+                self._stopping.wait(wait)
+                continue
+            was_up = False
+            while not self._stopping.is_set():
+                rc = self._client.loop(timeout=0.5)
+                if self._connected.is_set():
+                    was_up = True
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+            if self._stopping.is_set():
+                # Let paho flush a pending DISCONNECT.
+                for _ in range(10):
+                    if self._client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                        break
+                return
+            if self.fatal.done() or self._fatal_pending:
+                return
+            self._mark_disconnected()
+            if was_up:
+                attempt = 0
+            wait = delay(attempt)
+            attempt += 1
+            log.warning("mqtt.disconnected", retry_in_s=round(wait, 2))
+            self._stopping.wait(wait)
+
+    _fatal_pending = False
+
+    def _connect(self) -> None:
+        o = self.options
+        props = None
+        if self._v5:
+            props = _properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = o.session_expiry_s
+            props.ReceiveMaximum = o.receive_maximum
+        self._client.connect(
+            o.host,
+            o.port,
+            keepalive=o.keepalive_s,
+            clean_start=o.clean_start if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=props,
+        )
+
+    def _mark_disconnected(self) -> None:
+        if self._connected.is_set():
+            self._connected.clear()
+            self._call(self._on_disconnected_cb)
+
+    def _set_fatal(self, reason: str) -> None:
+        self._fatal_pending = True
+        self._stopping.set()
+
+        def settle() -> None:
+            if not self.fatal.done():
+                self.fatal.set_result(reason)
+
+        self._loop.call_soon_threadsafe(settle)
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    # paho callbacks (network thread): hand off only.
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason_code: Any,
+        properties: Properties | None,
+    ) -> None:
+        code = int(getattr(reason_code, "value", reason_code))
+        if code != 0:
+            if code in FATAL_CONNACK:
+                self._set_fatal(
+                    f"broker {self.options.host}:{self.options.port} refused the connection: "
+                    f"{FATAL_CONNACK[code]} (reason code {code})"
+                )
+            else:
+                log.warning("mqtt.connack_refused", reason_code=code, reason=str(reason_code))
+            return
+        self._generation += 1
+        subs = self._subscriptions()
+        if subs:
+            if self._v5:
+                opts = SubscribeOptions(qos=1, noLocal=False)
+                client.subscribe([(t, opts) for t in subs])
+            else:
+                client.subscribe([(t, 1) for t in subs])
+        self._connected.set()
+        self._call(self._on_connected_cb, bool(flags.session_present))
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason_code: Any,
+        properties: Properties | None,
+    ) -> None:
+        code = int(getattr(reason_code, "value", reason_code) or 0)
+        if code == 0x8E:
+            log.warning(
+                "mqtt.session_taken_over",
+                client_id=self.options.client_id,
+                hint="another client uses the same client id",
+            )
+        elif code:
+            log.warning("mqtt.disconnect_reason", reason_code=code, reason=str(reason_code))
+        self._mark_disconnected()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        response_topic = None
+        correlation = None
+        props = getattr(msg, "properties", None)
+        if props is not None:
+            response_topic = getattr(props, "ResponseTopic", None)
+            corr = getattr(props, "CorrelationData", None)
+            correlation = bytes(corr) if corr is not None else None
+        inbound = Inbound(
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            qos=int(msg.qos),
+            mid=int(msg.mid),
+            dup=bool(msg.dup),
+            generation=self._generation,
+            response_topic=response_topic,
+            correlation=correlation,
+        )
+        self._call(self._on_message_cb, inbound)
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: Any,
+        properties: Properties | None,
+    ) -> None:
+        self._call(self._on_puback_cb, int(mid))

@@ -1,0 +1,343 @@
+"""Wire protocol v1 (see PROTOCOL.md): messages, topics and the job parser.  Pure: no I/O.
+
+The parser never raises on external data: every payload maps either to a
+:class:`Job` or to a :class:`Rejection` with a stable ``code``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROTOCOL_VERSION = 1
+
+Status = Literal["ok", "rejected", "error", "expired", "unrecognized"]
+Source = Literal["local", "cache", "cloud"]
+EscalationReason = Literal[
+    "low_confidence", "out_of_scope", "schema_invalid", "open_ended", "forced", "audit"
+]
+
+# Rejection codes: one per kind of bad input.  Stable: producers may switch on them.
+NOT_JSON = "not_json"
+TOO_LARGE = "too_large"
+NOT_AN_OBJECT = "not_an_object"
+INVALID_FIELD = "invalid_field"
+UNSUPPORTED_VERSION = "unsupported_version"
+INPUT_TOO_LARGE = "input_too_large"
+UNKNOWN_TASK = "unknown_task"
+REPLY_TOPIC_NOT_ALLOWED = "reply_topic_not_allowed"
+REJECTION_CODES = frozenset(
+    {
+        NOT_JSON,
+        TOO_LARGE,
+        NOT_AN_OBJECT,
+        INVALID_FIELD,
+        UNSUPPORTED_VERSION,
+        INPUT_TOO_LARGE,
+        UNKNOWN_TASK,
+        REPLY_TOPIC_NOT_ALLOWED,
+    }
+)
+
+MAX_LOGGED_CHARS = 200
+
+
+def truncate(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
+    """For logs: never echo a payload in full."""
+    return text if len(text) <= limit else text[:limit] + f"…(+{len(text) - limit})"
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    code: str
+    message: str
+
+
+class EscalationInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    reason: EscalationReason
+    id: str
+
+
+class JobMessage(BaseModel):
+    """A job as producers send it (PROTOCOL.md, "Job")."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    v: int = Field(1, description="Protocol version.")
+    id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Idempotency key, 1-128 printable ASCII characters.",
+    )
+    input: str | dict[str, Any] = Field(description="The text, or an object for object inputs.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Task parameters.")
+    deadline_ms: int | None = Field(None, ge=1, description="Producer's patience (ms).")
+    escalate: Literal["auto", "never", "always"] = Field("auto", description="Escalation wish.")
+    reply_to: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="Result topic for MQTT 3.1.1 producers (v5 producers use Response Topic).",
+    )
+
+
+class ResultMessage(BaseModel):
+    """A result as the daemon sends it (PROTOCOL.md, "Result")."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    v: int = PROTOCOL_VERSION
+    id: str
+    task: str
+    status: Status
+    output: Any = None
+    confidence: float | None = None
+    source: Source | None = None
+    model: str | None = None
+    provisional: bool = False
+    supersedes: str | None = None
+    escalation: EscalationInfo | None = None
+    error: ErrorInfo | None = None
+    latency_ms: float | None = None
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=False).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A validated job, ready for the journal."""
+
+    id: str
+    task: str
+    input: str | dict[str, Any]
+    params: dict[str, Any]
+    deadline_ms: int
+    escalate: Literal["auto", "never", "always"]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "id": self.id,
+                "task": self.task,
+                "input": self.input,
+                "params": self.params,
+                "deadline_ms": self.deadline_ms,
+                "escalate": self.escalate,
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Job:
+        d = json.loads(text)
+        return cls(
+            id=d["id"],
+            task=d["task"],
+            input=d["input"],
+            params=d["params"],
+            deadline_ms=d["deadline_ms"],
+            escalate=d["escalate"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Bad input: ``id`` is the job's own id when it could be read, else the derived one."""
+
+    id: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_payload_bytes: int
+    max_input_bytes: int
+    default_deadline_ms: int
+    max_deadline_ms: int
+
+
+def derive_job_id(topic: str, payload: bytes, correlation: bytes | None) -> str:
+    """An id for a job that carries none: stable across broker redeliveries of the same packet."""
+    h = hashlib.sha256()
+    for part in (topic.encode(), correlation or b"", payload):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return "d-" + h.hexdigest()[:32]
+
+
+def parse_job(
+    payload: bytes,
+    *,
+    task: str,
+    derived_id: str,
+    limits: Limits,
+    known_tasks: frozenset[str] | set[str],
+) -> Job | Rejection:
+    """Validate a job payload.  Never raises."""
+    if len(payload) > limits.max_payload_bytes:
+        return Rejection(
+            derived_id,
+            TOO_LARGE,
+            f"payload is {len(payload)} bytes; limit {limits.max_payload_bytes}",
+        )
+    try:
+        data = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return Rejection(
+            derived_id, NOT_JSON, f"payload is not UTF-8 JSON: {truncate(str(exc), 120)}"
+        )
+    if not isinstance(data, dict):
+        return Rejection(derived_id, NOT_AN_OBJECT, "payload must be a JSON object")
+    job_id = _readable_id(data.get("id"), derived_id)
+    version = data.get("v", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        return Rejection(
+            job_id,
+            UNSUPPORTED_VERSION,
+            f"protocol version {truncate(repr(version), 40)} unsupported; "
+            f"this daemon speaks v{PROTOCOL_VERSION}",
+        )
+    try:
+        msg = JobMessage.model_validate(data)
+    except ValidationError as exc:
+        return Rejection(job_id, INVALID_FIELD, _describe(exc))
+    except RecursionError:
+        return Rejection(job_id, INVALID_FIELD, "payload nested too deeply")
+    if task not in known_tasks:
+        return Rejection(
+            job_id, UNKNOWN_TASK, f"no task named {truncate(task, 64)!r} on this device"
+        )
+    size = _input_size(msg.input)
+    if size > limits.max_input_bytes:
+        return Rejection(
+            job_id, INPUT_TOO_LARGE, f"input is {size} bytes; limit {limits.max_input_bytes}"
+        )
+    deadline = msg.deadline_ms if msg.deadline_ms is not None else limits.default_deadline_ms
+    deadline = min(deadline, limits.max_deadline_ms)
+    return Job(
+        id=msg.id or derived_id,
+        task=task,
+        input=msg.input,
+        params=msg.params,
+        deadline_ms=deadline,
+        escalate=msg.escalate,
+    )
+
+
+def reply_to_of(payload: bytes) -> str | None:
+    """The ``reply_to`` of a payload, if one can be read (for v3.1.1 producers)."""
+    try:
+        data = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    value = data.get("reply_to") if isinstance(data, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _readable_id(value: object, fallback: str) -> str:
+    if (
+        isinstance(value, str)
+        and 1 <= len(value) <= 128
+        and value.isascii()
+        and value.isprintable()
+        and " " not in value
+    ):
+        return value
+    return fallback
+
+
+def _input_size(value: str | dict[str, Any]) -> int:
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    return len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(message)"
+        parts.append(f"{loc}: {err['msg']}")
+    return truncate("; ".join(parts), 500)
+
+
+def finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
+
+
+# -- topics -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic templates of one device (PROTOCOL.md, "Topics")."""
+
+    prefix: str
+    device: str
+    fleet_group: str | None = None
+
+    @property
+    def jobs_filter(self) -> str:
+        return f"{self.prefix}/{self.device}/jobs/+"
+
+    @property
+    def fleet_filter(self) -> str | None:
+        if not self.fleet_group:
+            return None
+        return f"$share/{self.fleet_group}/{self.prefix}/fleet/jobs/+"
+
+    def results(self, task: str) -> str:
+        return f"{self.prefix}/{self.device}/results/{task}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}/{self.device}/status"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}/{self.device}/stats"
+
+    def cloud_requests(self, task: str) -> str:
+        return f"{self.prefix}/cloud/requests/{task}"
+
+    @property
+    def cloud_replies(self) -> str:
+        return f"{self.prefix}/{self.device}/cloud/replies"
+
+    def task_of(self, topic: str) -> str | None:
+        """The task of a job topic (device or fleet), else None."""
+        for head in (f"{self.prefix}/{self.device}/jobs/", f"{self.prefix}/fleet/jobs/"):
+            if topic.startswith(head):
+                rest = topic[len(head) :]
+                return rest if rest and "/" not in rest else None
+        return None
+
+    def reply_allowed(self, topic: str, allowed_prefixes: list[str]) -> bool:
+        """May a job make us publish on ``topic``?  Never on wildcards, ``$`` topics, or
+        job/status/stats/cloud topics (a reply there would loop or spoof)."""
+        if not topic or len(topic) > 1024 or "+" in topic or "#" in topic or "\x00" in topic:
+            return False
+        if topic.startswith("$"):
+            return False
+        if not any(topic.startswith(p) for p in allowed_prefixes):
+            return False
+        levels = topic.split("/")
+        if "jobs" in levels or "cloud" in levels:
+            return False
+        return topic not in (self.status, self.stats) and not topic.endswith(("/status", "/stats"))

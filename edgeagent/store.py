@@ -1,0 +1,347 @@
+"""SQLite (WAL) state: job journal, result outbox and result cache, in one file.
+
+Thread model: one connection, used only by the event-loop thread.  Every method
+that changes state commits before it returns, so what the caller does next
+(acknowledge a job, publish a result) happens only after the change is durable.
+
+Invariants:
+* a job row is ``received`` until its result is written; the result, the
+  outbox rows carrying it and the ``answered`` state are one transaction;
+* an outbox row is deleted only after the broker's PUBACK for it;
+* a cache entry is keyed by task, task/model fingerprint and normalised input,
+  so a changed model or task config never serves an old answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sqlite3
+import time
+import unicodedata
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeagent.protocol import Job
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id          TEXT PRIMARY KEY,
+    task        TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('received', 'answered')),
+    job         TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    answered_at REAL,
+    result      BLOB
+);
+CREATE INDEX IF NOT EXISTS jobs_open ON jobs (received_at) WHERE state = 'received';
+CREATE INDEX IF NOT EXISTS jobs_answered ON jobs (answered_at) WHERE state = 'answered';
+CREATE TABLE IF NOT EXISTS reply_targets (
+    job_id      TEXT NOT NULL,
+    topic       TEXT NOT NULL,
+    correlation BLOB NOT NULL DEFAULT x'',
+    PRIMARY KEY (job_id, topic, correlation)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic       TEXT NOT NULL,
+    payload     BLOB NOT NULL,
+    correlation BLOB,
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cache (
+    key         TEXT PRIMARY KEY,
+    task        TEXT NOT NULL,
+    value       TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cache_age ON cache (created_at);
+"""
+
+
+class StoreError(Exception):
+    """The state file cannot be opened or migrated."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyTarget:
+    topic: str
+    correlation: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    seq: int
+    topic: str
+    payload: bytes
+    correlation: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What the journal knew about a job id when it arrived."""
+
+    state: str  # "new" | "in_flight" | "answered" | "duplicate_delivery"
+    result: bytes | None = None
+
+
+def normalise_input(value: str | dict[str, Any]) -> str:
+    """Cache-key form of an input: NFC, whitespace collapsed; objects canonically serialised."""
+    if isinstance(value, str):
+        return " ".join(unicodedata.normalize("NFC", value).split())
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def cache_key(task: str, fingerprint: str, value: str | dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    for part in (task, fingerprint, normalise_input(value)):
+        data = part.encode("utf-8")
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+    return h.hexdigest()
+
+
+class Store:
+    def __init__(self, path: Path, *, synchronous: str = "full") -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open state file {path}: {exc}") from exc
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+        self._outbox_rows = self._count("outbox")
+        self.cache_rows = self._count("cache")
+
+    # -- schema -------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        try:
+            have = self._db.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
+            ).fetchone()
+            version = 0
+            if have:
+                row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+                version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} was written by a newer edgeagent (schema {version}); "
+                    "refusing to touch it"
+                )
+            if have and version < SCHEMA_VERSION:
+                # Back up before migrating: a failed migration must not cost the journal.
+                shutil.copy2(self.path, self.path.with_suffix(f".v{version}.bak"))
+            with self._tx():
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        self._db.execute(stmt)
+                self._db.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"state file {self.path} is unusable: {exc}") from exc
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """One atomic, durable unit of work (committed on exit)."""
+        with self._tx() as db:
+            tx = Transaction(db, self)
+            yield tx
+        self._outbox_rows += tx.outbox_added
+
+    def _count(self, table: str) -> int:
+        return int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+    # -- journal ------------------------------------------------------------------
+
+    def open_jobs(self) -> list[Job]:
+        """Jobs received but not answered (recovery after a crash), oldest first."""
+        rows = self._db.execute(
+            "SELECT job FROM jobs WHERE state='received' ORDER BY received_at"
+        ).fetchall()
+        return [Job.from_json(r[0]) for r in rows]
+
+    def received_at(self, job_id: str) -> float | None:
+        row = self._db.execute("SELECT received_at FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return float(row[0]) if row else None
+
+    def stored_result(self, job_id: str) -> bytes | None:
+        row = self._db.execute(
+            "SELECT result FROM jobs WHERE id=? AND state='answered'", (job_id,)
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def open_job_count(self) -> int:
+        return int(
+            self._db.execute("SELECT count(*) FROM jobs WHERE state='received'").fetchone()[0]
+        )
+
+    def prune(self, *, retention_s: float, now: float | None = None) -> int:
+        """Forget answered jobs older than the retention window and expired cache rows."""
+        t = time.time() if now is None else now
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM reply_targets WHERE job_id IN "
+                "(SELECT id FROM jobs WHERE state='answered' AND answered_at < ?)",
+                (t - retention_s,),
+            )
+            cur = db.execute(
+                "DELETE FROM jobs WHERE state='answered' AND answered_at < ?", (t - retention_s,)
+            )
+            n = cur.rowcount
+            db.execute("DELETE FROM cache WHERE expires_at < ?", (t,))
+        self.cache_rows = self._count("cache")
+        return n
+
+    # -- outbox -------------------------------------------------------------------
+
+    @property
+    def outbox_depth(self) -> int:
+        return self._outbox_rows
+
+    def outbox(self, *, after: int = 0, limit: int = 1000) -> list[OutboxRow]:
+        rows = self._db.execute(
+            "SELECT seq, topic, payload, correlation FROM outbox "
+            "WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [
+            OutboxRow(r[0], r[1], bytes(r[2]), None if r[3] is None else bytes(r[3])) for r in rows
+        ]
+
+    def outbox_done(self, seqs: Iterable[int]) -> None:
+        """The broker acknowledged these rows: forget them."""
+        seq_list = list(seqs)
+        if not seq_list:
+            return
+        with self._tx() as db:
+            db.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in seq_list])
+        self._outbox_rows = max(0, self._outbox_rows - len(seq_list))
+
+    # -- cache --------------------------------------------------------------------
+
+    def cache_get(self, key: str, *, now: float | None = None) -> dict[str, Any] | None:
+        t = time.time() if now is None else now
+        row = self._db.execute("SELECT value, expires_at FROM cache WHERE key=?", (key,)).fetchone()
+        if row is None or row[1] < t:
+            return None
+        value: dict[str, Any] = json.loads(row[0])
+        return value
+
+    def cache_count(self) -> int:
+        return self._count("cache")
+
+    def close(self) -> None:
+        with suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.close()
+
+
+class Transaction:
+    """Writes inside :meth:`Store.transaction`."""
+
+    def __init__(self, db: sqlite3.Connection, store: Store) -> None:
+        self._db = db
+        self._store = store
+        self.outbox_added = 0
+
+    def admit(self, job: Job, target: ReplyTarget | None, *, redelivery: bool) -> Admission:
+        """Journal a job (idempotent by id) and remember where its result must go.
+
+        ``redelivery`` is the MQTT DUP flag: a broker redelivery to a target we
+        already know gets nothing new; a producer's deliberate retry does get the
+        stored result again.
+        """
+        now = time.time()
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO jobs(id, task, state, job, received_at) "
+            "VALUES (?, ?, 'received', ?, ?)",
+            (job.id, job.task, job.to_json(), now),
+        )
+        known_target = False
+        if target is not None:
+            t = self._db.execute(
+                "INSERT OR IGNORE INTO reply_targets(job_id, topic, correlation) VALUES (?, ?, ?)",
+                (job.id, target.topic, target.correlation or b""),
+            )
+            known_target = t.rowcount == 0
+        if cur.rowcount == 1:
+            return Admission("new")
+        row = self._db.execute("SELECT state, result FROM jobs WHERE id=?", (job.id,)).fetchone()
+        if row[0] == "received":
+            return Admission("in_flight")
+        if known_target and redelivery:
+            return Admission("duplicate_delivery")
+        return Admission("answered", bytes(row[1]))
+
+    def answer(self, job_id: str, result: bytes, *, fallback: ReplyTarget) -> list[ReplyTarget]:
+        """Store a job's result and queue it for every reply target, in this transaction.
+
+        Returns the targets (``fallback`` when the job named none).  A job that is
+        already answered keeps its first result (never answered twice).
+        """
+        cur = self._db.execute(
+            "UPDATE jobs SET state='answered', result=?, answered_at=? "
+            "WHERE id=? AND state='received'",
+            (result, time.time(), job_id),
+        )
+        if cur.rowcount == 0:
+            return []
+        rows = self._db.execute(
+            "SELECT topic, correlation FROM reply_targets WHERE job_id=?", (job_id,)
+        ).fetchall()
+        targets = [ReplyTarget(r[0], bytes(r[1]) or None) for r in rows] or [fallback]
+        for t in targets:
+            self.enqueue(t.topic, result, t.correlation)
+        return targets
+
+    def enqueue(self, topic: str, payload: bytes, correlation: bytes | None = None) -> None:
+        self._db.execute(
+            "INSERT INTO outbox(topic, payload, correlation, created_at) VALUES (?, ?, ?, ?)",
+            (topic, payload, correlation, time.time()),
+        )
+        self.outbox_added += 1
+
+    def cache_put(
+        self, key: str, task: str, value: dict[str, Any], *, ttl_s: float, max_entries: int
+    ) -> None:
+        now = time.time()
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO cache(key, task, value, created_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (key, task, json.dumps(value, ensure_ascii=False), now, now + ttl_s),
+        )
+        self._store.cache_rows += cur.rowcount
+        # Trim the oldest entries in chunks once over the cap (not on every insert).
+        over = self._store.cache_rows - max_entries
+        if over > 0:
+            trim = over + max(1, max_entries // 20)
+            cur = self._db.execute(
+                "DELETE FROM cache WHERE key IN "
+                "(SELECT key FROM cache ORDER BY created_at LIMIT ?)",
+                (trim,),
+            )
+            self._store.cache_rows -= cur.rowcount
