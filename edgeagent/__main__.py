@@ -1,0 +1,7 @@
+"""``python -m edgeagent``."""
+
+import sys
+
+from edgeagent.cli import main
+
+sys.exit(main())
