@@ -117,9 +117,13 @@ class Store:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open state file {path}: {exc}") from exc
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+            self._db.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreError(f"state file {path} is unusable: {exc}") from exc
         self._migrate()
         self._outbox_rows = self._count("outbox")
         self.cache_rows = self._count("cache")
