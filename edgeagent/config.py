@@ -456,13 +456,21 @@ class Settings(BaseSettings):
 
 
 def credential_path(name: str, environ: dict[str, str] | None = None) -> Path | None:
-    """A systemd credential (``LoadCredential=name:...``) if the service has it."""
+    """A systemd credential (``LoadCredential=name:...``) if the service has a non-blank one.
+
+    The unit pairs each ``LoadCredential=`` with an empty ``SetCredential=`` default
+    (systemd 252 has no optional form), so a blank credential means "not configured".
+    """
     env = os.environ if environ is None else environ
     directory = env.get("CREDENTIALS_DIRECTORY")
     if not directory:
         return None
     path = Path(directory) / name
-    return path if path.is_file() else None
+    try:
+        blank = not path.read_bytes().strip()
+    except OSError:
+        return None
+    return None if blank else path
 
 
 def _read_secret(path: Path, what: str) -> str:

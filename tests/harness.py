@@ -127,7 +127,7 @@ class TestClient:
         self._subscribed = threading.Event()
         self.client.on_message = lambda c, u, m: self.messages.put(m)
         self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.reconnect_delay_set(0.2, 1)
+        self.client.reconnect_delay_set(1, 2)
         self._infos: list[paho.MQTTMessageInfo] = []
         connect_props = None
         if persistent and v5:
@@ -199,7 +199,7 @@ class TestClient:
 
     def drain(self, quiet: float = 0.5) -> list[paho.MQTTMessage]:
         """Everything that arrives until nothing has for ``quiet`` seconds."""
-        out = []
+        out: list[paho.MQTTMessage] = []
         while True:
             try:
                 out.append(self.messages.get(timeout=quiet))
@@ -254,7 +254,7 @@ class DaemonProcess:
         self.wait_for_log("mqtt.connected", timeout)
 
     def log_records(self) -> list[dict[str, Any]]:
-        out = []
+        out: list[paho.MQTTMessage] = []
         if not self.log_path.exists():
             return out
         for line in self.log_path.read_text(errors="replace").splitlines():

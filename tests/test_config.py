@@ -122,3 +122,14 @@ def test_reference_lists_every_section() -> None:
     ref = reference_markdown()
     for key in ("`mqtt.port`", "`mqtt.tls.ca_file`", "`store.synchronous`", "`threshold`"):
         assert key in ref
+
+
+def test_blank_systemd_credential_counts_as_absent(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text("\n")
+    (creds / "mqtt-client.key").write_text("")
+    s, _ = load_settings(write(tmp_path, '[mqtt]\nusername = "u"\n'))
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    assert s.mqtt_password(env) is None
+    assert s.tls_key_file(env) is None

@@ -1,0 +1,522 @@
+#!/usr/bin/env bash
+# Install edgeagent from this checkout: a development venv (default) or a system service.
+# Safe to run again: every step checks what is already there and says what it did.
+set -euo pipefail
+
+SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PROG="$(basename "$0")"
+
+SYSTEM_USER=edgeagent
+OPT_DIR=/opt/edgeagent
+SYSTEM_VENV="$OPT_DIR/venv"
+ETC_DIR=/etc/edgeagent
+CRED_DIR="$ETC_DIR/credentials"
+STATE_DIR=/var/lib/edgeagent
+UNIT_DIR=/etc/systemd/system
+MIN_PY="3.10"
+
+usage() {
+    cat <<EOF
+Usage: $PROG [--system] [--extras LIST] [--python PATH] [--mqtt-host HOST] [--mqtt-port PORT]
+             [--no-broker]
+
+Install edgeagent from this checkout ($SRC).
+
+Modes:
+  (default)       Development: create or reuse $SRC/.venv, upgrade pip and
+                  'pip install -e .[test,EXTRAS]'.  Needs no root.
+  --system        Service (root only): system user '$SYSTEM_USER', a venv in $SYSTEM_VENV
+                  with the package (not editable) and EXTRAS, $ETC_DIR/edgeagent.toml from
+                  examples/edgeagent.toml if there is none yet (an existing one is never
+                  touched), $CRED_DIR/ (0700), $STATE_DIR, the unit files in
+                  $UNIT_DIR, and 'systemctl enable --now edgeagent' when systemd runs.
+
+Options:
+  --extras LIST   Comma-separated optional dependencies: onnx, llamacpp, build, test.
+                  Development mode always adds 'test'; --system installs only LIST.
+  --python PATH   Interpreter for the venv (Python >= $MIN_PY).  Default: python3 on PATH;
+                  with --system, /usr/bin/python3 (the service cannot run an interpreter
+                  under /root or /home: ProtectHome=yes hides them).
+  --mqtt-host H   Broker to check (default: [mqtt] host in the config, else 127.0.0.1).
+  --mqtt-port P   Broker port to check (default: [mqtt] port in the config, else 1883).
+  --no-broker     Do not check for a broker or install mosquitto.
+  --demo          After a development install: start the daemon with the example config
+                  against the local broker, submit a few jobs with 'edgeagent submit',
+                  print the results and stop it again.
+  --test          After a development install (with every extra the tests use): run
+                  ruff, ruff format --check, mypy --strict and the whole pytest suite.
+  -h, --help      Show this help.
+
+If no broker answers on a local address, Debian's mosquitto is installed and started
+(root and apt-get needed; otherwise the command to do so is printed).
+
+Examples:
+  ./$PROG                                  # dev venv with tests
+  ./$PROG --extras onnx                    # dev venv with tests and onnxruntime
+  sudo ./$PROG --system --extras onnx      # service on a device
+EOF
+}
+
+say() { printf '==> %s\n' "$*"; }
+note() { printf '    %s\n' "$*"; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+die() {
+    printf 'error: %s\n' "$*" >&2
+    exit 1
+}
+
+SYSTEM=0
+EXTRAS=""
+PYTHON=""
+MQTT_HOST=""
+MQTT_PORT=""
+CHECK_BROKER=1
+THEN=""
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --system) SYSTEM=1 ;;
+        --extras)
+            [ $# -ge 2 ] || die "--extras needs a value (e.g. --extras onnx,llamacpp)"
+            EXTRAS="$2"
+            shift
+            ;;
+        --extras=*) EXTRAS="${1#*=}" ;;
+        --python)
+            [ $# -ge 2 ] || die "--python needs a path"
+            PYTHON="$2"
+            shift
+            ;;
+        --python=*) PYTHON="${1#*=}" ;;
+        --mqtt-host)
+            [ $# -ge 2 ] || die "--mqtt-host needs a value"
+            MQTT_HOST="$2"
+            shift
+            ;;
+        --mqtt-host=*) MQTT_HOST="${1#*=}" ;;
+        --mqtt-port)
+            [ $# -ge 2 ] || die "--mqtt-port needs a value"
+            MQTT_PORT="$2"
+            shift
+            ;;
+        --mqtt-port=*) MQTT_PORT="${1#*=}" ;;
+        --no-broker) CHECK_BROKER=0 ;;
+        --demo) THEN="demo" ;;
+        --test) THEN="test" ;;
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        *) die "unknown argument: $1 (see $PROG --help)" 
+            ;;
+    esac
+    shift
+done
+
+# Extras the whole test suite needs (--test adds them).
+TEST_EXTRAS="test"
+
+IS_ROOT=0
+[ "$(id -u)" -eq 0 ] && IS_ROOT=1
+
+# -- extras -----------------------------------------------------------------------
+
+# "a, b,,c" -> "a,b,c"; only names pip accepts.
+normalize_extras() {
+    local out="" item
+    local -a items
+    IFS=',' read -r -a items <<<"$1"
+    for item in "${items[@]}"; do
+        item="${item// /}"
+        [ -n "$item" ] || continue
+        [[ "$item" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "bad extra name: '$item'"
+        case ",$out," in *",$item,"*) continue ;; esac
+        out="${out:+$out,}$item"
+    done
+    printf '%s' "$out"
+}
+
+EXTRAS="$(normalize_extras "$EXTRAS")"
+[ "$THEN" != "test" ] || EXTRAS="$(normalize_extras "$EXTRAS,$TEST_EXTRAS")"
+if [ "$SYSTEM" -eq 0 ]; then
+    EXTRAS="$(normalize_extras "test,$EXTRAS")"
+fi
+for extra in ${EXTRAS//,/ }; do
+    if ! grep -Eq "^[[:space:]]*\"?$extra\"?[[:space:]]*=" "$SRC/pyproject.toml"; then
+        warn "pyproject.toml defines no extra '$extra'; pip will ignore it"
+    fi
+done
+PKG_SPEC_SUFFIX="${EXTRAS:+[$EXTRAS]}"
+
+# -- python -----------------------------------------------------------------------
+
+if [ -z "$PYTHON" ]; then
+    if [ "$SYSTEM" -eq 1 ] && [ -x /usr/bin/python3 ]; then
+        PYTHON=/usr/bin/python3
+    else
+        PYTHON="$(command -v python3 || true)"
+    fi
+fi
+[ -n "$PYTHON" ] || die "python3 not found; install Python >= $MIN_PY (Debian: apt-get install python3 python3-venv)"
+command -v "$PYTHON" >/dev/null 2>&1 || die "no such interpreter: $PYTHON"
+
+PY_VERSION="$("$PYTHON" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null)" ||
+    die "$PYTHON does not run"
+if ! "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)'; then
+    die "edgeagent needs Python >= $MIN_PY; $PYTHON is $PY_VERSION (use --python PATH)"
+fi
+
+ensure_venv_module() {
+    # Debian splits venv/ensurepip into python3-venv.
+    if "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        return 0
+    fi
+    local pkg
+    pkg="python$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv"
+    if [ "$IS_ROOT" -eq 1 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing $pkg (the venv module is missing)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y "$pkg" >/dev/null ||
+            DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv >/dev/null ||
+            die "could not install $pkg"
+    else
+        die "$PYTHON has no venv module; install it first: sudo apt-get install $pkg"
+    fi
+}
+
+# make_venv DIR: create DIR as a venv unless it is one already made with Python >= 3.10.
+make_venv() {
+    local dir="$1"
+    if [ -x "$dir/bin/python" ] &&
+        "$dir/bin/python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
+        say "reusing venv $dir ($("$dir/bin/python" --version 2>&1))"
+        return 0
+    fi
+    if [ -e "$dir" ]; then
+        warn "$dir exists but is not a usable venv; recreating it"
+        rm -rf "$dir"
+    fi
+    ensure_venv_module
+    say "creating venv $dir with $PYTHON ($PY_VERSION)"
+    "$PYTHON" -m venv "$dir"
+}
+
+pip_quiet() {
+    "$@" --disable-pip-version-check --no-input -q
+}
+
+# -- broker -----------------------------------------------------------------------
+
+# Reads [mqtt] host/port from a TOML file (Python >= 3.11 has tomllib); prints "host port".
+config_broker() {
+    local file="$1"
+    [ -r "$file" ] || return 0
+    "$PYTHON" - "$file" 2>/dev/null <<'PY' || true
+import sys
+try:
+    import tomllib
+except ImportError:
+    sys.exit(0)
+with open(sys.argv[1], "rb") as fh:
+    mqtt = tomllib.load(fh).get("mqtt", {})
+print(mqtt.get("host", ""), mqtt.get("port", ""))
+PY
+}
+
+broker_answers() {
+    # shellcheck disable=SC2016  # $1/$2 expand in the child bash, from its arguments
+    timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
+}
+
+is_local_host() {
+    case "$1" in
+        127.* | localhost | ::1 | "$(hostname 2>/dev/null || echo localhost)") return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+start_mosquitto() {
+    if [ -d /run/systemd/system ]; then
+        systemctl enable --now mosquitto
+    else
+        mosquitto -d -c /etc/mosquitto/mosquitto.conf
+    fi
+}
+
+check_broker() {
+    local host="$MQTT_HOST" port="$MQTT_PORT" from_config="" cfg_host="" cfg_port=""
+    if [ -z "$host" ] || [ -z "$port" ]; then
+        local cfg="${EDGEAGENT_CONFIG:-$ETC_DIR/edgeagent.toml}"
+        read -r cfg_host cfg_port <<<"$(config_broker "$cfg")" || true
+        [ -n "${cfg_host:-}${cfg_port:-}" ] && from_config=" (from $cfg)"
+        host="${host:-${EDGEAGENT_MQTT__HOST:-${cfg_host:-127.0.0.1}}}"
+        port="${port:-${EDGEAGENT_MQTT__PORT:-${cfg_port:-1883}}}"
+    fi
+    [[ "$port" =~ ^[0-9]+$ ]] || die "bad MQTT port: $port"
+    if broker_answers "$host" "$port"; then
+        say "MQTT broker answers on $host:$port$from_config"
+        return 0
+    fi
+    if ! is_local_host "$host"; then
+        warn "no MQTT broker answers on $host:$port$from_config; it is not this host, so" \
+            "nothing is installed here. The daemon keeps retrying until it answers."
+        return 0
+    fi
+    if [ "$port" != 1883 ]; then
+        warn "no MQTT broker answers on $host:$port$from_config; Debian's mosquitto listens" \
+            "on 1883, so it is not installed automatically for port $port."
+        return 0
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        warn "no MQTT broker answers on $host:$port and apt-get is not available;" \
+            "install an MQTT broker (e.g. mosquitto) yourself."
+        return 0
+    fi
+    if [ "$IS_ROOT" -eq 0 ]; then
+        warn "no MQTT broker answers on $host:$port. To install Debian's mosquitto:"
+        note "sudo apt-get update && sudo apt-get install -y mosquitto"
+        note "sudo systemctl enable --now mosquitto   # or: sudo mosquitto -d -c /etc/mosquitto/mosquitto.conf"
+        return 0
+    fi
+    if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+        say "no MQTT broker answers on $host:$port; installing Debian's mosquitto"
+        DEBIAN_FRONTEND=noninteractive apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto
+        # The package starts it where systemd runs; give it a moment.
+        sleep 1
+        broker_answers "$host" "$port" && {
+            say "mosquitto answers on $host:$port"
+            return 0
+        }
+    elif pgrep -x mosquitto >/dev/null 2>&1; then
+        warn "mosquitto is running but does not answer on $host:$port; check its listeners" \
+            "in /etc/mosquitto/ (not starting a second one)"
+        return 0
+    else
+        say "no MQTT broker answers on $host:$port; mosquitto is installed, starting it"
+    fi
+    if ! PATH="$PATH:/usr/sbin" start_mosquitto; then
+        warn "could not start mosquitto; see /var/log/mosquitto/ (or journalctl -u mosquitto)"
+        return 0
+    fi
+    local i
+    for i in 1 2 3 4 5 6 7 8 9 10; do
+        broker_answers "$host" "$port" && {
+            say "mosquitto answers on $host:$port"
+            return 0
+        }
+        sleep "0.$i"
+    done
+    warn "started mosquitto, but nothing answers on $host:$port yet; see /var/log/mosquitto/"
+}
+
+# -- development install ----------------------------------------------------------
+
+dev_install() {
+    local venv="$SRC/.venv"
+    make_venv "$venv"
+    say "upgrading pip in $venv"
+    pip_quiet "$venv/bin/python" -m pip install --upgrade pip
+    say "installing edgeagent (editable) with extras [$EXTRAS]"
+    pip_quiet "$venv/bin/python" -m pip install -e "$SRC$PKG_SPEC_SUFFIX"
+    if [ "$CHECK_BROKER" -eq 1 ]; then
+        check_broker
+        if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+            warn "the integration tests start their own mosquitto and none is installed:" \
+                "sudo apt-get install -y mosquitto"
+        fi
+    fi
+    cat <<EOF
+
+Done: development install in $venv (extras: $EXTRAS).
+Next steps:
+  . $venv/bin/activate
+  pytest                               # unit and integration tests
+  ruff check . && mypy --strict edgeagent tests
+  edgeagent check-config --config examples/edgeagent.toml
+  edgeagent run --config examples/edgeagent.toml
+EOF
+}
+
+# -- system install ---------------------------------------------------------------
+
+copy_source() {
+    # Build from a clean copy so the checkout gets no build/ or *.egg-info, and
+    # uncommitted changes are included (unlike git archive).
+    local dest="$1"
+    mkdir -p "$dest"
+    tar -C "$SRC" \
+        --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist \
+        --exclude='./*.egg-info' --exclude='__pycache__' --exclude=./.mypy_cache \
+        --exclude=./.pytest_cache --exclude=./.ruff_cache \
+        -cf - . | tar -C "$dest" -xf -
+}
+
+system_install() {
+    [ "$IS_ROOT" -eq 1 ] || die "--system needs root (try: sudo $0 --system${EXTRAS:+ --extras $EXTRAS})"
+    local real
+    real="$(readlink -f "$PYTHON")"
+    case "$real" in
+        /root/* | /home/*)
+            die "$PYTHON resolves to $real; the service user cannot run it there" \
+                "(and ProtectHome=yes hides it). Use --python /usr/bin/python3."
+            ;;
+    esac
+
+    # User and group.
+    if getent passwd "$SYSTEM_USER" >/dev/null; then
+        say "system user $SYSTEM_USER exists"
+    else
+        local nologin
+        nologin="$(command -v nologin || echo /usr/sbin/nologin)"
+        useradd --system --user-group --home-dir "$STATE_DIR" --no-create-home \
+            --shell "$nologin" --comment "edgeagent daemon" "$SYSTEM_USER"
+        say "created system user and group $SYSTEM_USER (shell $nologin)"
+    fi
+
+    # The venv and the package.
+    install -d -m 0755 "$OPT_DIR"
+    make_venv "$SYSTEM_VENV"
+    say "upgrading pip in $SYSTEM_VENV"
+    pip_quiet "$SYSTEM_VENV/bin/python" -m pip install --upgrade pip
+    local tmp wheel
+    local -a wheels
+    tmp="$(mktemp -d)"
+    # shellcheck disable=SC2064  # expand $tmp now: it is local to this function
+    trap "rm -rf '$tmp'" EXIT
+    copy_source "$tmp/src"
+    say "building the edgeagent wheel from $SRC"
+    pip_quiet "$SYSTEM_VENV/bin/python" -m pip wheel --no-deps -w "$tmp/dist" "$tmp/src"
+    wheels=("$tmp"/dist/edgeagent-*.whl)
+    [ -f "${wheels[0]}" ] || die "pip wheel produced no edgeagent wheel"
+    wheel="${wheels[0]}"
+    say "installing $(basename "$wheel")${EXTRAS:+ with extras [$EXTRAS]}"
+    pip_quiet "$SYSTEM_VENV/bin/python" -m pip install "$wheel$PKG_SPEC_SUFFIX"
+    # Same version number, new code: replace the package itself, keep its dependencies.
+    pip_quiet "$SYSTEM_VENV/bin/python" -m pip install --force-reinstall --no-deps "$wheel"
+    rm -rf "$tmp"
+    trap - EXIT
+
+    # Configuration (never overwritten) and the credentials directory.
+    install -d -m 0755 "$ETC_DIR"
+    local have_config=0
+    if [ -e "$ETC_DIR/edgeagent.toml" ]; then
+        say "kept existing $ETC_DIR/edgeagent.toml"
+        have_config=1
+    elif [ -f "$SRC/examples/edgeagent.toml" ]; then
+        install -m 0640 -o root -g "$SYSTEM_USER" "$SRC/examples/edgeagent.toml" "$ETC_DIR/edgeagent.toml"
+        say "installed $ETC_DIR/edgeagent.toml from examples/edgeagent.toml (root:$SYSTEM_USER 0640); edit it"
+        have_config=1
+    else
+        warn "no $ETC_DIR/edgeagent.toml and no examples/edgeagent.toml in $SRC;" \
+            "write $ETC_DIR/edgeagent.toml before starting the service"
+    fi
+    install -d -m 0700 -o root -g root "$CRED_DIR"
+    say "credentials directory $CRED_DIR (root, 0700): put mqtt-password and mqtt-client.key there if needed"
+
+    # State.
+    install -d -m 0700 -o "$SYSTEM_USER" -g "$SYSTEM_USER" "$STATE_DIR"
+    say "state directory $STATE_DIR (owned by $SYSTEM_USER, 0700)"
+
+    # Units.
+    local unit
+    for unit in edgeagent.service edgeagent-cloud.service; do
+        if [ -f "$UNIT_DIR/$unit" ] && cmp -s "$SRC/systemd/$unit" "$UNIT_DIR/$unit"; then
+            say "unit $UNIT_DIR/$unit is up to date"
+        else
+            install -m 0644 "$SRC/systemd/$unit" "$UNIT_DIR/$unit"
+            say "installed unit $UNIT_DIR/$unit"
+        fi
+    done
+
+    if [ "$CHECK_BROKER" -eq 1 ]; then
+        check_broker
+    fi
+
+    local config_ok=0
+    if [ "$have_config" -eq 1 ]; then
+        if "$SYSTEM_VENV/bin/edgeagent" check-config --config "$ETC_DIR/edgeagent.toml"; then
+            config_ok=1
+        else
+            warn "'edgeagent check-config' rejected $ETC_DIR/edgeagent.toml (see above)"
+        fi
+    fi
+
+    if [ -d /run/systemd/system ]; then
+        systemctl daemon-reload
+        say "systemctl daemon-reload"
+        if [ "$config_ok" -eq 1 ]; then
+            systemctl enable --now edgeagent.service
+            say "enabled and started edgeagent.service"
+            systemctl --no-pager --lines=5 status edgeagent.service || true
+        else
+            systemctl enable edgeagent.service
+            say "enabled edgeagent.service but did not start it (fix the config, then: systemctl start edgeagent)"
+        fi
+    else
+        say "systemd is not running (no /run/systemd/system): skipped daemon-reload, enable and start"
+    fi
+
+    cat <<EOF
+
+Done: system install.
+  package:     $SYSTEM_VENV (extras: ${EXTRAS:-none})
+  config:      $ETC_DIR/edgeagent.toml
+  credentials: $CRED_DIR/mqtt-password, $CRED_DIR/mqtt-client.key (optional, root 0600)
+  state:       $STATE_DIR
+  units:       $UNIT_DIR/edgeagent.service, $UNIT_DIR/edgeagent-cloud.service (not enabled)
+Next steps:
+  $SYSTEM_VENV/bin/edgeagent check-config --config $ETC_DIR/edgeagent.toml
+  systemctl restart edgeagent && journalctl -u edgeagent -f
+EOF
+}
+
+# -- after a development install ------------------------------------------------
+
+run_demo() {
+    local venv="$SRC/.venv" state log pid
+    state="$(mktemp -d)"
+    log="$state/daemon.log"
+    broker_answers 127.0.0.1 1883 || die "the demo needs a broker on 127.0.0.1:1883 (see above)"
+    say "demo: starting 'edgeagent run --config examples/edgeagent.toml' (state in $state)"
+    EDGEAGENT_STORE__STATE_DIR="$state" EDGEAGENT_METRICS__LISTEN="" EDGEAGENT_DEVICE_ID=demo \
+        "$venv/bin/edgeagent" run --config "$SRC/examples/edgeagent.toml" >"$log" 2>&1 &
+    pid=$!
+    # shellcheck disable=SC2064
+    trap "kill $pid 2>/dev/null || true" EXIT
+    sleep 2
+    say "demo: edgeagent submit alarm --text ... (classification with keyword/regex rules)"
+    EDGEAGENT_DEVICE_ID=demo "$venv/bin/edgeagent" submit --config "$SRC/examples/edgeagent.toml" \
+        alarm --text "Smoke detected in corridor B" --text "Glass break sensor 4 triggered" \
+        --text "the weather is nice" --timeout 15
+    say "demo: edgeagent submit reading --text ... (extraction validated against a JSON Schema)"
+    EDGEAGENT_DEVICE_ID=demo "$venv/bin/edgeagent" submit --config "$SRC/examples/edgeagent.toml" \
+        reading --text "12:00:01 device=th-12 temperature 21.5 C" --timeout 15
+    kill -TERM "$pid"
+    wait "$pid" || true
+    trap - EXIT
+    say "demo: daemon stopped; its log is $log"
+}
+
+run_tests() {
+    local venv="$SRC/.venv"
+    cd "$SRC"
+    say "ruff check"
+    "$venv/bin/ruff" check .
+    say "ruff format --check"
+    "$venv/bin/ruff" format --check .
+    say "mypy --strict edgeagent"
+    "$venv/bin/mypy" --strict edgeagent
+    say "pytest"
+    "$venv/bin/python" -m pytest
+}
+
+if [ "$SYSTEM" -eq 1 ]; then
+    [ -z "$THEN" ] || die "--demo and --test are for a development install, not --system"
+    system_install
+else
+    dev_install
+    case "$THEN" in
+        demo) run_demo ;;
+        test) run_tests ;;
+    esac
+fi
