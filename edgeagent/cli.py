@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.set_defaults(func=_cmd_version)
 
     ref = sub.add_parser("config-reference", help="print the config reference (Markdown)")
+    ref.add_argument("--update", type=Path, metavar="README", help="rewrite its reference section")
     ref.set_defaults(func=_cmd_reference)
 
     _register_optional(sub)
@@ -153,9 +154,13 @@ def _cmd_version(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference(args: argparse.Namespace) -> int:
-    from edgeagent.config import reference_markdown
+    from edgeagent.config import reference_markdown, update_reference
 
-    print(reference_markdown())
+    if args.update:
+        update_reference(args.update)
+        print(f"updated {args.update}")
+    else:
+        print(reference_markdown())
     return 0
 
 

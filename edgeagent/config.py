@@ -599,6 +599,20 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+REF_START = "<!-- config-reference:start -->"
+REF_END = "<!-- config-reference:end -->"
+
+
+def update_reference(readme: Path) -> None:
+    """Replace the section between the reference markers of ``readme``."""
+    text = readme.read_text(encoding="utf-8")
+    head, _, rest = text.partition(REF_START)
+    _, _, tail = rest.partition(REF_END)
+    readme.write_text(
+        f"{head}{REF_START}\n{reference_markdown()}\n{REF_END}{tail}", encoding="utf-8"
+    )
+
+
 def _fmt_default(value: object) -> str:
     if value is None:
         return ""

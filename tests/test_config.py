@@ -133,3 +133,16 @@ def test_blank_systemd_credential_counts_as_absent(tmp_path: Path) -> None:
     env = {"CREDENTIALS_DIRECTORY": str(creds)}
     assert s.mqtt_password(env) is None
     assert s.tls_key_file(env) is None
+
+
+def test_readme_reference_and_message_schemas_are_up_to_date() -> None:
+    from edgeagent.config import REF_END, REF_START
+    from edgeagent.schemas import HERE, generate, render
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split(REF_START)[1].split(REF_END)[0].strip()
+    assert section == reference_markdown().strip(), (
+        "run: edgeagent config-reference --update README.md"
+    )
+    for name, schema in generate().items():
+        assert (HERE / name).read_text() == render(schema), "run: python -m edgeagent.schemas"
