@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,12 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Model tools live in optional modules; their heavy imports happen in their handlers."""
-    try:
-        from edgeagent.modeltools import cli as modeltools_cli
-    except ImportError:
-        pass
-    else:
-        modeltools_cli.register(sub)
+    for module_name in ("edgeagent.modeltools.cli",):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        module.register(sub)
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
