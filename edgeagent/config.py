@@ -326,7 +326,10 @@ class TaskConfig(_Section):
     concurrency: int = Field(1, ge=1, le=64, description="Inference calls in parallel.")
     max_batch: int = Field(16, ge=1, le=1024, description="Jobs per inference batch.")
     max_wait_ms: float = Field(
-        2.0, ge=0, description="How long a batch waits to fill before running (ms)."
+        0.0,
+        ge=0,
+        description="Extra wait for a batch to fill (ms).  0: run with what is queued; jobs "
+        "that arrive while a batch runs form the next one.",
     )
     cache: bool = Field(True, description="Use the result cache for this task.")
     backend: BackendConfig = Field(description="How the task is answered locally.")

@@ -319,7 +319,8 @@ class Daemon:
                     self.mqtt.ack(msg)
                 for job, received in scheduled:
                     self._schedule(job, received)
-                self._wake_outbox.set()
+                if self._pump():
+                    self._wake_outbox.set()
                 await asyncio.sleep(0)
 
     def _has_capacity(self) -> bool:
@@ -334,22 +335,8 @@ class Daemon:
         derived = derive_job_id(msg.topic, msg.payload, msg.correlation)
         default_target = ReplyTarget(self.topics.results(task), msg.correlation)
         wanted = msg.response_topic or reply_to_of(msg.payload)
-        target = default_target
-        if wanted is not None:
-            if self.topics.reply_allowed(wanted, self.settings.reply_prefixes):
-                target = ReplyTarget(wanted, msg.correlation)
-            else:
-                self._reject(
-                    tx,
-                    Rejection(
-                        derived,
-                        REPLY_TOPIC_NOT_ALLOWED,
-                        f"reply topic {truncate(wanted, 80)!r} is outside the allowed prefixes",
-                    ),
-                    task,
-                    default_target,
-                )
-                return
+        allowed = wanted is None or self.topics.reply_allowed(wanted, self.settings.reply_prefixes)
+        target = ReplyTarget(wanted, msg.correlation) if wanted and allowed else default_target
         parsed = parse_job(
             msg.payload,
             task=task,
@@ -357,6 +344,14 @@ class Daemon:
             limits=self.limits,
             known_tasks=frozenset(self.runtimes),
         )
+        if not allowed:
+            # Refused reply topics are answered on the task's results topic, never on theirs.
+            rej_id = parsed.id
+            parsed = Rejection(
+                rej_id,
+                REPLY_TOPIC_NOT_ALLOWED,
+                f"reply topic {truncate(wanted or '', 80)!r} is outside the allowed prefixes",
+            )
         if isinstance(parsed, Rejection):
             self._reject(tx, parsed, task, target)
             return
@@ -471,7 +466,8 @@ class Daemon:
                 code=o.result.error.code if o.result.error else None,
             )
         self.metrics.queue_depth.set(len(self._open))
-        self._wake_outbox.set()
+        if self._pump():
+            self._wake_outbox.set()
         self._wake_intake.set()
 
     def _count(self, res: ResultMessage) -> None:
@@ -488,27 +484,33 @@ class Daemon:
     # -- outbox -------------------------------------------------------------------
 
     async def _outbox_loop(self) -> None:
-        assert self.store is not None and self.mqtt is not None
-        window = self.settings.mqtt.max_inflight
         while True:
             await self._wake_outbox.wait()
             self._wake_outbox.clear()
-            if not self.mqtt.connected:
-                continue
-            room = window - len(self._inflight)
-            if room <= 0:
-                continue
-            rows = self.store.outbox(after=self._last_sent_seq, limit=room)
-            for row in rows:
-                mid = self.mqtt.publish(row.topic, row.payload, correlation=row.correlation)
-                if mid is None:
-                    break
-                self._inflight[mid] = row.seq
-                self._last_sent_seq = row.seq
-            self.metrics.outbox_depth.set(self.store.outbox_depth)
-            if len(rows) == room:
+            if self._pump():
                 self._wake_outbox.set()
                 await asyncio.sleep(0)
+
+    def _pump(self) -> bool:
+        """Publish outbox rows not yet in flight, up to the window.  True if more are waiting.
+
+        Called right after each commit (results go out without another loop turn) and by
+        the outbox task on reconnect and PUBACKs.  Rows go out in ``seq`` order.
+        """
+        if self.store is None or self.mqtt is None or not self.mqtt.connected:
+            return False
+        room = self.settings.mqtt.max_inflight - len(self._inflight)
+        if room <= 0 or self._last_sent_seq >= self.store.last_seq:
+            return False
+        rows = self.store.outbox(after=self._last_sent_seq, limit=room)
+        for row in rows:
+            mid = self.mqtt.publish(row.topic, row.payload, correlation=row.correlation)
+            if mid is None:
+                return False
+            self._inflight[mid] = row.seq
+            self._last_sent_seq = row.seq
+        self.metrics.outbox_depth.set(self.store.outbox_depth)
+        return len(rows) == room
 
     # -- periodic -----------------------------------------------------------------
 

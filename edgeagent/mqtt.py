@@ -19,7 +19,9 @@ Guarantees this adapter gives the daemon:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import socket
 import ssl
 import threading
 import time
@@ -280,6 +282,12 @@ class MqttAdapter:
             clean_start=o.clean_start if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=props,
         )
+        # Small messages must not wait for Nagle + delayed ACK (~40 ms each way); paho
+        # leaves TCP_NODELAY off.
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):  # ssl.SSLSocket is one too
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _mark_disconnected(self) -> None:
         if self._connected.is_set():
@@ -378,4 +386,11 @@ class MqttAdapter:
         reason_code: Any,
         properties: Properties | None,
     ) -> None:
+        code = int(getattr(reason_code, "value", reason_code) or 0)
+        if code >= 0x80:
+            # The broker refused the message (e.g. 0x87: the ACL forbids the topic).  Resending
+            # cannot help, so it still completes; the log says which message was refused.
+            log.error(
+                "mqtt.publish_refused_by_broker", mid=mid, reason_code=code, reason=str(reason_code)
+            )
         self._call(self._on_puback_cb, int(mid))

@@ -126,6 +126,10 @@ class Store:
             raise StoreError(f"state file {path} is unusable: {exc}") from exc
         self._migrate()
         self._outbox_rows = self._count("outbox")
+        self.last_seq = int(
+            self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
+        )
+        """Highest outbox ``seq`` committed (lets the publisher skip an empty query)."""
         self.cache_rows = self._count("cache")
 
     # -- schema -------------------------------------------------------------------
@@ -175,6 +179,8 @@ class Store:
             tx = Transaction(db, self)
             yield tx
         self._outbox_rows += tx.outbox_added
+        if tx.last_seq:
+            self.last_seq = tx.last_seq
 
     def _count(self, table: str) -> int:
         return int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
@@ -271,6 +277,7 @@ class Transaction:
         self._db = db
         self._store = store
         self.outbox_added = 0
+        self.last_seq = 0
 
     def admit(self, job: Job, target: ReplyTarget | None, *, redelivery: bool) -> Admission:
         """Journal a job (idempotent by id) and remember where its result must go.
@@ -323,11 +330,12 @@ class Transaction:
         return targets
 
     def enqueue(self, topic: str, payload: bytes, correlation: bytes | None = None) -> None:
-        self._db.execute(
+        cur = self._db.execute(
             "INSERT INTO outbox(topic, payload, correlation, created_at) VALUES (?, ?, ?, ?)",
             (topic, payload, correlation, time.time()),
         )
         self.outbox_added += 1
+        self.last_seq = int(cur.lastrowid or 0)
 
     def cache_put(
         self, key: str, task: str, value: dict[str, Any], *, ttl_s: float, max_entries: int

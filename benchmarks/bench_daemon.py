@@ -1,0 +1,273 @@
+"""End-to-end daemon benchmark: a `rules` task over MQTT vs a bare MQTT echo, same run.
+
+    .venv/bin/python benchmarks/bench_daemon.py [--n 500] [--burst 5000] [--window 64]
+
+Starts its own mosquitto on a free port (tests/broker.py), a bare echo service
+(benchmarks/echo.py) and `edgeagent run` as subprocesses, then measures from one
+producer:
+
+* sequential round trips (one job at a time): p50 / p99 latency;
+* pipelined throughput (``--window`` jobs in flight, ``--burst`` jobs);
+* cache hits (the same input again);
+
+for the echo and the daemon (``store.synchronous`` "normal" and "full"), and
+prints each as a ratio to the echo, plus the in-process inference time of the
+rules backend (the "+ inference" of the goal) and the daemon's RSS.
+Machine noise: run it twice; compare ratios, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.broker import Broker  # noqa: E402
+
+TASKS = """
+[tasks.alarm]
+kind = "classify"
+cache = {cache}
+max_wait_ms = 0
+[tasks.alarm.backend]
+type = "rules"
+[[tasks.alarm.backend.rules]]
+label = "fire"
+keywords = ["smoke", "fire", "flame", "burning"]
+[[tasks.alarm.backend.rules]]
+label = "intrusion"
+keywords = ["door forced", "glass break", "motion"]
+[[tasks.alarm.backend.rules]]
+label = "water_leak"
+patterns = ["\\\\bwater\\\\b.*\\\\bleak"]
+"""
+
+TEXTS = ["smoke in hall {i}", "door forced at gate {i}", "water leak under sink {i}", "quiet {i}"]
+
+
+class Producer:
+    """Publishes requests with Response Topic + Correlation Data; times each reply."""
+
+    def __init__(self, port: int) -> None:
+        self.reply_topic = f"bench/replies/{uuid.uuid4().hex[:8]}"
+        self.client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"bench-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        self.client.max_inflight_messages_set(65535)
+        self.sent: dict[bytes, float] = {}
+        self.rtts: list[float] = []
+        self.cond = threading.Condition()
+        sub = threading.Event()
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: sub.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.client.loop_start()
+        self.client.subscribe(self.reply_topic, qos=1)
+        if not sub.wait(10):
+            raise TimeoutError("no SUBACK")
+
+    def _on_message(self, c: paho.Client, u: object, m: paho.MQTTMessage) -> None:
+        now = time.perf_counter()
+        corr = m.properties.CorrelationData
+        with self.cond:
+            start = self.sent.pop(corr, None)
+            if start is not None:
+                self.rtts.append(now - start)
+            self.cond.notify_all()
+
+    def send(self, topic: str, payload: bytes) -> None:
+        corr = uuid.uuid4().bytes
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = self.reply_topic
+        props.CorrelationData = corr
+        with self.cond:
+            self.sent[corr] = time.perf_counter()
+        self.client.publish(topic, payload, qos=1, properties=props)
+
+    def wait_below(self, n: int, timeout: float = 60) -> None:
+        until = time.monotonic() + timeout
+        with self.cond:
+            while len(self.sent) > n:
+                left = until - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{len(self.sent)} replies missing")
+                self.cond.wait(left)
+
+    def sequential(self, topic: str, make: Callable[[int], bytes], n: int) -> list[float]:
+        self.rtts = []
+        for i in range(n):
+            self.send(topic, make(i))
+            self.wait_below(0)
+        return list(self.rtts)
+
+    def pipelined(self, topic: str, make: Callable[[int], bytes], n: int, window: int) -> float:
+        self.rtts = []
+        start = time.perf_counter()
+        for i in range(n):
+            self.wait_below(window - 1)
+            self.send(topic, make(i))
+        self.wait_below(0, timeout=300)
+        return n / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p * len(s)))] * 1000.0
+
+
+def job(i: int, text: str) -> bytes:
+    return json.dumps({"v": 1, "id": f"{uuid.uuid4().hex}", "input": text.format(i=i)}).encode()
+
+
+def start_daemon(
+    port: int, work: Path, name: str, synchronous: str, cache: bool
+) -> subprocess.Popen[bytes]:
+    cfg = work / f"{name}.toml"
+    cfg.write_text(
+        f'device_id = "{name}"\n[mqtt]\nport = {port}\nreceive_maximum = 256\n'
+        f'[store]\nstate_dir = "{work / name}"\nsynchronous = "{synchronous}"\n'
+        f'[metrics]\nlisten = ""\n[log]\nformat = "json"\nlevel = "warning"\n'
+        f'[topics]\nallowed_reply_prefixes = ["bench/"]\n'
+        + TASKS.replace("{cache}", "true" if cache else "false")
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=open(work / f"{name}.log", "wb"),  # noqa: SIM115
+    )
+    return proc
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def inference_ms() -> float:
+    import tomllib
+
+    from edgeagent.backends.rules import RulesBackend
+    from edgeagent.config import TaskConfig
+
+    data = tomllib.loads(TASKS.replace("{cache}", "true"))["tasks"]["alarm"]
+    backend = RulesBackend("alarm", TaskConfig.model_validate(data))
+    times = []
+    for i in range(2000):
+        t = time.perf_counter()
+        backend.infer_batch([TEXTS[i % 4].format(i=i)])
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=500, help="sequential round trips per case")
+    ap.add_argument("--burst", type=int, default=5000, help="jobs in the throughput run")
+    ap.add_argument("--window", type=int, default=64, help="jobs in flight in the throughput run")
+    args = ap.parse_args()
+
+    rows: list[tuple[str, float, float, float]] = []
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Broker(Path(tmp) / "broker", extra_config=["set_tcp_nodelay true"]) as broker,
+    ):
+        work = Path(tmp)
+        echo = subprocess.Popen(
+            [sys.executable, str(REPO / "benchmarks" / "echo.py"), str(broker.port)],
+            stdout=subprocess.PIPE,
+        )
+        assert echo.stdout is not None
+        echo.stdout.readline()
+        daemons = {
+            "normal": start_daemon(broker.port, work, "dnormal", "normal", cache=False),
+            "full": start_daemon(broker.port, work, "dfull", "full", cache=False),
+            "cache": start_daemon(broker.port, work, "dcache", "normal", cache=True),
+        }
+        time.sleep(3)
+        prod = Producer(broker.port)
+        try:
+
+            def text_job(i: int) -> bytes:
+                return job(i, TEXTS[i % 4])
+
+            # Warm up every path.
+            prod.sequential("bench/echo/req", text_job, 50)
+            for name in ("normal", "full", "cache"):
+                prod.sequential(f"edgeagent/d{name}/jobs/alarm", text_job, 50)
+
+            def measure(label: str, topic: str, make: Callable[[int], bytes]) -> None:
+                lat = prod.sequential(topic, make, args.n)
+                tput = prod.pipelined(topic, make, args.burst, args.window)
+                rows.append((label, pct(lat, 0.5), pct(lat, 0.99), tput))
+
+            measure("mqtt echo (baseline)", "bench/echo/req", text_job)
+            measure("daemon, synchronous=normal", "edgeagent/dnormal/jobs/alarm", text_job)
+            measure("daemon, synchronous=full", "edgeagent/dfull/jobs/alarm", text_job)
+            # Cache hits: the same input every time (after one miss).
+            same = lambda i: job(i, "smoke in hall 7")  # noqa: E731
+            prod.sequential("edgeagent/dcache/jobs/alarm", same, 5)
+            measure("daemon, cache hits", "edgeagent/dcache/jobs/alarm", same)
+            rss = {name: rss_mb(p.pid) for name, p in daemons.items()}
+        finally:
+            prod.close()
+            for p in daemons.values():
+                p.terminate()
+            echo.terminate()
+            for p in [*daemons.values(), echo]:
+                p.wait(30)
+
+    infer = inference_ms()
+    base = rows[0]
+    print(
+        f"\nedgeagent daemon benchmark  (n={args.n} sequential, burst={args.burst}, "
+        f"window={args.window}; python {sys.version.split()[0]}, {os.cpu_count()} cpu)\n"
+    )
+    print(
+        f"{'case':30} {'p50 ms':>8} {'p99 ms':>8} {'jobs/s':>8} {'p50/echo':>9} {'p99/echo':>9} "
+        f"{'tput/echo':>9}"
+    )
+    for label, p50, p99, tput in rows:
+        print(
+            f"{label:30} {p50:8.2f} {p99:8.2f} {tput:8.0f} {p50 / base[1]:9.2f} "
+            f"{p99 / base[2]:9.2f} {tput / base[3]:9.2f}"
+        )
+    print(f"\nrules inference alone (in process, median): {infer:.3f} ms")
+    for label, p50, _p99, _t in rows[1:3]:
+        print(
+            f"{label}: p50 / (echo p50 + inference) = {p50 / (base[1] + infer):.2f}  (goal <= 1.3)"
+        )
+    print(f"cache hit: p50 / echo p50 = {rows[3][1] / base[1]:.2f}  (goal <= 1.5)")
+    print("daemon RSS (MB): " + ", ".join(f"{k} {v:.1f}" for k, v in rss.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
