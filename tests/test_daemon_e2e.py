@@ -282,3 +282,22 @@ def test_broker_restart_mid_burst_loses_nothing(
         got.setdefault(k, []).extend(v)
     _assert_all_once(got, ids)
     assert d.proc is not None and d.proc.poll() is None
+
+
+def test_sigterm_mid_burst_then_restart_answers_everything(
+    broker: Broker, daemon_factory: DaemonFactory, client_factory, device: str
+) -> None:
+    c = client_factory(broker.port)
+    c.subscribe(f"edgeagent/{device}/results/#")
+    d = daemon_factory(broker.port)
+    d.wait_connected()
+    ids = _burst(c, device, 500, "t")
+    early = results_by_id(c.collect(50, timeout=30))
+    d.signal(signal.SIGTERM)
+    assert d.wait(60) == 0  # drained what it had taken, left the rest with the broker
+    d2 = daemon_factory(broker.port)
+    d2.wait_connected()
+    got = _collect_ids(c, [i for i in ids if i not in early], timeout=120)
+    for k, v in early.items():
+        got.setdefault(k, []).extend(v)
+    _assert_all_once(got, ids)

@@ -77,8 +77,8 @@ def test_tls_password_acl(
     by_id = {json.loads(m.payload)["id"]: (m.topic, json.loads(m.payload)) for m in msgs}
     assert by_id["s1"][1]["status"] == "ok"
     assert not [m for m in msgs if m.topic.startswith("forbidden/")]
-    rejected = [p for t, p in by_id.values() if p["status"] == "rejected"]
-    assert rejected and rejected[0]["error"]["code"] == "reply_topic_not_allowed"
+    assert by_id["s2"][1]["error"]["code"] == "reply_topic_not_allowed"
+    assert by_id["s2"][0] == f"edgeagent/{device}/results/alarm"
 
 
 def test_password_from_systemd_credential(
