@@ -57,6 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--v311", action="store_true", help="use MQTT 3.1.1 (reply_to field)")
     submit.set_defaults(func=_cmd_submit)
 
+    replay = sub.add_parser(
+        "replay", help="replay recorded jobs through a running daemon and report quality"
+    )
+    _config_arg(replay)
+    replay.add_argument("task", help="task name")
+    replay.add_argument("file", type=Path, help="JSON lines: jobs, optionally with 'label'/'gold'")
+    replay.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    replay.add_argument("--device", help="target device id (default: the config's device_id)")
+    replay.add_argument("--results", action="store_true", help="also print each result (stderr)")
+    replay.set_defaults(func=_cmd_replay)
+
+    ex = sub.add_parser(
+        "examples", help="export labelled examples learned from the cloud (JSON lines)"
+    )
+    _config_arg(ex)
+    ex.add_argument("--task", help="only this task")
+    ex.set_defaults(func=_cmd_examples)
+
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=_cmd_version)
 
@@ -70,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Model tools live in optional modules; their heavy imports happen in their handlers."""
-    for module_name in ("edgeagent.modeltools.cli",):
+    for module_name in ("edgeagent.modeltools.cli", "edgeagent.cloud.cli"):
         try:
             module = importlib.import_module(module_name)
         except ImportError:
@@ -147,6 +165,46 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     settings, _ = loaded
     assert isinstance(settings, Settings)
     return submit.main(settings, args)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from edgeagent import replay
+    from edgeagent.config import Settings
+
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    settings, _ = loaded
+    assert isinstance(settings, Settings)
+    return replay.main(settings, args)
+
+
+def _cmd_examples(args: argparse.Namespace) -> int:
+    import json
+
+    from edgeagent.config import Settings
+    from edgeagent.store import Store, StoreError
+
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    settings, _ = loaded
+    assert isinstance(settings, Settings)
+    path = settings.state_dir() / "edgeagent.db"
+    if not path.exists():
+        print(f"edgeagent: no state file at {path}", file=sys.stderr)
+        return 1
+    try:
+        store = Store(path, synchronous=settings.store.synchronous)
+    except StoreError as exc:
+        print(f"edgeagent: {exc}", file=sys.stderr)
+        return 1
+    try:
+        for row in store.examples(args.task):
+            print(json.dumps(row, ensure_ascii=False))
+    finally:
+        store.close()
+    return 0
 
 
 def _cmd_version(args: argparse.Namespace) -> int:

@@ -251,6 +251,34 @@ class RuntimeConfig(_Section):
     )
 
 
+RedactKind = Literal["email", "phone", "iban", "card", "ip"]
+REDACT_KINDS: tuple[RedactKind, ...] = ("email", "phone", "iban", "card", "ip")
+
+
+class CloudConfig(_Section):
+    """Escalation to a cloud agent over MQTT (PROTOCOL.md, "Escalation")."""
+
+    enabled: bool = Field(
+        False, description="Escalate jobs the local model cannot answer with confidence."
+    )
+    max_in_flight: int = Field(
+        64,
+        ge=1,
+        description="Escalations awaiting a reply, all tasks together.  Past it the task's "
+        "`over_budget` policy applies (counted in edgeagent_escalations_total{outcome}).",
+    )
+    retry_min_s: float = Field(
+        5.0, gt=0, description="First re-send of an unanswered escalation (seconds)."
+    )
+    retry_max_s: float = Field(60.0, gt=0, description="Re-send backoff cap (seconds).")
+    max_reply_bytes: int = Field(65536, ge=256, description="Largest cloud reply accepted (bytes).")
+    assume_online: bool = Field(
+        False,
+        description="Treat the cloud as reachable even before its retained status says `online` "
+        "(for agents that publish no status).",
+    )
+
+
 class RuleConfig(_Section):
     """One classification rule: the first rule that matches wins."""
 
@@ -332,6 +360,46 @@ class TaskConfig(_Section):
         "that arrive while a batch runs form the next one.",
     )
     cache: bool = Field(True, description="Use the result cache for this task.")
+    instructions: str = Field(
+        "", description="Instructions for the cloud agent (how to answer this task)."
+    )
+    allow_cloud: bool = Field(
+        True, description="May this task's inputs leave the device at all (after redaction)?"
+    )
+    offline: Literal["provisional", "wait", "reject"] = Field(
+        "provisional",
+        description="When the cloud is unreachable: answer locally now and supersede later "
+        "(`provisional`), hold until the deadline (`wait`), or answer `unrecognized` (`reject`).",
+    )
+    on_deadline: Literal["local", "expired"] = Field(
+        "local",
+        description="A job still waiting for the cloud at its deadline gets the local answer "
+        "(flagged, when there is one) or `expired`.",
+    )
+    audit_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of confident local answers also sent to the cloud to measure agreement.",
+    )
+    budget_per_minute: float = Field(
+        60.0, ge=0.0, description="Escalations per minute this task may start (token bucket)."
+    )
+    budget_burst: int = Field(20, ge=0, description="Token bucket size (escalations at once).")
+    over_budget: Literal["local", "unrecognized"] = Field(
+        "local",
+        description="Over budget: answer with the local answer (flagged) or `unrecognized`.",
+    )
+    redact: list[RedactKind] = Field(
+        default_factory=lambda: list(REDACT_KINDS),
+        description="What is replaced by placeholders before an input leaves the device.",
+    )
+    redact_patterns: dict[str, str] = Field(
+        default_factory=dict, description="Extra redactions: NAME -> regex (placeholder <NAME_n>)."
+    )
+    restore_redacted: bool = Field(
+        True, description="Put the original values back into the cloud's answer."
+    )
     backend: BackendConfig = Field(description="How the task is answered locally.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -350,6 +418,12 @@ class TaskConfig(_Section):
                 unknown = {r.label for r in b.rules} - set(self.labels)
                 if unknown:
                     raise ValueError(f"rules answer labels not in `labels`: {sorted(unknown)}")
+        for name, pattern in self.redact_patterns.items():
+            _segment(name)
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"redact_patterns.{name}: bad regular expression: {exc}") from exc
         if self.output_schema is not None:
             if self.output_schema.get("type") != "object":
                 raise ValueError("schema: must be a JSON Schema with type = 'object'")
@@ -364,7 +438,11 @@ class TaskConfig(_Section):
 
     def fingerprint(self) -> str:
         """Digest of everything in the task config that can change an answer."""
-        data = self.model_dump(mode="json", by_alias=True, exclude={"timeout_s", "concurrency"})
+        data = self.model_dump(
+            mode="json",
+            by_alias=True,
+            include={"kind", "labels", "output_schema", "threshold", "backend"},
+        )
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -402,6 +480,7 @@ class Settings(BaseSettings):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Lifecycle.")
+    cloud: CloudConfig = Field(default_factory=CloudConfig, description="Cloud escalation.")
     tasks: dict[str, TaskConfig] = Field(
         default_factory=dict, description="Tasks by name (`[tasks.NAME]`)."
     )

@@ -26,6 +26,7 @@ from typing import Any
 from edgeagent import __version__
 from edgeagent.backends import BackendError
 from edgeagent.config import ConfigError, Settings, TaskConfig, load_settings
+from edgeagent.escalation import Answer, Escalator
 from edgeagent.logs import get_logger
 from edgeagent.metrics import Metrics
 from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter
@@ -115,6 +116,7 @@ class Daemon:
         )
         self.store: Store | None = None
         self.mqtt: MqttAdapter | None = None
+        self.escalator = Escalator(settings.cloud, self.topics, settings.device_id, self.metrics)
         self._reload_requested = False
 
     # -- start-up -----------------------------------------------------------------
@@ -154,6 +156,8 @@ class Daemon:
         )
         self.notifier.status("loading models")
         self.runtimes = await self._build_runtimes(s.tasks)
+        self._configure_escalation(self.runtimes)
+        self.escalator.recover(self.store)
         for rt in self.runtimes.values():
             rt.start(self._deliver)
         for sig, handler in (
@@ -182,6 +186,8 @@ class Daemon:
         self._spawn(self._intake_loop(), "daemon:intake")
         self._spawn(self._outbox_loop(), "daemon:outbox")
         self._spawn(self._housekeeping_loop(), "daemon:housekeeping")
+        if s.cloud.enabled:
+            self._spawn(self._escalation_loop(), "daemon:escalation")
         if self.notifier.watchdog_interval_s:
             self._spawn(self._watchdog_loop(self.notifier.watchdog_interval_s), "daemon:watchdog")
         if s.topics.stats_interval_s > 0:
@@ -248,12 +254,27 @@ class Daemon:
         subs = [self.topics.jobs_filter]
         if self.topics.fleet_filter:
             subs.append(self.topics.fleet_filter)
+        if self.settings.cloud.enabled:
+            subs += [
+                self.topics.cloud_replies,
+                self.topics.cloud_status,
+                self.topics.cloud_status + "/+",
+            ]
         return subs
+
+    def _configure_escalation(self, runtimes: dict[str, TaskRuntime]) -> None:
+        self.escalator.configure({name: rt.config for name, rt in runtimes.items()})
+        for rt in runtimes.values():
+            rt.cloud_available = self.escalator.usable(rt.config)
+
+    def _cloud_reachable(self) -> bool:
+        return self.escalator.cloud_online and self.mqtt is not None and self.mqtt.connected
 
     def _recover(self) -> None:
         """Assume we were killed last time: re-run every job the journal holds open."""
         assert self.store is not None
-        jobs = self.store.open_jobs()
+        waiting = self.store.pending_escalation_jobs()  # these wait for the cloud, not a model
+        jobs = [j for j in self.store.open_jobs() if j.id not in waiting]
         for job in jobs:
             received = self.store.received_at(job.id) or time.time()
             self._schedule(job, received)
@@ -276,11 +297,63 @@ class Daemon:
         self.notifier.status("disconnected from broker; retrying")
 
     def _on_message(self, msg: Inbound) -> None:
+        if msg.topic == self.topics.cloud_replies or msg.topic.startswith(self.topics.cloud_status):
+            self._on_cloud_message(msg)
+            return
         if msg.qos == 0 and len(self._inbox) >= QOS0_INBOX_CAP:
             log.warning("job.qos0_dropped", topic=msg.topic)  # QoS 0 carries no guarantee
             return
         self._inbox.append(msg)
         self._wake_intake.set()
+
+    def _on_cloud_message(self, msg: Inbound) -> None:
+        """A cloud reply or the agent's status: committed, then acknowledged."""
+        assert self.store is not None and self.mqtt is not None
+        answers: list[Answer] = []
+        with self.store.transaction() as tx:
+            if msg.topic != self.topics.cloud_replies:
+                if self.escalator.on_status(msg.topic, msg.payload):
+                    self.escalator.resend_all_now(tx, self.store)
+            else:
+                answers = self.escalator.on_reply(
+                    tx,
+                    self.store,
+                    msg.payload,
+                    msg.correlation,
+                    self.runtimes,
+                    self.settings.cache.ttl_s,
+                    self.settings.cache.max_entries,
+                )
+        self.mqtt.ack(msg)
+        self._answered(answers)
+
+    def _answered(self, answers: list[Answer]) -> None:
+        for a in answers:
+            self._count(a.result)
+            log.info(
+                "job.done",
+                job_id=a.job_id,
+                task=a.task,
+                status=a.result.status,
+                source=a.result.source,
+                confidence=a.result.confidence,
+                latency_ms=a.result.latency_ms,
+                supersedes=a.result.supersedes,
+                code=a.result.error.code if a.result.error else None,
+            )
+        self.metrics.escalations_in_flight.set(self.escalator.in_flight)
+        if answers and self._pump():
+            self._wake_outbox.set()
+
+    async def _escalation_loop(self) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(0.5)
+            with self.store.transaction() as tx:
+                answers = self.escalator.tick(tx, self.store, reachable=self._cloud_reachable())
+            self._answered(answers)
+            if self._pump():
+                self._wake_outbox.set()
 
     def _on_puback(self, mid: int) -> None:
         seq = self._inflight.pop(mid, None)
@@ -429,42 +502,54 @@ class Daemon:
         """Commit a batch of results (one transaction) and hand them to the outbox."""
         if not outcomes or self.store is None:
             return
+        reachable = self._cloud_reachable()
+        done: list[ResultMessage] = []
         with self.store.transaction() as tx:
             for o in outcomes:
                 job = o.pending.job
-                fallback = ReplyTarget(self.topics.results(job.task))
-                tx.answer(job.id, o.result.to_bytes(), fallback=fallback)
                 rt = self.runtimes.get(job.task)
-                if (
-                    o.cacheable
-                    and rt is not None
-                    and self.settings.cache.enabled
-                    and rt.config.cache
-                ):
+                result: ResultMessage | None = o.result
+                if o.escalate and rt is not None and rt.cloud_available:
+                    result = self.escalator.escalate(tx, o, rt, reachable=reachable)
+                if result is None:  # waits for the cloud: durable in the escalations table
+                    continue
+                tx.answer(
+                    job.id, result.to_bytes(), fallback=ReplyTarget(self.topics.results(job.task))
+                )
+                done.append(result)
+                if not (o.cacheable and rt is not None):
+                    continue
+                if self.settings.cache.enabled and rt.config.cache:
                     tx.cache_put(
                         cache_key(job.task, rt.fingerprint, job.input),
                         job.task,
                         {
-                            "output": o.result.output,
-                            "confidence": o.result.confidence,
-                            "model": o.result.model,
+                            "output": result.output,
+                            "confidence": result.confidence,
+                            "model": result.model,
                         },
                         ttl_s=self.settings.cache.ttl_s,
                         max_entries=self.settings.cache.max_entries,
                     )
+                audit = rt.config.audit_rate
+                if rt.cloud_available and audit > 0 and self.escalator.rng.random() < audit:
+                    self.escalator.escalate(tx, o, rt, reachable=reachable, audit=True)
         for o in outcomes:
             self._open.discard(o.pending.job.id)
-            self._count(o.result)
+        for res in done:
+            self._count(res)
             log.info(
                 "job.done",
-                job_id=o.result.id,
-                task=o.result.task,
-                status=o.result.status,
-                source=o.result.source,
-                confidence=o.result.confidence,
-                latency_ms=o.result.latency_ms,
-                code=o.result.error.code if o.result.error else None,
+                job_id=res.id,
+                task=res.task,
+                status=res.status,
+                source=res.source,
+                confidence=res.confidence,
+                latency_ms=res.latency_ms,
+                provisional=res.provisional or None,
+                code=res.error.code if res.error else None,
             )
+        self.metrics.escalations_in_flight.set(self.escalator.in_flight)
         self.metrics.queue_depth.set(len(self._open))
         if self._pump():
             self._wake_outbox.set()
@@ -504,7 +589,12 @@ class Daemon:
             return False
         rows = self.store.outbox(after=self._last_sent_seq, limit=room)
         for row in rows:
-            mid = self.mqtt.publish(row.topic, row.payload, correlation=row.correlation)
+            mid = self.mqtt.publish(
+                row.topic,
+                row.payload,
+                correlation=row.correlation,
+                response_topic=row.response_topic,
+            )
             if mid is None:
                 return False
             self._inflight[mid] = row.seq
@@ -558,7 +648,9 @@ class Daemon:
                     "mean": round(statistics.fmean(lat), 3) if lat else None,
                 },
                 "cache_hits": st.cache_hits,
-                "escalation_rate": 0.0 if done else None,
+                "escalation_rate": round(st.by_source["cloud"] / done, 4) if done else None,
+                "escalations_in_flight": self.escalator.in_flight,
+                "cloud_reachable": self.escalator.cloud_online,
                 "unrecognized_reasons": dict(st.reasons),
                 "queue_depth": len(self._open),
                 "outbox_depth": self.store.outbox_depth if self.store else 0,
@@ -608,6 +700,7 @@ class Daemon:
             self.notifier.ready("reload failed; serving previous tasks")
             return
         old = self.runtimes
+        self._configure_escalation(fresh)
         self.runtimes = fresh
         self.settings = self.settings.model_copy(update={"tasks": new.tasks})
         for rt in fresh.values():

@@ -53,6 +53,33 @@ class Metrics:
         self.timeouts = Counter(
             "edgeagent_inference_timeouts", "Inference calls past timeout_s", ["task"], registry=r
         )
+        self.escalations = Counter(
+            "edgeagent_escalations",
+            "Escalations by reason, and by outcome (over_budget, rejected_offline, expired)",
+            ["task", "reason"],
+            registry=r,
+        )
+        self.replies = Counter(
+            "edgeagent_cloud_replies", "Cloud replies by verdict", ["verdict"], registry=r
+        )
+        self.cloud_reachable = Gauge(
+            "edgeagent_cloud_reachable", "1 while the cloud agent's status is online", registry=r
+        )
+        self.escalations_in_flight = Gauge(
+            "edgeagent_escalations_in_flight", "Escalations awaiting a reply", registry=r
+        )
+        self.redactions = Counter(
+            "edgeagent_redactions",
+            "Items redacted before leaving the device",
+            ["task", "kind"],
+            registry=r,
+        )
+        self.audits = Counter(
+            "edgeagent_audits",
+            "Audited local answers by agreement with the cloud",
+            ["task", "verdict"],
+            registry=r,
+        )
         self._server: Any = None
         self._thread: threading.Thread | None = None
 

@@ -39,9 +39,14 @@ class PendingJob:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """A job's local result.  ``escalate`` (a reason) asks the daemon to involve the cloud;
+    ``result`` is then what the job gets if the cloud cannot be asked."""
+
     pending: PendingJob
     result: ResultMessage
     cacheable: bool = False
+    prediction: Prediction | None = None
+    escalate: str | None = None
 
 
 class TaskRuntime:
@@ -61,6 +66,8 @@ class TaskRuntime:
         )
         self._workers: list[asyncio.Task[None]] = []
         self.retired = False
+        self.cloud_available = False
+        """Set by the daemon: the cloud is configured and this task may use it."""
 
     @classmethod
     def build(cls, name: str, config: TaskConfig, metrics: Metrics) -> TaskRuntime:
@@ -72,7 +79,13 @@ class TaskRuntime:
 
     @property
     def labels(self) -> list[str]:
-        return list(self.config.labels)
+        """The label set (classify): the task's, else the backend's rules or model labels."""
+        if self.config.labels:
+            return list(self.config.labels)
+        rules = getattr(self.config.backend, "rules", None)
+        if rules:
+            return list(dict.fromkeys(r.label for r in rules))
+        return list(getattr(self.backend, "labels", []) or [])
 
     def start(self, deliver: Callable[[list[Outcome]], None]) -> None:
         for i in range(self.config.concurrency):
@@ -176,16 +189,18 @@ class TaskRuntime:
             threshold=self.config.threshold,
             task_policy=self.config.policy,
             job_wish=p.job.escalate,
-            cloud_available=False,
+            cloud_available=self.cloud_available,
         )
         if route.action == "answer":
             res = self._result(p, "ok", output=pred.output, confidence=pred.confidence)
-            return Outcome(p, res, cacheable=True)
+            return Outcome(p, res, cacheable=True, prediction=pred)
         reason = route.reason or "low_confidence"
-        self.metrics.unrecognized.labels(self.name, reason).inc()
         err = ErrorInfo(code=reason, message=_UNRECOGNIZED.get(reason, reason))
         res = self._result(p, "unrecognized", confidence=pred.confidence, error=err)
-        return Outcome(p, res)
+        if route.action == "escalate":
+            return Outcome(p, res, prediction=pred, escalate=reason)
+        self.metrics.unrecognized.labels(self.name, reason).inc()
+        return Outcome(p, res, prediction=pred)
 
     def _result(
         self,

@@ -317,6 +317,10 @@ class Topics:
         return f"{self.prefix}/cloud/requests/{task}"
 
     @property
+    def cloud_status(self) -> str:
+        return f"{self.prefix}/cloud/status"
+
+    @property
     def cloud_replies(self) -> str:
         return f"{self.prefix}/{self.device}/cloud/replies"
 

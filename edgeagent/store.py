@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic       TEXT NOT NULL,
     payload     BLOB NOT NULL,
     correlation BLOB,
+    response_topic TEXT,
     created_at  REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cache (
@@ -64,6 +65,37 @@ CREATE TABLE IF NOT EXISTS cache (
     expires_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS cache_age ON cache (created_at);
+CREATE TABLE IF NOT EXISTS escalations (
+    id              TEXT PRIMARY KEY,
+    job_id          TEXT NOT NULL,
+    task            TEXT NOT NULL,
+    reason          TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'done', 'failed', 'expired')),
+    audit           INTEGER NOT NULL DEFAULT 0,
+    provisional     INTEGER NOT NULL DEFAULT 0,
+    created_at      REAL NOT NULL,
+    deadline_at     REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    request         BLOB NOT NULL,
+    mapping         TEXT NOT NULL DEFAULT '{}',
+    local           TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS escalations_open ON escalations (next_attempt_at)
+    WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS escalations_job ON escalations (job_id);
+CREATE TABLE IF NOT EXISTS examples (
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+    task             TEXT NOT NULL,
+    input            TEXT NOT NULL,
+    cloud_output     TEXT NOT NULL,
+    local_output     TEXT,
+    local_confidence REAL,
+    agreed           INTEGER,
+    reason           TEXT NOT NULL,
+    model            TEXT,
+    created_at       REAL NOT NULL
+);
 """
 
 
@@ -83,6 +115,50 @@ class OutboxRow:
     topic: str
     payload: bytes
     correlation: bytes | None
+    response_topic: str | None = None
+
+
+_ESC_SELECT = (
+    "SELECT id, job_id, task, reason, state, audit, provisional, created_at, deadline_at, "
+    "next_attempt_at, attempts, request, mapping, local FROM escalations"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationRow:
+    id: str
+    job_id: str
+    task: str
+    reason: str
+    state: str
+    audit: bool
+    provisional: bool
+    created_at: float
+    deadline_at: float
+    next_attempt_at: float
+    attempts: int
+    request: bytes
+    mapping: dict[str, str]
+    local: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, r: tuple[Any, ...]) -> EscalationRow:
+        return cls(
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            bool(r[5]),
+            bool(r[6]),
+            r[7],
+            r[8],
+            r[9],
+            r[10],
+            bytes(r[11]),
+            json.loads(r[12]),
+            json.loads(r[13]),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +270,10 @@ class Store:
         ).fetchall()
         return [Job.from_json(r[0]) for r in rows]
 
+    def job(self, job_id: str) -> Job | None:
+        row = self._db.execute("SELECT job FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return None if row is None else Job.from_json(row[0])
+
     def received_at(self, job_id: str) -> float | None:
         row = self._db.execute("SELECT received_at FROM jobs WHERE id=?", (job_id,)).fetchone()
         return float(row[0]) if row else None
@@ -234,12 +314,13 @@ class Store:
 
     def outbox(self, *, after: int = 0, limit: int = 1000) -> list[OutboxRow]:
         rows = self._db.execute(
-            "SELECT seq, topic, payload, correlation FROM outbox "
+            "SELECT seq, topic, payload, correlation, response_topic FROM outbox "
             "WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit),
         ).fetchall()
         return [
-            OutboxRow(r[0], r[1], bytes(r[2]), None if r[3] is None else bytes(r[3])) for r in rows
+            OutboxRow(r[0], r[1], bytes(r[2]), None if r[3] is None else bytes(r[3]), r[4])
+            for r in rows
         ]
 
     def outbox_done(self, seqs: Iterable[int]) -> None:
@@ -260,6 +341,47 @@ class Store:
             return None
         value: dict[str, Any] = json.loads(row[0])
         return value
+
+    # -- escalations --------------------------------------------------------------
+
+    def escalation(self, esc_id: str) -> EscalationRow | None:
+        row = self._db.execute(_ESC_SELECT + " WHERE id=?", (esc_id,)).fetchone()
+        return None if row is None else EscalationRow.from_row(row)
+
+    def pending_escalations(self) -> list[EscalationRow]:
+        rows = self._db.execute(
+            _ESC_SELECT + " WHERE state='pending' ORDER BY created_at"
+        ).fetchall()
+        return [EscalationRow.from_row(r) for r in rows]
+
+    def pending_escalation_jobs(self) -> set[str]:
+        rows = self._db.execute(
+            "SELECT job_id FROM escalations WHERE state='pending' AND audit=0 AND provisional=0"
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def examples(self, task: str | None = None) -> Iterator[dict[str, Any]]:
+        """Labelled examples learned from the cloud, oldest first (for `edgeagent export`)."""
+        sql = (
+            "SELECT task, input, cloud_output, local_output, local_confidence, agreed, reason, "
+            "model, created_at FROM examples"
+        )
+        args: tuple[str, ...] = ()
+        if task is not None:
+            sql += " WHERE task=?"
+            args = (task,)
+        for r in self._db.execute(sql + " ORDER BY seq", args):
+            yield {
+                "task": r[0],
+                "input": json.loads(r[1]),
+                "cloud_output": json.loads(r[2]),
+                "local_output": None if r[3] is None else json.loads(r[3]),
+                "local_confidence": r[4],
+                "agreed": None if r[5] is None else bool(r[5]),
+                "reason": r[6],
+                "model": r[7],
+                "created_at": r[8],
+            }
 
     def cache_count(self) -> int:
         return self._count("cache")
@@ -329,10 +451,101 @@ class Transaction:
             self.enqueue(t.topic, result, t.correlation)
         return targets
 
-    def enqueue(self, topic: str, payload: bytes, correlation: bytes | None = None) -> None:
+    def supersede(self, job_id: str, result: bytes) -> list[ReplyTarget]:
+        """Replace an answered job's result (a provisional answer the cloud has now answered)
+        and queue the new result for every reply target."""
         cur = self._db.execute(
-            "INSERT INTO outbox(topic, payload, correlation, created_at) VALUES (?, ?, ?, ?)",
-            (topic, payload, correlation, time.time()),
+            "UPDATE jobs SET result=? WHERE id=? AND state='answered'", (result, job_id)
+        )
+        if cur.rowcount == 0:
+            return []
+        rows = self._db.execute(
+            "SELECT topic, correlation FROM reply_targets WHERE job_id=?", (job_id,)
+        ).fetchall()
+        targets = [ReplyTarget(r[0], bytes(r[1]) or None) for r in rows]
+        for t in targets:
+            self.enqueue(t.topic, result, t.correlation)
+        return targets
+
+    def job_state(self, job_id: str) -> str | None:
+        row = self._db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def add_escalation(self, row: EscalationRow) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO escalations(id, job_id, task, reason, state, audit, provisional,"
+            " created_at, deadline_at, next_attempt_at, attempts, request, mapping, local) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.id,
+                row.job_id,
+                row.task,
+                row.reason,
+                row.state,
+                int(row.audit),
+                int(row.provisional),
+                row.created_at,
+                row.deadline_at,
+                row.next_attempt_at,
+                row.attempts,
+                row.request,
+                json.dumps(row.mapping),
+                json.dumps(row.local),
+            ),
+        )
+
+    def escalation_sent(self, esc_id: str, *, next_attempt_at: float) -> None:
+        self._db.execute(
+            "UPDATE escalations SET attempts = attempts + 1, next_attempt_at=? WHERE id=?",
+            (next_attempt_at, esc_id),
+        )
+
+    def close_escalation(self, esc_id: str, state: str) -> bool:
+        """Mark a pending escalation done/failed/expired; False if it was not pending."""
+        cur = self._db.execute(
+            "UPDATE escalations SET state=? WHERE id=? AND state='pending'", (state, esc_id)
+        )
+        return cur.rowcount == 1
+
+    def add_example(
+        self,
+        *,
+        task: str,
+        input: Any,
+        cloud_output: Any,
+        local_output: Any,
+        local_confidence: float | None,
+        reason: str,
+        model: str | None,
+    ) -> None:
+        agreed = None if local_output is None else int(local_output == cloud_output)
+        self._db.execute(
+            "INSERT INTO examples(task, input, cloud_output, local_output, local_confidence, "
+            "agreed, reason, model, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                task,
+                json.dumps(input, ensure_ascii=False),
+                json.dumps(cloud_output, ensure_ascii=False),
+                None if local_output is None else json.dumps(local_output, ensure_ascii=False),
+                local_confidence,
+                agreed,
+                reason,
+                model,
+                time.time(),
+            ),
+        )
+
+    def enqueue(
+        self,
+        topic: str,
+        payload: bytes,
+        correlation: bytes | None = None,
+        response_topic: str | None = None,
+    ) -> None:
+        cur = self._db.execute(
+            "INSERT INTO outbox(topic, payload, correlation, response_topic, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (topic, payload, correlation, response_topic, time.time()),
         )
         self.outbox_added += 1
         self.last_seq = int(cur.lastrowid or 0)

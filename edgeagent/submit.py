@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,21 +54,67 @@ def load_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
     jobs = load_jobs(args)
-    return asyncio.run(_submit(settings, args, jobs))
+
+    def show(result: dict[str, Any]) -> None:
+        print(json.dumps(result, ensure_ascii=False), flush=True)
+
+    try:
+        missing = asyncio.run(
+            exchange(
+                settings,
+                args.task,
+                jobs,
+                device=args.device,
+                fleet=args.fleet,
+                v311=args.v311,
+                timeout=args.timeout,
+                on_result=show,
+            )
+        )
+    except SubmitError as exc:
+        print(f"edgeagent submit: {exc}", file=sys.stderr)
+        return 1
+    if missing:
+        print(
+            f"edgeagent submit: {len(missing)} of {len(jobs)} job(s) got no result "
+            f"within {args.timeout}s",
+            file=sys.stderr,
+        )
+        return EXIT_TIMEOUT
+    return 0
 
 
-async def _submit(settings: Settings, args: argparse.Namespace, jobs: list[dict[str, Any]]) -> int:
+class SubmitError(Exception):
+    """The broker cannot be reached or refused us."""
+
+
+async def exchange(
+    settings: Settings,
+    task: str,
+    jobs: list[dict[str, Any]],
+    *,
+    device: str | None = None,
+    fleet: bool = False,
+    v311: bool = False,
+    timeout: float = 30.0,
+    on_result: Callable[[dict[str, Any]], None],
+    await_superseding: bool = False,
+) -> set[str]:
+    """Publish ``jobs`` to ``task`` and call ``on_result`` for every result that comes back.
+
+    Returns the ids that got no result by ``timeout``.  With ``await_superseding``, a job
+    whose result is provisional counts as done only once a superseding result arrives.
+    """
     loop = asyncio.get_running_loop()
     prefix = settings.topics.prefix
-    device = args.device or settings.device_id
+    target = device or settings.device_id
     client = f"submit-{uuid.uuid4().hex[:12]}"
     reply_topic = f"{prefix}/clients/{client}/results"
-    v311 = bool(args.v311)
     pending = {str(j["id"]) for j in jobs}
     done = asyncio.Event()
     connected = asyncio.Event()
     if not pending:
-        return 0
+        return set()
 
     def on_message(msg: Inbound) -> None:
         adapter.ack(msg)
@@ -74,9 +122,11 @@ async def _submit(settings: Settings, args: argparse.Namespace, jobs: list[dict[
             result = json.loads(msg.payload)
         except ValueError:
             return
-        rid = str(result.get("id"))
-        print(json.dumps(result, ensure_ascii=False), flush=True)
-        pending.discard(rid)
+        if not isinstance(result, dict):
+            return
+        on_result(result)
+        if not (await_superseding and result.get("provisional")):
+            pending.discard(str(result.get("id")))
         if not pending:
             done.set()
 
@@ -98,6 +148,7 @@ async def _submit(settings: Settings, args: argparse.Namespace, jobs: list[dict[
         clean_start=True,
         reconnect_min_s=0.2,
         reconnect_max_s=2.0,
+        max_inflight=1000,
     )
     adapter = MqttAdapter(
         options,
@@ -110,7 +161,7 @@ async def _submit(settings: Settings, args: argparse.Namespace, jobs: list[dict[
         name="submit-mqtt",
     )
     adapter.start()
-    deadline = time.monotonic() + args.timeout
+    deadline = time.monotonic() + timeout
     try:
         waiter: asyncio.Future[Any] = asyncio.ensure_future(connected.wait())
         fatal: asyncio.Future[Any] = adapter.fatal
@@ -120,17 +171,11 @@ async def _submit(settings: Settings, args: argparse.Namespace, jobs: list[dict[
             return_when=asyncio.FIRST_COMPLETED,
         )
         if adapter.fatal.done():
-            print(f"edgeagent submit: {adapter.fatal.result()}", file=sys.stderr)
-            return 1
+            raise SubmitError(adapter.fatal.result())
         if not connected.is_set():
             waiter.cancel()
-            print(f"edgeagent submit: cannot reach broker {m.host}:{m.port}", file=sys.stderr)
-            return 1
-        topic = (
-            f"{prefix}/fleet/jobs/{args.task}"
-            if args.fleet
-            else f"{prefix}/{device}/jobs/{args.task}"
-        )
+            raise SubmitError(f"cannot reach broker {m.host}:{m.port}")
+        topic = f"{prefix}/fleet/jobs/{task}" if fleet else f"{prefix}/{target}/jobs/{task}"
         for job in jobs:
             if v311:
                 job["reply_to"] = reply_topic
@@ -142,15 +187,8 @@ async def _submit(settings: Settings, args: argparse.Namespace, jobs: list[dict[
                     correlation=str(job["id"]).encode(),
                     response_topic=reply_topic,
                 )
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), max(0.1, deadline - time.monotonic()))
-        except TimeoutError:
-            print(
-                f"edgeagent submit: {len(pending)} of {len(jobs)} job(s) got no result "
-                f"within {args.timeout}s",
-                file=sys.stderr,
-            )
-            return EXIT_TIMEOUT
-        return 0
+        return set(pending)
     finally:
         await asyncio.to_thread(adapter.stop)

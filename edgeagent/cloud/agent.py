@@ -1,0 +1,719 @@
+"""The cloud agent: escalation requests in over MQTT, a chat completion each, replies out.
+
+Thread model: one event loop owns all state.  The MQTT adapter's network thread
+only hands messages over (``call_soon_threadsafe``); httpx runs on the loop.
+
+A request's life (PROTOCOL.md, "Escalation"):
+
+```
+PUBLISH on $share/{group}/{prefix}/cloud/requests/{task}   (QoS 1, not yet acked)
+  → bounded queue (never fuller than the broker's Receive Maximum allows)
+  → one of max_concurrency workers: parse + validate      (bad request: an `error` reply)
+  → chat completion with retries, within the deadline     (past it: an `expired` reply)
+  → validate the answer; one corrective retry             (still bad: `error`, invalid_output)
+  → PUBLISH the reply on the Response Topic, QoS 1
+  → broker's PUBACK → PUBACK of the request               (only now)
+```
+
+A crash before the last step gets the request redelivered: a reply can be sent
+twice, never lost.  The daemon keys replies by ``escalation_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import jsonschema
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgeagent import __version__
+from edgeagent.cloud.config import CloudSettings, StructuredOutput
+from edgeagent.cloud.llm import LlmClient, LlmError
+from edgeagent.logs import get_logger
+from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter
+from edgeagent.protocol import PROTOCOL_VERSION, ErrorInfo, truncate
+
+log = get_logger("edgeagent.cloud")
+
+EXIT_OK = 0
+EXIT_CONFIG = 78
+
+ReplyStatus = Literal["ok", "error", "expired"]
+
+# error.code values of replies.  Stable: daemons may switch on them.
+INVALID_REQUEST = "invalid_request"
+UNSUPPORTED_VERSION = "unsupported_version"
+INVALID_OUTPUT = "invalid_output"
+DEADLINE_EXCEEDED = "deadline_exceeded"
+INTERNAL = "internal"
+
+_FORMAT_NAME = re.compile(r"[^A-Za-z0-9_-]")
+_FENCE = re.compile(r"^```[A-Za-z0-9_-]*\s*\n?(.*?)\n?```$", re.DOTALL)
+
+
+# -- messages (pure) -----------------------------------------------------------------
+
+
+class LocalAnswer(BaseModel):
+    """What the device's own model answered."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    output: Any = None
+    confidence: float | None = None
+
+
+class CloudRequest(BaseModel):
+    """An escalation as daemons send it (PROTOCOL.md, "Escalation")."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    v: int = Field(PROTOCOL_VERSION, description="Protocol version.")
+    escalation_id: str = Field(min_length=1, max_length=128, description="Correlation key.")
+    device: str = Field(min_length=1, max_length=128, description="The escalating device.")
+    task: str = Field(min_length=1, max_length=128, description="The device's task name.")
+    kind: Literal["classify", "extract", "generate"] = Field(description="What to answer.")
+    input: str | dict[str, Any] = Field(description="The (redacted) input.")
+    instructions: str | None = Field(None, description="How to answer this task.")
+    labels: list[str] = Field(default_factory=list, description="Classify: the label set.")
+    output_schema: dict[str, Any] | None = Field(
+        None, alias="schema", description="Extract: JSON Schema (object) of the answer."
+    )
+    local: LocalAnswer | None = Field(None, description="The local model's answer.")
+    deadline_ms: int | None = Field(None, ge=1, description="Patience left (ms).")
+
+    @model_validator(mode="after")
+    def _check(self) -> CloudRequest:
+        if self.kind == "classify" and (not self.labels or not all(self.labels)):
+            raise ValueError("classify needs a non-empty `labels` list of strings")
+        if self.kind == "extract":
+            if self.output_schema is None or self.output_schema.get("type") != "object":
+                raise ValueError("extract needs a `schema` with type = 'object'")
+            try:
+                jsonschema.Draft202012Validator.check_schema(self.output_schema)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"schema: not a valid JSON Schema: {exc.message}") from None
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class CloudReply(BaseModel):
+    """The agent's answer (PROTOCOL.md, "Escalation")."""
+
+    v: int = PROTOCOL_VERSION
+    escalation_id: str | None
+    status: ReplyStatus
+    output: Any = None
+    confidence: float | None = None
+    model: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    error: ErrorInfo | None = None
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class BadRequest(Exception):
+    """A request that cannot be answered as sent; ``escalation_id``/``device`` if readable."""
+
+    def __init__(
+        self, code: str, message: str, escalation_id: str | None, device: str | None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.escalation_id = escalation_id
+        self.device = device
+
+
+def parse_request(payload: bytes, max_bytes: int) -> CloudRequest:
+    """Validate a request payload; raise :class:`BadRequest` (never anything else)."""
+    if len(payload) > max_bytes:
+        raise BadRequest(
+            INVALID_REQUEST, f"payload is {len(payload)} bytes; limit {max_bytes}", None, None
+        )
+    try:
+        data = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BadRequest(
+            INVALID_REQUEST, f"payload is not UTF-8 JSON: {truncate(str(exc), 120)}", None, None
+        ) from None
+    if not isinstance(data, dict):
+        raise BadRequest(INVALID_REQUEST, "payload must be a JSON object", None, None)
+    eid = _short_str(data.get("escalation_id"))
+    device = _short_str(data.get("device"))
+    version = data.get("v", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise BadRequest(
+            UNSUPPORTED_VERSION,
+            f"protocol version {truncate(repr(version), 40)} unsupported; "
+            f"this agent speaks v{PROTOCOL_VERSION}",
+            eid,
+            device,
+        )
+    try:
+        return CloudRequest.model_validate(data)
+    except ValidationError as exc:
+        parts = [
+            f"{'.'.join(str(p) for p in e['loc']) or '(message)'}: {e['msg']}"
+            for e in exc.errors()[:5]
+        ]
+        raise BadRequest(INVALID_REQUEST, truncate("; ".join(parts), 500), eid, device) from None
+    except RecursionError:
+        raise BadRequest(INVALID_REQUEST, "payload nested too deeply", eid, device) from None
+
+
+def _short_str(value: object) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= 128 else None
+
+
+def answer_schema(req: CloudRequest) -> dict[str, Any] | None:
+    """The JSON Schema the answer must satisfy (None: free text)."""
+    if req.kind == "classify":
+        return {
+            "type": "object",
+            "properties": {"label": {"type": "string", "enum": list(req.labels)}},
+            "required": ["label"],
+            "additionalProperties": False,
+        }
+    if req.kind == "extract":
+        return req.output_schema
+    return None
+
+
+def response_format(
+    req: CloudRequest, mode: StructuredOutput, strict: bool
+) -> dict[str, Any] | None:
+    """The ``response_format`` of the completion request for this request and mode."""
+    schema = answer_schema(req)
+    if schema is None or mode == "prompt":
+        return None
+    if mode == "json_object":
+        return {"type": "json_object"}
+    if mode == "json_object_schema":
+        return {"type": "json_object", "schema": schema}
+    name = _FORMAT_NAME.sub("_", f"{req.kind}_{req.task}")[:64]
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": name, "schema": schema, "strict": strict},
+    }
+
+
+def build_messages(req: CloudRequest) -> list[dict[str, str]]:
+    """System and user messages for one request.  The schema is always in the prompt too,
+    so modes without server-side enforcement still tell the model what to write."""
+    system = [f'You answer requests of the task "{req.task}" for edge devices.']
+    if req.instructions:
+        system.append(req.instructions.strip())
+    if req.kind == "classify":
+        system.append(
+            "Classify the input into exactly one of these labels: "
+            + ", ".join(json.dumps(x, ensure_ascii=False) for x in req.labels)
+            + '.\nRespond with only a JSON object of the form {"label": "<one of the labels>"}.'
+        )
+    elif req.kind == "extract":
+        system.append(
+            "Extract the requested information from the input.\n"
+            "Respond with only a JSON object that is valid against this JSON Schema:\n"
+            + json.dumps(req.output_schema, ensure_ascii=False)
+        )
+    else:
+        system.append("Respond with the answer text only.")
+    user = req.input if isinstance(req.input, str) else json.dumps(req.input, ensure_ascii=False)
+    return [{"role": "system", "content": "\n\n".join(system)}, {"role": "user", "content": user}]
+
+
+def corrective_messages(req: CloudRequest, bad: str, reason: str) -> list[dict[str, str]]:
+    """What to append after an invalid answer, for the one retry."""
+    if req.kind == "classify":
+        shape = 'only a JSON object {"label": ...} whose label is one of: ' + ", ".join(req.labels)
+    elif req.kind == "extract":
+        shape = "only a JSON object valid against the JSON Schema given above"
+    else:
+        shape = "a non-empty answer text"
+    return [
+        {"role": "assistant", "content": truncate(bad, 2000)},
+        {
+            "role": "user",
+            "content": f"That answer was invalid: {reason}.  Respond again with {shape}.",
+        },
+    ]
+
+
+class InvalidOutput(Exception):
+    """The model's answer does not satisfy the request; the message says why."""
+
+
+def parse_json_answer(content: str) -> Any:
+    """JSON from a model's answer; tolerates code fences and prose around one object."""
+    text = content.strip()
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    start, end = text.find("{"), text.rfind("}")
+    if 0 <= start < end:
+        try:
+            return json.loads(text[start : end + 1])
+        except ValueError:
+            pass
+    raise InvalidOutput(f"not a JSON object: {truncate(content, 80)!r}")
+
+
+def check_output(req: CloudRequest, content: str) -> dict[str, Any]:
+    """The reply's ``output`` for a model answer; raise :class:`InvalidOutput`."""
+    if req.kind == "generate":
+        text = content.strip()
+        if not text:
+            raise InvalidOutput("empty answer")
+        return {"text": text}
+    value = parse_json_answer(content)
+    if not isinstance(value, dict):
+        raise InvalidOutput(f"expected a JSON object, got {type(value).__name__}")
+    if req.kind == "classify":
+        label = value.get("label")
+        if not isinstance(label, str):
+            raise InvalidOutput('no string "label" in the answer')
+        if label in req.labels:
+            return {"label": label}
+        # Models vary case and spacing; map to the canonical label when that is unambiguous.
+        folded = [x for x in req.labels if x.casefold() == label.strip().casefold()]
+        if len(folded) == 1:
+            return {"label": folded[0]}
+        raise InvalidOutput(f"label {truncate(label, 60)!r} is not one of the labels")
+    assert req.output_schema is not None  # checked by CloudRequest
+    validator = jsonschema.Draft202012Validator(req.output_schema)
+    errors = sorted(validator.iter_errors(value), key=lambda e: list(e.path))
+    if errors:
+        first = errors[0]
+        where = "/".join(str(p) for p in first.path) or "(root)"
+        raise InvalidOutput(f"not valid against the schema at {where}: {first.message}")
+    return value
+
+
+def reply_topic_for(prefix: str, response_topic: str | None, device: str | None) -> str | None:
+    """Where to answer: the Response Topic if it is a reply topic of ``prefix``, else the
+    device's reply topic.  Never an arbitrary topic (the agent is no relay)."""
+    if response_topic is not None:
+        levels = response_topic.split("/")
+        ok = (
+            len(levels) == 4
+            and levels[0] == prefix
+            and levels[2:] == ["cloud", "replies"]
+            and _valid_level(levels[1])
+        )
+        return response_topic if ok else None
+    if device is not None and _valid_level(device):
+        return f"{prefix}/{device}/cloud/replies"
+    return None
+
+
+def _valid_level(level: str) -> bool:
+    return bool(level) and not any(c in level for c in "+#/\x00") and not level.startswith("$")
+
+
+# -- the agent -----------------------------------------------------------------------
+
+
+@dataclass
+class _Active:
+    """A request being answered, and redeliveries of it that arrived meanwhile."""
+
+    duplicates: list[Inbound]
+
+
+class CloudAgent:
+    """One worker of a shared-subscription group.  Create and run on the event loop."""
+
+    def __init__(
+        self,
+        settings: CloudSettings,
+        *,
+        api_key: str | None,
+        llm: LlmClient | None = None,
+    ) -> None:
+        self.settings = settings
+        a = settings.agent
+        self.prefix = a.prefix
+        self.requests_filter = f"$share/{a.group}/{a.prefix}/cloud/requests/+"
+        self.status_topic = (
+            f"{a.prefix}/cloud/status/{a.worker_id}"
+            if a.status_per_worker
+            else f"{a.prefix}/cloud/status"
+        )
+        self.llm = llm or LlmClient(settings.llm, api_key)
+        # The broker sends at most receive_maximum unacknowledged requests; the queue
+        # holds them all (QoS 0 requests beyond it are refused, see _on_message).
+        self._queue: asyncio.Queue[Inbound] = asyncio.Queue(maxsize=settings.receive_maximum)
+        self._accepting = True
+        self._stop = asyncio.Event()
+        self._active: dict[str, _Active] = {}
+        self._handling: set[asyncio.Task[Any]] = set()
+        self._workers: list[asyncio.Task[None]] = []
+        self._pubacks: dict[int, asyncio.Future[None]] = {}
+        self._started = time.time()
+        self.mqtt: MqttAdapter | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (exit 0) or a fatal broker error (exit 78)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        self.mqtt = MqttAdapter(
+            self._connect_options(),
+            loop=loop,
+            subscriptions=lambda: [self.requests_filter],
+            on_message=self._on_message,
+            on_connected=self._on_connected,
+            on_disconnected=lambda: log.warning("cloud.disconnected"),
+            on_puback=self._on_puback,
+            name="cloud-mqtt",
+        )
+        self._workers = [
+            loop.create_task(self._worker(), name=f"cloud:worker:{i}")
+            for i in range(self.settings.agent.max_concurrency)
+        ]
+        self.mqtt.start()
+        s = self.settings
+        log.info(
+            "cloud.started",
+            version=__version__,
+            worker=s.agent.worker_id,
+            subscription=self.requests_filter,
+            model=s.llm.model,
+            endpoint=s.llm.base_url,
+            max_concurrency=s.agent.max_concurrency,
+            receive_maximum=s.receive_maximum,
+        )
+        stop_wait: asyncio.Future[Any] = loop.create_task(self._stop.wait(), name="cloud:stop-wait")
+        fatal: asyncio.Future[Any] = self.mqtt.fatal
+        done, _ = await asyncio.wait({stop_wait, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        if fatal in done:
+            stop_wait.cancel()
+            log.error("mqtt.fatal", error=fatal.result())
+            await self._shutdown(graceful=False)
+            return EXIT_CONFIG
+        await self._shutdown(graceful=True)
+        return EXIT_OK
+
+    def request_stop(self) -> None:
+        log.info("cloud.stop_requested")
+        self._stop.set()
+
+    async def _shutdown(self, *, graceful: bool) -> None:
+        # 1. Stop intake: requests not yet started stay unacknowledged with the broker.
+        self._accepting = False
+        for w in self._workers:
+            if w not in self._handling:
+                w.cancel()
+        # 2. Drain what is in flight, within the deadline.
+        busy = [w for w in self._workers if w in self._handling]
+        if busy and graceful:
+            _, pending = await asyncio.wait(busy, timeout=self.settings.agent.drain_timeout_s)
+            if pending:
+                log.warning("cloud.drain_timeout", in_flight=len(pending))
+        # 3. Cancel the rest (their requests are redelivered).
+        for w in self._workers:
+            w.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        # 4. Status `stopped`, then a clean disconnect (no last will).
+        if self.mqtt is not None:
+            if graceful and self.mqtt.connected:
+                mid = self.mqtt.publish(
+                    self.status_topic, self._status_payload("stopped"), retain=True
+                )
+                if mid is not None:
+                    await self._await_puback(mid, 2.0)
+            await asyncio.to_thread(self.mqtt.stop)
+        await self.llm.aclose()
+        log.info("cloud.stopped", graceful=graceful)
+
+    def _connect_options(self) -> ConnectOptions:
+        s = self.settings
+        m = s.mqtt
+        key = s.tls_key_file()
+        return ConnectOptions(
+            host=m.host,
+            port=m.port,
+            client_id=s.client_id,
+            protocol="5",
+            username=m.username,
+            password=s.mqtt_password(),
+            tls=m.tls.enabled,
+            ca_file=str(m.tls.ca_file) if m.tls.ca_file else None,
+            cert_file=str(m.tls.cert_file) if m.tls.cert_file else None,
+            key_file=str(key) if key else None,
+            tls_insecure=m.tls.insecure_skip_verify,
+            keepalive_s=m.keepalive_s,
+            session_expiry_s=m.session_expiry_s,
+            receive_maximum=s.receive_maximum,
+            max_inflight=m.max_inflight,
+            reconnect_min_s=m.reconnect_min_s,
+            reconnect_max_s=m.reconnect_max_s,
+            connect_timeout_s=m.connect_timeout_s,
+            will_topic=self.status_topic,
+            will_payload=self._status_payload("offline", since=self._started),
+        )
+
+    def _status_payload(self, state: str, since: float | None = None) -> bytes:
+        when = datetime.fromtimestamp(time.time() if since is None else since, tz=timezone.utc)
+        return json.dumps(
+            {
+                "v": PROTOCOL_VERSION,
+                "state": state,
+                "worker": self.settings.agent.worker_id,
+                "version": __version__,
+                "since": when.isoformat(timespec="seconds"),
+                "model": self.settings.llm.model,
+            }
+        ).encode()
+
+    # -- MQTT callbacks (event loop thread, via call_soon_threadsafe) ------------------
+
+    def _on_connected(self, session_present: bool) -> None:
+        log.info("cloud.connected", session_present=session_present)
+        if self.mqtt is not None and self._accepting:
+            self.mqtt.publish(self.status_topic, self._status_payload("online"), retain=True)
+
+    def _on_message(self, msg: Inbound) -> None:
+        if not self._accepting:
+            return  # shutting down: left unacknowledged, the broker redelivers it
+        try:
+            self._queue.put_nowait(msg)
+        except asyncio.QueueFull:
+            # Only a QoS 0 request (which Receive Maximum does not count) can get here.
+            log.warning("cloud.queue_full", topic=msg.topic, qos=msg.qos)
+
+    def _on_puback(self, mid: int) -> None:
+        fut = self._pubacks.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _await_puback(self, mid: int, timeout: float) -> bool:
+        fut = self._pubacks.setdefault(mid, asyncio.get_running_loop().create_future())
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            self._pubacks.pop(mid, None)
+            return False
+        return True
+
+    # -- workers --------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        while self._accepting:
+            msg = await self._queue.get()
+            if not self._accepting:
+                return
+            self._handling.add(me)
+            try:
+                await self._handle(msg)
+            except Exception as exc:  # a bug must not take the worker down
+                log.exception("cloud.handler_crashed", error=repr(exc))
+            finally:
+                self._handling.discard(me)
+
+    async def _handle(self, msg: Inbound) -> None:
+        a = self.settings.agent
+        try:
+            req = parse_request(msg.payload, a.max_request_bytes)
+        except BadRequest as bad:
+            eid = bad.escalation_id or _decode(msg.correlation)
+            with _bound(eid, bad.device, _task_of(msg.topic, self.prefix)):
+                log.warning("cloud.bad_request", code=bad.code, error=str(bad))
+                topic = self._reply_topic(msg, bad.device)
+                if topic is not None:
+                    reply = CloudReply(
+                        escalation_id=eid,
+                        status="error",
+                        error=ErrorInfo(code=bad.code, message=str(bad)),
+                    )
+                    await self._reply(msg, topic, reply, [])
+            return
+        with _bound(req.escalation_id, req.device, req.task):
+            topic = self._reply_topic(msg, req.device)
+            if topic is None:
+                return
+            active = self._active.get(req.escalation_id)
+            if active is not None:
+                # A redelivery of a request we are answering: ack it with the original.
+                active.duplicates.append(msg)
+                return
+            active = self._active[req.escalation_id] = _Active([])
+            try:
+                await self._answer_and_reply(msg, topic, req, active.duplicates)
+            finally:
+                self._active.pop(req.escalation_id, None)
+
+    def _reply_topic(self, msg: Inbound, device: str | None) -> str | None:
+        """Where to reply; None (the request is logged and acknowledged) if nowhere safe."""
+        topic = reply_topic_for(self.prefix, msg.response_topic, device)
+        if topic is None:
+            log.warning(
+                "cloud.unanswerable",
+                response_topic=truncate(msg.response_topic or "", 120),
+                hint="the Response Topic must be {prefix}/{device}/cloud/replies",
+            )
+            assert self.mqtt is not None
+            self.mqtt.ack(msg)
+        return topic
+
+    async def _answer_and_reply(
+        self, msg: Inbound, topic: str, req: CloudRequest, duplicates: list[Inbound]
+    ) -> None:
+        a = self.settings.agent
+        patience_ms = min(req.deadline_ms or a.default_deadline_ms, a.max_deadline_ms)
+        deadline = msg.received_at + (patience_ms - a.deadline_margin_ms) / 1000.0
+        log.info(
+            "cloud.request",
+            kind=req.kind,
+            input_chars=len(req.input) if isinstance(req.input, str) else None,
+            deadline_ms=patience_ms,
+            redelivered=msg.dup,
+        )
+        try:
+            reply = await self.answer(req, deadline)
+        except Exception as exc:  # a bug: answer with an error rather than stall the request
+            log.exception("cloud.answer_crashed", error=repr(exc))
+            reply = _error(req, INTERNAL, f"the cloud agent failed: {exc!r}", None, Usage())
+        await self._reply(msg, topic, reply, duplicates)
+
+    async def answer(self, req: CloudRequest, deadline: float) -> CloudReply:
+        """The reply to one valid request; ``deadline`` is a ``time.monotonic()`` instant."""
+        cfg = self.settings.llm
+        messages = build_messages(req)
+        fmt = response_format(req, cfg.structured_output, cfg.strict_schema)
+        usage = Usage()
+        model: str | None = None
+        try:
+            for attempt in (1, 2):
+                completion = await self.llm.chat(messages, response_format=fmt, deadline=deadline)
+                usage.prompt_tokens += completion.prompt_tokens
+                usage.completion_tokens += completion.completion_tokens
+                model = completion.model
+                try:
+                    output = check_output(req, completion.content)
+                except InvalidOutput as bad:
+                    log.warning("cloud.invalid_output", attempt=attempt, reason=str(bad))
+                    if attempt == 2:
+                        return _error(req, INVALID_OUTPUT, str(bad), model, usage)
+                    messages = messages + corrective_messages(req, completion.content, str(bad))
+                    continue
+                return CloudReply(
+                    escalation_id=req.escalation_id,
+                    status="ok",
+                    output=output,
+                    model=model,
+                    usage=usage,
+                )
+        except LlmError as exc:
+            status: ReplyStatus = "expired" if exc.code == DEADLINE_EXCEEDED else "error"
+            return _error(req, exc.code, str(exc), model or cfg.model, usage, status)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _reply(
+        self, msg: Inbound, topic: str, reply: CloudReply, duplicates: list[Inbound]
+    ) -> None:
+        """Publish ``reply``; once the broker has it, acknowledge the request (and its
+        redeliveries).  Without a PUBACK in time the request stays unacknowledged."""
+        assert self.mqtt is not None
+        fields: dict[str, Any] = {
+            "status": reply.status,
+            "latency_ms": round((time.monotonic() - msg.received_at) * 1000, 1),
+            "prompt_tokens": reply.usage.prompt_tokens,
+            "completion_tokens": reply.usage.completion_tokens,
+        }
+        if reply.error is not None:
+            fields["code"] = reply.error.code
+            fields["error"] = truncate(reply.error.message, 300)
+        correlation = msg.correlation
+        if correlation is None and reply.escalation_id is not None:
+            correlation = reply.escalation_id.encode()
+        mid = self.mqtt.publish(topic, reply.to_bytes(), qos=1, correlation=correlation)
+        if mid is None or not await self._await_puback(mid, self.settings.agent.publish_timeout_s):
+            log.warning("cloud.reply_unconfirmed", topic=topic, **fields)
+            return
+        self._ack(msg, duplicates)
+        log.info("cloud.reply", topic=topic, **fields)
+
+    def _ack(self, msg: Inbound, duplicates: list[Inbound]) -> None:
+        assert self.mqtt is not None
+        for m in (msg, *duplicates):
+            self.mqtt.ack(m)
+        duplicates.clear()
+
+
+def _error(
+    req: CloudRequest,
+    code: str,
+    message: str,
+    model: str | None,
+    usage: Usage,
+    status: ReplyStatus = "error",
+) -> CloudReply:
+    return CloudReply(
+        escalation_id=req.escalation_id,
+        status=status,
+        model=model,
+        usage=usage,
+        error=ErrorInfo(code=code, message=truncate(message, 500)),
+    )
+
+
+def _decode(data: bytes | None) -> str | None:
+    if data is None:
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return _short_str(text)
+
+
+def _task_of(topic: str, prefix: str) -> str | None:
+    head = f"{prefix}/cloud/requests/"
+    return topic[len(head) :] if topic.startswith(head) else None
+
+
+@contextlib.contextmanager
+def _bound(escalation_id: str | None, device: str | None, task: str | None) -> Iterator[None]:
+    with structlog.contextvars.bound_contextvars(
+        escalation_id=escalation_id, device=device, task=task
+    ):
+        yield
+
+
+def run(settings: CloudSettings) -> int:
+    """Run one worker until SIGTERM (reads the API key once, at start)."""
+    return asyncio.run(CloudAgent(settings, api_key=settings.api_key()).run())
+
+
+__all__ = [
+    "CloudAgent",
+    "CloudReply",
+    "CloudRequest",
+    "check_output",
+    "parse_request",
+    "run",
+]

@@ -1,0 +1,48 @@
+"""``edgeagent cloud``: argument parsing and exit codes only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_CONFIG = 78
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``cloud`` subcommand (heavy imports happen in the handler)."""
+    p = sub.add_parser(
+        "cloud",
+        help="run the reference cloud agent (answers escalations with an OpenAI-compatible model)",
+    )
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        help="config file (default: $EDGEAGENT_CLOUD_CONFIG, else /etc/edgeagent/cloud.toml)",
+    )
+    p.add_argument(
+        "--check", action="store_true", help="validate the config and exit (78 if invalid)"
+    )
+    p.set_defaults(func=_cmd_cloud)
+
+
+def _cmd_cloud(args: argparse.Namespace) -> int:
+    from edgeagent import logs
+    from edgeagent.cloud.config import load_cloud_settings
+    from edgeagent.config import ConfigError
+
+    try:
+        settings, path = load_cloud_settings(args.config)
+        settings.api_key()  # fail now on an unreadable key file, not at the first request
+    except ConfigError as exc:
+        print(f"edgeagent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check:
+        print(f"{path}: OK (model {settings.llm.model} at {settings.llm.base_url})")
+        return 0
+    logs.configure(settings.log.level, settings.log.format)
+    from edgeagent.cloud import agent
+
+    return agent.run(settings)
