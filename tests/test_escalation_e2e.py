@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -311,4 +314,55 @@ def test_budget_caps_escalations_in_a_burst(
     assert sum(1 for r in over if r["error"] and r["error"]["code"] == "budget_exceeded") >= 900
     assert set(got) <= set(ids)
     d.signal(signal.SIGTERM)
+    cloud.stop()
+
+
+def test_replay_reports_local_share_reasons_and_accuracy(
+    cloud_broker: Broker, daemon_factory: DaemonFactory, device: str, tmp_path: Path
+) -> None:
+    cloud = FakeCloud(cloud_broker.port, label="water_leak")
+    d = daemon_factory(cloud_broker.port, extra=CLOUD, tasks=tasks())
+    d.wait_connected()
+    rec = tmp_path / "recorded.jsonl"
+    lines = [{"input": f"smoke {i}", "label": "fire"} for i in range(6)]
+    lines += [{"input": f"pipe burst {i}", "label": "water_leak"} for i in range(3)]
+    lines += [{"input": "door ajar", "label": "intrusion"}]
+    rec.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgeagent",
+            "replay",
+            "--config",
+            str(d.config),
+            "alarm",
+            str(rec),
+            "--timeout",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    assert rep["jobs"] == 10 and rep["answered"] == 10
+    assert rep["answered_locally"] == 0.6
+    assert rep["escalation_rate"] == 0.4
+    assert rep["escalation_reasons"] == {"out_of_scope": 4}
+    assert rep["accuracy_local"] == 1.0
+    assert rep["accuracy_cloud"] == 0.75
+    assert rep["accuracy_overall"] == 0.9
+    assert rep["latency_ms"]["p50"] is not None
+    # What the cloud taught the device is exportable as labelled examples.
+    ex = subprocess.run(
+        [sys.executable, "-m", "edgeagent", "examples", "--config", str(d.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    rows = [json.loads(x) for x in ex.stdout.splitlines()]
+    assert len(rows) == 4 and all(r["cloud_output"] == {"label": "water_leak"} for r in rows)
+    assert {r["reason"] for r in rows} == {"out_of_scope"}
     cloud.stop()
