@@ -420,6 +420,8 @@ class TaskConfig(_Section):
                     raise ValueError(f"rules answer labels not in `labels`: {sorted(unknown)}")
         for name, pattern in self.redact_patterns.items():
             _segment(name)
+            if name.lower() in REDACT_KINDS:
+                raise ValueError(f"redact_patterns.{name}: clashes with the built-in kind")
             try:
                 re.compile(pattern)
             except re.error as exc:

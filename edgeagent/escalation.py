@@ -139,10 +139,9 @@ class Escalator:
 
         esc_id = uuid.uuid4().hex
         redactor = self._redactors[rt.name]
-        red_input, mapping, counts = redactor.redact_value(p.job.input)
-        red_local, local_map, local_counts = redactor.redact_value(local_output)
-        mapping = {**local_map, **mapping}
-        for kind, n in {**local_counts, **counts}.items():
+        # One call for both, so placeholders are numbered once across input and local answer.
+        (red_input, red_local), mapping, counts = redactor.redact_value([p.job.input, local_output])
+        for kind, n in counts.items():
             self.metrics.redactions.labels(rt.name, kind).inc(n)
         now = time.time()
         remaining_ms = max(1, int((p.deadline_at - now) * 1000))

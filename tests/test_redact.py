@@ -380,3 +380,11 @@ def test_restore_on_cloud_reply() -> None:
 
 def test_restore_is_a_single_pass() -> None:
     assert restore("<X_1>", {"<X_1>": "<X_2>", "<X_2>": "boom"}) == "<X_2>"
+
+
+def test_escalation_numbers_placeholders_once_across_input_and_local_answer() -> None:
+    r = Redactor()
+    (red_in, red_local), mapping, _ = r.redact_value(["mail a@x.org", {"to": "b@y.org"}])
+    assert red_in != "mail a@x.org" and red_local["to"] != "b@y.org"
+    assert restore(red_local, mapping) == {"to": "b@y.org"}
+    assert restore(red_in, mapping) == "mail a@x.org"
