@@ -200,13 +200,15 @@ class Escalator:
         if audit:
             return None
         if provisional:
-            base = outcome.result
-            return base.model_copy(
-                update={
-                    "provisional": True,
-                    "escalation": EscalationInfo(reason=reason, id=esc_id),
-                }
-            )
+            # The local best effort now (its own low confidence says how much to trust it);
+            # a result with `supersedes` follows when the cloud answers.
+            update: dict[str, Any] = {
+                "provisional": True,
+                "escalation": EscalationInfo(reason=reason, id=esc_id),
+            }
+            if local_output is not None:
+                update.update(status="ok", output=local_output, error=None)
+            return outcome.result.model_copy(update=update)
         return None
 
     def _send(self, tx: Transaction, task: str, esc_id: str, payload: bytes) -> None:
