@@ -1,0 +1,443 @@
+"""The ``onnx`` backend: an INT8 ONNX sentence encoder plus a small numpy classification head.
+
+Runtime dependencies are onnxruntime, tokenizers and numpy only, imported inside
+:meth:`OnnxEncoder.__init__` / the head functions, never at module import and never torch
+or transformers.  A bundle (see :mod:`edgeagent.modeltools.bundle`) holds ``model.onnx``
+(outputs ``last_hidden_state``), ``tokenizer.json``, ``head.npz`` (weights, bias, class
+centroids), ``labels.json`` and ``calibration.json`` (temperature, out-of-scope cut-offs,
+threshold).  Answers: the arg-max label, its temperature-scaled probability as confidence,
+``reason="out_of_scope"`` when the out-of-scope class wins or the input is far from every
+class centroid, ``reason="low_confidence"`` below the calibrated threshold.
+
+Thread model: ``infer_batch`` may run on several worker threads at once; onnxruntime's
+``InferenceSession.run`` and the tokenizer are thread-safe and the head is read-only, so
+only load/close take the lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeagent.backends.base import BackendError, JSONValue, Prediction
+from edgeagent.modeltools.bundle import BundleError, read_manifest
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from edgeagent.backends.config_onnx import OnnxBackendConfig
+    from edgeagent.config import TaskConfig
+
+    FloatArray = npt.NDArray[np.float32]
+
+TOP_K = 3
+OOS_REASON = "out_of_scope"
+LOW_CONFIDENCE = "low_confidence"
+WARMUP_TEXT = "warm-up: what is the balance of my account?"
+
+
+class OnnxEncoder:
+    """Tokenizer + ONNX transformer + masked mean pooling + L2 normalisation.
+
+    ``embed`` pads each batch to its longest member (not to ``max_length``) and
+    truncates at ``max_length`` tokens.  Shared by the runtime backend and the model tools.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        tokenizer_path: Path,
+        *,
+        max_length: int = 128,
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+        pad_token: str = "[PAD]",
+    ) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        pad_id = tokenizer.token_to_id(pad_token)
+        if pad_id is None:
+            raise ValueError(f"{tokenizer_path}: pad token {pad_token!r} not in the vocabulary")
+        # tokenizer.json may carry fixed-length padding (MiniLM ships Fixed(128)): override
+        # both so a batch is padded to its longest input and cut at max_length.
+        tokenizer.no_padding()
+        tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token, length=None)
+        tokenizer.enable_truncation(max_length=max_length)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = inter_op_threads
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(
+            str(model_path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        missing = {"input_ids", "attention_mask"} - set(self.input_names)
+        if missing:
+            raise ValueError(f"{model_path}: model lacks inputs {sorted(missing)}")
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = "last_hidden_state" if "last_hidden_state" in outputs else outputs[0]
+
+    def embed(self, texts: list[str]) -> FloatArray:
+        """Unit-length mean-pooled embeddings, shape ``(len(texts), dim)``, float32."""
+        import numpy as np
+
+        encodings = self.tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self.input_names:
+            feeds["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
+        (hidden,) = self.session.run([self.output_name], feeds)
+        weights = mask[:, :, None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        out: FloatArray = (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
+        return out
+
+    def embed_many(self, texts: list[str], batch_size: int = 64) -> FloatArray:
+        """``embed`` over many texts, batched by similar length to keep padding small."""
+        import numpy as np
+
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = self.embed([texts[i] for i in idx])
+        return out
+
+    @property
+    def dim(self) -> int:
+        shape = self.session.get_outputs()[0].shape
+        return int(shape[-1]) if isinstance(shape[-1], int) else int(self.embed(["x"]).shape[1])
+
+
+class Head:
+    """Classification head loaded from a bundle: a linear softmax layer, optionally blended
+    with a k-nearest-neighbour vote over the training embeddings, then temperature scaling;
+    plus the class centroids for the out-of-scope distance signal.
+
+    ``head.npz``: ``weight`` (dim, k), ``bias`` (k,), ``centroids`` (in-scope k, dim) and,
+    when ``blend`` < 1, ``knn_emb`` (n, dim, float16) and ``knn_label`` (n,).
+    ``calibration.json``: ``temperature``, ``blend``, ``knn_k``, ``knn_temp``,
+    ``oos_label``, ``centroid_cos_min``, ``threshold``.
+    """
+
+    def __init__(
+        self, arrays: dict[str, Any], labels: list[str], calibration: dict[str, Any]
+    ) -> None:
+        import numpy as np
+
+        self.weight: FloatArray = np.asarray(arrays["weight"], dtype=np.float32)
+        self.bias: FloatArray = np.asarray(arrays["bias"], dtype=np.float32)
+        self.centroids: FloatArray = np.asarray(arrays["centroids"], dtype=np.float32)
+        knn_emb = arrays.get("knn_emb")
+        knn_label = arrays.get("knn_label")
+        knn_emb = None if knn_emb is None else np.asarray(knn_emb, dtype=np.float32)
+        knn_label = None if knn_label is None else np.asarray(knn_label, dtype=np.int64)
+        self.labels = list(labels)
+        cal = calibration
+        self.temperature = float(cal.get("temperature", 1.0))
+        self.blend = float(cal.get("blend", 1.0))
+        self.knn_k = int(cal.get("knn_k", 10))
+        self.knn_temp = float(cal.get("knn_temp", 0.05))
+        self.oos_label: str | None = cal.get("oos_label")
+        self.centroid_cos_min: float | None = cal.get("centroid_cos_min")
+        self.threshold: float | None = cal.get("threshold")
+        known = {"temperature", "blend", "knn_k", "knn_temp", "oos_label", "centroid_cos_min"}
+        self.extra = {k: v for k, v in cal.items() if k not in known | {"threshold"}}
+        self.knn_emb: FloatArray | None = knn_emb
+        self.knn_label: npt.NDArray[np.int64] | None = knn_label
+        k = len(self.labels)
+        if self.weight.ndim != 2 or self.weight.shape[1] != k or self.bias.shape != (k,):
+            raise ValueError(
+                f"head.npz: weight {self.weight.shape} / bias {self.bias.shape} do not match "
+                f"{k} labels"
+            )
+        if self.temperature <= 0:
+            raise ValueError("calibration.json: temperature must be > 0")
+        if not 0.0 <= self.blend <= 1.0:
+            raise ValueError("calibration.json: blend must be in [0, 1]")
+        if self.blend < 1.0 and (knn_emb is None or knn_label is None):
+            raise ValueError("head.npz: blend < 1 needs knn_emb and knn_label")
+        if knn_emb is not None and knn_emb.shape[1] != self.weight.shape[0]:
+            raise ValueError("head.npz: knn_emb dimension does not match the weights")
+        in_scope = [lb for lb in self.labels if lb != self.oos_label]
+        if self.centroids.shape != (len(in_scope), self.weight.shape[0]):
+            raise ValueError(f"head.npz: centroids {self.centroids.shape} do not match labels")
+
+    @classmethod
+    def from_bundle(cls, bundle: Path) -> Head:
+        """Read ``head.npz``, ``labels.json`` and ``calibration.json``."""
+        import numpy as np
+
+        with np.load(bundle / "head.npz") as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        labels = json.loads((bundle / "labels.json").read_text("utf-8"))
+        calibration = json.loads((bundle / "calibration.json").read_text("utf-8"))
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ValueError("labels.json: expected a list of strings")
+        if not isinstance(calibration, dict):
+            raise ValueError("calibration.json: expected an object")
+        return cls(arrays, labels, calibration)
+
+    def save(self, bundle: Path) -> list[str]:
+        """Write ``head.npz``, ``labels.json``, ``calibration.json``; returns their names."""
+        import numpy as np
+
+        arrays: dict[str, Any] = {
+            "weight": self.weight,
+            "bias": self.bias,
+            "centroids": self.centroids,
+        }
+        if self.blend < 1.0 and self.knn_emb is not None and self.knn_label is not None:
+            arrays["knn_emb"] = self.knn_emb.astype(np.float16)
+            arrays["knn_label"] = self.knn_label.astype(np.int32)
+        np.savez(bundle / "head.npz", **arrays)
+        (bundle / "labels.json").write_text(
+            json.dumps(self.labels, ensure_ascii=False) + "\n", "utf-8"
+        )
+        (bundle / "calibration.json").write_text(
+            json.dumps(self.calibration, indent=2, sort_keys=True) + "\n", "utf-8"
+        )
+        return ["head.npz", "labels.json", "calibration.json"]
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        return {
+            **self.extra,
+            "temperature": self.temperature,
+            "blend": self.blend,
+            "knn_k": self.knn_k,
+            "knn_temp": self.knn_temp,
+            "oos_label": self.oos_label,
+            "centroid_cos_min": self.centroid_cos_min,
+            "threshold": self.threshold,
+        }
+
+    @property
+    def dim(self) -> int:
+        return int(self.weight.shape[0])
+
+    def log_scores(self, emb: FloatArray) -> FloatArray:
+        """Uncalibrated log-probabilities ``log(blend * p_linear + (1 - blend) * p_knn)``."""
+        import numpy as np
+
+        p = softmax(emb @ self.weight + self.bias)
+        if self.blend < 1.0 and self.knn_emb is not None and self.knn_label is not None:
+            p_knn = knn_probabilities(
+                emb, self.knn_emb, self.knn_label, len(self.labels), self.knn_k, self.knn_temp
+            )
+            p = self.blend * p + (1.0 - self.blend) * p_knn
+        out: FloatArray = np.log(np.clip(p, 1e-12, None)).astype(np.float32)
+        return out
+
+    def probabilities(self, emb: FloatArray, temperature: float | None = None) -> FloatArray:
+        """Calibrated probabilities over all labels, shape ``(n, k)``."""
+        t = self.temperature if temperature is None else temperature
+        return softmax(self.log_scores(emb) / t)
+
+    def centroid_cos(self, emb: FloatArray) -> FloatArray:
+        """Cosine to the nearest in-scope class centroid, shape ``(n,)``."""
+        result: FloatArray = (emb @ self.centroids.T).max(axis=1)
+        return result
+
+
+def knn_probabilities(
+    emb: FloatArray,
+    ref: FloatArray,
+    ref_label: npt.NDArray[np.int64],
+    n_classes: int,
+    k: int,
+    temp: float,
+) -> FloatArray:
+    """Similarity-weighted vote of the ``k`` nearest reference embeddings (cosine; weights
+    ``exp((cos - 1) / temp)``), normalised to a distribution over ``n_classes``."""
+    import numpy as np
+
+    sims = emb @ ref.T
+    k = min(k, ref.shape[0])
+    idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    weights = np.exp((np.take_along_axis(sims, idx, axis=1) - 1.0) / temp)
+    probs = np.full((emb.shape[0], n_classes), 1e-6, dtype=np.float64)
+    rows = np.repeat(np.arange(emb.shape[0]), k)
+    np.add.at(probs, (rows, ref_label[idx].ravel()), weights.ravel())
+    out: FloatArray = (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def softmax(logits: FloatArray) -> FloatArray:
+    import numpy as np
+
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    out: FloatArray = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def predict(
+    head: Head,
+    emb: FloatArray,
+    *,
+    oos_distance: bool = True,
+    use_threshold: bool = True,
+) -> list[Prediction]:
+    """Turn embeddings into :class:`Prediction` objects (pure numpy; used by the backend,
+    ``edgeagent calibrate`` and the benchmark, so all three see the same decisions)."""
+    import numpy as np
+
+    probs = head.probabilities(emb)
+    cos = head.centroid_cos(emb)
+    top = np.argsort(-probs, axis=1)[:, :TOP_K]
+    oos_idx = head.labels.index(head.oos_label) if head.oos_label in head.labels else None
+    out: list[Prediction] = []
+    for row in range(emb.shape[0]):
+        best = int(top[row, 0])
+        label = head.labels[best]
+        conf = float(np.clip(probs[row, best], 0.0, 1.0))
+        details: dict[str, JSONValue] = {
+            "top": [
+                {"label": head.labels[int(j)], "p": round(float(probs[row, j]), 4)}
+                for j in top[row]
+            ],
+            "centroid_cos": round(float(cos[row]), 4),
+        }
+        if oos_idx is not None:
+            details["oos_p"] = round(float(probs[row, oos_idx]), 4)
+        reason: str | None = None
+        if best == oos_idx or (
+            oos_distance and head.centroid_cos_min is not None and cos[row] < head.centroid_cos_min
+        ):
+            reason = OOS_REASON
+        elif use_threshold and head.threshold is not None and conf < head.threshold:
+            reason = LOW_CONFIDENCE
+        out.append(
+            Prediction(output={"label": label}, confidence=conf, reason=reason, details=details)
+        )
+    return out
+
+
+class OnnxBackend:
+    """Classification backend over a classifier bundle (see module docstring)."""
+
+    def __init__(self, task_name: str, task: TaskConfig) -> None:
+        from edgeagent.backends.config_onnx import OnnxBackendConfig
+
+        if not isinstance(task.backend, OnnxBackendConfig):
+            raise BackendError(f"task {task_name!r}: backend is not of type 'onnx'")
+        if task.kind != "classify":
+            raise BackendError(f"task {task_name!r}: the onnx backend only does kind='classify'")
+        self.task_name = task_name
+        self.task = task
+        self.config: OnnxBackendConfig = task.backend
+        self._lock = threading.Lock()
+        self._encoder: OnnxEncoder | None = None
+        self._head: Head | None = None
+        self._manifest: dict[str, Any] | None = None
+
+    # -- identity ---------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        name = self._manifest.get("name", "onnx") if self._manifest else "onnx"
+        return f"{name}@{self.fingerprint[:6]}"
+
+    @property
+    def fingerprint(self) -> str:
+        """Bundle fingerprint (all file hashes) combined with the settings that change
+        answers (max_length, OOS distance, bundle threshold)."""
+        manifest = self._manifest
+        if manifest is None:  # before load(): the manifest's own claim, unverified
+            try:
+                manifest = read_manifest(self.config.bundle, kind="classifier", verify=False)
+            except BundleError as exc:
+                raise BackendError(f"task {self.task_name!r}: {exc}") from None
+        parts = [
+            manifest["fingerprint"],
+            f"max_length={self.config.max_length}",
+            f"oos_distance={self.config.oos_distance}",
+            f"use_bundle_threshold={self.config.use_bundle_threshold}",
+        ]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    @property
+    def labels(self) -> list[str]:
+        """Labels the model can answer (including the out-of-scope label, if trained)."""
+        if self._head is None:
+            raise BackendError(f"task {self.task_name!r}: labels asked before load()")
+        return list(self._head.labels)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def load(self) -> None:
+        bundle = self.config.bundle
+        where = f"task {self.task_name!r}, bundle {bundle}"
+        with self._lock:
+            try:
+                manifest = read_manifest(
+                    bundle, kind="classifier", verify=self.config.verify_sha256
+                )
+            except BundleError as exc:
+                raise BackendError(f"{where}: {exc}") from None
+            try:
+                tok = manifest.get("tokenizer", {})
+                encoder = OnnxEncoder(
+                    bundle / "model.onnx",
+                    bundle / tok.get("file", "tokenizer.json"),
+                    max_length=self.config.max_length,
+                    intra_op_threads=self.config.intra_op_threads,
+                    inter_op_threads=self.config.inter_op_threads,
+                    pad_token=tok.get("pad_token", "[PAD]"),
+                )
+                head = Head.from_bundle(bundle)
+            except ImportError as exc:
+                raise BackendError(
+                    f"{where}: the onnx runtime is not installed "
+                    f"(pip install 'edgeagent[onnx]'): {exc}"
+                ) from None
+            except Exception as exc:  # onnxruntime/tokenizers raise their own types
+                raise BackendError(f"{where}: cannot load model: {exc}") from None
+            if head.dim != encoder.dim:
+                raise BackendError(
+                    f"{where}: head expects {head.dim}-d embeddings, encoder gives {encoder.dim}"
+                )
+            unknown = sorted(set(self.task.labels) - set(head.labels))
+            if unknown:
+                raise BackendError(
+                    f"{where}: task labels {unknown} are not labels of the model "
+                    f"(it knows {len(head.labels)}: see {bundle / 'labels.json'})"
+                )
+            self._manifest, self._encoder, self._head = manifest, encoder, head
+        self.warmup()
+
+    def warmup(self) -> None:
+        self.infer_batch([WARMUP_TEXT])
+
+    def infer_batch(self, inputs: list[JSONValue]) -> list[Prediction]:
+        encoder, head = self._encoder, self._head
+        if encoder is None or head is None:
+            raise BackendError(f"task {self.task_name!r}: infer_batch before load()")
+        if not inputs:
+            return []
+        texts = [x if isinstance(x, str) else json.dumps(x, ensure_ascii=False) for x in inputs]
+        emb = encoder.embed(texts)
+        return predict(
+            head,
+            emb,
+            oos_distance=self.config.oos_distance,
+            use_threshold=self.config.use_bundle_threshold,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._encoder = None
+            self._head = None

@@ -1,0 +1,251 @@
+"""Confidence calibration and escalation thresholds (numpy only).
+
+* :func:`fit_temperature` – temperature scaling (one scalar, minimises held-out NLL).
+* :func:`ece` – expected calibration error (equal-width bins).
+* :func:`escalation_curve` – with a perfect cloud, the overall accuracy reached when the
+  least-confident fraction of jobs is escalated (inputs flagged ``out_of_scope`` are always
+  escalated first).
+* :func:`calibrate_bundle` – ``edgeagent calibrate``: run a classifier bundle over held-out
+  examples and store the threshold that meets a target escalation rate or local precision.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeagent.backends.onnx import Head, OnnxEncoder, predict
+from edgeagent.modeltools.bundle import read_manifest, write_manifest
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from edgeagent.backends.base import Prediction
+
+    FloatArray = npt.NDArray[np.float32]
+    IntArray = npt.NDArray[np.int64]
+
+OOS_REASON = "out_of_scope"
+
+
+def nll(logits: FloatArray, y: IntArray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the true classes under ``softmax(logits / T)``."""
+    import numpy as np
+
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(logits: FloatArray, y: IntArray) -> float:
+    """The temperature T > 0 minimising held-out NLL (golden-section search on log T)."""
+    lo, hi = math.log(0.02), math.log(50.0)
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = nll(logits, y, math.exp(a)), nll(logits, y, math.exp(b))
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = nll(logits, y, math.exp(a))
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = nll(logits, y, math.exp(b))
+    return math.exp((lo + hi) / 2)
+
+
+def ece(confidence: FloatArray, correct: npt.NDArray[np.bool_], bins: int = 15) -> float:
+    """Expected calibration error: sum over equal-width confidence bins of
+    ``|accuracy - mean confidence| * fraction of samples``."""
+    import numpy as np
+
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = 0.0
+    n = len(confidence)
+    for i in range(bins):
+        upper = confidence <= edges[i + 1] if i == bins - 1 else confidence < edges[i + 1]
+        sel = (confidence >= edges[i]) & upper
+        if sel.any():
+            gap = abs(float(correct[sel].mean()) - float(confidence[sel].mean()))
+            total += gap * float(sel.sum()) / n
+    return total
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """Escalate every prediction with confidence below ``threshold`` (and every flagged one)."""
+
+    threshold: float
+    escalation: float  # fraction of jobs sent to the cloud
+    accuracy: float  # overall, escalated ones counted correct (perfect cloud)
+    local_accuracy: float  # accuracy of the jobs answered locally
+    local: int  # how many answered locally
+
+
+def escalation_curve(
+    confidence: list[float], correct: list[bool], forced: list[bool]
+) -> list[CurvePoint]:
+    """All operating points, from "escalate only the flagged ones" to "escalate everything".
+
+    Jobs are escalated in order: ``forced`` (out_of_scope) first, then by ascending
+    confidence.  Ties in confidence move together, so each point is reachable with a
+    threshold ``confidence >= threshold`` answered locally.
+    """
+    n = len(confidence)
+    if n == 0:
+        return []
+    cand = sorted((c, ok) for c, ok, f in zip(confidence, correct, forced, strict=True) if not f)
+    n_forced = n - len(cand)
+    local_correct = sum(ok for _, ok in cand)
+    points: list[CurvePoint] = []
+    i = 0
+    while True:
+        local = len(cand) - i
+        threshold = cand[i][0] if i < len(cand) else math.inf
+        points.append(
+            CurvePoint(
+                threshold=threshold,
+                escalation=(n_forced + i) / n,
+                accuracy=(local_correct + n_forced + i) / n,
+                local_accuracy=local_correct / local if local else 1.0,
+                local=local,
+            )
+        )
+        if i >= len(cand):
+            break
+        j = i
+        while j < len(cand) and cand[j][0] == cand[i][0]:
+            local_correct -= cand[j][1]
+            j += 1
+        i = j
+    return points
+
+
+def escalation_for(points: list[CurvePoint], target_accuracy: float) -> CurvePoint:
+    """The cheapest point whose overall accuracy reaches ``target_accuracy``."""
+    for p in points:
+        if p.accuracy >= target_accuracy - 1e-12:
+            return p
+    return points[-1]
+
+
+def threshold_for_escalation(points: list[CurvePoint], rate: float) -> CurvePoint:
+    """The most local answers whose escalation rate stays at or below ``rate`` (the forced
+    out_of_scope ones always count)."""
+    best = points[0]
+    for p in points:
+        if p.escalation <= rate + 1e-12:
+            best = p
+    return best
+
+
+def threshold_for_precision(points: list[CurvePoint], precision: float) -> CurvePoint:
+    """The lowest threshold whose local answers are at least ``precision`` accurate."""
+    for p in points:
+        if p.local_accuracy >= precision - 1e-12:
+            return p
+    return points[-1]
+
+
+def is_correct(pred: Prediction, truth: str) -> bool:
+    return pred.output is not None and pred.output.get("label") == truth
+
+
+def curve_from_predictions(preds: list[Prediction], truths: list[str]) -> list[CurvePoint]:
+    return escalation_curve(
+        [p.confidence for p in preds],
+        [is_correct(p, t) for p, t in zip(preds, truths, strict=True)],
+        [p.reason == OOS_REASON for p in preds],
+    )
+
+
+def format_curve(points: list[CurvePoint], steps: int = 20) -> str:
+    """A readable table of the curve, at most ``steps`` + 1 rows at even escalation steps."""
+    lines = [f"{'escalate':>9} {'threshold':>9} {'overall':>8} {'local acc':>9}"]
+    shown: set[int] = set()
+    for k in range(steps + 1):
+        target = k / steps
+        idx = min(range(len(points)), key=lambda i: abs(points[i].escalation - target))
+        if idx in shown:
+            continue
+        shown.add(idx)
+        p = points[idx]
+        thr = "all" if math.isinf(p.threshold) else f"{p.threshold:.4f}"
+        lines.append(f"{p.escalation:>9.1%} {thr:>9} {p.accuracy:>8.2%} {p.local_accuracy:>9.2%}")
+    return "\n".join(lines)
+
+
+def calibrate_bundle(
+    bundle: Path,
+    examples: list[tuple[str, str]],
+    *,
+    target_escalation: float | None = None,
+    target_precision: float | None = None,
+    max_length: int = 128,
+    threads: int = 1,
+    write: bool = True,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Pick the confidence threshold on held-out ``examples`` and store it in the bundle's
+    ``calibration.json`` (re-hashing the manifest, so the fingerprint changes)."""
+    import numpy as np
+
+    if (target_escalation is None) == (target_precision is None):
+        raise ValueError("give exactly one of target_escalation or target_precision")
+    manifest = read_manifest(bundle, kind="classifier")
+    head = Head.from_bundle(bundle)
+    encoder = OnnxEncoder(
+        bundle / "model.onnx",
+        bundle / "tokenizer.json",
+        max_length=max_length,
+        intra_op_threads=threads,
+    )
+    emb = encoder.embed_many([t for t, _ in examples])
+    preds = predict(head, emb, use_threshold=False)
+    truths = [lb for _, lb in examples]
+    points = curve_from_predictions(preds, truths)
+    if target_escalation is not None:
+        point = threshold_for_escalation(points, target_escalation)
+        goal = f"escalation <= {target_escalation:.1%}"
+    else:
+        assert target_precision is not None
+        point = threshold_for_precision(points, target_precision)
+        goal = f"local precision >= {target_precision:.1%}"
+    threshold = 1.0 if math.isinf(point.threshold) else float(point.threshold)
+    confs = np.array([p.confidence for p in preds], dtype=np.float32)
+    ok = np.array([is_correct(p, t) for p, t in zip(preds, truths, strict=True)])
+    result: dict[str, Any] = {
+        "goal": goal,
+        "threshold": threshold,
+        "examples": len(examples),
+        "escalation": point.escalation,
+        "overall_accuracy": point.accuracy,
+        "local_accuracy": point.local_accuracy,
+        "local_only_accuracy": float(ok.mean()),
+        "ece": ece(confs, ok),
+        "escalation_for_98": escalation_for(points, 0.98).escalation,
+        "escalation_for_99": escalation_for(points, 0.99).escalation,
+    }
+    log(format_curve(points))
+    log(
+        f"{goal}: threshold {threshold:.4f} -> escalate {point.escalation:.1%}, overall "
+        f"{point.accuracy:.2%}, local {point.local_accuracy:.2%} on {len(examples)} examples"
+    )
+    if write:
+        cal_path = bundle / "calibration.json"
+        cal = json.loads(cal_path.read_text("utf-8"))
+        cal["threshold"] = threshold
+        cal["threshold_calibration"] = result
+        cal_path.write_text(json.dumps(cal, indent=2, sort_keys=True) + "\n", "utf-8")
+        files = list(manifest["files"])
+        base = {k: v for k, v in manifest.items() if k not in ("files", "fingerprint", "format")}
+        written = write_manifest(bundle, base, files)
+        result["fingerprint"] = written["fingerprint"]
+        log(f"wrote threshold to {cal_path}; new bundle fingerprint {written['fingerprint'][:12]}")
+    return result

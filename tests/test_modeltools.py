@@ -1,0 +1,218 @@
+"""Model tools without a model: bundle manifests, the numpy head trainer, calibration maths."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeagent.modeltools.bundle import (
+    BundleError,
+    fingerprint,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
+from edgeagent.modeltools.calibrate import (
+    ece,
+    escalation_curve,
+    escalation_for,
+    fit_temperature,
+    nll,
+    threshold_for_escalation,
+    threshold_for_precision,
+)
+from edgeagent.modeltools.train import (
+    ExamplesError,
+    TrainOptions,
+    fit_logreg,
+    load_examples,
+    stratified_split,
+    train_head,
+)
+
+
+@pytest.fixture
+def np() -> Any:
+    """numpy, or skip (the manifest tests need only the standard library)."""
+    return pytest.importorskip("numpy")
+
+
+# -- bundle manifests ------------------------------------------------------------------
+
+
+def _bundle(tmp_path: Path) -> Path:
+    d = tmp_path / "b"
+    d.mkdir()
+    (d / "a.bin").write_bytes(b"weights")
+    (d / "labels.json").write_text('["x", "y"]')
+    write_manifest(d, {"kind": "classifier", "name": "t"}, ["a.bin", "labels.json"])
+    return d
+
+
+def test_manifest_round_trip(tmp_path: Path) -> None:
+    d = _bundle(tmp_path)
+    m = read_manifest(d, kind="classifier")
+    assert m["files"]["a.bin"]["sha256"] == sha256_file(d / "a.bin")
+    assert m["files"]["a.bin"]["bytes"] == 7
+    assert m["fingerprint"] == fingerprint(m)
+    assert (d / "manifest.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_fingerprint_follows_every_file(tmp_path: Path) -> None:
+    d = _bundle(tmp_path)
+    before = read_manifest(d)["fingerprint"]
+    (d / "labels.json").write_text('["x", "z"]')
+    with pytest.raises(BundleError, match=r"sha256 mismatch|bytes"):
+        read_manifest(d)
+    after = write_manifest(d, {"kind": "classifier", "name": "t"}, ["a.bin", "labels.json"])
+    assert after["fingerprint"] != before
+    # The name is not part of the fingerprint, only what changes answers.
+    same = write_manifest(d, {"kind": "classifier", "name": "u"}, ["a.bin", "labels.json"])
+    assert same["fingerprint"] == after["fingerprint"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda m: m.update(kind="decoder"), "kind"),
+        (lambda m: m.update(files={}), "non-empty"),
+        (lambda m: m["files"].update({"../evil": {"sha256": "00"}}), "relative path"),
+        (lambda m: m["files"]["a.bin"].pop("sha256"), "lacks a sha256"),
+        (lambda m: m.update(fingerprint="0" * 64), "fingerprint"),
+    ],
+)
+def test_bad_manifests_are_refused(tmp_path: Path, mutate: object, match: str) -> None:
+    d = _bundle(tmp_path)
+    m = json.loads((d / "manifest.json").read_text())
+    mutate(m)  # type: ignore[operator]
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=match):
+        read_manifest(d)
+
+
+def test_wrong_kind_and_not_an_object(tmp_path: Path) -> None:
+    d = _bundle(tmp_path)
+    with pytest.raises(BundleError, match="expected a encoder bundle"):
+        read_manifest(d, kind="encoder")
+    (d / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(BundleError, match="not a JSON object"):
+        read_manifest(d)
+
+
+# -- examples --------------------------------------------------------------------------
+
+
+def test_load_examples_reports_the_bad_line(tmp_path: Path) -> None:
+    p = tmp_path / "ex.jsonl"
+    p.write_text('{"text": "a", "label": "x"}\n\n{"text": "b"}\n')
+    with pytest.raises(ExamplesError, match=r"ex\.jsonl:3"):
+        load_examples(p)
+    p.write_text('{"text": "a", "label": "x"}\nnot json\n')
+    with pytest.raises(ExamplesError, match=r"ex\.jsonl:2: not JSON"):
+        load_examples(p)
+    p.write_text("\n")
+    with pytest.raises(ExamplesError, match="no examples"):
+        load_examples(p)
+
+
+def test_stratified_split_is_seeded_and_keeps_every_label(np: Any) -> None:
+    labels = ["a"] * 20 + ["b"] * 10 + ["c"] * 1
+    tr, ho = stratified_split(labels, 0.2, seed=3)
+    assert sorted(tr + ho) == list(range(len(labels)))
+    assert {labels[i] for i in tr} == {"a", "b", "c"}
+    assert sum(labels[i] == "a" for i in ho) == 4 and sum(labels[i] == "b" for i in ho) == 2
+    assert (tr, ho) == stratified_split(labels, 0.2, seed=3)
+    assert (tr, ho) != stratified_split(labels, 0.2, seed=4)
+
+
+# -- head training ---------------------------------------------------------------------
+
+
+def _blobs(np: Any, n_per: int, k: int, dim: int, seed: int) -> tuple[Any, Any]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, dim))
+    x = np.concatenate([c + 0.6 * rng.normal(size=(n_per, dim)) for c in centres])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = np.repeat(np.arange(k), n_per)
+    return x.astype(np.float32), y
+
+
+def test_logreg_separates_blobs(np: Any) -> None:
+    x, y = _blobs(np, 60, 4, 16, seed=0)
+    head, _ = fit_logreg(x, y, 4, l2=1e-3)
+    assert (head.logits(x).argmax(axis=1) == y).mean() > 0.97
+
+
+def test_fit_temperature_recovers_the_true_temperature(np: Any) -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(scale=3.0, size=(4000, 5)).astype(np.float32)
+    true_t = 2.0
+    p = np.exp(logits / true_t)
+    p /= p.sum(axis=1, keepdims=True)
+    y = np.array([rng.choice(5, p=row) for row in p])
+    t = fit_temperature(logits, y)
+    assert abs(t - true_t) < 0.2
+    assert nll(logits, y, t) < nll(logits, y, 1.0)
+    # Scaling the logits scales the temperature (the calibrated model is unchanged).
+    assert abs(fit_temperature(logits * 3, y) - 3 * t) < 0.05 * 3 * t
+
+
+def test_ece(np: Any) -> None:
+    conf = np.array([0.9] * 10, dtype=np.float32)
+    assert ece(conf, np.array([True] * 9 + [False])) < 1e-6
+    assert abs(ece(conf, np.array([True] * 5 + [False] * 5)) - 0.4) < 1e-6
+
+
+def test_train_head_with_oos_class_calibrates_and_reports(np: Any) -> None:
+    x, y = _blobs(np, 40, 4, 16, seed=2)
+    labels = ["a", "b", "c", "oos"]
+    names = [labels[i] for i in y]
+    trained = train_head(x, names, TrainOptions(held_out=0.25), log=lambda *_: None)
+    head = trained.head
+    assert head.labels == ["a", "b", "c", "oos"]  # oos last
+    assert head.oos_label == "oos" and head.temperature > 0
+    assert head.centroids.shape == (3, 16)
+    m = trained.metrics
+    for key in ("accuracy", "ece_before", "ece_after", "escalation_for_98", "escalation_for_99"):
+        assert 0.0 <= m[key] <= 1.0
+    probs = head.probabilities(x)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert ((probs >= 0) & (probs <= 1)).all()
+
+
+def test_temperature_keeps_the_ranking_within_an_input(np: Any) -> None:
+    """Calibration is monotone: a larger raw score never gets a smaller probability."""
+    x, y = _blobs(np, 30, 3, 8, seed=5)
+    trained = train_head(x, [str(i) for i in y], TrainOptions(), log=lambda *_: None)
+    head = trained.head
+    raw = head.log_scores(x)
+    cal = head.probabilities(x)
+    order = np.argsort(-raw, axis=1)
+    cal_sorted = np.take_along_axis(cal, order, axis=1)
+    assert (np.diff(cal_sorted, axis=1) <= 1e-7).all()
+
+
+# -- escalation curve ------------------------------------------------------------------
+
+
+def test_escalation_curve() -> None:
+    conf = [0.99, 0.95, 0.9, 0.6, 0.5, 0.5, 0.3, 0.8]
+    ok = [True, True, True, False, True, False, False, True]
+    forced = [False] * 7 + [True]
+    pts = escalation_curve(conf, ok, forced)
+    assert pts[0].escalation == 1 / 8  # the forced one is always escalated
+    assert pts[0].accuracy == (4 + 1) / 8
+    assert pts[-1].escalation == 1.0 and pts[-1].accuracy == 1.0 and math.isinf(pts[-1].threshold)
+    # ties move together: 0.5 and 0.5 leave in one step
+    assert [p.threshold for p in pts] == [0.3, 0.5, 0.6, 0.9, 0.95, 0.99, math.inf]
+    for a, b in itertools.pairwise(pts):
+        assert b.escalation > a.escalation and b.accuracy >= a.accuracy
+    assert escalation_for(pts, 1.0).threshold == 0.9
+    assert threshold_for_precision(pts, 1.0).threshold == 0.9
+    assert threshold_for_escalation(pts, 0.5).escalation <= 0.5
+    assert threshold_for_escalation(pts, 0.0).escalation == 1 / 8
