@@ -1,0 +1,659 @@
+"""The ``llamacpp`` backend: a small quantized GGUF model run by llama-cpp-python.
+
+Extraction *fails closed*: the model decodes under a GBNF grammar generated from
+the task's JSON Schema (:mod:`edgeagent.grammar`: bounded strings without control
+characters, bounded numbers and arrays), and every output is parsed and
+re-validated with ``jsonschema`` against the schema with the grammar's caps
+written in.  Anything else — truncation at ``max_tokens``, a prompt that does not
+fit the context, invalid UTF-8/JSON, a schema violation, a decode error — is
+``Prediction(None, 0.0, reason="schema_invalid", details={"failure": ...})`` and
+goes to the cloud.  An invalid object is never returned.
+
+``details["failure"]`` says why: ``input_too_long`` (prompt tokens > ``n_ctx -
+max_tokens``; with ``prompt_tokens`` and ``limit``), ``length`` (hit ``max_tokens``),
+``json``, ``schema`` (with ``message`` and ``path``), ``control_chars``, ``label``,
+``dead_end`` (the grammar allowed no token) or ``decode_error``.  The same reason
+and failures apply to classify; a generate task only fails with ``input_too_long``
+or ``decode_error``.
+
+Classification decodes under a grammar that admits exactly one label; its
+confidence is the probability of the whole label, exp(sum of its token log-probs).
+Generation is bounded by ``max_tokens`` and always ``reason="open_ended"``
+(``details["truncated"]`` when it hit the cap).
+
+Sampling: the grammar is checked against the ``grammar_candidates`` most likely
+tokens first and the whole vocabulary only when none of them fits.  Greedy
+decoding (temperature 0, the default) gives exactly the token a full-vocabulary
+grammar sampler would; at temperature > 0 this is top-k sampling among the
+grammar-valid candidates.
+
+Confidence comes from the model's *unconstrained* next-token distribution (the
+raw logits, before the grammar masks them): for each generated token we take
+log softmax(logits)[token].  Tokens the grammar forced (braces, keys, quotes) are
+left out; the value tokens are aggregated as configured (``min`` by default).  A
+value the model only produced because the grammar left it no other choice thus
+scores low, which is what the router needs.
+
+Threads: ``load``/``warmup``/``close`` and ``infer_batch`` run on worker threads;
+the llama context is not thread-safe, so every use of it holds ``self._lock``
+(one inference at a time per model).  ``llama_cpp`` and ``numpy`` are imported in
+:meth:`LlamaCppBackend.load` only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib
+import json
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import structlog
+
+from edgeagent.backends.base import BackendError, JSONValue, Prediction
+from edgeagent.backends.config_llamacpp import LlamaCppBackendConfig
+from edgeagent.config import TaskConfig
+from edgeagent.grammar import (
+    GrammarError,
+    GrammarLimits,
+    bounded_schema,
+    choice_grammar,
+    control_chars_in,
+    schema_to_gbnf,
+    value_spans,
+)
+
+__all__ = ["LlamaCppBackend"]
+
+log = structlog.get_logger(__name__)
+
+_PROMPT_VERSION = "1"  # bump when prompt layout changes (part of the fingerprint)
+_GGUF_MAGIC = b"GGUF"
+_COMPLETION_STOP = "\n\nInput:"
+
+Segment = tuple[str, bool]
+"""Prompt text and whether it is template markup (tokenized with special tokens)."""
+
+
+@dataclass(slots=True)
+class _Run:
+    """One decode: generated tokens with their unconstrained log-probabilities."""
+
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: str = "length"  # "stop" (end of generation), "length", "dead_end", "stop_string"
+    text: bytes = b""
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    prompt_s: float = 0.0
+    gen_s: float = 0.0
+
+
+def _fail(failure: str, **details: JSONValue) -> Prediction:
+    return Prediction(None, 0.0, reason="schema_invalid", details={"failure": failure, **details})
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"non-finite number {name}")
+
+
+def _as_text(value: JSONValue) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+class LlamaCppBackend:
+    """A GGUF model answering one task (see the module docstring)."""
+
+    def __init__(self, task_name: str, task: TaskConfig) -> None:
+        if not isinstance(task.backend, LlamaCppBackendConfig):
+            raise BackendError(f"task {task_name!r}: LlamaCppBackend needs a llamacpp config")
+        self._name = task_name
+        self._task = task
+        self._cfg: LlamaCppBackendConfig = task.backend
+        self._lock = threading.Lock()
+        self._grammar: str | None = None
+        self._validator: jsonschema.protocols.Validator | None = None
+        cfg = self._cfg
+        if task.kind == "extract":
+            if not task.output_schema:
+                raise BackendError(f"task {task_name!r}: an extract task needs a `schema`")
+            limits = GrammarLimits(
+                max_string_length=cfg.max_string_length,
+                max_array_items=cfg.max_array_items,
+                max_integer_digits=cfg.max_integer_digits,
+                max_fraction_digits=cfg.max_fraction_digits,
+            )
+            try:
+                jsonschema.Draft202012Validator.check_schema(task.output_schema)
+                self._grammar = schema_to_gbnf(task.output_schema, limits)
+            except (GrammarError, jsonschema.SchemaError) as exc:
+                raise BackendError(f"task {task_name!r}: schema: {exc}") from exc
+            self._validator = jsonschema.Draft202012Validator(
+                bounded_schema(task.output_schema, limits),
+                format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER,
+            )
+        elif task.kind == "classify":
+            if not task.labels:
+                raise BackendError(f"task {task_name!r}: a classify task needs `labels`")
+            self._grammar = choice_grammar(task.labels)
+        self._llm: Any = None
+        self._np: Any = None
+        self._lc: Any = None
+        self._sampler: Any = None
+        self._small: Any = None
+        self._full: Any = None
+        self._eog: list[int] = []
+        self._rng: Any = None
+        self._format = cfg.prompt_format
+        self._prefix: list[int] = []
+        self._sha: str | None = None
+        self._fingerprint: str | None = None
+
+    # -- identity -------------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        return f"{self._cfg.model.stem}@{self._model_sha()[:6]}"
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            payload = {
+                "model_sha256": self._model_sha(),
+                "prompt_version": _PROMPT_VERSION,
+                "task": self._task.model_dump(
+                    mode="json", include={"kind", "description", "labels", "output_schema"}
+                ),
+                "backend": self._cfg.model_dump(mode="json", exclude={"n_threads", "model"}),
+                "grammar": self._grammar,
+            }
+            blob = json.dumps(payload, sort_keys=True).encode()
+            self._fingerprint = hashlib.sha256(blob).hexdigest()
+        return self._fingerprint
+
+    def _model_sha(self) -> str:
+        if self._sha is None:
+            self._sha = _sha256_file(self._cfg.model, self._name)
+        return self._sha
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Open the GGUF, build the context and the grammar sampler.  Raises BackendError."""
+        cfg = self._cfg
+        path = cfg.model
+        _check_gguf(path, self._name)
+        self._model_sha()  # hash now (~0.3 s per 100 MB) so identity errors surface at load
+        try:
+            lc = importlib.import_module("llama_cpp")
+            np = importlib.import_module("numpy")
+        except ImportError as exc:
+            raise BackendError(
+                f"task {self._name!r}: llama-cpp-python is not installed "
+                f"(pip install 'edgeagent[llamacpp]'): {exc}"
+            ) from exc
+        t0 = time.perf_counter()
+        try:
+            llm = lc.Llama(
+                model_path=str(path),
+                n_ctx=cfg.n_ctx,
+                n_batch=cfg.n_batch,
+                n_ubatch=cfg.n_batch,
+                n_threads=cfg.n_threads,
+                n_threads_batch=cfg.n_threads,
+                seed=cfg.seed,
+                logits_all=False,
+                verbose=False,
+            )
+        except Exception as exc:  # llama_cpp raises ValueError/RuntimeError for bad files
+            raise BackendError(
+                f"task {self._name!r}: cannot load model {path}: {exc} "
+                "(corrupt or truncated GGUF, or an architecture this llama.cpp does not know; "
+                "re-run `edgeagent models pull`)"
+            ) from exc
+        with self._lock:
+            self._close_locked()
+            self._llm, self._np, self._lc = llm, np, lc
+            try:
+                self._setup_locked()
+            except BaseException:
+                self._close_locked()
+                raise
+        log.info(
+            "llamacpp.loaded",
+            task=self._name,
+            model=str(path),
+            n_ctx=cfg.n_ctx,
+            prompt_format=self._format,
+            prefix_tokens=len(self._prefix),
+            load_s=round(time.perf_counter() - t0, 3),
+        )
+
+    def _setup_locked(self) -> None:
+        lc, np, llm, cfg = self._lc, self._np, self._llm, self._cfg
+        vocab = llm._model.vocab  # no public accessor in llama-cpp-python
+        if self._format == "auto":
+            template = str(llm.metadata.get("tokenizer.chat_template", ""))
+            self._format = "chatml" if "<|im_start|>" in template else "completion"
+        if self._grammar is not None:
+            sampler = lc.llama_sampler_init_grammar(vocab, self._grammar.encode(), b"root")
+            if not sampler:
+                raise BackendError(f"task {self._name!r}: llama.cpp rejected the generated grammar")
+            self._sampler = sampler
+        self._eog = sorted(
+            {t for t in (lc.llama_vocab_eos(vocab), lc.llama_vocab_eot(vocab)) if t >= 0}
+        )
+        n_vocab = llm.n_vocab()
+        k = min(cfg.grammar_candidates, n_vocab)
+        self._small = _TokenArray(lc, np, k + len(self._eog)) if k else None
+        self._full = _TokenArray(lc, np, n_vocab)
+        self._full.view["id"] = np.arange(n_vocab, dtype=np.int32)
+        self._rng = np.random.default_rng(cfg.seed)
+        self._prefix = self._tokenize(self._prefix_segments(), bos=True)
+
+    def warmup(self) -> None:
+        """One throwaway inference; also leaves the shared prompt prefix in the KV cache."""
+        t0 = time.perf_counter()
+        pred = self.infer_batch(["warm-up"])[0]
+        log.info(
+            "llamacpp.warmup",
+            task=self._name,
+            s=round(time.perf_counter() - t0, 3),
+            reason=pred.reason,
+        )
+
+    def close(self) -> None:
+        """Release the model, the context and the grammar sampler.  Idempotent."""
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        if self._sampler is not None and self._lc is not None:
+            self._lc.llama_sampler_free(self._sampler)
+        self._sampler = None
+        if self._llm is not None:
+            self._llm.close()
+        self._llm = None
+        self._small = self._full = None
+
+    # -- inference ------------------------------------------------------------------------
+
+    def infer_batch(self, inputs: list[JSONValue]) -> list[Prediction]:
+        """Answer each input in turn (the model decodes one sequence at a time)."""
+        if self._llm is None:
+            raise BackendError(f"task {self._name!r}: infer_batch before load")
+        return [self.infer(_as_text(x)) for x in inputs]
+
+    def infer(self, text: str) -> Prediction:
+        """Answer one input text."""
+        cfg = self._cfg
+        with self._lock:
+            if self._llm is None:
+                raise BackendError(f"task {self._name!r}: backend is closed")
+            prompt = self._prefix + self._tokenize(self._input_segments(text), bos=not self._prefix)
+            budget = cfg.n_ctx - cfg.max_tokens
+            if len(prompt) > budget:
+                return _fail("input_too_long", prompt_tokens=len(prompt), limit=budget)
+            try:
+                run = self._decode_locked(prompt, cfg.max_tokens)
+            except RuntimeError as exc:  # llama_decode failure
+                self._llm.reset()  # the KV cache no longer matches input_ids: start afresh
+                log.error("llamacpp.decode_error", task=self._name, error=str(exc))
+                return _fail("decode_error", message=str(exc)[:200])
+            # Still under the lock: confidence scoring detokenizes with the model.
+            if self._task.kind == "extract":
+                return self._finish_extract(run)
+            if self._task.kind == "classify":
+                return self._finish_classify(run)
+            return self._finish_generate(run)
+
+    def _finish_extract(self, run: _Run) -> Prediction:
+        stats = _stats(run)
+        if run.finish != "stop":
+            return _fail(run.finish, **stats)
+        try:
+            obj = json.loads(run.text.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as exc:
+            return _fail("json", message=str(exc)[:200], **stats)
+        if not isinstance(obj, dict):
+            return _fail("json", message="not an object", **stats)
+        assert self._validator is not None  # set for every extract task in __init__
+        error = jsonschema.exceptions.best_match(self._validator.iter_errors(obj))
+        if error is not None:
+            return _fail("schema", message=error.message[:200], path=error.json_path, **stats)
+        bad = control_chars_in(obj)
+        if bad:
+            return _fail("control_chars", paths=bad[:8], **stats)
+        conf = self._confidence(run)
+        return Prediction(obj, conf, details=stats)
+
+    def _finish_classify(self, run: _Run) -> Prediction:
+        stats = _stats(run)
+        if run.finish != "stop":
+            return _fail(run.finish, **stats)
+        label = run.text.decode("utf-8", errors="replace").strip()
+        if label not in self._task.labels:
+            return _fail("label", message=f"not a label: {label[:64]!r}", **stats)
+        # The probability the model gives this label string: product over its tokens.
+        conf = math.exp(sum(run.logprobs)) if run.logprobs else 0.0
+        return Prediction({"label": label}, _clamp(conf), details=stats)
+
+    def _finish_generate(self, run: _Run) -> Prediction:
+        stats = _stats(run)
+        text = run.text.decode("utf-8", errors="replace").strip()
+        conf = math.exp(sum(run.logprobs) / len(run.logprobs)) if run.logprobs else 0.0
+        details = {**stats, "truncated": run.finish == "length"}
+        return Prediction({"text": text}, _clamp(conf), reason="open_ended", details=details)
+
+    def _confidence(self, run: _Run) -> float:
+        """Aggregate the log-probs of the tokens that overlap a JSON value (see module doc)."""
+        lps = _value_logprobs(run, self._llm)
+        if not lps:
+            return 0.0
+        how = self._cfg.confidence
+        if how == "min":
+            return _clamp(math.exp(min(lps)))
+        if how == "mean":
+            return _clamp(math.exp(sum(lps) / len(lps)))
+        return _clamp(math.exp(sum(lps)))
+
+    # -- decoding (caller holds self._lock) -----------------------------------------------
+
+    def _decode_locked(self, prompt: list[int], max_tokens: int) -> _Run:
+        llm, lc, np = self._llm, self._lc, self._np
+        run = _Run(prompt_tokens=len(prompt))
+        t0 = time.perf_counter()
+        # Re-use the KV cache for the prefix this prompt shares with the previous one
+        # (instruction + few-shot examples): only the input is decoded again.
+        keep = _common_prefix(llm.input_ids[: llm.n_tokens], prompt)
+        keep = min(keep, len(prompt) - 1)
+        if keep > 0 and not llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+            keep = 0
+        if keep == 0:
+            llm.reset()
+        llm.n_tokens = keep
+        llm.eval(prompt[keep:])
+        run.reused_tokens = keep
+        t1 = time.perf_counter()
+        run.prompt_s = t1 - t0
+        if self._sampler is not None:
+            lc.llama_sampler_reset(self._sampler)
+        n_vocab = llm.n_vocab()
+        ctx = llm._ctx.ctx
+        stops = [s.encode() for s in self._stop_strings()]
+        for step in range(max_tokens + 1):
+            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+            token = self._choose(logits)
+            if token is None:
+                run.finish = "dead_end"
+                break
+            if token in self._eog:
+                run.finish = "stop"
+                break
+            if step == max_tokens:
+                run.finish = "length"
+                break
+            peak = float(logits.max())
+            lse = peak + math.log(float(np.exp(logits - peak).sum()))
+            run.tokens.append(token)
+            run.logprobs.append(float(logits[token]) - lse)
+            if self._sampler is not None:
+                lc.llama_sampler_accept(self._sampler, token)
+            if stops and self._hit_stop(run, stops):
+                run.finish = "stop_string"
+                break
+            llm.eval([token])
+        if not run.text:
+            run.text = llm.detokenize(run.tokens)
+        run.gen_s = time.perf_counter() - t1
+        return run
+
+    def _hit_stop(self, run: _Run, stops: list[bytes]) -> bool:
+        text = self._llm.detokenize(run.tokens)
+        for stop in stops:
+            cut = text.find(stop)
+            if cut >= 0:
+                run.text = text[:cut]
+                return True
+        return False
+
+    def _choose(self, logits: Any) -> int | None:
+        """Next token: greedy or sampled at the configured temperature, among the tokens
+        the grammar allows.  The grammar is first checked on the top candidates only
+        (plus end-of-generation); the whole vocabulary only when none of them fits."""
+        np = self._np
+        if self._sampler is None:
+            return self._pick(np.arange(logits.shape[0]), logits)
+        small = self._small
+        if small is not None:
+            k = small.size - len(self._eog)
+            top = np.argpartition(logits, -k)[-k:] if k < logits.shape[0] else np.arange(k)
+            ids = np.concatenate([top.astype(np.int32), np.asarray(self._eog, dtype=np.int32)])
+            allowed = small.apply(self._lc, self._sampler, ids, logits[ids])
+            if allowed.size:
+                return self._pick(allowed, logits[allowed])
+        full = self._full
+        allowed = full.apply(self._lc, self._sampler, None, logits)
+        if allowed.size:
+            return self._pick(allowed, logits[allowed])
+        return None
+
+    def _pick(self, ids: Any, logits: Any) -> int:
+        np = self._np
+        temp = self._cfg.temperature
+        if temp <= 0.0 or ids.size == 1:
+            return int(ids[int(np.argmax(logits))])
+        z = (logits - logits.max()) / temp
+        p = np.exp(z)
+        p /= p.sum()
+        return int(ids[int(self._rng.choice(ids.size, p=p))])
+
+    # -- prompts --------------------------------------------------------------------------
+
+    def _tokenize(self, segments: Sequence[Segment], bos: bool) -> list[int]:
+        out: list[int] = []
+        for i, (text, markup) in enumerate(segments):
+            if text:
+                # User text never becomes special tokens: "<|im_end|>" in an input stays text.
+                # errors="replace": a JSON input may carry lone surrogates ("\ud800").
+                raw = text.encode("utf-8", errors="replace")
+                out += self._llm.tokenize(raw, add_bos=bos and i == 0, special=markup)
+        return out
+
+    def _instruction(self) -> str:
+        task = self._task
+        if self._cfg.instruction:
+            return self._cfg.instruction
+        lead = f"{task.description.strip()}\n" if task.description.strip() else ""
+        if task.kind == "extract":
+            schema = json.dumps(task.output_schema, ensure_ascii=False, separators=(",", ":"))
+            return (
+                f"{lead}Extract the information from the text as one JSON object matching this "
+                f"JSON Schema: {schema}\nUse only what the text states. Reply with the JSON only."
+            )
+        if task.kind == "classify":
+            return (
+                f"{lead}Classify the text into exactly one of these labels: "
+                f"{', '.join(task.labels)}.\nReply with the label only."
+            )
+        return lead.strip() or "Answer the request briefly."
+
+    def _render(self, output: dict[str, Any] | str) -> str:
+        kind = self._task.kind
+        if isinstance(output, str):
+            return output
+        if kind == "classify" and "label" in output:
+            return str(output["label"])
+        if kind == "generate" and "text" in output:
+            return str(output["text"])
+        return json.dumps(output, ensure_ascii=False)
+
+    def _prefix_segments(self) -> list[Segment]:
+        """Instruction and few-shot examples: identical for every input (KV-cache reuse)."""
+        ins = self._instruction()
+        fmt = self._format
+        segs: list[Segment] = []
+        if fmt == "chatml":
+            segs.append(("<|im_start|>system\n", True))
+            segs.append((ins, False))
+            segs.append(("<|im_end|>\n", True))
+            for ex in self._cfg.examples:
+                segs += [("<|im_start|>user\n", True), (ex.input, False)]
+                segs += [("<|im_end|>\n<|im_start|>assistant\n", True)]
+                segs += [(self._render(ex.output), False), ("<|im_end|>\n", True)]
+        elif fmt == "gemma":
+            segs += [("<start_of_turn>user\n", True), (ins, False)]
+            segs += [("<end_of_turn>\n<start_of_turn>model\nOK.<end_of_turn>\n", True)]
+            for ex in self._cfg.examples:
+                segs += [("<start_of_turn>user\n", True), (ex.input, False)]
+                segs += [("<end_of_turn>\n<start_of_turn>model\n", True)]
+                segs += [(self._render(ex.output), False), ("<end_of_turn>\n", True)]
+        else:
+            segs.append((ins + "\n\n", False))
+            for ex in self._cfg.examples:
+                segs.append((f"Input: {ex.input}\nOutput: {self._render(ex.output)}\n\n", False))
+        return segs
+
+    def _input_segments(self, text: str) -> list[Segment]:
+        fmt = self._format
+        if fmt == "chatml":
+            return [
+                ("<|im_start|>user\n", True),
+                (text, False),
+                ("<|im_end|>\n<|im_start|>assistant\n", True),
+            ]
+        if fmt == "gemma":
+            return [
+                ("<start_of_turn>user\n", True),
+                (text, False),
+                ("<end_of_turn>\n<start_of_turn>model\n", True),
+            ]
+        return [("Input: ", False), (text, False), ("\nOutput:", False)]
+
+    def _stop_strings(self) -> list[str]:
+        if self._task.kind != "generate":
+            return []  # the grammar ends extract/classify outputs
+        stops = list(self._cfg.stop)
+        if self._format == "completion":
+            stops.append(_COMPLETION_STOP)
+        return stops
+
+    # -- benchmark hooks ------------------------------------------------------------------
+
+    @property
+    def llama(self) -> Any:
+        """The underlying ``llama_cpp.Llama`` (benchmarks only; hold no reference)."""
+        return self._llm
+
+    @property
+    def grammar(self) -> str | None:
+        """The GBNF grammar outputs are decoded under (None for generate tasks)."""
+        return self._grammar
+
+    def prompt_tokens(self, text: str) -> list[int]:
+        """The exact prompt tokens :meth:`infer` decodes for ``text``."""
+        with self._lock:
+            return self._prefix + self._tokenize(self._input_segments(text), bos=not self._prefix)
+
+
+class _TokenArray:
+    """A preallocated ``llama_token_data_array`` with a numpy view of its entries, so
+    the grammar sampler can mask a candidate set without per-token Python work."""
+
+    def __init__(self, lc: Any, np: Any, size: int) -> None:
+        self.size = size
+        self.buf = (lc.llama_token_data * size)()
+        self.view = np.ctypeslib.as_array(self.buf)
+        self.arr = lc.llama_token_data_array(
+            data=ctypes.cast(self.buf, lc.llama_token_data_p), size=size, selected=-1, sorted=False
+        )
+        self._np = np
+
+    def apply(self, lc: Any, sampler: Any, ids: Any, logits: Any) -> Any:
+        """Run the grammar over (ids, logits); return the ids it allows."""
+        n = self.size if ids is None else ids.shape[0]
+        view = self.view[:n]
+        if ids is not None:
+            view["id"] = ids
+        view["logit"] = logits
+        self.arr.data = ctypes.cast(self.buf, lc.llama_token_data_p)
+        self.arr.size = n
+        self.arr.selected = -1
+        self.arr.sorted = False
+        lc.llama_sampler_apply(sampler, ctypes.byref(self.arr))
+        np = self._np
+        ok = np.isfinite(view["logit"])
+        return view["id"][ok].astype(np.int64)
+
+
+def _value_logprobs(run: _Run, llm: Any) -> list[float]:
+    """Log-probs of the tokens whose bytes overlap a JSON value (not keys or syntax)."""
+    spans = value_spans(run.text)
+    ends: list[int] = []
+    for i in range(len(run.tokens)):
+        ends.append(len(llm.detokenize(run.tokens[: i + 1])))
+    out: list[float] = []
+    start = 0
+    for end, lp in zip(ends, run.logprobs, strict=True):
+        if any(a < end and start < b for a, b in spans):
+            out.append(lp)
+        start = end
+    return out
+
+
+def _stats(run: _Run) -> dict[str, JSONValue]:
+    return {
+        "prompt_tokens": run.prompt_tokens,
+        "reused_tokens": run.reused_tokens,
+        "generated_tokens": len(run.tokens),
+        "prompt_ms": round(run.prompt_s * 1000, 1),
+        "generate_ms": round(run.gen_s * 1000, 1),
+    }
+
+
+def _clamp(x: float) -> float:
+    return min(1.0, max(0.0, x))
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _check_gguf(path: Path, task: str) -> None:
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise BackendError(
+            f"task {task!r}: model file {path} does not exist "
+            "(fetch one with `edgeagent models pull smollm2 --dest DIR`)"
+        ) from None
+    except OSError as exc:
+        raise BackendError(f"task {task!r}: cannot read model file {path}: {exc}") from exc
+    if magic != _GGUF_MAGIC:
+        raise BackendError(
+            f"task {task!r}: model file {path} is not a GGUF file (starts with {magic!r})"
+        )
+
+
+def _sha256_file(path: Path, task: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    except OSError as exc:
+        raise BackendError(f"task {task!r}: cannot read model file {path}: {exc}") from exc
+    return digest.hexdigest()
