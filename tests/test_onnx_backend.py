@@ -569,3 +569,48 @@ def test_finetuned_bundle_has_its_own_encoder(
     assert backend.fingerprint != _loaded(classifier_bundle).fingerprint
     preds = backend.infer_batch(list(UNSEEN_IN_SCOPE))
     assert [p.output for p in preds] == [{"label": lb} for lb in UNSEEN_IN_SCOPE.values()]
+
+
+# -- the daemon with an onnx task -------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_daemon_answers_with_the_onnx_classifier_under_concurrency(
+    classifier_bundle: Path, broker: Any, daemon_factory: Any, client_factory: Any, device: str
+) -> None:
+    """A burst of concurrent jobs is micro-batched; each job gets its own answer."""
+    task = f"""
+[tasks.intent]
+kind = "classify"
+threshold = 0.3
+max_batch = 16
+[tasks.intent.backend]
+type = "onnx"
+bundle = "{classifier_bundle}"
+"""
+    d = daemon_factory(broker.port, tasks=task)
+    d.wait_connected(timeout=120)
+    c = client_factory(broker.port)
+    c.subscribe(f"edgeagent/{device}/results/#")
+    jobs = {
+        f"u{i}-{j}": (text, label)
+        for j, (text, label) in enumerate(UNSEEN_IN_SCOPE.items())
+        for i in range(10)
+    }
+    for jid, (text, _label) in jobs.items():
+        c.publish_nowait(f"edgeagent/{device}/jobs/intent", json.dumps({"id": jid, "input": text}))
+    c.publish_nowait(
+        f"edgeagent/{device}/jobs/intent", json.dumps({"id": "oos", "input": OOS[0] + "?"})
+    )
+    c.wait_published()
+    got = {
+        json.loads(m.payload)["id"]: json.loads(m.payload) for m in c.collect(len(jobs) + 1, 120)
+    }
+    assert set(got) == {*jobs, "oos"}
+    for jid, (_text, label) in jobs.items():
+        assert got[jid]["status"] == "ok" and got[jid]["output"] == {"label": label}, got[jid]
+        assert got[jid]["model"].startswith("intent@")
+    assert got["oos"]["status"] == "unrecognized"
+    assert got["oos"]["error"]["code"] == "out_of_scope"
+    done = [r for r in d.log_records() if r.get("event") == "job.done"]
+    assert len(done) == len(jobs) + 1  # each computed once

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -600,8 +601,19 @@ def _train_bundle(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log(f"wrote {final} (fingerprint {written['fingerprint'][:12]})")
+    _point_latest(final)
+    log(f"wrote {final} (fingerprint {written['fingerprint'][:12]}); {final.parent}/latest -> it")
     return final
+
+
+def _point_latest(bundle: Path) -> None:
+    """``TASK/latest`` -> the newest bundle, swapped atomically (a config can name it; a
+    SIGHUP then loads the new model; the cache fingerprint changes with the files)."""
+    link = bundle.parent / "latest"
+    tmp = bundle.parent / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(bundle.name)
+    tmp.replace(link)
 
 
 def examples_digest(examples: list[tuple[str, str]]) -> str:
