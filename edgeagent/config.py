@@ -15,7 +15,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 import tomllib
 from pydantic import (
@@ -56,7 +56,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _segment(value: str) -> str:
+def segment(value: str) -> str:
+    """Validate one MQTT topic level (letters, digits, '_', '-', '.')."""
     if not TOPIC_SEGMENT.match(value):
         raise ValueError("must be a single MQTT topic level of letters, digits, '_', '-', '.'")
     return value
@@ -150,12 +151,12 @@ class TopicsConfig(_Section):
         description="Publish counters on `{prefix}/{device}/stats` this often (0 = off).",
     )
 
-    _v_prefix = field_validator("prefix")(_segment)
+    _v_prefix = field_validator("prefix")(segment)
 
     @field_validator("fleet_group")
     @classmethod
     def _v_group(cls, value: str | None) -> str | None:
-        return None if value is None else _segment(value)
+        return None if value is None else segment(value)
 
     @field_validator("allowed_reply_prefixes")
     @classmethod
@@ -419,7 +420,7 @@ class TaskConfig(_Section):
                 if unknown:
                     raise ValueError(f"rules answer labels not in `labels`: {sorted(unknown)}")
         for name, pattern in self.redact_patterns.items():
-            _segment(name)
+            segment(name)
             if name.lower() in REDACT_KINDS:
                 raise ValueError(f"redact_patterns.{name}: clashes with the built-in kind")
             try:
@@ -471,7 +472,7 @@ class Settings(BaseSettings):
     )
 
     device_id: str = Field(
-        default_factory=lambda: _default_device_id(),
+        default_factory=lambda: host_id(),
         description="This device's topic level; default: the host name.",
     )
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
@@ -487,13 +488,13 @@ class Settings(BaseSettings):
         default_factory=dict, description="Tasks by name (`[tasks.NAME]`)."
     )
 
-    _v_device = field_validator("device_id")(_segment)
+    _v_device = field_validator("device_id")(segment)
 
     @field_validator("tasks")
     @classmethod
     def _v_tasks(cls, value: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
         for name in value:
-            _segment(name)
+            segment(name)
         return value
 
     @classmethod
@@ -531,9 +532,9 @@ class Settings(BaseSettings):
         if self.mqtt.password is not None:
             return self.mqtt.password.get_secret_value()
         if self.mqtt.password_file is not None:
-            return _read_secret(self.mqtt.password_file, "mqtt.password_file")
+            return read_secret(self.mqtt.password_file, "mqtt.password_file")
         cred = credential_path("mqtt-password", environ)
-        return _read_secret(cred, "credential mqtt-password") if cred else None
+        return read_secret(cred, "credential mqtt-password") if cred else None
 
     def tls_key_file(self, environ: dict[str, str] | None = None) -> Path | None:
         return self.mqtt.tls.key_file or credential_path("mqtt-client.key", environ)
@@ -557,7 +558,8 @@ def credential_path(name: str, environ: dict[str, str] | None = None) -> Path | 
     return None if blank else path
 
 
-def _read_secret(path: Path, what: str) -> str:
+def read_secret(path: Path, what: str) -> str:
+    """The first line of a secret file, stripped."""
     try:
         return (
             path.read_text(encoding="utf-8").splitlines()[0].strip() if path.stat().st_size else ""
@@ -566,24 +568,35 @@ def _read_secret(path: Path, what: str) -> str:
         raise ConfigError(str(path), [(what, f"cannot read secret file: {exc.strerror}")]) from exc
 
 
-def _default_device_id() -> str:
+def host_id(fallback: str = "edgeagent") -> str:
+    """The host name as a topic level."""
     name = socket.gethostname().split(".")[0]
     cleaned = re.sub(r"[^A-Za-z0-9_.\-]", "-", name)
-    return cleaned or "edgeagent"
+    return cleaned or fallback
 
 
-def resolve_config_path(explicit: Path | None, environ: dict[str, str] | None = None) -> Path:
+def resolve_path(
+    explicit: Path | None, env_var: str, default: Path, environ: dict[str, str] | None = None
+) -> Path:
+    """``explicit``, else ``$env_var``, else ``default``."""
     env = os.environ if environ is None else environ
     if explicit is not None:
         return explicit
-    if env.get("EDGEAGENT_CONFIG"):
-        return Path(env["EDGEAGENT_CONFIG"])
-    return DEFAULT_CONFIG_PATH
+    return Path(env[env_var]) if env.get(env_var) else default
 
 
-def load_settings(explicit: Path | None = None) -> tuple[Settings, Path]:
-    """Read and validate the configuration; raise :class:`ConfigError` with precise keys."""
-    path = resolve_config_path(explicit)
+def resolve_config_path(explicit: Path | None, environ: dict[str, str] | None = None) -> Path:
+    return resolve_path(explicit, "EDGEAGENT_CONFIG", DEFAULT_CONFIG_PATH, environ)
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def read_settings_file(cls: type[S], path: Path) -> S:
+    """Validate the TOML file ``path``, overridden by ``cls``'s environment variables.
+
+    Raises :class:`ConfigError` naming every offending key (unknown keys included).
+    """
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -593,7 +606,7 @@ def load_settings(explicit: Path | None = None) -> tuple[Settings, Path]:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(str(path), [("(syntax)", str(exc))]) from exc
 
-    class _FromFile(Settings):
+    class _FromFile(cls):  # type: ignore[valid-type,misc]
         @classmethod
         def settings_customise_sources(
             cls,
@@ -609,29 +622,40 @@ def load_settings(explicit: Path | None = None) -> tuple[Settings, Path]:
     try:
         loaded = _FromFile()
     except ValidationError as exc:
-        raise ConfigError(str(path), _flatten(exc)) from None
-    settings = Settings.model_construct(**dict(loaded))
+        raise ConfigError(str(path), flatten_errors(exc)) from None
+    return cast(S, cls.model_construct(_fields_set=loaded.model_fields_set, **dict(loaded)))
+
+
+def load_settings(explicit: Path | None = None) -> tuple[Settings, Path]:
+    """Read and validate the configuration; raise :class:`ConfigError` with precise keys."""
+    path = resolve_config_path(explicit)
+    settings = read_settings_file(Settings, path)
     _cross_check(settings, path)
     return settings, path
 
 
-def _cross_check(settings: Settings, path: Path) -> None:
+def mqtt_file_errors(m: MqttConfig, key_file: Path | None) -> list[tuple[str, str]]:
+    """Files the MQTT section names that do not exist (checked at start, not mid-connect)."""
     errors: list[tuple[str, str]] = []
-    tls = settings.mqtt.tls
-    for key, file in (("mqtt.tls.ca_file", tls.ca_file), ("mqtt.tls.cert_file", tls.cert_file)):
+    for key, file in (("mqtt.tls.ca_file", m.tls.ca_file), ("mqtt.tls.cert_file", m.tls.cert_file)):
         if file is not None and not file.is_file():
             errors.append((key, f"no such file: {file}"))
-    if tls.cert_file is not None and settings.tls_key_file() is None:
+    if m.tls.cert_file is not None and key_file is None:
         errors.append(("mqtt.tls.key_file", "cert_file is set but no key (file or credential)"))
-    if settings.mqtt.password_file is not None and not settings.mqtt.password_file.is_file():
-        errors.append(("mqtt.password_file", f"no such file: {settings.mqtt.password_file}"))
+    if m.password_file is not None and not m.password_file.is_file():
+        errors.append(("mqtt.password_file", f"no such file: {m.password_file}"))
+    return errors
+
+
+def _cross_check(settings: Settings, path: Path) -> None:
+    errors = mqtt_file_errors(settings.mqtt, settings.tls_key_file())
     if settings.topics.fleet_group and settings.mqtt.protocol != "5":
         errors.append(("topics.fleet_group", "shared subscriptions need mqtt.protocol = '5'"))
     if errors:
         raise ConfigError(str(path), errors)
 
 
-def _flatten(exc: ValidationError) -> list[tuple[str, str]]:
+def flatten_errors(exc: ValidationError) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for err in exc.errors():
         parts = [str(p) for p in err["loc"]]

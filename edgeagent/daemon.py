@@ -29,7 +29,7 @@ from edgeagent.config import ConfigError, Settings, TaskConfig, load_settings
 from edgeagent.escalation import Answer, Escalator
 from edgeagent.logs import get_logger
 from edgeagent.metrics import Metrics
-from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter
+from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter, connect_options
 from edgeagent.pipeline import Outcome, PendingJob, TaskRuntime
 from edgeagent.protocol import (
     REPLY_TOPIC_NOT_ALLOWED,
@@ -226,25 +226,11 @@ class Daemon:
             password = s.mqtt_password()
         except ConfigError as exc:
             raise FatalError(str(exc)) from exc
-        return ConnectOptions(
-            host=m.host,
-            port=m.port,
+        return connect_options(
+            m,
             client_id=s.client_id,
-            protocol=m.protocol,
-            username=m.username,
             password=password,
-            tls=m.tls.enabled,
-            ca_file=str(m.tls.ca_file) if m.tls.ca_file else None,
-            cert_file=str(m.tls.cert_file) if m.tls.cert_file else None,
-            key_file=str(key) if key else None,
-            tls_insecure=m.tls.insecure_skip_verify,
-            keepalive_s=m.keepalive_s,
-            session_expiry_s=m.session_expiry_s,
-            receive_maximum=m.receive_maximum,
-            max_inflight=m.max_inflight,
-            reconnect_min_s=m.reconnect_min_s,
-            reconnect_max_s=m.reconnect_max_s,
-            connect_timeout_s=m.connect_timeout_s,
+            key_file=key,
             will_topic=self.topics.status,
             will_payload=self._status_payload("offline"),
         )

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -35,6 +36,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edgeagent.config import MqttConfig
 from edgeagent.logs import get_logger
 
 log = get_logger("edgeagent.mqtt")
@@ -88,6 +90,39 @@ class ConnectOptions:
     clean_start: bool = False
     will_topic: str | None = None
     will_payload: bytes | None = None
+
+
+def connect_options(
+    m: MqttConfig,
+    *,
+    client_id: str,
+    password: str | None,
+    key_file: Path | None,
+    **overrides: Any,
+) -> ConnectOptions:
+    """ConnectOptions from the `[mqtt]` config section; ``overrides`` win (e.g. a will)."""
+    fields: dict[str, Any] = {
+        "host": m.host,
+        "port": m.port,
+        "client_id": client_id,
+        "protocol": m.protocol,
+        "username": m.username,
+        "password": password,
+        "tls": m.tls.enabled,
+        "ca_file": str(m.tls.ca_file) if m.tls.ca_file else None,
+        "cert_file": str(m.tls.cert_file) if m.tls.cert_file else None,
+        "key_file": str(key_file) if key_file else None,
+        "tls_insecure": m.tls.insecure_skip_verify,
+        "keepalive_s": m.keepalive_s,
+        "session_expiry_s": m.session_expiry_s,
+        "receive_maximum": m.receive_maximum,
+        "max_inflight": m.max_inflight,
+        "reconnect_min_s": m.reconnect_min_s,
+        "reconnect_max_s": m.reconnect_max_s,
+        "connect_timeout_s": m.connect_timeout_s,
+    }
+    fields.update(overrides)
+    return ConnectOptions(**fields)
 
 
 def _properties(packet_type: int) -> Properties:

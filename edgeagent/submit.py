@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.config import Settings
-from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter
+from edgeagent.mqtt import Inbound, MqttAdapter, connect_options
 
 EXIT_TIMEOUT = 3
 
@@ -132,18 +132,12 @@ async def exchange(
 
     m = settings.mqtt
     key = settings.tls_key_file()
-    options = ConnectOptions(
-        host=m.host,
-        port=m.port,
+    options = connect_options(
+        m,
         client_id=client,
-        protocol="3.1.1" if v311 else "5",
-        username=m.username,
         password=settings.mqtt_password(),
-        tls=m.tls.enabled,
-        ca_file=str(m.tls.ca_file) if m.tls.ca_file else None,
-        cert_file=str(m.tls.cert_file) if m.tls.cert_file else None,
-        key_file=str(key) if key else None,
-        tls_insecure=m.tls.insecure_skip_verify,
+        key_file=key,
+        protocol="3.1.1" if v311 else "5",
         session_expiry_s=0,
         clean_start=True,
         reconnect_min_s=0.2,

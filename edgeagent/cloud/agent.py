@@ -40,7 +40,7 @@ from edgeagent import __version__
 from edgeagent.cloud.config import CloudSettings, StructuredOutput
 from edgeagent.cloud.llm import LlmClient, LlmError
 from edgeagent.logs import get_logger
-from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter
+from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter, connect_options
 from edgeagent.protocol import PROTOCOL_VERSION, ErrorInfo, truncate
 
 log = get_logger("edgeagent.cloud")
@@ -451,25 +451,13 @@ class CloudAgent:
         s = self.settings
         m = s.mqtt
         key = s.tls_key_file()
-        return ConnectOptions(
-            host=m.host,
-            port=m.port,
+        return connect_options(
+            m,
             client_id=s.client_id,
-            protocol="5",
-            username=m.username,
             password=s.mqtt_password(),
-            tls=m.tls.enabled,
-            ca_file=str(m.tls.ca_file) if m.tls.ca_file else None,
-            cert_file=str(m.tls.cert_file) if m.tls.cert_file else None,
-            key_file=str(key) if key else None,
-            tls_insecure=m.tls.insecure_skip_verify,
-            keepalive_s=m.keepalive_s,
-            session_expiry_s=m.session_expiry_s,
+            key_file=key,
+            protocol="5",
             receive_maximum=s.receive_maximum,
-            max_inflight=m.max_inflight,
-            reconnect_min_s=m.reconnect_min_s,
-            reconnect_max_s=m.reconnect_max_s,
-            connect_timeout_s=m.connect_timeout_s,
             will_topic=self.status_topic,
             will_payload=self._status_payload("offline", since=self._started),
         )

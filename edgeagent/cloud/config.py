@@ -16,25 +16,31 @@ only one of the cloud agent that reads the environment.
 from __future__ import annotations
 
 import os
-import re
-import socket
 from pathlib import Path
 from typing import Literal
 
-import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
-from edgeagent.config import ConfigError, LogConfig, MqttConfig, credential_path
+from edgeagent.config import (
+    ConfigError,
+    LogConfig,
+    MqttConfig,
+    credential_path,
+    host_id,
+    mqtt_file_errors,
+    read_secret,
+    read_settings_file,
+    resolve_path,
+    segment,
+)
 
 ENV_PREFIX = "EDGEAGENT_CLOUD_"
 DEFAULT_CONFIG_PATH = Path("/etc/edgeagent/cloud.toml")
-_SEGMENT = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 StructuredOutput = Literal["json_schema", "json_object_schema", "json_object", "prompt"]
 
@@ -43,15 +49,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _segment(value: str) -> str:
-    if not _SEGMENT.match(value):
-        raise ValueError("must be a single MQTT topic level of letters, digits, '_', '-', '.'")
-    return value
-
-
 def _default_worker_id() -> str:
-    name = socket.gethostname().split(".")[0]
-    return re.sub(r"[^A-Za-z0-9_.\-]", "-", name) or "cloud"
+    return host_id("cloud")
 
 
 class LlmConfig(_Section):
@@ -150,7 +149,7 @@ class AgentConfig(_Section):
         30.0, ge=0, description="On SIGTERM, wait this long for requests in flight (seconds)."
     )
 
-    _v_prefix = field_validator("prefix", "group", "worker_id")(_segment)
+    _v_prefix = field_validator("prefix", "group", "worker_id")(segment)
 
 
 class CloudSettings(BaseSettings):
@@ -202,9 +201,9 @@ class CloudSettings(BaseSettings):
         if self.mqtt.password is not None:
             return self.mqtt.password.get_secret_value()
         if self.mqtt.password_file is not None:
-            return _read_secret(self.mqtt.password_file, "mqtt.password_file")
+            return read_secret(self.mqtt.password_file, "mqtt.password_file")
         cred = credential_path("mqtt-password", environ)
-        return _read_secret(cred, "credential mqtt-password") if cred else None
+        return read_secret(cred, "credential mqtt-password") if cred else None
 
     def tls_key_file(self, environ: dict[str, str] | None = None) -> Path | None:
         return self.mqtt.tls.key_file or credential_path("mqtt-client.key", environ)
@@ -213,79 +212,32 @@ class CloudSettings(BaseSettings):
         """The LLM API key: `api_key_file`, else `$api_key_env`, else credential `llm-api-key`."""
         env = os.environ if environ is None else environ
         if self.llm.api_key_file is not None:
-            return _read_secret(self.llm.api_key_file, "llm.api_key_file") or None
+            return read_secret(self.llm.api_key_file, "llm.api_key_file") or None
         if self.llm.api_key_env and env.get(self.llm.api_key_env):
             return env[self.llm.api_key_env].strip() or None
         cred = credential_path("llm-api-key", environ)
-        return (_read_secret(cred, "credential llm-api-key") or None) if cred else None
-
-
-def _read_secret(path: Path, what: str) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(path), [(what, f"cannot read secret file: {exc.strerror}")]) from exc
-    lines = text.splitlines()
-    return lines[0].strip() if lines else ""
+        return (read_secret(cred, "credential llm-api-key") or None) if cred else None
 
 
 def resolve_config_path(explicit: Path | None, environ: dict[str, str] | None = None) -> Path:
-    env = os.environ if environ is None else environ
-    if explicit is not None:
-        return explicit
-    if env.get("EDGEAGENT_CLOUD_CONFIG"):
-        return Path(env["EDGEAGENT_CLOUD_CONFIG"])
-    return DEFAULT_CONFIG_PATH
+    return resolve_path(explicit, "EDGEAGENT_CLOUD_CONFIG", DEFAULT_CONFIG_PATH, environ)
 
 
 def load_cloud_settings(explicit: Path | None = None) -> tuple[CloudSettings, Path]:
     """Read and validate the configuration; raise :class:`ConfigError` with precise keys."""
     path = resolve_config_path(explicit)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(str(path), [("(file)", f"cannot read: {exc.strerror}")]) from exc
-    try:
-        tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(str(path), [("(syntax)", str(exc))]) from exc
-
-    class _FromFile(CloudSettings):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            toml = TomlConfigSettingsSource(settings_cls, toml_file=path)
-            return (init_settings, env_settings, toml)
-
-    try:
-        loaded = _FromFile()
-    except ValidationError as exc:
-        raise ConfigError(str(path), _flatten(exc)) from None
-    settings = CloudSettings.model_construct(_fields_set=loaded.model_fields_set, **dict(loaded))
+    settings = read_settings_file(CloudSettings, path)
     _cross_check(settings, path)
     return settings, path
 
 
 def _cross_check(settings: CloudSettings, path: Path) -> None:
-    errors: list[tuple[str, str]] = []
     m = settings.mqtt
+    errors = mqtt_file_errors(m, settings.tls_key_file())
     if m.protocol != "5":
         errors.append(
             ("mqtt.protocol", "the cloud agent needs MQTT 5 (shared subscriptions, Response Topic)")
         )
-    for key, file in (("mqtt.tls.ca_file", m.tls.ca_file), ("mqtt.tls.cert_file", m.tls.cert_file)):
-        if file is not None and not file.is_file():
-            errors.append((key, f"no such file: {file}"))
-    if m.tls.cert_file is not None and settings.tls_key_file() is None:
-        errors.append(("mqtt.tls.key_file", "cert_file is set but no key (file or credential)"))
-    if m.password_file is not None and not m.password_file.is_file():
-        errors.append(("mqtt.password_file", f"no such file: {m.password_file}"))
     if settings.llm.api_key_file is not None and not settings.llm.api_key_file.is_file():
         errors.append(("llm.api_key_file", f"no such file: {settings.llm.api_key_file}"))
     if settings.llm.backoff_max_s < settings.llm.backoff_min_s:
@@ -294,12 +246,3 @@ def _cross_check(settings: CloudSettings, path: Path) -> None:
         errors.append(("agent.default_deadline_ms", "must be <= agent.max_deadline_ms"))
     if errors:
         raise ConfigError(str(path), errors)
-
-
-def _flatten(exc: ValidationError) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        out.append((loc or "(root)", msg))
-    return out
