@@ -482,7 +482,8 @@ def test_cli_train_and_calibrate(
         ]
     )
     assert rc == 0
-    (bundle,) = (out / "intent").iterdir()
+    (bundle,) = [p for p in (out / "intent").iterdir() if p.name != "latest"]
+    assert (out / "intent" / "latest").resolve() == bundle.resolve()
     m = read_manifest(bundle, kind="classifier")
     assert m["head"]["examples_sha256"] and m["encoder"]["bundle_fingerprint"]
     assert "metrics.json" in m["files"]
