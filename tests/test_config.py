@@ -146,3 +146,16 @@ def test_readme_reference_and_message_schemas_are_up_to_date() -> None:
     )
     for name, schema in generate().items():
         assert (HERE / name).read_text() == render(schema), "run: python -m edgeagent.schemas"
+
+
+@pytest.mark.parametrize("name", ["edgeagent.toml", "intent.toml", "extract.toml"])
+def test_every_example_config_is_valid(name: str) -> None:
+    settings, _ = load_settings(REPO / "examples" / name)
+    assert settings.tasks
+
+
+def test_example_cloud_config_is_valid() -> None:
+    from edgeagent.cloud.config import load_cloud_settings
+
+    settings, _ = load_cloud_settings(REPO / "examples" / "cloud.toml")
+    assert settings.llm.base_url
