@@ -460,7 +460,37 @@ def _check_json_schema(schema: dict[str, Any]) -> None:
         raise ValueError(f"schema: not a valid JSON Schema: {exc.message}") from exc
 
 
-class Settings(BaseSettings):
+class BrokerClientSettings(BaseSettings):
+    """What every edgeagent process that talks to the broker shares: the `[mqtt]` section,
+    its secrets, and the sources (init + environment; `read_settings_file` adds the TOML)."""
+
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings)
+
+    def mqtt_password(self, environ: dict[str, str] | None = None) -> str | None:
+        """The broker password: `password`, else `password_file`, else the systemd credential."""
+        if self.mqtt.password is not None:
+            return self.mqtt.password.get_secret_value()
+        if self.mqtt.password_file is not None:
+            return read_secret(self.mqtt.password_file, "mqtt.password_file")
+        cred = credential_path("mqtt-password", environ)
+        return read_secret(cred, "credential mqtt-password") if cred else None
+
+    def tls_key_file(self, environ: dict[str, str] | None = None) -> Path | None:
+        return self.mqtt.tls.key_file or credential_path("mqtt-client.key", environ)
+
+
+class Settings(BrokerClientSettings):
     """The whole edgeagent configuration."""
 
     model_config = SettingsConfigDict(
@@ -475,7 +505,6 @@ class Settings(BaseSettings):
         default_factory=lambda: host_id(),
         description="This device's topic level; default: the host name.",
     )
-    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
     topics: TopicsConfig = Field(default_factory=TopicsConfig, description="Topic layout.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Input limits.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Journal/outbox/cache.")
@@ -497,17 +526,6 @@ class Settings(BaseSettings):
             segment(name)
         return value
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings)
-
     # -- derived values -------------------------------------------------------------
 
     @property
@@ -526,18 +544,6 @@ class Settings(BaseSettings):
         if systemd_dir:
             return Path(systemd_dir.split(":")[0])
         return Path("state")
-
-    def mqtt_password(self, environ: dict[str, str] | None = None) -> str | None:
-        """The broker password: `password`, else `password_file`, else the systemd credential."""
-        if self.mqtt.password is not None:
-            return self.mqtt.password.get_secret_value()
-        if self.mqtt.password_file is not None:
-            return read_secret(self.mqtt.password_file, "mqtt.password_file")
-        cred = credential_path("mqtt-password", environ)
-        return read_secret(cred, "credential mqtt-password") if cred else None
-
-    def tls_key_file(self, environ: dict[str, str] | None = None) -> Path | None:
-        return self.mqtt.tls.key_file or credential_path("mqtt-client.key", environ)
 
 
 def credential_path(name: str, environ: dict[str, str] | None = None) -> Path | None:

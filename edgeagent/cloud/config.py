@@ -21,12 +21,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
 from edgeagent.config import (
+    BrokerClientSettings,
     ConfigError,
     LogConfig,
     MqttConfig,
@@ -152,7 +151,7 @@ class AgentConfig(_Section):
     _v_prefix = field_validator("prefix", "group", "worker_id")(segment)
 
 
-class CloudSettings(BaseSettings):
+class CloudSettings(BrokerClientSettings):
     """The whole cloud agent configuration."""
 
     model_config = SettingsConfigDict(
@@ -172,17 +171,6 @@ class CloudSettings(BaseSettings):
     agent: AgentConfig = Field(default_factory=AgentConfig, description="Serving.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings)
-
     # -- derived values -------------------------------------------------------------
 
     @property
@@ -195,18 +183,6 @@ class CloudSettings(BaseSettings):
         if "receive_maximum" in self.mqtt.model_fields_set:
             return self.mqtt.receive_maximum
         return min(65535, 2 * self.agent.max_concurrency)
-
-    def mqtt_password(self, environ: dict[str, str] | None = None) -> str | None:
-        """The broker password: `password`, else `password_file`, else the systemd credential."""
-        if self.mqtt.password is not None:
-            return self.mqtt.password.get_secret_value()
-        if self.mqtt.password_file is not None:
-            return read_secret(self.mqtt.password_file, "mqtt.password_file")
-        cred = credential_path("mqtt-password", environ)
-        return read_secret(cred, "credential mqtt-password") if cred else None
-
-    def tls_key_file(self, environ: dict[str, str] | None = None) -> Path | None:
-        return self.mqtt.tls.key_file or credential_path("mqtt-client.key", environ)
 
     def api_key(self, environ: dict[str, str] | None = None) -> str | None:
         """The LLM API key: `api_key_file`, else `$api_key_env`, else credential `llm-api-key`."""
