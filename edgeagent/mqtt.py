@@ -125,6 +125,11 @@ def connect_options(
     return ConnectOptions(**fields)
 
 
+def _wake_network_thread(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """No-op: paho has already written a byte to its wake-up socket pair, so the network
+    thread's select() returns and it writes the queued packet itself."""
+
+
 def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
@@ -198,6 +203,12 @@ class MqttAdapter:
             client.tls_insecure_set(o.tls_insecure)
         if o.will_topic is not None:
             client.will_set(o.will_topic, o.will_payload, qos=1, retain=True)
+        # Every socket write must happen on our network thread: paho only writes from the
+        # caller's thread (publish/ack) when it believes no loop thread exists, which it does
+        # here because we run our own loop rather than loop_start().  Writing from the event
+        # loop while the network thread reads corrupts TLS records ("bad record mac").  With a
+        # register-write callback set, paho queues the packet and wakes the network thread.
+        client.on_socket_register_write = _wake_network_thread
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

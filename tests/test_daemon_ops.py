@@ -269,3 +269,34 @@ def test_submit_cli(
         cwd=REPO,
     )
     assert out.returncode == 3
+
+
+def test_tls_burst_keeps_the_connection_intact(
+    secure_broker: Broker,
+    daemon_factory: DaemonFactory,
+    client_factory,
+    device: str,
+    tmp_path: Path,
+) -> None:
+    """Acks and results are written while the network thread reads: with TLS that must never
+    corrupt a record (all socket writes happen on the MQTT network thread)."""
+    pw = tmp_path / "pw"
+    pw.write_text("right-password\n")
+    d = daemon_factory(
+        secure_broker.port, mqtt_extra=f'password_file = "{pw}"\n' + _tls_extra(secure_broker)
+    )
+    d.wait_connected()
+    c = client_factory(
+        secure_broker.port, username="producer", password="p", tls_ca=secure_broker.ca_file
+    )
+    c.subscribe(f"edgeagent/{device}/results/#")
+    for i in range(300):
+        c.publish_nowait(
+            f"edgeagent/{device}/jobs/alarm", json.dumps({"id": f"b{i}", "input": f"smoke {i}"})
+        )
+    c.wait_published()
+    got = {json.loads(m.payload)["id"] for m in c.collect(300, timeout=60)}
+    assert got == {f"b{i}" for i in range(300)}
+    log = secure_broker.log_tail(10_000)
+    assert "bad record mac" not in log and "Protocol error" not in log
+    assert not [r for r in d.log_records() if r.get("event") == "mqtt.disconnected"]
