@@ -70,7 +70,7 @@ def daemon_factory(tmp_path: Path, device: str) -> Iterator[DaemonFactory]:
             state_dir=tmp_path / "state",
             **kw,  # type: ignore[arg-type]
         )
-        d = DaemonProcess(cfg, tmp_path / "daemon.log", env=env)
+        d = DaemonProcess(cfg, tmp_path / f"daemon-{len(started)}.log", env=env)
         started.append(d)
         if start:
             d.start()
