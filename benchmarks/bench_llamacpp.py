@@ -34,32 +34,20 @@ from typing import Any
 
 import jsonschema
 
-import edgeagent.backends  # noqa: F401  (import order: the package before edgeagent.config)
-from edgeagent.backends.base import Prediction
-from edgeagent.backends.config_llamacpp import LlamaCppBackendConfig
-from edgeagent.backends.llamacpp import LlamaCppBackend
-from edgeagent.config import TaskConfig
-from edgeagent.grammar import control_chars_in
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for tests.test_llamacpp_backend
 
-PERSON: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 40},
-        "city": {"type": "string", "maxLength": 40},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-    },
-    "required": ["name", "city", "age"],
-}
-PERSON_EXAMPLES = [
-    {
-        "input": "Maria Lopez, 34, lives in Madrid.",
-        "output": {"name": "Maria Lopez", "city": "Madrid", "age": 34},
-    },
-    {
-        "input": "Our new colleague Tom Baker (51) moved here from Leeds.",
-        "output": {"name": "Tom Baker", "city": "Leeds", "age": 51},
-    },
-]
+import edgeagent.backends  # noqa: F401, E402  (import order: the package before edgeagent.config)
+from edgeagent.backends.base import Prediction  # noqa: E402
+from edgeagent.backends.config_llamacpp import LlamaCppBackendConfig  # noqa: E402
+from edgeagent.backends.llamacpp import LlamaCppBackend  # noqa: E402
+from edgeagent.config import TaskConfig  # noqa: E402
+from edgeagent.grammar import control_chars_in  # noqa: E402
+
+# The same schema and worked examples as the backend tests.
+from tests.test_llamacpp_backend import EXAMPLES as PERSON_EXAMPLES  # noqa: E402
+from tests.test_llamacpp_backend import PERSON  # noqa: E402
+
 ORDER: dict[str, Any] = {
     "type": "object",
     "properties": {

@@ -95,7 +95,6 @@ class Daemon:
         self.metrics = Metrics()
         self.notifier = Notifier()
         self.runtimes: dict[str, TaskRuntime] = {}
-        self._retired: list[TaskRuntime] = []
         self._inbox: collections.deque[Inbound] = collections.deque()
         self._wake_intake = asyncio.Event()
         self._wake_outbox = asyncio.Event()
@@ -335,6 +334,8 @@ class Daemon:
         assert self.store is not None
         while True:
             await asyncio.sleep(0.5)
+            if not self.escalator.in_flight:
+                continue  # nothing pending: no transaction (an fsync with synchronous=full)
             with self.store.transaction() as tx:
                 answers = self.escalator.tick(tx, self.store, reachable=self._cloud_reachable())
             self._answered(answers)

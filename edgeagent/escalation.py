@@ -454,10 +454,7 @@ class Escalator:
 
 
 def _same_bucket(bucket: TokenBucket, task: TaskConfig) -> bool:
-    return bool(
-        getattr(bucket, "rate_per_s", None) == task.budget_per_minute / 60.0
-        and getattr(bucket, "burst", None) == task.budget_burst
-    )
+    return bucket.rate_per_s == task.budget_per_minute / 60.0 and bucket.burst == task.budget_burst
 
 
 def _job_input(store: Store, row: EscalationRow) -> Any:

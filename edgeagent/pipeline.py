@@ -65,7 +65,6 @@ class TaskRuntime:
             max_workers=config.concurrency + 1, thread_name_prefix=f"infer-{name}"
         )
         self._workers: list[asyncio.Task[None]] = []
-        self.retired = False
         self.cloud_available = False
         """Set by the daemon: the cloud is configured and this task may use it."""
 

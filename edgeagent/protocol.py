@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -275,10 +274,6 @@ def _describe(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(message)"
         parts.append(f"{loc}: {err['msg']}")
     return truncate("; ".join(parts), 500)
-
-
-def finite(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else x
 
 
 # -- topics -----------------------------------------------------------------------

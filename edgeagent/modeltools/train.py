@@ -13,7 +13,6 @@ split with torch on CPU (:mod:`edgeagent.modeltools.finetune`), then re-exported
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -614,11 +613,3 @@ def _point_latest(bundle: Path) -> None:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(bundle.name)
     tmp.replace(link)
-
-
-def examples_digest(examples: list[tuple[str, str]]) -> str:
-    """Stable digest of a list of examples (for caching embeddings in the benchmark)."""
-    h = hashlib.sha256()
-    for text, label in examples:
-        h.update(json.dumps([text, label]).encode())
-    return h.hexdigest()
