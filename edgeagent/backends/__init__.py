@@ -22,6 +22,10 @@ _REGISTRY = {
     "onnx": ("edgeagent.backends.onnx", "OnnxBackend", "onnx"),
     "llamacpp": ("edgeagent.backends.llamacpp", "LlamaCppBackend", "llamacpp"),
 }
+# (backend type, task kind) -> a different class for that kind
+_BY_KIND = {
+    ("onnx", "extract"): ("edgeagent.backends.tagger", "OnnxTaggerBackend", "onnx"),
+}
 
 
 def create(task_name: str, task: TaskConfig) -> Backend:
@@ -29,7 +33,7 @@ def create(task_name: str, task: TaskConfig) -> Backend:
     kind = task.backend.type
     if kind not in _REGISTRY:
         raise BackendError(f"task {task_name!r}: unknown backend type {kind!r}")
-    module_name, class_name, extra = _REGISTRY[kind]
+    module_name, class_name, extra = _BY_KIND.get((kind, task.kind), _REGISTRY[kind])
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class OnnxBackendConfig(BaseModel):
-    """A classifier bundle built by `edgeagent train` (INT8 ONNX encoder + head)."""
+    """A bundle built by `edgeagent train`: a classifier (INT8 ONNX encoder + head) for a
+    classify task, or a token tagger (INT8 ONNX, BIO tags) for an extract task."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -30,6 +31,13 @@ class OnnxBackendConfig(BaseModel):
     )
     oos_distance: bool = Field(
         True,
-        description="Flag inputs far from every class centroid (cosine below the bundle's "
-        "calibrated cut-off) as `out_of_scope`, in addition to a trained out-of-scope class.",
+        description="Classifier: flag inputs far from every class centroid (cosine below the "
+        "bundle's calibrated cut-off) as `out_of_scope`, in addition to a trained out-of-scope "
+        "class.",
+    )
+    tagger_confidence: Literal["words", "spans", "frame"] = Field(
+        "words",
+        description="Tagger: the job's confidence is the least probable tag of any word, `O` "
+        "included (`words`: a slot the model nearly found lowers it too), the weakest extracted "
+        "span (`spans`), or the probability of the whole tag sequence (`frame`).",
     )

@@ -335,7 +335,10 @@ class OnnxBackend:
         if not isinstance(task.backend, OnnxBackendConfig):
             raise BackendError(f"task {task_name!r}: backend is not of type 'onnx'")
         if task.kind != "classify":
-            raise BackendError(f"task {task_name!r}: the onnx backend only does kind='classify'")
+            raise BackendError(
+                f"task {task_name!r}: the onnx classifier does kind='classify' "
+                "(extract tasks use a tagger bundle; generate is not supported)"
+            )
         self.task_name = task_name
         self.task = task
         self.config: OnnxBackendConfig = task.backend

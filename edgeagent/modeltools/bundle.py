@@ -2,9 +2,11 @@
 
 A bundle is a directory.  ``manifest.json`` names every other file in it with its size
 and sha256; :func:`read_manifest` refuses a bundle whose files are missing or differ.
-Two kinds exist: ``encoder`` (``edgeagent models build``: INT8 ONNX sentence encoder +
-tokenizer) and ``classifier`` (``edgeagent train``: an encoder plus a head, labels and
-calibration).  Standard library only: the daemon imports this at load time.
+Three kinds exist: ``encoder`` (``edgeagent models build``: INT8 ONNX sentence encoder +
+tokenizer), ``classifier`` (``edgeagent train`` on ``{"text","label"}`` examples: an encoder
+plus a head, labels and calibration) and ``tagger`` (``edgeagent train`` on
+``{"tokens","tags"}`` examples: a fine-tuned INT8 token-classification model, its BIO tags
+and calibration).  Standard library only: the daemon imports this at load time.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 FORMAT = "edgeagent-bundle/1"
-KINDS = ("encoder", "classifier")
+KINDS = ("encoder", "classifier", "tagger")
 
 
 class BundleError(Exception):

@@ -238,14 +238,22 @@ def calibrate_bundle(
         f"{point.accuracy:.2%}, local {point.local_accuracy:.2%} on {len(examples)} examples"
     )
     if write:
-        cal_path = bundle / "calibration.json"
-        cal = json.loads(cal_path.read_text("utf-8"))
-        cal["threshold"] = threshold
-        cal["threshold_calibration"] = result
-        cal_path.write_text(json.dumps(cal, indent=2, sort_keys=True) + "\n", "utf-8")
-        files = list(manifest["files"])
-        base = {k: v for k, v in manifest.items() if k not in ("files", "fingerprint", "format")}
-        written = write_manifest(bundle, base, files)
-        result["fingerprint"] = written["fingerprint"]
-        log(f"wrote threshold to {cal_path}; new bundle fingerprint {written['fingerprint'][:12]}")
+        result["fingerprint"] = store_threshold(bundle, manifest, threshold, result, log)
     return result
+
+
+def store_threshold(
+    bundle: Path, manifest: dict[str, Any], threshold: float, result: dict[str, Any], log: Any
+) -> str:
+    """Write the threshold (and how it was chosen) into the bundle's ``calibration.json``
+    and re-hash the manifest; returns the new bundle fingerprint."""
+    cal_path = bundle / "calibration.json"
+    cal = json.loads(cal_path.read_text("utf-8"))
+    cal["threshold"] = threshold
+    cal["threshold_calibration"] = result
+    cal_path.write_text(json.dumps(cal, indent=2, sort_keys=True) + "\n", "utf-8")
+    files = list(manifest["files"])
+    base = {k: v for k, v in manifest.items() if k not in ("files", "fingerprint", "format")}
+    written = write_manifest(bundle, base, files)
+    log(f"wrote threshold to {cal_path}; new bundle fingerprint {written['fingerprint'][:12]}")
+    return str(written["fingerprint"])

@@ -1,0 +1,201 @@
+"""ONNX token tagger: slot F1, whole-frame accuracy, escalation for a frame-accuracy goal, speed.
+
+Run (``onnx`` extra; a tagger bundle from ``edgeagent train TASK --examples
+…/snips/train.jsonl``; the validation files of ``../shared/datasets``):
+
+    python benchmarks/bench_tagger.py --bundle models/bundles/snips_slots/latest \\
+        --data ../shared/datasets/snips/validation.jsonl
+    python benchmarks/bench_tagger.py --bundle models/bundles/atis_slots/latest \\
+        --data ../shared/datasets/atis/validation.jsonl --goal 0.97:0.15
+
+Sections:
+
+1. quality on the gold tokenization (``tag_words``), through the runtime's own decoder:
+   slot precision / recall / F1 (exact spans, conlleval-style), whole-frame accuracy (every
+   slot right, nothing extra), local only; then with a perfect cloud, the escalation rate
+   needed for 95 / 97 / 99 % frame accuracy under each confidence mode (``words``,
+   ``spans``, ``frame``) and the ECE of each;
+2. the same frames through the text path a job takes (``infer_batch`` on the joined text:
+   the runtime word splitter), to show the splitter does not change the answers;
+3. speed: single-job latency p50/p90 of the backend vs raw ``InferenceSession.run`` on the
+   same pre-encoded ids (ratio = what tokenization, Viterbi and object building add), and
+   throughput in batches of 16 (inputs/s, ratio to single-job);
+4. memory: RSS of this process after loading and running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import edgeagent.backends  # noqa: F401  (import order: the package before edgeagent.config)
+from edgeagent.backends.tagger import OnnxTaggerBackend
+from edgeagent.config import TaskConfig
+from edgeagent.modeltools.calibrate import format_curve
+from edgeagent.modeltools.tagger import (
+    CONFIDENCE_MODES,
+    evaluate,
+    load_tagged_examples,
+    tag_examples,
+)
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--bundle", type=Path, required=True, help="tagger bundle directory")
+    ap.add_argument(
+        "--data", type=Path, required=True, help='validation JSON lines {"tokens","tags"}'
+    )
+    ap.add_argument(
+        "--goal",
+        default="0.97:0.15",
+        help="FRAME_ACCURACY:MAX_ESCALATION printed as met / missed (default: %(default)s)",
+    )
+    ap.add_argument("--timing-n", type=int, default=300, help="inputs timed one at a time")
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    ap.add_argument("--curve", action="store_true", help="print the whole curve (words mode)")
+    ap.add_argument("--json", type=Path, default=None, help="write every figure here")
+    args = ap.parse_args()
+
+    if not args.data.is_file():
+        print(f"bench_tagger: no data at {args.data}", file=sys.stderr)
+        return 2
+    examples = load_tagged_examples(args.data)
+    words = [w for w, _ in examples]
+    gold = [t for _, t in examples]
+    task = TaskConfig.model_validate(
+        {
+            "kind": "extract",
+            "backend": {
+                "type": "onnx",
+                "bundle": str(args.bundle),
+                "intra_op_threads": args.threads,
+                "max_length": 256,
+            },
+        }
+    )
+    backend = OnnxTaggerBackend("bench", task)
+    backend.load()
+    model, decoder = backend.loaded()
+    unknown = {t for seq in gold for t in seq} - set(decoder.tags)
+    figures: dict[str, Any] = {"bundle": str(args.bundle.resolve()), "data": str(args.data)}
+
+    # 1. quality on the gold tokenization
+    t0 = time.perf_counter()
+    preds = tag_examples(model, decoder, words)
+    ev = evaluate(preds, gold, decoder.tags)
+    figures["quality"] = ev.summary()
+    figures["quality"]["tag_seconds"] = round(time.perf_counter() - t0, 2)
+    figures["quality"]["unknown_gold_tags"] = sorted(unknown)
+    print(f"== quality: {args.data} ({len(examples)} sentences) ==")
+    if unknown:
+        print(f"   gold tags the model never saw in training: {sorted(unknown)}")
+    print(
+        f"slot P {ev.slot_precision:.2%}  R {ev.slot_recall:.2%}  F1 {ev.slot_f1:.2%}   "
+        f"frame accuracy (local only) {ev.frame_accuracy:.2%}   too long {ev.too_long}"
+    )
+    print(f"{'confidence':>10} {'ECE':>7} {'esc@95%':>8} {'esc@97%':>8} {'esc@99%':>8}")
+    for mode in CONFIDENCE_MODES:
+        print(
+            f"{mode:>10} {ev.ece[mode]:>7.4f} {ev.escalation_for(0.95, mode):>8.1%} "
+            f"{ev.escalation_for(0.97, mode):>8.1%} {ev.escalation_for(0.99, mode):>8.1%}"
+        )
+    target, budget = (float(x) for x in args.goal.split(":"))
+    need = ev.escalation_for(target, "words")
+    verdict = "met" if need <= budget + 1e-12 else "MISSED"
+    print(
+        f"goal: {target:.0%} frame accuracy with <= {budget:.0%} escalated -> needs "
+        f"{need:.1%} (words): {verdict}"
+    )
+    figures["goal"] = {"frame_accuracy": target, "max_escalation": budget, "needed": need}
+    if args.curve:
+        print(format_curve(ev.curves["words"]))
+
+    # 2. through the text path
+    texts = [" ".join(w) for w in words]
+    text_preds = backend.infer_batch(texts)
+    same = 0
+    for p, tagged in zip(text_preds, preds, strict=True):
+        if tagged is None:
+            continue
+        want = [(s.slot, tagged.words[s.first][0], tagged.words[s.last][1]) for s in tagged.spans]
+        got = [(s["slot"], s["start"], s["end"]) for s in p.details.get("spans") or []]
+        same += int(want == got)
+    figures["text_path_same_spans"] = same / len(texts)
+    print(f"\n== text path: same spans as the gold tokenization on {same / len(texts):.2%} ==")
+
+    # 3. speed
+    import numpy as np
+
+    n = min(args.timing_n, len(texts))
+    sample = texts[:n]
+    encs = [model.tokenizer.encode(w, is_pretokenized=True) for w in words[:n]]
+    feeds = []
+    for e in encs:
+        ids = np.array([e.ids], dtype=np.int64)
+        feed: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if "token_type_ids" in model.input_names:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        feeds.append(feed)
+    raw_ms: list[float] = []
+    ours_ms: list[float] = []
+    for _ in range(2):  # interleaved rounds: noise hits both the same way
+        for feed, text in zip(feeds, sample, strict=True):
+            t = time.perf_counter()
+            model.session.run(None, feed)
+            raw_ms.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            backend.infer_batch([text])
+            ours_ms.append((time.perf_counter() - t) * 1000)
+    raw50, ours50 = statistics.median(raw_ms), statistics.median(ours_ms)
+    t = time.perf_counter()
+    for start in range(0, len(sample), 16):
+        backend.infer_batch(sample[start : start + 16])
+    batch_rate = len(sample) / (time.perf_counter() - t)
+    single_rate = 1000 / ours50
+    figures["speed"] = {
+        "raw_onnxruntime_p50_ms": raw50,
+        "backend_p50_ms": ours50,
+        "backend_p90_ms": _pct(ours_ms, 0.9),
+        "backend_over_raw": ours50 / raw50,
+        "batch16_inputs_per_s": batch_rate,
+        "batch16_over_single": batch_rate / single_rate,
+    }
+    print(f"\n== speed ({n} inputs x 2 rounds, {args.threads} thread(s)) ==")
+    print(
+        f"raw onnxruntime p50 {raw50:.2f} ms | backend p50 {ours50:.2f} ms, p90 "
+        f"{_pct(ours_ms, 0.9):.2f} ms | backend / raw {ours50 / raw50:.2f}x"
+    )
+    print(
+        f"batches of 16: {batch_rate:.0f} inputs/s = {batch_rate / single_rate:.2f}x one at a time"
+    )
+
+    # 4. memory
+    figures["rss_mb"] = _rss_mb()
+    print(f"\n== memory: RSS {figures['rss_mb']:.0f} MB (this process, bundle loaded) ==")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n", "utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    raise SystemExit(main())

