@@ -19,15 +19,23 @@ Sections (each prints a table; ``--json FILE`` writes every figure):
    valid answers, escalations (by failure) and invalid objects returned (must be 0).
 3. latency per extraction (warm prefix, greedy): p50 / p90 / max.
 4. RSS of a fresh process with the model loaded and warmed up.
+
+``--rss-with-classifier BUNDLE`` instead measures the whole daemon: ``edgeagent run``
+with two tasks — ``intent`` (the ONNX classifier bundle) and ``reading`` (the extraction
+task of ``examples/extract.toml`` on ``--model``) — against its own mosquitto (or
+``--mqtt-port``), answers ``--jobs`` jobs of each through ``edgeagent submit``, then reads
+VmRSS and VmHWM (peak) from ``/proc/PID/status`` and prints them against the 350 MB goal.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -353,6 +361,106 @@ def measure_rss(model: Path, fmt: str) -> dict[str, float]:
     return {"rss_before_mib": before, "rss_loaded_mib": after, "model_mib": after - before}
 
 
+# -- 5. the daemon with a classifier and this model -----------------------------------------
+
+RSS_GOAL_MB = 350.0
+INTENT_TEXTS = ["switch the lights off", "set the heating to 21 degrees", "what is the weather"]
+READING_TEXTS = [
+    "2026-11-26 07:12:03 WARN sensor=boiler-2 pressure 2.4 bar",
+    "2026-11-26 07:13:40 INFO device=th-7 temperature 19.5 C",
+    "[fan-3] motor speed=1450rpm",
+]
+
+
+def proc_status_mib(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (peak RSS) of ``pid`` in MiB."""
+    out: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def daemon_config(tmp: Path, port: int, bundle: Path, model: Path) -> Path:
+    """Two tasks: ``intent`` on ``bundle`` and ``reading`` from examples/extract.toml."""
+    extract = (REPO / "examples" / "extract.toml").read_text("utf-8")
+    reading = extract[extract.index("[tasks.reading]") :]
+    line = 'model = "models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"'
+    if line not in reading:
+        raise SystemExit(f"examples/extract.toml: no line {line!r} to point at --model")
+    reading = reading.replace(line, f"model = {json.dumps(str(model.resolve()))}")
+    cfg = tmp / "daemon.toml"
+    cfg.write_text(
+        f'device_id = "rssbench"\n[mqtt]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[store]\nstate_dir = "{tmp}/state"\n[metrics]\nlisten = ""\n'
+        f'[log]\nformat = "json"\nlevel = "warning"\n'
+        f'[tasks.intent]\nkind = "classify"\nthreshold = 0.5\n'
+        f'[tasks.intent.backend]\ntype = "onnx"\nbundle = {json.dumps(str(bundle.resolve()))}\n'
+        f"intra_op_threads = 2\n\n{reading}",
+        "utf-8",
+    )
+    return cfg
+
+
+def submit(cfg: Path, task: str, texts: list[str], timeout: float) -> list[dict[str, Any]]:
+    cmd = [sys.executable, "-m", "edgeagent", "submit", "--config", str(cfg), task]
+    for t in texts:
+        cmd += ["--text", t]
+    proc = subprocess.run(
+        [*cmd, "--timeout", str(timeout)], capture_output=True, text=True, cwd=REPO, check=False
+    )
+    rows = []
+    for line in proc.stdout.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def measure_daemon_rss(model: Path, bundle: Path, jobs: int, port: int) -> dict[str, Any]:
+    """RSS of ``edgeagent run`` with the classifier and the GGUF task, after answering."""
+    with tempfile.TemporaryDirectory() as tmpdir, contextlib.ExitStack() as stack:
+        tmp = Path(tmpdir)
+        if port == 0:
+            from tests.broker import Broker
+
+            port = stack.enter_context(Broker(tmp / "broker")).port
+        cfg = daemon_config(tmp, port, bundle, model)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            idle: dict[str, float] = {}
+            deadline = time.monotonic() + 120
+            while not submit(cfg, "intent", INTENT_TEXTS[:1], 5):  # loaded and answering
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"daemon did not answer (exit code {proc.poll()})")
+            idle = proc_status_mib(proc.pid)
+            answered: dict[str, int] = {}
+            for task, texts in (("intent", INTENT_TEXTS), ("reading", READING_TEXTS)):
+                batch = [texts[i % len(texts)] + f" #{i}" for i in range(jobs)]  # no cache hits
+                answered[task] = len(submit(cfg, task, batch, 30 + 5 * jobs))
+            after = proc_status_mib(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    return {
+        "bundle": str(bundle),
+        "jobs_answered": answered,
+        "rss_idle_mib": idle.get("VmRSS"),
+        "rss_mib": after.get("VmRSS"),
+        "peak_rss_mib": after.get("VmHWM"),
+        "rss_mb": after.get("VmRSS", float("nan")) * 1.048576,
+        "peak_rss_mb": after.get("VmHWM", float("nan")) * 1.048576,
+        "goal_mb": RSS_GOAL_MB,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", type=Path, required=True, help="GGUF file")
@@ -365,8 +473,27 @@ def main() -> int:
     ap.add_argument("--sections", default="rss,speed,latency,validity")
     ap.add_argument("--json", type=Path, help="write all figures here")
     ap.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--rss-with-classifier",
+        type=Path,
+        metavar="BUNDLE",
+        help="only measure the daemon's RSS with this ONNX classifier bundle and the model",
+    )
+    ap.add_argument("--jobs", type=int, default=5, help="--rss-with-classifier: jobs per task")
+    ap.add_argument(
+        "--mqtt-port", type=int, default=0, help="--rss-with-classifier: broker (0 = own)"
+    )
     args = ap.parse_args()
     fmt = args.prompt_format
+    if args.rss_with_classifier:
+        r = measure_daemon_rss(args.model, args.rss_with_classifier, args.jobs, args.mqtt_port)
+        print(json.dumps(r, indent=1))
+        for key in ("rss_mb", "peak_rss_mb"):
+            ratio = r[key] / RSS_GOAL_MB
+            print(f"{key:12} {r[key]:7.1f} MB  ratio to the {RSS_GOAL_MB:.0f} MB goal: {ratio:.2f}")
+        if args.json:
+            args.json.write_text(json.dumps(r, indent=1))
+        return 0
     if args.rss_only:
         print(json.dumps(measure_rss(args.model, fmt)))
         return 0

@@ -419,6 +419,8 @@ class TaskConfig(_Section):
                 unknown = {r.label for r in b.rules} - set(self.labels)
                 if unknown:
                     raise ValueError(f"rules answer labels not in `labels`: {sorted(unknown)}")
+        if isinstance(b, LlamaCppBackendConfig) and b.calibration and self.kind == "generate":
+            raise ValueError("backend.calibration: generate tasks are not calibrated")
         for name, pattern in self.redact_patterns.items():
             segment(name)
             if name.lower() in REDACT_KINDS:

@@ -61,6 +61,11 @@ def test_config_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         ('[tasks.x]\nkind = "classify"\n[tasks.x.backend]\ntype = "rules"\n', "tasks.x"),
         ('[[tasks.x.backend.rules]]\nlabel = "a"\npatterns = ["("]\n', "tasks.x"),
         ('[topics]\nprefix = "a/b"\n', "topics.prefix"),
+        (
+            '[tasks.x]\nkind = "generate"\n[tasks.x.backend]\ntype = "llamacpp"\n'
+            'model = "m.gguf"\ncalibration = "c.json"\n',
+            "tasks.x",
+        ),
         ("[mqtt\n", "(syntax)"),
     ],
 )

@@ -10,13 +10,18 @@ skip when it cannot be had.  No timing is asserted (see benchmarks/bench_llamacp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import itertools
+import json
 import os
+import random
 import shutil
 import threading
 import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +30,11 @@ import pytest
 
 from edgeagent.backends.base import BackendError, Prediction
 from edgeagent.backends.llamacpp import LlamaCppBackend
-from edgeagent.config import TaskConfig
+from edgeagent.cli import main as cli_main
+from edgeagent.config import TaskConfig, load_settings
 from edgeagent.grammar import control_chars_in
 from edgeagent.modeltools import pull as pull_mod
+from edgeagent.modeltools.calibrate_llm import load_labelled
 from edgeagent.modeltools.pull import DEFAULT_DEST, KnownModel, PullError, Wheel, pull
 
 PERSON: dict[str, Any] = {
@@ -82,7 +89,12 @@ def model_path() -> Path:
 
 
 def make_task(model: Path, kind: str = "extract", **backend: Any) -> TaskConfig:
-    spec: dict[str, Any] = {"kind": kind, "backend": {"type": "llamacpp", "model": str(model)}}
+    # One thread: llama.cpp's threads spin at every barrier, so two threads on a machine
+    # whose other core is busy (CI running other jobs) run ~20x slower than one.
+    spec: dict[str, Any] = {
+        "kind": kind,
+        "backend": {"type": "llamacpp", "model": str(model), "n_threads": 1},
+    }
     if kind == "extract":
         spec["schema"] = PERSON
         spec["backend"]["examples"] = EXAMPLES
@@ -320,6 +332,179 @@ def test_fingerprint_tracks_prompts_and_weights(model_path: Path, tmp_path: Path
         f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
     assert LlamaCppBackend("t", make_task(copy)).fingerprint != a.fingerprint
     assert a.model_id.startswith("SmolLM2-135M-Instruct.Q4_1@")
+
+
+# -- calibration (edgeagent calibrate on a llamacpp task) --------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+SENSOR_UNITS = {
+    "C": "temperature",
+    "F": "temperature",
+    "%": "humidity",
+    "bar": "pressure",
+    "hPa": "air pressure",
+    "V": "battery",
+    "A": "current",
+    "rpm": "motor speed",
+}
+SENSOR_TEMPLATES = [
+    "2026-11-{day:02d} 0{h}:12:03 INFO device={dev} {what} {val} {unit}",
+    "2026-11-{day:02d} 1{h}:40:55 WARN sensor={dev} {what} {val} {unit}",
+    "[{dev}] {what}={val}{unit}",
+    "11/{day:02d} 2{h}:01 ALARM {dev}: {what} {val} {unit} above limit",
+]
+
+
+def sensor_lines(n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` labelled log lines (seeded): ``{"text", "output": {device_id, value, unit}}``."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        unit = list(SENSOR_UNITS)[i % len(SENSOR_UNITS)]
+        dev = f"{rng.choice(['th', 'pump', 'boiler', 'fan', 'ahu'])}-{rng.randint(1, 40)}"
+        val: float = rng.randint(300, 6000) if unit == "rpm" else round(rng.uniform(1, 99), 1)
+        text = SENSOR_TEMPLATES[rng.randrange(len(SENSOR_TEMPLATES))].format(
+            day=rng.randint(1, 28),
+            h=rng.randint(0, 3),
+            dev=dev,
+            what=SENSOR_UNITS[unit],
+            val=val,
+            unit=unit,
+        )
+        rows.append({"text": text, "output": {"device_id": dev, "value": val, "unit": unit}})
+    return rows
+
+
+def extract_config(model: Path, dest: Path, **backend: str | int) -> Path:
+    """examples/extract.toml with the model at ``model`` (and extra backend keys); one
+    thread, as in :func:`make_task`."""
+    text = (REPO / "examples" / "extract.toml").read_text("utf-8")
+    line = 'model = "models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"'
+    assert line in text
+    backend = {"n_threads": 1, **backend}
+    extra = "".join(f"\n{k} = {json.dumps(v)}" for k, v in backend.items())
+    dest.write_text(text.replace(line, f"model = {json.dumps(str(model))}{extra}"), "utf-8")
+    return dest
+
+
+def reading_task(config: Path) -> TaskConfig:
+    settings, _ = load_settings(config)
+    return settings.tasks["reading"]
+
+
+@dataclass
+class Calibrated:
+    config: Path  # examples/extract.toml, no calibration key
+    file: Path  # written by `edgeagent calibrate`
+    output: str  # what the command printed
+
+
+@pytest.fixture(scope="module")
+def calibrated(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Calibrated:
+    """`edgeagent calibrate reading` once (~30 extractions) for the tests below."""
+    d = tmp_path_factory.mktemp("calibrate")
+    config = extract_config(model_path, d / "extract.toml")
+    labelled = d / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in sensor_lines(32, seed=11)))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        args = ["calibrate", "reading", "-c", str(config), "--examples", str(labelled)]
+        code = cli_main([*args, "--target-escalation", "0.5"])
+    assert code == 0, out.getvalue()
+    return Calibrated(config, d / "reading.calibration.json", out.getvalue())
+
+
+def test_calibrate_writes_a_calibration_for_the_model_and_prompt(
+    calibrated: Calibrated, model_path: Path
+) -> None:
+    doc = json.loads(calibrated.file.read_text())  # default path: next to the config
+    assert doc["format"] == "edgeagent.platt-calibration/1"
+    assert doc["model_sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
+    plain = LlamaCppBackend("reading", reading_task(calibrated.config))
+    assert doc["prompt_fingerprint"] == plain.prompt_fingerprint
+    assert doc["a"] >= 0 and 0.0 <= doc["threshold"] <= 1.0
+    m = doc["metrics"]
+    assert m["examples"] == 32 and m["escalation"] <= 0.5
+    for key in ("ece_before", "ece_after", "ece_after_cv"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert "escalate threshold" in calibrated.output  # the curve
+    assert f'calibration = "{calibrated.file}"' in calibrated.output
+
+
+def test_calibrated_backend_reports_calibrated_confidence(
+    calibrated: Calibrated, tmp_path: Path
+) -> None:
+    config = extract_config(
+        reading_task(calibrated.config).backend.model,  # type: ignore[union-attr]
+        tmp_path / "extract.toml",
+        calibration=str(calibrated.file),
+    )
+    backend = loaded(reading_task(config))
+    plain = LlamaCppBackend("reading", reading_task(calibrated.config))
+    try:
+        preds = backend.infer_batch([r["text"] for r in sensor_lines(6, seed=99)])
+    finally:
+        backend.close()
+    cal = backend.calibration
+    assert cal is not None and cal.threshold is not None
+    assert backend.prompt_fingerprint == plain.prompt_fingerprint
+    assert backend.fingerprint != plain.fingerprint  # cached answers of the raw model not reused
+    answered = [p for p in preds if p.output is not None]
+    assert answered
+    for p in answered:
+        raw = p.details["raw_confidence"]
+        assert 0.0 <= p.confidence <= 1.0 and p.confidence == cal.apply(raw)
+        assert (p.reason == "low_confidence") == (p.confidence < cal.threshold)
+    ranked = sorted(answered, key=lambda p: p.details["raw_confidence"])
+    assert all(x.confidence <= y.confidence for x, y in itertools.pairwise(ranked))
+
+
+def test_stale_calibration_is_refused(calibrated: Calibrated, tmp_path: Path) -> None:
+    model = reading_task(calibrated.config).backend.model  # type: ignore[union-attr]
+    other_prompt = extract_config(
+        model, tmp_path / "a.toml", calibration=str(calibrated.file), confidence="mean"
+    )
+    with pytest.raises(BackendError, match="another prompt"):
+        LlamaCppBackend("reading", reading_task(other_prompt)).load()
+    doc = json.loads(calibrated.file.read_text())
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps({**doc, "model_sha256": "0" * 64}))
+    other_model = extract_config(model, tmp_path / "b.toml", calibration=str(forged))
+    with pytest.raises(BackendError, match="another model file"):
+        LlamaCppBackend("reading", reading_task(other_model)).load()
+    forged.write_text("{")
+    with pytest.raises(BackendError, match="not JSON"):
+        LlamaCppBackend("reading", reading_task(other_model)).load()
+
+
+def test_fingerprint_follows_the_calibration_file(calibrated: Calibrated, tmp_path: Path) -> None:
+    model = reading_task(calibrated.config).backend.model  # type: ignore[union-attr]
+    copy = tmp_path / "cal.json"
+    shutil.copyfile(calibrated.file, copy)
+    config = extract_config(model, tmp_path / "c.toml", calibration=str(copy))
+    before = LlamaCppBackend("reading", reading_task(config)).fingerprint
+    doc = json.loads(copy.read_text())
+    copy.write_text(json.dumps({**doc, "b": doc["b"] + 0.5}))
+    after = LlamaCppBackend("reading", reading_task(config))
+    assert after.fingerprint != before
+    assert after.prompt_fingerprint == LlamaCppBackend("r", reading_task(config)).prompt_fingerprint
+
+
+def test_calibrate_command_rejects_unlabelled_examples(model_path: Path, tmp_path: Path) -> None:
+    config = extract_config(model_path, tmp_path / "extract.toml")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "th-1 21.5 C", "label": "reading"}\n')
+    args = ["calibrate", "reading", "-c", str(config), "--examples", str(bad)]
+    assert cli_main([*args, "--target-precision", "0.9"]) == 2
+    assert not (tmp_path / "reading.calibration.json").exists()
+
+
+def test_example_labelled_set_matches_the_example_schema() -> None:
+    task = reading_task(REPO / "examples" / "extract.toml")
+    rows = load_labelled(REPO / "examples" / "extract-labelled.jsonl", task.kind)
+    assert len(rows) >= 50
+    for _, expected in rows:
+        jsonschema.validate(expected, task.output_schema or {})
 
 
 # -- models pull (fake downloader: no network) -------------------------------------------------

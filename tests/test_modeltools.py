@@ -10,6 +10,12 @@ from typing import Any
 
 import pytest
 
+from edgeagent.backends.calibration import (
+    CalibrationError,
+    PlattCalibration,
+    read_calibration,
+    write_calibration,
+)
 from edgeagent.modeltools.bundle import (
     BundleError,
     fingerprint,
@@ -26,6 +32,7 @@ from edgeagent.modeltools.calibrate import (
     threshold_for_escalation,
     threshold_for_precision,
 )
+from edgeagent.modeltools.calibrate_llm import fit_platt, load_labelled, out_of_fold
 from edgeagent.modeltools.train import (
     ExamplesError,
     TrainOptions,
@@ -216,3 +223,121 @@ def test_escalation_curve() -> None:
     assert threshold_for_precision(pts, 1.0).threshold == 0.9
     assert threshold_for_escalation(pts, 0.5).escalation <= 0.5
     assert threshold_for_escalation(pts, 0.0).escalation == 1 / 8
+
+
+# -- Platt scaling of the llamacpp confidence (calibrate_llm) --------------------------
+
+
+def _platt_nll(raw: list[float], ok: list[bool], a: float, b: float) -> float:
+    cal = PlattCalibration(a, b, None, "m", "p")
+    ps = [min(1 - 1e-12, max(1e-12, cal.apply(c))) for c in raw]
+    return -sum(math.log(p) if y else math.log(1 - p) for p, y in zip(ps, ok, strict=True))
+
+
+def test_fit_platt_recovers_the_true_mapping(np: Any) -> None:
+    rng = np.random.default_rng(3)
+    raw = rng.uniform(0.01, 0.99, size=6000)
+    true_a, true_b = 2.0, -0.5
+    p = 1 / (1 + np.exp(-(true_a * np.log(raw / (1 - raw)) + true_b)))
+    ok = rng.uniform(size=raw.size) < p
+    a, b = fit_platt(raw.tolist(), ok.tolist())
+    assert abs(a - true_a) < 0.15 and abs(b - true_b) < 0.15
+    nll_fit = _platt_nll(raw.tolist(), ok.tolist(), a, b)
+    for da, db in ((0.1, 0), (-0.1, 0), (0, 0.1), (0, -0.1)):
+        assert nll_fit <= _platt_nll(raw.tolist(), ok.tolist(), a + da, b + db)
+
+
+@pytest.mark.parametrize("ok", [[], [True] * 5, [False] * 5])
+def test_fit_platt_is_the_identity_with_nothing_to_learn(np: Any, ok: list[bool]) -> None:
+    raw = [0.1, 0.3, 0.5, 0.7, 0.9][: len(ok)]
+    assert fit_platt(raw, ok) == (1.0, 0.0)
+
+
+def test_fit_platt_stays_finite_and_monotone_on_separable_data(np: Any) -> None:
+    raw = [0.05, 0.1, 0.2, 0.3, 0.6, 0.7, 0.8, 0.9]
+    ok = [False] * 4 + [True] * 4
+    a, b = fit_platt(raw, ok)
+    assert math.isfinite(a) and math.isfinite(b) and a > 0
+    cal = PlattCalibration(a, b, None, "m", "p")
+    assert cal.apply(0.3) < 0.5 < cal.apply(0.6)
+
+
+def test_fit_platt_never_inverts_the_ranking(np: Any) -> None:
+    """Raw confidence anti-correlated with correctness: a = 0, the (smoothed) base rate."""
+    raw = [0.1, 0.2, 0.3, 0.7, 0.8, 0.9]
+    ok = [True, True, True, False, False, True]
+    a, b = fit_platt(raw, ok)
+    assert a == 0.0
+    smoothed = (4 * (5 / 6) + 2 * (1 / 4)) / 6  # targets (N+ + 1)/(N+ + 2) and 1/(N- + 2)
+    assert PlattCalibration(a, b, None, "m", "p").apply(0.5) == pytest.approx(smoothed)
+
+
+def test_out_of_fold_calibration_is_honest(np: Any) -> None:
+    rng = np.random.default_rng(4)
+    raw = rng.uniform(0.05, 0.95, size=400).tolist()
+    ok = (rng.uniform(size=400) < 0.5).tolist()  # correctness unrelated to the confidence
+    oof = out_of_fold(raw, ok)
+    assert len(oof) == len(raw) and all(0.0 <= p <= 1.0 for p in oof)
+    # No signal: every fold learns about the base rate, whatever the raw confidence.
+    assert max(oof) - min(oof) < 0.2
+    assert ece(np.array(oof, dtype=np.float32), np.array(ok)) < ece(
+        np.array(raw, dtype=np.float32), np.array(ok)
+    )
+
+
+def test_platt_mapping_is_monotone_and_bounded() -> None:
+    cal = PlattCalibration(3.0, 1.0, None, "m", "p")
+    grid = [0.0, 1e-9, 1e-4, 0.01, 0.2, 0.5, 0.8, 0.99, 1 - 1e-9, 1.0]
+    out = [cal.apply(c) for c in grid]
+    assert all(0.0 <= p <= 1.0 for p in out)
+    assert all(x <= y for x, y in itertools.pairwise(out))
+    assert PlattCalibration(1.0, 0.0, None, "m", "p").apply(0.3) == pytest.approx(0.3)
+
+
+def test_calibration_file_round_trip(tmp_path: Path) -> None:
+    cal = PlattCalibration(0.7, -0.1, 0.62, "ab" * 32, "cd" * 32, info={"task": "reading"})
+    path = tmp_path / "sub" / "reading.calibration.json"
+    write_calibration(path, cal)
+    back, sha = read_calibration(path)
+    assert back == cal
+    assert len(sha) == 64 and path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"a": -1.0}, "monotone"),
+        ({"b": "x"}, "'b' must be a finite"),
+        ({"a": True}, "'a' must be a finite"),
+        ({"threshold": 1.5}, r"\[0, 1\]"),
+        ({"format": "other"}, "not an edgeagent calibration"),
+        ({"model_sha256": ""}, "model_sha256"),
+    ],
+)
+def test_calibration_file_is_validated(tmp_path: Path, change: dict[str, Any], match: str) -> None:
+    doc = PlattCalibration(0.7, -0.1, 0.5, "ab" * 32, "cd" * 32).to_json() | change
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(CalibrationError, match=match):
+        read_calibration(path)
+    path.write_text('{"a": NaN')
+    with pytest.raises(CalibrationError, match="not JSON"):
+        read_calibration(path)
+
+
+def test_load_labelled_accepts_outputs_and_labels(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    path.write_text(
+        '{"text": "a", "output": {"x": 1}}\n\n{"text": "b", "label": "on"}\n'
+        '{"text": "c", "output": "off"}\n'
+    )
+    assert load_labelled(path, "classify") == [
+        ("a", {"x": 1}),
+        ("b", {"label": "on"}),
+        ("c", {"label": "off"}),
+    ]
+    with pytest.raises(ExamplesError, match=r"l\.jsonl:3: expected"):
+        load_labelled(path, "extract")  # a label is no extraction target
+    path.write_text('{"text": 1, "output": {}}\n')
+    with pytest.raises(ExamplesError, match=":1: expected"):
+        load_labelled(path, "extract")

