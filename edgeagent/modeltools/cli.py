@@ -102,10 +102,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "minutes per epoch)",
     )
     train.add_argument(
-        "--epochs", type=int, default=3, help="fine-tuning epochs: tagger, --finetune (default: 3)"
+        "--epochs",
+        type=int,
+        default=None,
+        help="fine-tuning epochs (default: 6 for a tagger, 3 for --finetune)",
     )
     train.add_argument(
-        "--lr", type=float, default=None, help="tagger: encoder learning rate (default: 1e-4)"
+        "--lr", type=float, default=None, help="tagger: encoder learning rate (default: 1.5e-4)"
     )
     train.add_argument("--max-length", type=int, default=None, help="tokens per input")
     train.add_argument("--threads", type=int, default=2, help="onnxruntime threads for embedding")
@@ -248,7 +251,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             args.encoder,
             args.out,
             opts,
-            finetune={"epochs": args.epochs} if args.finetune else None,
+            finetune={"epochs": args.epochs or 3} if args.finetune else None,
             command=_command_line(),
         )
     except ImportError as exc:
@@ -279,11 +282,11 @@ def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
     )
     from edgeagent.modeltools.train import ExamplesError
 
-    if args.epochs < 1:
+    if args.epochs is not None and args.epochs < 1:
         _err("--epochs must be at least 1")
         return EXIT_USAGE
     opts = TaggerOptions(
-        epochs=args.epochs,
+        epochs=TaggerOptions.epochs if args.epochs is None else args.epochs,
         held_out=0.1 if args.held_out is None else args.held_out,
         seed=args.seed,
         threads=args.threads,
