@@ -433,7 +433,32 @@ class TaskConfig(_Section):
             if self.output_schema.get("type") != "object":
                 raise ValueError("schema: must be a JSON Schema with type = 'object'")
             _check_json_schema(self.output_schema)
+        if isinstance(b, LlamaCppBackendConfig):
+            self._check_examples(b)
         return self
+
+    def _check_examples(self, b: LlamaCppBackendConfig) -> None:
+        """Few-shot examples teach the model the answer's form: one that the task itself
+        would refuse (a label not in `labels`, an object the schema rejects) is a typo."""
+        for i, ex in enumerate(b.examples):
+            where = f"backend.examples[{i}].output"
+            out = ex.output
+            if self.kind == "classify":
+                label = out if isinstance(out, str) else out.get("label")
+                if self.labels and label not in self.labels:
+                    raise ValueError(f"{where}: {label!r} is not one of `labels`")
+            elif self.kind == "extract":
+                if not isinstance(out, dict):
+                    raise ValueError(f"{where}: an extract example's output must be an object")
+                if self.output_schema is not None:
+                    import jsonschema
+
+                    errors = list(
+                        jsonschema.Draft202012Validator(self.output_schema).iter_errors(out)
+                    )
+                    if errors:
+                        message = errors[0].message
+                        raise ValueError(f"{where}: not valid against `schema`: {message}")
 
     @property
     def policy(self) -> Literal["auto", "never", "always"]:

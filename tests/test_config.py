@@ -164,3 +164,36 @@ def test_example_cloud_config_is_valid() -> None:
 
     settings, _ = load_cloud_settings(REPO / "examples" / "cloud.toml")
     assert settings.llm.base_url
+
+
+@pytest.mark.parametrize(
+    ("task", "message"),
+    [
+        (
+            'kind = "extract"\nschema = { type = "object", properties.unit = { enum = ["C"] } }\n'
+            "[[tasks.x.backend.examples]]\n"
+            'input = "t1 21 F"\noutput = { unit = "F" }\n',
+            "examples[0].output: not valid against `schema`",
+        ),
+        (
+            'kind = "extract"\n[[tasks.x.backend.examples]]\ninput = "a"\noutput = "a"\n',
+            "examples[0].output: an extract example's output must be an object",
+        ),
+        (
+            'kind = "classify"\nlabels = ["on", "off"]\n'
+            '[[tasks.x.backend.examples]]\ninput = "lights please"\noutput = "dim"\n',
+            "examples[0].output: 'dim' is not one of `labels`",
+        ),
+    ],
+)
+def test_few_shot_examples_must_be_answers_the_task_accepts(
+    tmp_path: Path, task: str, message: str
+) -> None:
+    # The examples table follows the backend table, so put the backend keys first.
+    head, _, examples = task.partition("[[")
+    text = f'[tasks.x]\n{head}[tasks.x.backend]\ntype = "llamacpp"\nmodel = "m.gguf"\n' + (
+        f"[[{examples}" if examples else ""
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text))
+    assert any(message in m for _, m in info.value.errors), info.value.errors
