@@ -69,17 +69,13 @@ def finetune_encoder(
 
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total = steps_per_epoch * epochs
-    warmup = max(1, total // 10)
     optim = torch.optim.AdamW(
         [
             {"params": model.parameters(), "lr": lr, "weight_decay": 0.01},
             {"params": [classifier], "lr": head_lr, "weight_decay": 0.0},
         ]
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim,
-        lambda step: min((step + 1) / warmup, max(0.0, (total - step) / (total - warmup + 1))),
-    )
+    sched = warmup_decay(optim, total)
     order = list(range(len(examples)))
     step = 0
     t0 = time.monotonic()
@@ -93,12 +89,7 @@ def finetune_encoder(
             logits = scale * emb @ weights.T
             target = torch.tensor([index[lb] for _, lb in batch])
             loss = torch.nn.functional.cross_entropy(logits, target)
-            optim.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optim.step()
-            sched.step()
-            running += float(loss.detach())
+            running += train_step(model, optim, sched, loss)
             step += 1
             if step % 50 == 0:
                 log(f"    step {step}/{total}: loss {float(loss.detach()):.4f}")
@@ -116,6 +107,28 @@ def finetune_encoder(
         if (source_dir / extra).is_file():
             shutil.copyfile(source_dir / extra, out_dir / extra)
     return out_dir
+
+
+def warmup_decay(optim: Any, total: int) -> Any:
+    """Learning rate: linear warm-up over the first 10 % of ``total`` steps, then linear
+    decay to 0."""
+    torch: Any = importlib.import_module("torch")
+    warmup = max(1, total // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optim,
+        lambda step: min((step + 1) / warmup, max(0.0, (total - step) / (total - warmup + 1))),
+    )
+
+
+def train_step(model: Any, optim: Any, sched: Any, loss: Any) -> float:
+    """One optimiser step on ``loss`` (gradients clipped to norm 1); returns the loss."""
+    torch: Any = importlib.import_module("torch")
+    optim.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optim.step()
+    sched.step()
+    return float(loss.detach())
 
 
 def _embed(model: Any, tokenizer: Any, texts: list[str], max_length: int) -> Any:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeagent.backends.tagger import Decoder, TaggedText, TaggerModel, job_confidence, spans
-from edgeagent.modeltools.bundle import sha256_file, write_manifest
+from edgeagent.modeltools.bundle import sha256_file
 from edgeagent.modeltools.calibrate import (
     CurvePoint,
     ece,
@@ -245,6 +245,7 @@ def finetune_tagger(
     # Typed as Any on purpose: torch/transformers stubs differ between installs.
     torch: Any = importlib.import_module("torch")
     transformers: Any = importlib.import_module("transformers")
+    from edgeagent.modeltools.finetune import train_step, warmup_decay
 
     torch.manual_seed(opts.seed)
     rng = random.Random(opts.seed)
@@ -268,11 +269,7 @@ def finetune_tagger(
     )
     steps_per_epoch = math.ceil(len(examples) / opts.batch_size)
     total = steps_per_epoch * opts.epochs
-    warmup = max(1, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim,
-        lambda step: min((step + 1) / warmup, max(0.0, (total - step) / (total - warmup + 1))),
-    )
+    sched = warmup_decay(optim, total)
     order = list(range(len(examples)))
     step = 0
     t0 = time.monotonic()
@@ -301,12 +298,7 @@ def finetune_tagger(
                         lab.append(index[row_tags[wid]])
                 labels.append(lab)
             loss = model(**enc, labels=torch.tensor(labels)).loss
-            optim.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optim.step()
-            sched.step()
-            running += float(loss.detach())
+            running += train_step(model, optim, sched, loss)
             step += 1
             if step % 100 == 0:
                 log(f"    step {step}/{total}: loss {float(loss.detach()):.4f}")
@@ -364,7 +356,7 @@ def train_tagger_bundle(
     import numpy as np
 
     from edgeagent.modeltools.build import resolve_source
-    from edgeagent.modeltools.train import _point_latest
+    from edgeagent.modeltools.train import publish_bundle
 
     examples = load_tagged_examples(examples_path)
     tags = tag_set(examples)
@@ -504,19 +496,11 @@ def train_tagger_bundle(
                     )
                 },
             }
-            files = ["model.onnx", "tokenizer.json", "labels.json", "calibration.json"]
-            written = write_manifest(staging, manifest, [*files, "metrics.json"])
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-            final = out_root / task / f"{stamp}-{written['fingerprint'][:8]}"
-            final.parent.mkdir(parents=True, exist_ok=True)
-            staging.chmod(0o755)
-            staging.rename(final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    _point_latest(final)
-    log(f"wrote {final} (fingerprint {written['fingerprint'][:12]}); {final.parent}/latest -> it")
-    return final
+    files = ["model.onnx", "tokenizer.json", "labels.json", "calibration.json", "metrics.json"]
+    return publish_bundle(staging, out_root / task, manifest, files, log)
 
 
 def schema_toml(task: str, tags: list[str], max_length: int = 64) -> str:

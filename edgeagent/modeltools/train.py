@@ -597,9 +597,22 @@ def _train_bundle(
             "encoder_finetuned": finetune is not None,
             "finetune": finetune,
         }
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return publish_bundle(staging, out_root / task, manifest, files, log)
+
+
+def publish_bundle(
+    staging: Path, task_dir: Path, manifest: dict[str, Any], files: list[str], log: Any
+) -> Path:
+    """Hash ``files`` into the staging directory's manifest, move it to
+    ``task_dir/<UTC time>-<fingerprint>`` and point ``task_dir/latest`` at it.  The staging
+    directory is removed on failure.  Returns the bundle directory."""
+    try:
         written = write_manifest(staging, manifest, files)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        final = out_root / task / f"{stamp}-{written['fingerprint'][:8]}"
+        final = task_dir / f"{stamp}-{written['fingerprint'][:8]}"
         final.parent.mkdir(parents=True, exist_ok=True)
         staging.chmod(0o755)
         staging.rename(final)
