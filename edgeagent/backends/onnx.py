@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +42,50 @@ LOW_CONFIDENCE = "low_confidence"
 WARMUP_TEXT = "warm-up: what is the balance of my account?"
 
 
+def cpu_session(model_path: Path, intra_op_threads: int = 1, inter_op_threads: int = 1) -> Any:
+    """An onnxruntime CPU session (sequential execution, every graph optimisation): the
+    one place the onnx backends create sessions."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = intra_op_threads
+    opts.inter_op_num_threads = inter_op_threads
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(
+        str(model_path), sess_options=opts, providers=["CPUExecutionProvider"]
+    )
+
+
+def bundle_manifest(task_name: str, bundle: Path, kind: str, *, verify: bool) -> dict[str, Any]:
+    """A bundle's checked manifest, or :class:`BackendError` naming the task and bundle."""
+    try:
+        return read_manifest(bundle, kind=kind, verify=verify)
+    except BundleError as exc:
+        raise BackendError(f"task {task_name!r}, bundle {bundle}: {exc}") from None
+
+
+def bundle_fingerprint(manifest: dict[str, Any], *settings: str) -> str:
+    """The bundle's file fingerprint combined with the settings that change answers."""
+    return hashlib.sha256("|".join([manifest["fingerprint"], *settings]).encode()).hexdigest()
+
+
+@contextmanager
+def loading_model(where: str) -> Iterator[None]:
+    """Turn what onnxruntime, tokenizers or a bad bundle file raise at load into a
+    :class:`BackendError` naming ``where``."""
+    try:
+        yield
+    except BackendError:
+        raise
+    except ImportError as exc:
+        raise BackendError(
+            f"{where}: the onnx runtime is not installed (pip install 'edgeagent[onnx]'): {exc}"
+        ) from None
+    except Exception as exc:  # onnxruntime/tokenizers raise their own types
+        raise BackendError(f"{where}: cannot load model: {exc}") from None
+
+
 class OnnxEncoder:
     """Tokenizer + ONNX transformer + masked mean pooling + L2 normalisation.
 
@@ -57,7 +103,6 @@ class OnnxEncoder:
         inter_op_threads: int = 1,
         pad_token: str = "[PAD]",
     ) -> None:
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
@@ -72,14 +117,7 @@ class OnnxEncoder:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = inter_op_threads
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(
-            str(model_path), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+        self.session = cpu_session(model_path, intra_op_threads, inter_op_threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         missing = {"input_ids", "attention_mask"} - set(self.input_names)
         if missing:
@@ -358,19 +396,15 @@ class OnnxBackend:
     def fingerprint(self) -> str:
         """Bundle fingerprint (all file hashes) combined with the settings that change
         answers (max_length, OOS distance, bundle threshold)."""
-        manifest = self._manifest
-        if manifest is None:  # before load(): the manifest's own claim, unverified
-            try:
-                manifest = read_manifest(self.config.bundle, kind="classifier", verify=False)
-            except BundleError as exc:
-                raise BackendError(f"task {self.task_name!r}: {exc}") from None
-        parts = [
-            manifest["fingerprint"],
+        manifest = self._manifest or bundle_manifest(  # before load(): unverified claim
+            self.task_name, self.config.bundle, "classifier", verify=False
+        )
+        return bundle_fingerprint(
+            manifest,
             f"max_length={self.config.max_length}",
             f"oos_distance={self.config.oos_distance}",
             f"use_bundle_threshold={self.config.use_bundle_threshold}",
-        ]
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+        )
 
     @property
     def labels(self) -> list[str]:
@@ -385,13 +419,10 @@ class OnnxBackend:
         bundle = self.config.bundle
         where = f"task {self.task_name!r}, bundle {bundle}"
         with self._lock:
-            try:
-                manifest = read_manifest(
-                    bundle, kind="classifier", verify=self.config.verify_sha256
-                )
-            except BundleError as exc:
-                raise BackendError(f"{where}: {exc}") from None
-            try:
+            manifest = bundle_manifest(
+                self.task_name, bundle, "classifier", verify=self.config.verify_sha256
+            )
+            with loading_model(where):
                 tok = manifest.get("tokenizer", {})
                 encoder = OnnxEncoder(
                     bundle / "model.onnx",
@@ -402,13 +433,6 @@ class OnnxBackend:
                     pad_token=tok.get("pad_token", "[PAD]"),
                 )
                 head = Head.from_bundle(bundle)
-            except ImportError as exc:
-                raise BackendError(
-                    f"{where}: the onnx runtime is not installed "
-                    f"(pip install 'edgeagent[onnx]'): {exc}"
-                ) from None
-            except Exception as exc:  # onnxruntime/tokenizers raise their own types
-                raise BackendError(f"{where}: cannot load model: {exc}") from None
             if head.dim != encoder.dim:
                 raise BackendError(
                     f"{where}: head expects {head.dim}-d embeddings, encoder gives {encoder.dim}"

@@ -33,7 +33,6 @@ probability of the whole tag sequence.  ``benchmarks/bench_tagger.py`` compares 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import threading
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeagent.backends.base import BackendError, JSONValue, Prediction
-from edgeagent.modeltools.bundle import BundleError, read_manifest
+from edgeagent.backends.onnx import bundle_fingerprint, bundle_manifest, loading_model
 
 if TYPE_CHECKING:
     import numpy as np
@@ -182,22 +181,16 @@ class TaggerModel:
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
     ) -> None:
-        import onnxruntime as ort
         from tokenizers import Tokenizer
+
+        from edgeagent.backends.onnx import cpu_session
 
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
         tokenizer.no_padding()
         tokenizer.no_truncation()  # overlong inputs are detected and escalated, never cut
         self.tokenizer = tokenizer
         self.max_length = max_length
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = inter_op_threads
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(
-            str(model_path), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+        self.session = cpu_session(model_path, intra_op_threads, inter_op_threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         missing = {"input_ids", "attention_mask"} - set(self.input_names)
         if missing:
@@ -268,29 +261,25 @@ class Decoder:
         self.start = start_mask(self.tags)
         self.slots = sorted({s for t in self.tags if (s := slot_of(t)) is not None})
 
-    def decode(
-        self, logits: FloatArray, blank: list[bool] | None = None
-    ) -> tuple[list[int], list[float]]:
-        """Tag path and the calibrated probability of each chosen tag.  ``blank`` words (no
-        sub-word tokens) are forced to ``O`` with probability 1."""
+    def decode(self, logits: FloatArray) -> tuple[list[int], list[float]]:
+        """Tag path and the calibrated probability of each chosen tag.  A word with all-zero
+        logits (no sub-word tokens: see :meth:`TaggerModel.word_logits`) is forced to ``O``
+        with probability 1."""
         import numpy as np
 
         z = logits / self.temperature
         z = z - z.max(axis=1, keepdims=True)
         logp = (z - np.log(np.exp(z).sum(axis=1, keepdims=True))).astype(np.float32)
-        if blank is not None and any(blank):
-            for w, b in enumerate(blank):
-                if b:
-                    logp[w] = -1e9
-                    logp[w, self.o_index] = 0.0
+        blank = ~logits.any(axis=1)
+        if blank.any():
+            logp[blank] = -1e9
+            logp[blank, self.o_index] = 0.0
         path = viterbi(logp, self.allowed, self.start)
         word_p = [float(np.exp(logp[w, t])) for w, t in enumerate(path)]
         return path, word_p
 
-    def tag(
-        self, logits: FloatArray, words: list[tuple[int, int]], blank: list[bool]
-    ) -> TaggedText:
-        path, word_p = self.decode(logits, blank)
+    def tag(self, logits: FloatArray, words: list[tuple[int, int]]) -> TaggedText:
+        path, word_p = self.decode(logits)
         return TaggedText(words, path, word_p, spans(self.tags, path, word_p))
 
 
@@ -449,19 +438,15 @@ class OnnxTaggerBackend:
 
     @property
     def fingerprint(self) -> str:
-        manifest = self._manifest
-        if manifest is None:
-            try:
-                manifest = read_manifest(self.config.bundle, kind="tagger", verify=False)
-            except BundleError as exc:
-                raise BackendError(f"task {self.task_name!r}: {exc}") from None
-        parts = [
-            manifest["fingerprint"],
+        manifest = self._manifest or bundle_manifest(  # before load(): unverified claim
+            self.task_name, self.config.bundle, "tagger", verify=False
+        )
+        return bundle_fingerprint(
+            manifest,
             f"max_length={self.config.max_length}",
             f"confidence={self.config.tagger_confidence}",
             f"use_bundle_threshold={self.config.use_bundle_threshold}",
-        ]
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+        )
 
     @property
     def slots(self) -> list[str]:
@@ -473,11 +458,10 @@ class OnnxTaggerBackend:
         bundle = self.config.bundle
         where = f"task {self.task_name!r}, bundle {bundle}"
         with self._lock:
-            try:
-                manifest = read_manifest(bundle, kind="tagger", verify=self.config.verify_sha256)
-            except BundleError as exc:
-                raise BackendError(f"{where}: {exc}") from None
-            try:
+            manifest = bundle_manifest(
+                self.task_name, bundle, "tagger", verify=self.config.verify_sha256
+            )
+            with loading_model(where):
                 tags = json.loads((bundle / "labels.json").read_text("utf-8"))
                 cal = json.loads((bundle / "calibration.json").read_text("utf-8"))
                 if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
@@ -494,13 +478,6 @@ class OnnxTaggerBackend:
                     intra_op_threads=self.config.intra_op_threads,
                     inter_op_threads=self.config.inter_op_threads,
                 )
-            except ImportError as exc:
-                raise BackendError(
-                    f"{where}: the onnx runtime is not installed "
-                    f"(pip install 'edgeagent[onnx]'): {exc}"
-                ) from None
-            except Exception as exc:  # onnxruntime/tokenizers raise their own types
-                raise BackendError(f"{where}: cannot load model: {exc}") from None
             props = self._schema_props(decoder.slots, where)
             threshold = cal.get("threshold")
             mode = (cal.get("threshold_calibration") or {}).get("confidence", "words")
@@ -565,8 +542,7 @@ class OnnxTaggerBackend:
                     )
                 )
                 continue
-            blank = [not bool(row.any()) for row in lg]
-            out.append(self._answer(text, decoder.tag(lg, offs, blank)))
+            out.append(self._answer(text, decoder.tag(lg, offs)))
         return out
 
     def _answer(self, text: str, tagged: TaggedText) -> Prediction:

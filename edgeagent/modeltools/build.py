@@ -130,8 +130,6 @@ def build_encoder(
     """Export, quantize, verify and write an encoder bundle to ``out_dir`` (replaced if it
     exists).  Returns the manifest."""
     import onnxruntime
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from optimum.exporters.onnx import main_export
 
     from edgeagent.backends.onnx import OnnxEncoder
 
@@ -139,26 +137,13 @@ def build_encoder(
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edgeagent-build-") as tmp:
         work = Path(tmp)
-        export_dir = work / "fp32"
-        log(f"exporting {source.path_or_id} to ONNX (opset {opset}) …")
-        main_export(
-            source.path_or_id,
-            output=export_dir,
-            task="feature-extraction",
-            opset=opset,
-            do_validation=False,
-            library_name="transformers",
-        )
-        fp32 = export_dir / "model.onnx"
         staging = work / "bundle"
         staging.mkdir()
-        log(f"quantizing to INT8 (dynamic, per_channel={per_channel}) …")
-        quantize_dynamic(
-            fp32,
-            staging / "model.onnx",
-            per_channel=per_channel,
-            weight_type=QuantType.QInt8,
+        log(f"exporting {source.path_or_id} to ONNX (opset {opset}) …")
+        export_dir = export_int8(
+            source.path_or_id, work, staging, "feature-extraction", opset, per_channel, log
         )
+        fp32 = export_dir / "model.onnx"
         shutil.copyfile(_tokenizer_file(source, export_dir), staging / "tokenizer.json")
 
         log("verifying INT8 against fp32 embeddings …")
@@ -210,6 +195,39 @@ def build_encoder(
     from edgeagent.modeltools.bundle import read_manifest
 
     return read_manifest(out_dir, kind="encoder")
+
+
+def export_int8(
+    model: str,
+    work: Path,
+    out: Path,
+    task: str,
+    opset: int = 18,
+    per_channel: bool = True,
+    log: Any = print,
+) -> Path:
+    """optimum export of ``model`` (a directory or hub id) for ``task`` into ``work/fp32``,
+    then dynamic INT8 quantization into ``out/model.onnx``.  Returns the fp32 directory."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from optimum.exporters.onnx import main_export
+
+    export_dir = work / "fp32"
+    main_export(
+        model,
+        output=export_dir,
+        task=task,
+        opset=opset,
+        do_validation=False,
+        library_name="transformers",
+    )
+    log(f"quantizing to INT8 (dynamic, per_channel={per_channel}) …")
+    quantize_dynamic(
+        export_dir / "model.onnx",
+        out / "model.onnx",
+        per_channel=per_channel,
+        weight_type=QuantType.QInt8,
+    )
+    return export_dir
 
 
 def _versions() -> dict[str, str]:

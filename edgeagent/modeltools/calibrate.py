@@ -153,6 +153,28 @@ def threshold_for_precision(points: list[CurvePoint], precision: float) -> Curve
     return points[-1]
 
 
+def choose_threshold(
+    points: list[CurvePoint],
+    target_escalation: float | None,
+    target_precision: float | None,
+    accuracy: str = "local precision",
+) -> tuple[CurvePoint, float, str]:
+    """The operating point for the one target given, its threshold (1.0 when only
+    escalating everything meets it) and the goal in words (``accuracy`` names what the
+    precision target measures)."""
+    if (target_escalation is None) == (target_precision is None):
+        raise ValueError("give exactly one of target_escalation or target_precision")
+    if target_escalation is not None:
+        point = threshold_for_escalation(points, target_escalation)
+        goal = f"escalation <= {target_escalation:.1%}"
+    else:
+        assert target_precision is not None
+        point = threshold_for_precision(points, target_precision)
+        goal = f"{accuracy} >= {target_precision:.1%}"
+    threshold = 1.0 if math.isinf(point.threshold) else float(point.threshold)
+    return point, threshold, goal
+
+
 def is_correct(pred: Prediction, truth: str) -> bool:
     return pred.output is not None and pred.output.get("label") == truth
 
@@ -210,14 +232,7 @@ def calibrate_bundle(
     preds = predict(head, emb, use_threshold=False)
     truths = [lb for _, lb in examples]
     points = curve_from_predictions(preds, truths)
-    if target_escalation is not None:
-        point = threshold_for_escalation(points, target_escalation)
-        goal = f"escalation <= {target_escalation:.1%}"
-    else:
-        assert target_precision is not None
-        point = threshold_for_precision(points, target_precision)
-        goal = f"local precision >= {target_precision:.1%}"
-    threshold = 1.0 if math.isinf(point.threshold) else float(point.threshold)
+    point, threshold, goal = choose_threshold(points, target_escalation, target_precision)
     confs = np.array([p.confidence for p in preds], dtype=np.float32)
     ok = np.array([is_correct(p, t) for p, t in zip(preds, truths, strict=True)])
     result: dict[str, Any] = {

@@ -32,13 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 from edgeagent.backends.calibration import PlattCalibration, logit, write_calibration
 from edgeagent.modeltools.calibrate import (
-    CurvePoint,
+    choose_threshold,
     ece,
     escalation_curve,
     escalation_for,
     format_curve,
-    threshold_for_escalation,
-    threshold_for_precision,
 )
 from edgeagent.modeltools.train import ExamplesError, json_lines
 
@@ -209,15 +207,7 @@ def calibrate_llamacpp(
     # The threshold is chosen on exactly the values the backend will report (same function).
     calibrated = [0.0 if r.failed else cal.apply(r.raw) for r in records]
     points = escalation_curve(calibrated, [r.correct for r in records], [r.failed for r in records])
-    point: CurvePoint
-    if target_escalation is not None:
-        point = threshold_for_escalation(points, target_escalation)
-        goal = f"escalation <= {target_escalation:.1%}"
-    else:
-        assert target_precision is not None  # exactly one is set (checked above)
-        point = threshold_for_precision(points, target_precision)
-        goal = f"local precision >= {target_precision:.1%}"
-    threshold = 1.0 if math.isinf(point.threshold) else float(point.threshold)
+    point, threshold, goal = choose_threshold(points, target_escalation, target_precision)
     ok = np.array([r.correct for r in answered], dtype=bool)
     before = np.array([r.raw for r in answered], dtype=np.float32)
     after = np.array([cal.apply(r.raw) for r in answered], dtype=np.float32)

@@ -333,7 +333,11 @@ def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from edgeagent.modeltools.calibrate import calibrate_bundle
-    from edgeagent.modeltools.tagger import is_tagged_file
+    from edgeagent.modeltools.tagger import (
+        calibrate_tagger_bundle,
+        is_tagged_file,
+        load_tagged_examples,
+    )
     from edgeagent.modeltools.train import load_examples
 
     for name in ("target_escalation", "target_precision"):
@@ -355,18 +359,26 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             bundle = backend.bundle
         if max_length is None:
             max_length = backend.max_length if backend is not None else 128
+    common: dict[str, Any] = {
+        "target_escalation": args.target_escalation,
+        "target_precision": args.target_precision,
+        "threads": args.threads,
+        "write": not args.dry_run,
+    }
     if is_tagged_file(args.examples):
         mode = backend.tagger_confidence if backend is not None else "words"
-        return _calibrate_tagger(args, bundle, mode)
+        result = _calibrating(
+            lambda: calibrate_tagger_bundle(
+                bundle, load_tagged_examples(args.examples), confidence=mode, **common
+            )
+        )
+        if isinstance(result, int):
+            return result
+        print(f"threshold = {result['threshold']:.4f}  (tagger_confidence = {mode!r})")
+        return EXIT_OK
     result = _calibrating(
         lambda: calibrate_bundle(
-            bundle,
-            load_examples(args.examples),
-            target_escalation=args.target_escalation,
-            target_precision=args.target_precision,
-            max_length=max_length,
-            threads=args.threads,
-            write=not args.dry_run,
+            bundle, load_examples(args.examples), max_length=max_length, **common
         )
     )
     if isinstance(result, int):
@@ -380,11 +392,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _calibrating(run: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
     """Run a bundle calibration; its result, or the exit code after reporting the error."""
+    from edgeagent.backends.base import BackendError
     from edgeagent.modeltools.bundle import BundleError
     from edgeagent.modeltools.train import ExamplesError
 
     try:
         return run()
+    except BackendError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
     except ImportError as exc:
         _err(f"calibrate needs the onnx extra (pip install 'edgeagent[onnx]'): {exc}")
         return EXIT_FAILED
@@ -394,26 +410,6 @@ def _calibrating(run: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
     except BundleError as exc:
         _err(f"bundle: {exc}")
         return EXIT_FAILED
-
-
-def _calibrate_tagger(args: argparse.Namespace, bundle: Path, mode: str) -> int:
-    from edgeagent.modeltools.tagger import calibrate_tagger_bundle, load_tagged_examples
-
-    result = _calibrating(
-        lambda: calibrate_tagger_bundle(
-            bundle,
-            load_tagged_examples(args.examples),
-            target_escalation=args.target_escalation,
-            target_precision=args.target_precision,
-            confidence=mode,
-            threads=args.threads,
-            write=not args.dry_run,
-        )
-    )
-    if isinstance(result, int):
-        return result
-    print(f"threshold = {result['threshold']:.4f}  (tagger_confidence = {mode!r})")
-    return EXIT_OK
 
 
 def _llamacpp_task(args: argparse.Namespace) -> tuple[Any, Path] | None:

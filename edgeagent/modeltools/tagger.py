@@ -217,16 +217,20 @@ def offsets_of(words: list[str]) -> list[tuple[int, int]]:
 
 
 def tag_examples(
-    model: TaggerModel, decoder: Decoder, words: list[list[str]]
+    model: TaggerModel,
+    decoder: Decoder,
+    words: list[list[str]],
+    logits: list[FloatArray | None] | None = None,
 ) -> list[TaggedText | None]:
     """Tag pre-split sentences one at a time, as the runtime does (offsets refer to
-    ``" ".join``); ``None`` for a sentence longer than the model's ``max_length``."""
-    out: list[TaggedText | None] = []
-    for ws in words:
-        lg = model.word_logits(ws)
-        blank = [] if lg is None else [not bool(row.any()) for row in lg]
-        out.append(None if lg is None else decoder.tag(lg, offsets_of(ws), blank))
-    return out
+    ``" ".join``); ``None`` for a sentence longer than the model's ``max_length``.
+    ``logits``: the model's outputs for ``words`` when already computed."""
+    if logits is None:
+        logits = [model.word_logits(ws) for ws in words]
+    return [
+        None if lg is None else decoder.tag(lg, offsets_of(ws))
+        for ws, lg in zip(words, logits, strict=True)
+    ]
 
 
 # -- training (torch) -----------------------------------------------------------------------
@@ -315,32 +319,6 @@ def finetune_tagger(
     return out_dir
 
 
-def export_int8(model_dir: Path, work: Path, opts: TaggerOptions, log: Any = print) -> Path:
-    """optimum export (``token-classification``) + dynamic INT8 per-channel quantization.
-    Returns the fp32 export directory; the INT8 model is ``work/model.onnx``."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from optimum.exporters.onnx import main_export
-
-    export_dir = work / "fp32"
-    log(f"exporting to ONNX (opset {opts.opset}) …")
-    main_export(
-        str(model_dir),
-        output=export_dir,
-        task="token-classification",
-        opset=opts.opset,
-        do_validation=False,
-        library_name="transformers",
-    )
-    log("quantizing to INT8 (dynamic, per channel) …")
-    quantize_dynamic(
-        export_dir / "model.onnx",
-        work / "model.onnx",
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-    )
-    return export_dir
-
-
 def train_tagger_bundle(
     task: str,
     examples_path: Path,
@@ -355,7 +333,7 @@ def train_tagger_bundle(
     export, quantize, calibrate and write a ``tagger`` bundle; returns it."""
     import numpy as np
 
-    from edgeagent.modeltools.build import resolve_source
+    from edgeagent.modeltools.build import export_int8, resolve_source
     from edgeagent.modeltools.train import publish_bundle
 
     examples = load_tagged_examples(examples_path)
@@ -382,7 +360,10 @@ def train_tagger_bundle(
         )
         staging_files = work / "int8"
         staging_files.mkdir()
-        fp32_dir = export_int8(tuned, staging_files, opts, log)
+        log(f"exporting to ONNX (opset {opts.opset}) …")
+        fp32_dir = export_int8(
+            str(tuned), work, staging_files, "token-classification", opts.opset, True, log
+        )
         tokenizer_file = fp32_dir / "tokenizer.json"
         if not tokenizer_file.is_file():
             tokenizer_file = tuned / "tokenizer.json"
@@ -390,19 +371,15 @@ def train_tagger_bundle(
 
         held_words = [examples[i][0] for i in held]
         held_tags = [examples[i][1] for i in held]
-        int8 = TaggerModel(
-            staging_files / "model.onnx",
-            staging_files / "tokenizer.json",
-            len(tags),
-            max_length=max(opts.max_length, 512),
-            intra_op_threads=opts.threads,
-        )
-        fp32 = TaggerModel(
-            fp32_dir / "model.onnx",
-            staging_files / "tokenizer.json",
-            len(tags),
-            max_length=max(opts.max_length, 512),
-            intra_op_threads=opts.threads,
+        int8, fp32 = (
+            TaggerModel(
+                folder / "model.onnx",
+                staging_files / "tokenizer.json",
+                len(tags),
+                max_length=max(opts.max_length, 512),
+                intra_op_threads=opts.threads,
+            )
+            for folder in (staging_files, fp32_dir)
         )
         lq = [int8.word_logits(w) for w in held_words]
         lf = [fp32.word_logits(w) for w in held_words]
@@ -422,8 +399,8 @@ def train_tagger_bundle(
         y = np.array(ys, dtype=np.int64)
         temperature = fit_temperature(logits, y)
         decoder = Decoder(tags, temperature)
-        ev = evaluate(tag_examples(int8, decoder, held_words), held_tags, tags)
-        raw = evaluate(tag_examples(int8, Decoder(tags, 1.0), held_words), held_tags, tags)
+        ev = evaluate(tag_examples(int8, decoder, held_words, lq), held_tags, tags)
+        raw = evaluate(tag_examples(int8, Decoder(tags, 1.0), held_words, lq), held_tags, tags)
         metrics: dict[str, Any] = {
             **ev.summary(),
             "temperature": temperature,
@@ -528,37 +505,40 @@ def calibrate_tagger_bundle(
     """``edgeagent calibrate`` for a tagger: on held-out tagged sentences, choose the
     threshold on the job confidence (``confidence`` mode) that meets a target escalation
     rate or a target *frame* precision of the local answers; store it in the bundle."""
-    import json as _json
-
+    from edgeagent.backends.tagger import OnnxTaggerBackend
+    from edgeagent.config import TaskConfig
     from edgeagent.modeltools.bundle import read_manifest
-    from edgeagent.modeltools.calibrate import (
-        format_curve,
-        store_threshold,
-        threshold_for_escalation,
-        threshold_for_precision,
-    )
+    from edgeagent.modeltools.calibrate import choose_threshold, format_curve, store_threshold
 
     if (target_escalation is None) == (target_precision is None):
         raise ValueError("give exactly one of target_escalation or target_precision")
-    manifest = read_manifest(bundle, kind="tagger")
-    tags = _json.loads((bundle / "labels.json").read_text("utf-8"))
-    cal = _json.loads((bundle / "calibration.json").read_text("utf-8"))
-    decoder = Decoder(tags, float(cal.get("temperature", 1.0)))
-    model = TaggerModel(
-        bundle / "model.onnx", bundle / "tokenizer.json", len(tags), intra_op_threads=threads
+    # Loaded (and its files verified) exactly as the daemon loads it; its own threshold,
+    # which this replaces, is not applied.
+    backend = OnnxTaggerBackend(
+        "calibrate",
+        TaskConfig.model_validate(
+            {
+                "kind": "extract",
+                "backend": {
+                    "type": "onnx",
+                    "bundle": str(bundle),
+                    "intra_op_threads": threads,
+                    "use_bundle_threshold": False,
+                },
+            }
+        ),
     )
-    ev = evaluate(
-        tag_examples(model, decoder, [w for w, _ in examples]), [t for _, t in examples], tags
-    )
+    backend.load()
+    try:
+        model, decoder = backend.loaded()
+        words = [w for w, _ in examples]
+        ev = evaluate(tag_examples(model, decoder, words), [t for _, t in examples], decoder.tags)
+    finally:
+        backend.close()
     points = ev.curves[confidence]
-    if target_escalation is not None:
-        point = threshold_for_escalation(points, target_escalation)
-        goal = f"escalation <= {target_escalation:.1%}"
-    else:
-        assert target_precision is not None
-        point = threshold_for_precision(points, target_precision)
-        goal = f"local frame accuracy >= {target_precision:.1%}"
-    threshold = 1.0 if math.isinf(point.threshold) else float(point.threshold)
+    point, threshold, goal = choose_threshold(
+        points, target_escalation, target_precision, "local frame accuracy"
+    )
     result: dict[str, Any] = {
         "goal": goal,
         "confidence": confidence,
@@ -576,5 +556,6 @@ def calibrate_tagger_bundle(
         f"{len(examples)} sentences (slot F1 {ev.slot_f1:.2%})"
     )
     if write:
+        manifest = read_manifest(bundle, kind="tagger", verify=False)  # verified at load
         result["fingerprint"] = store_threshold(bundle, manifest, threshold, result, log)
     return result
