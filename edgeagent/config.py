@@ -280,6 +280,16 @@ class CloudConfig(_Section):
     )
 
 
+def _check_pattern(key: str, pattern: str) -> None:
+    """Config-load check of a pattern that will see job input: it must compile on RE2."""
+    from edgeagent import regex
+
+    try:
+        regex.compile(pattern)
+    except regex.PatternError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+
+
 class RuleConfig(_Section):
     """One classification rule: the first rule that matches wins."""
 
@@ -287,16 +297,17 @@ class RuleConfig(_Section):
     keywords: list[str] = Field(
         default_factory=list, description="Case-insensitive whole-word keywords."
     )
-    patterns: list[str] = Field(default_factory=list, description="Python regular expressions.")
+    patterns: list[str] = Field(
+        default_factory=list,
+        description="Regular expressions (RE2 syntax: linear time; no backreferences or "
+        "lookaround); any match answers `label`.",
+    )
 
     @field_validator("patterns")
     @classmethod
     def _v_patterns(cls, value: list[str]) -> list[str]:
-        for p in value:
-            try:
-                re.compile(p)
-            except re.error as exc:
-                raise ValueError(f"bad regular expression {p!r}: {exc}") from exc
+        for i, p in enumerate(value):
+            _check_pattern(f"patterns[{i}]", p)
         return value
 
 
@@ -309,8 +320,8 @@ class RulesBackendConfig(_Section):
     )
     fields: dict[str, str] = Field(
         default_factory=dict,
-        description="Extraction: field name -> regex; the first group (or the whole match) is the "
-        "value, converted to the schema's type.",
+        description="Extraction: field name -> regex (RE2 syntax); the first group (or the whole "
+        "match) is the value, converted to the schema's type.",
     )
     ignore_case: bool = Field(True, description="Match case-insensitively.")
 
@@ -318,10 +329,7 @@ class RulesBackendConfig(_Section):
     @classmethod
     def _v_fields(cls, value: dict[str, str]) -> dict[str, str]:
         for name, p in value.items():
-            try:
-                re.compile(p)
-            except re.error as exc:
-                raise ValueError(f"field {name!r}: bad regular expression: {exc}") from exc
+            _check_pattern(f"fields.{name}", p)
         return value
 
 
@@ -396,7 +404,13 @@ class TaskConfig(_Section):
         description="What is replaced by placeholders before an input leaves the device.",
     )
     redact_patterns: dict[str, str] = Field(
-        default_factory=dict, description="Extra redactions: NAME -> regex (placeholder <NAME_n>)."
+        default_factory=dict,
+        description="Extra redactions: NAME -> regex (RE2 syntax; placeholder <NAME_n>).",
+    )
+    redact_region: str = Field(
+        "US",
+        description="Region (ISO 3166 alpha-2) whose national phone formats are redacted, "
+        "besides international (+CC) numbers: `DE` finds `030 1234567`, `US` `555 123 4567`.",
     )
     restore_redacted: bool = Field(
         True, description="Put the original values back into the cloud's answer."
@@ -404,6 +418,13 @@ class TaskConfig(_Section):
     backend: BackendConfig = Field(description="How the task is answered locally.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("redact_region")
+    @classmethod
+    def _v_redact_region(cls, value: str) -> str:
+        from edgeagent.redact import check_region
+
+        return check_region(value)
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
@@ -425,10 +446,7 @@ class TaskConfig(_Section):
             segment(name)
             if name.lower() in REDACT_KINDS:
                 raise ValueError(f"redact_patterns.{name}: clashes with the built-in kind")
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"redact_patterns.{name}: bad regular expression: {exc}") from exc
+            _check_pattern(f"redact_patterns.{name}", pattern)
         if self.output_schema is not None:
             if self.output_schema.get("type") != "object":
                 raise ValueError("schema: must be a JSON Schema with type = 'object'")

@@ -79,7 +79,9 @@ class Escalator:
             if old is not None:
                 bucket = old if _same_bucket(old, task) else bucket
             self._buckets[name] = bucket
-            self._redactors[name] = Redactor(task.redact, task.redact_patterns or None)
+            self._redactors[name] = Redactor(
+                task.redact, task.redact_patterns or None, region=task.redact_region
+            )
             self._on_deadline[name] = task.on_deadline
 
     def usable(self, task: TaskConfig) -> bool:

@@ -7,7 +7,8 @@ numbers, IP addresses and user-defined patterns with placeholders such as
 
 Invariants (property-tested in ``tests/test_redact.py``):
 
-- ``restore(r.text, r.mapping) == text`` for every string.
+- ``restore(r.text, r.mapping) == text`` for every string: a placeholder stands for
+  the exact original characters (full-width digits, no-break spaces and all).
 - Redaction is idempotent: redacting ``r.text`` again changes nothing.  Placeholders of
   this redactor's kinds (``<EMAIL_3>``, also ones already present in the input) are
   never redacted, and a new placeholder never reuses one already present in the input.
@@ -19,56 +20,96 @@ Invariants (property-tested in ``tests/test_redact.py``):
   detection that only partly overlaps a winner is dropped; the text left over is
   scanned again (repeatedly, until nothing new is found), so a remainder that is
   itself sensitive is still redacted.
+- Time is linear in the input for the built-in kinds and user patterns (RE2, no
+  backtracking; a fixed number of candidate windows per digit or word), except for
+  the rescans above, one per nested overlap.
+
+Matching runs on a normalised view of the text, so the same number written in another
+script or with other separators is found: NFKC (full-width ``４１１１`` and ``＠``
+become ASCII), every Unicode decimal digit becomes its ASCII digit (``٤١١١``), every
+Unicode space becomes a space and every dash a hyphen, and invisible format characters
+(zero-width space, soft hyphen, BOM) are dropped.  Spans found in the view are mapped
+back to the original characters, which is what gets replaced and restored.
 
 Decisions and heuristics (false positives are preferred over leaks, within reason):
 
-- IBAN: 2 letters, 2 check digits, then alphanumerics, with or without single spaces;
-  the ISO 7064 mod-97 checksum must hold and, for registered countries, the length
-  must match the country.  Checked longest-first at chunk ends, so trailing words
-  don't hide an IBAN.
-- Card: 13-19 digits, either one run or groups of 3-6 digits (first group 4 digits,
-  as printed on cards) separated by single spaces or dashes; first digit 2-6 (Visa,
-  Mastercard, Amex, Discover, JCB, Diners, UnionPay, Maestro, Mir) and the Luhn check
-  must hold.  A 16-digit number that fails Luhn is not a card.
+- IBAN: 2 letters, 2 check digits, then alphanumerics, in groups separated by at most
+  two spaces, dashes or dots.  Validated by ``python-stdnum`` (ISO 7064 mod-97 and the
+  IBAN registry's length and format for the country, without the national check
+  digits, so a mistyped-but-plausible account is still redacted); a country the
+  registry does not know needs mod-97 and 15-34 characters.  Checked longest-first at
+  group ends, so trailing words don't hide an IBAN.
+- Card: 13-19 digits, first digit 2-6 (Visa, Mastercard, Amex, Discover, JCB, Diners,
+  UnionPay, Maestro, Mir), Luhn check (``python-stdnum``).  Either one run of digits or
+  any grouping with separators of one to three characters among space, ``. - _ / \\ ,
+  : ; | * ~`` (``4111.1111.1111.1111``, ``4111  1111 1111 1111``, ``4111 11 1111
+  1111 11``).  Every window of consecutive groups is tried; neighbouring groups glued
+  to a valid window go with it.  A 16-digit number that fails Luhn is not a card.
 - IPv4: dotted quads validated with ``ipaddress`` (octets <= 255; zero-padded octets
   such as ``010.000.000.001`` are accepted).  A version string that *is* a valid
-  IPv4 address (``1.2.3.4``) is redacted, unless glued to a word (``v1.2.3.4``).
-  IPv6 (also ``::1``, ``fe80::1%eth0``, ``::ffff:1.2.3.4``) is validated with
-  ``ipaddress``; hex words that form a valid address (``cafe::1``) are redacted.
-- Phone: 7-15 digits.  International numbers (``+CC ...``) are accepted in any
-  grouping with spaces, dots, dashes and parentheses (``+44 (0)20 7946 0958``).
-  National numbers need a phone-like shape: parentheses (``(555) 123-4567``), a
-  leading trunk ``0`` (``030 1234567``, ``01 23 45 67 89``, ``0301234567`` with at
-  least 9 digits), dash or slash separators (``555-123-4567``, ``030/1234567``) or the
-  North American 3-3-4 grouping (``555 123 4567``, ``1 555 123 4567``).  Not phones:
-  dates (``2026-11-26``, ``26.11.2026``, ``11/26/2026``), times, year or clock ranges
-  (``2019-2026``, ``0800-1700``), dotted quads, version strings, prices, numbers after
-  ``#``, ``$``, ``€``, ``£``, a letter or a decimal point, thousands groupings
-  (``100 200 300``), and plain digit runs that don't start with ``0``.
-- User patterns (``extra_patterns``, name -> regex) are applied as given; empty matches
-  are ignored.  Their placeholders use the upper-cased name: ``<EMPLOYEE_ID_1>``.  Names
-  are letters, digits, ``_ - .`` and may not clash (ignoring case) with a built-in kind.
+  IPv4 address (``1.2.3.4``) is redacted, unless glued to a word (``v1.2.3.4``) or to
+  more dotted digits.  IPv6 (also ``::1``, ``fe80::1%eth0``, ``::ffff:1.2.3.4``) is
+  validated with ``ipaddress``; hex words that form a valid address (``cafe::1``) are
+  redacted.
+- Phone: found by ``phonenumbers`` (Google's libphonenumber metadata) with leniency
+  POSSIBLE: international numbers (``+44 20 7946 0958``) for every country, national
+  ones in the format of the configured ``region`` (default ``US``: ``555 123 4567``,
+  ``5551234567``; ``DE``: ``030 1234567``) and international ones dialled with that
+  region's exit code (``0049 30 …`` for ``DE``, ``011 49 30 …`` for ``US``).  At least
+  7 digits.  A safety net catches what the numbering plans do not allow but people
+  write: ``+CC`` and 7-15 digits in any grouping, and national numbers of other
+  countries by their leading trunk ``0`` (``030 1234567``, ``01 23 45 67 89``,
+  ``0301234567``: 7-15 digits in groups of two or more joined by one kind of
+  separator; at least 9 digits unseparated).  Not phones (our filters on top of the library's): numbers after ``#``,
+  ``$``, ``€``, ``£``, ``%``, ``\\``, ``/``, a letter, or a decimal point; numbers
+  followed by a decimal part; dates (``2026-11-26``, ``26.11.2026``), year or clock
+  ranges (``2019-2026``, ``0800-1700``), thousands groupings (``1 000 000``,
+  ``1.234.567``) and dotted quads.
+- User patterns (``extra_patterns``, name -> RE2 pattern) are applied as given; empty
+  matches are ignored.  Their placeholders use the upper-cased name:
+  ``<EMPLOYEE_ID_1>``.  Names are letters, digits, ``_ - .`` and may not clash
+  (ignoring case) with a built-in kind.  User patterns see the normalised view too.
 - Dictionary keys are never redacted nor restored; only string values are.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
-import re
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
-__all__ = ["BUILTIN_KINDS", "Redaction", "Redactor", "restore"]
+import phonenumbers
+from stdnum import iban as stdnum_iban
+from stdnum import luhn as stdnum_luhn
+from stdnum.exceptions import InvalidComponent, ValidationError
+from stdnum.iso7064 import mod_97_10
+
+from edgeagent import regex
+
+__all__ = ["BUILTIN_KINDS", "DEFAULT_REGION", "Redaction", "Redactor", "check_region", "restore"]
 
 _V = TypeVar("_V")
 
 Finder = Callable[[str], Iterator[tuple[int, int]]]
-"""Yields the ``(start, end)`` spans of one kind's detections in a text."""
+"""Yields the ``(start, end)`` spans of one kind's detections in a (normalised) text."""
 
 BUILTIN_KINDS = ("iban", "card", "email", "ip", "phone")
 """Built-in kinds, in priority order (the earlier wins an overlap)."""
+
+DEFAULT_REGION = "US"
+"""Phone region used when none is configured (ISO 3166 alpha-2)."""
+
+
+def check_region(region: str) -> str:
+    """``region`` upper-cased if ``phonenumbers`` knows it; ValueError otherwise."""
+    code = region.strip().upper()
+    if code not in phonenumbers.SUPPORTED_REGIONS:
+        raise ValueError(f"unknown phone region {region!r}: use an ISO 3166 code such as US, DE")
+    return code
 
 
 @dataclass(frozen=True)
@@ -81,12 +122,66 @@ class Redaction:
     """Kind -> number of redacted spans (for logs and metrics; never the content)."""
 
 
+# --- normalisation ------------------------------------------------------------------
+
+_NON_ASCII = regex.compile(r"[^\x00-\x7f]+")
+
+
+@functools.lru_cache(maxsize=8192)
+def _fold(ch: str) -> str:
+    """The normalised form of one non-ASCII character (possibly empty or several)."""
+    category = unicodedata.category(ch)
+    if category == "Cs":
+        return "\ufffd"  # a lone surrogate
+    if category == "Cf":
+        return ""  # zero-width space/joiners, soft hyphen, BOM, bidi marks
+    out = []
+    for c in unicodedata.normalize("NFKC", ch):
+        if c.isascii():
+            out.append(c)
+            continue
+        digit = unicodedata.decimal(c, None)
+        cat = unicodedata.category(c)
+        if digit is not None:
+            out.append(str(digit))
+        elif cat == "Zs" or c in "\u2028\u2029\x85":
+            out.append(" ")
+        elif cat == "Pd" or c == "\u2212":  # dashes, the minus sign
+            out.append("-")
+        elif cat != "Cf":
+            out.append(c)
+    return "".join(out)
+
+
+def _normalise(text: str) -> tuple[str, list[int] | None]:
+    """The matching view of ``text`` and, unless it is ``text`` itself, the index in
+    ``text`` of the character each view character comes from (non-decreasing)."""
+    if text.isascii():
+        return text, None
+    parts: list[str] = []
+    src: list[int] = []
+    pos = 0
+    for m in _NON_ASCII.finditer(text):
+        a, b = m.span()
+        if a > pos:
+            parts.append(text[pos:a])
+            src.extend(range(pos, a))
+        for i in range(a, b):
+            folded = _fold(text[i])
+            parts.append(folded)
+            src.extend([i] * len(folded))
+        pos = b
+    parts.append(text[pos:])
+    src.extend(range(pos, len(text)))
+    return "".join(parts), src
+
+
 # --- e-mail -------------------------------------------------------------------------
 
-_EMAIL = re.compile(
-    r"(?<![\w.%+-])[\w.%+-]+@"  # local part, not starting inside a longer token
-    r"(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+"  # domain labels
-    r"[^\W\d_]{2,63}(?![\w-])"  # a letters-only top-level domain
+_EMAIL = regex.compile(
+    r"[\p{L}\p{N}\p{M}.%+_-]+@"  # local part (leftmost match: starts where the token does)
+    r"(?:[\p{L}\p{N}](?:[\p{L}\p{N}\p{M}-]{0,61}[\p{L}\p{N}\p{M}])?\.)+"  # domain labels
+    r"(?:\p{L}[\p{L}\p{M}]{1,62}|[xX][nN]--[a-zA-Z0-9-]{1,59})"  # TLD: letters or punycode
 )
 
 
@@ -99,102 +194,103 @@ def _find_emails(text: str) -> Iterator[tuple[int, int]]:
 
 # --- IBAN ---------------------------------------------------------------------------
 
-# ISO 13616 registry: IBAN length per country.  Countries not listed accept 15-34.
-_IBAN_LENGTHS = {
-    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22,
-    "BH": 22, "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24,
-    "DE": 22, "DJ": 27, "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18,
-    "FK": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27,
-    "GT": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26, "IT": 27,
-    "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20, "LU": 20,
-    "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MN": 20, "MR": 27,
-    "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23, "PK": 24, "PL": 28,
-    "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24, "SC": 31,
-    "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25, "SV": 28,
-    "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
-}  # fmt: skip
-
-# Country code and check digits, then up to 30 alphanumerics with optional single
-# spaces; it may run into following words, the validator finds the real end.
-_IBAN = re.compile(
-    r"[A-Za-z](?<![A-Za-z0-9].)[A-Za-z][0-9]{2}(?: ?[A-Za-z0-9]){11,30}(?![A-Za-z0-9])"
-)
+_ALNUM = regex.compile(r"[A-Za-z0-9]+")
+_IBAN_GAP = frozenset(" -.")
 
 
 def _iban_ok(compact: str) -> bool:
-    compact = compact.upper()
-    if not 15 <= len(compact) <= 34 or not compact[:2].isalpha():
+    if not 15 <= len(compact) <= 34:
         return False
-    if _IBAN_LENGTHS.get(compact[:2], len(compact)) != len(compact):
+    try:
+        stdnum_iban.validate(compact, check_country=False)
+    except InvalidComponent:  # checksum fine, country not in the registry
+        return mod_97_10.is_valid(compact[4:] + compact[:4])
+    except ValidationError:
         return False
-    rearranged = compact[4:] + compact[:4]
-    return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
+    return True
 
 
 def _find_ibans(text: str) -> Iterator[tuple[int, int]]:
-    pos = 0
-    while (m := _IBAN.search(text, pos)) is not None:
-        start, cand = m.start(), m.group()
-        want = _IBAN_LENGTHS.get(cand[:2].upper())
-        pos = start + 1
-        end = len(cand)
-        while end > 0:  # candidate ends at chunk boundaries, longest first
-            compact = cand[:end].replace(" ", "")
-            if (want is None or len(compact) == want) and _iban_ok(compact):
-                yield start, start + end
-                pos = start + end
+    chunks = [m.span() for m in _ALNUM.finditer(text)]
+    i = 0
+    while i < len(chunks):
+        s, e = chunks[i]
+        if not (text[s : s + 2].isalpha() and e - s >= 2):
+            i += 1
+            continue
+        # Chunks i..j joined by short gaps, at most 34 characters.
+        parts = [text[s:e].upper()]
+        total = e - s
+        j = i + 1
+        while j < len(chunks) and total < 34:
+            gap = text[chunks[j - 1][1] : chunks[j][0]]
+            if len(gap) > 2 or not _IBAN_GAP.issuperset(gap):
                 break
-            end = cand.rfind(" ", 0, end)
+            total += chunks[j][1] - chunks[j][0]
+            parts.append(text[chunks[j][0] : chunks[j][1]].upper())
+            j += 1
+        head = "".join(parts)[:4]
+        found = False
+        if len(head) == 4 and head[2:].isdigit():
+            for k in range(len(parts), 0, -1):  # longest first
+                if _iban_ok("".join(parts[:k])):
+                    yield s, chunks[i + k - 1][1]
+                    i += k
+                    found = True
+                    break
+        if not found:
+            i += 1
 
 
 # --- payment cards ------------------------------------------------------------------
 
-# A run of at least 13 digits with single spaces or dashes between digits.
-_DIGIT_RUN = re.compile(r"[0-9](?<![0-9].)(?:[ -]?[0-9]){12,}(?![0-9])")
-_DIGITS = re.compile(r"[0-9]+")
-
-
-def _luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
-
-
-def _card_ok(digits: str) -> bool:
-    return 13 <= len(digits) <= 19 and "2" <= digits[0] <= "6" and _luhn_ok(digits)
+# Digit groups joined by separators of one to three characters.
+_DIGIT_RUN = regex.compile(r"[0-9]+(?:[ ./\\,:;|*~_-]{1,3}[0-9]+)*")
+_DIGITS = regex.compile(r"[0-9]+")
+_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)  # Luhn: 2*d with its digits summed
 
 
 def _find_cards(text: str) -> Iterator[tuple[int, int]]:
     for run in _DIGIT_RUN.finditer(text):
-        groups = [(g.start(), g.end(), g.group()) for g in _DIGITS.finditer(run.group())]
-        hits: list[tuple[int, int]] = []
-        for i, (gstart, gend, digits) in enumerate(groups):
-            if _card_ok(digits):  # one unseparated run
-                hits.append((gstart, gend))
-            if len(digits) != 4:
-                continue
-            # Printed groupings: 4-4-4-4, 4-6-5, 4-6-4, 4-4-4-4-3 ...
-            for j in range(i + 1, len(groups)):
-                if not 3 <= len(groups[j][2]) <= 6:
-                    break
-                digits += groups[j][2]
-                if len(digits) > 19:
-                    break
-                if j - i >= 2 and _card_ok(digits):
-                    hits.append((gstart, groups[j][1]))
-        # Redact the union of valid windows: a neighbour group glued to a card by a
-        # single space goes with it rather than leaving part of the card behind.
-        hits.sort()
         base = run.start()
+        if run.end() - base < 13:
+            continue
+        groups = [g.span() for g in _DIGITS.finditer(run.group())]
+        digits = "".join(run.group()[a:b] for a, b in groups)
+        # Prefix sums for the Luhn sum of any slice: p[par][k] sums digits[:k], doubling
+        # the digits whose index has parity `par`.  A slice ending at index `last` doubles
+        # the digits of the other parity than `last`.
+        p: tuple[list[int], list[int]] = ([0], [0])
+        for idx, ch in enumerate(digits):
+            d = ord(ch) - 48
+            p[0].append(p[0][-1] + (_DOUBLED[d] if idx % 2 == 0 else d))
+            p[1].append(p[1][-1] + (_DOUBLED[d] if idx % 2 == 1 else d))
+        offsets = [0]  # digit index where each group starts
+        for a, b in groups:
+            offsets.append(offsets[-1] + b - a)
+        hits: list[tuple[int, int]] = []
+        for i in range(len(groups)):
+            first = offsets[i]
+            if not "2" <= digits[first] <= "6":
+                continue
+            for j in range(i, len(groups)):
+                n = offsets[j + 1] - first
+                if n > 19:
+                    break
+                if n < 13:
+                    continue
+                last = offsets[j + 1] - 1
+                sums = p[1 - last % 2]
+                if (sums[last + 1] - sums[first]) % 10 == 0 and stdnum_luhn.is_valid(
+                    digits[first : last + 1]
+                ):
+                    hits.append((groups[i][0], groups[j][1]))
+        # Redact the union of valid windows: a neighbour group glued to a card goes with
+        # it rather than leaving part of the card behind.
+        hits.sort()
         merged: list[list[int]] = []
         for s, e in hits:
-            if merged and s < merged[-1][1]:
+            if merged and s <= merged[-1][1]:
                 merged[-1][1] = max(merged[-1][1], e)
             else:
                 merged.append([s, e])
@@ -204,15 +300,18 @@ def _find_cards(text: str) -> Iterator[tuple[int, int]]:
 
 # --- IP addresses -------------------------------------------------------------------
 
-_IPV4 = re.compile(r"[0-9](?<![\w.].)[0-9]{0,2}\.(?:[0-9]{1,3}\.){2}[0-9]{1,3}(?!\w|\.[0-9])")
-_IPV6 = re.compile(
+_IPV4 = regex.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
+_IPV6 = regex.compile(
     # Up to 8 colons in a valid address (::2:3:4:5:6:7:8), one more if a colon follows.
-    r"(?<![\w:.%])(?:[0-9A-Fa-f]{0,4}:){2,9}"
+    r"(?:[0-9A-Fa-f]{0,4}:){2,9}"
     r"(?:(?:[0-9]{1,3}\.){3}[0-9]{1,3}|[0-9A-Fa-f]{1,4})?"
     r"(?:%[0-9A-Za-z_-]+)?"  # zone id
-    r"(?![\w:]|\.[0-9])"
 )
-_HEX_DIGIT = re.compile(r"[0-9A-Fa-f]")
+_HEX_DIGIT = regex.compile(r"[0-9A-Fa-f]")
+
+
+def _is_word(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
 
 
 def _ipv4_ok(cand: str) -> bool:
@@ -234,114 +333,151 @@ def _ipv6_ok(cand: str) -> bool:
 
 
 def _find_ips(text: str) -> Iterator[tuple[int, int]]:
+    n = len(text)
     for m in _IPV4.finditer(text):
+        s, e = m.span()
+        before = text[s - 1] if s else ""
+        if before and (_is_word(before) or before == "."):
+            continue  # v1.2.3.4, 1.2.3.4.5 (the match starts inside a longer token)
+        after = text[e : e + 2]
+        if after[:1] and (_is_word(after[0]) or (after[0] == "." and after[1:2].isdigit())):
+            continue
         if _ipv4_ok(m.group()):
-            yield m.span()
+            yield s, e
     if text.count(":") < 2:
         return
     for m in _IPV6.finditer(text):
+        s, e = m.span()
+        before = text[s - 1] if s else ""
+        if before and (_is_word(before) or before in ":.%"):
+            continue
+        after = text[e : e + 2] if e < n else ""
+        if after[:1] and (_is_word(after[0]) or after[0] == ":"):
+            continue
+        if after[:1] == "." and after[1:2].isdigit():
+            continue
         cand = m.group()
         if _ipv6_ok(cand):
-            yield m.span()
+            yield s, e
         elif cand.endswith(":") and _ipv6_ok(cand[:-1]):
-            yield m.start(), m.end() - 1  # "at 2001:db8::1: ..." -- a trailing colon
+            yield s, e - 1  # "at 2001:db8::1: ..." -- a trailing colon
 
 
 # --- phone numbers ------------------------------------------------------------------
 
-_PHONE_START = re.compile(
-    r"[+(0-9]"
-    r"(?<![\w+#@$€£%\\/-].)(?<![0-9][.,].)"  # not inside a word, number, price or path
-    r"(?=(?:[ ()./+-]{0,3}[0-9]){6})"  # 7 digits or so ahead
+_PHONE_BEFORE_NOT = frozenset("#$€£%\\/@")
+_PHONE_DATE = regex.compile(
+    r"^(?:[0-9]{4}[./-][0-9]{1,2}[./-][0-9]{1,2}|[0-9]{1,2}[./-][0-9]{1,2}[./-][0-9]{2,4})$"
 )
-_PHONE = re.compile(
-    r"(?:\+[0-9]{1,3}[ .-]?)?"  # country code
-    r"(?:\([0-9]{1,5}\)[ -]?)?"  # (area code) or (0)
-    r"[0-9]{1,12}(?:[ ./-][0-9]{1,12}){0,7}"
-    r"(?![\w@]|[.,:/-]?[0-9])"  # not followed by more of a number
-)
-_PHONE_PARTS = re.compile(r"(\+[0-9]{1,3}[ .-]?)?(\([0-9]{1,5}\)[ -]?)?(.*)", re.DOTALL)
-_PHONE_SEP = re.compile(r"[ ./-]")
-_DATE_START = re.compile(
-    r"(?:[0-9]{4}[./-][0-9]{1,2}[./-][0-9]{1,2}|[0-9]{1,2}[./-][0-9]{1,2}[./-][0-9]{4})(?![0-9])"
-)
+_PHONE_GROUPS = regex.compile(r"[0-9]+")
+_PHONE_SEPS = regex.compile(r"[^0-9]+")
+_PHONE_MIN_DIGITS = 7
 
 
-def _is_range(groups: list[str], seps: list[str]) -> bool:
-    """Two 4-digit groups that read as years (2019-2026) or clock times (0800-1700)."""
-    if seps not in (["-"], ["/"]) or any(len(g) != 4 for g in groups):
-        return False
-    years = all(g[:2] in ("19", "20") for g in groups)
-    clock = all(int(g[:2]) <= 24 and int(g[2:]) < 60 for g in groups)
-    return years or clock
-
-
-def _shape_ok(country: str, area: str, groups: list[str], seps: list[str], n: int) -> bool:
-    """Whether digit ``groups`` joined by ``seps`` (after an optional ``+CC`` and
-    ``(area)``), ``n`` digits in all, read as a phone number."""
-    uniform = seps[1:] if seps[:1] == ["/"] else seps  # 030/123 4567
-    if len(set(uniform)) > 1:  # 555-123-4567 2026-11-26 is two things
-        return False
-    if country:
+def _not_a_phone(text: str, s: int, e: int) -> bool:
+    """Our filters on top of ``phonenumbers``: what reads as something else."""
+    raw = text[s:e]
+    before = text[s - 1] if s else ""
+    if before and (before.isalnum() or before in _PHONE_BEFORE_NOT):
         return True
-    if area:
-        return all(len(g) >= 2 for g in groups)
-    if _is_range(groups, seps) or any(len(g) < 2 for g in groups[1:]):
-        return False
-    dotted_quad = len(groups) == 4 and all(len(g) <= 3 for g in groups)
-    if "." in seps and (len(groups[0]) < 2 or dotted_quad):
-        return False  # version strings, dotted quads
-    if len(groups) == 1:
-        return groups[0].startswith("0") and n >= 9  # 0301234567; not an order number
-    if groups[0].startswith("0") or seps[0] in "-/":
+    if s >= 2 and before in ".," and text[s - 2].isdigit():
+        return True  # the decimal part of a number
+    after = text[e : e + 2]
+    if after[:1] in (".", ",") and after[1:2].isdigit():
+        return True  # followed by a decimal part
+    if after[:1].isalnum():
         return True
-    lengths = [len(g) for g in groups]
-    return lengths == [3, 3, 4] or (lengths == [1, 3, 3, 4] and groups[0] == "1")
+    if raw.startswith(("+", "(")):
+        return False  # international or with an area code: a phone
+    digits = sum(c.isdigit() for c in raw)
+    if digits < _PHONE_MIN_DIGITS:
+        return True
+    if _PHONE_DATE.fullmatch(raw):
+        return True
+    groups = [m.group() for m in _PHONE_GROUPS.finditer(raw)]
+    seps = {m.group() for m in _PHONE_SEPS.finditer(raw)}
+    if len(groups) == 2 and seps <= {"-", "/"} and all(len(g) == 4 for g in groups):
+        years = all(g[:2] in ("19", "20") for g in groups)
+        clock = all(int(g[:2]) <= 24 and int(g[2:]) < 60 for g in groups)
+        if years or clock:
+            return True  # 2019-2026, 0800-1700
+    if len(groups) >= 3 and len(groups[0]) <= 3 and all(len(g) == 3 for g in groups[1:]):
+        if not groups[0].startswith("0"):
+            return True  # thousands grouping: 1 000 000, 1.234.567, 100 200 300
+    return len(groups) == 4 and seps == {"."} and all(len(g) <= 3 for g in groups)
 
 
-def _phone_length(cand: str) -> int:
-    """Length of the longest prefix of ``cand`` that is a phone number; 0 if none.
+# The safety net behind phonenumbers (which knows real numbering plans, so it misses
+# numbers that are possible elsewhere or made up): ``+CC`` and any grouping, an
+# ``(area)`` code, or a leading trunk (or exit) prefix 0, then digit groups.
+_FALLBACK_PHONE = regex.compile(
+    r"(?:\+[0-9]{1,3}[ .-]?(?:\(0\)[ ]?)?|\([0-9]{1,5}\)[ -]?|0)"
+    r"[0-9]*(?:[ ]?/[ ]?[0-9]+)?(?:[ .-][0-9]+){0,7}"
+)
 
-    The whole candidate is tried first; a shorter reading must end before a space
-    (``555-123-4567 2026-11-26``).
-    """
-    parts = _PHONE_PARTS.fullmatch(cand)
-    if parts is None:  # pragma: no cover -- the pattern matches any string
-        return 0
-    country, area, rest = parts.group(1) or "", parts.group(2) or "", parts.group(3)
-    if not country and not area and _DATE_START.match(cand):
-        return 0
-    groups = _PHONE_SEP.split(rest)
-    seps = _PHONE_SEP.findall(rest)
-    n = sum(ch.isdigit() for ch in country + area) + len(rest) - len(seps)
-    length = len(cand)
-    for k in range(len(groups), 0, -1):
-        if n < 7:
-            break
-        cut_ok = k == len(groups) or seps[k - 1] == " "
-        if n <= 15 and cut_ok and _shape_ok(country, area, groups[:k], seps[: k - 1], n):
-            return length
-        n -= len(groups[k - 1])
-        length -= len(groups[k - 1]) + 1
+
+def _fallback_shape_ok(raw: str) -> bool:
+    groups = [m.group() for m in _PHONE_GROUPS.finditer(raw)]
+    n = sum(len(g) for g in groups)
+    if not _PHONE_MIN_DIGITS <= n <= 15:
+        return False
+    if raw.startswith("+"):
+        return True
+    rest = raw.partition(")")[2].lstrip(" -") if raw.startswith("(") else raw
+    groups = [m.group() for m in _PHONE_GROUPS.finditer(rest)]
+    seps = {m.group() for m in _PHONE_SEPS.finditer(rest.replace("/", " ", 1))}
+    if len(seps) > 1 or any(len(g) < 2 for g in groups[1:]):
+        return False  # 555-123-4567 2026 is two things
+    if raw.startswith("("):
+        return len(groups[0]) >= 2
+    return len(groups) > 1 or n >= 9  # 0301234567; shorter runs are order numbers
+
+
+def _possible_in(region: str) -> Callable[[str], bool]:
+    def possible(raw: str) -> bool:
+        try:
+            return phonenumbers.is_possible_number(phonenumbers.parse(raw, region))
+        except phonenumbers.NumberParseException:
+            return False
+
+    return possible
+
+
+def _cut(text: str, s: int, raw: str, ok: Callable[[str], bool]) -> int:
+    """Length of the longest phone at ``text[s:]`` that is a prefix of ``raw`` ending
+    at its end or before a space (``030 1234567 2026`` is a phone and a year); 0: none."""
+    cuts = [len(raw)] + [i for i in range(len(raw) - 1, 0, -1) if raw[i] == " "]
+    for cut in cuts[:9]:
+        if ok(raw[:cut]) and not _not_a_phone(text, s, s + cut):
+            return cut
     return 0
 
 
-def _find_phones(text: str) -> Iterator[tuple[int, int]]:
-    pos = 0
-    while (hint := _PHONE_START.search(text, pos)) is not None:
-        start = hint.start()
-        pos = start + 1
-        m = _PHONE.match(text, start)
-        if m is not None and (length := _phone_length(m.group())):
-            yield start, start + length
-            pos = start + length
+def _phone_finder(region: str) -> Finder:
+    possible = _possible_in(region)
+
+    def find(text: str) -> Iterator[tuple[int, int]]:
+        if _PHONE_GROUPS.search(text) is None:
+            return
+        matcher = phonenumbers.PhoneNumberMatcher(
+            text, region, leniency=phonenumbers.Leniency.POSSIBLE
+        )
+        for m in matcher:
+            if cut := _cut(text, m.start, m.raw_string, possible):
+                yield m.start, m.start + cut
+        for f in _FALLBACK_PHONE.finditer(text):
+            if cut := _cut(text, f.start(), f.group(), _fallback_shape_ok):
+                yield f.start(), f.start() + cut
+
+    return find
 
 
-def _regex_finder(rx: re.Pattern[str]) -> Finder:
+def _regex_finder(rx: regex.Pattern) -> Finder:
     def find(text: str) -> Iterator[tuple[int, int]]:
         for m in rx.finditer(text):
-            if m.end() > m.start():
-                yield m.span()
+            s, e = m.span()
+            if e > s:
+                yield s, e
 
     return find
 
@@ -351,10 +487,9 @@ _BUILTIN_FINDERS: dict[str, Finder] = {
     "card": _find_cards,
     "email": _find_emails,
     "ip": _find_ips,
-    "phone": _find_phones,
 }
-_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # as config.py's TOPIC_SEGMENT
-_ANGLED = re.compile(r"<[^<>]*>")
+_NAME = regex.compile(r"[A-Za-z0-9_.-]+")  # as config.py's TOPIC_SEGMENT
+_ANGLED = regex.compile(r"<[^<>]*>")
 
 
 @dataclass(frozen=True)
@@ -387,12 +522,14 @@ class Redactor:
         self,
         kinds: Iterable[str] = ("email", "phone", "iban", "card", "ip"),
         extra_patterns: dict[str, str] | None = None,
+        region: str = DEFAULT_REGION,
     ) -> None:
         wanted = set(kinds)
         unknown = wanted - set(BUILTIN_KINDS)
         if unknown:
             raise ValueError(f"unknown redaction kind(s): {sorted(unknown)}")
-        detectors = [_Detector(k, k.upper(), _BUILTIN_FINDERS[k]) for k in BUILTIN_KINDS]
+        finders = dict(_BUILTIN_FINDERS, phone=_phone_finder(check_region(region)))
+        detectors = [_Detector(k, k.upper(), finders[k]) for k in BUILTIN_KINDS]
         detectors = [d for d in detectors if d.kind in wanted]
         taken = {k.upper() for k in BUILTIN_KINDS}
         for name, pattern in (extra_patterns or {}).items():
@@ -402,20 +539,20 @@ class Redactor:
                 raise ValueError(f"extra pattern name {name!r}: clashes with another kind")
             taken.add(name.upper())
             try:
-                rx = re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"extra pattern {name!r} does not compile: {exc}") from exc
+                rx = regex.compile(pattern)
+            except regex.PatternError as exc:
+                raise ValueError(f"extra pattern {name!r}: {exc}") from None
             detectors.append(_Detector(name, name.upper(), _regex_finder(rx)))
         self._detectors = tuple(detectors)
         self.kinds = tuple(d.kind for d in detectors)
         """Enabled kinds, in priority order."""
-        labels = "|".join(re.escape(d.label) for d in detectors) or "(?!)"
+        labels = "|".join(regex.escape(d.label) for d in detectors) or "[^\\x00-\\x{10FFFF}]"
         # Placeholders of our kinds: never redacted, and their numbers are taken.
-        self._placeholder = re.compile(rf"<(?:{labels})_[0-9]{{1,6}}>")
+        self._placeholder = regex.compile(rf"<(?:{labels})_[0-9]{{1,6}}>")
 
     def redact(self, text: str) -> Redaction:
         """Redact one text."""
-        session = _Session(self, self._placeholder.findall(text))
+        session = _Session(self, self._placeholders_in(text))
         return Redaction(session.redact(text), session.mapping, session.counts)
 
     def redact_value(self, value: _V) -> tuple[_V, dict[str, str], dict[str, int]]:
@@ -428,7 +565,7 @@ class Redactor:
         existing: list[str] = []
 
         def collect(s: str) -> str:
-            existing.extend(self._placeholder.findall(s))
+            existing.extend(self._placeholders_in(s))
             return s
 
         _walk(value, collect)
@@ -436,13 +573,20 @@ class Redactor:
         redacted = cast(_V, _walk(value, session.redact))
         return redacted, session.mapping, session.counts
 
+    def _placeholders_in(self, text: str) -> list[str]:
+        if "<" not in text:
+            return []
+        return [m.group() for m in self._placeholder.finditer(text)]
+
     def _spans(self, text: str) -> list[tuple[int, int, _Detector]]:
-        """Non-overlapping detections in ``text``, sorted by start."""
-        protected = [m.span() for m in self._placeholder.finditer(text)]
+        """Non-overlapping detections in ``text``, sorted by start, in ``text``'s
+        coordinates (found in its normalised view)."""
+        view, src = _normalise(text)
+        protected = [m.span() for m in self._placeholder.finditer(view)] if "<" in view else []
         protected_starts = [s for s, _ in protected]
         candidates: list[tuple[int, int, int, int, _Detector]] = []
         for rank, det in enumerate(self._detectors):
-            for s, e in det.find(text):
+            for s, e in det.find(view):
                 i = bisect.bisect_left(protected_starts, e)
                 if i and protected[i - 1][1] > s:
                     continue
@@ -456,7 +600,18 @@ class Redactor:
                 continue  # overlaps a span of higher priority
             starts.insert(i, s)
             chosen.insert(i, (s, e, det))
-        return chosen
+        if src is None:
+            return chosen
+        # Back to the original characters.  Two spans that end and start inside one
+        # character's expansion (``½`` is ``1⁄2``) would overlap there: the later one is
+        # dropped and found again by the rescan.
+        out: list[tuple[int, int, _Detector]] = []
+        for s, e, det in chosen:
+            os_, oe = src[s], src[e - 1] + 1
+            if out and out[-1][1] > os_:
+                continue
+            out.append((os_, oe, det))
+        return out
 
 
 class _Session:
@@ -512,6 +667,14 @@ def restore(value: _V, mapping: Mapping[str, str]) -> _V:
     def sub(s: str) -> str:
         if "<" not in s:
             return s
-        return _ANGLED.sub(lambda m: mapping.get(m.group(), m.group()), s)
+        pieces: list[str] = []
+        last = 0
+        for m in _ANGLED.finditer(s):
+            a, b = m.span()
+            pieces.append(s[last:a])
+            pieces.append(mapping.get(s[a:b], s[a:b]))
+            last = b
+        pieces.append(s[last:])
+        return "".join(pieces)
 
     return cast(_V, _walk(value, sub))

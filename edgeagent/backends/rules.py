@@ -2,20 +2,40 @@
 
 Deterministic and model-free: a match answers with confidence 1.0, no match
 answers nothing (confidence 0.0), so the router escalates or answers
-``unrecognized``.  Pure Python; thread-safe (compiled patterns are immutable).
+``unrecognized``.  Thread-safe (compiled patterns are immutable).
+
+Patterns run on RE2 (:mod:`edgeagent.regex`): time linear in the input for every
+pattern, so no input can make a rule take seconds (with Python's backtracking ``re``
+one 16 KiB string of digits held the GIL for ~12 s).  Like every backend it runs on
+the task's inference thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from typing import Any
 
 import jsonschema
 
+from edgeagent import regex
 from edgeagent.backends.base import JSONValue, Prediction
 from edgeagent.config import RulesBackendConfig, TaskConfig
+
+# A keyword is a whole word: not glued to a letter, digit, mark or underscore (Unicode-
+# aware, unlike RE2's ASCII-only \b; no lookaround needed for a yes/no search).
+_WORD_CLASS = r"[\p{L}\p{N}\p{M}_]"
+_WORD_CHAR = regex.compile(_WORD_CLASS)
+_NOT_WORD_BEFORE = r"(?:^|[^\p{L}\p{N}\p{M}_])"
+_NOT_WORD_AFTER = r"(?:$|[^\p{L}\p{N}\p{M}_])"
+
+
+def keyword_pattern(keyword: str) -> str:
+    """RE2 pattern for ``keyword`` as a whole word: a boundary is required only where the
+    keyword itself starts or ends with a word character (as Python's ``\\b`` would)."""
+    head = _NOT_WORD_BEFORE if _WORD_CHAR.fullmatch(keyword[:1]) else ""
+    tail = _NOT_WORD_AFTER if _WORD_CHAR.fullmatch(keyword[-1:]) else ""
+    return head + regex.escape(keyword) + tail
 
 
 class RulesBackend:
@@ -25,13 +45,15 @@ class RulesBackend:
         self._task_name = task_name
         self._task = task
         self._cfg = task.backend
-        flags = re.IGNORECASE if self._cfg.ignore_case else 0
-        self._rules: list[tuple[str, list[re.Pattern[str]]]] = []
+        icase = self._cfg.ignore_case
+        self._rules: list[tuple[str, list[regex.Pattern]]] = []
         for rule in self._cfg.rules:
-            pats = [re.compile(p, flags) for p in rule.patterns]
-            pats += [re.compile(r"\b" + re.escape(k) + r"\b", flags) for k in rule.keywords]
+            pats = [regex.compile(p, ignore_case=icase) for p in rule.patterns]
+            pats += [regex.compile(keyword_pattern(k), ignore_case=icase) for k in rule.keywords]
             self._rules.append((rule.label, pats))
-        self._fields = {name: re.compile(p, flags) for name, p in self._cfg.fields.items()}
+        self._fields = {
+            name: regex.compile(p, ignore_case=icase) for name, p in self._cfg.fields.items()
+        }
         self._validator = (
             jsonschema.Draft202012Validator(task.output_schema) if task.output_schema else None
         )
@@ -78,7 +100,7 @@ class RulesBackend:
             m = pat.search(text)
             if m is None:
                 continue
-            raw = m.group(1) if m.groups() else m.group(0)
+            raw = m.group(1) if pat.groups else m.group(0)
             value = _convert(raw, props.get(name, {}).get("type"))
             if value is not None:
                 out[name] = value
