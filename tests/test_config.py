@@ -197,3 +197,51 @@ def test_few_shot_examples_must_be_answers_the_task_accepts(
     with pytest.raises(ConfigError) as info:
         load_settings(write(tmp_path, text))
     assert any(message in m for _, m in info.value.errors), info.value.errors
+
+
+RULES_CLASSIFY = '[tasks.x]\nkind = "classify"\n[tasks.x.backend]\ntype = "rules"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "pattern"),
+    [
+        (
+            RULES_CLASSIFY + '[[tasks.x.backend.rules]]\nlabel = "a"\npatterns = ["ok", "(a)\\\\1"]\n',
+            "tasks.x.backend.rules.0.patterns",
+            "(a)\\\\1",
+        ),
+        (
+            '[tasks.x]\nkind = "extract"\n[tasks.x.backend]\ntype = "rules"\n'
+            'fields.v = "(?<=v=)[0-9]+"\n',
+            "tasks.x.backend.fields",
+            "(?<=v=)[0-9]+",
+        ),
+        (
+            RULES_CLASSIFY + '[[tasks.x.backend.rules]]\nlabel = "a"\nkeywords = ["a"]\n'
+            "[tasks.x.redact_patterns]\nticket = 'T-(?!0)[0-9]+'\n",
+            "tasks.x",
+            "T-(?!0)[0-9]+",
+        ),
+    ],
+)
+def test_pattern_the_linear_engine_cannot_run_is_rejected_at_load(
+    tmp_path: Path, text: str, key: str, pattern: str
+) -> None:
+    """Backreferences and lookaround need backtracking (issue 9: a regex froze the
+    daemon); they are refused when the config is loaded, with the key and pattern."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text))
+    errors = info.value.errors
+    assert any(k.startswith(key) and pattern in msg and "RE2" in msg for k, msg in errors), errors
+
+
+def test_redact_region_is_checked(tmp_path: Path) -> None:
+    base = RULES_CLASSIFY + '[[tasks.x.backend.rules]]\nlabel = "a"\nkeywords = ["a"]\n'
+    s, _ = load_settings(write(tmp_path, base))
+    assert s.tasks["x"].redact_region == "US"
+    text = base.replace('kind = "classify"\n', 'kind = "classify"\nredact_region = "de"\n')
+    s, _ = load_settings(write(tmp_path, text))
+    assert s.tasks["x"].redact_region == "DE"
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text.replace('"de"', '"XX"')))
+    assert [k for k, _ in info.value.errors] == ["tasks.x.redact_region"]
