@@ -60,11 +60,11 @@ Decisions and heuristics (false positives are preferred over leaks, within reaso
   write: ``+CC`` and 7-15 digits in any grouping, and national numbers of other
   countries by their leading trunk ``0`` (``030 1234567``, ``01 23 45 67 89``,
   ``0301234567``: 7-15 digits in groups of two or more joined by one kind of
-  separator; at least 9 digits unseparated).  Not phones (our filters on top of the library's): numbers after ``#``,
-  ``$``, ``€``, ``£``, ``%``, ``\\``, ``/``, a letter, or a decimal point; numbers
-  followed by a decimal part; dates (``2026-11-26``, ``26.11.2026``), year or clock
-  ranges (``2019-2026``, ``0800-1700``), thousands groupings (``1 000 000``,
-  ``1.234.567``) and dotted quads.
+  separator; at least 9 digits unseparated).  Not phones (our filters on top of the
+  library's): numbers after ``#``, ``$``, ``€``, ``£``, ``%``, ``\\``, ``/``, a letter,
+  or a decimal point; numbers followed by a decimal part; dates (``2026-11-26``,
+  ``26.11.2026``), year or clock ranges (``2019-2026``, ``0800-1700``), thousands
+  groupings (``1 000 000``, ``1.234.567``) and dotted quads.
 - User patterns (``extra_patterns``, name -> RE2 pattern) are applied as given; empty
   matches are ignored.  Their placeholders use the upper-cased name:
   ``<EMPLOYEE_ID_1>``.  Names are letters, digits, ``_ - .`` and may not clash
@@ -401,9 +401,9 @@ def _not_a_phone(text: str, s: int, e: int) -> bool:
         clock = all(int(g[:2]) <= 24 and int(g[2:]) < 60 for g in groups)
         if years or clock:
             return True  # 2019-2026, 0800-1700
-    if len(groups) >= 3 and len(groups[0]) <= 3 and all(len(g) == 3 for g in groups[1:]):
-        if not groups[0].startswith("0"):
-            return True  # thousands grouping: 1 000 000, 1.234.567, 100 200 300
+    thousands = len(groups) >= 3 and all(len(g) == 3 for g in groups[1:])
+    if thousands and len(groups[0]) <= 3 and not groups[0].startswith("0"):
+        return True  # 1 000 000, 1.234.567, 100 200 300
     return len(groups) == 4 and seps == {"."} and all(len(g) <= 3 for g in groups)
 
 

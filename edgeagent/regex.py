@@ -78,7 +78,7 @@ class Pattern:
         return cast("Iterator[Match]", self._rx.finditer(sanitize(text)))
 
 
-def compile(pattern: str, *, ignore_case: bool = False) -> Pattern:  # noqa: A001
+def compile(pattern: str, *, ignore_case: bool = False) -> Pattern:
     """Compile ``pattern`` with RE2; :class:`PatternError` if RE2 cannot."""
     return Pattern(pattern, ignore_case=ignore_case)
 

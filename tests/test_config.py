@@ -206,7 +206,8 @@ RULES_CLASSIFY = '[tasks.x]\nkind = "classify"\n[tasks.x.backend]\ntype = "rules
     ("text", "key", "pattern"),
     [
         (
-            RULES_CLASSIFY + '[[tasks.x.backend.rules]]\nlabel = "a"\npatterns = ["ok", "(a)\\\\1"]\n',
+            RULES_CLASSIFY
+            + '[[tasks.x.backend.rules]]\nlabel = "a"\npatterns = ["ok", "(a)\\\\1"]\n',
             "tasks.x.backend.rules.0.patterns",
             "(a)\\\\1",
         ),
