@@ -148,6 +148,8 @@ def _fold(ch: str) -> str:
             out.append(" ")
         elif cat == "Pd" or c == "\u2212":  # dashes, the minus sign
             out.append("-")
+        elif c in "\u3002\uff61":  # ideographic full stops (IDNA label separators)
+            out.append(".")
         elif cat != "Cf":
             out.append(c)
     return "".join(out)
@@ -181,7 +183,7 @@ def _normalise(text: str) -> tuple[str, list[int] | None]:
 _EMAIL = regex.compile(
     r"[\p{L}\p{N}\p{M}.%+_-]+@"  # local part (leftmost match: starts where the token does)
     r"(?:[\p{L}\p{N}](?:[\p{L}\p{N}\p{M}-]{0,61}[\p{L}\p{N}\p{M}])?\.)+"  # domain labels
-    r"(?:\p{L}[\p{L}\p{M}]{1,62}|[xX][nN]--[a-zA-Z0-9-]{1,59})"  # TLD: letters or punycode
+    r"(?:[xX][nN]--[a-zA-Z0-9-]{1,59}|\p{L}[\p{L}\p{M}]{1,62})"  # TLD: punycode or letters
 )
 
 
@@ -311,7 +313,9 @@ _HEX_DIGIT = regex.compile(r"[0-9A-Fa-f]")
 
 
 def _is_word(ch: str) -> bool:
-    return ch.isalnum() or ch == "_"
+    """Glued to a word: ASCII letters, digits, ``_``.  Letters of other scripts are
+    not (Japanese and Chinese write ``電話は555-123-4567です`` without spaces)."""
+    return ch.isascii() and (ch.isalnum() or ch == "_")
 
 
 def _ipv4_ok(cand: str) -> bool:
@@ -378,14 +382,14 @@ def _not_a_phone(text: str, s: int, e: int) -> bool:
     """Our filters on top of ``phonenumbers``: what reads as something else."""
     raw = text[s:e]
     before = text[s - 1] if s else ""
-    if before and (before.isalnum() or before in _PHONE_BEFORE_NOT):
+    if before and (_is_word(before) or before in _PHONE_BEFORE_NOT):
         return True
     if s >= 2 and before in ".," and text[s - 2].isdigit():
         return True  # the decimal part of a number
     after = text[e : e + 2]
     if after[:1] in (".", ",") and after[1:2].isdigit():
         return True  # followed by a decimal part
-    if after[:1].isalnum():
+    if after[:1] and _is_word(after[0]):
         return True
     if raw.startswith(("+", "(")):
         return False  # international or with an area code: a phone
@@ -466,8 +470,16 @@ def _phone_finder(region: str) -> Finder:
             if cut := _cut(text, m.start, m.raw_string, possible):
                 yield m.start, m.start + cut
         for f in _FALLBACK_PHONE.finditer(text):
-            if cut := _cut(text, f.start(), f.group(), _fallback_shape_ok):
-                yield f.start(), f.start() + cut
+            start, raw = f.start(), f.group()
+            # A candidate glued to a number (``10 00 00000``) may hide one that starts
+            # at a later group: try those too (at most 8 groups).
+            offsets = [0] + [i + 1 for i, c in enumerate(raw[:-1]) if c in " ./-"]
+            for off in offsets:
+                if raw[off] in "0+(" and (
+                    cut := _cut(text, start + off, raw[off:], _fallback_shape_ok)
+                ):
+                    yield start + off, start + off + cut
+                    break
 
     return find
 
