@@ -388,3 +388,73 @@ def test_escalation_numbers_placeholders_once_across_input_and_local_answer() ->
     assert red_in != "mail a@x.org" and red_local["to"] != "b@y.org"
     assert restore(red_local, mapping) == {"to": "b@y.org"}
     assert restore(red_in, mapping) == "mail a@x.org"
+
+
+# --- issue 9: formats that reached the cloud, and the normalised view ---------------
+
+FULLWIDTH = str.maketrans(string.digits, "０１２３４５６７８９")
+ARABIC_INDIC = str.maketrans(string.digits, "٠١٢٣٤٥٦٧٨٩")
+DEVANAGARI = str.maketrans(string.digits, "०१२३४५६७८९")
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        ("4111.1111.1111.1111", "card"),
+        ("4111\u00a01111\u00a01111\u00a01111", "card"),
+        ("4111  1111  1111  1111", "card"),
+        ("４１１１ １１１１ １１１１ １１１１", "card"),
+        ("４１１１１１１１１１１１１１１１", "card"),
+        ("5551234567", "phone"),
+        ("555\u00a0123\u00a04567", "phone"),
+        ("٥٥٥-١٢٣-٤٥٦٧", "phone"),
+        ("4111\u200b1111\u200b1111\u200b1111", "card"),
+        ("DE89\u00a03704\u00a00044\u00a00532\u00a00130\u00a000", "iban"),
+        ("ｍａｉｌ＠ｅｘａｍｐｌｅ．ｃｏｍ", "email"),
+        ("１９２．１６８．０．１", "ip"),
+    ],
+)
+def test_formats_that_leaked_are_redacted_and_restored(value: str, kind: str) -> None:
+    text = f"Hello, reach me at {value}. Thanks!"
+    r = REDACTOR.redact(text)
+    label = f"<{kind.upper()}_1>"
+    assert r.text == f"Hello, reach me at {label}. Thanks!"
+    assert r.mapping == {label: value}
+    assert restore(r.text, r.mapping) == text
+
+
+@given(
+    cards(),
+    st.sampled_from([None, FULLWIDTH, ARABIC_INDIC, DEVANAGARI]),
+    st.sampled_from([" ", ".", "\u00a0", "  ", "-", "\u2009", "/", "_", "\u2013"]),
+)
+def test_cards_in_any_digits_with_any_separator(
+    card: str, digits: dict[int, str] | None, sep: str
+) -> None:
+    value = card.replace(" ", sep).replace("-", sep)
+    if digits is not None:
+        value = value.translate(digits)
+    text = f"card: {value} thanks"
+    r = REDACTOR.redact(text)
+    assert r.text == "card: <CARD_1> thanks"
+    assert restore(r.text, r.mapping) == text
+
+
+def test_phone_region_decides_national_formats() -> None:
+    assert Redactor(region="DE").redact("ruf an: 030 12345678").text == "ruf an: <PHONE_1>"
+    assert Redactor(region="GB").redact("call 020 7946 0958").text == "call <PHONE_1>"
+    assert Redactor().redact("call 2125550123 now").text == "call <PHONE_1> now"
+    with pytest.raises(ValueError, match="XX"):
+        Redactor(region="XX")
+
+
+def test_user_pattern_the_linear_engine_cannot_run_is_rejected() -> None:
+    with pytest.raises(ValueError, match="RE2"):
+        Redactor(extra_patterns={"ticket": r"T-(?!0)[0-9]+"})
+
+
+def test_lone_surrogates_do_not_break_redaction() -> None:
+    text = "a@x.org \ud800 +49 30 1234567"
+    r = REDACTOR.redact(text)
+    assert r.text == "<EMAIL_1> \ud800 <PHONE_1>"
+    assert restore(r.text, r.mapping) == text
