@@ -117,6 +117,8 @@ class Daemon:
         self.mqtt: MqttAdapter | None = None
         self.escalator = Escalator(settings.cloud, self.topics, settings.device_id, self.metrics)
         self._reload_requested = False
+        self._wd_head: Inbound | None = None  # the watchdog's view of the inbox head ...
+        self._wd_head_since = 0.0  # ... and since when (monotonic seconds)
 
     # -- start-up -----------------------------------------------------------------
 
@@ -600,10 +602,53 @@ class Daemon:
                 log.info("store.pruned", jobs=pruned)
 
     async def _watchdog_loop(self, interval: float) -> None:
-        # Pinging from the event loop: a stalled loop stops the pings and systemd restarts us.
+        """Feed systemd's watchdog from the event loop, and only while the daemon is
+        healthy (:meth:`_watchdog_withheld`): a stalled or sluggish loop or a wedged
+        intake stops the pings, and systemd restarts us after ``WatchdogSec``.
+
+        ``interval`` is half of ``WatchdogSec`` (seconds).  The loop ticks more often
+        (at most every second) to measure its own lag: how late a sleep returns.
+        """
+        loop = asyncio.get_running_loop()
+        tick = min(1.0, interval / 3)
+        lag = 0.0
+        withheld: str | None = None
         while True:
-            self.notifier.watchdog()
-            await asyncio.sleep(interval)
+            reason = self._watchdog_withheld(lag, max_lag_s=interval, wedged_after_s=interval)
+            if reason is None:
+                self.notifier.watchdog()
+            if reason != withheld:
+                if reason is not None:
+                    log.warning("watchdog.withheld", reason=reason, loop_lag_s=round(lag, 3))
+                else:
+                    log.info("watchdog.resumed")
+                withheld = reason
+            due = loop.time() + tick
+            await asyncio.sleep(tick)
+            lag = max(0.0, loop.time() - due)
+
+    def _watchdog_withheld(
+        self, lag_s: float, *, max_lag_s: float, wedged_after_s: float
+    ) -> str | None:
+        """Why systemd's watchdog must not be fed now, or None when healthy.
+
+        ``event_loop_lag``: the last tick came ``lag_s`` late, more than ``max_lag_s``.
+        ``intake_stopped``: the intake task is gone.  ``intake_wedged``: the oldest
+        received message has waited ``wedged_after_s`` while intake was open and had
+        room (a full-disk pause closes intake on purpose and is not a wedge).
+        """
+        if lag_s > max_lag_s:
+            return "event_loop_lag"
+        if not any(t.get_name() == "daemon:intake" for t in self._background):
+            return "intake_stopped"
+        head = self._inbox[0] if self._inbox else None
+        now = time.monotonic()
+        if head is not self._wd_head:
+            self._wd_head, self._wd_head_since = head, now
+        stuck = head is not None and now - self._wd_head_since > wedged_after_s
+        if stuck and self._intake_open and self.store is not None and self._has_capacity():
+            return "intake_wedged"
+        return None
 
     async def _stats_loop(self, interval: float) -> None:
         while True:
