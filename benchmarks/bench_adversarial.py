@@ -1,0 +1,266 @@
+"""Adversarial-input benchmark: can one task's hostile inputs slow another task down?
+
+    .venv/bin/python benchmarks/bench_adversarial.py [--duration 20] [--quiet 200]
+        [--before /path/to/old/checkout]
+
+Starts its own mosquitto on a free port (tests/broker.py) and `edgeagent run` as a
+subprocess with the two tasks of ``examples/edgeagent.toml`` (``alarm``: keyword and
+regex rules; ``reading``: regex extraction).  One producer measures the latency of
+sequential ``alarm`` jobs (publish -> result on ``.../results/alarm``):
+
+* quiet: nothing else running;
+* adversarial: meanwhile three 16 KiB inputs (the ``max_input_bytes`` limit) built to
+  make backtracking regexes quadratic (``1111…``, ``1.1.1.…``, ``-1-1-1…``) are kept in
+  flight on ``reading`` (each one answered is replaced at once) for ``--duration`` s.
+
+It prints p50/p99 of both phases and their ratio (goal: adversarial p99 <= 2x quiet
+p99).  ``--before DIR`` runs the same measurement against another checkout (its own
+``edgeagent`` package and its own example config, e.g. the code before RE2) in the same
+invocation and prints the before/after ratio.  Machine noise: compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.broker import Broker  # noqa: E402
+
+INPUT_BYTES = 16384
+ADVERSARIAL = [
+    "1" * INPUT_BYTES,
+    "1." * (INPUT_BYTES // 2),
+    "-1" * (INPUT_BYTES // 2),
+]
+ALARM_TEXTS = ["smoke in hall {i}", "door forced at gate {i}", "water leak under sink {i}"]
+
+
+class Client:
+    """Publishes jobs and records when each result arrives (by job id)."""
+
+    def __init__(self, port: int, device: str) -> None:
+        self.client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"bench-adv-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        self.client.max_inflight_messages_set(1000)
+        self.device = device
+        self.sent: dict[str, float] = {}
+        self.done: dict[str, tuple[float, str]] = {}
+        self.cond = threading.Condition()
+        sub = threading.Event()
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: sub.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(f"edgeagent/{device}/results/+", qos=1)
+        if not sub.wait(10):
+            raise TimeoutError("no SUBACK")
+
+    def _on_message(self, c: paho.Client, u: object, m: paho.MQTTMessage) -> None:
+        now = time.perf_counter()
+        try:
+            res = json.loads(m.payload)
+        except ValueError:
+            return
+        with self.cond:
+            start = self.sent.pop(res.get("id"), None)
+            if start is not None:
+                self.done[res["id"]] = (now - start, str(res.get("status")))
+            self.cond.notify_all()
+
+    def send(self, task: str, text: str) -> str:
+        job_id = uuid.uuid4().hex
+        payload = json.dumps({"v": 1, "id": job_id, "input": text, "deadline_ms": 600000})
+        with self.cond:
+            self.sent[job_id] = time.perf_counter()
+        self.client.publish(f"edgeagent/{self.device}/jobs/{task}", payload, qos=1)
+        return job_id
+
+    def wait(self, job_id: str, timeout: float) -> tuple[float, str]:
+        until = time.monotonic() + timeout
+        with self.cond:
+            while job_id not in self.done:
+                left = until - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no result for {job_id} in {timeout} s")
+                self.cond.wait(left)
+            return self.done.pop(job_id)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Adversary(threading.Thread):
+    """Keeps three adversarial jobs in flight on ``reading`` until stopped."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(name="adversary", daemon=True)
+        self.client = client
+        self.stop = threading.Event()
+        self.answered = 0
+
+    def run(self) -> None:
+        in_flight = [self.client.send("reading", text) for text in ADVERSARIAL]
+        while not self.stop.is_set():
+            with self.client.cond:
+                finished = [j for j in in_flight if j in self.client.done]
+                for j in finished:
+                    self.client.done.pop(j)
+                if not finished:
+                    self.client.cond.wait(0.1)
+                    continue
+            for j in finished:
+                in_flight.remove(j)
+                self.answered += 1
+                in_flight.append(self.client.send("reading", ADVERSARIAL[self.answered % 3]))
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p * len(s)))] * 1000.0
+
+
+def measure(code: Path, port: int, work: Path, quiet_n: int, duration: float) -> dict[str, float]:
+    device = f"adv{uuid.uuid4().hex[:6]}"
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(code),
+        EDGEAGENT_DEVICE_ID=device,
+        EDGEAGENT_MQTT__PORT=str(port),
+        EDGEAGENT_STORE__STATE_DIR=str(work / device),
+        EDGEAGENT_STORE__SYNCHRONOUS="normal",
+        EDGEAGENT_METRICS__LISTEN="",
+        EDGEAGENT_LOG__LEVEL="warning",
+        EDGEAGENT_LOG__FORMAT="json",
+        EDGEAGENT_TASKS__ALARM__CACHE="false",
+        EDGEAGENT_TASKS__READING__CACHE="false",
+    )
+    env.pop("NOTIFY_SOCKET", None)
+    config = code / "examples" / "edgeagent.toml"
+    with open(work / f"{device}.log", "wb") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "edgeagent", "run", "--config", str(config)],
+            cwd=code,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    client = Client(port, device)
+    try:
+        for i in range(60):  # the daemon is up once it answers; warm every path
+            try:
+                client.wait(client.send("alarm", "smoke warm-up"), timeout=30 if i == 0 else 5)
+            except TimeoutError:
+                if daemon.poll() is not None:
+                    raise RuntimeError("daemon exited; see its log") from None
+                continue
+            if i >= 20:
+                break
+        client.wait(client.send("reading", "device=a 21.5 C"), timeout=30)
+
+        quiet = []
+        for i in range(quiet_n):
+            latency, _ = client.wait(client.send("alarm", ALARM_TEXTS[i % 3].format(i=i)), 60)
+            quiet.append(latency)
+
+        adversary = Adversary(client)
+        adversary.start()
+        loaded: list[float] = []
+        statuses: dict[str, int] = {}
+        until = time.monotonic() + duration
+        i = 0
+        while time.monotonic() < until:
+            latency, status = client.wait(
+                client.send("alarm", ALARM_TEXTS[i % 3].format(i=i)), timeout=600
+            )
+            loaded.append(latency)
+            statuses[status] = statuses.get(status, 0) + 1
+            i += 1
+        adversary.stop.set()
+        adversary.join(5)
+    finally:
+        client.close()
+        daemon.terminate()
+        try:
+            daemon.wait(60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait(10)
+    return {
+        "quiet_p50": pct(quiet, 0.5),
+        "quiet_p99": pct(quiet, 0.99),
+        "adv_p50": pct(loaded, 0.5),
+        "adv_p99": pct(loaded, 0.99),
+        "adv_max": max(loaded) * 1000.0,
+        "adv_n": float(len(loaded)),
+        "adv_not_ok": float(sum(n for s, n in statuses.items() if s != "ok")),
+        "adversarial_answered": float(adversary.answered),
+        "quiet_mean": statistics.fmean(quiet) * 1000.0,
+    }
+
+
+def report(label: str, r: dict[str, float]) -> None:
+    print(
+        f"{label:8} quiet p50 {r['quiet_p50']:8.2f} ms  p99 {r['quiet_p99']:8.2f} ms | "
+        f"adversarial p50 {r['adv_p50']:9.2f} ms  p99 {r['adv_p99']:9.2f} ms  "
+        f"max {r['adv_max']:9.1f} ms | p50 x{r['adv_p50'] / r['quiet_p50']:.2f}  "
+        f"p99 x{r['adv_p99'] / r['quiet_p99']:.2f} (goal <= 2) | alarm jobs {int(r['adv_n'])}, "
+        f"not ok {int(r['adv_not_ok'])}; adversarial answered {int(r['adversarial_answered'])}"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quiet", type=int, default=200, help="alarm jobs in the quiet phase")
+    ap.add_argument("--duration", type=float, default=20.0, help="adversarial phase (s)")
+    ap.add_argument("--before", type=Path, help="another checkout to measure the same way")
+    args = ap.parse_args()
+
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp, Broker(Path(tmp) / "broker") as broker:
+        work = Path(tmp)
+        results["after"] = measure(REPO, broker.port, work, args.quiet, args.duration)
+        if args.before is not None:
+            results["before"] = measure(
+                args.before.resolve(), broker.port, work, args.quiet, args.duration
+            )
+
+    print(
+        f"\nadversarial-input benchmark: alarm latency while 3 x {INPUT_BYTES} B inputs are "
+        f"in flight on reading ({args.duration:.0f} s; python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} cpu)\n"
+    )
+    for label in ("before", "after"):
+        if label in results:
+            report(label, results[label])
+    if "before" in results:
+        b, a = results["before"], results["after"]
+        before_ratio = b["adv_p99"] / b["quiet_p99"]
+        after_ratio = a["adv_p99"] / a["quiet_p99"]
+        print(
+            f"\np99 slow-down under attack: before x{before_ratio:.1f}, after x{after_ratio:.2f} "
+            f"(before/after {before_ratio / after_ratio:.0f}x)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
