@@ -253,6 +253,7 @@ class Daemon:
         self.escalator.configure({name: rt.config for name, rt in runtimes.items()})
         for rt in runtimes.values():
             rt.cloud_available = self.escalator.usable(rt.config)
+            rt.redactor = self.escalator.redactor(rt.name)
 
     def _cloud_reachable(self) -> bool:
         return self.escalator.cloud_online and self.mqtt is not None and self.mqtt.connected

@@ -84,6 +84,10 @@ class Escalator:
             )
             self._on_deadline[name] = task.on_deadline
 
+    def redactor(self, task: str) -> Redactor | None:
+        """What ``task``'s requests are redacted with (None: not configured)."""
+        return self._redactors.get(task)
+
     def usable(self, task: TaskConfig) -> bool:
         return self.config.enabled and task.allow_cloud
 
@@ -140,9 +144,12 @@ class Escalator:
             return self._fallback(outcome, rt, "cloud_unavailable", False)
 
         esc_id = uuid.uuid4().hex
-        redactor = self._redactors[rt.name]
-        # One call for both, so placeholders are numbered once across input and local answer.
-        (red_input, red_local), mapping, counts = redactor.redact_value([p.job.input, local_output])
+        # One call for both, so placeholders are numbered once across input and answer;
+        # usually done off the event loop by the pipeline already.
+        redacted: tuple[Any, dict[str, str], dict[str, int]] = outcome.redacted or self._redactors[
+            rt.name
+        ].redact_value([p.job.input, local_output])
+        (red_input, red_local), mapping, counts = redacted
         for kind, n in counts.items():
             self.metrics.redactions.labels(rt.name, kind).inc(n)
         now = time.time()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from edgeagent.config import TaskConfig
 from edgeagent.logs import get_logger
 from edgeagent.metrics import Metrics
 from edgeagent.protocol import ErrorInfo, Job, ResultMessage
+from edgeagent.redact import Redactor
 
 log = get_logger("edgeagent.pipeline")
 
@@ -47,6 +49,9 @@ class Outcome:
     cacheable: bool = False
     prediction: Prediction | None = None
     escalate: str | None = None
+    redacted: tuple[Any, dict[str, str], dict[str, int]] | None = None
+    """``[input, local output]`` as they may leave the device, computed off the event loop
+    (``Redactor.redact_value``); None: the escalator redacts when it needs to."""
 
 
 class TaskRuntime:
@@ -67,6 +72,8 @@ class TaskRuntime:
         self._workers: list[asyncio.Task[None]] = []
         self.cloud_available = False
         """Set by the daemon: the cloud is configured and this task may use it."""
+        self.redactor: Redactor | None = None
+        """Set by the daemon: what this task's cloud requests are redacted with."""
 
     @classmethod
     def build(cls, name: str, config: TaskConfig, metrics: Metrics) -> TaskRuntime:
@@ -124,7 +131,7 @@ class TaskRuntime:
                     batch.append(await asyncio.wait_for(self.queue.get(), left))
                 except TimeoutError:
                     break
-            deliver(await self._run_batch(batch))
+            deliver(await self._redact_for_cloud(await self._run_batch(batch)))
 
     async def _run_batch(self, batch: list[PendingJob]) -> list[Outcome]:
         now = time.time()
@@ -159,6 +166,37 @@ class TaskRuntime:
         for p, pred in zip(live, predictions, strict=True):
             outcomes.append(self._route(p, pred))
         return outcomes
+
+    async def _redact_for_cloud(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """Redact, in a worker thread, what may leave the device: escalations and (with
+        ``audit_rate``) confident answers.  Redaction is linear in the input but pure
+        Python (phone numbers: up to ~0.5 s for a crafted 16 KiB input), so it must not
+        run on the event loop, where every task would wait for it."""
+        redactor = self.redactor
+        if redactor is None or not self.cloud_available:
+            return outcomes
+        audits = self.config.audit_rate > 0
+        todo = [i for i, o in enumerate(outcomes) if o.escalate or (audits and o.cacheable)]
+        if not todo:
+            return outcomes
+
+        def run() -> list[tuple[Any, dict[str, str], dict[str, int]]]:
+            return [
+                redactor.redact_value(
+                    [o.pending.job.input, o.prediction.output if o.prediction else None]
+                )
+                for o in (outcomes[i] for i in todo)
+            ]
+
+        try:
+            done = await asyncio.to_thread(run)
+        except Exception:  # the escalator redacts on the loop instead
+            log.exception("redaction.failed", task=self.name)
+            return outcomes
+        out = list(outcomes)
+        for i, red in zip(todo, done, strict=True):
+            out[i] = dataclasses.replace(out[i], redacted=red)
+        return out
 
     async def _infer(self, inputs: list[Any]) -> list[Prediction]:
         """Run one batch on the task's thread pool.
