@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from edgeagent.backends.base import Prediction
@@ -12,6 +13,7 @@ from edgeagent.config import TaskConfig
 from edgeagent.metrics import Metrics
 from edgeagent.pipeline import Outcome, PendingJob, TaskRuntime
 from edgeagent.protocol import Job
+from edgeagent.redact import Redactor
 
 TASK = TaskConfig.model_validate(
     {
@@ -48,9 +50,15 @@ class FakeBackend:
         return [Prediction({"label": str(x)}, 0.9) for x in inputs]
 
 
-def run(backend: FakeBackend, jobs: list[PendingJob]) -> list[Outcome]:
+def run(
+    backend: FakeBackend,
+    jobs: list[PendingJob],
+    setup: Callable[[TaskRuntime], None] | None = None,
+) -> list[Outcome]:
     async def main() -> list[Outcome]:
         rt = TaskRuntime("t", TASK, backend, Metrics())  # type: ignore[arg-type]
+        if setup is not None:
+            setup(rt)
         got: list[Outcome] = []
         done = asyncio.Event()
 
@@ -118,3 +126,31 @@ def test_low_confidence_without_cloud_is_unrecognized() -> None:
     assert res.status == "unrecognized" and res.output is None
     assert res.error is not None and res.error.code == "low_confidence"
     assert not out[0].cacheable
+
+
+def test_escalations_are_redacted_off_the_event_loop() -> None:
+    """Redaction is pure Python (phone numbers take up to ~0.5 s on a crafted 16 KiB
+    input): the pipeline runs it in a worker thread, never on the event loop."""
+
+    class Unsure(FakeBackend):
+        def infer_batch(self, inputs: list[Any]) -> list[Prediction]:
+            return [Prediction({"label": "x"}, 0.1) for _ in inputs]
+
+    threads: list[int] = []
+
+    class Recording(Redactor):
+        def redact_value(self, value: Any) -> Any:
+            threads.append(threading.get_ident())
+            return super().redact_value(value)
+
+    def setup(rt: TaskRuntime) -> None:
+        rt.cloud_available = True
+        rt.redactor = Recording()
+
+    job = Job("j1", "t", "call +49 30 1234567 please", {}, 10_000, "auto")
+    [out] = run(Unsure(), [PendingJob(job, time.time())], setup)
+    assert out.escalate == "low_confidence" and out.redacted is not None
+    (red_input, _local), mapping, counts = out.redacted
+    assert mapping == {"<PHONE_1>": "+49 30 1234567"}
+    assert red_input == "call <PHONE_1> please" and counts == {"phone": 1}
+    assert threads and threading.main_thread().ident not in threads
