@@ -11,7 +11,8 @@ sequential ``alarm`` jobs (publish -> result on ``.../results/alarm``):
 * quiet: nothing else running;
 * adversarial: meanwhile three 16 KiB inputs (the ``max_input_bytes`` limit) built to
   make backtracking regexes quadratic (``1111…``, ``1.1.1.…``, ``-1-1-1…``) are kept in
-  flight on ``reading`` (each one answered is replaced at once) for ``--duration`` s.
+  flight on ``reading`` for ``--duration`` s: each one answered is replaced at once
+  (a flood of 16 KiB jobs, the harshest case) or after ``--pace`` seconds.
 
 It prints p50/p99 of both phases and their ratio (goal: adversarial p99 <= 2x quiet
 p99).  ``--before DIR`` runs the same measurement against another checkout (its own
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -68,6 +70,7 @@ class Client:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: sub.set()
         self.client.connect("127.0.0.1", port)
+        self.client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client.loop_start()
         self.client.subscribe(f"edgeagent/{device}/results/+", qos=1)
         if not sub.wait(10):
@@ -111,9 +114,10 @@ class Client:
 class Adversary(threading.Thread):
     """Keeps three adversarial jobs in flight on ``reading`` until stopped."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, pace_s: float) -> None:
         super().__init__(name="adversary", daemon=True)
         self.client = client
+        self.pace_s = pace_s
         self.stop = threading.Event()
         self.answered = 0
 
@@ -127,6 +131,8 @@ class Adversary(threading.Thread):
                 if not finished:
                     self.client.cond.wait(0.1)
                     continue
+            if self.pace_s:
+                self.stop.wait(self.pace_s)  # paced: not a throughput flood
             for j in finished:
                 in_flight.remove(j)
                 self.answered += 1
@@ -138,7 +144,9 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p * len(s)))] * 1000.0
 
 
-def measure(code: Path, port: int, work: Path, quiet_n: int, duration: float) -> dict[str, float]:
+def measure(
+    code: Path, port: int, work: Path, quiet_n: int, duration: float, pace_s: float
+) -> dict[str, float]:
     device = f"adv{uuid.uuid4().hex[:6]}"
     env = dict(os.environ)
     env.update(
@@ -181,7 +189,7 @@ def measure(code: Path, port: int, work: Path, quiet_n: int, duration: float) ->
             latency, _ = client.wait(client.send("alarm", ALARM_TEXTS[i % 3].format(i=i)), 60)
             quiet.append(latency)
 
-        adversary = Adversary(client)
+        adversary = Adversary(client, pace_s)
         adversary.start()
         loaded: list[float] = []
         statuses: dict[str, int] = {}
@@ -232,21 +240,31 @@ def main() -> int:
     ap.add_argument("--quiet", type=int, default=200, help="alarm jobs in the quiet phase")
     ap.add_argument("--duration", type=float, default=20.0, help="adversarial phase (s)")
     ap.add_argument("--before", type=Path, help="another checkout to measure the same way")
+    ap.add_argument(
+        "--pace",
+        type=float,
+        default=0.0,
+        help="wait this long (s) before replacing answered adversarial inputs; 0: at once "
+        "(a flood of 16 KiB jobs, the harshest case)",
+    )
     args = ap.parse_args()
 
     results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory() as tmp, Broker(Path(tmp) / "broker") as broker:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Broker(Path(tmp) / "broker", extra_config=["set_tcp_nodelay true"]) as broker,
+    ):
         work = Path(tmp)
-        results["after"] = measure(REPO, broker.port, work, args.quiet, args.duration)
+        results["after"] = measure(REPO, broker.port, work, args.quiet, args.duration, args.pace)
         if args.before is not None:
             results["before"] = measure(
-                args.before.resolve(), broker.port, work, args.quiet, args.duration
+                args.before.resolve(), broker.port, work, args.quiet, args.duration, args.pace
             )
 
     print(
         f"\nadversarial-input benchmark: alarm latency while 3 x {INPUT_BYTES} B inputs are "
-        f"in flight on reading ({args.duration:.0f} s; python {sys.version.split()[0]}, "
-        f"{os.cpu_count()} cpu)\n"
+        f"in flight on reading ({args.duration:.0f} s, pace {args.pace} s; "
+        f"python {sys.version.split()[0]}, {os.cpu_count()} cpu)\n"
     )
     for label in ("before", "after"):
         if label in results:
