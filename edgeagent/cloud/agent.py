@@ -36,7 +36,7 @@ import jsonschema
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edgeagent import __version__
+from edgeagent import __version__, regex
 from edgeagent.cloud.config import CloudSettings, StructuredOutput
 from edgeagent.cloud.llm import LlmClient, LlmError
 from edgeagent.logs import get_logger
@@ -58,7 +58,9 @@ DEADLINE_EXCEEDED = "deadline_exceeded"
 INTERNAL = "internal"
 
 _FORMAT_NAME = re.compile(r"[^A-Za-z0-9_-]")
-_FENCE = re.compile(r"^```[A-Za-z0-9_-]*\s*\n?(.*?)\n?```$", re.DOTALL)
+# RE2: with Python's re this pattern is quadratic (``\s*`` and ``.*?`` compete for a run
+# of whitespace: 2 s for 8,000 spaces after a fence), and the reply echoes job input.
+_FENCE = regex.compile(r"(?s)^```[A-Za-z0-9_-]*\s*\n?(.*?)\n?```$")
 
 
 # -- messages (pure) -----------------------------------------------------------------
@@ -260,7 +262,7 @@ class InvalidOutput(Exception):
 def parse_json_answer(content: str) -> Any:
     """JSON from a model's answer; tolerates code fences and prose around one object."""
     text = content.strip()
-    fenced = _FENCE.match(text)
+    fenced = _FENCE.search(text)
     if fenced:
         text = fenced.group(1).strip()
     try:
