@@ -366,3 +366,36 @@ def test_replay_reports_local_share_reasons_and_accuracy(
     assert len(rows) == 4 and all(r["cloud_output"] == {"label": "water_leak"} for r in rows)
     assert {r["reason"] for r in rows} == {"out_of_scope"}
     cloud.stop()
+
+
+def test_issue9_formats_do_not_reach_the_cloud(
+    cloud_broker: Broker, daemon_factory: DaemonFactory, client_factory, device: str
+) -> None:
+    """Issue 9: these reached ``edgeagent/cloud/requests/...`` unredacted."""
+    spy = client_factory(cloud_broker.port)
+    spy.subscribe("#")
+    cloud = FakeCloud(cloud_broker.port)
+    d = daemon_factory(cloud_broker.port, extra=CLOUD, tasks=tasks())
+    d.wait_connected()
+    c = client_factory(cloud_broker.port)
+    c.subscribe(f"edgeagent/{device}/results/#")
+    secrets = [
+        "4111.1111.1111.1111",
+        "5555\u00a05555\u00a05555\u00a04444",
+        "4012  8888  8888  1881",
+        "３７８２ ８２２４６３ １０００５",
+        "5551234567",
+    ]
+    for i, secret in enumerate(secrets):
+        c.publish(f"edgeagent/{device}/jobs/alarm", {"id": f"f{i}", "input": f"pay {secret} now"})
+    got = {json.loads(m.payload)["id"]: json.loads(m.payload) for m in c.collect(len(secrets))}
+    assert {r["source"] for r in got.values()} == {"cloud"}
+    cloud_msgs = [m for m in spy.drain(1.0) if "/cloud/" in m.topic]
+    assert len(cloud.requests) == len(secrets) and cloud_msgs
+    for m in cloud_msgs:
+        body = json.dumps(json.loads(m.payload), ensure_ascii=False)
+        for secret in secrets:
+            assert secret not in body, (m.topic, secret)
+    for request in cloud.requests:
+        assert re.fullmatch(r"pay <(CARD|PHONE)_1> now", request["input"]), request["input"]
+    cloud.stop()
