@@ -50,6 +50,11 @@ ADVERSARIAL = [
     "1." * (INPUT_BYTES // 2),
     "-1" * (INPUT_BYTES // 2),
 ]
+BENIGN = [  # same size, nothing a regex engine could struggle with: the flood's own cost
+    ("device=a temp 21.5 C; " * 745)[:INPUT_BYTES],
+    ("humidity 45 % at device=b " * 631)[:INPUT_BYTES],
+    ("ok " * 5462)[:INPUT_BYTES],
+]
 ALARM_TEXTS = ["smoke in hall {i}", "door forced at gate {i}", "water leak under sink {i}"]
 
 
@@ -115,16 +120,17 @@ class Client:
 class Adversary(threading.Thread):
     """Keeps three adversarial jobs in flight on ``reading`` until stopped."""
 
-    def __init__(self, client: Client, pace_s: float) -> None:
+    def __init__(self, client: Client, pace_s: float, inputs: list[str]) -> None:
         super().__init__(name="adversary", daemon=True)
         self.client = client
+        self.inputs = inputs
         self.pace_s = pace_s
         self.stop = threading.Event()
         self.answered = 0
         self.in_flight: list[str] = []
 
     def run(self) -> None:
-        self.in_flight = in_flight = [self.client.send("reading", text) for text in ADVERSARIAL]
+        self.in_flight = in_flight = [self.client.send("reading", text) for text in self.inputs]
         while not self.stop.is_set():
             with self.client.cond:
                 finished = [j for j in in_flight if j in self.client.done]
@@ -138,7 +144,7 @@ class Adversary(threading.Thread):
             for j in finished:
                 in_flight.remove(j)
                 self.answered += 1
-                in_flight.append(self.client.send("reading", ADVERSARIAL[self.answered % 3]))
+                in_flight.append(self.client.send("reading", self.inputs[self.answered % 3]))
 
 
 def pct(values: list[float], p: float) -> float:
@@ -147,7 +153,14 @@ def pct(values: list[float], p: float) -> float:
 
 
 def measure(
-    code: Path, port: int, work: Path, quiet_n: int, duration: float, pace_s: float, rounds: int
+    code: Path,
+    port: int,
+    work: Path,
+    quiet_n: int,
+    duration: float,
+    pace_s: float,
+    rounds: int,
+    inputs: list[str],
 ) -> dict[str, float]:
     device = f"adv{uuid.uuid4().hex[:6]}"
     env = dict(os.environ)
@@ -198,7 +211,7 @@ def measure(
                 latency, _ = client.wait(client.send("alarm", ALARM_TEXTS[i % 3].format(i=i)), 60)
                 quiet.append(latency)
                 i += 1
-            adversary = Adversary(client, pace_s)
+            adversary = Adversary(client, pace_s, inputs)
             adversary.start()
             until = time.monotonic() + duration / rounds
             while time.monotonic() < until:
@@ -258,6 +271,11 @@ def main() -> int:
         help="wait this long (s) before replacing answered adversarial inputs; 0: at once "
         "(a flood of 16 KiB jobs, the harshest case)",
     )
+    ap.add_argument(
+        "--benign",
+        action="store_true",
+        help="16 KiB inputs of ordinary text instead (the cost of the flood itself)",
+    )
     args = ap.parse_args()
 
     results: dict[str, dict[str, float]] = {}
@@ -266,16 +284,25 @@ def main() -> int:
         Broker(Path(tmp) / "broker", extra_config=["set_tcp_nodelay true"]) as broker,
     ):
         work = Path(tmp)
+        inputs = BENIGN if args.benign else ADVERSARIAL
         results["after"] = measure(
-            REPO, broker.port, work, args.quiet, args.duration, args.pace, args.rounds
+            REPO, broker.port, work, args.quiet, args.duration, args.pace, args.rounds, inputs
         )
         if args.before is not None:  # one round: its attacked phase takes minutes to drain
             results["before"] = measure(
-                args.before.resolve(), broker.port, work, args.quiet, args.duration, args.pace, 1
+                args.before.resolve(),
+                broker.port,
+                work,
+                args.quiet,
+                args.duration,
+                args.pace,
+                1,
+                inputs,
             )
 
     print(
-        f"\nadversarial-input benchmark: alarm latency while 3 x {INPUT_BYTES} B inputs are "
+        f"\nadversarial-input benchmark: alarm latency while 3 x {INPUT_BYTES} B "
+        f"{'benign' if args.benign else 'adversarial'} inputs are "
         f"in flight on reading ({args.duration:.0f} s, pace {args.pace} s; "
         f"python {sys.version.split()[0]}, {os.cpu_count()} cpu)\n"
     )
