@@ -161,6 +161,7 @@ def measure(
     pace_s: float,
     rounds: int,
     inputs: list[str],
+    cloud: bool = False,
 ) -> dict[str, float]:
     device = f"adv{uuid.uuid4().hex[:6]}"
     env = dict(os.environ)
@@ -176,6 +177,8 @@ def measure(
         EDGEAGENT_TASKS__ALARM__CACHE="false",
         EDGEAGENT_TASKS__READING__CACHE="false",
     )
+    if cloud:  # escalations (no agent: offline, provisional) are redacted, in a thread
+        env["EDGEAGENT_CLOUD__ENABLED"] = "true"
     env.pop("NOTIFY_SOCKET", None)
     config = code / "examples" / "edgeagent.toml"
     with open(work / f"{device}.log", "wb") as log:
@@ -276,6 +279,12 @@ def main() -> int:
         action="store_true",
         help="16 KiB inputs of ordinary text instead (the cost of the flood itself)",
     )
+    ap.add_argument(
+        "--cloud",
+        action="store_true",
+        help="enable [cloud] (no agent runs): unanswerable inputs are escalated, so the "
+        "16 KiB inputs are also redacted (within the task's escalation budget)",
+    )
     args = ap.parse_args()
 
     results: dict[str, dict[str, float]] = {}
@@ -286,7 +295,15 @@ def main() -> int:
         work = Path(tmp)
         inputs = BENIGN if args.benign else ADVERSARIAL
         results["after"] = measure(
-            REPO, broker.port, work, args.quiet, args.duration, args.pace, args.rounds, inputs
+            REPO,
+            broker.port,
+            work,
+            args.quiet,
+            args.duration,
+            args.pace,
+            args.rounds,
+            inputs,
+            args.cloud,
         )
         if args.before is not None:  # one round: its attacked phase takes minutes to drain
             results["before"] = measure(
@@ -298,6 +315,7 @@ def main() -> int:
                 args.pace,
                 1,
                 inputs,
+                args.cloud,
             )
 
     print(

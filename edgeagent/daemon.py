@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import signal
 import statistics
@@ -254,6 +255,7 @@ class Daemon:
         for rt in runtimes.values():
             rt.cloud_available = self.escalator.usable(rt.config)
             rt.redactor = self.escalator.redactor(rt.name)
+            rt.may_escalate = functools.partial(self.escalator.has_room, rt.name)
 
     def _cloud_reachable(self) -> bool:
         return self.escalator.cloud_online and self.mqtt is not None and self.mqtt.connected

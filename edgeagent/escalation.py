@@ -84,6 +84,16 @@ class Escalator:
             )
             self._on_deadline[name] = task.on_deadline
 
+    def has_room(self, task: str) -> bool:
+        """Whether an escalation of ``task`` could start now (budget and in-flight cap);
+        a hint only: :meth:`escalate` decides."""
+        bucket = self._buckets.get(task)
+        return (
+            bucket is not None
+            and self.in_flight < self.config.max_in_flight
+            and bucket.available >= 1
+        )
+
     def redactor(self, task: str) -> Redactor | None:
         """What ``task``'s requests are redacted with (None: not configured)."""
         return self._redactors.get(task)
@@ -133,7 +143,11 @@ class Escalator:
         reason = "audit" if audit else (outcome.escalate or "low_confidence")
         local_output = outcome.prediction.output if outcome.prediction else None
         local_conf = outcome.prediction.confidence if outcome.prediction else None
-        if self.in_flight >= self.config.max_in_flight or not self._buckets[rt.name].try_take():
+        if (
+            outcome.no_room
+            or self.in_flight >= self.config.max_in_flight
+            or not self._buckets[rt.name].try_take()
+        ):
             self.metrics.escalations.labels(rt.name, "over_budget").inc()
             if audit:
                 return None

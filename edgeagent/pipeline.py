@@ -52,6 +52,9 @@ class Outcome:
     redacted: tuple[Any, dict[str, str], dict[str, int]] | None = None
     """``[input, local output]`` as they may leave the device, computed off the event loop
     (``Redactor.redact_value``); None: the escalator redacts when it needs to."""
+    no_room: bool = False
+    """The task's escalation budget was spent when this was routed: the escalator treats
+    it as over budget (and nothing was redacted for it)."""
 
 
 class TaskRuntime:
@@ -74,6 +77,9 @@ class TaskRuntime:
         """Set by the daemon: the cloud is configured and this task may use it."""
         self.redactor: Redactor | None = None
         """Set by the daemon: what this task's cloud requests are redacted with."""
+        self.may_escalate: Callable[[], bool] = lambda: True
+        """Set by the daemon: False when budget or in-flight cap would refuse escalations
+        now (redacting for them would be wasted work)."""
 
     @classmethod
     def build(cls, name: str, config: TaskConfig, metrics: Metrics) -> TaskRuntime:
@@ -179,6 +185,11 @@ class TaskRuntime:
         todo = [i for i, o in enumerate(outcomes) if o.escalate or (audits and o.cacheable)]
         if not todo:
             return outcomes
+        if not self.may_escalate():  # decided now, so nothing is redacted on the loop later
+            return [
+                dataclasses.replace(o, no_room=True) if i in todo else o
+                for i, o in enumerate(outcomes)
+            ]
 
         def run() -> list[tuple[Any, dict[str, str], dict[str, int]]]:
             return [
