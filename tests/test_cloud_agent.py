@@ -86,6 +86,8 @@ class ScriptedLLM:
     """Lets `drain` calls answer."""
     closing: threading.Event = field(default_factory=threading.Event)
     """Lets `slow` calls answer (set at teardown only)."""
+    gate: threading.Event = field(default_factory=threading.Event)
+    """Lets `gated` calls answer (one test at a time sets it)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -147,6 +149,9 @@ def _script(scenario: str, n: int, llm: ScriptedLLM) -> tuple[int, dict[str, str
             return 200, {}, _completion(label)
         case "drain":
             llm.release.wait(20)
+            return 200, {}, _completion(label)
+        case "gated":
+            llm.gate.wait(20)
             return 200, {}, _completion(label)
         case "malformed":
             return 200, {}, _completion("this is not JSON {")
@@ -549,6 +554,79 @@ def test_label_outside_the_set_is_an_error(served: Served) -> None:
     assert reply["error"]["code"] == "invalid_output"
     assert "banana" in reply["error"]["message"]
     assert len(served.env.llm.calls_for(req["input"])) == 2
+
+
+def _corr_replies(served: Served, corr: bytes, timeout: float) -> list[dict[str, Any]]:
+    got = served.client.collect(
+        99,
+        timeout=timeout,
+        where=lambda m: getattr(m.properties, "CorrelationData", None) == corr,
+    )
+    return [json.loads(m.payload) for m in got]
+
+
+@pytest.mark.e2e
+def test_resent_escalation_is_answered_without_a_second_llm_call(served: Served) -> None:
+    """Issue 9 item 8: a daemon re-sends an escalation it has no reply to yet (its timer
+    fired, or the cloud came back online).  Copies that arrive while the first is being
+    answered, and copies that arrive after the reply went out, cost no LLM call."""
+    llm = served.env.llm
+    req = escalation("classify", "gated")
+    send(served.client, served.prefix, req)
+    llm.wait_calls(req["input"], 1)
+    for _ in range(3):  # in flight: the LLM call has not returned yet
+        send(served.client, served.prefix, req)
+    llm.gate.set()
+    corr = f"corr-{req['escalation_id']}".encode()
+    first = _corr_replies(served, corr, timeout=5.0)
+    assert first and all(r["status"] == "ok" for r in first)
+    assert first[0]["usage"] == {"prompt_tokens": 10, "completion_tokens": 3}
+    # After the reply: re-sent with new Correlation Data; answered from memory.
+    for i in range(3):
+        again = dict(req)
+        served.client.publish(
+            f"{served.prefix}/cloud/requests/{req['task']}",
+            again,
+            response_topic=f"{served.prefix}/{req['device']}/cloud/replies",
+            correlation=f"resend-{i}".encode(),
+        )
+        [r] = _corr_replies(served, f"resend-{i}".encode(), timeout=10.0)[:1]
+        assert r["escalation_id"] == req["escalation_id"]
+        assert (r["status"], r["output"], r["model"]) == ("ok", {"label": "fire"}, "scripted-1")
+        assert r["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}  # nothing spent
+    assert len(llm.calls_for(req["input"])) == 1
+    assert len(served.agent.records("cloud.request_answered_before")) >= 3
+
+
+@pytest.mark.e2e
+def test_transient_failure_is_not_remembered(served: Served) -> None:
+    """An upstream failure is not an answer: the re-sent request gets a fresh call."""
+    req = escalation("classify", "unauthorized")
+    assert served.ask(req)["status"] == "error"
+    assert served.ask(req)["error"]["code"] == "upstream_rejected"
+    assert len(served.env.llm.calls_for(req["input"])) == 2
+
+
+def test_recent_replies_are_bounded_in_age_and_number() -> None:
+    from edgeagent.cloud.agent import CloudReply, RecentReplies
+    from edgeagent.protocol import ErrorInfo
+
+    now = [0.0]
+    cache = RecentReplies(ttl_s=10.0, max_entries=2, clock=lambda: now[0])
+    ok = CloudReply(escalation_id="a", status="ok", output={"label": "fire"})
+    assert cache.put(("d", "a"), ok)
+    assert cache.get(("d", "a")) == ok
+    assert cache.get(("other-device", "a")) is None
+    bad = ErrorInfo(code="invalid_output", message="x")
+    assert cache.put(("d", "b"), CloudReply(escalation_id="b", status="error", error=bad))
+    transient = ErrorInfo(code="upstream_unavailable", message="x")
+    assert not cache.put(("d", "c"), CloudReply(escalation_id="c", status="error", error=transient))
+    assert not cache.put(("d", "e"), CloudReply(escalation_id="e", status="expired", error=bad))
+    assert cache.put(("d", "f"), ok)  # a third entry: the oldest ("a") goes
+    assert len(cache) == 2 and cache.get(("d", "a")) is None
+    now[0] = 10.5
+    assert cache.get(("d", "f")) is None and len(cache) == 0
+    assert not RecentReplies(ttl_s=0, max_entries=5).put(("d", "a"), ok)
 
 
 @pytest.mark.e2e
