@@ -428,6 +428,9 @@ class MqttAdapter:
             code = int(getattr(rc, "value", rc))
             if code >= 0x80:
                 refused.append((topic, code, str(rc)))
+            elif code < 1:
+                # Granted QoS 0 (a broker's max_qos): messages on it may be lost in transit.
+                log.warning("mqtt.subscription_downgraded", topic=topic, granted_qos=code)
         self.refused_subscriptions = frozenset(t for t, _, _ in refused)
         if refused and not self._subscribed_once:
             topic, code, reason = refused[0]
