@@ -138,6 +138,11 @@ def _wake_network_thread(client: paho.Client, userdata: Any, sock: Any) -> None:
     thread's select() returns and it writes the queued packet itself."""
 
 
+def _code(reason_code: Any) -> int:
+    """The number of a paho ReasonCode (or of a plain int)."""
+    return int(getattr(reason_code, "value", reason_code))
+
+
 def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
@@ -178,7 +183,9 @@ class MqttAdapter:
         self._on_puback_cb = on_puback
         self._on_publish_refused_cb = on_publish_refused
         self._on_subscription_refused_cb = on_subscription_refused
-        self._suback_pending: dict[int, tuple[list[str], bool]] = {}
+        # SUBSCRIBE packet id -> (filters, session present; None for a retry of refused ones)
+        self._suback_pending: dict[int, tuple[list[str], bool | None]] = {}
+        self._resubscribe_at = 0.0  # monotonic; 0 = nothing to retry
         self._subscribed_once = False
         self.refused_subscriptions: frozenset[str] = frozenset()
         """Topic filters the broker refused at the latest SUBACK (empty while all granted)."""
@@ -309,6 +316,8 @@ class MqttAdapter:
             was_up = False
             while not self._stopping.is_set():
                 rc = self._client.loop(timeout=0.5)
+                if self._resubscribe_at and time.monotonic() >= self._resubscribe_at:
+                    self._retry_refused()
                 if self._connected.is_set():
                     was_up = True
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -393,6 +402,7 @@ class MqttAdapter:
             return
         self._generation += 1
         self._suback_pending.clear()  # SUBACKs of an earlier connection never come
+        self._resubscribe_at = 0.0  # every filter is subscribed again below
         session_present = bool(flags.session_present)
         subs = self._subscriptions()
         if subs:
@@ -423,6 +433,9 @@ class MqttAdapter:
         if pending is None:
             return
         subs, session_present = pending
+        if session_present is None:
+            self._retried(subs, reason_codes)
+            return
         refused: list[tuple[str, int, str]] = []
         for topic, rc in zip(subs, reason_codes, strict=False):
             code = int(getattr(rc, "value", rc))
@@ -444,9 +457,36 @@ class MqttAdapter:
             log.error("mqtt.subscription_refused", topic=topic, reason_code=code, reason=reason)
             if self._on_subscription_refused_cb is not None:
                 self._call(self._on_subscription_refused_cb, topic, code, reason)
-        if not refused:
+        if refused:
+            self._resubscribe_at = time.monotonic() + self.options.reconnect_max_s
+        else:
             self._subscribed_once = True
         self._set_connected(session_present)
+
+    def _retry_refused(self) -> None:
+        """Ask again for filters the broker refused (its ACL may have been fixed since);
+        every ``reconnect_max_s`` while any stays refused."""
+        self._resubscribe_at = 0.0
+        subs = sorted(self.refused_subscriptions)
+        if not subs or not self._connected.is_set():
+            return
+        if self._v5:
+            opts = SubscribeOptions(qos=1, noLocal=False)
+            rc, mid = self._client.subscribe([(t, opts) for t in subs])
+        else:
+            rc, mid = self._client.subscribe([(t, 1) for t in subs])
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            self._suback_pending[int(mid)] = (subs, None)
+        else:
+            self._resubscribe_at = time.monotonic() + self.options.reconnect_max_s
+
+    def _retried(self, subs: list[str], reason_codes: list[Any]) -> None:
+        still = {t for t, rc in zip(subs, reason_codes, strict=False) if _code(rc) >= 0x80}
+        for topic in sorted(set(subs) - still):
+            log.info("mqtt.subscription_granted", topic=topic)
+        self.refused_subscriptions = frozenset(still)
+        if still:
+            self._resubscribe_at = time.monotonic() + self.options.reconnect_max_s
 
     def _on_disconnect(
         self,

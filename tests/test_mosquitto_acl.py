@@ -370,13 +370,19 @@ def test_refused_subscription_is_fatal_at_start(
 
 @needs_dynsec
 @pytest.mark.e2e
-def test_refused_subscription_after_reconnect_is_counted(
-    tmp_path: Path, daemon_factory: DaemonFactory
+def test_refused_subscription_after_reconnect_is_counted_and_retried(
+    tmp_path: Path, daemon_factory: DaemonFactory, peers: list[Peer]
 ) -> None:
     dynsec = tmp_path / "dynsec.json"
-    users = {"d4": "pw-d4"}
+    users = {"d4": "pw-d4", "admin": "pw-admin"}
     rights = ["publishClientSend edgeagent/d4/#", "subscribePattern edgeagent/d4/#"]
-    write_dynsec(dynsec, users, {"d4": rights})
+    admin = [
+        "publishClientSend $CONTROL/dynamic-security/#",
+        "subscribePattern $CONTROL/dynamic-security/#",
+        "publishClientSend edgeagent/#",
+        "subscribePattern edgeagent/#",
+    ]
+    write_dynsec(dynsec, users, {"d4": rights, "admin": admin})
     with dynsec_broker(tmp_path / "b", dynsec) as b:
         port = free_port()
         d = daemon_factory(
@@ -387,7 +393,7 @@ def test_refused_subscription_after_reconnect_is_counted(
         d.wait_connected()
         # The operator takes the subscribe right away and restarts the broker.
         b.stop()
-        write_dynsec(dynsec, users, {"d4": rights[:1]})
+        write_dynsec(dynsec, users, {"d4": rights[:1], "admin": admin})
         b.start()
         rec = d.wait_for_log("mqtt.subscription_refused")
         assert rec["topic"] == "edgeagent/d4/jobs/+" and rec["reason_code"] == NOT_AUTHORIZED
@@ -398,3 +404,20 @@ def test_refused_subscription_after_reconnect_is_counted(
             if ln.startswith("edgeagent_subscriptions_refused_total{")
         )  # fmt: skip
         assert 'topic="edgeagent/d4/jobs/+"' in line and float(line.split()[-1]) >= 1
+        # The operator gives the right back, live, through the plugin's control topic (the
+        # plugin then disconnects the role's clients): the daemon takes jobs again by itself.
+        op = Peer(b)
+        peers.append(op)
+        assert op.connect(username="admin", password="pw-admin")[0] == 0
+        command = {
+            "command": "addRoleACL",
+            "rolename": "d4",
+            "acltype": "subscribePattern",
+            "topic": "edgeagent/d4/#",
+            "allow": True,
+        }
+        op.publish("$CONTROL/dynamic-security/v1", json.dumps({"commands": [command]}).encode())
+        op.subscribe("edgeagent/d4/results/#")
+        job = {"v": 1, "id": "after-fix", "input": "smoke"}
+        op.publish("edgeagent/d4/jobs/alarm", json.dumps(job).encode())
+        assert json.loads(op.receive().payload)["id"] == "after-fix"
