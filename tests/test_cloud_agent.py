@@ -153,6 +153,9 @@ def _script(scenario: str, n: int, llm: ScriptedLLM) -> tuple[int, dict[str, str
         case "gated":
             llm.gate.wait(20)
             return 200, {}, _completion(label)
+        case "lag":
+            time.sleep(0.05)
+            return 200, {}, _completion(label)
         case "malformed":
             return 200, {}, _completion("this is not JSON {")
         case "bad-label":
@@ -596,6 +599,23 @@ def test_resent_escalation_is_answered_without_a_second_llm_call(served: Served)
         assert r["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}  # nothing spent
     assert len(llm.calls_for(req["input"])) == 1
     assert len(served.agent.records("cloud.request_answered_before")) >= 3
+
+
+@pytest.mark.e2e
+def test_burst_beyond_the_window_loses_no_request(env: Env, client: TestClient) -> None:
+    """A burst of QoS 1 requests for a busy agent: every one is answered (none is dropped
+    from a full queue and left unacknowledged until the next reconnect)."""
+    prefix = f"ea{uuid.uuid4().hex[:8]}"
+    client.subscribe(f"{prefix}/+/cloud/replies")
+    client.subscribe(f"{prefix}/cloud/status")
+    agent = env.agent(prefix, "wl")
+    wait_online(client, f"{prefix}/cloud/status", {"wl"})
+    reqs = [escalation("classify", "lag", device=f"d{i % 4}") for i in range(80)]
+    for r in reqs:
+        send(client, prefix, r)
+    got = {json.loads(m.payload)["escalation_id"] for m in replies(client, len(reqs), 60)}
+    assert got == {r["escalation_id"] for r in reqs}
+    assert not agent.records("cloud.queue_full")
 
 
 @pytest.mark.e2e
