@@ -10,6 +10,8 @@ timer and a cloud status flap do.  Prints LLM calls per escalation for both and 
 ratio.
 
     .venv/bin/python benchmarks/bench_cloud_dedup.py [--n 500] [--resends 1] [--llm-ms 50]
+
+``BENCH_KEEP=DIR`` keeps the broker's and the agents' logs and configs in DIR.
 """
 
 from __future__ import annotations
