@@ -228,6 +228,7 @@ def write_cloud_config(
     group: str = "cloud",
     extra_agent: str = "",
     extra_llm: str = "",
+    extra_mqtt: str = "",
 ) -> Path:
     path.write_text(
         f"""
@@ -237,6 +238,7 @@ port = {port}
 client_id = "cloud-{worker}-{uuid.uuid4().hex[:6]}"
 reconnect_min_s = 0.1
 reconnect_max_s = 1.0
+{extra_mqtt}
 [llm]
 base_url = "{base_url}"
 model = "scripted"
@@ -616,6 +618,37 @@ def test_burst_beyond_the_window_loses_no_request(env: Env, client: TestClient) 
     got = {json.loads(m.payload)["escalation_id"] for m in replies(client, len(reqs), 60)}
     assert got == {r["escalation_id"] for r in reqs}
     assert not agent.records("cloud.queue_full")
+
+
+@pytest.mark.e2e
+def test_reply_refused_by_the_broker_is_logged_once(
+    llm: ScriptedLLM, tmp_path: Path, client_factory: Callable[..., TestClient]
+) -> None:
+    """The broker's ACL forbids the agent's replies (PUBACK 0x87): the agent says so, by
+    topic and reason, and does not loop on the request (one LLM call)."""
+    acl = (
+        "user cloud\ntopic read ea/cloud/requests/#\ntopic write ea/cloud/status/#\n"
+        "topic write ea/cloud/status\nuser producer\ntopic readwrite ea/#\n"
+    )
+    with Broker(tmp_path / "b", users={"cloud": "pc", "producer": "pp"}, acl=acl) as b:
+        pw = tmp_path / "pw"
+        pw.write_text("pc\n")
+        env = _make_env(b, llm, tmp_path)
+        agent = env.agent("ea", "wr", extra_mqtt=f'username = "cloud"\npassword_file = "{pw}"')
+        try:
+            c = client_factory(b.port, username="producer", password="pp")
+            c.subscribe("ea/cloud/status")
+            wait_online(c, "ea/cloud/status", {"wr"})
+            req = escalation("classify", "classify")
+            send(c, "ea", req)
+            rec = agent.wait_for_log("cloud.reply_refused")
+            assert rec["topic"] == "ea/dev1/cloud/replies"
+            assert rec["reason"] == "Not authorized (reason code 135)"
+            assert rec["escalation_id"] == req["escalation_id"]
+            assert len(llm.calls_for(req["input"])) == 1
+            assert not agent.records("cloud.reply")
+        finally:
+            agent.stop()
 
 
 @pytest.mark.e2e

@@ -437,6 +437,7 @@ class CloudAgent:
         self._handling: set[asyncio.Task[Any]] = set()
         self._workers: list[asyncio.Task[None]] = []
         self._pubacks: dict[int, asyncio.Future[None]] = {}
+        self._refused: dict[int, str] = {}  # packet id -> why the broker refused it
         self._started = time.time()
         self.mqtt: MqttAdapter | None = None
 
@@ -456,6 +457,7 @@ class CloudAgent:
             on_connected=self._on_connected,
             on_disconnected=lambda: log.warning("cloud.disconnected"),
             on_puback=self._on_puback,
+            on_publish_refused=self._on_publish_refused,
             name="cloud-mqtt",
         )
         self._workers = [
@@ -573,6 +575,11 @@ class CloudAgent:
                     queued=self._queue.qsize(),
                 )
         self._queue.put_nowait(msg)
+
+    def _on_publish_refused(self, mid: int, reason_code: int, reason: str) -> None:
+        """The broker refused a reply (PUBACK >= 0x80, e.g. its ACL): noted for _reply,
+        which runs when the PUBACK itself arrives (just after this)."""
+        self._refused[mid] = f"{reason} (reason code {reason_code})"
 
     def _on_puback(self, mid: int) -> None:
         fut = self._pubacks.pop(mid, None)
@@ -742,6 +749,18 @@ class CloudAgent:
             log.warning("cloud.reply_unconfirmed", topic=topic, **fields)
             return
         self._ack(msg, duplicates)
+        refused = self._refused.pop(mid, None)
+        if refused is not None:
+            # Sending it again cannot help: the request is acknowledged, and the daemon's
+            # escalation runs into its deadline and follows its offline policy.
+            log.error(
+                "cloud.reply_refused",
+                topic=topic,
+                reason=refused,
+                hint="the broker's ACL must let this agent's user write {prefix}/+/cloud/replies",
+                **fields,
+            )
+            return
         log.info("cloud.reply", topic=topic, **fields)
 
     def _ack(self, msg: Inbound, duplicates: list[Inbound]) -> None:
