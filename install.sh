@@ -30,6 +30,9 @@ Modes:
                   examples/edgeagent.toml if there is none yet (an existing one is never
                   touched), $CRED_DIR/ (0700), $STATE_DIR, the unit files in
                   $UNIT_DIR, and 'systemctl enable --now edgeagent' when systemd runs.
+                  With a local mosquitto: the broker drop-in
+                  /etc/mosquitto/conf.d/edgeagent.conf and the ACL template
+                  /etc/mosquitto/edgeagent.acl (existing files are never touched).
 
 Options:
   --extras LIST   Comma-separated optional dependencies: onnx, llamacpp, build, test.
@@ -39,7 +42,7 @@ Options:
                   under /root or /home: ProtectHome=yes hides them).
   --mqtt-host H   Broker to check (default: [mqtt] host in the config, else 127.0.0.1).
   --mqtt-port P   Broker port to check (default: [mqtt] port in the config, else 1883).
-  --no-broker     Do not check for a broker or install mosquitto.
+  --no-broker     Do not check for a broker, install mosquitto or its drop-in.
   --demo          After a development install: start the daemon with the example config
                   against the local broker, submit a few jobs with 'edgeagent submit',
                   print the results and stop it again.
@@ -316,6 +319,63 @@ check_broker() {
     warn "started mosquitto, but nothing answers on $host:$port yet; see /var/log/mosquitto/"
 }
 
+# -- broker drop-in (system install) -----------------------------------------------
+
+MOSQ_DIR=/etc/mosquitto
+
+have_mosquitto() {
+    command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]
+}
+
+# install_if_absent SRC DEST MODE: copy unless DEST exists (an operator's file is never
+# overwritten).  Returns 0 if it copied, 1 if it left DEST alone; says which.
+install_if_absent() {
+    local src="$1" dest="$2" mode="$3"
+    if [ -e "$dest" ]; then
+        if cmp -s "$src" "$dest"; then
+            say "$dest is up to date"
+        else
+            say "kept existing $dest (it differs from ${src#"$SRC"/}; compare them)"
+        fi
+        return 1
+    fi
+    install -m "$mode" "$src" "$dest"
+    say "installed $dest from ${src#"$SRC"/}"
+}
+
+# The mosquitto drop-in (persistence, queue and in-flight limits, TCP_NODELAY) and the
+# ACL template, for a mosquitto on this host.  Without the drop-in Debian's defaults
+# drop queued jobs beyond 1000 per client.  Restarts mosquitto only when the drop-in is
+# new, and takes it out again if mosquitto then fails to start.
+install_broker_config() {
+    local conf="$MOSQ_DIR/mosquitto.conf" dropin="$MOSQ_DIR/conf.d/edgeagent.conf"
+    if ! have_mosquitto; then
+        note "no mosquitto on this host: no broker drop-in installed; for a broker elsewhere" \
+            "see examples/mosquitto/edgeagent.conf"
+        return 0
+    fi
+    install -d -m 0755 "$MOSQ_DIR/conf.d"
+    install_if_absent "$SRC/examples/mosquitto/edgeagent.acl" "$MOSQ_DIR/edgeagent.acl" 0644 || true
+    install_if_absent "$SRC/examples/mosquitto/edgeagent.conf" "$dropin" 0644 || return 0
+    if [ -f "$conf" ] && ! grep -Eq "^[[:space:]]*include_dir[[:space:]]+$MOSQ_DIR/conf.d/?[[:space:]]*$" "$conf"; then
+        warn "$conf has no 'include_dir $MOSQ_DIR/conf.d', so mosquitto does not read" \
+            "$dropin: add that line (Debian's stock file has it) and restart mosquitto"
+        return 0
+    fi
+    if ! [ -d /run/systemd/system ] || ! systemctl is-active --quiet mosquitto; then
+        note "restart mosquitto to apply $dropin"
+        return 0
+    fi
+    if systemctl restart mosquitto && sleep 1 && systemctl is-active --quiet mosquitto; then
+        say "restarted mosquitto with $dropin (persistence, max_queued_messages 100000, set_tcp_nodelay)"
+        return 0
+    fi
+    warn "mosquitto did not start with $dropin (see journalctl -u mosquitto); moved it to" \
+        "$dropin.disabled and restarted mosquitto without it"
+    mv "$dropin" "$dropin.disabled"
+    systemctl restart mosquitto || warn "mosquitto does not start: see journalctl -u mosquitto"
+}
+
 # -- development install ----------------------------------------------------------
 
 dev_install() {
@@ -437,6 +497,7 @@ system_install() {
 
     if [ "$CHECK_BROKER" -eq 1 ]; then
         check_broker
+        install_broker_config
     fi
 
     local config_ok=0

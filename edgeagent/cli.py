@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--task", help="only this task")
     ex.set_defaults(func=_cmd_examples)
 
+    res = sub.add_parser(
+        "results",
+        help="show what the state file holds for a job: state, result, refused publishes",
+    )
+    _config_arg(res)
+    res.add_argument("job_id", help="the job's id (as in its result)")
+    res.add_argument("--json", action="store_true", help="print one JSON object")
+    res.set_defaults(func=_cmd_results)
+
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=_cmd_version)
 
@@ -205,6 +214,18 @@ def _cmd_examples(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from edgeagent import jobinfo
+    from edgeagent.config import Settings
+
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    settings, _ = loaded
+    assert isinstance(settings, Settings)
+    return jobinfo.main(settings.state_dir() / "edgeagent.db", args.job_id, as_json=args.json)
 
 
 def _cmd_version(args: argparse.Namespace) -> int:

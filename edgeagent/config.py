@@ -142,8 +142,10 @@ class TopicsConfig(_Section):
     )
     allowed_reply_prefixes: list[str] = Field(
         default_factory=list,
-        description="Topic prefixes a job's Response Topic / reply_to may name.  Default: "
-        "[`{prefix}/`].  Job, status, stats and cloud topics are always refused.",
+        description="Topic prefixes a job's Response Topic / reply_to may name, besides this "
+        "device's own `{prefix}/{device}/` (always allowed).  Matched on whole levels.  "
+        "Wildcards, `$` topics, empty levels and any device's job, status, stats and cloud "
+        "topics are always refused.",
     )
     stats_interval_s: float = Field(
         30.0,
@@ -162,8 +164,10 @@ class TopicsConfig(_Section):
     @classmethod
     def _v_prefixes(cls, value: list[str]) -> list[str]:
         for p in value:
-            if not p or "+" in p or "#" in p or p.startswith("$"):
+            if not p or "+" in p or "#" in p or p.startswith("$") or "\x00" in p:
                 raise ValueError(f"{p!r}: a literal topic prefix without wildcards or '$'")
+            if "" in p.rstrip("/").split("/"):
+                raise ValueError(f"{p!r}: a topic prefix without empty levels")
         return value
 
 
@@ -579,7 +583,8 @@ class Settings(BrokerClientSettings):
 
     @property
     def reply_prefixes(self) -> list[str]:
-        return self.topics.allowed_reply_prefixes or [f"{self.topics.prefix}/"]
+        """Reply-topic prefixes the operator allows besides the device's own namespace."""
+        return list(self.topics.allowed_reply_prefixes)
 
     def state_dir(self, environ: dict[str, str] | None = None) -> Path:
         env = os.environ if environ is None else environ

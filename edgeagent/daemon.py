@@ -183,6 +183,8 @@ class Daemon:
             on_connected=self._on_connected,
             on_disconnected=self._on_disconnected,
             on_puback=self._on_puback,
+            on_publish_refused=self._on_publish_refused,
+            on_subscription_refused=self._on_subscription_refused,
         )
         self.mqtt.start()
         self._spawn(self._intake_loop(), "daemon:intake")
@@ -357,6 +359,33 @@ class Daemon:
             asyncio.get_running_loop().call_soon(self._flush_acked)
         self._wake_outbox.set()
 
+    def _on_publish_refused(self, mid: int, reason_code: int, reason: str) -> None:
+        """The broker refused an outbox publish (v5 PUBACK >= 0x80, e.g. its ACL): resending
+        cannot help, so the row becomes a dead letter (the result stays in the journal;
+        `edgeagent results JOB_ID` shows both)."""
+        seq = self._inflight.pop(mid, None)
+        if seq is None or seq < 0 or self.store is None:
+            return  # not an outbox row (status); mqtt.py has logged it
+        dead = self.store.dead_letter(seq, reason_code, reason)
+        self.metrics.dead_letters.labels(_reason_label(reason)).inc()
+        self.metrics.outbox_depth.set(self.store.outbox_depth)
+        log.error(
+            "outbox.dead_letter",
+            seq=seq,
+            job_id=dead.job_id if dead else None,
+            topic=truncate(dead.topic, 120) if dead else None,
+            reason_code=reason_code,
+            reason=reason,
+            hint="the broker refused it (ACL?); `edgeagent results JOB_ID` shows it",
+        )
+        self._wake_outbox.set()
+
+    def _on_subscription_refused(self, topic: str, reason_code: int, reason: str) -> None:
+        """After a reconnect the broker refused one of our subscriptions (logged by mqtt.py;
+        at start the same is fatal)."""
+        self.metrics.subscriptions_refused.labels(topic).inc()
+        self.notifier.status(f"broker refused subscription {topic}: {reason}")
+
     def _flush_acked(self) -> None:
         self._flush_scheduled = False
         if self.store is None or not self._acked:
@@ -400,7 +429,9 @@ class Daemon:
         derived = derive_job_id(msg.topic, msg.payload, msg.correlation)
         default_target = ReplyTarget(self.topics.results(task), msg.correlation)
         wanted = msg.response_topic or reply_to_of(msg.payload)
-        allowed = wanted is None or self.topics.reply_allowed(wanted, self.settings.reply_prefixes)
+        prefixes = self.settings.reply_prefixes
+        refusal = None if wanted is None else self.topics.reply_refusal(wanted, prefixes)
+        allowed = refusal is None
         target = ReplyTarget(wanted, msg.correlation) if wanted and allowed else default_target
         parsed = parse_job(
             msg.payload,
@@ -415,7 +446,7 @@ class Daemon:
             parsed = Rejection(
                 rej_id,
                 REPLY_TOPIC_NOT_ALLOWED,
-                f"reply topic {truncate(wanted or '', 80)!r} is outside the allowed prefixes",
+                f"reply topic {truncate(wanted or '', 80)!r} refused: {refusal}",
             )
         if isinstance(parsed, Rejection):
             self._reject(tx, parsed, task, target)
@@ -811,6 +842,11 @@ class Daemon:
         if not task.cancelled() and task.exception() is not None:
             log.error("daemon.task_crashed", task=task.get_name(), error=repr(task.exception()))
             self._stop.set()
+
+
+def _reason_label(reason: str) -> str:
+    """A metric label from an MQTT reason string: "Not authorized" -> "not_authorized"."""
+    return "_".join(reason.lower().split())[:40] or "unknown"
 
 
 def run(settings: Settings, config_path: Path | None) -> int:

@@ -80,6 +80,18 @@ class Metrics:
             ["task", "verdict"],
             registry=r,
         )
+        self.dead_letters = Counter(
+            "edgeagent_dead_letters",
+            "Publishes the broker refused (PUBACK reason code >= 0x80), kept as dead letters",
+            ["reason"],
+            registry=r,
+        )
+        self.subscriptions_refused = Counter(
+            "edgeagent_subscriptions_refused",
+            "Subscriptions the broker refused after a reconnect (SUBACK >= 0x80)",
+            ["topic"],
+            registry=r,
+        )
         self._server: Any = None
         self._thread: threading.Thread | None = None
 

@@ -13,7 +13,15 @@ Guarantees this adapter gives the daemon:
 * every CONNACK re-subscribes; reconnects use capped, jittered backoff;
 * a refused login (bad credentials, not authorised) or a TLS verification
   failure is fatal: :attr:`fatal` is set and no retry storm follows;
-* the retained status topic carries a last will (``offline``).
+* the retained status topic carries a last will (``offline``);
+* ``on_connected`` runs once the broker has answered the subscriptions (SUBACK), so
+  "connected" means jobs can arrive.  A subscription the broker refuses (SUBACK reason
+  code >= 0x80, e.g. 0x87 not authorized by its ACL) is fatal before the first complete
+  subscription (``fatal`` names the topic filter and the reason) and is reported to
+  ``on_subscription_refused`` after that (a reconnect into a changed ACL);
+* a publish the broker refuses (MQTT v5 PUBACK reason code >= 0x80) is reported to
+  ``on_publish_refused`` before ``on_puback`` (MQTT 3.1.1 brokers cannot say so: they
+  acknowledge and drop it).
 """
 
 from __future__ import annotations
@@ -130,6 +138,11 @@ def _wake_network_thread(client: paho.Client, userdata: Any, sock: Any) -> None:
     thread's select() returns and it writes the queued packet itself."""
 
 
+def _code(reason_code: Any) -> int:
+    """The number of a paho ReasonCode (or of a plain int)."""
+    return int(getattr(reason_code, "value", reason_code))
+
+
 def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
@@ -158,6 +171,8 @@ class MqttAdapter:
         on_disconnected: Callable[[], None],
         on_puback: Callable[[int], None],
         name: str = "mqtt",
+        on_publish_refused: Callable[[int, int, str], None] | None = None,
+        on_subscription_refused: Callable[[str, int, str], None] | None = None,
     ) -> None:
         self.options = options
         self._loop = loop
@@ -166,6 +181,14 @@ class MqttAdapter:
         self._on_connected_cb = on_connected
         self._on_disconnected_cb = on_disconnected
         self._on_puback_cb = on_puback
+        self._on_publish_refused_cb = on_publish_refused
+        self._on_subscription_refused_cb = on_subscription_refused
+        # SUBSCRIBE packet id -> (filters, session present; None for a retry of refused ones)
+        self._suback_pending: dict[int, tuple[list[str], bool | None]] = {}
+        self._resubscribe_at = 0.0  # monotonic; 0 = nothing to retry
+        self._subscribed_once = False
+        self.refused_subscriptions: frozenset[str] = frozenset()
+        """Topic filters the broker refused at the latest SUBACK (empty while all granted)."""
         self._name = name
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -213,6 +236,7 @@ class MqttAdapter:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         return client
 
     # -- lifecycle (event loop thread) --------------------------------------------
@@ -292,6 +316,8 @@ class MqttAdapter:
             was_up = False
             while not self._stopping.is_set():
                 rc = self._client.loop(timeout=0.5)
+                if self._resubscribe_at and time.monotonic() >= self._resubscribe_at:
+                    self._retry_refused()
                 if self._connected.is_set():
                     was_up = True
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -375,15 +401,92 @@ class MqttAdapter:
                 log.warning("mqtt.connack_refused", reason_code=code, reason=str(reason_code))
             return
         self._generation += 1
+        self._suback_pending.clear()  # SUBACKs of an earlier connection never come
+        self._resubscribe_at = 0.0  # every filter is subscribed again below
+        session_present = bool(flags.session_present)
         subs = self._subscriptions()
         if subs:
             if self._v5:
                 opts = SubscribeOptions(qos=1, noLocal=False)
-                client.subscribe([(t, opts) for t in subs])
+                rc, mid = client.subscribe([(t, opts) for t in subs])
             else:
-                client.subscribe([(t, 1) for t in subs])
+                rc, mid = client.subscribe([(t, 1) for t in subs])
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                # Connected once the SUBACK says what was granted (see _on_subscribe).
+                self._suback_pending[int(mid)] = (subs, session_present)
+                return
+        self._set_connected(session_present)
+
+    def _set_connected(self, session_present: bool) -> None:
         self._connected.set()
-        self._call(self._on_connected_cb, bool(flags.session_present))
+        self._call(self._on_connected_cb, session_present)
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[Any],
+        properties: Properties | None,
+    ) -> None:
+        pending = self._suback_pending.pop(int(mid), None)
+        if pending is None:
+            return
+        subs, session_present = pending
+        if session_present is None:
+            self._retried(subs, reason_codes)
+            return
+        refused: list[tuple[str, int, str]] = []
+        for topic, rc in zip(subs, reason_codes, strict=False):
+            code = int(getattr(rc, "value", rc))
+            if code >= 0x80:
+                refused.append((topic, code, str(rc)))
+            elif code < 1:
+                # Granted QoS 0 (a broker's max_qos): messages on it may be lost in transit.
+                log.warning("mqtt.subscription_downgraded", topic=topic, granted_qos=code)
+        self.refused_subscriptions = frozenset(t for t, _, _ in refused)
+        if refused and not self._subscribed_once:
+            topic, code, reason = refused[0]
+            self._set_fatal(
+                f"broker {self.options.host}:{self.options.port} refused the subscription to "
+                f"{topic!r}: {reason} (reason code {code}); check the broker's ACL for user "
+                f"{self.options.username or '(anonymous)'!r}, client id {self.options.client_id!r}"
+            )
+            return
+        for topic, code, reason in refused:
+            log.error("mqtt.subscription_refused", topic=topic, reason_code=code, reason=reason)
+            if self._on_subscription_refused_cb is not None:
+                self._call(self._on_subscription_refused_cb, topic, code, reason)
+        if refused:
+            self._resubscribe_at = time.monotonic() + self.options.reconnect_max_s
+        else:
+            self._subscribed_once = True
+        self._set_connected(session_present)
+
+    def _retry_refused(self) -> None:
+        """Ask again for filters the broker refused (its ACL may have been fixed since);
+        every ``reconnect_max_s`` while any stays refused."""
+        self._resubscribe_at = 0.0
+        subs = sorted(self.refused_subscriptions)
+        if not subs or not self._connected.is_set():
+            return
+        if self._v5:
+            opts = SubscribeOptions(qos=1, noLocal=False)
+            rc, mid = self._client.subscribe([(t, opts) for t in subs])
+        else:
+            rc, mid = self._client.subscribe([(t, 1) for t in subs])
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            self._suback_pending[int(mid)] = (subs, None)
+        else:
+            self._resubscribe_at = time.monotonic() + self.options.reconnect_max_s
+
+    def _retried(self, subs: list[str], reason_codes: list[Any]) -> None:
+        still = {t for t, rc in zip(subs, reason_codes, strict=False) if _code(rc) >= 0x80}
+        for topic in sorted(set(subs) - still):
+            log.info("mqtt.subscription_granted", topic=topic)
+        self.refused_subscriptions = frozenset(still)
+        if still:
+            self._resubscribe_at = time.monotonic() + self.options.reconnect_max_s
 
     def _on_disconnect(
         self,
@@ -435,8 +538,10 @@ class MqttAdapter:
         code = int(getattr(reason_code, "value", reason_code) or 0)
         if code >= 0x80:
             # The broker refused the message (e.g. 0x87: the ACL forbids the topic).  Resending
-            # cannot help, so it still completes; the log says which message was refused.
+            # cannot help, so it still completes; the owner is told which one (dead letter).
             log.error(
                 "mqtt.publish_refused_by_broker", mid=mid, reason_code=code, reason=str(reason_code)
             )
+            if self._on_publish_refused_cb is not None:
+                self._call(self._on_publish_refused_cb, int(mid), code, str(reason_code))
         self._call(self._on_puback_cb, int(mid))

@@ -327,16 +327,79 @@ class Topics:
                 return rest if rest and "/" not in rest else None
         return None
 
+    @property
+    def namespace(self) -> str:
+        """This device's own topic namespace, ``{prefix}/{device}/`` (with the slash)."""
+        return f"{self.prefix}/{self.device}/"
+
     def reply_allowed(self, topic: str, allowed_prefixes: list[str]) -> bool:
-        """May a job make us publish on ``topic``?  Never on wildcards, ``$`` topics, or
-        job/status/stats/cloud topics (a reply there would loop or spoof)."""
-        if not topic or len(topic) > 1024 or "+" in topic or "#" in topic or "\x00" in topic:
-            return False
+        """May a job make us publish on ``topic``?  See :meth:`reply_refusal`."""
+        return self.reply_refusal(topic, allowed_prefixes) is None
+
+    def reply_refusal(self, topic: str, allowed_prefixes: list[str]) -> str | None:
+        """Why a job may not name ``topic`` as its reply topic; None if it may.
+
+        Allowed: a topic under this device's namespace ``{prefix}/{device}/``, or under one
+        of ``allowed_prefixes`` (the operator's ``topics.allowed_reply_prefixes``; each is
+        matched on whole topic levels, so ``app/replies`` covers ``app/replies/x``, never
+        ``app/replies-x``).  Always refused, whatever the prefixes: wildcards, ``$`` topics,
+        empty levels (``a//b``, a trailing ``/``), text mosquitto refuses as malformed
+        (NUL, control characters, lone surrogates, non-characters) or over
+        :data:`MAX_REPLY_TOPIC_BYTES`, and the protocol's own topics (any device's jobs,
+        status, stats and cloud topics, the fleet and cloud namespaces): a reply there
+        would loop or speak for another device.
+        """
+        if not topic:
+            return "empty topic"
+        if "+" in topic or "#" in topic:
+            return "wildcards are not topic names"
         if topic.startswith("$"):
-            return False
-        if not any(topic.startswith(p) for p in allowed_prefixes):
-            return False
+            return "'$' topics are reserved for the broker"
+        bad = _malformed(topic)
+        if bad is not None:
+            return bad
         levels = topic.split("/")
-        if "jobs" in levels or "cloud" in levels:
-            return False
-        return topic not in (self.status, self.stats) and not topic.endswith(("/status", "/stats"))
+        if "" in levels:
+            return "empty topic level"
+        if self._reserved(levels):
+            return "a job, status, stats or cloud topic of the protocol"
+        if topic.startswith(self.namespace):
+            return None
+        if any(topic.startswith(_level_prefix(p)) for p in allowed_prefixes):
+            return None
+        if levels[0] == self.prefix:
+            return "another device's namespace (only this device's and the allowed prefixes)"
+        return "outside this device's namespace and the allowed prefixes"
+
+    def _reserved(self, levels: list[str]) -> bool:
+        """The protocol's own topics, on any device and under any prefix (conservative: a
+        ``jobs`` or ``cloud`` level anywhere, a last level ``status`` or ``stats``)."""
+        if "jobs" in levels or "cloud" in levels or levels[-1] in ("status", "stats"):
+            return True
+        return levels[0] == self.prefix and len(levels) > 1 and levels[1] in ("fleet", "cloud")
+
+
+MAX_REPLY_TOPIC_BYTES = 1024
+"""Longest reply topic a job may name (UTF-8 bytes); MQTT allows 65535, no producer needs it."""
+
+
+def _level_prefix(prefix: str) -> str:
+    return prefix if prefix.endswith("/") else prefix + "/"
+
+
+def _malformed(topic: str) -> str | None:
+    """Why a broker would refuse ``topic`` as malformed UTF-8 (mosquitto disconnects a client
+    that publishes one, which would stall the outbox); None if it is well formed."""
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "not valid UTF-8 (lone surrogate)"
+    if size > MAX_REPLY_TOPIC_BYTES:
+        return f"longer than {MAX_REPLY_TOPIC_BYTES} bytes"
+    for ch in topic:
+        c = ord(ch)
+        if c < 0x20 or 0x7F <= c <= 0x9F:
+            return "control character"
+        if 0xFDD0 <= c <= 0xFDEF or (c & 0xFFFE) == 0xFFFE:
+            return "Unicode non-character"
+    return None

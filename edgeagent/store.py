@@ -57,6 +57,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     response_topic TEXT,
     created_at  REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq         INTEGER PRIMARY KEY,
+    job_id      TEXT,
+    topic       TEXT NOT NULL,
+    payload     BLOB NOT NULL,
+    correlation BLOB,
+    response_topic TEXT,
+    created_at  REAL NOT NULL,
+    reason_code INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    refused_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_job ON dead_letters (job_id);
 CREATE TABLE IF NOT EXISTS cache (
     key         TEXT PRIMARY KEY,
     task        TEXT NOT NULL,
@@ -97,6 +110,40 @@ CREATE TABLE IF NOT EXISTS examples (
     created_at       REAL NOT NULL
 );
 """
+
+
+DEAD_LETTER_MAX_ROWS = 10000
+"""Refused publishes kept for inspection (`edgeagent results`); older ones are dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A publish the broker refused, kept with the reason (``dead_letters`` table)."""
+
+    seq: int
+    job_id: str | None
+    topic: str
+    payload: bytes
+    reason_code: int
+    reason: str
+    refused_at: float
+
+
+def _job_id_of(db: sqlite3.Connection, payload: bytes) -> str | None:
+    """The job an outbox payload belongs to: a result's ``id``, or the job of an
+    escalation request's ``escalation_id``."""
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    esc = data.get("escalation_id")
+    if isinstance(esc, str):
+        row = db.execute("SELECT job_id FROM escalations WHERE id=?", (esc,)).fetchone()
+        return str(row[0]) if row else None
+    job_id = data.get("id")
+    return job_id if isinstance(job_id, str) else None
 
 
 class StoreError(Exception):
@@ -331,6 +378,41 @@ class Store:
         with self._tx() as db:
             db.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in seq_list])
         self._outbox_rows = max(0, self._outbox_rows - len(seq_list))
+
+    # -- dead letters -------------------------------------------------------------
+
+    def dead_letter(self, seq: int, reason_code: int, reason: str) -> DeadLetter | None:
+        """The broker refused outbox row ``seq`` (PUBACK reason code >= 0x80): move it to
+        ``dead_letters`` (the job's result stays in the journal), in one transaction.
+
+        Returns the dead letter, None if the row is gone.  The table keeps the newest
+        :data:`DEAD_LETTER_MAX_ROWS` rows (a refused escalation is re-sent and refused again).
+        """
+        row = self._db.execute(
+            "SELECT topic, payload, correlation, response_topic, created_at FROM outbox "
+            "WHERE seq=?",
+            (seq,),
+        ).fetchone()
+        if row is None:
+            return None
+        payload = bytes(row[1])
+        now = time.time()
+        with self._tx() as db:
+            job_id = _job_id_of(db, payload)
+            db.execute(
+                "INSERT OR REPLACE INTO dead_letters(seq, job_id, topic, payload, correlation, "
+                "response_topic, created_at, reason_code, reason, refused_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, job_id, row[0], payload, row[2], row[3], row[4], reason_code, reason, now),
+            )
+            db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
+            db.execute(
+                "DELETE FROM dead_letters WHERE seq <= "
+                "(SELECT seq FROM dead_letters ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (DEAD_LETTER_MAX_ROWS,),
+            )
+        self._outbox_rows = max(0, self._outbox_rows - 1)
+        return DeadLetter(seq, job_id, row[0], payload, reason_code, reason, now)
 
     # -- cache --------------------------------------------------------------------
 

@@ -1,10 +1,12 @@
 """`edgeagent submit`: publish jobs and print their results as JSON lines.
 
-The producer tool for humans and scripts.  MQTT v5: each job carries a
-Response Topic under ``{prefix}/clients/{client}/`` and its id as Correlation
-Data; with ``--v311`` the job names ``reply_to`` instead.  Exit 0 when every
-job got a result, 3 when some did not before ``--timeout``, 1 if the broker
-cannot be reached.
+The producer tool for humans and scripts.  MQTT v5: each job carries the Response
+Topic ``{prefix}/{device}/replies/[{user}/]{client}`` (in the target device's own
+namespace, where a daemon replies by default; ``{user}`` is ``mqtt.username``) and
+its id as Correlation Data; with ``--v311`` the job names ``reply_to`` instead.
+``--fleet`` jobs name no reply topic (any device may take them): their results are
+read from ``{prefix}/+/results/{task}``.  Exit 0 when every job got a result, 3 when
+some did not before ``--timeout``, 1 if the broker cannot be reached.
 """
 
 from __future__ import annotations
@@ -109,8 +111,17 @@ async def exchange(
     prefix = settings.topics.prefix
     target = device or settings.device_id
     client = f"submit-{uuid.uuid4().hex[:12]}"
-    reply_topic = f"{prefix}/clients/{client}/results"
+    # A reply topic in the target device's own namespace: the only place a daemon replies
+    # to by default.  A fleet job may be taken by any device, so its result comes on that
+    # device's results topic (matched by id).
+    # Under the broker user's name when there is one: the shipped mosquitto ACL lets only
+    # that user read `{prefix}/+/replies/{user}/#`.
+    user = settings.mqtt.username
+    owner = f"{user}/{client}" if user and not set(user) & set("/+#\x00") else client
+    reply_topic = None if fleet else f"{prefix}/{target}/replies/{owner}"
+    listen = f"{prefix}/+/results/{task}" if reply_topic is None else reply_topic
     pending = {str(j["id"]) for j in jobs}
+    ours = set(pending)
     done = asyncio.Event()
     connected = asyncio.Event()
     if not pending:
@@ -122,7 +133,7 @@ async def exchange(
             result = json.loads(msg.payload)
         except ValueError:
             return
-        if not isinstance(result, dict):
+        if not isinstance(result, dict) or str(result.get("id")) not in ours:
             return
         on_result(result)
         if not (await_superseding and result.get("provisional")):
@@ -147,7 +158,7 @@ async def exchange(
     adapter = MqttAdapter(
         options,
         loop=loop,
-        subscriptions=lambda: [reply_topic],
+        subscriptions=lambda: [listen],
         on_message=on_message,
         on_connected=lambda _sp: connected.set(),
         on_disconnected=lambda: None,
@@ -172,7 +183,8 @@ async def exchange(
         topic = f"{prefix}/fleet/jobs/{task}" if fleet else f"{prefix}/{target}/jobs/{task}"
         for job in jobs:
             if v311:
-                job["reply_to"] = reply_topic
+                if reply_topic is not None:
+                    job["reply_to"] = reply_topic
                 adapter.publish(topic, json.dumps(job).encode())
             else:
                 adapter.publish(

@@ -86,6 +86,8 @@ class ScriptedLLM:
     """Lets `drain` calls answer."""
     closing: threading.Event = field(default_factory=threading.Event)
     """Lets `slow` calls answer (set at teardown only)."""
+    gate: threading.Event = field(default_factory=threading.Event)
+    """Lets `gated` calls answer (one test at a time sets it)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -147,6 +149,12 @@ def _script(scenario: str, n: int, llm: ScriptedLLM) -> tuple[int, dict[str, str
             return 200, {}, _completion(label)
         case "drain":
             llm.release.wait(20)
+            return 200, {}, _completion(label)
+        case "gated":
+            llm.gate.wait(20)
+            return 200, {}, _completion(label)
+        case "lag":
+            time.sleep(0.05)
             return 200, {}, _completion(label)
         case "malformed":
             return 200, {}, _completion("this is not JSON {")
@@ -220,6 +228,7 @@ def write_cloud_config(
     group: str = "cloud",
     extra_agent: str = "",
     extra_llm: str = "",
+    extra_mqtt: str = "",
 ) -> Path:
     path.write_text(
         f"""
@@ -229,6 +238,7 @@ port = {port}
 client_id = "cloud-{worker}-{uuid.uuid4().hex[:6]}"
 reconnect_min_s = 0.1
 reconnect_max_s = 1.0
+{extra_mqtt}
 [llm]
 base_url = "{base_url}"
 model = "scripted"
@@ -549,6 +559,127 @@ def test_label_outside_the_set_is_an_error(served: Served) -> None:
     assert reply["error"]["code"] == "invalid_output"
     assert "banana" in reply["error"]["message"]
     assert len(served.env.llm.calls_for(req["input"])) == 2
+
+
+def _corr_replies(served: Served, corr: bytes, timeout: float) -> list[dict[str, Any]]:
+    got = served.client.collect(
+        99,
+        timeout=timeout,
+        where=lambda m: getattr(m.properties, "CorrelationData", None) == corr,
+    )
+    return [json.loads(m.payload) for m in got]
+
+
+@pytest.mark.e2e
+def test_resent_escalation_is_answered_without_a_second_llm_call(served: Served) -> None:
+    """Issue 9 item 8: a daemon re-sends an escalation it has no reply to yet (its timer
+    fired, or the cloud came back online).  Copies that arrive while the first is being
+    answered, and copies that arrive after the reply went out, cost no LLM call."""
+    llm = served.env.llm
+    req = escalation("classify", "gated")
+    send(served.client, served.prefix, req)
+    llm.wait_calls(req["input"], 1)
+    for _ in range(3):  # in flight: the LLM call has not returned yet
+        send(served.client, served.prefix, req)
+    llm.gate.set()
+    corr = f"corr-{req['escalation_id']}".encode()
+    first = _corr_replies(served, corr, timeout=5.0)
+    assert first and all(r["status"] == "ok" for r in first)
+    assert first[0]["usage"] == {"prompt_tokens": 10, "completion_tokens": 3}
+    # After the reply: re-sent with new Correlation Data; answered from memory.
+    for i in range(3):
+        again = dict(req)
+        served.client.publish(
+            f"{served.prefix}/cloud/requests/{req['task']}",
+            again,
+            response_topic=f"{served.prefix}/{req['device']}/cloud/replies",
+            correlation=f"resend-{i}".encode(),
+        )
+        [r] = _corr_replies(served, f"resend-{i}".encode(), timeout=10.0)[:1]
+        assert r["escalation_id"] == req["escalation_id"]
+        assert (r["status"], r["output"], r["model"]) == ("ok", {"label": "fire"}, "scripted-1")
+        assert r["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}  # nothing spent
+    assert len(llm.calls_for(req["input"])) == 1
+    assert len(served.agent.records("cloud.request_answered_before")) >= 3
+
+
+@pytest.mark.e2e
+def test_burst_beyond_the_window_loses_no_request(env: Env, client: TestClient) -> None:
+    """A burst of QoS 1 requests for a busy agent: every one is answered (none is dropped
+    from a full queue and left unacknowledged until the next reconnect)."""
+    prefix = f"ea{uuid.uuid4().hex[:8]}"
+    client.subscribe(f"{prefix}/+/cloud/replies")
+    client.subscribe(f"{prefix}/cloud/status")
+    agent = env.agent(prefix, "wl")
+    wait_online(client, f"{prefix}/cloud/status", {"wl"})
+    reqs = [escalation("classify", "lag", device=f"d{i % 4}") for i in range(80)]
+    for r in reqs:
+        send(client, prefix, r)
+    got = {json.loads(m.payload)["escalation_id"] for m in replies(client, len(reqs), 60)}
+    assert got == {r["escalation_id"] for r in reqs}
+    assert not agent.records("cloud.queue_full")
+
+
+@pytest.mark.e2e
+def test_reply_refused_by_the_broker_is_logged_once(
+    llm: ScriptedLLM, tmp_path: Path, client_factory: Callable[..., TestClient]
+) -> None:
+    """The broker's ACL forbids the agent's replies (PUBACK 0x87): the agent says so, by
+    topic and reason, and does not loop on the request (one LLM call)."""
+    acl = (
+        "user cloud\ntopic read ea/cloud/requests/#\ntopic write ea/cloud/status/#\n"
+        "topic write ea/cloud/status\nuser producer\ntopic readwrite ea/#\n"
+    )
+    with Broker(tmp_path / "b", users={"cloud": "pc", "producer": "pp"}, acl=acl) as b:
+        pw = tmp_path / "pw"
+        pw.write_text("pc\n")
+        env = _make_env(b, llm, tmp_path)
+        agent = env.agent("ea", "wr", extra_mqtt=f'username = "cloud"\npassword_file = "{pw}"')
+        try:
+            c = client_factory(b.port, username="producer", password="pp")
+            c.subscribe("ea/cloud/status")
+            wait_online(c, "ea/cloud/status", {"wr"})
+            req = escalation("classify", "classify")
+            send(c, "ea", req)
+            rec = agent.wait_for_log("cloud.reply_refused")
+            assert rec["topic"] == "ea/dev1/cloud/replies"
+            assert rec["reason"] == "Not authorized (reason code 135)"
+            assert rec["escalation_id"] == req["escalation_id"]
+            assert len(llm.calls_for(req["input"])) == 1
+            assert not agent.records("cloud.reply")
+        finally:
+            agent.stop()
+
+
+@pytest.mark.e2e
+def test_transient_failure_is_not_remembered(served: Served) -> None:
+    """An upstream failure is not an answer: the re-sent request gets a fresh call."""
+    req = escalation("classify", "unauthorized")
+    assert served.ask(req)["status"] == "error"
+    assert served.ask(req)["error"]["code"] == "upstream_rejected"
+    assert len(served.env.llm.calls_for(req["input"])) == 2
+
+
+def test_recent_replies_are_bounded_in_age_and_number() -> None:
+    from edgeagent.cloud.agent import CloudReply, RecentReplies
+    from edgeagent.protocol import ErrorInfo
+
+    now = [0.0]
+    cache = RecentReplies(ttl_s=10.0, max_entries=2, clock=lambda: now[0])
+    ok = CloudReply(escalation_id="a", status="ok", output={"label": "fire"})
+    assert cache.put(("d", "a"), ok)
+    assert cache.get(("d", "a")) == ok
+    assert cache.get(("other-device", "a")) is None
+    bad = ErrorInfo(code="invalid_output", message="x")
+    assert cache.put(("d", "b"), CloudReply(escalation_id="b", status="error", error=bad))
+    transient = ErrorInfo(code="upstream_unavailable", message="x")
+    assert not cache.put(("d", "c"), CloudReply(escalation_id="c", status="error", error=transient))
+    assert not cache.put(("d", "e"), CloudReply(escalation_id="e", status="expired", error=bad))
+    assert cache.put(("d", "f"), ok)  # a third entry: the oldest ("a") goes
+    assert len(cache) == 2 and cache.get(("d", "a")) is None
+    now[0] = 10.5
+    assert cache.get(("d", "f")) is None and len(cache) == 0
+    assert not RecentReplies(ttl_s=0, max_entries=5).put(("d", "a"), ok)
 
 
 @pytest.mark.e2e

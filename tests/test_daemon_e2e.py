@@ -26,15 +26,15 @@ def test_v5_job_gets_result_with_correlation(
     d = daemon_factory(broker.port)
     d.wait_connected()
     c: TestClient = client_factory(broker.port)
-    c.subscribe("edgeagent/clients/me/#")
+    c.subscribe(f"edgeagent/{device}/replies/me/#")
     c.publish(
         f"edgeagent/{device}/jobs/alarm",
         _job("smoke in the kitchen", "j1"),
-        response_topic="edgeagent/clients/me/results",
+        response_topic=f"edgeagent/{device}/replies/me/results",
         correlation=b"corr-1",
     )
     [msg] = c.collect(1)
-    assert msg.topic == "edgeagent/clients/me/results"
+    assert msg.topic == f"edgeagent/{device}/replies/me/results"
     assert msg.properties.CorrelationData == b"corr-1"
     res = json.loads(msg.payload)
     assert res["id"] == "j1"
@@ -71,16 +71,16 @@ def test_v311_falls_back_to_results_topic_and_reply_to(
     d.wait_connected()
     c = client_factory(broker.port, v5=False)
     c.subscribe(f"edgeagent/{device}/results/alarm")
-    c.subscribe("edgeagent/replies/v3")
+    c.subscribe(f"edgeagent/{device}/replies/v3")
     c.publish(f"edgeagent/{device}/jobs/alarm", _job("glass break at door 2", "v3-a"))
     c.publish(
         f"edgeagent/{device}/jobs/alarm",
-        _job("smoke", "v3-b", reply_to="edgeagent/replies/v3"),
+        _job("smoke", "v3-b", reply_to=f"edgeagent/{device}/replies/v3"),
     )
     got = {json.loads(m.payload)["id"]: m for m in c.collect(2)}
     assert got["v3-a"].topic == f"edgeagent/{device}/results/alarm"
     assert json.loads(got["v3-a"].payload)["output"] == {"label": "intrusion"}
-    assert got["v3-b"].topic == "edgeagent/replies/v3"
+    assert got["v3-b"].topic == f"edgeagent/{device}/replies/v3"
 
 
 BAD_INPUTS = [
@@ -103,18 +103,18 @@ def test_bad_inputs_are_rejected_with_codes_and_daemon_keeps_serving(
     d = daemon_factory(broker.port)
     d.wait_connected()
     c = client_factory(broker.port)
-    c.subscribe("edgeagent/clients/bad/#")
+    c.subscribe(f"edgeagent/{device}/replies/bad/#")
     for i, (payload, _code) in enumerate(BAD_INPUTS):
         c.publish(
             f"edgeagent/{device}/jobs/alarm",
             payload,
-            response_topic="edgeagent/clients/bad/r",
+            response_topic=f"edgeagent/{device}/replies/bad/r",
             correlation=str(i).encode(),
         )
     c.publish(
         f"edgeagent/{device}/jobs/nope",
         _job("x"),
-        response_topic="edgeagent/clients/bad/r",
+        response_topic=f"edgeagent/{device}/replies/bad/r",
         correlation=b"unknown",
     )
     msgs = c.collect(len(BAD_INPUTS) + 1)
@@ -128,7 +128,7 @@ def test_bad_inputs_are_rejected_with_codes_and_daemon_keeps_serving(
     c.publish(
         f"edgeagent/{device}/jobs/alarm",
         _job("fire!", "after"),
-        response_topic="edgeagent/clients/bad/r",
+        response_topic=f"edgeagent/{device}/replies/bad/r",
     )
     [ok] = c.collect(1)
     assert json.loads(ok.payload)["status"] == "ok"

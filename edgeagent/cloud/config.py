@@ -147,6 +147,15 @@ class AgentConfig(_Section):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, wait this long for requests in flight (seconds)."
     )
+    reply_cache_ttl_s: float = Field(
+        600.0,
+        ge=0,
+        description="Remember each published reply this long, so a re-sent escalation is "
+        "answered again without another LLM call (seconds; 0 = off).",
+    )
+    reply_cache_max_entries: int = Field(
+        4096, ge=0, description="Replies remembered at most (oldest dropped first)."
+    )
 
     _v_prefix = field_validator("prefix", "group", "worker_id")(segment)
 
