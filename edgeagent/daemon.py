@@ -408,9 +408,7 @@ class Daemon:
                 continue  # nothing pending: no transaction (an fsync with synchronous=full)
             try:
                 with self.store.transaction() as tx:
-                    answers = self.escalator.tick(
-                        tx, self.store, reachable=self._cloud_reachable()
-                    )
+                    answers = self.escalator.tick(tx, self.store, reachable=self._cloud_reachable())
             except StoreError as exc:
                 self._resync_escalator()
                 self._store_trouble(exc, "escalation")
@@ -451,10 +449,7 @@ class Daemon:
             await self._wake_intake.wait()
             self._wake_intake.clear()
             while (
-                self._inbox
-                and self._intake_open
-                and self.degraded is None
-                and self._has_capacity()
+                self._inbox and self._intake_open and self.degraded is None and self._has_capacity()
             ):
                 batch = [self._inbox.popleft() for _ in range(min(INTAKE_BATCH, len(self._inbox)))]
                 scheduled: list[tuple[Job, float]] = []
@@ -1038,8 +1033,8 @@ class Daemon:
         self.notifier.stopping()
         self._intake_open = False  # unacknowledged jobs stay with the broker
         deadline = time.monotonic() + (self.settings.runtime.drain_timeout_s if graceful else 0)
-        while self._open and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        while self._open and self.degraded is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # (degraded: nothing can commit; the journal has them)
         if self._open:
             log.warning("daemon.drain_timeout", open_jobs=len(self._open))
         # Results are committed; give the broker a moment to acknowledge what is in flight.

@@ -206,7 +206,9 @@ def parse_job(
     try:
         data = load_payload(payload)
     except NotJson as exc:
-        return Rejection(derived_id, NOT_JSON, str(exc))
+        # JSON that parsed but is refused (a lone surrogate, too deep) keeps the producer's id.
+        rej_id = _readable_id(exc.decoded.get("id"), derived_id) if exc.decoded else derived_id
+        return Rejection(rej_id, NOT_JSON, str(exc))
     if not isinstance(data, dict):
         return Rejection(derived_id, NOT_AN_OBJECT, "payload must be a JSON object")
     job_id = _readable_id(data.get("id"), derived_id)
@@ -258,6 +260,9 @@ def reply_to_of(payload: bytes) -> str | None:
 class NotJson(ValueError):
     """The payload is not a JSON text this daemon accepts; the message says why (no payload)."""
 
+    decoded: dict[str, Any] | None = None
+    """The decoded object, when the payload parsed but its content is refused."""
+
 
 def load_payload(payload: bytes) -> Any:
     """Decode a payload as I-JSON (RFC 7493), the JSON every consumer of ours can read back.
@@ -289,7 +294,11 @@ def load_payload(payload: bytes) -> Any:
         raise NotJson(f"payload is not JSON: nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:  # JSONDecodeError included
         raise NotJson(f"payload is not JSON: {truncate(str(exc), 120)}") from None
-    _check_tree(data)
+    try:
+        _check_tree(data)
+    except NotJson as exc:
+        exc.decoded = data if isinstance(data, dict) else None
+        raise
     return data
 
 
@@ -337,7 +346,9 @@ def _finite_float(text: str) -> float:
 
 def _bounded_int(text: str) -> int:
     if len(text) > MAX_INT_DIGITS + 1:
-        raise NotJson(f"payload is not JSON: integer of {len(text)} digits (limit {MAX_INT_DIGITS})")
+        raise NotJson(
+            f"payload is not JSON: integer of {len(text)} digits (limit {MAX_INT_DIGITS})"
+        )
     return int(text)
 
 
