@@ -379,6 +379,16 @@ class Daemon:
             self._resync_escalator()
             self._store_trouble(exc, "cloud_reply")
             return
+        except Exception as exc:
+            # Rolled back; the escalation stays pending (re-sent, or its deadline decides).
+            # Acknowledged so that it does not come back at every reconnect.
+            self._resync_escalator()
+            log.error(
+                "cloud.reply_failed",
+                topic=truncate(msg.topic, 120),
+                error=truncate(repr(exc), 300),
+                payload=truncate(repr(msg.payload), 200),
+            )
         self.mqtt.ack(msg)
         self._answered(answers)
 

@@ -326,3 +326,38 @@ def test_a_failed_commit_is_unavailable_and_rolls_back(tmp_path: Path) -> None:
     with s.transaction() as tx:  # the connection is still usable
         tx.enqueue("t", b"y")
     assert [r.payload for r in s.outbox()] == [b"y"]
+
+
+def test_a_message_paho_cannot_decode_does_not_end_the_network_thread() -> None:
+    """A topic that is not UTF-8 (mosquitto refuses them; other brokers may not) used to raise
+    out of paho's loop() and end the MQTT thread: the daemon stayed up but deaf."""
+    import asyncio
+
+    import paho.mqtt.client as paho
+
+    from edgeagent.mqtt import ConnectOptions, MqttAdapter
+
+    loop = asyncio.new_event_loop()
+    try:
+        got: list[Inbound] = []
+        adapter = MqttAdapter(
+            ConnectOptions(host="127.0.0.1", port=1, client_id="t"),
+            loop=loop,
+            subscriptions=list,
+            on_message=got.append,
+            on_connected=lambda _: None,
+            on_disconnected=lambda: None,
+            on_puback=lambda _: None,
+        )
+        acked: list[tuple[int, int]] = []
+
+        class Client:
+            def ack(self, mid: int, qos: int) -> None:
+                acked.append((mid, qos))
+
+        msg = paho.MQTTMessage(mid=7, topic=b"edgeagent/d1/jobs/\xff")
+        msg.qos = 1
+        adapter._on_message(Client(), None, msg)  # type: ignore[arg-type]
+        assert acked == [(7, 1)] and got == []
+    finally:
+        loop.close()
