@@ -523,7 +523,7 @@ class Store:
     def maintain(self) -> None:
         """When idle: return free pages to the file system and truncate the WAL to zero."""
         try:
-            self._db.execute("PRAGMA incremental_vacuum")
+            self._db.execute("PRAGMA incremental_vacuum").fetchall()  # one page per step
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             raise translate(exc, self.path) from exc
