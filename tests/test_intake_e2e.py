@@ -144,6 +144,31 @@ def test_full_state_disk_degrades_then_resumes_without_losing_a_job(
     assert d.wait(60) == 0
 
 
+@pytest.fixture
+def tiny_state(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path/state as a 2 MiB tmpfs: the state disk of issue 9 item 3."""
+    with _tmpfs(tmp_path / "state", "2m") as p:
+        yield p
+
+
+def test_a_2_mib_state_disk_is_not_filled_by_the_wal(
+    tiny_state: Path, broker: Broker, daemon_factory: DaemonFactory, client_factory, device: str
+) -> None:
+    """Issue 9 item 3: with SQLite's default checkpointing the WAL alone filled 2 MB after a
+    few dozen jobs and the daemon stopped.  Now 400 jobs fit with room to spare."""
+    d = daemon_factory(broker.port)
+    d.wait_connected()
+    c = client_factory(broker.port)
+    c.subscribe(f"edgeagent/{device}/results/#")
+    for i in range(400):
+        c.publish_nowait(f"edgeagent/{device}/jobs/alarm", _job(f"smoke {i} in hall " * 3, f"s{i}"))
+    c.wait_published()
+    got = {json.loads(m.payload)["id"] for m in c.collect(400, timeout=120)}
+    assert got == {f"s{i}" for i in range(400)}
+    assert d.proc is not None and d.proc.poll() is None
+    assert not [r for r in d.log_records() if r.get("event") in ("store.degraded", "daemon.fatal")]
+
+
 def _results(m: object) -> bool:
     return "/results/" in getattr(m, "topic", "")
 
