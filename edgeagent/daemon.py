@@ -215,6 +215,7 @@ class Daemon:
         self.escalator.recover(self.store)
         for rt in self.runtimes.values():
             rt.start(self._deliver)
+            self._watch_workers(rt)
         for sig, handler in (
             (signal.SIGTERM, self.request_stop),
             (signal.SIGINT, self.request_stop),
@@ -1021,6 +1022,7 @@ class Daemon:
         self.settings = self.settings.model_copy(update={"tasks": new.tasks})
         for rt in fresh.values():
             rt.start(self._deliver)
+            self._watch_workers(rt)
         for rt in old.values():
             # Hand the queued jobs to the new runtime of the same task (or reject them).
             while not rt.queue.empty():
@@ -1090,6 +1092,11 @@ class Daemon:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._background.add(task)
         task.add_done_callback(self._task_done)
+
+    def _watch_workers(self, rt: TaskRuntime) -> None:
+        # A dead worker would leave its task silently unanswered: treat it as a crashed task.
+        for worker in rt._workers:
+            worker.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)

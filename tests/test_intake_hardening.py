@@ -361,3 +361,22 @@ def test_a_message_paho_cannot_decode_does_not_end_the_network_thread() -> None:
         assert acked == [(7, 1)] and got == []
     finally:
         loop.close()
+
+
+def test_a_batch_our_code_fails_on_is_answered_and_the_worker_lives() -> None:
+    """A prediction the router cannot handle used to raise out of the worker: the task then
+    answered nothing more, silently, while the daemon reported `online`."""
+    from edgeagent.backends.base import Prediction
+    from tests.test_pipeline import FakeBackend, pending, run
+
+    class Odd(FakeBackend):
+        def infer_batch(self, inputs: list[Any]) -> list[Prediction]:
+            return [
+                Prediction({"label": "x"}, "not a number" if x == "in-1" else 0.9)  # type: ignore[arg-type]
+                for x in inputs
+            ]
+
+    out = {o.result.id: o.result for o in run(Odd(), [pending(1), pending(2), pending(3)])}
+    assert out["j1"].status == "error"
+    assert out["j1"].error is not None and out["j1"].error.code == "internal_error"
+    assert out["j2"].status == out["j3"].status == "ok"  # the rest of the batch is answered
