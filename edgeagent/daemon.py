@@ -805,9 +805,7 @@ class Daemon:
         assert self.store is not None
         while True:
             await asyncio.sleep(300)
-            if self.degraded is not None:
-                continue
-            try:
+            try:  # also while degraded: rows past retention are the space to win back
                 pruned = self.store.prune(retention_s=self.settings.store.journal_retention_s)
             except StoreError as exc:
                 self._store_trouble(exc, "prune")

@@ -167,6 +167,9 @@ def test_a_2_mib_state_disk_is_not_filled_by_the_wal(
     assert got == {f"s{i}" for i in range(400)}
     assert d.proc is not None and d.proc.poll() is None
     assert not [r for r in d.log_records() if r.get("event") in ("store.degraded", "daemon.fatal")]
+    # Less than MIN_FREE_BYTES free at start: said once, and not fatal.
+    low = [r for r in d.log_records() if r.get("event") == "store.low_space"]
+    assert len(low) == 1 and low[0]["free_bytes"] < low[0]["min_free_bytes"]
 
 
 def _results(m: object) -> bool:
