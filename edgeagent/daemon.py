@@ -151,7 +151,7 @@ class Daemon:
         self._reload_requested = False
         self._fatal: tuple[str, int] | None = None  # (reason, exit code) of a fatal error
         self.degraded: str | None = None
-        """Why the state store refuses writes (``disk_full``, ``io_error``, ``read_only``)."""
+        """Why the store refuses writes (``disk_full``, ``io_error``, ``read_only``, ``busy``)."""
         self._degraded_at = 0.0
         self._recovered_at = -1e9
         self._retry_delay = STORE_RETRY_MIN_S

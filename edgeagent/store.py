@@ -137,7 +137,8 @@ class StoreUnavailable(StoreError):
     """A write failed for a reason that may pass (disk full, I/O error, read-only remount).
 
     Nothing of the failed transaction was committed; the caller retries later.
-    ``reason`` is ``disk_full``, ``io_error`` or ``read_only``.
+    ``reason`` is ``disk_full``, ``io_error``, ``read_only`` or ``busy`` (another process
+    holds the database lock).
     """
 
     def __init__(self, message: str, kind: str) -> None:
@@ -146,7 +147,17 @@ class StoreUnavailable(StoreError):
 
 
 # SQLite primary result codes (https://sqlite.org/rescode.html).
-_SQLITE_KINDS = {3: "read_only", 8: "read_only", 10: "io", 11: "corrupt", 13: "full", 26: "corrupt"}
+_SQLITE_KINDS = {
+    3: "read_only",  # SQLITE_PERM
+    5: "busy",  # SQLITE_BUSY: another process holds the lock past busy_timeout
+    6: "busy",  # SQLITE_LOCKED
+    7: "io",  # SQLITE_NOMEM
+    8: "read_only",  # SQLITE_READONLY
+    10: "io",  # SQLITE_IOERR
+    11: "corrupt",  # SQLITE_CORRUPT
+    13: "full",  # SQLITE_FULL
+    26: "corrupt",  # SQLITE_NOTADB
+}
 _MESSAGE_KINDS = (  # Python 3.10 has no sqlite_errorcode: fall back on SQLite's messages
     ("database or disk is full", "full"),
     ("disk i/o error", "io"),
@@ -154,11 +165,14 @@ _MESSAGE_KINDS = (  # Python 3.10 has no sqlite_errorcode: fall back on SQLite's
     ("file is not a database", "corrupt"),
     ("readonly database", "read_only"),
     ("read-only", "read_only"),
+    ("database is locked", "busy"),
+    ("database table is locked", "busy"),
 )
 
 
 def error_kind(exc: BaseException) -> str:
-    """Classify a SQLite error: ``full``, ``io``, ``corrupt``, ``read_only`` or ``other``."""
+    """Classify a SQLite error: ``full``, ``io``, ``busy``, ``corrupt``, ``read_only`` or
+    ``other`` (a bug of ours, e.g. a constraint: confined to the statement)."""
     code = getattr(exc, "sqlite_errorcode", None)
     if isinstance(code, int) and (code & 0xFF) in _SQLITE_KINDS:
         return _SQLITE_KINDS[code & 0xFF]
@@ -172,7 +186,7 @@ def error_kind(exc: BaseException) -> str:
 def translate(exc: sqlite3.Error, path: Path) -> BaseException:
     """The StoreError for a SQLite error raised at run time (``exc`` itself if unclassified)."""
     kind = error_kind(exc)
-    if kind in ("full", "io", "read_only"):
+    if kind in ("full", "io", "read_only", "busy"):
         return StoreUnavailable(f"state file {path}: {exc}", kind)
     if kind == "corrupt":
         return StoreError(
@@ -562,14 +576,20 @@ class Transaction:
         Errors after which SQLite may have abandoned the whole transaction (disk full, I/O,
         corruption) are not contained: they fail the transaction.
         """
+        if not self._db.in_transaction:  # SAVEPOINT would silently open a new transaction
+            raise StoreUnavailable(f"state file {self._store.path}: transaction lost", "io")
         saved = (self.outbox_added, self.last_seq, self._store.cache_rows)
         self._db.execute("SAVEPOINT one_message")
         try:
             yield
         except BaseException as exc:
-            contained = not isinstance(exc, sqlite3.Error) or error_kind(exc) == "other"
-            if not (contained and self._db.in_transaction):
-                raise
+            if isinstance(exc, sqlite3.Error) and error_kind(exc) != "other":
+                raise translate(exc, self._store.path) from exc
+            if not self._db.in_transaction:
+                # SQLite abandoned the whole transaction: none of it may look committed.
+                raise StoreUnavailable(
+                    f"state file {self._store.path}: transaction rolled back ({exc!r})", "io"
+                ) from exc
             self._db.execute("ROLLBACK TO one_message")
             self._db.execute("RELEASE one_message")
             self.outbox_added, self.last_seq, self._store.cache_rows = saved
@@ -824,6 +844,12 @@ def _open_error(exc: sqlite3.Error, path: Path) -> StoreError:
         )
     if kind == "io":
         return StoreError(f"I/O error on state file {path} ({exc}): check the disk", "io")
+    if kind == "busy":
+        return StoreError(
+            f"state file {path} is locked by another process ({exc}): is another edgeagent "
+            "(or a sqlite3 shell) using the same store.state_dir?",
+            "busy",
+        )
     if kind == "corrupt":
         err = translate(exc, path)
         assert isinstance(err, StoreError)

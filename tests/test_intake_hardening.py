@@ -380,3 +380,26 @@ def test_a_batch_our_code_fails_on_is_answered_and_the_worker_lives() -> None:
     assert out["j1"].status == "error"
     assert out["j1"].error is not None and out["j1"].error.code == "internal_error"
     assert out["j2"].status == out["j3"].status == "ok"  # the rest of the batch is answered
+
+
+def test_a_full_disk_mid_batch_commits_nothing_of_the_batch(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite may roll back the whole transaction on SQLITE_FULL: a per-message savepoint must
+    not treat that as one bad message (the batch would then be acknowledged half-written)."""
+    from edgeagent.store import Transaction
+
+    real = Transaction.admit
+
+    def admit(self: Transaction, job: Job, *a: Any, **kw: Any) -> Any:
+        if job.id == "g2":
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, job, *a, **kw)
+
+    monkeypatch.setattr(Transaction, "admit", admit)
+    msgs = [_msg(b'{"id":"g1","input":"smoke"}', mid=1), _msg(b'{"id":"g2","input":"x"}', mid=2)]
+    with pytest.raises(StoreUnavailable) as e:
+        _intake(daemon, msgs)
+    assert e.value.reason == "disk_full"
+    assert daemon.store is not None and daemon.store.job("g1") is None  # nothing committed
+    assert daemon.store.outbox() == []
