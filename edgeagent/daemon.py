@@ -966,6 +966,7 @@ class Daemon:
                 "unrecognized_reasons": dict(st.reasons),
                 "queue_depth": len(self._open),
                 "outbox_depth": self.store.outbox_depth if self.store else 0,
+                "degraded": self.degraded,
             }
         ).encode()
 

@@ -14,6 +14,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 from edgeagent import daemon as daemon_module
 from edgeagent.config import load_settings
 from edgeagent.daemon import Daemon
-from tests.broker import Broker
+from tests.broker import Broker, free_port
 from tests.conftest import DaemonFactory
 from tests.harness import DaemonProcess, write_config
 
@@ -105,7 +106,8 @@ def test_an_id_reused_on_another_task_is_rejected_id_conflict(
 def test_full_state_disk_degrades_then_resumes_without_losing_a_job(
     small_state: Path, broker: Broker, daemon_factory: DaemonFactory, client_factory, device: str
 ) -> None:
-    d = daemon_factory(broker.port)
+    metrics_port = free_port()
+    d = daemon_factory(broker.port, env={"EDGEAGENT_METRICS__LISTEN": f"127.0.0.1:{metrics_port}"})
     d.wait_connected()
     c = client_factory(broker.port)
     c.subscribe(f"edgeagent/{device}/results/#")
@@ -134,11 +136,13 @@ def test_full_state_disk_degrades_then_resumes_without_losing_a_job(
     assert json.loads(status.payload)["reason"] == "disk_full"
     assert d.proc is not None and d.proc.poll() is None
     assert d.wait_for_log("store.degraded")["reason"] == "disk_full"
+    assert "edgeagent_degraded 1.0" in _metrics(metrics_port)
 
     filler.unlink()  # space returns: the daemon resumes by itself
     got = {json.loads(m.payload)["id"] for m in c.collect(20, timeout=120, where=_results)}
     assert got == {f"full-{i}" for i in range(20)}
     d.wait_for_log("store.recovered")
+    assert "edgeagent_degraded 0.0" in _metrics(metrics_port)
     assert [r for r in d.log_records() if r.get("event") == "store.degraded"] != []
     d.signal(signal.SIGTERM)
     assert d.wait(60) == 0
@@ -170,6 +174,10 @@ def test_a_2_mib_state_disk_is_not_filled_by_the_wal(
     # Less than MIN_FREE_BYTES free at start: said once, and not fatal.
     low = [r for r in d.log_records() if r.get("event") == "store.low_space"]
     assert len(low) == 1 and low[0]["free_bytes"] < low[0]["min_free_bytes"]
+
+
+def _metrics(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
 
 def _results(m: object) -> bool:
