@@ -44,6 +44,7 @@ from edgeagent.protocol import (
     Topics,
     derive_job_id,
     parse_job,
+    publishable,
     reply_to_of,
     truncate,
 )
@@ -501,6 +502,18 @@ class Daemon:
         comes back in a crash loop.  Store failures (disk full, corruption) fail the batch.
         """
         mine: list[tuple[Job, float]] = []
+        task = self.topics.task_of(msg.topic) or msg.topic.rsplit("/", 1)[-1]
+        if not publishable(self.topics.results(task)):
+            # No topic to answer on (a job topic of ~64 KiB makes its results topic longer
+            # than MQTT allows): answering would fail at every publish, forever.
+            self.metrics.quarantined.inc()
+            log.error(
+                "job.quarantined",
+                topic=truncate(msg.topic, 120),
+                error="its results topic is not a valid MQTT topic",
+                payload=truncate(repr(msg.payload), 200),
+            )
+            return
         try:
             with tx.savepoint():
                 self._admit(tx, msg, mine)
@@ -516,7 +529,6 @@ class Daemon:
                 payload=truncate(repr(msg.payload), 200),
             )
             failure = exc
-        task = self.topics.task_of(msg.topic) or msg.topic.rsplit("/", 1)[-1]
         rej = Rejection(
             derive_job_id(msg.topic, msg.payload, msg.correlation),
             UNPROCESSABLE,

@@ -418,6 +418,17 @@ def _describe(exc: ValidationError) -> str:
 # -- topics -----------------------------------------------------------------------
 
 
+def publishable(topic: str) -> bool:
+    """Can ``topic`` be a PUBLISH topic name (MQTT 5.0 §4.7)?  1-65535 UTF-8 bytes, no
+    wildcard, no U+0000.  (A job's topic can be 65535 bytes; its results topic is longer.)"""
+    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
+        return False
+    try:
+        return len(topic.encode("utf-8")) <= 65535
+    except UnicodeEncodeError:
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class Topics:
     """Topic templates of one device (PROTOCOL.md, "Topics")."""

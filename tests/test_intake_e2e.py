@@ -84,6 +84,24 @@ def test_surrogate_job_then_20_good_jobs_are_all_answered(
     assert not [r for r in d.log_records() if r.get("event") == "daemon.fatal"]
 
 
+def test_a_job_whose_results_topic_cannot_exist_is_quarantined(
+    broker: Broker, daemon_factory: DaemonFactory, client_factory, device: str
+) -> None:
+    """A job topic of 65,535 bytes is valid; its results topic (`jobs` -> `results`) is not,
+    and publishing the rejection raised in the daemon at every start."""
+    d = daemon_factory(broker.port)
+    d.wait_connected()
+    c = client_factory(broker.port)
+    c.subscribe(f"edgeagent/{device}/results/#")
+    head = f"edgeagent/{device}/jobs/"
+    c.publish(head + "x" * (65535 - len(head)), _job("smoke", "long-1"))
+    c.publish(head + "alarm", _job("smoke", "after-long"))
+    [res] = c.collect(1, timeout=30)
+    assert json.loads(res.payload)["id"] == "after-long"
+    assert d.wait_for_log("job.quarantined")["error"].startswith("its results topic")
+    assert d.proc is not None and d.proc.poll() is None
+
+
 def test_an_id_reused_on_another_task_is_rejected_id_conflict(
     broker: Broker, daemon_factory: DaemonFactory, client_factory, device: str
 ) -> None:
