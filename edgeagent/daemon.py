@@ -43,6 +43,7 @@ from edgeagent.protocol import (
     ResultMessage,
     Topics,
     derive_job_id,
+    job_id_of,
     parse_job,
     publishable,
     reply_to_of,
@@ -530,7 +531,7 @@ class Daemon:
             )
             failure = exc
         rej = Rejection(
-            derive_job_id(msg.topic, msg.payload, msg.correlation),
+            job_id_of(msg.payload, derive_job_id(msg.topic, msg.payload, msg.correlation)),
             UNPROCESSABLE,
             f"the daemon could not process this job ({type(failure).__name__}); "
             "it will not be retried",

@@ -358,6 +358,15 @@ def _check_text(text: str, where: str) -> None:
         ) from None
 
 
+def job_id_of(payload: bytes, fallback: str) -> str:
+    """The payload's own ``id`` if it can be read and is valid, else ``fallback``."""
+    try:
+        data = load_payload(payload)
+    except NotJson:
+        return fallback
+    return _readable_id(data.get("id") if isinstance(data, dict) else None, fallback)
+
+
 def _reject_constant(name: str) -> float:
     raise NotJson(f"payload is not JSON: {name} is not a JSON number")
 
