@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import signal
+import sqlite3
 import statistics
 import time
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ from edgeagent.metrics import Metrics
 from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter, connect_options
 from edgeagent.pipeline import Outcome, PendingJob, TaskRuntime
 from edgeagent.protocol import (
+    ID_CONFLICT,
     REPLY_TOPIC_NOT_ALLOWED,
+    UNPROCESSABLE,
     ErrorInfo,
     Job,
     Limits,
@@ -41,18 +44,49 @@ from edgeagent.protocol import (
     ResultMessage,
     Topics,
     derive_job_id,
+    job_id_of,
     parse_job,
+    publishable,
     reply_to_of,
     truncate,
 )
-from edgeagent.store import ReplyTarget, Store, StoreError, Transaction, cache_key
+from edgeagent.store import (
+    MIN_FREE_BYTES,
+    ReplyTarget,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    Transaction,
+    cache_key,
+)
 from edgeagent.systemd import Notifier
 
 log = get_logger("edgeagent.daemon")
 
 EXIT_OK = 0
-EXIT_FAILURE = 1
+EXIT_FAILURE = 1  # an internal error (a crashed task): systemd restarts the daemon
 EXIT_CONFIG = 78  # EX_CONFIG: systemd must not restart (RestartPreventExitStatus=78)
+# The state file (README "Troubleshooting"); sysexits(3) codes where one fits.
+EXIT_STATE_CORRUPT = 65  # EX_DATAERR: damaged state file; not restarted
+EXIT_STATE_MISSING = 73  # EX_CANTCREAT: the state directory is missing (disk not mounted?)
+EXIT_STATE_IO = 74  # EX_IOERR: I/O error on the state file at start
+EXIT_STATE_FULL = 75  # EX_TEMPFAIL: no space to open/migrate the state file at start
+EXIT_STATE_READ_ONLY = 77  # EX_NOPERM: state file/directory/file system not writable
+EXIT_STATE_NEWER = 79  # a newer edgeagent wrote the state file (downgrade); not restarted
+STORE_EXIT_CODES = {
+    "corrupt": EXIT_STATE_CORRUPT,
+    "missing_dir": EXIT_STATE_MISSING,
+    "io": EXIT_STATE_IO,
+    "full": EXIT_STATE_FULL,
+    "read_only": EXIT_STATE_READ_ONLY,
+    "newer_schema": EXIT_STATE_NEWER,
+}
+
+STORE_RETRY_MIN_S = 0.5
+STORE_RETRY_MAX_S = 30.0
+"""Backoff (seconds) between attempts to write to a full or failing state disk."""
+MAINTAIN_INTERVAL_S = 30.0
+"""Idle WAL truncation / free-page release period (seconds)."""
 
 INTAKE_BATCH = 256
 MAX_OPEN_JOBS = 2048
@@ -120,6 +154,15 @@ class Daemon:
         self._reload_requested = False
         self._wd_head: Inbound | None = None  # the watchdog's view of the inbox head ...
         self._wd_head_since = 0.0  # ... and since when (monotonic seconds)
+        self._fatal: tuple[str, int] | None = None  # (reason, exit code) of a fatal error
+        self.degraded: str | None = None
+        """Why the store refuses writes (``disk_full``, ``io_error``, ``read_only``, ``busy``)."""
+        self._degraded_at = 0.0
+        self._recovered_at = -1e9
+        self._retry_delay = STORE_RETRY_MIN_S
+        self._wake_retry = asyncio.Event()
+        self._stash: list[Outcome] = []  # results computed while the store refused writes
+        self._cloud_backlog: list[Inbound] = []  # cloud messages not yet committed
 
     # -- start-up -----------------------------------------------------------------
 
@@ -140,6 +183,11 @@ class Daemon:
             log.error("mqtt.fatal", error=fatal.result())
             await self._shutdown(graceful=False)
             return EXIT_CONFIG
+        if self._fatal is not None:
+            # An internal failure: exit non-zero so that systemd restarts (or, for a damaged
+            # state file, stops) the service.  A damaged store gets no drain: nothing commits.
+            await self._shutdown(graceful=self._fatal[1] != EXIT_STATE_CORRUPT)
+            return self._fatal[1]
         await self._shutdown(graceful=True)
         return EXIT_OK
 
@@ -149,7 +197,17 @@ class Daemon:
         try:
             self.store = Store(db_path, synchronous=s.store.synchronous)
         except StoreError as exc:
-            raise FatalError(str(exc), EXIT_FAILURE) from exc
+            raise FatalError(str(exc), STORE_EXIT_CODES.get(exc.kind, EXIT_FAILURE)) from exc
+        free = self.store.free_bytes()
+        if free < MIN_FREE_BYTES:
+            # Not fatal: the broker keeps what we cannot journal, and we resume by ourselves.
+            log.warning(
+                "store.low_space",
+                path=str(db_path),
+                free_bytes=free,
+                min_free_bytes=MIN_FREE_BYTES,
+                hint="intake pauses (status `degraded`) whenever a write fails for lack of space",
+            )
         log.info(
             "store.opened",
             path=str(db_path),
@@ -162,6 +220,7 @@ class Daemon:
         self.escalator.recover(self.store)
         for rt in self.runtimes.values():
             rt.start(self._deliver)
+            self._watch_workers(rt)
         for sig, handler in (
             (signal.SIGTERM, self.request_stop),
             (signal.SIGINT, self.request_stop),
@@ -190,6 +249,8 @@ class Daemon:
         self._spawn(self._intake_loop(), "daemon:intake")
         self._spawn(self._outbox_loop(), "daemon:outbox")
         self._spawn(self._housekeeping_loop(), "daemon:housekeeping")
+        self._spawn(self._store_retry_loop(), "daemon:store-retry")
+        self._spawn(self._maintain_loop(), "daemon:store-maintain")
         if s.cloud.enabled:
             self._spawn(self._escalation_loop(), "daemon:escalation")
         if self.notifier.watchdog_interval_s:
@@ -281,7 +342,9 @@ class Daemon:
         log.info("mqtt.connected", session_present=session_present)
         self.notifier.status(f"connected; {len(self.runtimes)} task(s)")
         if self.mqtt is not None:
-            self.mqtt.publish(self.topics.status, self._status_payload("online"), retain=True)
+            extra = {} if self.degraded is None else {"reason": self.degraded}
+            state = "online" if self.degraded is None else "degraded"
+            self.mqtt.publish(self.topics.status, self._status_payload(state, **extra), retain=True)
         self._wake_outbox.set()
 
     def _on_disconnected(self) -> None:
@@ -301,21 +364,41 @@ class Daemon:
     def _on_cloud_message(self, msg: Inbound) -> None:
         """A cloud reply or the agent's status: committed, then acknowledged."""
         assert self.store is not None and self.mqtt is not None
+        if self.degraded is not None:
+            self._cloud_backlog.append(msg)  # unacknowledged until it is committed
+            return
         answers: list[Answer] = []
-        with self.store.transaction() as tx:
-            if msg.topic != self.topics.cloud_replies:
-                if self.escalator.on_status(msg.topic, msg.payload):
-                    self.escalator.resend_all_now(tx, self.store)
-            else:
-                answers = self.escalator.on_reply(
-                    tx,
-                    self.store,
-                    msg.payload,
-                    msg.correlation,
-                    self.runtimes,
-                    self.settings.cache.ttl_s,
-                    self.settings.cache.max_entries,
-                )
+        try:
+            with self.store.transaction() as tx:
+                if msg.topic != self.topics.cloud_replies:
+                    if self.escalator.on_status(msg.topic, msg.payload):
+                        self.escalator.resend_all_now(tx, self.store)
+                else:
+                    answers = self.escalator.on_reply(
+                        tx,
+                        self.store,
+                        msg.payload,
+                        msg.correlation,
+                        self.runtimes,
+                        self.settings.cache.ttl_s,
+                        self.settings.cache.max_entries,
+                    )
+        except StoreError as exc:
+            if isinstance(exc, StoreUnavailable):
+                self._cloud_backlog.append(msg)
+            self._resync_escalator()
+            self._store_trouble(exc, "cloud_reply")
+            return
+        except Exception as exc:
+            # Rolled back; the escalation stays pending (re-sent, or its deadline decides).
+            # Acknowledged so that it does not come back at every reconnect.
+            self._resync_escalator()
+            log.error(
+                "cloud.reply_failed",
+                topic=truncate(msg.topic, 120),
+                error=truncate(repr(exc), 300),
+                payload=truncate(repr(msg.payload), 200),
+            )
         self.mqtt.ack(msg)
         self._answered(answers)
 
@@ -341,10 +424,15 @@ class Daemon:
         assert self.store is not None
         while True:
             await asyncio.sleep(0.5)
-            if not self.escalator.in_flight:
+            if not self.escalator.in_flight or self.degraded is not None:
                 continue  # nothing pending: no transaction (an fsync with synchronous=full)
-            with self.store.transaction() as tx:
-                answers = self.escalator.tick(tx, self.store, reachable=self._cloud_reachable())
+            try:
+                with self.store.transaction() as tx:
+                    answers = self.escalator.tick(tx, self.store, reachable=self._cloud_reachable())
+            except StoreError as exc:
+                self._resync_escalator()
+                self._store_trouble(exc, "escalation")
+                continue
             self._answered(answers)
             if self._pump():
                 self._wake_outbox.set()
@@ -391,7 +479,12 @@ class Daemon:
         if self.store is None or not self._acked:
             return
         acked, self._acked = self._acked, []
-        self.store.outbox_done(acked)
+        try:
+            self.store.outbox_done(acked)
+        except StoreError as exc:
+            self._acked = acked + self._acked  # deleted later: a restart would resend them
+            self._store_trouble(exc, "outbox_done")
+            return
         self.metrics.outbox_depth.set(self.store.outbox_depth)
         self._wake_intake.set()  # outbox space may unblock intake
 
@@ -402,12 +495,21 @@ class Daemon:
         while True:
             await self._wake_intake.wait()
             self._wake_intake.clear()
-            while self._inbox and self._intake_open and self._has_capacity():
+            while (
+                self._inbox and self._intake_open and self.degraded is None and self._has_capacity()
+            ):
                 batch = [self._inbox.popleft() for _ in range(min(INTAKE_BATCH, len(self._inbox)))]
                 scheduled: list[tuple[Job, float]] = []
-                with self.store.transaction() as tx:
-                    for msg in batch:
-                        self._admit(tx, msg, scheduled)
+                try:
+                    with self.store.transaction() as tx:
+                        for msg in batch:
+                            self._admit_isolated(tx, msg, scheduled)
+                except StoreError as exc:
+                    # Nothing was committed, so nothing is acknowledged: the messages go back
+                    # to the head of the inbox and the broker holds everything behind them.
+                    self._inbox.extendleft(reversed(batch))
+                    self._store_trouble(exc, "intake")
+                    break
                 # Durable now: only at this point do we acknowledge to the broker.
                 for msg in batch:
                     self.mqtt.ack(msg)
@@ -423,6 +525,64 @@ class Daemon:
             len(self._open) < MAX_OPEN_JOBS
             and self.store.outbox_depth < self.settings.store.outbox_max_rows
         )
+
+    def _admit_isolated(
+        self, tx: Transaction, msg: Inbound, scheduled: list[tuple[Job, float]]
+    ) -> None:
+        """Admit one message; whatever it holds, it cannot abort the rest of the batch.
+
+        A message our code fails on is rolled back alone and answered ``rejected`` with
+        ``unprocessable``; if even that cannot be written it is quarantined (acknowledged
+        with the batch, counted, logged once with a truncated payload) so that it never
+        comes back in a crash loop.  Store failures (disk full, corruption) fail the batch.
+        """
+        mine: list[tuple[Job, float]] = []
+        task = self.topics.task_of(msg.topic) or msg.topic.rsplit("/", 1)[-1]
+        if not publishable(self.topics.results(task)):
+            # No topic to answer on (a job topic of ~64 KiB makes its results topic longer
+            # than MQTT allows): answering would fail at every publish, forever.
+            self.metrics.quarantined.inc()
+            log.error(
+                "job.quarantined",
+                topic=truncate(msg.topic, 120),
+                error="its results topic is not a valid MQTT topic",
+                payload=truncate(repr(msg.payload), 200),
+            )
+            return
+        try:
+            with tx.savepoint():
+                self._admit(tx, msg, mine)
+            scheduled.extend(mine)
+            return
+        except StoreError:
+            raise
+        except Exception as exc:
+            log.error(
+                "job.admit_failed",
+                topic=truncate(msg.topic, 120),
+                error=truncate(repr(exc), 300),
+                payload=truncate(repr(msg.payload), 200),
+            )
+            failure = exc
+        rej = Rejection(
+            job_id_of(msg.payload, derive_job_id(msg.topic, msg.payload, msg.correlation)),
+            UNPROCESSABLE,
+            f"the daemon could not process this job ({type(failure).__name__}); "
+            "it will not be retried",
+        )
+        try:
+            with tx.savepoint():
+                self._reject(tx, rej, task, ReplyTarget(self.topics.results(task), msg.correlation))
+        except StoreError:
+            raise
+        except Exception as exc:
+            self.metrics.quarantined.inc()
+            log.error(
+                "job.quarantined",
+                topic=truncate(msg.topic, 120),
+                error=truncate(repr(exc), 300),
+                payload=truncate(repr(msg.payload), 200),
+            )
 
     def _admit(self, tx: Transaction, msg: Inbound, scheduled: list[tuple[Job, float]]) -> None:
         task = self.topics.task_of(msg.topic) or msg.topic.rsplit("/", 1)[-1]
@@ -452,6 +612,19 @@ class Daemon:
             self._reject(tx, parsed, task, target)
             return
         adm = tx.admit(parsed, target, redelivery=msg.dup)
+        if adm.state == "conflict":
+            self._reject(
+                tx,
+                Rejection(
+                    parsed.id,
+                    ID_CONFLICT,
+                    f"job id {parsed.id!r} is already used by task {truncate(adm.task or '', 64)!r}"
+                    " on this device; ids are device-wide: send this job with a new id",
+                ),
+                task,
+                target,
+            )
+            return
         if adm.state == "new":
             received = time.time()
             if not self._answer_from_cache(tx, parsed, received):
@@ -525,38 +698,24 @@ class Daemon:
         """Commit a batch of results (one transaction) and hand them to the outbox."""
         if not outcomes or self.store is None:
             return
+        if self.degraded is not None:
+            self._stash.extend(outcomes)  # committed once the store takes writes again
+            return
         reachable = self._cloud_reachable()
         done: list[ResultMessage] = []
-        with self.store.transaction() as tx:
-            for o in outcomes:
-                job = o.pending.job
-                rt = self.runtimes.get(job.task)
-                result: ResultMessage | None = o.result
-                if o.escalate and rt is not None and rt.cloud_available:
-                    result = self.escalator.escalate(tx, o, rt, reachable=reachable)
-                if result is None:  # waits for the cloud: durable in the escalations table
-                    continue
-                tx.answer(
-                    job.id, result.to_bytes(), fallback=ReplyTarget(self.topics.results(job.task))
-                )
-                done.append(result)
-                if not (o.cacheable and rt is not None):
-                    continue
-                if self.settings.cache.enabled and rt.config.cache:
-                    tx.cache_put(
-                        cache_key(job.task, rt.fingerprint, job.input),
-                        job.task,
-                        {
-                            "output": result.output,
-                            "confidence": result.confidence,
-                            "model": result.model,
-                        },
-                        ttl_s=self.settings.cache.ttl_s,
-                        max_entries=self.settings.cache.max_entries,
-                    )
-                audit = rt.config.audit_rate
-                if rt.cloud_available and audit > 0 and self.escalator.rng.random() < audit:
-                    self.escalator.escalate(tx, o, rt, reachable=reachable, audit=True)
+        try:
+            with self.store.transaction() as tx:
+                for o in outcomes:
+                    result = self._commit_outcome_isolated(tx, o, reachable)
+                    if result is not None:
+                        done.append(result)
+        except StoreError as exc:
+            # Nothing committed: the jobs stay `received` in the journal and open here; the
+            # store-retry task commits them later (or the next start re-runs them).
+            self._stash.extend(outcomes)
+            self._resync_escalator()
+            self._store_trouble(exc, "deliver")
+            return
         for o in outcomes:
             self._open.discard(o.pending.job.id)
         for res in done:
@@ -577,6 +736,66 @@ class Daemon:
         if self._pump():
             self._wake_outbox.set()
         self._wake_intake.set()
+
+    def _commit_outcome_isolated(
+        self, tx: Transaction, o: Outcome, reachable: bool
+    ) -> ResultMessage | None:
+        """Commit one outcome; a failure of our own code answers the job ``error`` instead."""
+        job = o.pending.job
+        try:
+            with tx.savepoint():
+                return self._commit_outcome(tx, o, reachable)
+        except StoreError:
+            raise
+        except Exception as exc:
+            log.error("job.commit_failed", job_id=job.id, task=job.task, error=repr(exc))
+        res = ResultMessage(
+            id=job.id,
+            task=job.task,
+            status="error",
+            error=ErrorInfo(code="internal_error", message="the daemon failed on this job"),
+        )
+        try:
+            with tx.savepoint():
+                tx.answer(
+                    job.id, res.to_bytes(), fallback=ReplyTarget(self.topics.results(job.task))
+                )
+        except StoreError:
+            raise
+        except Exception as exc:
+            self.metrics.quarantined.inc()
+            log.error("job.quarantined", job_id=job.id, task=job.task, error=repr(exc))
+            return None
+        return res
+
+    def _commit_outcome(self, tx: Transaction, o: Outcome, reachable: bool) -> ResultMessage | None:
+        """One job's result, cache entry and escalation rows; None while it waits for the cloud."""
+        job = o.pending.job
+        rt = self.runtimes.get(job.task)
+        result: ResultMessage | None = o.result
+        if o.escalate and rt is not None and rt.cloud_available:
+            result = self.escalator.escalate(tx, o, rt, reachable=reachable)
+        if result is None:  # waits for the cloud: durable in the escalations table
+            return None
+        tx.answer(job.id, result.to_bytes(), fallback=ReplyTarget(self.topics.results(job.task)))
+        if not (o.cacheable and rt is not None):
+            return result
+        if self.settings.cache.enabled and rt.config.cache:
+            tx.cache_put(
+                cache_key(job.task, rt.fingerprint, job.input),
+                job.task,
+                {
+                    "output": result.output,
+                    "confidence": result.confidence,
+                    "model": result.model,
+                },
+                ttl_s=self.settings.cache.ttl_s,
+                max_entries=self.settings.cache.max_entries,
+            )
+        audit = rt.config.audit_rate
+        if rt.cloud_available and audit > 0 and self.escalator.rng.random() < audit:
+            self.escalator.escalate(tx, o, rt, reachable=reachable, audit=True)
+        return result
 
     def _count(self, res: ResultMessage) -> None:
         source = res.source or ""
@@ -610,7 +829,11 @@ class Daemon:
         room = self.settings.mqtt.max_inflight - len(self._inflight)
         if room <= 0 or self._last_sent_seq >= self.store.last_seq:
             return False
-        rows = self.store.outbox(after=self._last_sent_seq, limit=room)
+        try:
+            rows = self.store.outbox(after=self._last_sent_seq, limit=room)
+        except StoreError as exc:
+            self._store_trouble(exc, "outbox")
+            return False
         for row in rows:
             mid = self.mqtt.publish(
                 row.topic,
@@ -631,9 +854,124 @@ class Daemon:
         assert self.store is not None
         while True:
             await asyncio.sleep(300)
-            pruned = self.store.prune(retention_s=self.settings.store.journal_retention_s)
+            try:  # also while degraded: rows past retention are the space to win back
+                pruned = self.store.prune(retention_s=self.settings.store.journal_retention_s)
+            except StoreError as exc:
+                self._store_trouble(exc, "prune")
+                continue
             if pruned:
                 log.info("store.pruned", jobs=pruned)
+
+    async def _maintain_loop(self) -> None:
+        """Keep the state directory small: when idle, truncate the WAL and free pages."""
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(MAINTAIN_INTERVAL_S)
+            if self._open or self._inbox or self._inflight or self.degraded is not None:
+                continue
+            try:
+                self.store.maintain()
+            except StoreUnavailable:
+                continue  # a checkpoint that cannot run now runs later; nothing is lost
+            except StoreError as exc:
+                self._store_trouble(exc, "maintain")
+
+    # -- store failures -------------------------------------------------------------
+
+    def _store_trouble(self, exc: BaseException, where: str) -> None:
+        """A store write or read failed: degrade (disk full, I/O) or stop (damaged file)."""
+        if isinstance(exc, StoreUnavailable):
+            self._degrade(exc.reason, str(exc), where)
+        elif isinstance(exc, StoreError):
+            self._fail(f"{where}: {exc}", STORE_EXIT_CODES.get(exc.kind, EXIT_FAILURE))
+        else:
+            self._fail(f"{where}: {exc!r}", EXIT_FAILURE)
+
+    def _degrade(self, reason: str, detail: str, where: str) -> None:
+        self.metrics.store_errors.labels(reason).inc()
+        if self.degraded is not None:
+            return
+        now = time.monotonic()
+        if now - self._recovered_at > 60.0:
+            self._retry_delay = STORE_RETRY_MIN_S  # a new episode, not a flapping one
+        self.degraded = reason
+        self._degraded_at = now
+        self.metrics.degraded.set(1)
+        log.error(
+            "store.degraded",
+            reason=reason,
+            where=where,
+            error=truncate(detail, 300),
+            free_bytes=self._free_bytes(),
+            hint="not acknowledging jobs (the broker keeps them); retrying with backoff",
+        )
+        self.notifier.status(f"degraded: {reason}; jobs wait at the broker")
+        self._publish_status("degraded", reason=reason)
+        self._wake_retry.set()
+
+    def _free_bytes(self) -> int | None:
+        try:
+            return self.store.free_bytes() if self.store is not None else None
+        except OSError:
+            return None
+
+    def _fail(self, reason: str, exit_code: int) -> None:
+        """A fatal internal error: one log line, then a drain and a non-zero exit."""
+        if self._fatal is not None:
+            return
+        self._fatal = (reason, exit_code)
+        log.error("daemon.fatal", reason=truncate(reason, 500), exit_code=exit_code)
+        self._stop.set()
+
+    async def _store_retry_loop(self) -> None:
+        """While degraded: probe the store with backoff; on success commit what waited."""
+        while True:
+            await self._wake_retry.wait()
+            while self.degraded is not None and self._fatal is None:
+                await asyncio.sleep(self._retry_delay)
+                self._retry_delay = min(self._retry_delay * 2, STORE_RETRY_MAX_S)
+                self._retry_store()
+            self._wake_retry.clear()
+
+    def _retry_store(self) -> None:
+        assert self.store is not None
+        try:
+            self.store.probe()
+        except StoreUnavailable:
+            return
+        except StoreError as exc:
+            self._store_trouble(exc, "probe")
+            return
+        log.info(
+            "store.recovered",
+            reason=self.degraded,
+            degraded_s=round(time.monotonic() - self._degraded_at, 1),
+            waiting_results=len(self._stash),
+            waiting_jobs=len(self._inbox),
+        )
+        self.degraded = None
+        self._recovered_at = time.monotonic()
+        self.metrics.degraded.set(0)
+        self.notifier.status(f"connected; {len(self.runtimes)} task(s)")
+        self._publish_status("online")
+        stash, self._stash = self._stash, []
+        self._deliver(stash)
+        backlog, self._cloud_backlog = self._cloud_backlog, []
+        for msg in backlog:
+            self._on_cloud_message(msg)
+        self._flush_acked()
+        self._wake_intake.set()
+        self._wake_outbox.set()
+
+    def _resync_escalator(self) -> None:
+        # A rolled-back escalation leaves the in-memory in-flight count ahead of the table.
+        with contextlib.suppress(StoreError, sqlite3.Error):
+            assert self.store is not None
+            self.escalator.recover(self.store)
+
+    def _publish_status(self, state: str, **extra: Any) -> None:
+        if self.mqtt is not None and self.mqtt.connected:
+            self.mqtt.publish(self.topics.status, self._status_payload(state, **extra), retain=True)
 
     async def _watchdog_loop(self, interval: float) -> None:
         """Feed systemd's watchdog from the event loop, and only while the daemon is
@@ -669,7 +1007,7 @@ class Daemon:
         ``event_loop_lag``: the last tick came ``lag_s`` late, more than ``max_lag_s``.
         ``intake_stopped``: the intake task is gone.  ``intake_wedged``: the oldest
         received message has waited ``wedged_after_s`` while intake was open and had
-        room (a full-disk pause closes intake on purpose and is not a wedge).
+        room (a degraded store or a drain pauses intake on purpose and is not a wedge).
         """
         if lag_s > max_lag_s:
             return "event_loop_lag"
@@ -680,7 +1018,13 @@ class Daemon:
         if head is not self._wd_head:
             self._wd_head, self._wd_head_since = head, now
         stuck = head is not None and now - self._wd_head_since > wedged_after_s
-        if stuck and self._intake_open and self.store is not None and self._has_capacity():
+        if (
+            stuck
+            and self._intake_open
+            and self.degraded is None  # a full disk pauses intake on purpose
+            and self.store is not None
+            and self._has_capacity()
+        ):
             return "intake_wedged"
         return None
 
@@ -720,10 +1064,13 @@ class Daemon:
                 "unrecognized_reasons": dict(st.reasons),
                 "queue_depth": len(self._open),
                 "outbox_depth": self.store.outbox_depth if self.store else 0,
+                "degraded": self.degraded,
             }
         ).encode()
 
-    def _status_payload(self, state: str) -> bytes:
+    def _status_payload(self, state: str, **extra: Any) -> bytes:
+        """The retained status: ``online``, ``degraded`` (with ``reason``), ``stopped``,
+        ``failed`` (with ``reason``) or ``offline`` (the last will)."""
         return json.dumps(
             {
                 "v": 1,
@@ -732,6 +1079,7 @@ class Daemon:
                 "version": __version__,
                 "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "models": {name: rt.backend.model_id for name, rt in self.runtimes.items()},
+                **extra,
             }
         ).encode()
 
@@ -771,6 +1119,7 @@ class Daemon:
         self.settings = self.settings.model_copy(update={"tasks": new.tasks})
         for rt in fresh.values():
             rt.start(self._deliver)
+            self._watch_workers(rt)
         for rt in old.values():
             # Hand the queued jobs to the new runtime of the same task (or reject them).
             while not rt.queue.empty():
@@ -793,8 +1142,8 @@ class Daemon:
         self.notifier.stopping()
         self._intake_open = False  # unacknowledged jobs stay with the broker
         deadline = time.monotonic() + (self.settings.runtime.drain_timeout_s if graceful else 0)
-        while self._open and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        while self._open and self.degraded is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # (degraded: nothing can commit; the journal has them)
         if self._open:
             log.warning("daemon.drain_timeout", open_jobs=len(self._open))
         # Results are committed; give the broker a moment to acknowledge what is in flight.
@@ -807,10 +1156,13 @@ class Daemon:
         ):
             self._wake_outbox.set()
             await asyncio.sleep(0.02)
-        if graceful and self.mqtt is not None and self.mqtt.connected:
-            mid = self.mqtt.publish(
-                self.topics.status, self._status_payload("stopped"), retain=True
+        if (graceful or self._fatal) and self.mqtt is not None and self.mqtt.connected:
+            status = (
+                self._status_payload("stopped")
+                if self._fatal is None
+                else self._status_payload("failed", reason=truncate(self._fatal[0], 300))
             )
+            mid = self.mqtt.publish(self.topics.status, status, retain=True)
             until = time.monotonic() + 2.0
             self._inflight[mid or -1] = -1
             while mid is not None and mid in self._inflight and time.monotonic() < until:
@@ -820,7 +1172,8 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.mqtt is not None:
             await asyncio.to_thread(self.mqtt.stop)
-        self._flush_acked()
+        if self._fatal is None or self._fatal[1] != EXIT_STATE_CORRUPT:
+            self._flush_acked()
         await self._close_runtimes()
         self.metrics.close()
         if self.store is not None:
@@ -837,11 +1190,19 @@ class Daemon:
         self._background.add(task)
         task.add_done_callback(self._task_done)
 
+    def _watch_workers(self, rt: TaskRuntime) -> None:
+        # A dead worker would leave its task silently unanswered: treat it as a crashed task.
+        for worker in rt._workers:
+            worker.add_done_callback(self._task_done)
+
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("daemon.task_crashed", task=task.get_name(), error=repr(task.exception()))
-            self._stop.set()
+            exc = task.exception()
+            if isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable):
+                self._store_trouble(exc, task.get_name())  # a damaged file: its own exit code
+                return
+            self._fail(f"task {task.get_name()} crashed: {exc!r}", EXIT_FAILURE)
 
 
 def _reason_label(reason: str) -> str:

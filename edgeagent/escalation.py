@@ -31,7 +31,7 @@ from edgeagent.config import CloudConfig, TaskConfig
 from edgeagent.logs import get_logger
 from edgeagent.metrics import Metrics
 from edgeagent.pipeline import Outcome, TaskRuntime
-from edgeagent.protocol import ErrorInfo, EscalationInfo, ResultMessage, Topics
+from edgeagent.protocol import ErrorInfo, EscalationInfo, ResultMessage, Topics, load_payload
 from edgeagent.redact import Redactor, restore
 from edgeagent.store import EscalationRow, ReplyTarget, Store, Transaction, cache_key
 
@@ -293,7 +293,7 @@ class Escalator:
             log.warning("cloud.reply_too_large", size=len(payload))
             return []
         try:
-            reply = json.loads(payload)
+            reply = load_payload(payload)  # I-JSON: no lone surrogates, no NaN (a ValueError)
             esc_id = str(reply.get("escalation_id") or (correlation or b"").decode())
         except (ValueError, AttributeError, UnicodeDecodeError):
             self.metrics.replies.labels("not_json").inc()

@@ -92,6 +92,23 @@ class Metrics:
             ["topic"],
             registry=r,
         )
+        self.quarantined = Counter(
+            "edgeagent_quarantined",
+            "Messages acknowledged without an answer because not even a rejection could be "
+            "written (each is logged once, payload truncated)",
+            registry=r,
+        )
+        self.degraded = Gauge(
+            "edgeagent_degraded",
+            "1 while the state store refuses writes (disk full, I/O error): intake is paused",
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "edgeagent_store_errors",
+            "Failed state-store writes by reason (disk_full, io_error, read_only)",
+            ["reason"],
+            registry=r,
+        )
         self._server: Any = None
         self._thread: threading.Thread | None = None
 

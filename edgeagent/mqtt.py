@@ -508,6 +508,18 @@ class MqttAdapter:
         self._mark_disconnected()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            self._hand_off(msg)
+        except Exception as exc:
+            # An exception here would leave paho's loop() and end this network thread.  Only
+            # a broker that forwards what MQTT forbids (a topic that is not UTF-8) gets here:
+            # such a message has no topic to answer on; acknowledge it so it is not resent.
+            log.error("mqtt.bad_message", error=repr(exc)[:200], mid=msg.mid, qos=msg.qos)
+            if msg.qos > 0:
+                with contextlib.suppress(Exception):
+                    client.ack(msg.mid, msg.qos)
+
+    def _hand_off(self, msg: paho.MQTTMessage) -> None:
         response_topic = None
         correlation = None
         props = getattr(msg, "properties", None)

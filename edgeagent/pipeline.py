@@ -137,7 +137,13 @@ class TaskRuntime:
                     batch.append(await asyncio.wait_for(self.queue.get(), left))
                 except TimeoutError:
                     break
-            deliver(await self._redact_for_cloud(await self._run_batch(batch)))
+            try:
+                outcomes = await self._redact_for_cloud(await self._run_batch(batch))
+            except Exception:  # a bug on one batch must not end the worker (and the task)
+                log.exception("task.batch_failed", task=self.name, batch=len(batch))
+                err = ErrorInfo(code="internal_error", message="the daemon failed on this job")
+                outcomes = [Outcome(p, self._result(p, "error", error=err)) for p in batch]
+            deliver(outcomes)
 
     async def _run_batch(self, batch: list[PendingJob]) -> list[Outcome]:
         now = time.time()
@@ -170,7 +176,12 @@ class TaskRuntime:
         self.metrics.inference.labels(self.name).observe(elapsed)
         self.metrics.batch_size.labels(self.name).observe(len(live))
         for p, pred in zip(live, predictions, strict=True):
-            outcomes.append(self._route(p, pred))
+            try:
+                outcomes.append(self._route(p, pred))
+            except Exception:  # one odd prediction must not cost the batch its answers
+                log.exception("task.route_failed", task=self.name, job_id=p.job.id)
+                err = ErrorInfo(code="internal_error", message="the daemon failed on this job")
+                outcomes.append(Outcome(p, self._result(p, "error", error=err)))
         return outcomes
 
     async def _redact_for_cloud(self, outcomes: list[Outcome]) -> list[Outcome]:

@@ -7,7 +7,10 @@ The parser never raises on external data: every payload maps either to a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,8 +33,12 @@ UNSUPPORTED_VERSION = "unsupported_version"
 INPUT_TOO_LARGE = "input_too_large"
 UNKNOWN_TASK = "unknown_task"
 REPLY_TOPIC_NOT_ALLOWED = "reply_topic_not_allowed"
+ID_CONFLICT = "id_conflict"
+UNPROCESSABLE = "unprocessable"
 REJECTION_CODES = frozenset(
     {
+        ID_CONFLICT,
+        UNPROCESSABLE,
         NOT_JSON,
         TOO_LARGE,
         NOT_AN_OBJECT,
@@ -44,6 +51,11 @@ REJECTION_CODES = frozenset(
 )
 
 MAX_LOGGED_CHARS = 200
+
+MAX_DEPTH = 32
+"""Deepest nesting of arrays/objects accepted in a payload (the payload object is level 1)."""
+MAX_INT_DIGITS = 4300
+"""Longest JSON integer accepted (digits): CPython's own ``int`` parsing limit, on every version."""
 
 
 def truncate(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
@@ -135,6 +147,7 @@ class Job:
                 "escalate": self.escalate,
             },
             ensure_ascii=False,
+            allow_nan=False,
             separators=(",", ":"),
         )
 
@@ -193,11 +206,11 @@ def parse_job(
             f"payload is {len(payload)} bytes; limit {limits.max_payload_bytes}",
         )
     try:
-        data = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        return Rejection(
-            derived_id, NOT_JSON, f"payload is not UTF-8 JSON: {truncate(str(exc), 120)}"
-        )
+        data = load_payload(payload)
+    except NotJson as exc:
+        # JSON that parsed but is refused (a lone surrogate, too deep) keeps the producer's id.
+        rej_id = _readable_id(exc.decoded.get("id"), derived_id) if exc.decoded else derived_id
+        return Rejection(rej_id, NOT_JSON, str(exc))
     if not isinstance(data, dict):
         return Rejection(derived_id, NOT_AN_OBJECT, "payload must be a JSON object")
     job_id = _readable_id(data.get("id"), derived_id)
@@ -239,15 +252,150 @@ def parse_job(
 def reply_to_of(payload: bytes) -> str | None:
     """The ``reply_to`` of a payload, if one can be read (for v3.1.1 producers)."""
     try:
-        data = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        data = load_payload(payload)
+    except NotJson:
         return None
     value = data.get("reply_to") if isinstance(data, dict) else None
     return value if isinstance(value, str) and value else None
 
 
+class NotJson(ValueError):
+    """The payload is not a JSON text this daemon accepts; the message says why (no payload)."""
+
+    decoded: dict[str, Any] | None = None
+    """The decoded object, when the payload parsed but its content is refused."""
+
+
+def load_payload(payload: bytes) -> Any:
+    """Decode a payload as I-JSON (RFC 7493), the JSON every consumer of ours can read back.
+
+    Refused, with a message that says why: bytes that are not UTF-8; JSON syntax errors;
+    ``NaN``/``Infinity`` and numbers outside the double range; integers over
+    :data:`MAX_INT_DIGITS` digits; lone surrogates (``"\\ud800"``: no UTF-8 encoding exists,
+    so neither the journal nor a result could carry them); duplicate object keys (two
+    readers could see two different jobs); nesting deeper than :data:`MAX_DEPTH`.  A UTF-8
+    byte order mark is ignored (RFC 8259 allows it).  Never raises anything but NotJson.
+    """
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NotJson(f"payload is not UTF-8: invalid byte at offset {exc.start}") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    try:
+        data = json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+            object_pairs_hook=_unique_keys,
+        )
+    except NotJson:
+        raise
+    except RecursionError:
+        raise NotJson(f"payload is not JSON: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # JSONDecodeError included
+        raise NotJson(f"payload is not JSON: {truncate(str(exc), 120)}") from None
+    try:
+        _check_tree(data, text)
+    except NotJson as exc:
+        exc.decoded = data if isinstance(data, dict) else None
+        raise
+    return data
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _check_tree(data: Any, text: str) -> None:
+    """Depth and Unicode checks of a decoded payload, at C speed on its (valid) JSON text.
+
+    Depth: the running sum of brackets outside strings.  Unicode: decoded UTF-8 never holds a
+    surrogate, so only a ``\\uD800``-``\\uDFFF`` escape can bring one; the path of a bad
+    string is only worked out when there is one.
+    """
+    if text.count("[") + text.count("{") > MAX_DEPTH:
+        skeleton = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+        steps = map(_BRACKET_STEP.__getitem__, skeleton)
+        if max(itertools.accumulate(steps), default=0) > MAX_DEPTH:
+            raise NotJson(f"payload is nested deeper than {MAX_DEPTH} levels")
+    if not _SURROGATE_ESCAPE.search(text):
+        return
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        _locate_bad_text(data)
+        raise NotJson("payload is not valid Unicode: lone surrogate") from None
+
+
+def _locate_bad_text(data: Any) -> None:
+    """Raise NotJson naming where the first string without a UTF-8 encoding is."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, where or "(payload)")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, f"a key in {where or '(payload)'}")
+                stack.append((item, truncate(f"{where}.{key}" if where else key, 60)))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                stack.append((item, truncate(f"{where}[{i}]", 60)))
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise NotJson(
+            f"payload is not valid Unicode: lone surrogate U+{ord(bad):04X} in "
+            f"{where.encode('utf-8', 'backslashreplace').decode()}"
+        ) from None
+
+
+def job_id_of(payload: bytes, fallback: str) -> str:
+    """The payload's own ``id`` if it can be read and is valid, else ``fallback``."""
+    try:
+        data = load_payload(payload)
+    except NotJson:
+        return fallback
+    return _readable_id(data.get("id") if isinstance(data, dict) else None, fallback)
+
+
 def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")
+    raise NotJson(f"payload is not JSON: {name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise NotJson(f"payload is not JSON: number {truncate(text, 40)} is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS + 1:
+        raise NotJson(
+            f"payload is not JSON: integer of {len(text)} digits (limit {MAX_INT_DIGITS})"
+        )
+    return int(text)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                shown = truncate(key, 40).encode("utf-8", "backslashreplace").decode()
+                raise NotJson(f"payload is not JSON this daemon accepts: duplicate key {shown!r}")
+            seen.add(key)
+    return out
 
 
 def _readable_id(value: object, fallback: str) -> str:
@@ -277,6 +425,17 @@ def _describe(exc: ValidationError) -> str:
 
 
 # -- topics -----------------------------------------------------------------------
+
+
+def publishable(topic: str) -> bool:
+    """Can ``topic`` be a PUBLISH topic name (MQTT 5.0 §4.7)?  1-65535 UTF-8 bytes, no
+    wildcard, no U+0000.  (A job's topic can be 65535 bytes; its results topic is longer.)"""
+    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
+        return False
+    try:
+        return len(topic.encode("utf-8")) <= 65535
+    except UnicodeEncodeError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,12 +10,25 @@ Invariants:
 * an outbox row is deleted only after the broker's PUBACK for it;
 * a cache entry is keyed by task, task/model fingerprint and normalised input,
   so a changed model or task config never serves an old answer.
+
+Errors: every SQLite failure leaves this module as a :class:`StoreError` whose
+``kind`` says what an operator must do (see :data:`StoreError.kind`).  A full
+disk, an I/O error or a file turned read-only at run time is a
+:class:`StoreUnavailable`: nothing was committed, retry later.  Corruption is
+never retried.
+
+Disk footprint: the WAL is checkpointed every :data:`WAL_AUTOCHECKPOINT_PAGES`
+pages and truncated to :data:`JOURNAL_SIZE_LIMIT_BYTES` after each checkpoint;
+:meth:`Store.maintain` truncates it to zero and returns free pages to the file
+system when the daemon is idle.  Temporary tables and indices live in memory.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 import sqlite3
 import time
@@ -29,6 +42,13 @@ from typing import Any
 from edgeagent.protocol import Job
 
 SCHEMA_VERSION = 1
+
+WAL_AUTOCHECKPOINT_PAGES = 128
+"""Checkpoint the WAL into the database once it holds this many pages (4 KiB each)."""
+JOURNAL_SIZE_LIMIT_BYTES = 512 * 1024
+"""Truncate the WAL to this size after a checkpoint (SQLite's default keeps its peak)."""
+MIN_FREE_BYTES = 4 * 1024 * 1024
+"""Free space on the state file system below which the daemon warns at start (bytes)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -147,7 +167,82 @@ def _job_id_of(db: sqlite3.Connection, payload: bytes) -> str | None:
 
 
 class StoreError(Exception):
-    """The state file cannot be opened or migrated."""
+    """The state file cannot be opened, migrated or written.
+
+    ``kind`` is one of ``missing_dir`` (the state directory does not exist and cannot be
+    created), ``read_only`` (file, directory or file system not writable; the file is
+    intact), ``corrupt`` (damaged file), ``newer_schema`` (written by a newer edgeagent),
+    ``full`` (no space left), ``io`` (I/O error) or ``unusable`` (anything else).
+    """
+
+    def __init__(self, message: str, kind: str = "unusable") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class StoreUnavailable(StoreError):
+    """A write failed for a reason that may pass (disk full, I/O error, read-only remount).
+
+    Nothing of the failed transaction was committed; the caller retries later.
+    ``reason`` is ``disk_full``, ``io_error``, ``read_only`` or ``busy`` (another process
+    holds the database lock).
+    """
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message, kind)
+        self.reason = {"full": "disk_full", "io": "io_error"}.get(kind, kind)
+
+
+# SQLite primary result codes (https://sqlite.org/rescode.html).
+_SQLITE_KINDS = {
+    3: "read_only",  # SQLITE_PERM
+    5: "busy",  # SQLITE_BUSY: another process holds the lock past busy_timeout
+    6: "busy",  # SQLITE_LOCKED
+    7: "io",  # SQLITE_NOMEM
+    8: "read_only",  # SQLITE_READONLY
+    10: "io",  # SQLITE_IOERR
+    11: "corrupt",  # SQLITE_CORRUPT
+    13: "full",  # SQLITE_FULL
+    26: "corrupt",  # SQLITE_NOTADB
+}
+_MESSAGE_KINDS = (  # Python 3.10 has no sqlite_errorcode: fall back on SQLite's messages
+    ("database or disk is full", "full"),
+    ("disk i/o error", "io"),
+    ("malformed", "corrupt"),
+    ("file is not a database", "corrupt"),
+    ("readonly database", "read_only"),
+    ("read-only", "read_only"),
+    ("database is locked", "busy"),
+    ("database table is locked", "busy"),
+)
+
+
+def error_kind(exc: BaseException) -> str:
+    """Classify a SQLite error: ``full``, ``io``, ``busy``, ``corrupt``, ``read_only`` or
+    ``other`` (a bug of ours, e.g. a constraint: confined to the statement)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and (code & 0xFF) in _SQLITE_KINDS:
+        return _SQLITE_KINDS[code & 0xFF]
+    text = str(exc).lower()
+    for needle, kind in _MESSAGE_KINDS:
+        if needle in text:
+            return kind
+    return "other"
+
+
+def translate(exc: sqlite3.Error, path: Path) -> BaseException:
+    """The StoreError for a SQLite error raised at run time (``exc`` itself if unclassified)."""
+    kind = error_kind(exc)
+    if kind in ("full", "io", "read_only", "busy"):
+        return StoreUnavailable(f"state file {path}: {exc}", kind)
+    if kind == "corrupt":
+        return StoreError(
+            f"state file {path} is damaged ({exc}); stop edgeagent and run `sqlite3 {path} "
+            "'PRAGMA integrity_check'`; if it is beyond repair, move it aside (the jobs it "
+            "holds are lost; the broker redelivers only unacknowledged ones)",
+            "corrupt",
+        )
+    return exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,8 +307,10 @@ class EscalationRow:
 class Admission:
     """What the journal knew about a job id when it arrived."""
 
-    state: str  # "new" | "in_flight" | "answered" | "duplicate_delivery"
+    state: str  # "new" | "in_flight" | "answered" | "duplicate_delivery" | "conflict"
     result: bytes | None = None
+    task: str | None = None
+    """For ``conflict``: the task that already owns the id."""
 
 
 def normalise_input(value: str | dict[str, Any]) -> str:
@@ -235,25 +332,40 @@ def cache_key(task: str, fingerprint: str, value: str | dict[str, Any]) -> str:
 class Store:
     def __init__(self, path: Path, *, synchronous: str = "full") -> None:
         self.path = path
+        _check_location(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open state file {path}: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise _open_error(exc, path) from exc
         try:
+            self._db.execute("PRAGMA busy_timeout=5000")
+            fresh = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+            if fresh:  # only a new file can take it without a full VACUUM
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-            self._db.execute("PRAGMA busy_timeout=5000")
-        except sqlite3.DatabaseError as exc:
+            self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            self._db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT_BYTES}")
+            self._db.execute("PRAGMA temp_store=MEMORY")
+            if not fresh:
+                row = self._db.execute("PRAGMA quick_check(1)").fetchone()
+                if row is None or row[0] != "ok":
+                    raise sqlite3.DatabaseError(
+                        f"database disk image is malformed: {row[0] if row else '?'}"
+                    )
+            self._migrate()
+            self._outbox_rows = self._count("outbox")
+            self.last_seq = int(
+                self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
+            )
+            """Highest outbox ``seq`` committed (lets the publisher skip an empty query)."""
+            self.cache_rows = self._count("cache")
+        except StoreError:
             self._db.close()
-            raise StoreError(f"state file {path} is unusable: {exc}") from exc
-        self._migrate()
-        self._outbox_rows = self._count("outbox")
-        self.last_seq = int(
-            self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
-        )
-        """Highest outbox ``seq`` committed (lets the publisher skip an empty query)."""
-        self.cache_rows = self._count("cache")
+            raise
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise _open_error(exc, path) from exc
 
     # -- schema -------------------------------------------------------------------
 
@@ -268,12 +380,20 @@ class Store:
                 version = int(row[0]) if row else 0
             if version > SCHEMA_VERSION:
                 raise StoreError(
-                    f"{self.path} was written by a newer edgeagent (schema {version}); "
-                    "refusing to touch it"
+                    f"state file {self.path} was written by a newer edgeagent (schema "
+                    f"{version}; this one knows {SCHEMA_VERSION}); refusing to touch it: "
+                    "upgrade edgeagent again, or point store.state_dir at another directory",
+                    "newer_schema",
                 )
             if have and version < SCHEMA_VERSION:
                 # Back up before migrating: a failed migration must not cost the journal.
-                shutil.copy2(self.path, self.path.with_suffix(f".v{version}.bak"))
+                try:
+                    shutil.copy2(self.path, self.path.with_suffix(f".v{version}.bak"))
+                except OSError as exc:
+                    raise StoreError(
+                        f"cannot back up {self.path} before migrating it: {exc.strerror}",
+                        "full" if exc.errno == errno.ENOSPC else "io",
+                    ) from exc
             with self._tx():
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
@@ -282,18 +402,34 @@ class Store:
                     "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema', ?)",
                     (str(SCHEMA_VERSION),),
                 )
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"state file {self.path} is unusable: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise _open_error(exc, self.path) from exc
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """BEGIN IMMEDIATE … COMMIT; SQLite errors leave as StoreError (see :func:`translate`)."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path) from exc
         try:
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
+        except BaseException as exc:
+            self._rollback()
+            if isinstance(exc, sqlite3.Error):
+                raise translate(exc, self.path) from exc
             raise
-        self._db.execute("COMMIT")
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise translate(exc, self.path) from exc
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR).
+        if self._db.in_transaction:
+            with suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -360,11 +496,14 @@ class Store:
         return self._outbox_rows
 
     def outbox(self, *, after: int = 0, limit: int = 1000) -> list[OutboxRow]:
-        rows = self._db.execute(
-            "SELECT seq, topic, payload, correlation, response_topic FROM outbox "
-            "WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after, limit),
-        ).fetchall()
+        try:
+            rows = self._db.execute(
+                "SELECT seq, topic, payload, correlation, response_topic FROM outbox "
+                "WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path) from exc
         return [
             OutboxRow(r[0], r[1], bytes(r[2]), None if r[3] is None else bytes(r[3]), r[4])
             for r in rows
@@ -468,6 +607,35 @@ class Store:
     def cache_count(self) -> int:
         return self._count("cache")
 
+    # -- disk footprint -----------------------------------------------------------
+
+    def probe(self) -> None:
+        """A tiny durable write: raises StoreUnavailable while the disk is still unusable."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('probe', ?)", (str(time.time()),)
+            )
+
+    def maintain(self) -> None:
+        """When idle: return free pages to the file system and truncate the WAL to zero."""
+        try:
+            self._db.execute("PRAGMA incremental_vacuum").fetchall()  # one page per step
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path) from exc
+
+    def footprint(self) -> int:
+        """Bytes on disk of the database, its WAL and its shared-memory index."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with suppress(OSError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return total
+
+    def free_bytes(self) -> int:
+        """Free space on the state directory's file system (bytes)."""
+        return shutil.disk_usage(self.path.parent).free
+
     def close(self) -> None:
         with suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -483,12 +651,40 @@ class Transaction:
         self.outbox_added = 0
         self.last_seq = 0
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Writes of one message: on an exception they are undone, the transaction goes on.
+
+        Errors after which SQLite may have abandoned the whole transaction (disk full, I/O,
+        corruption) are not contained: they fail the transaction.
+        """
+        if not self._db.in_transaction:  # SAVEPOINT would silently open a new transaction
+            raise StoreUnavailable(f"state file {self._store.path}: transaction lost", "io")
+        saved = (self.outbox_added, self.last_seq, self._store.cache_rows)
+        self._db.execute("SAVEPOINT one_message")
+        try:
+            yield
+        except BaseException as exc:
+            if isinstance(exc, sqlite3.Error) and error_kind(exc) != "other":
+                raise translate(exc, self._store.path) from exc
+            if not self._db.in_transaction:
+                # SQLite abandoned the whole transaction: none of it may look committed.
+                raise StoreUnavailable(
+                    f"state file {self._store.path}: transaction rolled back ({exc!r})", "io"
+                ) from exc
+            self._db.execute("ROLLBACK TO one_message")
+            self._db.execute("RELEASE one_message")
+            self.outbox_added, self.last_seq, self._store.cache_rows = saved
+            raise
+        self._db.execute("RELEASE one_message")
+
     def admit(self, job: Job, target: ReplyTarget | None, *, redelivery: bool) -> Admission:
         """Journal a job (idempotent by id) and remember where its result must go.
 
         ``redelivery`` is the MQTT DUP flag: a broker redelivery to a target we
         already know gets nothing new; a producer's deliberate retry does get the
-        stored result again.
+        stored result again.  An id is a device-wide key: the same id on another
+        task is a ``conflict`` (nothing is written).
         """
         now = time.time()
         cur = self._db.execute(
@@ -496,6 +692,10 @@ class Transaction:
             "VALUES (?, ?, 'received', ?, ?)",
             (job.id, job.task, job.to_json(), now),
         )
+        if cur.rowcount == 0:
+            owner = self._db.execute("SELECT task FROM jobs WHERE id=?", (job.id,)).fetchone()
+            if owner is not None and owner[0] != job.task:
+                return Admission("conflict", task=str(owner[0]))
         known_target = False
         if target is not None:
             t = self._db.execute(
@@ -652,3 +852,88 @@ class Transaction:
                 (trim,),
             )
             self._store.cache_rows -= cur.rowcount
+
+
+# -- opening --------------------------------------------------------------------
+
+
+def _check_location(path: Path) -> None:
+    """The state directory exists (one missing level is created) and everything is writable.
+
+    Only the last level is created: a missing parent usually means a disk that is not
+    mounted, and a journal silently written to the root file system instead is worse.
+    """
+    d = path.parent
+    if not d.is_dir():
+        if d.exists():
+            raise StoreError(f"state directory {d} exists but is not a directory", "missing_dir")
+        if not d.parent.is_dir():
+            raise StoreError(
+                f"state directory {d} does not exist, nor does {d.parent} (is its disk "
+                "mounted?); create it, or set store.state_dir",
+                "missing_dir",
+            )
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise StoreError(
+                    f"cannot create state directory {d}: {_why_not_writable(d.parent)}",
+                    "read_only",
+                ) from exc
+            raise StoreError(f"cannot create state directory {d}: {exc.strerror}", "io") from exc
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise StoreError(
+            f"state directory {d} is not writable ({_why_not_writable(d)}); edgeagent needs "
+            f"to create {path.name}-wal and {path.name}-shm in it: make it writable by the "
+            "user edgeagent runs as",
+            "read_only",
+        )
+    for f in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if f.exists() and not os.access(f, os.R_OK | os.W_OK):
+            raise StoreError(
+                f"state file {f} is not writable ({_why_not_writable(f)}); the file is not "
+                "damaged: make it readable and writable by the user edgeagent runs as "
+                "(chown/chmod), do not move it aside",
+                "read_only",
+            )
+
+
+def _why_not_writable(p: Path) -> str:
+    try:
+        if os.statvfs(p).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        pass
+    return f"permission denied for uid {os.geteuid()}"
+
+
+def _open_error(exc: sqlite3.Error, path: Path) -> StoreError:
+    kind = error_kind(exc)
+    if kind == "read_only":
+        return StoreError(
+            f"state file {path} cannot be written ({exc}; {_why_not_writable(path.parent)}); "
+            "the file is not damaged: make it and its directory writable by the user "
+            "edgeagent runs as, do not move it aside",
+            "read_only",
+        )
+    if kind == "full":
+        return StoreError(
+            f"no space left for state file {path} ({exc}): free space on its file system",
+            "full",
+        )
+    if kind == "io":
+        return StoreError(f"I/O error on state file {path} ({exc}): check the disk", "io")
+    if kind == "busy":
+        return StoreError(
+            f"state file {path} is locked by another process ({exc}): is another edgeagent "
+            "(or a sqlite3 shell) using the same store.state_dir?",
+            "busy",
+        )
+    if kind == "corrupt":
+        err = translate(exc, path)
+        assert isinstance(err, StoreError)
+        return err
+    return StoreError(f"state file {path} is unusable: {exc}", "unusable")

@@ -102,5 +102,6 @@ def test_newer_schema_is_refused_and_garbage_file_is_a_clear_error(tmp_path: Pat
     with pytest.raises(StoreError, match="newer edgeagent"):
         Store(tmp_path / "e.db")
     (tmp_path / "bad.db").write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StoreError, match="unusable"):
+    with pytest.raises(StoreError, match="is damaged") as e:
         Store(tmp_path / "bad.db")
+    assert e.value.kind == "corrupt"
