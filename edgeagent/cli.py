@@ -75,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--task", help="only this task")
     ex.set_defaults(func=_cmd_examples)
 
+    learn = sub.add_parser("learn", help="on-device learning from the cloud agent")
+    lsub = learn.add_subparsers(dest="learn_command", metavar="ACTION", required=True)
+    lst = lsub.add_parser("status", help="rounds, holdout before/after, versions, examples")
+    _config_arg(lst)
+    lst.add_argument("task", help="task name")
+    lst.add_argument("--json", action="store_true", help="machine-readable")
+    lst.set_defaults(func=_cmd_learn)
+    lrb = lsub.add_parser("rollback", help="serve the previous learned version of a task")
+    _config_arg(lrb)
+    lrb.add_argument("task", help="task name")
+    lrb.set_defaults(func=_cmd_learn)
+
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=_cmd_version)
 
@@ -205,6 +217,20 @@ def _cmd_examples(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def _cmd_learn(args: argparse.Namespace) -> int:
+    from edgeagent.config import Settings
+    from edgeagent.learning import cli as learn_cli
+
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    settings, _ = loaded
+    assert isinstance(settings, Settings)
+    if args.learn_command == "rollback":
+        return learn_cli.do_rollback(settings, args.task)
+    return learn_cli.status(settings, args.task, args.json)
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
