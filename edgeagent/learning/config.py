@@ -89,6 +89,15 @@ class LearnConfig(BaseModel):
         description="Slack when comparing candidate and serving model (absolute, on "
         "accuracy and escalation).",
     )
+    noise_se: float = Field(
+        2.0,
+        ge=0.0,
+        le=5.0,
+        description="A candidate counts as worse only when it is worse by more than this many "
+        "binomial standard errors of the serving model's figure on that evaluation set (and "
+        "by more than `tolerance`): a few examples flipping on a small split is noise.  0: "
+        "any difference counts.",
+    )
     keep_versions: int = Field(
         5, ge=1, le=100, description="Learned bundle versions kept (older ones are deleted)."
     )
@@ -116,6 +125,12 @@ class LearnConfig(BaseModel):
     )
     refit_nice: int = Field(
         10, ge=0, le=19, description="Niceness added to the refit process (0-19)."
+    )
+
+    refit_idle: bool = Field(
+        True,
+        description="Run the refit process under the SCHED_IDLE CPU policy (Linux): it only "
+        "gets a core nothing else wants, so jobs keep their latency.",
     )
 
     @model_validator(mode="after")

@@ -276,7 +276,11 @@ class Learner:
             "oos_distance": getattr(b, "oos_distance", True),
             "use_bundle_threshold": getattr(b, "use_bundle_threshold", True),
             "max_length": getattr(b, "max_length", 128),
-            "limits": {"nice": cfg.refit_nice, "max_memory_mb": cfg.refit_max_memory_mb},
+            "limits": {
+                "nice": cfg.refit_nice,
+                "idle": cfg.refit_idle,
+                "max_memory_mb": cfg.refit_max_memory_mb,
+            },
         }
         await asyncio.to_thread(_write_job, job_path, result_path, job)
         log.info("learn.round_started", task=name, round=number, examples=len(kept))

@@ -16,7 +16,8 @@ A round:
 4. candidate and serving head are evaluated at the task's operating point on the learned
    *holdout* and on the bundle's own held-out split: accuracy of the local answers at the
    task's threshold, and the escalation needed for ``target_accuracy`` with a perfect cloud;
-5. the candidate is promoted only if it is no worse on both (within ``tolerance``): it is
+5. the candidate is promoted only if it is no worse on both (a difference counts when it
+   exceeds ``tolerance`` and ``noise_se`` binomial standard errors of the serving figure): it is
    published as a new bundle version and ``latest`` points at it; otherwise it is counted
    as ``rejected`` and only its figures are kept.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -106,16 +108,35 @@ def evaluate(
     return out
 
 
-def no_worse(cand: dict[str, Any], serv: dict[str, Any], tolerance: float) -> list[str]:
-    """Why ``cand`` is worse than ``serv`` on one evaluation set (empty: it is not)."""
+def _se(p: float, n: int) -> float:
+    """Binomial standard error of a share ``p`` measured on ``n`` items (Laplace-smoothed,
+    so a perfect score on a small set still has some)."""
+    if n <= 0:
+        return 0.0
+    q = (p * n + 1) / (n + 2)
+    return math.sqrt(q * (1 - q) / n)
+
+
+def no_worse(
+    cand: dict[str, Any], serv: dict[str, Any], tolerance: float, noise_se: float = 0.0
+) -> list[str]:
+    """Why ``cand`` is worse than ``serv`` on one evaluation set (empty: it is not).  A
+    difference counts when it exceeds both ``tolerance`` and ``noise_se`` standard errors
+    of the serving figure on that set."""
     if not cand.get("n"):
         return []
     why = []
-    if cand["local_accuracy"] < serv["local_accuracy"] - tolerance - 1e-12:
-        why.append(f"local accuracy {cand['local_accuracy']:.4f} < {serv['local_accuracy']:.4f}")
-    if cand["escalation_needed"] > serv["escalation_needed"] + tolerance + 1e-12:
+    acc_slack = max(tolerance, noise_se * _se(serv["local_accuracy"], serv["local"]))
+    if cand["local_accuracy"] < serv["local_accuracy"] - acc_slack - 1e-12:
         why.append(
-            f"escalation needed {cand['escalation_needed']:.4f} > {serv['escalation_needed']:.4f}"
+            f"local accuracy {cand['local_accuracy']:.4f} < {serv['local_accuracy']:.4f} "
+            f"(slack {acc_slack:.4f})"
+        )
+    esc_slack = max(tolerance, noise_se * _se(serv["escalation_needed"], serv["n"]))
+    if cand["escalation_needed"] > serv["escalation_needed"] + esc_slack + 1e-12:
+        why.append(
+            f"escalation needed {cand['escalation_needed']:.4f} > "
+            f"{serv['escalation_needed']:.4f} (slack {esc_slack:.4f})"
         )
     return why
 
@@ -255,7 +276,7 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
         evaluation[name] = {"serving": before, "candidate": after}
         if judge is not head:
             evaluation[name]["serving_is"] = "control: the bundle's recipe without the split"
-        reasons += [f"{name}: {w}" for w in no_worse(after, before, cfg.tolerance)]
+        reasons += [f"{name}: {w}" for w in no_worse(after, before, cfg.tolerance, cfg.noise_se)]
     record.update(evaluation=evaluation, fit_s=round(fit_s, 2), operating_point=point)
     if not sets:
         reasons.append("nothing to judge the candidate on (no holdout, no bundle split)")
@@ -369,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     limits = job.get("limits", {})
     if limits.get("nice"):
         os.nice(int(limits["nice"]))
+    if limits.get("idle") and hasattr(os, "sched_setscheduler"):
+        # SCHED_IDLE: the refit gets a core only when nothing else wants it (Linux).
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     if limits.get("max_memory_mb"):
         cap = int(limits["max_memory_mb"]) << 20
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
