@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(lrb)
     lrb.add_argument("task", help="task name")
     lrb.set_defaults(func=_cmd_learn)
+    lim = lsub.add_parser(
+        "import", help="add examples exported on another device (`edgeagent examples`)"
+    )
+    _config_arg(lim)
+    lim.add_argument("task", help="task name")
+    lim.add_argument(
+        "file", type=Path, help="JSON lines: `edgeagent examples` output or text+label"
+    )
+    lim.set_defaults(func=_cmd_learn)
 
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=_cmd_version)
@@ -230,6 +239,8 @@ def _cmd_learn(args: argparse.Namespace) -> int:
     assert isinstance(settings, Settings)
     if args.learn_command == "rollback":
         return learn_cli.do_rollback(settings, args.task)
+    if args.learn_command == "import":
+        return learn_cli.do_import(settings, args.task, args.file)
     return learn_cli.status(settings, args.task, args.json)
 
 

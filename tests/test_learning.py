@@ -479,3 +479,47 @@ def test_cli_status_and_rollback(
     assert main(["learn", "status", "intent", "-c", str(cfg), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert [r.get("event") for r in info["rounds"]] == [None, "rollback"]
+
+
+def test_fleet_export_import_of_learned_examples(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What one device learned (`edgeagent examples`) is imported by another and counted
+    as its own learned examples (the next round learns from them)."""
+    from edgeagent.cli import main
+
+    def config(name: str) -> Path:
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(
+            f'device_id = "{name}"\n[store]\nstate_dir = "{tmp_path / name}"\n'
+            + _task(tmp_path / "no-bundle-needed")
+        )
+        return cfg
+
+    a, b = config("a"), config("b")
+    store = Store(tmp_path / "a" / "edgeagent.db")
+    with store.transaction() as tx:
+        for t in MUSIC[:3]:
+            tx.add_example(
+                task="intent",
+                input=t,
+                cloud_output={"label": "music"},
+                local_output=None,
+                local_confidence=None,
+                reason="out_of_scope",
+                model="gold",
+            )
+    store.close()
+    assert main(["examples", "-c", str(a), "--task", "intent"]) == 0
+    exported = tmp_path / "a.jsonl"
+    exported.write_text(capsys.readouterr().out)
+    assert main(["learn", "import", "intent", str(exported), "-c", str(b)]) == 0
+    store = Store(tmp_path / "b" / "edgeagent.db")
+    rows = store.learn_examples("intent")
+    store.close()
+    assert [(r[1], r[2], r[3]) for r in rows] == [
+        (t, {"label": "music"}, "imported") for t in MUSIC[:3]
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    assert main(["learn", "import", "intent", str(bad), "-c", str(b)]) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from edgeagent.config import Settings
@@ -157,3 +158,60 @@ def _round_line(r: dict[str, Any]) -> str:
     if r.get("new_labels"):
         parts.append(f"new labels: {', '.join(r['new_labels'][:5])}")
     return "; ".join(parts)
+
+
+def do_import(settings: Settings, task: str, path: Path) -> int:
+    """Add labelled examples exported on another device (``edgeagent examples`` lines, or
+    ``{"text", "label"}`` lines) to this device's store; the next round learns from them."""
+    from edgeagent.store import Store, StoreError
+
+    cfg = settings.tasks.get(task)
+    if cfg is None:
+        print(f"edgeagent: no task {task!r} in the config", file=sys.stderr)
+        return 2
+    rows: list[tuple[str, str]] = []
+    try:
+        lines = path.read_text("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"edgeagent: {path}: cannot read: {exc}", file=sys.stderr)
+        return 1
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            print(f"edgeagent: {path}:{no}: not JSON", file=sys.stderr)
+            return 1
+        text = row.get("text", row.get("input")) if isinstance(row, dict) else None
+        out = row.get("cloud_output") if isinstance(row, dict) else None
+        label = row.get("label") if isinstance(row, dict) else None
+        if label is None and isinstance(out, dict):
+            label = out.get("label")
+        if isinstance(row, dict) and row.get("task") not in (None, task):
+            continue
+        if not isinstance(text, str) or not isinstance(label, str):
+            print(f"edgeagent: {path}:{no}: expected a text input and a label", file=sys.stderr)
+            return 1
+        rows.append((text, label))
+    try:
+        store = Store(settings.state_dir() / "edgeagent.db", synchronous=settings.store.synchronous)
+    except StoreError as exc:
+        print(f"edgeagent: {exc}", file=sys.stderr)
+        return 1
+    try:
+        with store.transaction() as tx:
+            for text, label in rows:
+                tx.add_example(
+                    task=task,
+                    input=text,
+                    cloud_output={"label": label},
+                    local_output=None,
+                    local_confidence=None,
+                    reason="imported",
+                    model=f"import:{path.name}",
+                )
+    finally:
+        store.close()
+    print(f"{task}: imported {len(rows)} examples from {path}; the next learning round uses them")
+    return 0
