@@ -300,7 +300,7 @@ def scenario_shift(data: Data, args: argparse.Namespace, noise: float = 0.0) -> 
             if rng.random() < noise:
                 gold[t] = rng.choice([lb for lb in labels if lb != gold[t]])
                 wrong += 1
-    every = max(20, len(stream) // (args.chunks * 4))
+    every = args.every or max(20, len(stream) // (args.chunks * (4 if args.quick else 2)))
     # audit_rate: the cloud also re-checks a share of confident local answers, so the
     # learner sees the out-of-scope inputs the model answers wrongly with confidence.
     run = Run(
@@ -329,6 +329,7 @@ def scenario_shift(data: Data, args: argparse.Namespace, noise: float = 0.0) -> 
                 flush=True,
             )
         rounds = run.rounds()
+        worse = _check_promotions(rounds, eval_emb, truths, base, data) if noise else None
     finally:
         run.close()
     print(f"\n[{name}] per chunk (daemon figures on the chunk; eval = fixed split, never learned)")
@@ -356,7 +357,7 @@ def scenario_shift(data: Data, args: argparse.Namespace, noise: float = 0.0) -> 
     _print_rounds(rounds)
     out: dict[str, Any] = {"rows": rows, "rounds": rounds}
     if noise:
-        out["worse"] = _check_promotions(rounds, eval_emb, truths, base, data)
+        out["worse"] = worse
     return out
 
 
@@ -447,6 +448,7 @@ def scenario_newintents(data: Data, args: argparse.Namespace) -> dict[str, Any]:
             per = per_intent(serving if serving.name else base, emb, truths, new)
             table.append((k, r, per))
             acc = sorted(per.values())
+            print("    " + ", ".join(f"{lb} {a:.0%}" for lb, a in sorted(per.items())))
             print(
                 f"  after {k} cloud answers per new intent: accuracy per new intent min "
                 f"{acc[0]:.0%}, median {acc[len(acc) // 2]:.0%}; >= 90 %: "
@@ -533,6 +535,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="30 CLINC150 intents, smaller streams")
     ap.add_argument("--only", default="shift,newintents,noisy,cost")
     ap.add_argument("--chunks", type=int, default=4, help="stream chunks (rounds) in shift/noisy")
+    ap.add_argument("--every", type=int, default=0, help="learn.every_examples (0: auto)")
     ap.add_argument("--audit", type=float, default=0.3, help="audit_rate in shift/noisy")
     ap.add_argument("--probe", type=int, default=300, help="sequential jobs per latency sample")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeagent-bench-learning"))
