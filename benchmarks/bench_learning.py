@@ -355,10 +355,32 @@ def scenario_shift(data: Data, args: argparse.Namespace, noise: float = 0.0) -> 
         f"{first.get('oos_recall', 0):.1%} -> {last.get('oos_recall', 0):.1%} (goal >= 85 %)"
     )
     _print_rounds(rounds)
+    if not noise:
+        memory_false_hits(data, base, stream, evals, eval_emb)
     out: dict[str, Any] = {"rows": rows, "rounds": rounds}
     if noise:
         out["worse"] = worse
     return out
+
+
+def memory_false_hits(
+    data: Data, base: Path, stream: list[dict[str, Any]], evals: list[dict[str, Any]], eval_emb: Any
+) -> None:
+    """Instant memory, offline: remember every streamed input with its gold label, query
+    with the evaluation split (other people's wordings); hits and false hits by cut-off."""
+    mem = data.embed(base, [r["text"] for r in stream], "stream")
+    sims = eval_emb @ mem.T
+    best = sims.argmax(axis=1)
+    top = sims[range(len(evals)), best]
+    print("  instant memory (stream remembered, evaluation split as queries):")
+    for cut in (0.85, 0.9, 0.95, 0.98):
+        hit = [i for i in range(len(evals)) if top[i] >= cut]
+        wrong = sum(stream[int(best[i])]["label"] != evals[i]["label"] for i in hit)
+        rate = wrong / len(hit) if hit else 0.0
+        print(
+            f"    memory_min_cos {cut:.2f}: {len(hit) / len(evals):6.1%} of jobs hit, "
+            f"false hits {wrong}/{len(hit)} = {rate:.1%}"
+        )
 
 
 def _print_rounds(rounds: list[dict[str, Any]]) -> None:
