@@ -206,6 +206,13 @@ def test_new_label_is_learned_and_promoted_then_rolled_back(
     assert got.count({"label": "music"}) >= 2, got
     assert after.fingerprint != before.fingerprint  # cached answers of the old model never match
 
+    # A damaged learned version is never served (the daemon falls back to its config).
+    saved = (bundle / "head.npz").read_bytes()
+    (bundle / "head.npz").write_bytes(saved[:-10])
+    assert serving_bundle(base_bundle, vdir) == base_bundle
+    (bundle / "head.npz").write_bytes(saved)
+    assert serving_bundle(base_bundle, vdir) == bundle
+
     old, new = rollback(vdir)
     assert old == bundle and new is None
     assert serving_bundle(base_bundle, vdir) == base_bundle

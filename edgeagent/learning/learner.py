@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from edgeagent.learning.examples import learnable
 from edgeagent.learning.refit import FAILED, PROMOTED
-from edgeagent.learning.versions import prune, serving_bundle, task_dir, versions_dir
+from edgeagent.learning.versions import (
+    current,
+    prune,
+    serving_bundle,
+    task_dir,
+    versions_dir,
+)
 from edgeagent.logs import get_logger
 
 if TYPE_CHECKING:
@@ -96,6 +102,7 @@ class Learner:
         self._learning: set[str] = set()
         self._configured: dict[str, Path] = {}  # task -> bundle its config names
         self._checked_at = 0.0
+        self._seen_link: dict[str, Path | None] = {}  # task -> `latest` target last seen
         self._round: asyncio.Task[None] | None = None
 
     # -- hooks the daemon calls -------------------------------------------------------
@@ -151,13 +158,13 @@ class Learner:
         try:
             self._recover(store, runtimes())
             while True:
-                current = {n: rt for n, rt in runtimes().items() if rt.config.learn.enabled}
-                self._learning = set(current)
-                for name, rt in current.items():
+                learning = {n: rt for n, rt in runtimes().items() if rt.config.learn.enabled}
+                self._learning = set(learning)
+                for name, rt in learning.items():
                     await self._feed_memory(store, name, rt)
                 if self._round is None or self._round.done():
-                    await self._follow_rollback(current, swap)
-                    for name, rt in current.items():
+                    await self._follow_rollback(learning, swap)
+                    for name, rt in learning.items():
                         if self._due(name, rt):
                             self._round = asyncio.get_running_loop().create_task(
                                 self._run_round(name, rt, store, swap),
@@ -187,19 +194,24 @@ class Learner:
             log.info("learn.ready", task=name, rounds=self._round_no[name], new=self._new[name])
 
     async def _follow_rollback(
-        self, current: dict[str, TaskRuntime], swap: Callable[[str], Awaitable[bool]]
+        self, runtimes: dict[str, TaskRuntime], swap: Callable[[str], Awaitable[bool]]
     ) -> None:
         """`edgeagent learn rollback` moved ``latest``: serve what it points at now
         (checked every ``ROLLBACK_CHECK_S``; a SIGHUP does the same at once)."""
         if time.monotonic() - self._checked_at < ROLLBACK_CHECK_S:
             return
         self._checked_at = time.monotonic()
-        for name, rt in current.items():
+        for name, rt in runtimes.items():
             configured = self._configured.get(name)
             serving = getattr(rt.config.backend, "bundle", None)
             if configured is None or serving is None:
                 continue
-            want = serving_bundle(configured, versions_dir(self.state_dir, name))
+            vdir = versions_dir(self.state_dir, name)
+            link = current(vdir)
+            if name in self._seen_link and self._seen_link[name] == link:
+                continue  # unchanged: no need to hash the bundle files again
+            self._seen_link[name] = link
+            want = serving_bundle(configured, vdir)
             if Path(want) != Path(serving):
                 log.info("learn.version_changed", task=name, bundle=str(want))
                 await swap(name)

@@ -59,9 +59,14 @@ def serving_bundle(configured: Path, vdir: Path) -> Path:
         return configured
     try:
         base = read_manifest(configured, verify=False)
-        mine = read_manifest(cur, verify=False)
     except BundleError:
         return configured  # the loader reports a broken configured bundle precisely
+    try:
+        # Every file hashed: a damaged learned version must not keep the daemon from
+        # starting; the configured bundle is served instead.
+        mine = read_manifest(cur, verify=True)
+    except BundleError:
+        return configured
     return cur if base_fingerprint(mine) == base["fingerprint"] else configured
 
 
