@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_arg(ex)
     ex.add_argument("--task", help="only this task")
+    ex.add_argument(
+        "--bio",
+        action="store_true",
+        help="extract tasks: {tokens, tags} lines that `edgeagent train` accepts for a tagger",
+    )
     ex.set_defaults(func=_cmd_examples)
 
     learn = sub.add_parser("learn", help="on-device learning from the cloud agent")
@@ -220,11 +225,29 @@ def _cmd_examples(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"edgeagent: {exc}", file=sys.stderr)
         return 1
+    skipped = 0
     try:
         for row in store.examples(args.task):
+            if args.bio:
+                from edgeagent.learning.bio import to_bio
+
+                bio = (
+                    to_bio(row["input"], row["cloud_output"])
+                    if isinstance(row["input"], str)
+                    else None
+                )
+                if bio is None:
+                    skipped += 1
+                    continue
+                row = bio
             print(json.dumps(row, ensure_ascii=False))
     finally:
         store.close()
+    if skipped:
+        print(
+            f"edgeagent: {skipped} answers could not be aligned to the input words (skipped)",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -530,3 +530,48 @@ def test_fleet_export_import_of_learned_examples(
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x"}\n')
     assert main(["learn", "import", "intent", str(bad), "-c", str(b)]) == 1
+
+
+def test_examples_bio_export_is_what_the_tagger_trainer_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Extract answers learned from the cloud become BIO lines `edgeagent train` accepts;
+    an answer whose value is not in the input cannot be aligned and is skipped."""
+    from edgeagent.cli import main
+    from edgeagent.learning.bio import to_bio
+    from edgeagent.modeltools.tagger import is_tagged_file, load_tagged_examples
+
+    assert to_bio("Book a table in New York for 4, please!", {"city": "new york", "party": 4}) == {
+        "tokens": ["Book", "a", "table", "in", "New", "York", "for", "4", ",", "please", "!"],
+        "tags": ["O", "O", "O", "O", "B-city", "I-city", "O", "B-party", "O", "O", "O"],
+    }
+    assert to_bio("play jazz and blues", {"genre": ["jazz", "blues"]}) is not None
+    assert to_bio("wake me at six thirty", {"time": 630}) is None
+
+    cfg = tmp_path / "e.toml"
+    cfg.write_text(f'device_id = "d"\n[store]\nstate_dir = "{tmp_path / "s"}"\n')
+    store = Store(tmp_path / "s" / "edgeagent.db")
+    with store.transaction() as tx:
+        for text, out in (
+            ("weather in paris tomorrow", {"city": "paris", "date": "tomorrow"}),
+            ("wake me at six thirty", {"time": 630}),
+        ):
+            tx.add_example(
+                task="slots",
+                input=text,
+                cloud_output=out,
+                local_output=None,
+                local_confidence=None,
+                reason="schema_invalid",
+                model="gold",
+            )
+    store.close()
+    assert main(["examples", "-c", str(cfg), "--task", "slots", "--bio"]) == 0
+    captured = capsys.readouterr()
+    assert "1 answers could not be aligned" in captured.err
+    path = tmp_path / "bio.jsonl"
+    path.write_text(captured.out)
+    assert is_tagged_file(path)
+    assert load_tagged_examples(path) == [
+        (["weather", "in", "paris", "tomorrow"], ["O", "O", "B-city", "B-date"])
+    ]
