@@ -63,6 +63,13 @@ class LearnConfig(BaseModel):
         description="A label the serving model does not know is trained only once it has "
         "this many learned training examples.",
     )
+    balance_max: float = Field(
+        2.0,
+        ge=1.0,
+        le=20.0,
+        description="A label with fewer training examples than the median label (a new "
+        "intent) has its learned examples repeated up to this many times in a refit.  1: off.",
+    )
     max_examples: int = Field(
         20000,
         ge=1,

@@ -234,6 +234,7 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
         x_parts.insert(0, data.emb[keep])
         y_parts = [data.labels[i] for i in keep] + y_parts
     x = np.concatenate(x_parts).astype(np.float32)
+    x, y_parts = _balance(x, y_parts, len(y_parts) - len(use_i), cfg.balance_max)
     hinfo = manifest.get("head", {})
     opts = TrainOptions(
         oos_label=head.oos_label or hinfo.get("oos_label") or "oos",
@@ -286,6 +287,30 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
     record["bundle"] = str(bundle)
     record["fingerprint"] = read_manifest(bundle, verify=False)["fingerprint"]
     return _done(record, PROMOTED, "no worse on every evaluation set", t0)
+
+
+def _balance(
+    x: FloatArray, y: list[str], first_learned: int, factor: float
+) -> tuple[FloatArray, list[str]]:
+    """Repeat the learned examples of labels with fewer examples than the median label
+    (new intents start with a handful against ~100) up to ``factor`` times."""
+    import numpy as np
+
+    if factor <= 1.0 or first_learned >= len(y):
+        return x, y
+    counts: dict[str, int] = {}
+    for lb in y:
+        counts[lb] = counts.get(lb, 0) + 1
+    median = float(np.median(list(counts.values())))
+    extra: list[int] = []
+    for i in range(first_learned, len(y)):
+        c = counts[y[i]]
+        reps = round(min(factor, median / c)) - 1 if c < median else 0
+        extra.extend([i] * reps)
+    if not extra:
+        return x, y
+    out: FloatArray = np.concatenate([x, x[extra]]).astype(np.float32)
+    return out, y + [y[i] for i in extra]
 
 
 def _control_head(
