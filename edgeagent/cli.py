@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_arg(ex)
     ex.add_argument("--task", help="only this task")
+    ex.add_argument(
+        "--bio",
+        action="store_true",
+        help="extract tasks: {tokens, tags} lines that `edgeagent train` accepts for a tagger",
+    )
     ex.set_defaults(func=_cmd_examples)
 
     res = sub.add_parser(
@@ -83,6 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("job_id", help="the job's id (as in its result)")
     res.add_argument("--json", action="store_true", help="print one JSON object")
     res.set_defaults(func=_cmd_results)
+    learn = sub.add_parser("learn", help="on-device learning from the cloud agent")
+    lsub = learn.add_subparsers(dest="learn_command", metavar="ACTION", required=True)
+    lst = lsub.add_parser("status", help="rounds, holdout before/after, versions, examples")
+    _config_arg(lst)
+    lst.add_argument("task", help="task name")
+    lst.add_argument("--json", action="store_true", help="machine-readable")
+    lst.set_defaults(func=_cmd_learn)
+    lrb = lsub.add_parser("rollback", help="serve the previous learned version of a task")
+    _config_arg(lrb)
+    lrb.add_argument("task", help="task name")
+    lrb.set_defaults(func=_cmd_learn)
+    lim = lsub.add_parser(
+        "import", help="add examples exported on another device (`edgeagent examples`)"
+    )
+    _config_arg(lim)
+    lim.add_argument("task", help="task name")
+    lim.add_argument(
+        "file", type=Path, help="JSON lines: `edgeagent examples` output or text+label"
+    )
+    lim.set_defaults(func=_cmd_learn)
 
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=_cmd_version)
@@ -208,11 +233,29 @@ def _cmd_examples(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"edgeagent: {exc}", file=sys.stderr)
         return 1
+    skipped = 0
     try:
         for row in store.examples(args.task):
+            if args.bio:
+                from edgeagent.learning.bio import to_bio
+
+                bio = (
+                    to_bio(row["input"], row["cloud_output"])
+                    if isinstance(row["input"], str)
+                    else None
+                )
+                if bio is None:
+                    skipped += 1
+                    continue
+                row = bio
             print(json.dumps(row, ensure_ascii=False))
     finally:
         store.close()
+    if skipped:
+        print(
+            f"edgeagent: {skipped} answers could not be aligned to the input words (skipped)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -226,6 +269,22 @@ def _cmd_results(args: argparse.Namespace) -> int:
     settings, _ = loaded
     assert isinstance(settings, Settings)
     return jobinfo.main(settings.state_dir() / "edgeagent.db", args.job_id, as_json=args.json)
+
+
+def _cmd_learn(args: argparse.Namespace) -> int:
+    from edgeagent.config import Settings
+    from edgeagent.learning import cli as learn_cli
+
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    settings, _ = loaded
+    assert isinstance(settings, Settings)
+    if args.learn_command == "rollback":
+        return learn_cli.do_rollback(settings, args.task)
+    if args.learn_command == "import":
+        return learn_cli.do_import(settings, args.task, args.file)
+    return learn_cli.status(settings, args.task, args.json)
 
 
 def _cmd_version(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ from pydantic_settings import (
 
 from edgeagent.backends.config_llamacpp import LlamaCppBackendConfig
 from edgeagent.backends.config_onnx import OnnxBackendConfig
+from edgeagent.learning.config import LearnConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgeagent/edgeagent.toml")
 ENV_PREFIX = "EDGEAGENT_"
@@ -420,6 +421,10 @@ class TaskConfig(_Section):
         True, description="Put the original values back into the cloud's answer."
     )
     backend: BackendConfig = Field(description="How the task is answered locally.")
+    learn: LearnConfig = Field(
+        default_factory=LearnConfig,
+        description="Learning from the cloud agent's answers (README: Learning from the cloud).",
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -457,6 +462,10 @@ class TaskConfig(_Section):
             _check_json_schema(self.output_schema)
         if isinstance(b, LlamaCppBackendConfig):
             self._check_examples(b)
+        if self.learn.enabled and not (
+            self.kind == "classify" and isinstance(b, OnnxBackendConfig)
+        ):
+            raise ValueError("learn.enabled: only classify tasks on an onnx bundle learn")
         return self
 
     def _check_examples(self, b: LlamaCppBackendConfig) -> None:

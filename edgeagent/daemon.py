@@ -29,6 +29,7 @@ from edgeagent import __version__
 from edgeagent.backends import BackendError
 from edgeagent.config import ConfigError, Settings, TaskConfig, load_settings
 from edgeagent.escalation import Answer, Escalator
+from edgeagent.learning.learner import Learner
 from edgeagent.logs import get_logger
 from edgeagent.metrics import Metrics
 from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter, connect_options
@@ -163,6 +164,8 @@ class Daemon:
         self._wake_retry = asyncio.Event()
         self._stash: list[Outcome] = []  # results computed while the store refused writes
         self._cloud_backlog: list[Inbound] = []  # cloud messages not yet committed
+        self.learner = Learner(settings.state_dir(), self.metrics)
+        self.escalator.on_example = self.learner.on_example
 
     # -- start-up -----------------------------------------------------------------
 
@@ -253,6 +256,9 @@ class Daemon:
         self._spawn(self._maintain_loop(), "daemon:store-maintain")
         if s.cloud.enabled:
             self._spawn(self._escalation_loop(), "daemon:escalation")
+        if any(t.learn.enabled for t in s.tasks.values()):
+            learn = self.learner.run(self.store, lambda: self.runtimes, self._swap_task)
+            self._spawn(learn, "daemon:learn")
         if self.notifier.watchdog_interval_s:
             self._spawn(self._watchdog_loop(self.notifier.watchdog_interval_s), "daemon:watchdog")
         if s.topics.stats_interval_s > 0:
@@ -269,6 +275,7 @@ class Daemon:
     async def _build_runtimes(self, tasks: dict[str, TaskConfig]) -> dict[str, TaskRuntime]:
         built: dict[str, TaskRuntime] = {}
         for name, cfg in tasks.items():
+            cfg = self.learner.serving_config(name, cfg)  # a learned version, if promoted
             try:
                 rt = await asyncio.to_thread(TaskRuntime.build, name, cfg, self.metrics)
             except BackendError as exc:
@@ -280,6 +287,7 @@ class Daemon:
                     b.close()
                 raise FatalError(f"task {name!r}: backend failed to load: {exc!r}") from exc
             built[name] = rt
+            self.learner.attach(name, rt)
             log.info("task.loaded", task=name, kind=cfg.kind, model=rt.backend.model_id)
         return built
 
@@ -1129,6 +1137,31 @@ class Daemon:
             self._spawn(self._retire(rt), f"daemon:retire:{rt.name}")
         log.info("reload.done", tasks=sorted(fresh))
         self.notifier.ready(f"reloaded; serving {len(fresh)} task(s)")
+
+    async def _swap_task(self, name: str) -> bool:
+        """The learner promoted a new bundle version: reload just this task on it (like a
+        SIGHUP for one task; the fingerprint changes, so old cache entries are not served)."""
+        cfg = self.settings.tasks.get(name)
+        if cfg is None:
+            return False
+        try:
+            fresh = await self._build_runtimes({name: cfg})
+        except FatalError as exc:
+            log.error("learn.swap_failed", task=name, error=str(exc))
+            return False
+        old = self.runtimes.get(name)
+        runtimes = {**self.runtimes, **fresh}
+        self._configure_escalation(runtimes)
+        self.runtimes = runtimes
+        fresh[name].start(self._deliver)
+        if old is not None:
+            while not old.queue.empty():
+                p = old.queue.get_nowait()
+                self._open.discard(p.job.id)
+                self._schedule(p.job, p.received_at)
+            self._spawn(self._retire(old), f"daemon:retire:{name}")
+        log.info("learn.swapped", task=name, model=fresh[name].backend.model_id)
+        return True
 
     async def _retire(self, rt: TaskRuntime) -> None:
         # Let a batch in progress finish, then release the backend.

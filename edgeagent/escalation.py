@@ -21,6 +21,7 @@ import json
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ import jsonschema
 
 from edgeagent.budget import TokenBucket
 from edgeagent.config import CloudConfig, TaskConfig
+from edgeagent.learning.examples import is_unsure
 from edgeagent.logs import get_logger
 from edgeagent.metrics import Metrics
 from edgeagent.pipeline import Outcome, TaskRuntime
@@ -68,6 +70,9 @@ class Escalator:
         self._on_deadline: dict[str, str] = {}
         self._workers: dict[str, str] = {}  # status topic -> state
         self.in_flight = 0
+        self.on_example: Callable[[str, Any, Any, str], None] | None = None
+        """Called (loop thread, inside the reply's transaction) with ``(task, input, output,
+        reason)`` for each cloud answer kept as a labelled example (the daemon's learner)."""
 
     # -- configuration --------------------------------------------------------------
 
@@ -316,16 +321,22 @@ class Escalator:
             model = str(reply.get("model") or "cloud")
             conf = reply.get("confidence")
             conf = float(conf) if isinstance(conf, (int, float)) and 0 <= conf <= 1 else None
-            tx.add_example(
-                task=row.task,
-                input=_job_input(store, row),
-                cloud_output=output,
-                local_output=local_out,
-                local_confidence=row.local.get("confidence"),
-                reason=row.reason,
-                model=model,
-            )
             job_input = _job_input(store, row)
+            if is_unsure(reply.get("confidence"), rt.config.learn):
+                # The agent doubts its own answer: it answers the job but is never learned.
+                log.info("learn.unsure_not_kept", escalation_id=esc_id, task=row.task)
+            else:
+                tx.add_example(
+                    task=row.task,
+                    input=job_input,
+                    cloud_output=output,
+                    local_output=local_out,
+                    local_confidence=row.local.get("confidence"),
+                    reason=row.reason,
+                    model=model,
+                )
+                if self.on_example is not None:
+                    self.on_example(row.task, job_input, output, row.reason)
             if rt.config.cache and job_input is not None:
                 tx.cache_put(
                     cache_key(row.task, rt.fingerprint, job_input),

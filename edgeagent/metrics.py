@@ -109,6 +109,21 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.learn_rounds = Counter(
+            "edgeagent_learn_rounds",
+            "Learning rounds by outcome (promoted, rejected, skipped, failed)",
+            ["task", "outcome"],
+            registry=r,
+        )
+        self.learn_holdout_accuracy = Gauge(
+            "edgeagent_learn_holdout_accuracy",
+            "Serving model's local accuracy on the learned holdout (at the last round)",
+            ["task"],
+            registry=r,
+        )
+        self.learn_examples = Gauge(
+            "edgeagent_learn_examples", "Learned examples stored", ["task"], registry=r
+        )
         self._server: Any = None
         self._thread: threading.Thread | None = None
 

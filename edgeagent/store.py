@@ -604,6 +604,25 @@ class Store:
                 "created_at": r[8],
             }
 
+    def learn_examples(self, task: str) -> list[tuple[int, Any, Any, str, float]]:
+        """``(seq, input, cloud_output, reason, created_at)`` of a task's kept examples,
+        oldest first (what :mod:`edgeagent.learning` refits on)."""
+        rows = self._db.execute(
+            "SELECT seq, input, cloud_output, reason, created_at FROM examples "
+            "WHERE task=? ORDER BY seq",
+            (task,),
+        ).fetchall()
+        return [(r[0], json.loads(r[1]), json.loads(r[2]), r[3], r[4]) for r in rows]
+
+    def delete_examples(self, seqs: Iterable[int]) -> int:
+        """Forget examples (storage bounds of the learner); returns how many went."""
+        seq_list = [(s,) for s in seqs]
+        if not seq_list:
+            return 0
+        with self._tx() as db:
+            db.executemany("DELETE FROM examples WHERE seq=?", seq_list)
+        return len(seq_list)
+
     def cache_count(self) -> int:
         return self._count("cache")
 

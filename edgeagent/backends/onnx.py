@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from edgeagent.backends.config_onnx import OnnxBackendConfig
     from edgeagent.config import TaskConfig
+    from edgeagent.learning.memory import InstantMemory
 
     FloatArray = npt.NDArray[np.float32]
 
@@ -384,6 +385,8 @@ class OnnxBackend:
         self._encoder: OnnxEncoder | None = None
         self._head: Head | None = None
         self._manifest: dict[str, Any] | None = None
+        self.memory: InstantMemory | None = None
+        """Set by the daemon's learner when the task learns (edgeagent.learning.memory)."""
 
     # -- identity ---------------------------------------------------------------------
 
@@ -413,6 +416,11 @@ class OnnxBackend:
             raise BackendError(f"task {self.task_name!r}: labels asked before load()")
         return list(self._head.labels)
 
+    @property
+    def oos_label(self) -> str | None:
+        """The model's out-of-scope label, if it was trained with one."""
+        return self._head.oos_label if self._head is not None else None
+
     # -- lifecycle --------------------------------------------------------------------
 
     def load(self) -> None:
@@ -438,7 +446,7 @@ class OnnxBackend:
                     f"{where}: head expects {head.dim}-d embeddings, encoder gives {encoder.dim}"
                 )
             unknown = sorted(set(self.task.labels) - set(head.labels))
-            if unknown:
+            if unknown and not self.task.learn.enabled:  # a learning task learns them
                 raise BackendError(
                     f"{where}: task labels {unknown} are not labels of the model "
                     f"(it knows {len(head.labels)}: see {bundle / 'labels.json'})"
@@ -457,12 +465,21 @@ class OnnxBackend:
             return []
         texts = [x if isinstance(x, str) else json.dumps(x, ensure_ascii=False) for x in inputs]
         emb = encoder.embed(texts)
-        return predict(
+        preds = predict(
             head,
             emb,
             oos_distance=self.config.oos_distance,
             use_threshold=self.config.use_bundle_threshold,
         )
+        memory = self.memory
+        return preds if memory is None else memory.apply(emb, preds)
+
+    def embed(self, texts: list[str]) -> FloatArray:
+        """The encoder's unit-length embeddings (worker thread; for the learner)."""
+        encoder = self._encoder
+        if encoder is None:
+            raise BackendError(f"task {self.task_name!r}: embed before load()")
+        return encoder.embed_many(texts)
 
     def close(self) -> None:
         with self._lock:

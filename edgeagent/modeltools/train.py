@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeagent.backends.onnx import Head, OnnxEncoder, predict
+from edgeagent.learning.refit_data import save_refit_data
 from edgeagent.modeltools.bundle import read_manifest, sha256_file, write_manifest
 from edgeagent.modeltools.calibrate import (
     curve_from_predictions,
@@ -553,6 +554,10 @@ def _train_bundle(
         for name in ("model.onnx", "tokenizer.json"):
             shutil.copyfile(encoder_bundle / name, staging / name)
         files = ["model.onnx", "tokenizer.json", *trained.head.save(staging)]
+        # What an on-device refit needs (edgeagent.learning): embeddings, labels, split.
+        labels = [lb for _, lb in examples]
+        _, held = stratified_split(labels, opts.held_out, opts.seed)
+        files.append(save_refit_data(staging, emb, labels, held))
         (staging / "metrics.json").write_text(
             json.dumps(trained.metrics, indent=2, sort_keys=True) + "\n", "utf-8"
         )

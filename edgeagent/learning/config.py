@@ -1,0 +1,147 @@
+"""``[tasks.NAME.learn]``: how a task learns from its cloud agent (pure pydantic)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LearnSource = Literal["escalations", "audits", "bundle"]
+DEFAULT_SOURCES: tuple[LearnSource, ...] = ("escalations", "audits", "bundle")
+
+
+class LearnConfig(BaseModel):
+    """On-device learning from the cloud agent's answers (classify tasks on an `onnx`
+    classifier bundle).  Off by default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        False,
+        description="Learn from validated cloud answers: refit the classifier head on the "
+        "device in a low-priority process and promote it only if it is no worse.",
+    )
+    sources: list[LearnSource] = Field(
+        default_factory=lambda: list(DEFAULT_SOURCES),
+        description="What a refit learns from: cloud answers to escalated jobs "
+        "(`escalations`), confident local answers the cloud re-checked (`audits`, see "
+        "`audit_rate`), the bundle's own training examples (`bundle`; needs a bundle built "
+        "by this version of `edgeagent train`, older ones carry none).",
+    )
+    min_cloud_confidence: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="A cloud answer whose `confidence` is below this is treated as unsure "
+        "and never learned (it still answers its job).  Answers without a confidence count "
+        "as sure.",
+    )
+    every_examples: int = Field(
+        200,
+        ge=1,
+        description="Start a refit after this many new learned examples ...",
+    )
+    every_s: float = Field(
+        3600.0,
+        gt=0,
+        description="... or this long after the last round when at least "
+        "`min_new_examples` arrived (seconds).",
+    )
+    min_new_examples: int = Field(
+        20, ge=1, description="New examples a time-triggered refit needs at least."
+    )
+    holdout: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Share of learned examples held out (never trained on) to judge a "
+        "candidate; the split is a hash of the normalised input, so it never changes.",
+    )
+    min_examples_per_label: int = Field(
+        3,
+        ge=1,
+        description="A label the serving model does not know is trained only once it has "
+        "this many learned training examples.",
+    )
+    balance_max: float = Field(
+        2.0,
+        ge=1.0,
+        le=20.0,
+        description="A label with fewer training examples than the median label (a new "
+        "intent) has its learned examples repeated up to this many times in a refit.  1: off.",
+    )
+    max_examples: int = Field(
+        20000,
+        ge=1,
+        description="Learned examples kept per task; past it the label with the most "
+        "examples loses its oldest ones first.",
+    )
+    max_per_label: int = Field(
+        500,
+        ge=1,
+        description="Learned examples kept per label (the oldest go first); repeated inputs "
+        "keep only their newest answer.",
+    )
+    target_accuracy: float = Field(
+        0.98,
+        gt=0.0,
+        le=1.0,
+        description="Overall accuracy the task aims for with a perfect cloud: a candidate must "
+        "not need more escalation to reach it than the serving model.",
+    )
+    tolerance: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.2,
+        description="Slack when comparing candidate and serving model (absolute, on "
+        "accuracy and escalation).",
+    )
+    noise_se: float = Field(
+        2.0,
+        ge=0.0,
+        le=5.0,
+        description="A candidate counts as worse only when it is worse by more than this many "
+        "binomial standard errors of the serving model's figure on that evaluation set (and "
+        "by more than `tolerance`): a few examples flipping on a small split is noise.  0: "
+        "any difference counts.",
+    )
+    keep_versions: int = Field(
+        5, ge=1, le=100, description="Learned bundle versions kept (older ones are deleted)."
+    )
+    memory: bool = Field(
+        True,
+        description="Instant memory: between refits, a near-duplicate of a learned input is "
+        "answered with the cloud's label (cosine of INT8 embeddings >= `memory_min_cos`).",
+    )
+    memory_min_cos: float = Field(
+        0.95,
+        gt=0.0,
+        le=1.0,
+        description="Cosine similarity a job needs to a remembered input to take its label.",
+    )
+    memory_max: int = Field(
+        5000, ge=1, description="Inputs held in the instant memory (the oldest go first)."
+    )
+    refit_timeout_s: float = Field(
+        1800.0, gt=0, description="A refit running longer is killed and counted `failed`."
+    )
+    refit_max_memory_mb: int = Field(
+        1536,
+        ge=256,
+        description="Address-space limit of the refit process (MiB; RLIMIT_AS).",
+    )
+    refit_nice: int = Field(
+        10, ge=0, le=19, description="Niceness added to the refit process (0-19)."
+    )
+
+    refit_idle: bool = Field(
+        True,
+        description="Run the refit process under the SCHED_IDLE CPU policy (Linux): it only "
+        "gets a core nothing else wants, so jobs keep their latency.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> LearnConfig:
+        if not self.sources:
+            raise ValueError("sources: name at least one of escalations, audits, bundle")
+        return self

