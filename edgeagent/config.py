@@ -14,10 +14,10 @@ import json
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, cast
 
-import tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -33,6 +33,11 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (a declared dependency there)
+    import tomli as tomllib
 
 from edgeagent.backends.config_llamacpp import LlamaCppBackendConfig
 from edgeagent.backends.config_onnx import OnnxBackendConfig

@@ -181,7 +181,7 @@ async def exchange(
                     correlation=str(job["id"]).encode(),
                     response_topic=reply_topic,
                 )
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):  # distinct on 3.10
             await asyncio.wait_for(done.wait(), max(0.1, deadline - time.monotonic()))
         return set(pending)
     finally:

@@ -500,7 +500,7 @@ class CloudAgent:
         fut = self._pubacks.setdefault(mid, asyncio.get_running_loop().create_future())
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes on 3.10
             self._pubacks.pop(mid, None)
             return False
         return True
