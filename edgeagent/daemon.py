@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import signal
 import statistics
 import time
@@ -57,6 +58,8 @@ INTAKE_BATCH = 256
 MAX_OPEN_JOBS = 2048
 """Jobs journaled but not answered before intake pauses (the broker holds the rest)."""
 QOS0_INBOX_CAP = 10000
+MIN_FREE_BYTES = 16 * 1024 * 1024
+"""/readyz fails below this much free space in the state directory (bytes)."""
 
 
 class FatalError(Exception):
@@ -117,6 +120,7 @@ class Daemon:
         self.mqtt: MqttAdapter | None = None
         self.escalator = Escalator(settings.cloud, self.topics, settings.device_id, self.metrics)
         self._reload_requested = False
+        self._models_loaded = False
 
     # -- start-up -----------------------------------------------------------------
 
@@ -128,6 +132,7 @@ class Daemon:
         except FatalError as exc:
             log.error("daemon.start_failed", error=str(exc))
             await self._close_runtimes()
+            self.metrics.close()
             return exc.exit_code
         fatal = self.mqtt.fatal if self.mqtt else loop.create_future()
         stop_wait = loop.create_task(self._stop.wait(), name="daemon:stop-wait")
@@ -153,8 +158,14 @@ class Daemon:
             open_jobs=self.store.open_job_count(),
             outbox=self.store.outbox_depth,
         )
+        if s.metrics.listen:  # first, so /healthz and /readyz answer while models load
+            try:
+                self.metrics.serve(s.metrics.listen, readiness=self.readiness)
+            except OSError as exc:
+                raise FatalError(f"metrics.listen {s.metrics.listen}: {exc.strerror}") from exc
         self.notifier.status("loading models")
         self.runtimes = await self._build_runtimes(s.tasks)
+        self._models_loaded = True
         self._configure_escalation(self.runtimes)
         self.escalator.recover(self.store)
         for rt in self.runtimes.values():
@@ -166,11 +177,6 @@ class Daemon:
         ):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, handler)
-        if s.metrics.listen:
-            try:
-                self.metrics.serve(s.metrics.listen)
-            except OSError as exc:
-                raise FatalError(f"metrics.listen {s.metrics.listen}: {exc.strerror}") from exc
         self._recover()
         self.mqtt = MqttAdapter(
             self._connect_options(),
@@ -609,7 +615,8 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             if self.mqtt is not None and self.mqtt.connected:
-                self.mqtt.publish(self.topics.stats, self.stats_payload(), qos=0)
+                # Retained: `edgeagent status` reads the last one without waiting an interval.
+                self.mqtt.publish(self.topics.stats, self.stats_payload(), qos=0, retain=True)
 
     def stats_payload(self) -> bytes:
         st = self._stats
@@ -655,6 +662,38 @@ class Daemon:
                 "models": {name: rt.backend.model_id for name, rt in self.runtimes.items()},
             }
         ).encode()
+
+    # -- health -------------------------------------------------------------------
+
+    def readiness(self) -> list[str]:
+        """Why the daemon cannot serve jobs right now (empty: ready), for ``/readyz``.
+
+        Runs on the metrics HTTP thread: reads state only.  Checks: every task's model is
+        loaded, the broker connection is up, the broker granted every subscription, and
+        the state directory is writable with at least ``MIN_FREE_BYTES`` free.
+        """
+        reasons: list[str] = []
+        if not self._models_loaded:
+            reasons.append("models: still loading")
+        m = self.mqtt
+        broker = f"{self.settings.mqtt.host}:{self.settings.mqtt.port}"
+        if m is None or not m.connected:
+            reasons.append(f"broker: not connected to {broker}")
+        elif m.subscriptions_refused is None:
+            reasons.append("broker: subscriptions not acknowledged yet")
+        elif m.subscriptions_refused:
+            reasons.append(f"broker: subscriptions refused: {', '.join(m.subscriptions_refused)}")
+        state = self.settings.state_dir()
+        try:
+            st = os.statvfs(state)
+            free = st.f_bavail * st.f_frsize
+            if not os.access(state, os.W_OK):
+                reasons.append(f"disk: state directory {state} is not writable")
+            elif free < MIN_FREE_BYTES:
+                reasons.append(f"disk: {free} bytes free in {state}")
+        except OSError as exc:
+            reasons.append(f"disk: state directory {state}: {exc.strerror}")
+        return reasons
 
     # -- signals ------------------------------------------------------------------
 

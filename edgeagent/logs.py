@@ -8,7 +8,6 @@ from typing import Any
 
 import structlog
 
-
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -39,9 +38,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            _LEVELS[level.lower()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level.lower()]),
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )

@@ -171,6 +171,9 @@ class MqttAdapter:
         self._thread: threading.Thread | None = None
         self._generation = 0
         self._connected = threading.Event()
+        self.subscriptions_refused: list[str] | None = None
+        """After a SUBACK: the filters the broker refused ([] = all granted); None before."""
+        self._pending_subs: list[str] = []
         self.fatal: asyncio.Future[str] = loop.create_future()
         self._v5 = options.protocol == "5"
         self._client = self._build_client()
@@ -213,6 +216,7 @@ class MqttAdapter:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._note_suback
         return client
 
     # -- lifecycle (event loop thread) --------------------------------------------
@@ -376,6 +380,8 @@ class MqttAdapter:
             return
         self._generation += 1
         subs = self._subscriptions()
+        self.subscriptions_refused = None
+        self._pending_subs = list(subs)
         if subs:
             if self._v5:
                 opts = SubscribeOptions(qos=1, noLocal=False)
@@ -384,6 +390,23 @@ class MqttAdapter:
                 client.subscribe([(t, 1) for t in subs])
         self._connected.set()
         self._call(self._on_connected_cb, bool(flags.session_present))
+
+    def _note_suback(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[Any],
+        properties: Properties | None,
+    ) -> None:
+        """Record which filters were refused (reason code >= 0x80), for /readyz."""
+        subs = self._pending_subs
+        refused = [
+            subs[i] if i < len(subs) else f"#{i}"
+            for i, rc in enumerate(reason_codes)
+            if int(getattr(rc, "value", rc) or 0) >= 0x80
+        ]
+        self.subscriptions_refused = refused
 
     def _on_disconnect(
         self,

@@ -70,10 +70,10 @@ def _cmd_standin(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"edgeagent: --listen {args.listen}: {exc.strerror}", file=sys.stderr)
         return 1
-    bound_host, bound_port = server.server_address[:2]
+    bound_port = int(server.server_address[1])
     print(
         f"stand-in LLM (deterministic keyword rules, not a model) on "
-        f"http://{bound_host}:{bound_port}/v1",
+        f"http://{host}:{bound_port}/v1",
         flush=True,
     )
     import signal

@@ -95,9 +95,7 @@ def extract(text: str, schema: dict[str, Any]) -> dict[str, Any]:
 def answer(body: dict[str, Any]) -> str:
     """The assistant message content for one chat-completions request body."""
     messages = body.get("messages") or []
-    user = next(
-        (m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), ""
-    )
+    user = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
     # A corrective retry appends the bad answer and a complaint: answer the original input.
     users = [m.get("content", "") for m in messages if m.get("role") == "user"]
     text = str(users[0] if users else user)
