@@ -55,7 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--escalate", choices=["auto", "never", "always"], default=None)
     submit.add_argument("--deadline-ms", type=int, default=None)
     submit.add_argument("--v311", action="store_true", help="use MQTT 3.1.1 (reply_to field)")
+    submit.add_argument(
+        "--offline-ok",
+        action="store_true",
+        help="publish even when the device's retained status says it is not online (the "
+        "broker holds the jobs for its session); default: exit 4 at once",
+    )
     submit.set_defaults(func=_cmd_submit)
+
+    status = sub.add_parser(
+        "status", help="print the retained status and stats of a device or the fleet (a table)"
+    )
+    _config_arg(status)
+    who = status.add_mutually_exclusive_group()
+    who.add_argument("--device", help="device id (default: the config's device_id)")
+    who.add_argument("--fleet", action="store_true", help="every device under the topic prefix")
+    status.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    status.set_defaults(func=_cmd_status)
 
     replay = sub.add_parser(
         "replay", help="replay recorded jobs through a running daemon and report quality"
@@ -165,6 +182,18 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     settings, _ = loaded
     assert isinstance(settings, Settings)
     return submit.main(settings, args)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from edgeagent import status
+    from edgeagent.config import Settings
+
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    settings, _ = loaded
+    assert isinstance(settings, Settings)
+    return status.main(settings, args)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
