@@ -430,7 +430,7 @@ copy_source() {
     tar -C "$SRC" \
         --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist \
         --exclude='./*.egg-info' --exclude='__pycache__' --exclude=./.mypy_cache \
-        --exclude=./.pytest_cache --exclude=./.ruff_cache \
+        --exclude=./.pytest_cache --exclude=./.ruff_cache --exclude=./.ci-venvs \
         -cf - . | tar -C "$dest" -xf -
 }
 

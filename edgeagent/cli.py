@@ -36,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file (exit 78 if invalid)")
     _config_arg(check)
-    check.add_argument("--load", action="store_true", help="also load every task's model")
+    check.add_argument(
+        "--no-load",
+        action="store_true",
+        help="only validate the file: do not check that model files exist, match their "
+        "manifests and load",
+    )
+    check.add_argument("--load", action="store_true", help=argparse.SUPPRESS)  # the default
     check.set_defaults(func=_cmd_check)
 
     submit = sub.add_parser("submit", help="publish jobs and print their results (JSON lines)")
@@ -154,21 +160,43 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return loaded
     settings, path = loaded
     assert isinstance(settings, Settings)
-    if args.load:
-        from edgeagent.backends import BackendError, create
+    if not args.no_load:
+        failed = _check_models(settings, path)
+        if failed:
+            return failed
+    loaded_note = "" if args.no_load else "; models load"
+    print(
+        f"{path}: OK ({len(settings.tasks)} task(s): {', '.join(sorted(settings.tasks))}"
+        f"{loaded_note})"
+    )
+    return 0
 
-        for name, task in settings.tasks.items():
-            try:
-                backend = create(name, task)
-                backend.load()
-                backend.close()
-            except BackendError as exc:
-                print(
-                    f"edgeagent: invalid configuration ({path}):\n  tasks.{name}: {exc}",
-                    file=sys.stderr,
-                )
-                return EXIT_CONFIG
-    print(f"{path}: OK ({len(settings.tasks)} task(s): {', '.join(sorted(settings.tasks))})")
+
+def _check_models(settings: object, path: Path) -> int:
+    """Every task's model exists, matches its manifest (sha256) and loads; 0 or 78."""
+    from edgeagent.backends import BackendError, create
+    from edgeagent.config import Settings, missing_model_hint
+
+    assert isinstance(settings, Settings)
+    problems: list[str] = []
+    for name, task in settings.tasks.items():
+        hint = missing_model_hint(name, task)
+        if hint is not None:
+            problems.append(f"tasks.{name}: {hint}")
+            continue
+        try:
+            backend = create(name, task)
+            backend.load()
+            backend.close()
+        except BackendError as exc:
+            problems.append(f"tasks.{name}: {exc}")
+        except ImportError as exc:
+            problems.append(f"tasks.{name}: backend runtime not installed: {exc}")
+    if problems:
+        lines = "\n".join(f"  {p}" for p in problems)
+        print(f"edgeagent: configuration {path} is valid, but:\n{lines}", file=sys.stderr)
+        print("  (--no-load checks the file alone)", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 

@@ -26,7 +26,13 @@ from typing import Any
 
 from edgeagent import __version__
 from edgeagent.backends import BackendError
-from edgeagent.config import ConfigError, Settings, TaskConfig, load_settings
+from edgeagent.config import (
+    ConfigError,
+    Settings,
+    TaskConfig,
+    load_settings,
+    missing_model_hint,
+)
 from edgeagent.escalation import Answer, Escalator
 from edgeagent.logs import get_logger
 from edgeagent.metrics import Metrics
@@ -214,7 +220,8 @@ class Daemon:
             except BackendError as exc:
                 for b in built.values():
                     b.close()
-                raise FatalError(str(exc)) from exc
+                hint = missing_model_hint(name, cfg)
+                raise FatalError(f"task {name!r}: {hint}" if hint else str(exc)) from exc
             except Exception as exc:
                 for b in built.values():
                     b.close()

@@ -389,10 +389,11 @@ class Escalator:
     ) -> ResultMessage:
         task_local = row.local
         if task_local.get("output") is not None:
+            oos = row.reason == "out_of_scope"  # the out-of-scope class is no answer
             return ResultMessage(
                 id=row.job_id,
                 task=row.task,
-                status="ok",
+                status="unrecognized" if oos else "ok",
                 output=task_local["output"],
                 confidence=task_local.get("confidence"),
                 source="local",

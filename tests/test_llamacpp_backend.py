@@ -379,7 +379,7 @@ def extract_config(model: Path, dest: Path, **backend: str | int) -> Path:
     """examples/extract.toml with the model at ``model`` (and extra backend keys); one
     thread, as in :func:`make_task`."""
     text = (REPO / "examples" / "extract.toml").read_text("utf-8")
-    line = 'model = "models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"'
+    line = 'model = "../models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"'
     assert line in text
     backend = {"n_threads": 1, **backend}
     extra = "".join(f"\n{k} = {json.dumps(v)}" for k, v in backend.items())

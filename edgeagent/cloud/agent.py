@@ -378,6 +378,13 @@ class CloudAgent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            # SIGHUP's default action would end the agent with a status systemd treats as
+            # clean (no restart).  Nothing is reloaded in place: say so and keep serving.
+            loop.add_signal_handler(
+                signal.SIGHUP,
+                lambda: log.warning("cloud.sighup_ignored", hint="restart to apply changes"),
+            )
         self.mqtt = MqttAdapter(
             self._connect_options(),
             loop=loop,

@@ -72,8 +72,7 @@ def _cmd_standin(args: argparse.Namespace) -> int:
         return 1
     bound_port = int(server.server_address[1])
     print(
-        f"stand-in LLM (deterministic keyword rules, not a model) on "
-        f"http://{host}:{bound_port}/v1",
+        f"stand-in LLM (deterministic keyword rules, not a model) on http://{host}:{bound_port}/v1",
         flush=True,
     )
     import signal
