@@ -17,7 +17,7 @@ MIN_PY="3.10"
 
 usage() {
     cat <<EOF
-Usage: $PROG [--system] [--extras LIST] [--python PATH] [--mqtt-host HOST] [--mqtt-port PORT]
+Usage: $PROG [--system [--cloud]] [--demo] [--extras LIST] [--python PATH] [--mqtt-host HOST] [--mqtt-port PORT]
              [--no-broker]
 
 Install edgeagent from this checkout ($SRC).
@@ -40,6 +40,8 @@ Options:
   --mqtt-host H   Broker to check (default: [mqtt] host in the config, else 127.0.0.1).
   --mqtt-port P   Broker port to check (default: [mqtt] port in the config, else 1883).
   --no-broker     Do not check for a broker or install mosquitto.
+  --cloud         With --system: also install $ETC_DIR/cloud.toml (from examples/cloud.toml,
+                  never overwritten) for edgeagent-cloud.service, and check it.
   --demo          A development install with the onnx, build and cloud extras, then: build
                   the INT8 encoder (models/build_default.sh) and train the intent head
                   (examples/intent-examples.jsonl) unless they exist, start the daemon
@@ -79,6 +81,7 @@ PYTHON=""
 MQTT_HOST=""
 MQTT_PORT=""
 CHECK_BROKER=1
+CLOUD=0
 THEN=""
 # PyTorch's CPU-only wheels: PyPI's Linux x86_64 torch depends on ~3 GB of CUDA libraries.
 TORCH_INDEX="${EDGEAGENT_TORCH_INDEX-https://download.pytorch.org/whl/cpu}"
@@ -111,6 +114,7 @@ while [ $# -gt 0 ]; do
             ;;
         --mqtt-port=*) MQTT_PORT="${1#*=}" ;;
         --no-broker) CHECK_BROKER=0 ;;
+        --cloud) CLOUD=1 ;;
         --demo) THEN="demo" ;;
         --torch-index)
             [ $# -ge 2 ] || die "--torch-index needs a URL (or '' for PyPI's default torch)"
@@ -434,6 +438,48 @@ copy_source() {
         -cf - . | tar -C "$dest" -xf -
 }
 
+# install_models: models prepared in the checkout (./install.sh --demo, models pull --dest
+# models/gguf) go to $STATE_DIR/models, where the service can read them; existing ones stay.
+install_models() {
+    local models="$STATE_DIR/models" src name
+    install -d -m 0755 -o root -g root "$models"
+    for src in "$SRC"/models/bundles/*/latest; do
+        [ -e "$src/manifest.json" ] || continue
+        name="$(basename "$(dirname "$src")")"
+        if [ -e "$models/bundles/$name/latest" ]; then
+            say "model bundle $models/bundles/$name/latest exists (kept)"
+            continue
+        fi
+        install -d -m 0755 "$models/bundles/$name"
+        cp -rL "$src" "$models/bundles/$name/latest"
+        chmod -R a+rX "$models/bundles/$name"
+        say "copied model bundle $name to $models/bundles/$name/latest"
+    done
+    for src in "$SRC"/models/gguf/*.gguf; do
+        [ -f "$src" ] || continue
+        if [ -e "$models/gguf/$(basename "$src")" ]; then
+            say "GGUF $models/gguf/$(basename "$src") exists (kept)"
+            continue
+        fi
+        install -d -m 0755 "$models/gguf"
+        install -m 0644 "$src" "$models/gguf/"
+        say "copied $(basename "$src") to $models/gguf/"
+    done
+}
+
+# install_cloud_config: /etc/edgeagent/cloud.toml from examples/cloud.toml, never overwritten.
+install_cloud_config() {
+    if [ -e "$ETC_DIR/cloud.toml" ]; then
+        say "kept existing $ETC_DIR/cloud.toml"
+    else
+        install -m 0640 -o root -g "$SYSTEM_USER" "$SRC/examples/cloud.toml" "$ETC_DIR/cloud.toml"
+        say "installed $ETC_DIR/cloud.toml from examples/cloud.toml (root:$SYSTEM_USER 0640); set [llm]"
+    fi
+    note "API key: $CRED_DIR/llm-api-key (root, 0600; systemd credential llm-api-key)"
+    "$SYSTEM_VENV/bin/edgeagent" cloud --config "$ETC_DIR/cloud.toml" --check ||
+        warn "'edgeagent cloud --check' rejected $ETC_DIR/cloud.toml (see above)"
+}
+
 system_install() {
     [ "$IS_ROOT" -eq 1 ] || die "--system needs root (try: sudo $0 --system${EXTRAS:+ --extras $EXTRAS})"
     local real
@@ -487,8 +533,12 @@ system_install() {
         say "kept existing $ETC_DIR/edgeagent.toml"
         have_config=1
     elif [ -f "$SRC/examples/edgeagent.toml" ]; then
-        install -m 0640 -o root -g "$SYSTEM_USER" "$SRC/examples/edgeagent.toml" "$ETC_DIR/edgeagent.toml"
-        say "installed $ETC_DIR/edgeagent.toml from examples/edgeagent.toml (root:$SYSTEM_USER 0640); edit it"
+        # The example's model paths are relative to examples/ in a checkout; the service
+        # reads its models from $STATE_DIR/models (see install_models).
+        sed "s|\"\\.\\./models/|\"$STATE_DIR/models/|" "$SRC/examples/edgeagent.toml" >"$ETC_DIR/.edgeagent.toml.new"
+        install -m 0640 -o root -g "$SYSTEM_USER" "$ETC_DIR/.edgeagent.toml.new" "$ETC_DIR/edgeagent.toml"
+        rm -f "$ETC_DIR/.edgeagent.toml.new"
+        say "installed $ETC_DIR/edgeagent.toml from examples/edgeagent.toml (root:$SYSTEM_USER 0640; models in $STATE_DIR/models); edit it"
         have_config=1
     else
         warn "no $ETC_DIR/edgeagent.toml and no examples/edgeagent.toml in $SRC;" \
@@ -500,6 +550,8 @@ system_install() {
     # State.
     install -d -m 0700 -o "$SYSTEM_USER" -g "$SYSTEM_USER" "$STATE_DIR"
     say "state directory $STATE_DIR (owned by $SYSTEM_USER, 0700)"
+    install_models
+    [ "$CLOUD" -eq 0 ] || install_cloud_config
 
     # Units.
     local unit
