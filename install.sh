@@ -643,13 +643,25 @@ demo_submit() {
     shift
     for t in "$@"; do
         printf '    %s: "%s"\n' "$task" "$t"
-        "$DEMO_VENV/bin/edgeagent" submit --config "$DEMO_CONFIG" "$task" --text "$t" --timeout 20 |
-            "$DEMO_VENV/bin/python" "$SRC/examples/show_results.py"
+        "$DEMO_VENV/bin/edgeagent" submit --config "$DEMO_CONFIG" "$task" --text "$t" --timeout 20 \
+            --await-superseding | "$DEMO_VENV/bin/python" "$SRC/examples/show_results.py"
     done
 }
 
+# start_cloud: the cloud agent, in the background; waits until it says it is online.
+start_cloud() {
+    "$DEMO_VENV/bin/edgeagent" cloud --config "$SRC/examples/cloud.toml" >>"$DEMO_DIR/cloud.log" 2>&1 &
+    CLOUD_PID=$!
+    local i
+    for i in $(seq 1 60); do
+        grep -q 'cloud.connected\|"cloud.started"\|cloud.started' "$DEMO_DIR/cloud.log" 2>/dev/null && break
+        sleep 0.25
+    done
+    sleep 0.5
+}
+
 run_demo() {
-    local venv="$SRC/.venv" py pids="" llm_port metrics_port prefix t0=$SECONDS
+    local venv="$SRC/.venv" py llm_port metrics_port prefix t0=$SECONDS
     py="$venv/bin/python"
     DEMO_DIR="$(mktemp -d "${TMPDIR:-/tmp}/edgeagent-demo.XXXXXX")"
     DEMO_VENV="$venv"
@@ -673,20 +685,19 @@ run_demo() {
     export EDGEAGENT_CLOUD_AGENT__PREFIX="$prefix" EDGEAGENT_CLOUD_AGENT__WORKER_ID=demo-cloud
     export EDGEAGENT_CLOUD_LLM__BASE_URL="http://127.0.0.1:$llm_port/v1"
     export EDGEAGENT_CLOUD_LLM__MODEL=edgeagent-standin-rules EDGEAGENT_CLOUD_LLM__API_KEY_ENV=
-    # shellcheck disable=SC2064  # expand now: the pids are known
-    trap 'for p in $pids; do kill -TERM "$p" 2>/dev/null || true; done' EXIT
+    CLOUD_PID="" DEMO_PIDS=""
+    trap 'for p in $DEMO_PIDS $CLOUD_PID; do kill -TERM "$p" 2>/dev/null || true; done' EXIT
 
     say "demo: cloud side = 'edgeagent cloud' (the real agent) + 'edgeagent cloud-standin'"
     note "(a deterministic OpenAI-compatible stand-in that picks labels by keyword: NOT a model,"
     note " so the demo needs no API key and no llama.cpp build; point [llm] base_url at a real"
     note " endpoint in examples/cloud.toml for real answers)"
     "$venv/bin/edgeagent" cloud-standin --listen "127.0.0.1:$llm_port" >"$DEMO_DIR/standin.log" 2>&1 &
-    pids="$pids $!"
-    "$venv/bin/edgeagent" cloud --config "$SRC/examples/cloud.toml" >"$DEMO_DIR/cloud.log" 2>&1 &
-    pids="$pids $!"
+    DEMO_PIDS="$DEMO_PIDS $!"
+    start_cloud
     say "demo: edgeagent run --config ${DEMO_CONFIG#"$SRC"/} (device 'demo', topics $prefix/demo/...)"
     (cd "$SRC" && exec "$venv/bin/edgeagent" run --config "$DEMO_CONFIG") >"$DEMO_DIR/daemon.log" 2>&1 &
-    pids="$pids $!"
+    DEMO_PIDS="$DEMO_PIDS $!"
     local i
     for i in $(seq 1 120); do
         curl -fs "http://127.0.0.1:$metrics_port/readyz" >/dev/null 2>&1 && break
@@ -697,15 +708,26 @@ run_demo() {
 
     say "demo: 1. a command the local INT8 model knows (answered on the device)"
     demo_submit intent "turn off the lights in the kitchen" "please lock the front door"
-    say "demo: 2. out of scope for the local model: escalated, answered by the cloud agent"
-    demo_submit intent "what is the capital of France" "make it a bit warmer in here"
-    say "demo: 3. field extraction ($extract_task)"
+    say "demo: 2. unknown to the local model: escalated; the consumer gets the cloud agent's answer"
+    demo_submit intent "what's the status of the garage door" "what is the capital of France"
+    say "demo: 3. the cloud agent is down: a provisional local answer now, the cloud's supersedes it"
+    kill -TERM "$CLOUD_PID" 2>/dev/null || true
+    wait "$CLOUD_PID" 2>/dev/null || true
+    CLOUD_PID=""
+    sleep 0.5
+    demo_submit intent "can you switch the lights to night mode" &
+    local waiter=$!
+    sleep 2
+    note "(starting the cloud agent again)"
+    start_cloud
+    wait "$waiter" || true
+    say "demo: 4. field extraction ($extract_task)"
     demo_submit "$extract_task" "$extract_text"
     sleep 2.2
-    say "demo: 4. the daemon's stats (retained on $prefix/demo/stats; also /metrics)"
+    say "demo: 5. the daemon's status and stats (edgeagent status; also /metrics, /readyz)"
     "$venv/bin/edgeagent" status --config "$DEMO_CONFIG" --device demo 2>/dev/null ||
         curl -fs "http://127.0.0.1:$metrics_port/metrics" | grep -E '^edgeagent_jobs_total' || true
-    for p in $pids; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in $DEMO_PIDS $CLOUD_PID; do kill -TERM "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     trap - EXIT
     say "demo: done in $((SECONDS - t0)) s; stopped daemon and cloud agent; logs in $DEMO_DIR"

@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--deadline-ms", type=int, default=None)
     submit.add_argument("--v311", action="store_true", help="use MQTT 3.1.1 (reply_to field)")
     submit.add_argument(
+        "--await-superseding",
+        action="store_true",
+        help="a provisional result counts only once the result that supersedes it arrived",
+    )
+    submit.add_argument(
         "--offline-ok",
         action="store_true",
         help="publish even when the device's retained status says it is not online (the "

@@ -73,6 +73,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                 timeout=args.timeout,
                 on_result=show,
                 check_status=not (args.fleet or getattr(args, "offline_ok", False)),
+                await_superseding=bool(getattr(args, "await_superseding", False)),
             )
         )
     except DeviceOffline as exc:
