@@ -344,9 +344,10 @@ torch_requirement() {
     grep -Eo '"torch[^"]*"' "$SRC/pyproject.toml" | head -1 | tr -d '"'
 }
 
-# url_answers URL: 0 if an HTTP(S) GET of URL succeeds within 5 s (never hangs).
+# url_answers PY URL: 0 if an HTTP(S) GET of URL succeeds within 5 s.  `timeout` bounds
+# what urllib's timeout does not (a DNS lookup that hangs).
 url_answers() {
-    "$1" - "$2" <<'PY' >/dev/null 2>&1
+    timeout 8 "$1" - "$2" <<'PY' >/dev/null 2>&1
 import sys, urllib.request
 urllib.request.urlopen(sys.argv[1], timeout=5).close()
 PY
