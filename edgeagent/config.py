@@ -257,6 +257,24 @@ class RuntimeConfig(_Section):
     )
 
 
+class HomeAssistantConfig(_Section):
+    """Home Assistant MQTT discovery (the daemon appears as a device with sensors)."""
+
+    enabled: bool = Field(
+        False,
+        description="Publish retained discovery configs: availability from the status topic, "
+        "sensors for jobs/s, local share, escalation rate, queue and outbox depth, and each "
+        "task's last answer.",
+    )
+    discovery_prefix: str = Field(
+        "homeassistant",
+        description="Home Assistant's discovery prefix; configs are re-sent when "
+        "`{discovery_prefix}/status` says `online`.",
+    )
+
+    _v_prefix = field_validator("discovery_prefix")(segment)
+
+
 RedactKind = Literal["email", "phone", "iban", "card", "ip"]
 REDACT_KINDS: tuple[RedactKind, ...] = ("email", "phone", "iban", "card", "ip")
 
@@ -545,6 +563,9 @@ class Settings(BrokerClientSettings):
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Lifecycle.")
     cloud: CloudConfig = Field(default_factory=CloudConfig, description="Cloud escalation.")
+    homeassistant: HomeAssistantConfig = Field(
+        default_factory=HomeAssistantConfig, description="Home Assistant MQTT discovery."
+    )
     tasks: dict[str, TaskConfig] = Field(
         default_factory=dict, description="Tasks by name (`[tasks.NAME]`)."
     )

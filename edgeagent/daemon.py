@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edgeagent import __version__
+from edgeagent import __version__, homeassistant
 from edgeagent.backends import BackendError
 from edgeagent.config import (
     ConfigError,
@@ -127,6 +127,8 @@ class Daemon:
         self.escalator = Escalator(settings.cloud, self.topics, settings.device_id, self.metrics)
         self._reload_requested = False
         self._models_loaded = False
+        self._rate_mark = (self._stats.started, 0)  # (time, results) at the last stats
+        self._ha_dirty: dict[str, bytes] = {}  # task -> last-answer payload not yet sent
 
     # -- start-up -----------------------------------------------------------------
 
@@ -203,6 +205,8 @@ class Daemon:
             self._spawn(self._watchdog_loop(self.notifier.watchdog_interval_s), "daemon:watchdog")
         if s.topics.stats_interval_s > 0:
             self._spawn(self._stats_loop(s.topics.stats_interval_s), "daemon:stats")
+        if s.homeassistant.enabled:
+            self._spawn(self._homeassistant_loop(), "daemon:homeassistant")
         self.notifier.ready(f"serving {len(self.runtimes)} task(s); connecting to broker")
         log.info(
             "daemon.started",
@@ -258,6 +262,8 @@ class Daemon:
                 self.topics.cloud_status,
                 self.topics.cloud_status + "/+",
             ]
+        if self.settings.homeassistant.enabled:
+            subs.append(self._ha_status_topic)
         return subs
 
     def _configure_escalation(self, runtimes: dict[str, TaskRuntime]) -> None:
@@ -288,6 +294,7 @@ class Daemon:
         self.notifier.status(f"connected; {len(self.runtimes)} task(s)")
         if self.mqtt is not None:
             self.mqtt.publish(self.topics.status, self._status_payload("online"), retain=True)
+        self._announce_homeassistant()
         self._wake_outbox.set()
 
     def _on_disconnected(self) -> None:
@@ -295,6 +302,12 @@ class Daemon:
         self.notifier.status("disconnected from broker; retrying")
 
     def _on_message(self, msg: Inbound) -> None:
+        if self.settings.homeassistant.enabled and msg.topic == self._ha_status_topic:
+            if self.mqtt is not None:
+                self.mqtt.ack(msg)
+            if msg.payload.strip() == b"online":  # Home Assistant (re)started
+                self._announce_homeassistant()
+            return
         if msg.topic == self.topics.cloud_replies or msg.topic.startswith(self.topics.cloud_status):
             self._on_cloud_message(msg)
             return
@@ -563,6 +576,10 @@ class Daemon:
             self._stats.latencies.append(res.latency_ms)
         self._stats.by_status[res.status] += 1
         self._stats.by_source[source] += 1
+        if self.settings.homeassistant.enabled:
+            self._ha_dirty[res.task] = homeassistant.last_answer_payload(
+                res.model_dump(mode="json")
+            )
         if res.error is not None and res.status == "unrecognized":
             self._stats.reasons[res.error.code] += 1
 
@@ -635,6 +652,11 @@ class Daemon:
             return round(lat[min(len(lat) - 1, int(p * len(lat)))], 3)
 
         done = sum(st.by_status.values())
+        now = time.time()
+        mark_t, mark_n = self._rate_mark
+        self._rate_mark = (now, done)
+        answered = sum(st.by_source[k] for k in ("local", "cache", "cloud"))
+        local = st.by_source["local"] + st.by_source["cache"]
         return json.dumps(
             {
                 "v": 1,
@@ -650,6 +672,8 @@ class Daemon:
                 },
                 "cache_hits": st.cache_hits,
                 "escalation_rate": round(st.by_source["cloud"] / done, 4) if done else None,
+                "jobs_per_s": round((done - mark_n) / (now - mark_t), 3) if now > mark_t else 0.0,
+                "local_share": round(local / answered, 4) if answered else None,
                 "escalations_in_flight": self.escalator.in_flight,
                 "cloud_reachable": self.escalator.cloud_online,
                 "unrecognized_reasons": dict(st.reasons),
@@ -702,6 +726,46 @@ class Daemon:
             reasons.append(f"disk: state directory {state}: {exc.strerror}")
         return reasons
 
+    # -- Home Assistant ---------------------------------------------------------
+
+    @property
+    def _ha_status_topic(self) -> str:
+        return f"{self.settings.homeassistant.discovery_prefix}/status"
+
+    def _announce_homeassistant(self, removed: list[str] | None = None) -> None:
+        """Publish the retained discovery configs (and empty ones for removed tasks)."""
+        ha = self.settings.homeassistant
+        if not ha.enabled or self.mqtt is None or not self.mqtt.connected:
+            return
+        messages = homeassistant.discovery_messages(
+            discovery_prefix=ha.discovery_prefix,
+            prefix=self.settings.topics.prefix,
+            device=self.settings.device_id,
+            tasks={name: rt.backend.model_id for name, rt in self.runtimes.items()},
+        )
+        if removed:
+            messages += homeassistant.removal_messages(
+                discovery_prefix=ha.discovery_prefix,
+                device=self.settings.device_id,
+                tasks=removed,
+            )
+        for topic, payload in messages:
+            self.mqtt.publish(topic, payload, qos=1, retain=True)
+        log.info("homeassistant.announced", configs=len(messages), prefix=ha.discovery_prefix)
+
+    async def _homeassistant_loop(self) -> None:
+        """Each task's last answer, retained, at most once a second per task."""
+        while True:
+            await asyncio.sleep(1.0)
+            if not self._ha_dirty or self.mqtt is None or not self.mqtt.connected:
+                continue
+            dirty, self._ha_dirty = self._ha_dirty, {}
+            for task, payload in dirty.items():
+                topic = homeassistant.last_answer_topic(
+                    self.settings.topics.prefix, self.settings.device_id, task
+                )
+                self.mqtt.publish(topic, payload, qos=0, retain=True)
+
     # -- signals ------------------------------------------------------------------
 
     def request_stop(self) -> None:
@@ -746,6 +810,7 @@ class Daemon:
                 self._schedule(p.job, p.received_at)
             self._spawn(self._retire(rt), f"daemon:retire:{rt.name}")
         log.info("reload.done", tasks=sorted(fresh))
+        self._announce_homeassistant(removed=sorted(set(old) - set(fresh)))
         self.notifier.ready(f"reloaded; serving {len(fresh)} task(s)")
 
     async def _retire(self, rt: TaskRuntime) -> None:
