@@ -691,8 +691,19 @@ class Daemon:
                 "version": __version__,
                 "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "models": {name: rt.backend.model_id for name, rt in self.runtimes.items()},
+                **self._status_warnings(),
             }
         ).encode()
+
+    def _status_warnings(self) -> dict[str, Any]:
+        """Problems worth showing to whoever reads the retained status (`edgeagent status`)."""
+        if self.mqtt is not None and self.mqtt.takeover.active:
+            return {
+                "warnings": [
+                    f"client_id_conflict: another client connects as {self.settings.client_id!r}"
+                ]
+            }
+        return {}
 
     # -- health -------------------------------------------------------------------
 
@@ -708,6 +719,10 @@ class Daemon:
             reasons.append("models: still loading")
         m = self.mqtt
         broker = f"{self.settings.mqtt.host}:{self.settings.mqtt.port}"
+        if m is not None and m.takeover.active:
+            reasons.append(
+                f"broker: another client keeps taking over client id {self.settings.client_id!r}"
+            )
         if m is None or not m.connected:
             reasons.append(f"broker: not connected to {broker}")
         elif m.subscriptions_refused is None:

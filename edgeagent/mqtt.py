@@ -144,6 +144,52 @@ def backoff_delays(min_s: float, max_s: float, rng: random.Random) -> Callable[[
     return delay
 
 
+class TakeoverDetector:
+    """Detects a client-id clash from its symptom: connections the broker ends soon after
+    they start, again and again.  (The v5 reason "session taken over", 0x8E, is not
+    reliable: mosquitto 2.0.11 sent 128 to two daemons that kicked each other off 10 times
+    in 8 s.)  Not thread-safe: the MQTT network thread owns it; others read ``active``.
+    """
+
+    SHORT_S = 10.0
+    """A connection that ends sooner than this (seconds) counts as short."""
+    WINDOW = 3
+    """This many short connections in a row mean a clash."""
+    STABLE_S = 120.0
+    """A connection that lasts this long (seconds) clears the clash."""
+    BACKOFF_S = (30.0, 60.0)
+    """Reconnect delay range while clashing (seconds, jittered)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.active = False
+        self._announced = False
+
+    def connection_ended(self, lasted_s: float) -> bool:
+        """Record one connection that lasted ``lasted_s``; True while a clash is detected."""
+        if lasted_s >= self.STABLE_S:
+            self.count, self.active, self._announced = 0, False, False
+        elif lasted_s < self.SHORT_S:
+            self.count += 1
+        else:
+            self.count = 0
+        if self.count >= self.WINDOW:
+            self.active = True
+        return self.active
+
+    def newly_detected(self) -> bool:
+        """True once per clash (log it once, not at every reconnect)."""
+        if self.active and not self._announced:
+            self._announced = True
+            return True
+        return False
+
+    def backoff_s(self, u: float) -> float:
+        """The reconnect delay while clashing, for ``u`` uniform in [0, 1)."""
+        lo, hi = self.BACKOFF_S
+        return lo + (hi - lo) * u
+
+
 class MqttAdapter:
     """One broker connection.  Create in the event loop thread, then :meth:`start`."""
 
@@ -174,6 +220,8 @@ class MqttAdapter:
         self.subscriptions_refused: list[str] | None = None
         """After a SUBACK: the filters the broker refused ([] = all granted); None before."""
         self._pending_subs: list[str] = []
+        self.takeover = TakeoverDetector()
+        """Connections the broker keeps ending soon after they start (a client id clash)."""
         self.fatal: asyncio.Future[str] = loop.create_future()
         self._v5 = options.protocol == "5"
         self._client = self._build_client()
@@ -313,10 +361,22 @@ class MqttAdapter:
                 attempt = 0
             wait = delay(attempt)
             attempt += 1
+            if was_up and self.takeover.connection_ended(time.monotonic() - self._up_since):
+                wait = max(wait, self.takeover.backoff_s(random.random()))
+                if self.takeover.newly_detected():
+                    log.error(
+                        "mqtt.client_id_conflict",
+                        client_id=o.client_id,
+                        short_connections=self.takeover.count,
+                        backoff_s=round(wait, 1),
+                        hint="another client connects with the same client id (two daemons "
+                        "with one device_id?): give each its own device_id or mqtt.client_id",
+                    )
             log.warning("mqtt.disconnected", retry_in_s=round(wait, 2))
             self._stopping.wait(wait)
 
     _fatal_pending = False
+    _up_since = 0.0
 
     def _connect(self) -> None:
         o = self.options
@@ -379,6 +439,7 @@ class MqttAdapter:
                 log.warning("mqtt.connack_refused", reason_code=code, reason=str(reason_code))
             return
         self._generation += 1
+        self._up_since = time.monotonic()
         subs = self._subscriptions()
         self.subscriptions_refused = None
         self._pending_subs = list(subs)

@@ -145,6 +145,8 @@ def row(view: DeviceView) -> dict[str, str]:
     answered = sum(sources.get(k, 0) for k in ("local", "cache", "cloud"))
     local = sources.get("local", 0) + sources.get("cache", 0)
     state = str(status.get("state", "-"))
+    if status.get("warnings"):
+        state += " (!)"
     return {
         "DEVICE": view.device,
         "STATE": state,
@@ -190,5 +192,9 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         for v in sorted(found.values(), key=lambda v: v.device):
             print(json.dumps({"device": v.device, "status": v.status, "stats": v.stats}))
         return 0
-    print(table([row(v) for v in sorted(found.values(), key=lambda v: v.device)]))
+    ordered = sorted(found.values(), key=lambda v: v.device)
+    print(table([row(v) for v in ordered]))
+    for v in ordered:
+        for w in (v.status or {}).get("warnings") or []:
+            print(f"(!) {v.device}: {w}")
     return 0
