@@ -128,7 +128,7 @@ class Daemon:
         self._reload_requested = False
         self._models_loaded = False
         self._rate_mark = (self._stats.started, 0)  # (time, results) at the last stats
-        self._ha_dirty: dict[str, bytes] = {}  # task -> last-answer payload not yet sent
+        self._ha_dirty: dict[str, ResultMessage] = {}  # task -> last answer not yet sent
 
     # -- start-up -----------------------------------------------------------------
 
@@ -577,9 +577,7 @@ class Daemon:
         self._stats.by_status[res.status] += 1
         self._stats.by_source[source] += 1
         if self.settings.homeassistant.enabled:
-            self._ha_dirty[res.task] = homeassistant.last_answer_payload(
-                res.model_dump(mode="json")
-            )
+            self._ha_dirty[res.task] = res  # serialised by _homeassistant_loop, once a second
         if res.error is not None and res.status == "unrecognized":
             self._stats.reasons[res.error.code] += 1
 
@@ -775,10 +773,11 @@ class Daemon:
             if not self._ha_dirty or self.mqtt is None or not self.mqtt.connected:
                 continue
             dirty, self._ha_dirty = self._ha_dirty, {}
-            for task, payload in dirty.items():
+            for task, res in dirty.items():
                 topic = homeassistant.last_answer_topic(
                     self.settings.topics.prefix, self.settings.device_id, task
                 )
+                payload = homeassistant.last_answer_payload(res.model_dump(mode="json"))
                 self.mqtt.publish(topic, payload, qos=0, retain=True)
 
     # -- signals ------------------------------------------------------------------
