@@ -740,8 +740,8 @@ def missing_model_hint(name: str, task: TaskConfig) -> str | None:
             return None
         return (
             f"the GGUF model {b.model} does not exist yet.  Fetch it: edgeagent models pull "
-            f"smollm2 --dest {b.model.parent} (needs the llamacpp extra: "
-            "./install.sh --extras llamacpp)"
+            f"smollm2 --dest {b.model.parent} (and the llamacpp extra: install.sh "
+            "--extras llamacpp, with --system for the service)"
         )
     return None
 
