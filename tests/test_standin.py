@@ -35,7 +35,10 @@ def test_extract_fills_schema_properties() -> None:
         },
     }
     got = extract("12:00 device=th-12 temperature 21.5 C", schema)
-    assert got == {"device_id": "th-12", "value": 12.0, "unit": "C"}
+    assert got == {"device_id": "th-12", "value": 21.5, "unit": "C"}
+    got = extract("2026-11-26 07:12:03 WARN sensor=boiler-2 pressure 2.4 V", schema)
+    assert got["value"] == 2.4
+    assert extract("2026-11-26 load 7 of 9", schema)["value"] == 7.0
 
 
 def test_answers_what_the_cloud_agent_asks_over_http() -> None:

@@ -11,8 +11,9 @@ How it answers ``POST /v1/chat/completions`` (the request ``edgeagent cloud`` se
   words (split on ``_``/``-``/space) share the most 4-letter word prefixes with the input;
   no overlap at all -> the out-of-scope label when the set has one (``oos``,
   ``out_of_scope``, ``other``, ``unknown``, ``none``), else the first label;
-* extract (any other object schema): per property, a number -> the first number in the
-  input; an ``enum`` string -> the first enum value that occurs in the input as a word;
+* extract (any other object schema): per property, a number -> the number written right
+  before a unit the schema lists (else the first that is not part of a date or time); an
+  ``enum`` string -> the first enum value that occurs in the input as a word;
   another string -> the value of a ``key=value`` / ``key: value`` pair whose key contains the
   property name, else the first token that mixes letters and digits;
 * otherwise (free text): ``"stand-in answer: " + input``.
@@ -63,14 +64,20 @@ def extract(text: str, schema: dict[str, Any]) -> dict[str, Any]:
     """A best-effort object for ``schema`` from ``text`` (see the module docstring)."""
     out: dict[str, Any] = {}
     props = schema.get("properties") or {}
+    units = [
+        str(u)
+        for spec in props.values()
+        if isinstance(spec, dict) and isinstance(spec.get("enum"), list)
+        for u in spec["enum"]
+    ]
     for name, spec in props.items():
         if not isinstance(spec, dict):
             continue
         kind = spec.get("type")
         if kind in ("number", "integer"):
-            m = _NUMBER.search(text)
-            if m:
-                out[name] = int(float(m.group())) if kind == "integer" else float(m.group())
+            number = _measured_number(text, units)
+            if number is not None:
+                out[name] = int(number) if kind == "integer" else number
         elif kind == "string" and isinstance(spec.get("enum"), list):
             for value in spec["enum"]:
                 if re.search(rf"(?<![A-Za-z]){re.escape(str(value))}(?![A-Za-z])", text):
@@ -90,6 +97,22 @@ def extract(text: str, schema: dict[str, Any]) -> dict[str, Any]:
                 if mixed:
                     out[name] = mixed[0]
     return out
+
+
+def _measured_number(text: str, units: list[str]) -> float | None:
+    """The number written right before one of ``units``, else the first number that is
+    not part of a date or a time (``2026-11-26``, ``07:12:03``)."""
+    for u in sorted(units, key=len, reverse=True):
+        m = re.search(rf"(-?\d+(?:\.\d+)?)\s*{re.escape(u)}(?![A-Za-z])", text)
+        if m:
+            return float(m.group(1))
+    for m in _NUMBER.finditer(text):
+        before = text[m.start() - 1] if m.start() else " "
+        after = text[m.end()] if m.end() < len(text) else " "
+        joined = m.group().startswith("-") and before.isalnum()  # "2026-11": a date
+        if before not in ":-" and after not in ":-" and not joined:
+            return float(m.group())
+    return None
 
 
 def answer(body: dict[str, Any]) -> str:
