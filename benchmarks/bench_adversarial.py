@@ -4,7 +4,7 @@
         [--rounds 3] [--pace 0] [--before /path/to/old/checkout]
 
 Starts its own mosquitto on a free port (tests/broker.py) and `edgeagent run` as a
-subprocess with the two tasks of ``examples/edgeagent.toml`` (``alarm``: keyword and
+subprocess with the two tasks of ``examples/rules.toml`` (``alarm``: keyword and
 regex rules; ``reading``: regex extraction).  One producer measures the latency of
 sequential ``alarm`` jobs (publish -> result on ``.../results/alarm``):
 
@@ -180,7 +180,11 @@ def measure(
     if cloud:  # escalations (no agent: offline, provisional) are redacted, in a thread
         env["EDGEAGENT_CLOUD__ENABLED"] = "true"
     env.pop("NOTIFY_SOCKET", None)
-    config = code / "examples" / "edgeagent.toml"
+    # The model-free example (alarm + reading on rules); older checkouts had it as
+    # examples/edgeagent.toml.
+    config = code / "examples" / "rules.toml"
+    if not config.exists():
+        config = code / "examples" / "edgeagent.toml"
     with open(work / f"{device}.log", "wb") as log:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "edgeagent", "run", "--config", str(config)],

@@ -386,7 +386,7 @@ def daemon_config(tmp: Path, port: int, bundle: Path, model: Path) -> Path:
     """Two tasks: ``intent`` on ``bundle`` and ``reading`` from examples/extract.toml."""
     extract = (REPO / "examples" / "extract.toml").read_text("utf-8")
     reading = extract[extract.index("[tasks.reading]") :]
-    line = 'model = "models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"'
+    line = 'model = "../models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"'
     if line not in reading:
         raise SystemExit(f"examples/extract.toml: no line {line!r} to point at --model")
     reading = reading.replace(line, f"model = {json.dumps(str(model.resolve()))}")

@@ -36,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file (exit 78 if invalid)")
     _config_arg(check)
-    check.add_argument("--load", action="store_true", help="also load every task's model")
+    check.add_argument(
+        "--no-load",
+        action="store_true",
+        help="only validate the file: do not check that model files exist, match their "
+        "manifests and load",
+    )
+    check.add_argument("--load", action="store_true", help=argparse.SUPPRESS)  # the default
     check.set_defaults(func=_cmd_check)
 
     submit = sub.add_parser("submit", help="publish jobs and print their results (JSON lines)")
@@ -55,7 +61,29 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--escalate", choices=["auto", "never", "always"], default=None)
     submit.add_argument("--deadline-ms", type=int, default=None)
     submit.add_argument("--v311", action="store_true", help="use MQTT 3.1.1 (reply_to field)")
+    submit.add_argument(
+        "--await-superseding",
+        action="store_true",
+        help="a provisional result counts only once the result that supersedes it arrived",
+    )
+    submit.add_argument(
+        "--offline-ok",
+        action="store_true",
+        help="publish even when the device's retained status says it is not online (the "
+        "broker holds the jobs for its session); default: exit 4 at once",
+    )
     submit.set_defaults(func=_cmd_submit)
+
+    status = sub.add_parser(
+        "status", help="print the retained status and stats of a device or the fleet (a table)"
+    )
+    _config_arg(status)
+    who = status.add_mutually_exclusive_group()
+    who.add_argument("--device", help="device id (default: the config's device_id)")
+    who.add_argument("--fleet", action="store_true", help="every device under the topic prefix")
+    status.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    status.set_defaults(func=_cmd_status)
 
     replay = sub.add_parser(
         "replay", help="replay recorded jobs through a running daemon and report quality"
@@ -171,21 +199,43 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return loaded
     settings, path = loaded
     assert isinstance(settings, Settings)
-    if args.load:
-        from edgeagent.backends import BackendError, create
+    if not args.no_load:
+        failed = _check_models(settings, path)
+        if failed:
+            return failed
+    loaded_note = "" if args.no_load else "; models load"
+    print(
+        f"{path}: OK ({len(settings.tasks)} task(s): {', '.join(sorted(settings.tasks))}"
+        f"{loaded_note})"
+    )
+    return 0
 
-        for name, task in settings.tasks.items():
-            try:
-                backend = create(name, task)
-                backend.load()
-                backend.close()
-            except BackendError as exc:
-                print(
-                    f"edgeagent: invalid configuration ({path}):\n  tasks.{name}: {exc}",
-                    file=sys.stderr,
-                )
-                return EXIT_CONFIG
-    print(f"{path}: OK ({len(settings.tasks)} task(s): {', '.join(sorted(settings.tasks))})")
+
+def _check_models(settings: object, path: Path) -> int:
+    """Every task's model exists, matches its manifest (sha256) and loads; 0 or 78."""
+    from edgeagent.backends import BackendError, create
+    from edgeagent.config import Settings, missing_model_hint
+
+    assert isinstance(settings, Settings)
+    problems: list[str] = []
+    for name, task in settings.tasks.items():
+        hint = missing_model_hint(name, task)
+        if hint is not None:
+            problems.append(f"tasks.{name}: {hint}")
+            continue
+        try:
+            backend = create(name, task)
+            backend.load()
+            backend.close()
+        except BackendError as exc:
+            problems.append(f"tasks.{name}: {exc}")
+        except ImportError as exc:
+            problems.append(f"tasks.{name}: backend runtime not installed: {exc}")
+    if problems:
+        lines = "\n".join(f"  {p}" for p in problems)
+        print(f"edgeagent: configuration {path} is valid, but:\n{lines}", file=sys.stderr)
+        print("  (--no-load checks the file alone)", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 
@@ -199,6 +249,18 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     settings, _ = loaded
     assert isinstance(settings, Settings)
     return submit.main(settings, args)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from edgeagent import status
+    from edgeagent.config import Settings
+
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    settings, _ = loaded
+    assert isinstance(settings, Settings)
+    return status.main(settings, args)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:

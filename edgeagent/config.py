@@ -14,10 +14,10 @@ import json
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, cast
 
-import tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -33,6 +33,11 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (a declared dependency there)
+    import tomli as tomllib
 
 from edgeagent.backends.config_llamacpp import LlamaCppBackendConfig
 from edgeagent.backends.config_onnx import OnnxBackendConfig
@@ -255,6 +260,24 @@ class RuntimeConfig(_Section):
     drain_timeout_s: float = Field(
         20.0, ge=0, description="On SIGTERM, wait this long for jobs in flight (seconds)."
     )
+
+
+class HomeAssistantConfig(_Section):
+    """Home Assistant MQTT discovery (the daemon appears as a device with sensors)."""
+
+    enabled: bool = Field(
+        False,
+        description="Publish retained discovery configs: availability from the status topic, "
+        "sensors for jobs/s, local share, escalation rate, queue and outbox depth, and each "
+        "task's last answer.",
+    )
+    discovery_prefix: str = Field(
+        "homeassistant",
+        description="Home Assistant's discovery prefix; configs are re-sent when "
+        "`{discovery_prefix}/status` says `online`.",
+    )
+
+    _v_prefix = field_validator("discovery_prefix")(segment)
 
 
 RedactKind = Literal["email", "phone", "iban", "card", "ip"]
@@ -571,6 +594,9 @@ class Settings(BrokerClientSettings):
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Lifecycle.")
     cloud: CloudConfig = Field(default_factory=CloudConfig, description="Cloud escalation.")
+    homeassistant: HomeAssistantConfig = Field(
+        default_factory=HomeAssistantConfig, description="Home Assistant MQTT discovery."
+    )
     tasks: dict[str, TaskConfig] = Field(
         default_factory=dict, description="Tasks by name (`[tasks.NAME]`)."
     )
@@ -667,7 +693,7 @@ def read_settings_file(cls: type[S], path: Path) -> S:
     except OSError as exc:
         raise ConfigError(str(path), [("(file)", f"cannot read: {exc.strerror}")]) from exc
     try:
-        tomllib.loads(raw.decode("utf-8"))
+        data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(str(path), [("(syntax)", str(exc))]) from exc
 
@@ -687,8 +713,95 @@ def read_settings_file(cls: type[S], path: Path) -> S:
     try:
         loaded = _FromFile()
     except ValidationError as exc:
-        raise ConfigError(str(path), flatten_errors(exc)) from None
-    return cast(S, cls.model_construct(_fields_set=loaded.model_fields_set, **dict(loaded)))
+        raise _config_error(cls, path, flatten_errors(exc)) from None
+    settings = cast(S, cls.model_construct(_fields_set=loaded.model_fields_set, **dict(loaded)))
+    return cast(S, resolve_relative_paths(settings, data, path.resolve().parent))
+
+
+def resolve_relative_paths(model: BaseModel, raw: Any, base: Path) -> BaseModel:
+    """Relative paths written in a config file are relative to the file's directory.
+
+    Under systemd the working directory is ``/``; resolving against the file makes a
+    config mean the same wherever it is run from.  Only values that come from the file
+    (``raw``, its parsed TOML) are resolved: a path from an environment variable keeps
+    its meaning relative to the working directory.  Returns ``model`` itself if nothing
+    changed.
+    """
+    if not isinstance(raw, dict):
+        return model
+    update: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        key = field.alias or name
+        if key not in raw:
+            continue
+        value, written = getattr(model, name), raw[key]
+        if isinstance(value, Path):
+            if not value.is_absolute() and isinstance(written, str) and Path(written) == value:
+                update[name] = Path(os.path.normpath(base / value))
+        elif isinstance(value, BaseModel):
+            new = resolve_relative_paths(value, written, base)
+            if new is not value:
+                update[name] = new
+        elif isinstance(value, dict) and isinstance(written, dict):
+            items = {
+                k: resolve_relative_paths(v, written.get(k), base)
+                if isinstance(v, BaseModel)
+                else v
+                for k, v in value.items()
+            }
+            if any(items[k] is not value[k] for k in value):
+                update[name] = items
+    return model.model_copy(update=update) if update else model
+
+
+def missing_model_hint(name: str, task: TaskConfig) -> str | None:
+    """If the task's model file or bundle does not exist: what is missing and the command
+    that prepares it (for check-config and the daemon's start-up error); else None."""
+    b = task.backend
+    if isinstance(b, OnnxBackendConfig):
+        if (b.bundle / "manifest.json").is_file():
+            return None
+        return (
+            f"the model bundle {b.bundle} does not exist yet.  Build the INT8 encoder and "
+            f"train the task from a checkout: models/build_default.sh && edgeagent train "
+            f"{name} --examples EXAMPLES.jsonl --out DIR (./install.sh --demo does both for "
+            "the example intent task, into models/)"
+        )
+    if isinstance(b, LlamaCppBackendConfig):
+        if b.model.is_file():
+            return None
+        return (
+            f"the GGUF model {b.model} does not exist yet.  Fetch it: edgeagent models pull "
+            f"smollm2 --dest {b.model.parent} (and the llamacpp extra: install.sh "
+            "--extras llamacpp, with --system for the service)"
+        )
+    return None
+
+
+def _config_error(
+    cls: type[BaseSettings], path: Path, errors: list[tuple[str, str]]
+) -> ConfigError:
+    """Name the environment variable, not the file, for a value that came from one."""
+    prefix = str(cls.model_config.get("env_prefix") or "")
+    env = {k.upper(): k for k in os.environ}
+    named: list[tuple[str, str]] = []
+    from_env = 0
+    for key, msg in errors:
+        parts = key.split(".")
+        var = None
+        for n in range(len(parts), 0, -1):  # the deepest variable that sets this key
+            candidate = (prefix + "__".join(parts[:n])).upper()
+            if candidate in env:
+                var = env[candidate]
+                break
+        if var is not None:
+            from_env += 1
+            named.append((f"${var} ({key})", msg))
+        else:
+            named.append((key, msg))
+    if from_env == len(errors):
+        return ConfigError("environment", named)
+    return ConfigError(f"{path}{' and environment' if from_env else ''}", named)
 
 
 def load_settings(explicit: Path | None = None) -> tuple[Settings, Path]:
@@ -756,6 +869,7 @@ def reference_markdown() -> str:
                 else _fmt_default(field.get_default(call_default_factory=True))
             )
             tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            tname = tname.replace("pathlib._local.", "pathlib.")  # Python 3.13's module name
             desc = (field.description or "").replace("|", "\\|")
             lines.append(f"| `{key}` | {tname} | {default} | {desc} |")
 

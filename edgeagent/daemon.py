@@ -16,6 +16,7 @@ import collections
 import contextlib
 import functools
 import json
+import os
 import signal
 import sqlite3
 import statistics
@@ -25,9 +26,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edgeagent import __version__
+from edgeagent import __version__, homeassistant
 from edgeagent.backends import BackendError
-from edgeagent.config import ConfigError, Settings, TaskConfig, load_settings
+from edgeagent.config import (
+    ConfigError,
+    Settings,
+    TaskConfig,
+    load_settings,
+    missing_model_hint,
+)
 from edgeagent.escalation import Answer, Escalator
 from edgeagent.learning.learner import Learner
 from edgeagent.logs import get_logger
@@ -166,6 +173,9 @@ class Daemon:
         self._cloud_backlog: list[Inbound] = []  # cloud messages not yet committed
         self.learner = Learner(settings.state_dir(), self.metrics)
         self.escalator.on_example = self.learner.on_example
+        self._models_loaded = False
+        self._rate_mark = (self._stats.started, 0)  # (time, results) at the last stats
+        self._ha_dirty: dict[str, ResultMessage] = {}  # task -> last answer not yet sent
 
     # -- start-up -----------------------------------------------------------------
 
@@ -177,6 +187,7 @@ class Daemon:
         except FatalError as exc:
             log.error("daemon.start_failed", error=str(exc))
             await self._close_runtimes()
+            self.metrics.close()
             return exc.exit_code
         fatal = self.mqtt.fatal if self.mqtt else loop.create_future()
         stop_wait = loop.create_task(self._stop.wait(), name="daemon:stop-wait")
@@ -217,8 +228,14 @@ class Daemon:
             open_jobs=self.store.open_job_count(),
             outbox=self.store.outbox_depth,
         )
+        if s.metrics.listen:  # first, so /healthz and /readyz answer while models load
+            try:
+                self.metrics.serve(s.metrics.listen, readiness=self.readiness)
+            except OSError as exc:
+                raise FatalError(f"metrics.listen {s.metrics.listen}: {exc.strerror}") from exc
         self.notifier.status("loading models")
         self.runtimes = await self._build_runtimes(s.tasks)
+        self._models_loaded = True
         self._configure_escalation(self.runtimes)
         self.escalator.recover(self.store)
         for rt in self.runtimes.values():
@@ -231,11 +248,6 @@ class Daemon:
         ):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, handler)
-        if s.metrics.listen:
-            try:
-                self.metrics.serve(s.metrics.listen)
-            except OSError as exc:
-                raise FatalError(f"metrics.listen {s.metrics.listen}: {exc.strerror}") from exc
         self._recover()
         self.mqtt = MqttAdapter(
             self._connect_options(),
@@ -263,6 +275,8 @@ class Daemon:
             self._spawn(self._watchdog_loop(self.notifier.watchdog_interval_s), "daemon:watchdog")
         if s.topics.stats_interval_s > 0:
             self._spawn(self._stats_loop(s.topics.stats_interval_s), "daemon:stats")
+        if s.homeassistant.enabled:
+            self._spawn(self._homeassistant_loop(), "daemon:homeassistant")
         self.notifier.ready(f"serving {len(self.runtimes)} task(s); connecting to broker")
         log.info(
             "daemon.started",
@@ -281,7 +295,8 @@ class Daemon:
             except BackendError as exc:
                 for b in built.values():
                     b.close()
-                raise FatalError(str(exc)) from exc
+                hint = missing_model_hint(name, cfg)
+                raise FatalError(f"task {name!r}: {hint}" if hint else str(exc)) from exc
             except Exception as exc:
                 for b in built.values():
                     b.close()
@@ -319,6 +334,8 @@ class Daemon:
                 self.topics.cloud_status,
                 self.topics.cloud_status + "/+",
             ]
+        if self.settings.homeassistant.enabled:
+            subs.append(self._ha_status_topic)
         return subs
 
     def _configure_escalation(self, runtimes: dict[str, TaskRuntime]) -> None:
@@ -353,6 +370,7 @@ class Daemon:
             extra = {} if self.degraded is None else {"reason": self.degraded}
             state = "online" if self.degraded is None else "degraded"
             self.mqtt.publish(self.topics.status, self._status_payload(state, **extra), retain=True)
+        self._announce_homeassistant()
         self._wake_outbox.set()
 
     def _on_disconnected(self) -> None:
@@ -360,6 +378,12 @@ class Daemon:
         self.notifier.status("disconnected from broker; retrying")
 
     def _on_message(self, msg: Inbound) -> None:
+        if self.settings.homeassistant.enabled and msg.topic == self._ha_status_topic:
+            if self.mqtt is not None:
+                self.mqtt.ack(msg)
+            if msg.payload.strip() == b"online":  # Home Assistant (re)started
+                self._announce_homeassistant()
+            return
         if msg.topic == self.topics.cloud_replies or msg.topic.startswith(self.topics.cloud_status):
             self._on_cloud_message(msg)
             return
@@ -813,6 +837,8 @@ class Daemon:
             self._stats.latencies.append(res.latency_ms)
         self._stats.by_status[res.status] += 1
         self._stats.by_source[source] += 1
+        if self.settings.homeassistant.enabled:
+            self._ha_dirty[res.task] = res  # serialised by _homeassistant_loop, once a second
         if res.error is not None and res.status == "unrecognized":
             self._stats.reasons[res.error.code] += 1
 
@@ -1040,7 +1066,8 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             if self.mqtt is not None and self.mqtt.connected:
-                self.mqtt.publish(self.topics.stats, self.stats_payload(), qos=0)
+                # Retained: `edgeagent status` reads the last one without waiting an interval.
+                self.mqtt.publish(self.topics.stats, self.stats_payload(), qos=0, retain=True)
 
     def stats_payload(self) -> bytes:
         st = self._stats
@@ -1052,6 +1079,11 @@ class Daemon:
             return round(lat[min(len(lat) - 1, int(p * len(lat)))], 3)
 
         done = sum(st.by_status.values())
+        now = time.time()
+        mark_t, mark_n = self._rate_mark
+        self._rate_mark = (now, done)
+        answered = sum(st.by_source[k] for k in ("local", "cache", "cloud"))
+        local = st.by_source["local"] + st.by_source["cache"]
         return json.dumps(
             {
                 "v": 1,
@@ -1067,6 +1099,8 @@ class Daemon:
                 },
                 "cache_hits": st.cache_hits,
                 "escalation_rate": round(st.by_source["cloud"] / done, 4) if done else None,
+                "jobs_per_s": round((done - mark_n) / (now - mark_t), 3) if now > mark_t else 0.0,
+                "local_share": round(local / answered, 4) if answered else None,
                 "escalations_in_flight": self.escalator.in_flight,
                 "cloud_reachable": self.escalator.cloud_online,
                 "unrecognized_reasons": dict(st.reasons),
@@ -1088,8 +1122,98 @@ class Daemon:
                 "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "models": {name: rt.backend.model_id for name, rt in self.runtimes.items()},
                 **extra,
+                **self._status_warnings(),
             }
         ).encode()
+
+    def _status_warnings(self) -> dict[str, Any]:
+        """Problems worth showing to whoever reads the retained status (`edgeagent status`)."""
+        if self.mqtt is not None and self.mqtt.takeover.active:
+            return {
+                "warnings": [
+                    f"client_id_conflict: another client connects as {self.settings.client_id!r}"
+                ]
+            }
+        return {}
+
+    # -- health -------------------------------------------------------------------
+
+    def readiness(self) -> list[str]:
+        """Why the daemon cannot serve jobs right now (empty: ready), for ``/readyz``.
+
+        Runs on the metrics HTTP thread: reads state only.  Checks: every task's model is
+        loaded, the broker connection is up, the broker granted every subscription, and
+        the state directory is writable with at least ``MIN_FREE_BYTES`` free.
+        """
+        reasons: list[str] = []
+        if not self._models_loaded:
+            reasons.append("models: still loading")
+        m = self.mqtt
+        broker = f"{self.settings.mqtt.host}:{self.settings.mqtt.port}"
+        if m is not None and m.takeover.active:
+            reasons.append(
+                f"broker: another client keeps taking over client id {self.settings.client_id!r}"
+            )
+        if m is None or not m.connected:
+            reasons.append(f"broker: not connected to {broker}")
+        elif m.subscriptions_refused is None:
+            reasons.append("broker: subscriptions not acknowledged yet")
+        elif m.subscriptions_refused:
+            reasons.append(f"broker: subscriptions refused: {', '.join(m.subscriptions_refused)}")
+        if self.degraded is not None:
+            reasons.append(f"store: degraded ({self.degraded}); jobs wait at the broker")
+        state = self.settings.state_dir()
+        try:
+            st = os.statvfs(state)
+            free = st.f_bavail * st.f_frsize
+            if not os.access(state, os.W_OK):
+                reasons.append(f"disk: state directory {state} is not writable")
+            elif free < MIN_FREE_BYTES:
+                reasons.append(f"disk: {free} bytes free in {state}")
+        except OSError as exc:
+            reasons.append(f"disk: state directory {state}: {exc.strerror}")
+        return reasons
+
+    # -- Home Assistant ---------------------------------------------------------
+
+    @property
+    def _ha_status_topic(self) -> str:
+        return f"{self.settings.homeassistant.discovery_prefix}/status"
+
+    def _announce_homeassistant(self, removed: list[str] | None = None) -> None:
+        """Publish the retained discovery configs (and empty ones for removed tasks)."""
+        ha = self.settings.homeassistant
+        if not ha.enabled or self.mqtt is None or not self.mqtt.connected:
+            return
+        messages = homeassistant.discovery_messages(
+            discovery_prefix=ha.discovery_prefix,
+            prefix=self.settings.topics.prefix,
+            device=self.settings.device_id,
+            tasks={name: rt.backend.model_id for name, rt in self.runtimes.items()},
+        )
+        if removed:
+            messages += homeassistant.removal_messages(
+                discovery_prefix=ha.discovery_prefix,
+                device=self.settings.device_id,
+                tasks=removed,
+            )
+        for topic, payload in messages:
+            self.mqtt.publish(topic, payload, qos=1, retain=True)
+        log.info("homeassistant.announced", configs=len(messages), prefix=ha.discovery_prefix)
+
+    async def _homeassistant_loop(self) -> None:
+        """Each task's last answer, retained, at most once a second per task."""
+        while True:
+            await asyncio.sleep(1.0)
+            if not self._ha_dirty or self.mqtt is None or not self.mqtt.connected:
+                continue
+            dirty, self._ha_dirty = self._ha_dirty, {}
+            for task, res in dirty.items():
+                topic = homeassistant.last_answer_topic(
+                    self.settings.topics.prefix, self.settings.device_id, task
+                )
+                payload = homeassistant.last_answer_payload(res.model_dump(mode="json"))
+                self.mqtt.publish(topic, payload, qos=0, retain=True)
 
     # -- signals ------------------------------------------------------------------
 
@@ -1136,6 +1260,7 @@ class Daemon:
                 self._schedule(p.job, p.received_at)
             self._spawn(self._retire(rt), f"daemon:retire:{rt.name}")
         log.info("reload.done", tasks=sorted(fresh))
+        self._announce_homeassistant(removed=sorted(set(old) - set(fresh)))
         self.notifier.ready(f"reloaded; serving {len(fresh)} task(s)")
 
     async def _swap_task(self, name: str) -> bool:

@@ -234,7 +234,19 @@ class Escalator:
                 "provisional": True,
                 "escalation": EscalationInfo(reason=reason, id=esc_id),
             }
-            if local_output is not None:
+            if local_output is not None and reason == "out_of_scope":
+                # The local "label" is the out-of-scope class: not an answer.  A consumer that
+                # reads only `status` must not take it for one (PROTOCOL.md, "Provisional").
+                update.update(
+                    status="unrecognized",
+                    output=local_output,
+                    error=ErrorInfo(
+                        code="out_of_scope",
+                        message="provisional: outside what the local model knows; "
+                        "the cloud agent's answer follows",
+                    ),
+                )
+            elif local_output is not None:
                 update.update(status="ok", output=local_output, error=None)
             return outcome.result.model_copy(update=update)
         return None
@@ -264,6 +276,15 @@ class Escalator:
             "cloud_timeout": "the cloud agent did not answer before the deadline",
         }.get(code, code)
         if use_local and pred is not None and pred.output is not None:
+            if outcome.escalate == "out_of_scope":  # the out-of-scope class is no answer
+                return outcome.result.model_copy(
+                    update={
+                        "status": "unrecognized",
+                        "output": pred.output,
+                        "confidence": pred.confidence,
+                        "error": ErrorInfo(code=code, message=message + " (out of scope)"),
+                    }
+                )
             return outcome.result.model_copy(
                 update={
                     "status": "ok",
@@ -402,10 +423,11 @@ class Escalator:
     ) -> ResultMessage:
         task_local = row.local
         if task_local.get("output") is not None:
+            oos = row.reason == "out_of_scope"  # the out-of-scope class is no answer
             return ResultMessage(
                 id=row.job_id,
                 task=row.task,
-                status="ok",
+                status="unrecognized" if oos else "ok",
                 output=task_local["output"],
                 confidence=task_local.get("confidence"),
                 source="local",

@@ -8,6 +8,15 @@ from typing import Any
 
 import structlog
 
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+"""Level names (config.LogConfig) to numbers; logging.getLevelNamesMapping is 3.11+."""
+
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog and the stdlib root logger (for libraries) once, at start-up."""
@@ -29,9 +38,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level.lower()]),
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -127,14 +136,69 @@ class Metrics:
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
-    def serve(self, listen: str) -> None:
+    def serve(self, listen: str, readiness: Callable[[], list[str]] | None = None) -> None:
+        """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (own thread).
+
+        ``/healthz``: 200 while the process serves HTTP at all.  ``/readyz``: 200 when
+        ``readiness()`` returns no reasons, else 503 with one reason per line.  Any other
+        path: 404.  ``readiness`` runs on the HTTP thread: it must only read state.
+        """
         host, _, port = listen.rpartition(":")
-        result = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
-        if isinstance(result, tuple):
-            self._server, self._thread = result
+        server = ThreadingHTTPServer((host.strip("[]"), int(port)), _handler(self, readiness))
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="metrics-http", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def port(self) -> int | None:
+        """The bound port (useful with port 0), None when not serving."""
+        return int(self._server.server_address[1]) if self._server is not None else None
 
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def _handler(
+    metrics: Metrics, readiness: Callable[[], list[str]] | None
+) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "edgeagent"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return  # scrapes every few seconds are not events
+
+        def _reply(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            if path == "/metrics":
+                self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                self._reply(200, b"ok\n")
+            elif path == "/readyz":
+                try:
+                    reasons = readiness() if readiness is not None else []
+                except Exception as exc:  # a bug in a check must not look like "ready"
+                    reasons = [f"readiness check failed: {exc!r}"]
+                if reasons:
+                    self._reply(503, ("\n".join(reasons) + "\n").encode())
+                else:
+                    self._reply(200, b"ready\n")
+            else:
+                self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+        do_HEAD = do_GET
+
+    return Handler

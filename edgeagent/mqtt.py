@@ -157,6 +157,52 @@ def backoff_delays(min_s: float, max_s: float, rng: random.Random) -> Callable[[
     return delay
 
 
+class TakeoverDetector:
+    """Detects a client-id clash from its symptom: connections the broker ends soon after
+    they start, again and again.  (The v5 reason "session taken over", 0x8E, is not
+    reliable: mosquitto 2.0.11 sent 128 to two daemons that kicked each other off 10 times
+    in 8 s.)  Not thread-safe: the MQTT network thread owns it; others read ``active``.
+    """
+
+    SHORT_S = 10.0
+    """A connection that ends sooner than this (seconds) counts as short."""
+    WINDOW = 3
+    """This many short connections in a row mean a clash."""
+    STABLE_S = 120.0
+    """A connection that lasts this long (seconds) clears the clash."""
+    BACKOFF_S = (30.0, 60.0)
+    """Reconnect delay range while clashing (seconds, jittered)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.active = False
+        self._announced = False
+
+    def connection_ended(self, lasted_s: float) -> bool:
+        """Record one connection that lasted ``lasted_s``; True while a clash is detected."""
+        if lasted_s >= self.STABLE_S:
+            self.count, self.active, self._announced = 0, False, False
+        elif lasted_s < self.SHORT_S:
+            self.count += 1
+        else:
+            self.count = 0
+        if self.count >= self.WINDOW:
+            self.active = True
+        return self.active
+
+    def newly_detected(self) -> bool:
+        """True once per clash (log it once, not at every reconnect)."""
+        if self.active and not self._announced:
+            self._announced = True
+            return True
+        return False
+
+    def backoff_s(self, u: float) -> float:
+        """The reconnect delay while clashing, for ``u`` uniform in [0, 1)."""
+        lo, hi = self.BACKOFF_S
+        return lo + (hi - lo) * u
+
+
 class MqttAdapter:
     """One broker connection.  Create in the event loop thread, then :meth:`start`."""
 
@@ -194,6 +240,10 @@ class MqttAdapter:
         self._thread: threading.Thread | None = None
         self._generation = 0
         self._connected = threading.Event()
+        self.subscriptions_refused: list[str] | None = None
+        """After a SUBACK: the filters the broker refused ([] = all granted); None before."""
+        self.takeover = TakeoverDetector()
+        """Connections the broker keeps ending soon after they start (a client id clash)."""
         self.fatal: asyncio.Future[str] = loop.create_future()
         self._v5 = options.protocol == "5"
         self._client = self._build_client()
@@ -335,10 +385,22 @@ class MqttAdapter:
                 attempt = 0
             wait = delay(attempt)
             attempt += 1
+            if was_up and self.takeover.connection_ended(time.monotonic() - self._up_since):
+                wait = max(wait, self.takeover.backoff_s(random.random()))
+                if self.takeover.newly_detected():
+                    log.error(
+                        "mqtt.client_id_conflict",
+                        client_id=o.client_id,
+                        short_connections=self.takeover.count,
+                        backoff_s=round(wait, 1),
+                        hint="another client connects with the same client id (two daemons "
+                        "with one device_id?): give each its own device_id or mqtt.client_id",
+                    )
             log.warning("mqtt.disconnected", retry_in_s=round(wait, 2))
             self._stopping.wait(wait)
 
     _fatal_pending = False
+    _up_since = 0.0
 
     def _connect(self) -> None:
         o = self.options
@@ -404,7 +466,9 @@ class MqttAdapter:
         self._suback_pending.clear()  # SUBACKs of an earlier connection never come
         self._resubscribe_at = 0.0  # every filter is subscribed again below
         session_present = bool(flags.session_present)
+        self._up_since = time.monotonic()
         subs = self._subscriptions()
+        self.subscriptions_refused = None
         if subs:
             if self._v5:
                 opts = SubscribeOptions(qos=1, noLocal=False)
@@ -445,6 +509,7 @@ class MqttAdapter:
                 # Granted QoS 0 (a broker's max_qos): messages on it may be lost in transit.
                 log.warning("mqtt.subscription_downgraded", topic=topic, granted_qos=code)
         self.refused_subscriptions = frozenset(t for t, _, _ in refused)
+        self.subscriptions_refused = sorted(self.refused_subscriptions)
         if refused and not self._subscribed_once:
             topic, code, reason = refused[0]
             self._set_fatal(
@@ -485,6 +550,7 @@ class MqttAdapter:
         for topic in sorted(set(subs) - still):
             log.info("mqtt.subscription_granted", topic=topic)
         self.refused_subscriptions = frozenset(still)
+        self.subscriptions_refused = sorted(still)
         if still:
             self._resubscribe_at = time.monotonic() + self.options.reconnect_max_s
 

@@ -135,7 +135,7 @@ class TaskRuntime:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self.queue.get(), left))
-                except TimeoutError:
+                except (TimeoutError, asyncio.TimeoutError):  # distinct classes on 3.10
                     break
             try:
                 outcomes = await self._redact_for_cloud(await self._run_batch(batch))
@@ -154,7 +154,7 @@ class TaskRuntime:
         started = time.monotonic()
         try:
             predictions = await self._infer([p.job.input for p in live])
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes on 3.10
             self.metrics.timeouts.labels(self.name).inc()
             log.error(
                 "inference.timeout",

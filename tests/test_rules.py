@@ -16,7 +16,7 @@ from edgeagent.backends.rules import RulesBackend
 from edgeagent.config import TaskConfig, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "edgeagent.toml"
+EXAMPLE = REPO / "examples" / "rules.toml"
 
 
 def example_task(name: str) -> RulesBackend:

@@ -94,6 +94,10 @@ def test_daemon_unit_contract() -> None:
     assert defaults == {"mqtt-password", "mqtt-client.key"}
     assert d["CapabilityBoundingSet"] == [""]
     assert d["MemoryDenyWriteExecute"] == ["no"]
+    assert d["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
+    assert d["PrivateMounts"] == ["yes"]
+    # onnxruntime reads /proc/cpuinfo (CPU features on ARM): no ProcSubset=pid here.
+    assert "ProcSubset" not in d
 
 
 def test_cloud_unit_contract() -> None:
@@ -101,6 +105,16 @@ def test_cloud_unit_contract() -> None:
     assert d["Type"] == ["simple"]
     assert d["ExecStart"] == [f"{INSTALLED_EXE} cloud --config /etc/edgeagent/cloud.toml"]
     assert d["RestartPreventExitStatus"] == ["78"]
+    # `systemctl reload` would send SIGHUP, which the agent does not reload on.
+    assert "ExecReload" not in d
+    assert d["ProcSubset"] == ["pid"]
+    assert d["LoadCredential"] == [
+        "mqtt-password:/etc/edgeagent/credentials/mqtt-password",
+        "mqtt-client.key:/etc/edgeagent/credentials/mqtt-client.key",
+        "llm-api-key:/etc/edgeagent/credentials/llm-api-key",
+    ]
+    defaults = {value.partition(":")[0] for value in d["SetCredential"]}
+    assert defaults == {"mqtt-password", "mqtt-client.key", "llm-api-key"}
     daemon = _directives((UNITS / "edgeagent.service").read_text())
     hardening = [
         "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "NoNewPrivileges",
@@ -108,6 +122,7 @@ def test_cloud_unit_contract() -> None:
         "ProtectControlGroups", "ProtectClock", "ProtectHostname", "RestrictAddressFamilies",
         "RestrictNamespaces", "LockPersonality", "RestrictRealtime", "RestrictSUIDSGID",
         "SystemCallArchitectures", "SystemCallFilter", "CapabilityBoundingSet", "UMask",
+        "PrivateMounts",
     ]  # fmt: skip
     for key in hardening:
         assert d.get(key) == daemon.get(key), key

@@ -451,6 +451,13 @@ class CloudAgent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            # SIGHUP's default action would end the agent with a status systemd treats as
+            # clean (no restart).  Nothing is reloaded in place: say so and keep serving.
+            loop.add_signal_handler(
+                signal.SIGHUP,
+                lambda: log.warning("cloud.sighup_ignored", hint="restart to apply changes"),
+            )
         self.mqtt = MqttAdapter(
             self._connect_options(),
             loop=loop,
@@ -592,7 +599,7 @@ class CloudAgent:
         fut = self._pubacks.setdefault(mid, asyncio.get_running_loop().create_future())
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes on 3.10
             self._pubacks.pop(mid, None)
             return False
         return True

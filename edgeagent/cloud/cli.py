@@ -27,6 +27,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.set_defaults(func=_cmd_cloud)
 
+    st = sub.add_parser(
+        "cloud-standin",
+        help="serve a deterministic OpenAI-compatible stand-in LLM (keyword rules, NOT a model; "
+        "for the demo and tests)",
+    )
+    st.add_argument(
+        "--listen", default="127.0.0.1:8089", help="host:port (default: %(default)s; port 0: any)"
+    )
+    st.set_defaults(func=_cmd_standin)
+
 
 def _cmd_cloud(args: argparse.Namespace) -> int:
     from edgeagent import logs
@@ -46,3 +56,32 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
     from edgeagent.cloud import agent
 
     return agent.run(settings)
+
+
+def _cmd_standin(args: argparse.Namespace) -> int:
+    from edgeagent.cloud import standin
+
+    host, _, port = str(args.listen).rpartition(":")
+    if not host or not port.isdigit():
+        print(f"edgeagent: --listen {args.listen}: expected host:port", file=sys.stderr)
+        return 2
+    try:
+        server = standin.serve(host.strip("[]"), int(port))
+    except OSError as exc:
+        print(f"edgeagent: --listen {args.listen}: {exc.strerror}", file=sys.stderr)
+        return 1
+    bound_port = int(server.server_address[1])
+    print(
+        f"stand-in LLM (deterministic keyword rules, not a model) on http://{host}:{bound_port}/v1",
+        flush=True,
+    )
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    server.shutdown()
+    return 0

@@ -159,7 +159,7 @@ class LlmClient:
                 resp = await asyncio.wait_for(
                     self._http.post("chat/completions", json=body, timeout=limit), limit
                 )
-            except (TimeoutError, httpx.TimeoutException):
+            except (TimeoutError, asyncio.TimeoutError, httpx.TimeoutException):
                 last = f"no answer within {limit:.1f}s"
                 if time.monotonic() >= deadline:
                     raise DeadlineExceeded(

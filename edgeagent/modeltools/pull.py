@@ -91,7 +91,13 @@ MODELS: dict[str, KnownModel] = {
     ),
 }
 
-DEFAULT_DEST = Path.home() / ".cache" / "edgeagent" / "models"
+DEFAULT_DEST = Path("/var/lib/edgeagent/models")
+"""Where `models pull` puts models by default: under the service's state directory, which
+edgeagent.service can read (``ProtectHome=yes`` hides ``~/.cache`` from it).  Writing
+there needs root (or the edgeagent user); in a checkout pass ``--dest models/gguf``."""
+
+CACHE_DIR = Path.home() / ".cache" / "edgeagent" / "models"
+"""A per-user download cache (tests and benchmarks keep their copy there)."""
 
 Downloader = Callable[[Sequence[str], Path], None]
 
@@ -130,7 +136,13 @@ def pull(
     model = MODELS.get(name)
     if model is None:
         raise PullError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PullError(
+            f"cannot create {dest}: {exc.strerror} (run as root or the edgeagent user, or "
+            "pass --dest DIR, e.g. --dest models/gguf in a checkout)"
+        ) from exc
     target = dest / model.filename
     if target.exists() and not force:
         if sha256_file(target) == model.sha256:
