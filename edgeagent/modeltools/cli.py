@@ -308,7 +308,8 @@ def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
             command=_command_line(),
             log=lambda *a: print(*a, flush=True),
         )
-        tags = tag_set(load_tagged_examples(args.examples))
+        examples = load_tagged_examples(args.examples)
+        tags = tag_set(examples)
     except ImportError as exc:
         _err(f"training a tagger needs the build extra (pip install 'edgeagent[build]'): {exc}")
         return EXIT_FAILED
@@ -325,8 +326,8 @@ def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
         f'\n[tasks.{args.task}]\nkind = "extract"\n\n[tasks.{args.task}.backend]\ntype = "onnx"\n'
         f'bundle = "{bundle.parent / "latest"}"\n\n'
         "# every slot the model knows; keep the ones you need, type numbers as integer/number,\n"
-        "# repeatable slots as arrays, and list the required ones\n"
-        f"{schema_toml(args.task, tags)}"
+        "# slots repeated in the training data are arrays; list the required ones\n"
+        f"{schema_toml(args.task, tags, examples=examples)}"
     )
     return EXIT_OK
 

@@ -480,14 +480,39 @@ def train_tagger_bundle(
     return publish_bundle(staging, out_root / task, manifest, files, log)
 
 
-def schema_toml(task: str, tags: list[str], max_length: int = 64) -> str:
+def repeated_slots(examples: list[Tagged]) -> dict[str, int]:
+    """slot -> the most distinct values (case-folded) one training sentence gives it, for
+    the slots some sentence gives two or more: the slots the runtime must collect as
+    arrays (it accepts the same value twice for a single-valued slot, not two values)."""
+    most: dict[str, int] = {}
+    for words, tags in examples:
+        values: dict[str, set[str]] = {}
+        for slot, first, last in gold_spans(tags):
+            values.setdefault(slot, set()).add(" ".join(words[first : last + 1]).casefold())
+        for slot, found in values.items():
+            if len(found) > 1:
+                most[slot] = max(most.get(slot, 0), len(found))
+    return most
+
+
+def schema_toml(
+    task: str, tags: list[str], max_length: int = 64, examples: list[Tagged] | None = None
+) -> str:
     """A ``[tasks.TASK.schema]`` block naming every slot as an optional string (printed by
-    ``edgeagent train`` for the operator to trim and type)."""
+    ``edgeagent train`` for the operator to trim and type).  With the training
+    ``examples``, a slot that some sentence fills with two different values is an
+    ``array`` of strings (:func:`repeated_slots`): a single string would make every such
+    input ``schema_invalid``."""
     slots = sorted({t[2:] for t in tags if t != "O"})
+    repeats = repeated_slots(examples) if examples else {}
     lines = [f"[tasks.{task}.schema]", 'type = "object"']
     for s in slots:
         key = s if s.replace("_", "").isalnum() else json.dumps(s)
-        lines.append(f'properties.{key} = {{ type = "string", maxLength = {max_length} }}')
+        item = f'type = "string", maxLength = {max_length}'
+        if s in repeats:
+            lines.append(f'properties.{key} = {{ type = "array", items = {{ {item} }} }}')
+        else:
+            lines.append(f"properties.{key} = {{ {item} }}")
     return "\n".join(lines)
 
 
