@@ -8,7 +8,7 @@ accepts is finite and safe to hand to the rest of the daemon:
   C1, U+2028/U+2029); the only escapes are ``\\"``, ``\\\\`` and ``\\/``, so a
   decoded string never contains a control character either;
 * every number is bounded in digits, no exponent;
-* strings and numbers may run :data:`SLACK` past their cap, so that a value the cap
+* strings, numbers and arrays may run :data:`SLACK` past their cap, so that a value the cap
   would have cut is *detected* (validation fails) rather than returned shortened;
 * every array is bounded (``maxItems`` or a default cap);
 * objects contain only the declared properties, in declared order, every
@@ -103,13 +103,14 @@ class GrammarLimits:
 
 
 SLACK = 1
-"""How far the grammar lets a string or a number run past its cap (characters, digits).
+"""How far the grammar lets a string, number or array run past its cap (characters,
+digits, items).
 
 A value the grammar stopped at its bound may have been *cut* (a 40-digit number in the
 input comes out as its first 15 digits): so the grammar admits ``SLACK`` more, and a
 value that uses it fails validation (:func:`bounded_schema` for strings and bounded
 integers, :func:`overlong_numbers` for digit caps) instead of passing as a different,
-valid value."""
+valid value (an array cut at ``maxItems``: validation, ``maxItems``)."""
 
 
 def _lit(text: str) -> str:
@@ -250,6 +251,7 @@ class _Builder:
         if items is None or items is True:
             raise GrammarError(f"{path}: an array needs an 'items' schema")
         lo, hi = _array_bounds(schema, self.limits, path)
+        hi += SLACK  # an array using the slack fails validation (maxItems; see SLACK)
         item = self.value(items, path + "-item")
         if hi == 0:
             return self.rule(path + "-array", '"[]"')

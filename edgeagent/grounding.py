@@ -6,8 +6,11 @@ text was invented (a few-shot example's value returned for an empty input), cut 
 the device as a confident answer (issue 14).  :func:`ungrounded` lists the values of
 an answer that should have been copied but cannot be found:
 
-* a *string* is grounded when, case-folded and with whitespace collapsed, it is a
-  substring of the input treated the same way (``""`` always is);
+* a *string* is grounded when, with whitespace collapsed (and NFKC), it is a substring
+  of the input treated the same way (``""`` always is).  Case counts: ``M-9`` is not
+  in ``meter m-9`` (the model rewrote the id; the answer would be wrong), and it must
+  not start or end inside a word of ASCII letters and digits (``M-9`` is not in
+  ``EM-9``);
 * a *number* (integer or number) is grounded when the input writes that number: a run
   of digits, optionally with a decimal point or comma and thousands separators
   (``1,200.5``, ``12,5``, ``-4.5``), compared as exact decimals, sign ignored
@@ -38,7 +41,7 @@ _DIGITS = re.compile(r"[0-9]+(?:[.,][0-9]+)*")
 
 
 def _fold(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 def _dec(text: str) -> Decimal | None:
@@ -66,6 +69,27 @@ def numbers_in(text: str) -> set[Decimal]:
             if d is not None:
                 out.add(d)
     return out
+
+
+def _word(c: str) -> bool:
+    return c.isascii() and c.isalnum()
+
+
+def _occurs(value: str, text: str) -> bool:
+    """``value`` is in ``text`` and does not start or end inside a word: ``M-9`` is not in
+    ``EM-9``, ``boil`` is not in ``boiler-2`` (ASCII letters and digits make words; other
+    scripts, often written without spaces, are matched as plain substrings)."""
+    if not value:
+        return True
+    start = text.find(value)
+    while start >= 0:
+        end = start + len(value)
+        head_ok = start == 0 or not (_word(text[start - 1]) and _word(value[0]))
+        tail_ok = end == len(text) or not (_word(text[end]) and _word(value[-1]))
+        if head_ok and tail_ok:
+            return True
+        start = text.find(value, start + 1)
+    return False
 
 
 def _closed(node: dict[str, Any]) -> bool:
@@ -111,7 +135,7 @@ def ungrounded(value: Any, schema: Any, text: str, *, default: bool = True) -> l
         elif not on or _closed(node) or isinstance(v, bool) or v is None:
             return
         elif isinstance(v, str):
-            if _fold(v) not in folded:
+            if not _occurs(_fold(v), folded):
                 bad.append(path)
         elif isinstance(v, int | float) and not number_found(v):
             bad.append(path)

@@ -252,18 +252,21 @@ def test_arrays_are_bounded() -> None:
     s = {"type": "array", "items": {"type": "integer"}}
     assert accepts(s, "[]")
     assert accepts(s, "[" + ", ".join(["1"] * 8) + "]")
-    assert not accepts(s, "[" + ", ".join(["1"] * 9) + "]")
+    assert accepts(s, "[" + ", ".join(["1"] * 9) + "]")  # the slack: detected, not cut
+    assert not jsonschema.Draft202012Validator(bounded_schema(s)).is_valid([1] * 9)
+    assert not accepts(s, "[" + ", ".join(["1"] * 10) + "]")
     s2 = {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 2}
     assert not accepts(s2, "[]")
     assert accepts(s2, "[1, 2]")
-    assert not accepts(s2, "[1, 2, 3]")
+    assert not accepts(s2, "[1, 2, 3, 4]")
 
 
 def test_union_types_and_any_of() -> None:
     s = {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 2}]}
     assert accepts(s, "12")
     assert accepts(s, '"ab"')
-    assert not accepts(s, '"abc"')
+    assert accepts(s, '"abc"')  # the slack; bounded_schema rejects it
+    assert not accepts(s, '"abcd"')
 
 
 def test_a_leading_space_is_allowed() -> None:
@@ -392,7 +395,8 @@ def test_every_grammar_sentence_is_valid(schema: dict[str, Any]) -> None:
         # A sentence is valid, or it used the grammar's slack past a cap: then validation
         # (maxLength, maximum) or overlong_numbers catches it, never anything else.
         errors = list(validator.iter_errors(obj))
-        assert all(e.validator in ("maxLength", "maximum", "minimum") for e in errors), text
+        bounds = ("maxLength", "maxItems", "maximum", "minimum")
+        assert all(e.validator in bounds for e in errors), text
         if not errors and not overlong_numbers(text.encode()):
             assert validator.is_valid(obj)
         assert control_chars_in(obj) == []

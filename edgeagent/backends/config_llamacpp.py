@@ -98,8 +98,8 @@ class LlamaCppBackendConfig(BaseModel):
     grounded: bool = Field(
         True,
         description="Extract: every string (without `enum`, `const` or `format`) and number "
-        "value must occur in the input (strings case-insensitively, numbers as written "
-        "numbers); an answer with a value that does not is `low_confidence` (confidence 0, "
+        "value must occur in the input (strings as written, case included; numbers as "
+        "numbers the input writes); an answer with a value that does not is `low_confidence` (confidence 0, "
         "`details.failure = \"ungrounded\"`), never returned.  Per schema node: "
         '`"x-grounded" = false` (or true) for it and everything below it.',
     )

@@ -584,3 +584,115 @@ def calibrate_tagger_bundle(
         manifest = read_manifest(bundle, kind="tagger", verify=False)  # verified at load
         result["fingerprint"] = store_threshold(bundle, manifest, threshold, result, log)
     return result
+
+
+# -- per-slot-type calibration (issue 14: why confidence does not transfer) -----------------
+
+
+def slot_values(examples: list[Tagged]) -> dict[str, set[str]]:
+    """slot -> the case-folded values the examples give it (what "seen in training" means)."""
+    out: dict[str, set[str]] = {}
+    for words, tags in examples:
+        for slot, first, last in gold_spans(tags):
+            out.setdefault(slot, set()).add(" ".join(words[first : last + 1]).casefold())
+    return out
+
+
+@dataclass(frozen=True)
+class SlotStats:
+    """One slot type's predicted spans (confidence vs exact correctness) and gold spans."""
+
+    slot: str
+    predicted: int
+    correct: int
+    gold: int
+    found: int
+    mean_confidence: float
+    ece: float
+    unseen_predicted: int
+    unseen_correct: int
+    unseen_gold: int
+    unseen_found: int
+
+
+def slot_report(
+    predictions: list[TaggedText | None],
+    gold: list[list[str]],
+    words: list[list[str]],
+    seen: dict[str, set[str]],
+) -> tuple[list[SlotStats], dict[str, Any]]:
+    """Per slot type: precision of the predicted spans, recall of the gold ones, the ECE of
+    the span confidence against exact correctness, and the same counts restricted to values
+    never seen in training (``seen``: :func:`slot_values` of the training examples).  Also,
+    per frame, whether it holds an unseen gold value: frame accuracy, mean job confidence
+    (``words``) and ECE in each group — where confidence stops meaning what it says."""
+    import numpy as np
+
+    rows: dict[str, dict[str, Any]] = {}
+
+    def row(slot: str) -> dict[str, Any]:
+        return rows.setdefault(
+            slot, {"conf": [], "ok": [], "gold": 0, "found": 0, "u_pred": 0, "u_ok": 0,
+                   "u_gold": 0, "u_found": 0},
+        )  # fmt: skip
+
+    frames: dict[bool, dict[str, list[Any]]] = {
+        flag: {"conf": [], "ok": []} for flag in (False, True)
+    }
+    for pred, gold_tags, ws in zip(predictions, gold, words, strict=True):
+        want = gold_spans(gold_tags)
+
+        def unseen(slot: str, first: int, last: int, ws: list[str] = ws) -> bool:
+            return " ".join(ws[first : last + 1]).casefold() not in seen.get(slot, set())
+
+        has_unseen = any(unseen(*g) for g in want)
+        got: set[tuple[str, int, int]] = set()
+        if pred is not None:
+            for s in pred.spans:
+                key = (s.slot, s.first, s.last)
+                got.add(key)
+                r = row(s.slot)
+                r["conf"].append(s.confidence)
+                r["ok"].append(key in want)
+                if unseen(*key):
+                    r["u_pred"] += 1
+                    r["u_ok"] += int(key in want)
+        for g in want:
+            r = row(g[0])
+            r["gold"] += 1
+            r["found"] += int(g in got)
+            if unseen(*g):
+                r["u_gold"] += 1
+                r["u_found"] += int(g in got)
+        frames[has_unseen]["conf"].append(0.0 if pred is None else job_confidence(pred, "words"))
+        frames[has_unseen]["ok"].append(pred is not None and got == want)
+    stats = []
+    for slot, r in sorted(rows.items()):
+        conf = np.array(r["conf"], dtype=np.float32)
+        ok = np.array(r["ok"], dtype=bool)
+        stats.append(
+            SlotStats(
+                slot,
+                len(conf),
+                int(ok.sum()),
+                r["gold"],
+                r["found"],
+                float(conf.mean()) if len(conf) else 0.0,
+                ece(conf, ok) if len(conf) else 0.0,
+                r["u_pred"],
+                r["u_ok"],
+                r["u_gold"],
+                r["u_found"],
+            )
+        )
+    by_frame: dict[str, Any] = {}
+    for flag, f in frames.items():
+        conf = np.array(f["conf"], dtype=np.float32)
+        ok = np.array(f["ok"], dtype=bool)
+        by_frame["unseen_value" if flag else "seen_values_only"] = {
+            "frames": len(conf),
+            "frame_accuracy": float(ok.mean()) if len(ok) else 0.0,
+            "mean_confidence": float(conf.mean()) if len(conf) else 0.0,
+            "ece": ece(conf, ok) if len(conf) else 0.0,
+        }
+    return stats, by_frame
