@@ -73,7 +73,8 @@ def test_cache_keys_are_unchanged_by_the_refactoring() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", " " * 5000, "\n\t \u3000\u00a0", "!!! ... ---", "\x00\x01\x1b\x7f", "🙂🙂", "  - | -"]
+    "text",
+    ["", " " * 5000, "\n\t \u3000\u00a0", "!!! ... ---", "\x00\x01\x1b\x7f", "🙂🙂", "  - | -"],
 )
 def test_inputs_without_a_letter_or_digit_have_no_content(text: str) -> None:
     assert not has_content(text)
@@ -189,7 +190,9 @@ def run_jobs(inputs: list[Any]) -> tuple[Recorder, list[Outcome]]:
 
         rt.start(deliver)
         for i, value in enumerate(inputs):
-            rt.queue.put_nowait(PendingJob(Job(f"j{i}", "t", value, {}, 10_000, "auto"), time.time()))
+            rt.queue.put_nowait(
+                PendingJob(Job(f"j{i}", "t", value, {}, 10_000, "auto"), time.time())
+            )
         await asyncio.wait_for(done.wait(), 10)
         await rt.stop()
         rt.close()

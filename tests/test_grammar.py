@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgeagent.grammar import (
+    SLACK,
     GrammarError,
     GrammarLimits,
     bounded_schema,
     choice_grammar,
     control_chars_in,
-    SLACK,
     overlong_numbers,
     schema_to_gbnf,
     value_spans,

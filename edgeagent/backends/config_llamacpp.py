@@ -99,9 +99,9 @@ class LlamaCppBackendConfig(BaseModel):
         True,
         description="Extract: every string (without `enum`, `const` or `format`) and number "
         "value must occur in the input (strings as written, case included; numbers as "
-        "numbers the input writes); an answer with a value that does not is `low_confidence` (confidence 0, "
-        "`details.failure = \"ungrounded\"`), never returned.  Per schema node: "
-        '`"x-grounded" = false` (or true) for it and everything below it.',
+        "numbers the input writes); an answer with a value that does not is "
+        '`low_confidence` (confidence 0, `details.failure = "ungrounded"`), never returned.  '
+        'Per schema node: `"x-grounded" = false` (or true) for it and everything below it.',
     )
     grammar_candidates: int = Field(
         64,

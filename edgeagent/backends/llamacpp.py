@@ -806,7 +806,7 @@ def _check_gguf(path: Path, task: str) -> None:
     except FileNotFoundError:
         raise BackendError(
             f"task {task!r}: model file {path} does not exist "
-            "(fetch one with `edgeagent models pull smollm2`; `model = \"pull:smollm2\"` names "
+            '(fetch one with `edgeagent models pull smollm2`; `model = "pull:smollm2"` names '
             "the file it writes)"
         ) from None
     except OSError as exc:

@@ -121,6 +121,7 @@ def pulled_path(name: str, environ: dict[str, str] | None = None) -> Path:
         raise ValueError(f"unknown model {name!r}; `edgeagent models pull` knows {sorted(MODELS)}")
     return model_dir(environ) / model.filename
 
+
 Downloader = Callable[[Sequence[str], Path], None]
 
 
