@@ -211,6 +211,11 @@ def test_whitespace_variants_get_one_answer_and_blank_inputs_none(
     assert res["status"] == "unrecognized"
     assert res["error"]["code"] == "out_of_scope"
     assert "no letter or digit" in res["error"]["message"]
+    c.publish(f"edgeagent/{device}/jobs/reading", _job("device=th-9 only", "partial"))
+    [partial] = c.collect(1)
+    res = json.loads(partial.payload)
+    assert res["error"]["code"] == "schema_invalid"
+    assert "'value' is a required property" in res["error"]["message"]  # names the field
 
 
 def test_sigterm_drains_and_publishes_stopped_sigkill_leaves_offline(
