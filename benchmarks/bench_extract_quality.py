@@ -112,6 +112,9 @@ def main() -> int:
     ap.add_argument("--baseline-threshold", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--rescore", type=Path, default=None, help="score the rows of an earlier --json run"
+    )
     args = ap.parse_args()
 
     settings, _ = load_settings(args.config)
@@ -120,20 +123,23 @@ def main() -> int:
     cal = None
     if task.backend.calibration is not None:  # type: ignore[union-attr]
         cal, _ = read_calibration(task.backend.calibration)  # type: ignore[union-attr]
-    backend_cfg = task.backend.model_copy(  # type: ignore[union-attr]
-        update={"calibration": None, "grounded": False, "n_threads": args.threads}
-    )
-    backend = LlamaCppBackend(args.task, task.model_copy(update={"backend": backend_cfg}))
-    # The baseline: no no-content refusal, no digit-cap check (re-applied in _now).
-    llamacpp_mod.has_content = lambda _text: True  # type: ignore[assignment]
-    llamacpp_mod.overlong_numbers = lambda _text, _limits=None: []  # type: ignore[assignment]
-    backend.load()
     labelled = load_labelled(args.labelled, task.kind)
-    try:
-        print(f"running {len(labelled)} labelled + {len(ADVERSARIAL)} adversarial inputs")
-        rows = _run(backend, [t for t, _ in labelled] + ADVERSARIAL)
-    finally:
-        backend.close()
+    if args.rescore is not None:
+        rows = json.loads(args.rescore.read_text("utf-8"))["rows"]
+    else:
+        backend_cfg = task.backend.model_copy(  # type: ignore[union-attr]
+            update={"calibration": None, "grounded": False, "n_threads": args.threads}
+        )
+        backend = LlamaCppBackend(args.task, task.model_copy(update={"backend": backend_cfg}))
+        # The baseline: no no-content refusal, no digit-cap check (re-applied in _now).
+        llamacpp_mod.has_content = lambda _text: True  # type: ignore[assignment]
+        llamacpp_mod.overlong_numbers = lambda _text, _limits=None: []  # type: ignore[assignment]
+        backend.load()
+        try:
+            print(f"running {len(labelled)} labelled + {len(ADVERSARIAL)} adversarial inputs")
+            rows = _run(backend, [t for t, _ in labelled] + ADVERSARIAL)
+        finally:
+            backend.close()
     lab, adv = rows[: len(labelled)], rows[len(labelled) :]
     for row, (_, want) in zip(lab, labelled, strict=True):
         row["expected"] = want
@@ -145,21 +151,22 @@ def main() -> int:
         return output is not None and bool(ungrounded(output, schema, row["fed"]))
 
     figures: dict[str, Any] = {"labelled": len(lab), "adversarial": len(adv)}
-    print(f"\n== 1. invented values among ok answers (threshold {args.baseline_threshold}) ==")
-    print(f"{'set':>12} {'baseline':>18} {'now':>18}")
-    for name, part in (("labelled", lab), ("adversarial", adv), ("all", rows)):
-        b_ok = [r for r in part if baseline(r)]
-        b_inv = sum(invented(r, r["output"]) for r in b_ok)
-        n_ok = [r for r in part if _now(r, schema, None)[2]]
-        n_inv = sum(invented(r, r["output"]) for r in n_ok)
-        figures[f"invented_{name}"] = {
-            "baseline": [b_inv, len(b_ok)],
-            "now": [n_inv, len(n_ok)],
-        }
-        print(
-            f"{name:>12} {b_inv:>4}/{len(b_ok):<4} ({b_inv / max(len(b_ok), 1):6.1%}) "
-            f"{n_inv:>4}/{len(n_ok):<4} ({n_inv / max(len(n_ok), 1):6.1%})"
-        )
+    print("\n== 1. answers holding a value that is not in the input / answers ==")
+    print(f"{'set':>12} {'threshold':>9} {'baseline':>18} {'now':>18}")
+    for cut in (0.0, args.baseline_threshold):
+        for name, part in (("labelled", lab), ("adversarial", adv), ("all", rows)):
+            b_ok = [r for r in part if r["output"] is not None and r["raw"] >= cut]
+            b_inv = sum(invented(r, r["output"]) for r in b_ok)
+            n_ok = [r for r in b_ok if _now(r, schema, None)[0] is not None]
+            n_inv = sum(invented(r, r["output"]) for r in n_ok)
+            figures[f"invented_{name}_at_{cut}"] = {
+                "baseline": [b_inv, len(b_ok)],
+                "now": [n_inv, len(n_ok)],
+            }
+            print(
+                f"{name:>12} {cut:>9} {b_inv:>4}/{len(b_ok):<4} ({b_inv / max(len(b_ok), 1):6.1%}) "
+                f"{n_inv:>4}/{len(n_ok):<4} ({n_inv / max(len(n_ok), 1):6.1%})"
+            )
 
     print("\n== 2. answers on the labelled lines (exact object) ==")
     b_ans = [r for r in lab if baseline(r)]

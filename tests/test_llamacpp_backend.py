@@ -531,16 +531,45 @@ def sensor_lines(n: int, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
+EXAMPLE_CALIBRATION = 'calibration = "examples/reading.calibration.json"'
+
+
 def extract_config(model: Path, dest: Path, **backend: str | int) -> Path:
-    """examples/extract.toml with the model at ``model`` (and extra backend keys); one
-    thread, as in :func:`make_task`."""
+    """examples/extract.toml with the model at ``model`` (and extra backend keys), without
+    its shipped calibration; one thread, as in :func:`make_task`."""
     text = (REPO / "examples" / "extract.toml").read_text("utf-8")
     line = 'model = "pull:smollm2"'
-    assert line in text
+    assert line in text and EXAMPLE_CALIBRATION in text
+    text = "\n".join(x for x in text.splitlines() if not x.startswith(EXAMPLE_CALIBRATION))
     backend = {"n_threads": 1, **backend}
     extra = "".join(f"\n{k} = {json.dumps(v)}" for k, v in backend.items())
     dest.write_text(text.replace(line, f"model = {json.dumps(str(model))}{extra}"), "utf-8")
     return dest
+
+
+def test_shipped_example_calibration_matches_the_model_and_prompt(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: the example answered 3 of 20 ordinary lines; it ships a calibration, and
+    the calibration must load (same model sha256 and prompt fingerprint), or the example
+    does not start."""
+    monkeypatch.chdir(REPO)  # the example's calibration path is relative to the repo
+    monkeypatch.setenv("EDGEAGENT_MODEL_DIR", str(model_path.parent))
+    task = reading_task(REPO / "examples" / "extract.toml")
+    backend = LlamaCppBackend(
+        "reading",
+        task.model_copy(update={"backend": task.backend.model_copy(update={"n_threads": 1})}),
+    )  # type: ignore[union-attr]
+    backend.load()
+    try:
+        [pred] = backend.infer_batch(["[boiler-2] pressure=2.4bar ok"])
+    finally:
+        backend.close()
+    cal = backend.calibration
+    assert cal is not None and cal.threshold is not None
+    # The example config's own line is answered, right, above the calibrated threshold.
+    assert pred.output == {"device_id": "boiler-2", "value": 2.4, "unit": "bar"}
+    assert pred.reason is None and pred.confidence >= max(cal.threshold, task.threshold)
 
 
 def reading_task(config: Path) -> TaskConfig:
