@@ -84,6 +84,13 @@ def main() -> int:
         "ECE of span confidence; values never seen in training apart)",
     )
     ap.add_argument("--min-gold", type=int, default=5, help="per-slot rows with fewer are pooled")
+    ap.add_argument(
+        "--calibrate-on",
+        type=Path,
+        default=None,
+        help="tagged sentences with values the model never saw: refit the temperature and "
+        "the goal threshold there and compare, on --data, with the bundle's own",
+    )
     args = ap.parse_args()
 
     if not args.data.is_file():
@@ -146,6 +153,18 @@ def main() -> int:
             preds, gold, words, load_tagged_examples(args.train_data), args.min_gold
         )
 
+    # 1c. the bundle's threshold vs one calibrated on unseen values
+    if args.calibrate_on is not None:
+        figures["recalibrated"] = _recalibration_section(
+            model,
+            decoder,
+            args.bundle,
+            words,
+            gold,
+            load_tagged_examples(args.calibrate_on),
+            target,
+        )
+
     # 2. through the text path
     texts = [" ".join(w) for w in words]
     text_preds = backend.infer_batch(texts)
@@ -203,6 +222,80 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n", "utf-8")
     return 0
+
+
+def _at_threshold(ev: Any, threshold: float) -> tuple[float, float]:
+    """(escalation, overall frame accuracy with a perfect cloud) when every frame whose
+    ``words`` confidence is below ``threshold`` (and every forced one) is escalated."""
+    curve = ev.curves["words"]
+    best = None
+    for point in curve:  # the point with the smallest threshold >= the one asked for
+        if point.threshold >= threshold and (best is None or point.threshold < best.threshold):
+            best = point
+    if best is None:
+        return 1.0, 1.0
+    return best.escalation, best.accuracy
+
+
+def _recalibration_section(
+    model: Any,
+    decoder: Any,
+    bundle: Path,
+    words: list[list[str]],
+    gold: list[list[str]],
+    cal: Any,
+    target: float,
+) -> dict[str, Any]:
+    """The bundle's temperature and printed threshold (fitted on random held-out sentences)
+    vs both refitted on sentences with unseen values, measured on ``words``/``gold``."""
+    import numpy as np
+
+    from edgeagent.backends.tagger import Decoder
+    from edgeagent.modeltools.calibrate import escalation_for, fit_temperature
+
+    metrics = json.loads((bundle / "metrics.json").read_text("utf-8"))
+    key = f"threshold_for_{round(target * 100)}_words"
+    own_t = float(metrics.get(key) or 1.0)
+    cal_words = [w for w, _ in cal]
+    cal_logits = [model.word_logits(w) for w in cal_words]
+    index = {t: i for i, t in enumerate(decoder.tags)}
+    rows, ys = [], []
+    for lg, (_, tags) in zip(cal_logits, cal, strict=True):
+        if lg is not None and all(t in index for t in tags):
+            rows.append(lg)
+            ys.extend(index[t] for t in tags)
+    temperature = fit_temperature(np.concatenate(rows), np.array(ys, dtype=np.int64))
+    refit = Decoder(decoder.tags, temperature)
+    cal_ev = evaluate(
+        tag_examples(model, refit, cal_words, cal_logits), [t for _, t in cal], refit.tags
+    )
+    new_t = escalation_for(cal_ev.curves["words"], target).threshold
+    logits = [model.word_logits(w) for w in words]
+    out: dict[str, Any] = {"calibration_sentences": len(cal)}
+    print(
+        f"\n== threshold for {target:.0%} frame accuracy: the bundle's vs calibrated on "
+        "unseen values =="
+    )
+    for name, dec, th in (
+        ("bundle (random held-out sentences)", decoder, own_t),
+        (f"refit on {len(cal)} unseen-value sentences", refit, new_t),
+    ):
+        ev = evaluate(tag_examples(model, dec, words, logits), gold, dec.tags)
+        esc, acc = _at_threshold(ev, th)
+        out[name] = {
+            "temperature": dec.temperature,
+            "threshold": th,
+            "escalation": esc,
+            "frame_accuracy": acc,
+            "ece_words": ev.ece["words"],
+            "needed_for_target": ev.escalation_for(target),
+        }
+        print(
+            f"{name:>42}: T={dec.temperature:.3f} threshold {th:.4f} -> escalate {esc:.1%}, "
+            f"frame accuracy {acc:.2%} (ECE {ev.ece['words']:.4f}; {target:.0%} needs "
+            f"{ev.escalation_for(target):.1%})"
+        )
+    return out
 
 
 def _per_slot_section(

@@ -9,9 +9,12 @@ A seeded random quarter of the distinct values of the slots whose name ends in
 that occur in at most ``--max-sentences`` training sentences (so no hub city takes a
 tenth of the data with it), is held out.  Every sentence (of train or validation) that
 mentions one of them goes to ``test_values.jsonl``; the other validation sentences to
-``test_sentences.jsonl``; the rest of train to ``train.jsonl``.  ``split.json`` lists the
-held-out values.  Train a tagger on ``train.jsonl`` and run ``bench_tagger.py`` on both
-test files: the gap between them is what unseen values cost.
+``test_sentences.jsonl``; the rest of train to ``train.jsonl``.  Half of the held-out
+values (seeded) also make ``calibrate_values.jsonl`` (sentences with only those) and
+``test_other_values.jsonl`` (the rest of ``test_values``): a threshold calibrated on the
+first is measured on values it never saw.  ``split.json`` lists the held-out values.
+Train a tagger on ``train.jsonl`` and run ``bench_tagger.py`` on the test files: the gap
+between them is what unseen values cost.
 """
 
 from __future__ import annotations
@@ -62,10 +65,20 @@ def main() -> int:
     def has(row: dict[str, Any]) -> bool:
         return bool(slot_values(row, args.slot_suffix) & held)
 
+    # Half of the held-out values (seeded) make a calibration set of their own: a threshold
+    # fitted there is measured on the other half, values it never saw either.
+    cal_values = set(random.Random(args.seed + 1).sample(sorted(held), len(held) // 2))
+
+    def only_cal(row: dict[str, Any]) -> bool:
+        found = slot_values(row, args.slot_suffix) & held
+        return bool(found) and found <= cal_values
+
     out = {
         "train": [r for r in train if not has(r)],
         "test_values": [r for r in train + valid if has(r)],
         "test_sentences": [r for r in valid if not has(r)],
+        "calibrate_values": [r for r in train + valid if only_cal(r)],
+        "test_other_values": [r for r in train + valid if has(r) and not only_cal(r)],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     for name, rows in out.items():
@@ -73,6 +86,7 @@ def main() -> int:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
     info = {
         "held_out_values": sorted(held),
+        "calibration_values": sorted(cal_values),
         "distinct_values": len(counts),
         "pool": len(pool),
         **{name: len(rows) for name, rows in out.items()},
