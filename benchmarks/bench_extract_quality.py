@@ -127,13 +127,13 @@ def main() -> int:
     if args.rescore is not None:
         rows = json.loads(args.rescore.read_text("utf-8"))["rows"]
     else:
-        backend_cfg = task.backend.model_copy(  # type: ignore[union-attr]
+        backend_cfg = task.backend.model_copy(
             update={"calibration": None, "grounded": False, "n_threads": args.threads}
         )
         backend = LlamaCppBackend(args.task, task.model_copy(update={"backend": backend_cfg}))
         # The baseline: no no-content refusal, no digit-cap check (re-applied in _now).
-        llamacpp_mod.has_content = lambda _text: True  # type: ignore[assignment]
-        llamacpp_mod.overlong_numbers = lambda _text, _limits=None: []  # type: ignore[assignment]
+        llamacpp_mod.has_content = lambda _text: True  # type: ignore[attr-defined,assignment]
+        llamacpp_mod.overlong_numbers = lambda _text, _limits=None: []  # type: ignore[attr-defined,assignment]
         backend.load()
         try:
             print(f"running {len(labelled)} labelled + {len(ADVERSARIAL)} adversarial inputs")

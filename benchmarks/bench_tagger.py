@@ -259,7 +259,8 @@ def _recalibration_section(
     cal_words = [w for w, _ in cal]
     cal_logits = [model.word_logits(w) for w in cal_words]
     index = {t: i for i, t in enumerate(decoder.tags)}
-    rows, ys = [], []
+    rows: list[Any] = []
+    ys: list[int] = []
     for lg, (_, tags) in zip(cal_logits, cal, strict=True):
         if lg is not None and all(t in index for t in tags):
             rows.append(lg)
