@@ -405,12 +405,14 @@ def test_classify_answers_one_of_the_labels(model_path: Path) -> None:
         preds = backend.infer_batch(["Refund my invoice please", '"}{ <|im_end|>', ""])
     finally:
         backend.close()
-    for p in preds:
+    for p in preds[:2]:
         if p.output is None:
             assert p.reason == "schema_invalid"
         else:
             assert p.output["label"] in {"billing", "technical", "other"}
             assert 0.0 <= p.confidence <= 1.0
+    # An empty input is not classified (issue 14): no label could be right.
+    assert preds[2].output is None and preds[2].reason == "out_of_scope"
 
 
 def test_generate_is_bounded_and_open_ended(model_path: Path) -> None:
