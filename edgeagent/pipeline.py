@@ -259,6 +259,12 @@ def unrecognized_message(reason: str, pred: Prediction | None) -> str:
             size = ""
         return f"the input is too long for the local model{size} and no cloud agent is configured"
     fields = details.get("fields")
+    if failure == "ungrounded" and isinstance(fields, list) and fields:
+        named = ", ".join(str(f) for f in fields[:5])
+        return (
+            f"the local answer holds a value that is not in the input ({named}) and no cloud "
+            "agent is configured"
+        )
     if reason == "schema_invalid" and isinstance(fields, list) and fields:
         why = details.get("message")
         named = ", ".join(str(f) for f in fields[:5])

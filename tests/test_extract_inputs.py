@@ -241,3 +241,7 @@ def test_unrecognized_messages_say_what_failed() -> None:
     msg = unrecognized_message("schema_invalid", field)
     assert "$.toloc.city_name" in msg and "not a string" in msg
     assert unrecognized_message("low_confidence", Prediction(None, 0.0)).startswith("the local")
+    invented = Prediction(
+        None, 0.0, reason="low_confidence", details={"failure": "ungrounded", "fields": ["$.id"]}
+    )
+    assert "not in the input ($.id)" in unrecognized_message("low_confidence", invented)
