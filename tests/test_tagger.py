@@ -348,6 +348,21 @@ def test_schema_toml_makes_slots_repeated_in_training_arrays() -> None:
     assert 'properties.city = { type = "string"' in schema_toml("trip", tags)
 
 
+def test_value_held_out_split_keeps_the_held_out_values_out_of_training() -> None:
+    from edgeagent.modeltools.tagger import slot_values, value_held_out
+
+    rows = [(r["tokens"], r["tags"]) for r in home_examples(400, seed=3)]
+    # "value" (1-99) is the only open-class slot of these commands (7 rooms, 7 devices)
+    held = value_held_out(rows, 0.1, seed=1)
+    assert 20 <= len(held) <= 60
+    train = [rows[i] for i in range(len(rows)) if i not in set(held)]
+    held_values = slot_values([rows[i] for i in held])["value"]
+    assert not held_values & slot_values(train).get("value", set())
+    assert value_held_out(rows, 0.1, seed=1) == held  # seeded
+    # no open-class slot: nothing to hold out by value (the trainer falls back)
+    assert value_held_out(rows, 0.1, seed=1, min_distinct=1000) == []
+
+
 # -- the real model ----------------------------------------------------------------------
 
 

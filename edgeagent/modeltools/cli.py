@@ -93,6 +93,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="calibration split fraction (default: 0.15 classifier, 0.1 tagger)",
     )
+    train.add_argument(
+        "--held-out-by",
+        choices=["sentences", "values"],
+        default="sentences",
+        help="tagger: hold out random sentences (default), or every sentence mentioning a "
+        "random set of slot values (names, cities), so the printed threshold is chosen on "
+        "values the model never saw",
+    )
     train.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     train.add_argument("--no-knn", action="store_true", help="linear head only (no kNN blend)")
     train.add_argument(
@@ -288,6 +296,7 @@ def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
     opts = TaggerOptions(
         epochs=TaggerOptions.epochs if args.epochs is None else args.epochs,
         held_out=0.1 if args.held_out is None else args.held_out,
+        held_out_by=args.held_out_by,
         seed=args.seed,
         threads=args.threads,
         max_length=max_length,
