@@ -278,7 +278,7 @@ def _recalibration_section(
         "unseen values =="
     )
     for name, dec, th in (
-        ("bundle (random held-out sentences)", decoder, own_t),
+        ("the bundle's own (train's held-out split)", decoder, own_t),
         (f"refit on {len(cal)} unseen-value sentences", refit, new_t),
     ):
         ev = evaluate(tag_examples(model, dec, words, logits), gold, dec.tags)
