@@ -26,6 +26,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -42,6 +43,8 @@ from edgeagent.modeltools.tagger import (
     CONFIDENCE_MODES,
     evaluate,
     load_tagged_examples,
+    slot_report,
+    slot_values,
     tag_examples,
 )
 
@@ -73,6 +76,21 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     ap.add_argument("--curve", action="store_true", help="print the whole curve (words mode)")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
+    ap.add_argument(
+        "--train-data",
+        type=Path,
+        default=None,
+        help="the tagger's training file: adds the per-slot-type report (precision, recall, "
+        "ECE of span confidence; values never seen in training apart)",
+    )
+    ap.add_argument("--min-gold", type=int, default=5, help="per-slot rows with fewer are pooled")
+    ap.add_argument(
+        "--calibrate-on",
+        type=Path,
+        default=None,
+        help="tagged sentences with values the model never saw: refit the temperature and "
+        "the goal threshold there and compare, on --data, with the bundle's own",
+    )
     args = ap.parse_args()
 
     if not args.data.is_file():
@@ -128,6 +146,24 @@ def main() -> int:
     figures["goal"] = {"frame_accuracy": target, "max_escalation": budget, "needed": need}
     if args.curve:
         print(format_curve(ev.curves["words"]))
+
+    # 1b. per slot type, values seen in training vs not
+    if args.train_data is not None:
+        figures["per_slot"] = _per_slot_section(
+            preds, gold, words, load_tagged_examples(args.train_data), args.min_gold
+        )
+
+    # 1c. the bundle's threshold vs one calibrated on unseen values
+    if args.calibrate_on is not None:
+        figures["recalibrated"] = _recalibration_section(
+            model,
+            decoder,
+            args.bundle,
+            words,
+            gold,
+            load_tagged_examples(args.calibrate_on),
+            target,
+        )
 
     # 2. through the text path
     texts = [" ".join(w) for w in words]
@@ -186,6 +222,124 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n", "utf-8")
     return 0
+
+
+def _at_threshold(ev: Any, threshold: float) -> tuple[float, float]:
+    """(escalation, overall frame accuracy with a perfect cloud) when every frame whose
+    ``words`` confidence is below ``threshold`` (and every forced one) is escalated."""
+    curve = ev.curves["words"]
+    best = None
+    for point in curve:  # the point with the smallest threshold >= the one asked for
+        if point.threshold >= threshold and (best is None or point.threshold < best.threshold):
+            best = point
+    if best is None:
+        return 1.0, 1.0
+    return best.escalation, best.accuracy
+
+
+def _recalibration_section(
+    model: Any,
+    decoder: Any,
+    bundle: Path,
+    words: list[list[str]],
+    gold: list[list[str]],
+    cal: Any,
+    target: float,
+) -> dict[str, Any]:
+    """The bundle's temperature and printed threshold (fitted on random held-out sentences)
+    vs both refitted on sentences with unseen values, measured on ``words``/``gold``."""
+    import numpy as np
+
+    from edgeagent.backends.tagger import Decoder
+    from edgeagent.modeltools.calibrate import escalation_for, fit_temperature
+
+    metrics = json.loads((bundle / "metrics.json").read_text("utf-8"))
+    key = f"threshold_for_{round(target * 100)}_words"
+    own_t = float(metrics.get(key) or 1.0)
+    cal_words = [w for w, _ in cal]
+    cal_logits = [model.word_logits(w) for w in cal_words]
+    index = {t: i for i, t in enumerate(decoder.tags)}
+    rows: list[Any] = []
+    ys: list[int] = []
+    for lg, (_, tags) in zip(cal_logits, cal, strict=True):
+        if lg is not None and all(t in index for t in tags):
+            rows.append(lg)
+            ys.extend(index[t] for t in tags)
+    temperature = fit_temperature(np.concatenate(rows), np.array(ys, dtype=np.int64))
+    refit = Decoder(decoder.tags, temperature)
+    cal_ev = evaluate(
+        tag_examples(model, refit, cal_words, cal_logits), [t for _, t in cal], refit.tags
+    )
+    new_t = escalation_for(cal_ev.curves["words"], target).threshold
+    logits = [model.word_logits(w) for w in words]
+    out: dict[str, Any] = {"calibration_sentences": len(cal)}
+    print(
+        f"\n== threshold for {target:.0%} frame accuracy: the bundle's vs calibrated on "
+        "unseen values =="
+    )
+    for name, dec, th in (
+        ("the bundle's own (train's held-out split)", decoder, own_t),
+        (f"refit on {len(cal)} unseen-value sentences", refit, new_t),
+    ):
+        ev = evaluate(tag_examples(model, dec, words, logits), gold, dec.tags)
+        esc, acc = _at_threshold(ev, th)
+        out[name] = {
+            "temperature": dec.temperature,
+            "threshold": th,
+            "escalation": esc,
+            "frame_accuracy": acc,
+            "ece_words": ev.ece["words"],
+            "needed_for_target": ev.escalation_for(target),
+        }
+        print(
+            f"{name:>42}: T={dec.temperature:.3f} threshold {th:.4f} -> escalate {esc:.1%}, "
+            f"frame accuracy {acc:.2%} (ECE {ev.ece['words']:.4f}; {target:.0%} needs "
+            f"{ev.escalation_for(target):.1%})"
+        )
+    return out
+
+
+def _per_slot_section(
+    preds: list[Any], gold: list[list[str]], words: list[list[str]], train: Any, min_gold: int
+) -> dict[str, Any]:
+    """Print and return the per-slot-type calibration report (see ``slot_report``)."""
+    stats, frames = slot_report(preds, gold, words, slot_values(train))
+    print(f"\n== per slot type (values seen in training: {len(train)} sentences) ==")
+    print(
+        f"{'slot':>32} {'gold':>5} {'recall':>7} {'pred':>5} {'prec':>7} {'conf':>6} "
+        f"{'ECE':>6} | {'unseen':>6} {'recall':>7} {'prec':>7}"
+    )
+    out: dict[str, Any] = {"frames": frames, "slots": {}}
+    pooled = [0, 0, 0, 0, 0, 0, 0, 0]
+    for st in sorted(stats, key=lambda x: -x.gold):
+        out["slots"][st.slot] = dataclasses.asdict(st)
+        if st.gold < min_gold:
+            for i, v in enumerate(
+                (st.gold, st.found, st.predicted, st.correct, st.unseen_gold, st.unseen_found,
+                 st.unseen_predicted, st.unseen_correct)
+            ):  # fmt: skip
+                pooled[i] += v
+            continue
+        print(
+            f"{st.slot[-32:]:>32} {st.gold:>5} {st.found / max(st.gold, 1):>7.1%} "
+            f"{st.predicted:>5} {st.correct / max(st.predicted, 1):>7.1%} "
+            f"{st.mean_confidence:>6.3f} {st.ece:>6.3f} | {st.unseen_gold:>6} "
+            f"{st.unseen_found / max(st.unseen_gold, 1):>7.1%} "
+            f"{st.unseen_correct / max(st.unseen_predicted, 1):>7.1%}"
+        )
+    g, f, p, c, ug, uf, up, uc = pooled
+    print(
+        f"{'(rarer slots pooled)':>32} {g:>5} {f / max(g, 1):>7.1%} {p:>5} "
+        f"{c / max(p, 1):>7.1%} {'':>6} {'':>6} | {ug:>6} {uf / max(ug, 1):>7.1%} "
+        f"{uc / max(up, 1):>7.1%}"
+    )
+    for name, fr in frames.items():
+        print(
+            f"frames with {name.replace('_', ' ')}: {fr['frames']}, frame accuracy "
+            f"{fr['frame_accuracy']:.2%}, mean confidence {fr['mean_confidence']:.3f}, "
+            f"ECE {fr['ece']:.4f}"
+        )
+    return out
 
 
 if __name__ == "__main__":

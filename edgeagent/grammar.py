@@ -8,6 +8,8 @@ accepts is finite and safe to hand to the rest of the daemon:
   C1, U+2028/U+2029); the only escapes are ``\\"``, ``\\\\`` and ``\\/``, so a
   decoded string never contains a control character either;
 * every number is bounded in digits, no exponent;
+* strings, numbers and arrays may run :data:`SLACK` past their cap, so that a value the cap
+  would have cut is *detected* (validation fails) rather than returned shortened;
 * every array is bounded (``maxItems`` or a default cap);
 * objects contain only the declared properties, in declared order, every
   required one present;
@@ -40,6 +42,7 @@ __all__ = [
     "bounded_schema",
     "choice_grammar",
     "control_chars_in",
+    "overlong_numbers",
     "schema_to_gbnf",
     "value_spans",
 ]
@@ -97,6 +100,17 @@ class GrammarLimits:
     """Digits before the decimal point."""
     max_fraction_digits: int = 6
     """Digits after the decimal point (``number`` only)."""
+
+
+SLACK = 1
+"""How far the grammar lets a string, number or array run past its cap (characters,
+digits, items).
+
+A value the grammar stopped at its bound may have been *cut* (a 40-digit number in the
+input comes out as its first 15 digits): so the grammar admits ``SLACK`` more, and a
+value that uses it fails validation (:func:`bounded_schema` for strings and bounded
+integers, :func:`overlong_numbers` for digit caps) instead of passing as a different,
+valid value (an array cut at ``maxItems``: validation, ``maxItems``)."""
 
 
 def _lit(text: str) -> str:
@@ -195,7 +209,7 @@ class _Builder:
                 "integer" if schema.get("minimum", -1) < 0 else "natural", self._int_body(schema)
             )
         if kind == "number":
-            frac = _rep("[0-9]", 1, self.limits.max_fraction_digits)
+            frac = _rep("[0-9]", 1, self.limits.max_fraction_digits + SLACK)
             return self.rule(
                 "number" if schema.get("minimum", -1) < 0 else "nonneg-number",
                 f'{self._int_body(schema)} ("." {frac})?',
@@ -216,6 +230,7 @@ class _Builder:
         if isinstance(lo, int | float) and isinstance(hi, int | float):
             # Both bounds known: no more digits than the larger magnitude needs.
             digits = min(digits, len(str(int(max(abs(lo), abs(hi))))))
+        digits += SLACK  # a value using the slack fails validation (see SLACK)
         tail = _rep("[0-9]", 0, digits - 1)
         sign = "" if schema.get("minimum", -1) >= 0 else '"-"? '
         return f'{sign}("0" | [1-9] {tail})' if tail else f"{sign}[0-9]"
@@ -225,6 +240,7 @@ class _Builder:
         if isinstance(fmt, str) and fmt in _FORMATS:
             return self.rule(f"string-{fmt}", f'"\\"" {_FORMATS[fmt]} "\\""')
         lo, hi = _string_bounds(schema, self.limits, path)
+        hi += SLACK  # a string using the slack fails validation (maxLength; see SLACK)
         char = self.rule("char", f"{_STRING_CHAR} | {_ESCAPE}")
         return self.rule(
             f"string-{lo}-{hi}", f'"\\"" {_rep(char, lo, hi)} "\\""'.replace("  ", " ")
@@ -235,6 +251,7 @@ class _Builder:
         if items is None or items is True:
             raise GrammarError(f"{path}: an array needs an 'items' schema")
         lo, hi = _array_bounds(schema, self.limits, path)
+        hi += SLACK  # an array using the slack fails validation (maxItems; see SLACK)
         item = self.value(items, path + "-item")
         if hi == 0:
             return self.rule(path + "-array", '"[]"')
@@ -347,6 +364,26 @@ def bounded_schema(schema: dict[str, Any], limits: GrammarLimits | None = None) 
             node["maxItems"] = min(node.get("maxItems", lim.max_array_items), lim.hard_array_items)
         if "object" in kinds or ("properties" in node and node.get("type") is None):
             node["additionalProperties"] = False
+    return out
+
+
+_NUMBER = re.compile(rb"-?([0-9]+)(?:\.([0-9]+))?(?:[eE][+-]?[0-9]+)?")
+
+
+def overlong_numbers(text: bytes, limits: GrammarLimits | None = None) -> list[str]:
+    """The number literals of a JSON document with more integer or fraction digits than
+    ``limits`` allow: values the grammar's :data:`SLACK` let through because the model
+    wanted to write more digits than the cap (the input holds a longer number).  Empty
+    when every number fits."""
+    lim = limits or GrammarLimits()
+    out: list[str] = []
+    for start, end in value_spans(text):
+        m = _NUMBER.fullmatch(text[start:end])
+        if m is None:
+            continue
+        whole, frac = m.group(1), m.group(2) or b""
+        if len(whole) > lim.max_integer_digits or len(frac) > lim.max_fraction_digits:
+            out.append(m.group(0).decode("ascii"))
     return out
 
 

@@ -20,6 +20,8 @@ from typing import Any
 from edgeagent import router
 from edgeagent.backends import Backend, Prediction, create
 from edgeagent.config import TaskConfig
+from edgeagent.inputs import NO_CONTENT as NO_CONTENT_FAILURE
+from edgeagent.inputs import has_content, model_input
 from edgeagent.logs import get_logger
 from edgeagent.metrics import Metrics
 from edgeagent.protocol import ErrorInfo, Job, ResultMessage
@@ -149,11 +151,15 @@ class TaskRuntime:
         now = time.time()
         live = [p for p in batch if p.deadline_at > now]
         outcomes = [Outcome(p, expired(p, self.name)) for p in batch if p.deadline_at <= now]
+        # Inputs with nothing in them are refused before any model runs (an answer would be
+        # invented); the others are fed in the one normalised form the cache key hashes.
+        outcomes += [self._route(p, NO_CONTENT) for p in live if not has_content(p.job.input)]
+        live = [p for p in live if has_content(p.job.input)]
         if not live:
             return outcomes
         started = time.monotonic()
         try:
-            predictions = await self._infer([p.job.input for p in live])
+            predictions = await self._infer([model_input(p.job.input) for p in live])
         except (TimeoutError, asyncio.TimeoutError):  # distinct classes on 3.10
             self.metrics.timeouts.labels(self.name).inc()
             log.error(
@@ -254,7 +260,7 @@ class TaskRuntime:
             res = self._result(p, "ok", output=pred.output, confidence=pred.confidence)
             return Outcome(p, res, cacheable=True, prediction=pred)
         reason = route.reason or "low_confidence"
-        err = ErrorInfo(code=reason, message=_UNRECOGNIZED.get(reason, reason))
+        err = ErrorInfo(code=reason, message=unrecognized_message(reason, pred))
         res = self._result(p, "unrecognized", confidence=pred.confidence, error=err)
         if route.action == "escalate":
             return Outcome(p, res, prediction=pred, escalate=reason)
@@ -290,6 +296,40 @@ _UNRECOGNIZED = {
     "forced": "the job or task asks for the cloud agent, and none is configured",
     "open_ended": "open-ended input needs the cloud agent, and none is configured",
 }
+
+
+NO_CONTENT = Prediction(None, 0.0, reason="out_of_scope", details={"failure": NO_CONTENT_FAILURE})
+"""What an input without a letter or digit gets (:func:`edgeagent.inputs.has_content`)."""
+
+
+def unrecognized_message(reason: str, pred: Prediction | None) -> str:
+    """The ``error.message`` of an unrecognized result: the reason's text, made precise by
+    the backend's ``details`` (an input too long for the model, the field that failed)."""
+    base = _UNRECOGNIZED.get(reason, reason)
+    details = pred.details if pred is not None else {}
+    failure = details.get("failure")
+    if failure == NO_CONTENT_FAILURE:
+        return "the input has no letter or digit: there is nothing to answer from"
+    if failure == "input_too_long":
+        if "prompt_tokens" in details and "limit" in details:
+            size = f" ({details['prompt_tokens']} prompt tokens, limit {details['limit']})"
+        elif "limit_tokens" in details:
+            size = f" (more than {details['limit_tokens']} tokens)"
+        else:
+            size = ""
+        return f"the input is too long for the local model{size} and no cloud agent is configured"
+    fields = details.get("fields")
+    if failure == "ungrounded" and isinstance(fields, list) and fields:
+        named = ", ".join(str(f) for f in fields[:5])
+        return (
+            f"the local answer holds a value that is not in the input ({named}) and no cloud "
+            "agent is configured"
+        )
+    if reason == "schema_invalid" and isinstance(fields, list) and fields:
+        why = details.get("message")
+        named = ", ".join(str(f) for f in fields[:5])
+        return f"{base}; field {named}" + (f": {str(why)[:200]}" if why else "")
+    return base
 
 
 def expired(p: PendingJob, task: str) -> ResultMessage:

@@ -32,13 +32,13 @@ import os
 import shutil
 import sqlite3
 import time
-import unicodedata
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeagent.inputs import canonical_input
 from edgeagent.protocol import Job
 
 SCHEMA_VERSION = 1
@@ -314,10 +314,10 @@ class Admission:
 
 
 def normalise_input(value: str | dict[str, Any]) -> str:
-    """Cache-key form of an input: NFC, whitespace collapsed; objects canonically serialised."""
-    if isinstance(value, str):
-        return " ".join(unicodedata.normalize("NFC", value).split())
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """Cache-key form of an input: the serialised :func:`edgeagent.inputs.model_input`, so
+    inputs that share a cache entry are exactly the inputs the models cannot tell apart
+    (text: NFC, whitespace collapsed; objects: keys sorted)."""
+    return canonical_input(value)
 
 
 def cache_key(task: str, fingerprint: str, value: str | dict[str, Any]) -> str:

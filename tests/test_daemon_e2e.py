@@ -188,6 +188,36 @@ def test_cache_hit_for_repeated_input(
     assert res["output"] == {"label": "fire"}
 
 
+def test_whitespace_variants_get_one_answer_and_blank_inputs_none(
+    broker: Broker, daemon_factory: DaemonFactory, client_factory, device: str
+) -> None:
+    """Issue 14: the cache normalised whitespace while the model saw the raw input, so
+    which variant came first decided the answer; and a blank input got an invented one."""
+    d = daemon_factory(broker.port)
+    d.wait_connected()
+    c = client_factory(broker.port)
+    c.subscribe(f"edgeagent/{device}/results/#")
+    # The rule's keyword is "glass break": only the normalised text contains it.
+    c.publish(f"edgeagent/{device}/jobs/alarm", _job("glass\n   break in\tthe hall", "w1"))
+    [first] = c.collect(1)
+    c.publish(f"edgeagent/{device}/jobs/alarm", _job("glass break in the hall", "w2"))
+    [second] = c.collect(1)
+    a, b = json.loads(first.payload), json.loads(second.payload)
+    assert (a["status"], a["source"], a["output"]) == ("ok", "local", {"label": "intrusion"})
+    assert (b["status"], b["source"], b["output"]) == ("ok", "cache", {"label": "intrusion"})
+    c.publish(f"edgeagent/{device}/jobs/reading", _job(" \n\t " * 1000, "blank"))
+    [blank] = c.collect(1)
+    res = json.loads(blank.payload)
+    assert res["status"] == "unrecognized"
+    assert res["error"]["code"] == "out_of_scope"
+    assert "no letter or digit" in res["error"]["message"]
+    c.publish(f"edgeagent/{device}/jobs/reading", _job("device=th-9 only", "partial"))
+    [partial] = c.collect(1)
+    res = json.loads(partial.payload)
+    assert res["error"]["code"] == "schema_invalid"
+    assert "'value' is a required property" in res["error"]["message"]  # names the field
+
+
 def test_sigterm_drains_and_publishes_stopped_sigkill_leaves_offline(
     broker: Broker, daemon_factory: DaemonFactory, client_factory, device: str
 ) -> None:

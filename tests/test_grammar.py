@@ -19,11 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgeagent.grammar import (
+    SLACK,
     GrammarError,
     GrammarLimits,
     bounded_schema,
     choice_grammar,
     control_chars_in,
+    overlong_numbers,
     schema_to_gbnf,
     value_spans,
 )
@@ -109,22 +111,25 @@ PERSON: dict[str, Any] = {
 def test_string_length_is_bounded_by_max_length() -> None:
     s = {"type": "string", "maxLength": 5}
     assert accepts(s, '"abcde"')
-    assert not accepts(s, '"abcdef"')
+    assert accepts(s, '"abcdef"')  # the slack: a cut value is detected, not returned
+    assert not jsonschema.Draft202012Validator(bounded_schema(s)).is_valid("abcdef")
+    assert not accepts(s, '"abcdefg"')
     assert accepts({"type": "string", "minLength": 2, "maxLength": 3}, '"ab"')
     assert not accepts({"type": "string", "minLength": 2, "maxLength": 3}, '"a"')
 
 
 def test_string_without_max_length_gets_the_default_cap() -> None:
     s = {"type": "string"}
-    assert accepts(s, '"' + "x" * 64 + '"')
-    assert not accepts(s, '"' + "x" * 65 + '"')
+    assert accepts(s, '"' + "x" * (64 + SLACK) + '"')
+    assert not accepts(s, '"' + "x" * (65 + SLACK) + '"')
+    assert not jsonschema.Draft202012Validator(bounded_schema(s)).is_valid("x" * 65)
     small = GrammarLimits(max_string_length=3)
-    assert not accepts(s, '"abcd"', small)
+    assert not accepts(s, '"abcde"', small)
 
 
 def test_huge_max_length_is_capped() -> None:
     s = {"type": "string", "maxLength": 10**6}
-    assert not accepts(s, '"' + "x" * 1025 + '"')
+    assert not accepts(s, '"' + "x" * (1025 + SLACK) + '"')
 
 
 @pytest.mark.parametrize(
@@ -161,7 +166,10 @@ def test_integers_are_bounded_in_digits() -> None:
     assert accepts(s, "0")
     assert accepts(s, "-12")
     assert accepts(s, "9" * 15)
-    assert not accepts(s, "9" * 16)
+    assert overlong_numbers(b"9" * 15) == []
+    assert accepts(s, "9" * 16)  # the slack: a cut number is detected, not returned
+    assert overlong_numbers(b"9" * 16) == ["9" * 16]
+    assert not accepts(s, "9" * 17)
     assert not accepts(s, "012")
     assert not accepts(s, "1.5")
     assert not accepts(s, "1e5")
@@ -176,8 +184,10 @@ def test_non_negative_integers_have_no_sign() -> None:
 def test_integer_digits_follow_minimum_and_maximum() -> None:
     s = {"type": "integer", "minimum": 1, "maximum": 1000}
     assert accepts(s, "1000")
-    assert not accepts(s, "10000")  # five digits can never be <= 1000
-    assert not accepts({"type": "integer", "minimum": -5, "maximum": 5}, "-10")
+    assert accepts(s, "10000")  # the slack: fails validation (maximum), never cut to 1000
+    assert not jsonschema.Draft202012Validator(s).is_valid(10000)
+    assert not accepts(s, "100000")
+    assert not accepts({"type": "integer", "minimum": -5, "maximum": 5}, "-100")
     assert accepts({"type": "number", "minimum": 0, "maximum": 9.5}, "9.25")
 
 
@@ -186,7 +196,8 @@ def test_numbers_have_bounded_fractions_and_no_exponent() -> None:
     assert accepts(s, "3.25")
     assert accepts(s, "-0.5")
     assert accepts(s, "1.123456")
-    assert not accepts(s, "1.1234567")
+    assert overlong_numbers(b'{"x": 1.1234567}') == ["1.1234567"]
+    assert not accepts(s, "1.12345678")
     assert not accepts(s, "1.")
     assert not accepts(s, "1e3")
     assert not accepts(s, "Infinity")
@@ -241,18 +252,21 @@ def test_arrays_are_bounded() -> None:
     s = {"type": "array", "items": {"type": "integer"}}
     assert accepts(s, "[]")
     assert accepts(s, "[" + ", ".join(["1"] * 8) + "]")
-    assert not accepts(s, "[" + ", ".join(["1"] * 9) + "]")
+    assert accepts(s, "[" + ", ".join(["1"] * 9) + "]")  # the slack: detected, not cut
+    assert not jsonschema.Draft202012Validator(bounded_schema(s)).is_valid([1] * 9)
+    assert not accepts(s, "[" + ", ".join(["1"] * 10) + "]")
     s2 = {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 2}
     assert not accepts(s2, "[]")
     assert accepts(s2, "[1, 2]")
-    assert not accepts(s2, "[1, 2, 3]")
+    assert not accepts(s2, "[1, 2, 3, 4]")
 
 
 def test_union_types_and_any_of() -> None:
     s = {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 2}]}
     assert accepts(s, "12")
     assert accepts(s, '"ab"')
-    assert not accepts(s, '"abc"')
+    assert accepts(s, '"abc"')  # the slack; bounded_schema rejects it
+    assert not accepts(s, '"abcd"')
 
 
 def test_a_leading_space_is_allowed() -> None:
@@ -378,7 +392,13 @@ def test_every_grammar_sentence_is_valid(schema: dict[str, Any]) -> None:
     @given(st.from_regex(re.compile(rx, re.DOTALL), fullmatch=True))
     def check(text: str) -> None:
         obj = json.loads(text)
-        assert validator.is_valid(obj), (text, next(iter(validator.iter_errors(obj))).message)
+        # A sentence is valid, or it used the grammar's slack past a cap: then validation
+        # (maxLength, maximum) or overlong_numbers catches it, never anything else.
+        errors = list(validator.iter_errors(obj))
+        bounds = ("maxLength", "maxItems", "maximum", "minimum")
+        assert all(e.validator in bounds for e in errors), text
+        if not errors and not overlong_numbers(text.encode()):
+            assert validator.is_valid(obj)
         assert control_chars_in(obj) == []
 
     check()

@@ -121,7 +121,9 @@ def extractor(model_path: Path) -> Iterator[LlamaCppBackend]:
 def assert_valid_or_escalated(pred: Prediction, schema: dict[str, Any]) -> None:
     """The fail-closed contract: a schema-valid clean object, or no object at all."""
     if pred.output is None:
-        assert pred.reason == "schema_invalid"
+        # schema_invalid (no valid object), low_confidence (a value not in the input) or
+        # out_of_scope (an input without a letter or digit: the model never ran)
+        assert pred.reason in ("schema_invalid", "low_confidence", "out_of_scope")
         assert pred.confidence == 0.0
         assert pred.details.get("failure")
     else:
@@ -214,6 +216,160 @@ def test_confidence_is_lower_when_the_answer_is_not_in_the_text(extractor: Llama
     assert absent.output is None or absent.confidence < clear.confidence
 
 
+LONG_NUMBER = "5151051150743212341510857649112006441011"
+METER: dict[str, Any] = {
+    "type": "object",
+    "properties": {"meter": {"type": "string", "maxLength": 16}, "total": {"type": "integer"}},
+    "required": ["meter", "total"],
+}
+
+
+@pytest.fixture(scope="module")
+def meter_reader(model_path: Path) -> Iterator[LlamaCppBackend]:
+    task = TaskConfig.model_validate(
+        {
+            "kind": "extract",
+            "schema": METER,
+            "backend": {
+                "type": "llamacpp",
+                "model": str(model_path),
+                "n_threads": 1,
+                "n_ctx": 512,
+                "max_tokens": 64,
+                "examples": [
+                    {"input": "meter m-7 total 48213", "output": {"meter": "m-7", "total": 48213}},
+                    {"input": "EM12 counter=907", "output": {"meter": "EM12", "total": 907}},
+                ],
+            },
+        }
+    )
+    backend = loaded(task)
+    yield backend
+    backend.close()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"meter m-9 total {LONG_NUMBER}",
+        f"EM3 counter={LONG_NUMBER}",
+        f"meter q-1 total {LONG_NUMBER[:16]}",  # one digit past the 15-digit cap
+    ],
+)
+def test_a_number_the_grammar_cannot_represent_is_never_answered(
+    meter_reader: LlamaCppBackend, text: str
+) -> None:
+    """Issue 14: a 40-digit total came back as its first 15 digits, ok."""
+    [pred] = meter_reader.infer_batch([text])
+    assert pred.output is None, pred
+    assert pred.details["failure"] in ("number_too_long", "ungrounded"), pred.details
+    if pred.details["failure"] == "number_too_long":
+        assert pred.reason == "schema_invalid"
+        assert pred.details["fields"] == ["$.total"]
+    else:  # the model stopped on its own before the cap: the value is not in the input
+        assert pred.reason == "low_confidence" and "$.total" in pred.details["fields"]
+
+
+def test_a_number_within_the_cap_is_answered(meter_reader: LlamaCppBackend) -> None:
+    [pred] = meter_reader.infer_batch(["meter EM12 total 515105115076491"])
+    assert pred.output == {"meter": "EM12", "total": 515105115076491}
+    assert pred.reason is None
+
+
+def test_a_rewritten_value_is_not_answered(meter_reader: LlamaCppBackend) -> None:
+    for text, meter in (("meter m-9 total 515105", "m-9"), ("meter EM-9 total 515105", "EM-9")):
+        [pred] = meter_reader.infer_batch([text])
+        # SmolLM2 writes both ids as "M-9": not what the input says, so not an answer
+        assert pred.output in (None, {"meter": meter, "total": 515105})
+        if pred.output is None:
+            assert pred.details["failure"] == "ungrounded", pred.details
+            assert pred.details["fields"] == ["$.meter"]
+
+
+def test_a_string_cut_at_its_max_length_is_never_answered(model_path: Path) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"code": {"type": "string", "maxLength": 6}},
+        "required": ["code"],
+    }
+    task = TaskConfig.model_validate(
+        {
+            "kind": "extract",
+            "schema": schema,
+            "backend": {
+                "type": "llamacpp",
+                "model": str(model_path),
+                "n_threads": 1,
+                "n_ctx": 512,
+                "max_tokens": 32,
+                "grounded": False,  # a cut string is still in the input: the bound decides
+                "examples": [{"input": "code: AB12", "output": {"code": "AB12"}}],
+            },
+        }
+    )
+    backend = loaded(task)
+    try:
+        [long] = backend.infer_batch(["code: XYZ123456789"])
+        [short] = backend.infer_batch(["code: QR77"])
+    finally:
+        backend.close()
+    assert long.output is None, long
+    assert long.reason == "schema_invalid" and long.details["fields"] == ["$.code"]
+    assert short.output == {"code": "QR77"}
+
+
+@pytest.mark.parametrize("text", ["", " " * 5000, "\n\t  \n", "-- !! --", "\x00\x07\x1b\x7f"])
+def test_inputs_without_content_are_refused_before_the_model(
+    extractor: LlamaCppBackend, text: str
+) -> None:
+    """Issue 14: 5,000 spaces came back as a few-shot example's values, ok."""
+    [pred] = extractor.infer_batch([text])
+    assert pred.output is None and pred.reason == "out_of_scope"
+    assert pred.details == {"failure": "no_content"}
+    assert "generated_tokens" not in pred.details  # the model did not run
+
+
+def test_values_absent_from_the_input_are_not_answered(extractor: LlamaCppBackend) -> None:
+    [pred] = extractor.infer_batch(["The weather is nice today, said nobody."])
+    assert pred.output is None
+    assert pred.reason == "low_confidence" and pred.details["failure"] == "ungrounded"
+    assert pred.details["fields"]
+    assert 0.0 <= pred.details["raw_confidence"] <= 1.0
+
+
+def test_grounding_can_be_switched_off(model_path: Path) -> None:
+    backend = loaded(make_task(model_path, n_ctx=512, max_tokens=96, grounded=False))
+    try:
+        [pred] = backend.infer_batch(["The weather is nice today, said nobody."])
+    finally:
+        backend.close()
+    assert pred.details.get("failure") != "ungrounded"
+
+
+def test_example_config_reads_the_model_where_pull_writes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: `models pull smollm2` saved where examples/extract.toml did not look."""
+    monkeypatch.setenv("EDGEAGENT_MODEL_DIR", str(tmp_path / "models"))
+    task = reading_task(REPO / "examples" / "extract.toml")
+    assert task.backend.model == pull_mod.pulled_path("smollm2")  # type: ignore[union-attr]
+    assert task.backend.model == tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # type: ignore[union-attr]
+    monkeypatch.delenv("EDGEAGENT_MODEL_DIR")
+    assert pull_mod.model_dir() == pull_mod.DEFAULT_DEST
+
+
+def test_pull_without_dest_writes_where_pull_names_resolve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, files = _fake_model(tmp_path, [b"GGUF-data"])
+    monkeypatch.setitem(pull_mod.MODELS, "fake", model)
+    monkeypatch.setattr(pull_mod, "pull", _with_fake_download(files))
+    monkeypatch.setenv("EDGEAGENT_MODEL_DIR", str(tmp_path / "models"))
+    assert pull_mod.main(["fake"]) == 0
+    assert capsys.readouterr().out.strip() == str(pull_mod.pulled_path("fake"))
+    assert pull_mod.pulled_path("fake").is_file()
+
+
 def test_concurrent_calls_are_serialised(extractor: LlamaCppBackend) -> None:
     results: list[Prediction] = []
     lock = threading.Lock()
@@ -249,12 +405,14 @@ def test_classify_answers_one_of_the_labels(model_path: Path) -> None:
         preds = backend.infer_batch(["Refund my invoice please", '"}{ <|im_end|>', ""])
     finally:
         backend.close()
-    for p in preds:
+    for p in preds[:2]:
         if p.output is None:
             assert p.reason == "schema_invalid"
         else:
             assert p.output["label"] in {"billing", "technical", "other"}
             assert 0.0 <= p.confidence <= 1.0
+    # An empty input is not classified (issue 14): no label could be right.
+    assert preds[2].output is None and preds[2].reason == "out_of_scope"
 
 
 def test_generate_is_bounded_and_open_ended(model_path: Path) -> None:
@@ -375,16 +533,47 @@ def sensor_lines(n: int, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
+EXAMPLE_CALIBRATION = 'calibration = "reading.calibration.json"'
+
+
 def extract_config(model: Path, dest: Path, **backend: str | int) -> Path:
-    """examples/extract.toml with the model at ``model`` (and extra backend keys); one
-    thread, as in :func:`make_task`."""
+    """examples/extract.toml with the model at ``model`` (and extra backend keys), without
+    its shipped calibration; one thread, as in :func:`make_task`."""
     text = (REPO / "examples" / "extract.toml").read_text("utf-8")
     line = 'model = "../models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"'
-    assert line in text
+    assert line in text and EXAMPLE_CALIBRATION in text
+    text = "\n".join(x for x in text.splitlines() if not x.startswith(EXAMPLE_CALIBRATION))
     backend = {"n_threads": 1, **backend}
     extra = "".join(f"\n{k} = {json.dumps(v)}" for k, v in backend.items())
     dest.write_text(text.replace(line, f"model = {json.dumps(str(model))}{extra}"), "utf-8")
     return dest
+
+
+def test_shipped_example_calibration_matches_the_model_and_prompt(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: the example answered 3 of 20 ordinary lines; it ships a calibration, and
+    the calibration must load (same model sha256 and prompt fingerprint), or the example
+    does not start."""
+    task = reading_task(REPO / "examples" / "extract.toml")  # paths resolve against examples/
+    backend = LlamaCppBackend(
+        "reading",
+        task.model_copy(
+            update={
+                "backend": task.backend.model_copy(update={"n_threads": 1, "model": model_path})
+            }
+        ),
+    )
+    backend.load()
+    try:
+        [pred] = backend.infer_batch(["[boiler-2] pressure=2.4bar ok"])
+    finally:
+        backend.close()
+    cal = backend.calibration
+    assert cal is not None and cal.threshold is not None
+    # The example config's own line is answered, right, above the calibrated threshold.
+    assert pred.output == {"device_id": "boiler-2", "value": 2.4, "unit": "bar"}
+    assert pred.reason is None and pred.confidence >= max(cal.threshold, task.threshold)
 
 
 def reading_task(config: Path) -> TaskConfig:

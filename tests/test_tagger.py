@@ -323,6 +323,46 @@ def test_schema_toml_quotes_dotted_slot_names() -> None:
     assert "properties.day = " in text
 
 
+def test_schema_toml_makes_slots_repeated_in_training_arrays() -> None:
+    import tomllib
+
+    examples = [
+        (["from", "paris", "to", "rome"], ["O", "B-city", "O", "B-city"]),
+        (["paris", "or", "Paris", "monday"], ["B-town", "O", "B-town", "B-day"]),  # same value
+        (["to", "new", "york"], ["O", "B-city", "I-city"]),
+    ]
+    tags = tag_set(examples)
+    text = schema_toml("trip", tags, examples=examples)
+    schema = tomllib.loads(text)["tasks"]["trip"]["schema"]
+    assert schema["properties"]["city"] == {
+        "type": "array",
+        "items": {"type": "string", "maxLength": 64},
+    }
+    assert schema["properties"]["town"] == {"type": "string", "maxLength": 64}
+    assert schema["properties"]["day"] == {"type": "string", "maxLength": 64}
+    # Under the printed schema a sentence with the slot twice is an answer, not a failure.
+    t = _tagged("from paris to rome", ["O", "B-city", "O", "B-city"])
+    obj, problems = build_object("from paris to rome", t, schema["properties"])
+    assert obj == {"city": ["paris", "rome"]} and problems == {}
+    # Without the examples, every slot stays a string (the old output).
+    assert 'properties.city = { type = "string"' in schema_toml("trip", tags)
+
+
+def test_value_held_out_split_keeps_the_held_out_values_out_of_training() -> None:
+    from edgeagent.modeltools.tagger import slot_values, value_held_out
+
+    rows = [(r["tokens"], r["tags"]) for r in home_examples(400, seed=3)]
+    # "value" (1-99) is the only open-class slot of these commands (7 rooms, 7 devices)
+    held = value_held_out(rows, 0.1, seed=1)
+    assert 20 <= len(held) <= 60
+    train = [rows[i] for i in range(len(rows)) if i not in set(held)]
+    held_values = slot_values([rows[i] for i in held])["value"]
+    assert not held_values & slot_values(train).get("value", set())
+    assert value_held_out(rows, 0.1, seed=1) == held  # seeded
+    # no open-class slot: nothing to hold out by value (the trainer falls back)
+    assert value_held_out(rows, 0.1, seed=1, min_distinct=1000) == []
+
+
 # -- the real model ----------------------------------------------------------------------
 
 
@@ -386,7 +426,7 @@ def test_adversarial_inputs_give_a_valid_object_or_escalate(
 
     (p,) = tagger.infer_batch([text])
     if p.output is None:
-        assert p.reason == "schema_invalid", p
+        assert p.reason in ("schema_invalid", "out_of_scope"), p
     else:
         jsonschema.validate(p.output, SCHEMA)
         assert p.reason in (None, "low_confidence")
@@ -403,6 +443,28 @@ def test_out_of_range_and_repeated_values_escalate(tagger: OnnxTaggerBackend) ->
     (p,) = tagger.infer_batch(["set the heater in the kitchen to 1000 degrees"])
     assert p.output is None and p.reason == "schema_invalid"
     assert p.details["partial"]["value"] == 1000 and p.details["errors"]
+
+
+def test_schema_invalid_names_the_field_that_failed(tagger: OnnxTaggerBackend) -> None:
+    from edgeagent.pipeline import unrecognized_message
+
+    (p,) = tagger.infer_batch(["set the heater in the kitchen to 1000 degrees"])
+    assert p.details["fields"] == ["$.value"]
+    assert "$.value" in unrecognized_message("schema_invalid", p)
+    (p,) = tagger.infer_batch(["turn on the lights in the kitchen and the bedroom"])
+    if p.output is None:  # the room found twice, with two values, for a single string slot
+        assert p.details["fields"] == ["$.room"], p.details
+        msg = unrecognized_message("schema_invalid", p)
+        assert "$.room" in msg and "more than once" in msg
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t ", " " * 5000, "?! -- ...", "\x00\x1b\x7f"])
+def test_inputs_without_content_are_refused_before_the_model(
+    tagger: OnnxTaggerBackend, text: str
+) -> None:
+    (p,) = tagger.infer_batch([text])
+    assert p.output is None and p.reason == "out_of_scope"
+    assert p.details == {"failure": "no_content"}
 
 
 def test_schema_may_only_name_slots_the_model_knows(tagger_bundle: Path) -> None:

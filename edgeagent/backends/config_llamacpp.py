@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from edgeagent.modeltools.pull import PULL_PREFIX, pulled_path
 
 
 class FewShotExample(BaseModel):
@@ -26,7 +28,10 @@ class LlamaCppBackendConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["llamacpp"] = "llamacpp"
-    model: Path = Field(description="GGUF file.")
+    model: Path = Field(
+        description='GGUF file, or `"pull:NAME"` for the file `edgeagent models pull NAME` '
+        "writes by default (in `$EDGEAGENT_MODEL_DIR`, else `~/.cache/edgeagent/models`)."
+    )
     n_ctx: int = Field(
         2048,
         ge=128,
@@ -90,6 +95,14 @@ class LlamaCppBackendConfig(BaseModel):
     max_fraction_digits: int = Field(
         6, ge=1, le=30, description="Extract: digits allowed after the decimal point."
     )
+    grounded: bool = Field(
+        True,
+        description="Extract: every string (without `enum`, `const` or `format`) and number "
+        "value must occur in the input (strings as written, case included; numbers as "
+        "numbers the input writes); an answer with a value that does not is "
+        '`low_confidence` (confidence 0, `details.failure = "ungrounded"`), never returned.  '
+        'Per schema node: `"x-grounded" = false` (or true) for it and everything below it.',
+    )
     grammar_candidates: int = Field(
         64,
         ge=0,
@@ -103,6 +116,14 @@ class LlamaCppBackendConfig(BaseModel):
         description="Generate: stop strings (the stop string is not returned).  The `completion` "
         "format always stops at a blank line followed by `Input:`.",
     )
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _pulled(cls, value: Any) -> Any:
+        """``pull:NAME`` -> the path ``models pull NAME`` writes to (one rule for both)."""
+        if isinstance(value, str) and value.startswith(PULL_PREFIX):
+            return pulled_path(value[len(PULL_PREFIX) :])
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> LlamaCppBackendConfig:

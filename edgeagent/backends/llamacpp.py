@@ -11,10 +11,23 @@ goes to the cloud.  An invalid object is never returned.
 
 ``details["failure"]`` says why: ``input_too_long`` (prompt tokens > ``n_ctx -
 max_tokens``; with ``prompt_tokens`` and ``limit``), ``length`` (hit ``max_tokens``),
-``json``, ``schema`` (with ``message`` and ``path``), ``control_chars``, ``label``,
-``dead_end`` (the grammar allowed no token) or ``decode_error``.  The same reason
-and failures apply to classify; a generate task only fails with ``input_too_long``
-or ``decode_error``.
+``json``, ``schema`` (with ``message`` and ``path``), ``number_too_long`` (a number with
+more digits than ``max_integer_digits``/``max_fraction_digits``: the input holds a value
+the grammar cannot represent), ``control_chars``, ``label``, ``dead_end`` (the grammar
+allowed no token) or ``decode_error``.  ``details["fields"]`` lists the JSON paths of the
+values that failed, when known.  The same reason and failures apply to classify; a
+generate task only fails with ``input_too_long`` or ``decode_error``.
+
+Bounds: the grammar lets strings and numbers run one character/digit past their caps
+(:data:`edgeagent.grammar.SLACK`); a value that uses it was about to be cut and fails
+(``schema``: ``maxLength``, ``maximum``; ``number_too_long``).  A 40-digit number in the
+input is therefore escalated, never answered as its first 15 digits.
+
+Grounding (``grounded = true``, the default; :mod:`edgeagent.grounding`): a string or
+number value that does not occur in the input makes the answer ``low_confidence`` with
+confidence 0 (``details["failure"] = "ungrounded"``, ``fields``, ``raw_confidence``).
+Inputs without a letter or digit (:func:`edgeagent.inputs.has_content`) are refused
+``out_of_scope`` (``failure = "no_content"``) before the model runs.
 
 Classification decodes under a grammar that admits exactly one label; its
 confidence is the probability of the whole label, exp(sum of its token log-probs).
@@ -77,9 +90,12 @@ from edgeagent.grammar import (
     bounded_schema,
     choice_grammar,
     control_chars_in,
+    overlong_numbers,
     schema_to_gbnf,
     value_spans,
 )
+from edgeagent.grounding import GROUNDED_KEY, ungrounded
+from edgeagent.inputs import NO_CONTENT, has_content
 
 __all__ = ["LlamaCppBackend"]
 
@@ -133,6 +149,7 @@ class LlamaCppBackend:
         self._cfg: LlamaCppBackendConfig = task.backend
         self._lock = threading.Lock()
         self._grammar: str | None = None
+        self._limits = GrammarLimits()
         self._validator: jsonschema.protocols.Validator | None = None
         cfg = self._cfg
         if task.kind == "extract":
@@ -144,6 +161,7 @@ class LlamaCppBackend:
                 max_integer_digits=cfg.max_integer_digits,
                 max_fraction_digits=cfg.max_fraction_digits,
             )
+            self._limits = limits
             try:
                 jsonschema.Draft202012Validator.check_schema(task.output_schema)
                 self._grammar = schema_to_gbnf(task.output_schema, limits)
@@ -380,6 +398,8 @@ class LlamaCppBackend:
     def infer(self, text: str) -> Prediction:
         """Answer one input text."""
         cfg = self._cfg
+        if self._task.kind != "generate" and not has_content(text):
+            return Prediction(None, 0.0, reason="out_of_scope", details={"failure": NO_CONTENT})
         with self._lock:
             if self._llm is None:
                 raise BackendError(f"task {self._name!r}: backend is closed")
@@ -395,12 +415,12 @@ class LlamaCppBackend:
                 return _fail("decode_error", message=str(exc)[:200])
             # Still under the lock: confidence scoring detokenizes with the model.
             if self._task.kind == "extract":
-                return self._finish_extract(run)
+                return self._finish_extract(run, text)
             if self._task.kind == "classify":
                 return self._finish_classify(run)
             return self._finish_generate(run)
 
-    def _finish_extract(self, run: _Run) -> Prediction:
+    def _finish_extract(self, run: _Run, text: str) -> Prediction:
         stats = _stats(run)
         if run.finish != "stop":
             return _fail(run.finish, **stats)
@@ -410,14 +430,35 @@ class LlamaCppBackend:
             return _fail("json", message=str(exc)[:200], **stats)
         if not isinstance(obj, dict):
             return _fail("json", message="not an object", **stats)
+        long_numbers = overlong_numbers(run.text, self._limits)
+        if long_numbers:
+            return _fail(
+                "number_too_long",
+                message=f"more digits than the grammar can represent: {long_numbers[0][:40]}",
+                fields=_paths_of_numbers(obj, long_numbers),
+                **stats,
+            )
         assert self._validator is not None  # set for every extract task in __init__
         error = jsonschema.exceptions.best_match(self._validator.iter_errors(obj))
         if error is not None:
-            return _fail("schema", message=error.message[:200], path=error.json_path, **stats)
+            return _fail(
+                "schema",
+                message=error.message[:200],
+                path=error.json_path,
+                fields=[error.json_path],
+                **stats,
+            )
         bad = control_chars_in(obj)
         if bad:
-            return _fail("control_chars", paths=bad[:8], **stats)
-        return self._answer(obj, self._confidence(run), stats)
+            return _fail("control_chars", paths=bad[:8], fields=bad[:8], **stats)
+        raw = self._confidence(run)
+        if self._cfg.grounded:
+            assert self._task.output_schema is not None  # checked in __init__
+            missing = ungrounded(obj, self._task.output_schema, text)
+            if missing:
+                details = {"failure": "ungrounded", "fields": missing[:8], "raw_confidence": raw}
+                return Prediction(None, 0.0, reason=_LOW_CONFIDENCE, details={**stats, **details})
+        return self._answer(obj, raw, stats)
 
     def _finish_classify(self, run: _Run) -> Prediction:
         stats = _stats(run)
@@ -571,7 +612,8 @@ class LlamaCppBackend:
             return self._cfg.instruction
         lead = f"{task.description.strip()}\n" if task.description.strip() else ""
         if task.kind == "extract":
-            schema = json.dumps(task.output_schema, ensure_ascii=False, separators=(",", ":"))
+            shown = _without_key(task.output_schema, GROUNDED_KEY)
+            schema = json.dumps(shown, ensure_ascii=False, separators=(",", ":"))
             return (
                 f"{lead}Extract the information from the text as one JSON object matching this "
                 f"JSON Schema: {schema}\nUse only what the text states. Reply with the JSON only."
@@ -706,6 +748,34 @@ def _value_logprobs(run: _Run, llm: Any) -> list[float]:
     return out
 
 
+def _paths_of_numbers(obj: JSONValue, literals: list[str]) -> list[str]:
+    """JSON paths of the numbers in ``obj`` equal to one of the number ``literals``."""
+    wanted = {float(x) for x in literals}
+    found: list[str] = []
+
+    def walk(v: JSONValue, path: str) -> None:
+        if isinstance(v, dict):
+            for k, sub in v.items():
+                walk(sub, f"{path}.{k}")
+        elif isinstance(v, list):
+            for i, sub in enumerate(v):
+                walk(sub, f"{path}[{i}]")
+        elif isinstance(v, int | float) and not isinstance(v, bool) and float(v) in wanted:
+            found.append(path)
+
+    walk(obj, "$")
+    return found[:8]
+
+
+def _without_key(schema: JSONValue, key: str) -> JSONValue:
+    """``schema`` with every ``key`` removed (the prompt shows no edgeagent-only keywords)."""
+    if isinstance(schema, dict):
+        return {k: _without_key(v, key) for k, v in schema.items() if k != key}
+    if isinstance(schema, list):
+        return [_without_key(v, key) for v in schema]
+    return schema
+
+
 def _stats(run: _Run) -> dict[str, JSONValue]:
     return {
         "prompt_tokens": run.prompt_tokens,
@@ -736,7 +806,8 @@ def _check_gguf(path: Path, task: str) -> None:
     except FileNotFoundError:
         raise BackendError(
             f"task {task!r}: model file {path} does not exist "
-            "(fetch one with `edgeagent models pull smollm2 --dest DIR`)"
+            '(fetch one with `edgeagent models pull smollm2`; `model = "pull:smollm2"` names '
+            "the file it writes)"
         ) from None
     except OSError as exc:
         raise BackendError(f"task {task!r}: cannot read model file {path}: {exc}") from exc

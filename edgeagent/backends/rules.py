@@ -105,7 +105,11 @@ class RulesBackend:
             if value is not None:
                 out[name] = value
         if self._validator is not None and not self._validator.is_valid(out):
-            return Prediction(None, 0.0, reason="schema_invalid", details={"partial": out})
+            error = jsonschema.exceptions.best_match(self._validator.iter_errors(out))
+            details: dict[str, JSONValue] = {"partial": out, "failure": "schema"}
+            if error is not None:  # name the field that failed (issue 14)
+                details.update(fields=[error.json_path], message=error.message[:200])
+            return Prediction(None, 0.0, reason="schema_invalid", details=details)
         if not out:
             return Prediction(None, 0.0, reason="out_of_scope")
         return Prediction(out, 1.0)

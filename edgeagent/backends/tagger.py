@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeagent.backends.base import BackendError, JSONValue, Prediction
 from edgeagent.backends.onnx import bundle_fingerprint, bundle_manifest, loading_model
+from edgeagent.inputs import NO_CONTENT, has_content
 
 if TYPE_CHECKING:
     import numpy as np
@@ -530,6 +531,11 @@ class OnnxTaggerBackend:
         out: list[Prediction] = []
         for item in inputs:
             text = item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)
+            if not has_content(text):  # nothing to tag: any slot would be invented
+                out.append(
+                    Prediction(None, 0.0, reason="out_of_scope", details={"failure": NO_CONTENT})
+                )
+                continue
             offs = split_words(text)
             lg = model.word_logits([text[a:b] for a, b in offs])
             if lg is None:
@@ -561,11 +567,28 @@ class OnnxTaggerBackend:
             **problems,
         }
         if "repeated" in problems or "unparsed" in problems:
+            repeated = [str(x) for x in problems.get("repeated", [])]
+            unparsed = [str(x) for x in problems.get("unparsed", [])]
+            why = []
+            if repeated:
+                why.append("found more than once with different values (make it an array)")
+            if unparsed:
+                why.append("not a number")
+            details.update(
+                failure="schema",
+                fields=[f"$.{f}" for f in repeated + unparsed],
+                message=" / ".join(why),
+            )
             return Prediction(None, 0.0, reason=SCHEMA_INVALID, details={**details, "partial": obj})
         if self._validator is not None:
             errors = sorted(self._validator.iter_errors(obj), key=lambda e: list(e.path))
             if errors:
                 details["errors"] = [e.message[:200] for e in errors[:5]]
+                details.update(
+                    failure="schema",
+                    fields=[e.json_path for e in errors[:5]],
+                    message=errors[0].message[:200],
+                )
                 return Prediction(
                     None, 0.0, reason=SCHEMA_INVALID, details={**details, "partial": obj}
                 )

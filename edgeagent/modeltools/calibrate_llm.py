@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeagent.backends.calibration import PlattCalibration, logit, write_calibration
+from edgeagent.inputs import model_input
 from edgeagent.modeltools.calibrate import (
     choose_threshold,
     ece,
@@ -155,7 +156,7 @@ def run_examples(
     records: list[Record] = []
     t0 = time.monotonic()
     for i, (text, expected) in enumerate(examples, 1):
-        [pred] = backend.infer_batch([text])
+        [pred] = backend.infer_batch([model_input(text)])  # what the daemon feeds the model
         failed = pred.output is None or pred.reason == "schema_invalid"
         records.append(Record(pred.confidence, not failed and pred.output == expected, failed))
         if i % 20 == 0 or i == len(examples):

