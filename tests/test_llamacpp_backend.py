@@ -349,11 +349,27 @@ def test_grounding_can_be_switched_off(model_path: Path) -> None:
 def test_example_config_reads_the_model_where_pull_writes_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 14: `models pull smollm2` saved where examples/extract.toml did not look."""
-    monkeypatch.setenv("EDGEAGENT_MODEL_DIR", str(tmp_path / "models"))
+    """Issue 14: `models pull smollm2` saved where examples/extract.toml did not look.  The
+    example reads ../models/gguf (relative to itself), where the README's
+    `models pull smollm2 --dest models/gguf` (run in the checkout) writes; a `pull:NAME`
+    model resolves where a plain `models pull NAME` writes."""
     task = reading_task(REPO / "examples" / "extract.toml")
-    assert task.backend.model == pull_mod.pulled_path("smollm2")  # type: ignore[union-attr]
-    assert task.backend.model == tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # type: ignore[union-attr]
+    filename = pull_mod.MODELS["smollm2"].filename
+    assert task.backend.model == REPO / "models" / "gguf" / filename  # type: ignore[union-attr]
+    monkeypatch.setenv("EDGEAGENT_MODEL_DIR", str(tmp_path / "models"))
+    cfg = tmp_path / "pulled.toml"
+    cfg.write_text(
+        (REPO / "examples" / "extract.toml")
+        .read_text("utf-8")
+        .replace(
+            'model = "../models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"', 'model = "pull:smollm2"'
+        )
+        .replace(EXAMPLE_CALIBRATION, ""),
+        "utf-8",
+    )
+    pulled = reading_task(cfg)
+    assert pulled.backend.model == pull_mod.pulled_path("smollm2")  # type: ignore[union-attr]
+    assert pulled.backend.model == tmp_path / "models" / filename  # type: ignore[union-attr]
     monkeypatch.delenv("EDGEAGENT_MODEL_DIR")
     assert pull_mod.model_dir() == pull_mod.DEFAULT_DEST
 

@@ -30,7 +30,7 @@ class LlamaCppBackendConfig(BaseModel):
     type: Literal["llamacpp"] = "llamacpp"
     model: Path = Field(
         description='GGUF file, or `"pull:NAME"` for the file `edgeagent models pull NAME` '
-        "writes by default (in `$EDGEAGENT_MODEL_DIR`, else `~/.cache/edgeagent/models`)."
+        "writes by default (in `$EDGEAGENT_MODEL_DIR`, else `/var/lib/edgeagent/models`)."
     )
     n_ctx: int = Field(
         2048,
