@@ -63,7 +63,12 @@ import edgeagent.backends  # noqa: F401  (import order: the package before edgea
 from edgeagent.backends.onnx import Head, OnnxBackend, OnnxEncoder, predict
 from edgeagent.config import TaskConfig
 from edgeagent.modeltools.bundle import read_manifest, write_manifest
-from edgeagent.modeltools.calibrate import curve_from_predictions, ece, escalation_for
+from edgeagent.modeltools.calibrate import (
+    curve_from_predictions,
+    ece,
+    escalation_curve,
+    escalation_for,
+)
 from edgeagent.modeltools.train import TrainOptions, load_examples, stratified_split, train_head
 
 REPO = Path(__file__).resolve().parent.parent
@@ -181,6 +186,13 @@ def evaluate(head: Head, emb: Any, truths: list[str], oos_distance: bool | None 
         [(f if t == OOS else (not f and lb == t)) for f, lb, t in zip(flagged, labels, truths, strict=True)]
     )
     curve = curve_from_predictions(preds, truths)
+    # The same stream if a flagged input were answered "out of scope" on the device instead
+    # of escalated: it is then a local answer, right only for an out-of-scope input.
+    local_oos = escalation_curve(
+        [1.0 if f else p.confidence for f, p in zip(flagged, preds, strict=True)],
+        [bool(x) for x in ok],
+        [False] * len(preds),
+    )
     conf = np.array([p.confidence for p in preds], dtype=np.float32)
     out: dict[str, Any] = {
         "local_only_accuracy": float(ok.mean()),
@@ -189,6 +201,8 @@ def evaluate(head: Head, emb: Any, truths: list[str], oos_distance: bool | None 
         "escalation_for_98": escalation_for(curve, 0.98).escalation,
         "escalation_for_99": escalation_for(curve, 0.99).escalation,
         "ece": ece(conf, ok),
+        "local_oos_escalation_for_98": escalation_for(local_oos, 0.98).escalation,
+        "local_oos_escalation_for_99": escalation_for(local_oos, 0.99).escalation,
     }
     if is_oos.any():
         out["oos_recall"] = float(flagged[is_oos].mean())
@@ -215,11 +229,15 @@ def _fmt(r: dict[str, Any]) -> str:
     return (
         f"{r['local_only_accuracy']:>7.2%} {'' if rec is None else f'{rec:.1%}':>7} "
         f"{r['in_scope_loss']:>7.2%} {r['escalation_for_98']:>7.1%} {r['escalation_for_99']:>7.1%} "
-        f"{r['ece']:>7.4f}"
+        f"{r['ece']:>7.4f} {r['local_oos_escalation_for_98']:>7.1%} "
+        f"{r['local_oos_escalation_for_99']:>7.1%}"
     )
 
 
-HEADER = f"{'local':>7} {'recall':>7} {'is-loss':>7} {'esc98':>7} {'esc99':>7} {'ECE':>7}"
+HEADER = (
+    f"{'local':>7} {'recall':>7} {'is-loss':>7} {'esc98':>7} {'esc99':>7} {'ECE':>7} "
+    f"{'L-esc98':>7} {'L-esc99':>7}"
+)
 
 
 def clinc(args: argparse.Namespace, embed: Embedder, root: Path) -> tuple[list[Any], dict[str, Head]]:
