@@ -174,7 +174,9 @@ def _sample(items: list[str], n: int, seed: int) -> list[str]:
     return [items[int(i)] for i in rng.choice(len(items), size=n, replace=False)]
 
 
-def evaluate(head: Head, emb: Any, truths: list[str], oos_distance: bool | None = None) -> dict[str, Any]:
+def evaluate(
+    head: Head, emb: Any, truths: list[str], oos_distance: bool | None = None
+) -> dict[str, Any]:
     """Metrics of ``head`` on ``emb`` through the runtime's ``predict`` (see module doc)."""
     import numpy as np
 
@@ -183,7 +185,10 @@ def evaluate(head: Head, emb: Any, truths: list[str], oos_distance: bool | None 
     is_oos = np.array([t == OOS for t in truths])
     labels = [p.output.get("label") if p.output else None for p in preds]
     ok = np.array(
-        [(f if t == OOS else (not f and lb == t)) for f, lb, t in zip(flagged, labels, truths, strict=True)]
+        [
+            (f if t == OOS else (not f and lb == t))
+            for f, lb, t in zip(flagged, labels, truths, strict=True)
+        ]
     )
     curve = curve_from_predictions(preds, truths)
     # The same stream if a flagged input were answered "out of scope" on the device instead
@@ -240,7 +245,9 @@ HEADER = (
 )
 
 
-def clinc(args: argparse.Namespace, embed: Embedder, root: Path) -> tuple[list[Any], dict[str, Head]]:
+def clinc(
+    args: argparse.Namespace, embed: Embedder, root: Path
+) -> tuple[list[Any], dict[str, Head]]:
     import numpy as np
 
     train = load_examples(root / "clinc150/train.jsonl")
@@ -317,9 +324,7 @@ def clinc(args: argparse.Namespace, embed: Embedder, root: Path) -> tuple[list[A
         trained = train_head(
             x_train,
             y_train,
-            TrainOptions(
-                threads=1, oos_target_loss=args.target_loss, oos_candidates=SCORES
-            ),
+            TrainOptions(threads=1, oos_target_loss=args.target_loss, oos_candidates=SCORES),
             log=lambda *_: None,
             oos_emb=embed(oos_train) if oos_train else None,
         )
@@ -405,7 +410,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--encoder", type=Path, default=REPO / "models/minilm-l6-int8")
     ap.add_argument("--datasets", default=None)
-    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "edgeagent-bench-oos")
+    ap.add_argument(
+        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "edgeagent-bench-oos"
+    )
     ap.add_argument("--target-loss", type=float, default=0.02)
     ap.add_argument("--oos-train-cap", type=int, default=2000, help="texts per source")
     ap.add_argument("--seed", type=int, default=0)

@@ -250,7 +250,9 @@ def test_oos_examples_train_out_of_scope_detection(np: Any) -> None:
     assert head.oos_score == "mahalanobis+oos_class"
     assert trained.metrics["oos"]["held_out_in_scope_loss"] <= 0.02 + 1e-9
     assert _flagged(predict(head, far[150:])) >= 140
-    x_new, y_new = _blobs(np, 50, 5, 16, seed=3)  # same blobs, fresh draws
+    centres = np.random.default_rng(3).normal(size=(5, 16))  # the blobs' centres
+    noise = np.random.default_rng(99).normal(size=(5, 40, 16))
+    x_new = _unit(np, (centres[:, None, :] + 0.6 * noise).reshape(-1, 16))  # fresh draws
     assert _flagged(predict(head, x_new)) <= 10
 
 

@@ -49,7 +49,9 @@ def test_declining_an_out_of_scope_job_counts_as_right() -> None:
                 "3",
                 "oos",
                 _res("3", "unrecognized", "local", code="out_of_scope", reason="out_of_scope"),
-                _res("3", "ok", "cloud", label="out_of_scope", reason="out_of_scope", supersedes="3"),
+                _res(
+                    "3", "ok", "cloud", label="out_of_scope", reason="out_of_scope", supersedes="3"
+                ),
             ),
             # Answered with an intent: wrong.
             ("4", "oos", _res("4", "ok", "local", label="alarm"), None),
@@ -66,9 +68,7 @@ def test_declining_an_out_of_scope_job_counts_as_right() -> None:
 
 
 def test_cache_hits_are_local_answers() -> None:
-    rows = [
-        (str(i), "alarm", _res(str(i), "ok", "cache", label="alarm"), None) for i in range(8)
-    ]
+    rows = [(str(i), "alarm", _res(str(i), "ok", "cache", label="alarm"), None) for i in range(8)]
     rows += [("8", "timer", _res("8", "ok", "local", label="timer"), None)]
     rows += [
         (

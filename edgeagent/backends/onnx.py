@@ -405,7 +405,8 @@ class Head:
         elif name == "energy":
             z = (emb @ self.weight + self.bias)[:, self.in_scope_idx] / self.temperature
             top = z.max(axis=1)
-            out = -(top + np.log(np.exp(z - top[:, None]).sum(axis=1))) * self.temperature
+            lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+            out = (-lse * self.temperature).astype(np.float32)
         elif name == "mahalanobis":
             out = self.mahalanobis(emb)
         elif name == "knn":
@@ -428,7 +429,7 @@ class Head:
         for comp in comps:
             centre, scale = self.oos_norm.get(comp, (0.0, 1.0))
             total += (self.component(comp, emb, probs) - centre) / scale
-        out: FloatArray = total / len(comps)
+        out: FloatArray = (total / len(comps)).astype(np.float32)
         return out
 
 

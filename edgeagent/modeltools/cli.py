@@ -391,7 +391,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         if llm is not None:
             return _calibrate_llamacpp(args, *llm)
     bundle, max_length = args.bundle, args.max_length
-    backend = None
+    backend: Any = None
     if bundle is None or max_length is None or is_tagged_file(args.examples):
         backend = _task_backend(args, required=bundle is None)
         if isinstance(backend, int):

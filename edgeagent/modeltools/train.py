@@ -526,18 +526,18 @@ def train_head(
     if oos_idx is None:
         scores_to_try = [sc for sc in scores_to_try if "oos_class" not in sc.split("+")]
     oos_cal = calibrate_oos(probe, xho, yho, scores_to_try, opts.oos_target_loss)
-    chosen = oos_cal[chosen_score]
+    oos_choice = oos_cal[chosen_score]
     cal.update(
         oos_score=chosen_score,
-        oos_norm=chosen["oos_norm"],
-        oos_cut=chosen["oos_cut"],
+        oos_norm=oos_choice["oos_norm"],
+        oos_cut=oos_choice["oos_cut"],
         oos_target_loss=opts.oos_target_loss,
         maha_shrinkage=maha[2],
     )
-    recall = chosen.get("oos_recall")
+    recall = oos_choice.get("oos_recall")
     log(
         f"  out-of-scope score {chosen_score}: held-out in-scope flagged "
-        f"{chosen['in_scope_loss']:.1%} (target {opts.oos_target_loss:.1%})"
+        f"{oos_choice['in_scope_loss']:.1%} (target {opts.oos_target_loss:.1%})"
         + ("" if recall is None else f", out-of-scope recall {recall:.1%}")
         + ("" if oos_idx is not None else " (applied only with oos_distance = true)")
     )
@@ -565,7 +565,7 @@ def train_head(
             "score": chosen_score,
             "signal": oos_idx is not None,
             "target_loss": opts.oos_target_loss,
-            "held_out_in_scope_loss": chosen["in_scope_loss"],
+            "held_out_in_scope_loss": oos_choice["in_scope_loss"],
             "held_out_oos_recall": recall,
             "maha_shrinkage": maha[2],
             "candidates": oos_cal,
