@@ -63,12 +63,7 @@ import edgeagent.backends  # noqa: F401  (import order: the package before edgea
 from edgeagent.backends.onnx import Head, OnnxBackend, OnnxEncoder, predict
 from edgeagent.config import TaskConfig
 from edgeagent.modeltools.bundle import read_manifest, write_manifest
-from edgeagent.modeltools.calibrate import (
-    curve_from_predictions,
-    ece,
-    escalation_curve,
-    escalation_for,
-)
+from edgeagent.modeltools.calibrate import curve_from_predictions, ece, escalation_for
 from edgeagent.modeltools.train import TrainOptions, load_examples, stratified_split, train_head
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,6 +102,7 @@ SCORES = (
     "mahalanobis",
     "knn",
     "oos_class",
+    "energy+oos_class",
     "mahalanobis+oos_class",
     "mahalanobis+knn",
     "energy+mahalanobis",
@@ -191,13 +187,6 @@ def evaluate(
         ]
     )
     curve = curve_from_predictions(preds, truths)
-    # The same stream if a flagged input were answered "out of scope" on the device instead
-    # of escalated: it is then a local answer, right only for an out-of-scope input.
-    local_oos = escalation_curve(
-        [1.0 if f else p.confidence for f, p in zip(flagged, preds, strict=True)],
-        [bool(x) for x in ok],
-        [False] * len(preds),
-    )
     conf = np.array([p.confidence for p in preds], dtype=np.float32)
     out: dict[str, Any] = {
         "local_only_accuracy": float(ok.mean()),
@@ -206,11 +195,14 @@ def evaluate(
         "escalation_for_98": escalation_for(curve, 0.98).escalation,
         "escalation_for_99": escalation_for(curve, 0.99).escalation,
         "ece": ece(conf, ok),
-        "local_oos_escalation_for_98": escalation_for(local_oos, 0.98).escalation,
-        "local_oos_escalation_for_99": escalation_for(local_oos, 0.99).escalation,
     }
     if is_oos.any():
         out["oos_recall"] = float(flagged[is_oos].mean())
+        # Separability, free of the cut-off's calibration: recall when the cut is set on this
+        # stream's own in-scope inputs at 2 % loss (an oracle no deployment has).
+        score = head.oos_values(emb, head.probabilities(emb))
+        cut = float(np.quantile(score[~is_oos], 0.98))
+        out["oracle_recall_at_2"] = float((score[is_oos] > cut).mean())
     return out
 
 
@@ -234,14 +226,13 @@ def _fmt(r: dict[str, Any]) -> str:
     return (
         f"{r['local_only_accuracy']:>7.2%} {'' if rec is None else f'{rec:.1%}':>7} "
         f"{r['in_scope_loss']:>7.2%} {r['escalation_for_98']:>7.1%} {r['escalation_for_99']:>7.1%} "
-        f"{r['ece']:>7.4f} {r['local_oos_escalation_for_98']:>7.1%} "
-        f"{r['local_oos_escalation_for_99']:>7.1%}"
+        f"{r['ece']:>7.4f} {r.get('oracle_recall_at_2', float('nan')):>7.1%}"
     )
 
 
 HEADER = (
     f"{'local':>7} {'recall':>7} {'is-loss':>7} {'esc98':>7} {'esc99':>7} {'ECE':>7} "
-    f"{'L-esc98':>7} {'L-esc99':>7}"
+    f"{'rec@2%':>7}"
 )
 
 
@@ -413,7 +404,7 @@ def main() -> int:
     ap.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "edgeagent-bench-oos"
     )
-    ap.add_argument("--target-loss", type=float, default=0.02)
+    ap.add_argument("--target-loss", type=float, default=TrainOptions.oos_target_loss)
     ap.add_argument("--oos-train-cap", type=int, default=2000, help="texts per source")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latency", action="store_true")

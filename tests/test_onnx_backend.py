@@ -646,6 +646,69 @@ def test_clinc150_subset_quality(encoder_bundle: Path, tmp_path: Path) -> None:
     assert sum(p.reason == "out_of_scope" for p in oos) / len(oos) > 0.5
 
 
+def _tagged_texts(path: Path, skip: set[str]) -> list[str]:
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [" ".join(r["tokens"]) for r in rows if r["intent"] not in skip]
+
+
+def test_clinc150_subset_with_oos_examples_from_other_data_sets(
+    encoder_bundle: Path, tmp_path: Path
+) -> None:
+    """Outlier exposure with SNIPS sentences; evaluated on ATIS sentences (a domain the
+    head never saw) and CLINC validation intents: most out-of-scope flagged, few in-scope."""
+    root = _datasets()
+    if not all((root / d / "train.jsonl").is_file() for d in ("clinc150", "snips", "atis")):
+        pytest.skip(f"CLINC150/SNIPS/ATIS not found under {root} (set EDGEAGENT_DATASETS)")
+    train = load_examples(root / "clinc150/train.jsonl")
+    val = load_examples(root / "clinc150/validation.jsonl")
+    # Ten intents (not book_flight: ATIS questions are about flights).
+    keep = [lb for lb in sorted({lb for _, lb in train}) if lb not in ("oos", "book_flight")][:10]
+    sub = [(t, lb) for t, lb in train if lb in keep]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": lb}) + "\n" for t, lb in sub))
+    snips = _tagged_texts(root / "snips/train.jsonl", {"GetWeather", "PlayMusic"})[:300]
+    oos_file = tmp_path / "oos.jsonl"
+    oos_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in snips))
+    bundle = train_bundle(
+        "clinc10",
+        path,
+        encoder_bundle,
+        tmp_path / "b",
+        TrainOptions(threads=1),
+        log=_quiet,
+        oos_examples=oos_file,
+    )
+    backend = _loaded(bundle)
+    flights = {"atis_flight", "atis_flight_time", "atis_ground_service", "atis_airline"}
+    atis = _tagged_texts(root / "atis/validation.jsonl", flights)[:100]
+    flagged = [p.reason == "out_of_scope" for p in backend.infer_batch(atis)]
+    assert sum(flagged) / len(flagged) >= 0.75  # 86 % measured
+    in_scope = [(t, lb) for t, lb in val if lb in keep]
+    preds = backend.infer_batch([t for t, _ in in_scope])
+    assert sum(p.reason == "out_of_scope" for p in preds) / len(preds) <= 0.05
+    acc = sum(p.output == {"label": lb} for p, (_, lb) in zip(preds, in_scope, strict=True))
+    assert acc / len(in_scope) > 0.9
+
+
+def test_banking77_subset_flags_nothing_out_of_scope(encoder_bundle: Path, tmp_path: Path) -> None:
+    """A task with no out-of-scope signal (Banking77 has no such class): no in-scope input
+    is flagged out of scope by default (18 were before)."""
+    root = _datasets() / "banking77"
+    if not (root / "train.jsonl").is_file():
+        pytest.skip(f"Banking77 not found under {root} (set EDGEAGENT_DATASETS)")
+    rows = load_examples(root / "train.jsonl")
+    keep = sorted({lb for _, lb in rows})[:12]
+    sub = [(t, lb) for t, lb in rows if lb in keep]
+    train, held = sub[::2], sub[1::2][:300]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": lb}) + "\n" for t, lb in train))
+    bundle = train_bundle(
+        "bank12", path, encoder_bundle, tmp_path / "b", TrainOptions(threads=1), log=_quiet
+    )
+    preds = _loaded(bundle).infer_batch([t for t, _ in held])
+    assert not [p for p in preds if p.reason == "out_of_scope"]
+
+
 # -- optional encoder fine-tuning ------------------------------------------------------
 
 

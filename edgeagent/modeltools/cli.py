@@ -104,16 +104,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     train.add_argument(
         "--oos-target-loss",
         type=float,
-        default=0.02,
+        default=0.01,
         help="classifier: share of held-out in-scope examples the out-of-scope cut-off may "
-        "flag (default: %(default)s)",
+        "flag (default: %(default)s; about 2 %% of new in-scope traffic)",
     )
     train.add_argument(
         "--oos-score",
         default="auto",
         help="classifier: out-of-scope score, components of centroid, msp, energy, "
         "mahalanobis, knn, oos_class joined by '+' (default: auto = "
-        "mahalanobis+oos_class, mahalanobis without out-of-scope examples)",
+        "energy+oos_class, energy without out-of-scope examples)",
     )
     train.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     train.add_argument("--no-knn", action="store_true", help="linear head only (no kNN blend)")
