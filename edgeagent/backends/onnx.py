@@ -412,7 +412,10 @@ class Head:
         elif name == "knn":
             out = -self.knn_cos(emb)
         elif name == "oos_class":
-            out = probs[:, self.labels.index(str(self.oos_label))]
+            # log-odds, not the probability: near 0 for most in-scope inputs, so a spread
+            # measured on them would make this component swamp any other it is combined with
+            p_oos = np.clip(probs[:, self.labels.index(str(self.oos_label))], 1e-7, 1 - 1e-7)
+            out = np.log(p_oos) - np.log1p(-p_oos)
         else:
             raise ValueError(f"unknown out-of-scope score component {name!r}")
         return out.astype(np.float32)
