@@ -31,9 +31,9 @@ class OnnxBackendConfig(BaseModel):
     )
     oos_distance: bool | None = Field(
         None,
-        description="Classifier: flag inputs whose out-of-scope score (e.g. Mahalanobis distance "
-        "to the classes, set by `edgeagent train`) is above the bundle's calibrated cut-off as "
-        "`out_of_scope`, in addition to a trained out-of-scope class. Unset: only when the "
+        description="Classifier: flag inputs whose out-of-scope score (chosen and calibrated by "
+        "`edgeagent train`) is above the bundle's cut-off as `out_of_scope`, in addition to "
+        "inputs the trained out-of-scope class wins. Unset: only when the "
         "bundle was trained with out-of-scope examples (`oos` label or `--oos-examples`); "
         "`true` also for a task given none; `false` never.",
     )
