@@ -70,28 +70,47 @@ REPO = Path(__file__).resolve().parent.parent
 OOS = "oos"
 OOS_SHARE = 0.20
 
-#: Source intents CLINC150 covers (in-scope for it): never used as out-of-scope text.
+#: Source intents CLINC150 covers (in scope for it): never used as out-of-scope text.
+#: Checked by reading what the head answered confidently for each source: SNIPS
+#: AddToPlaylist is CLINC ``update_playlist``, ATIS fares are ``book_flight``, ATIS
+#: abbreviations ``definition``, Banking77 transfers / card problems / unknown charges are
+#: ``transfer`` / ``card_declined`` / ``report_fraud`` ...  For Banking77 an intent is dropped
+#: when its name contains one of the fragments.
 OVERLAP = {
-    "snips": {"GetWeather", "PlayMusic", "BookRestaurant"},
-    "atis": {"atis_flight", "atis_flight_time", "atis_ground_service", "atis_airline"},
+    "snips": {"GetWeather", "PlayMusic", "BookRestaurant", "AddToPlaylist"},
+    "atis": {
+        "atis_flight",
+        "atis_flight_time",
+        "atis_flight_no",
+        "atis_airfare",
+        "atis_cheapest",
+        "atis_ground_service",
+        "atis_airline",
+        "atis_distance",
+        "atis_abbreviation",
+    },
     "banking77": {
-        "lost_or_stolen_card",
-        "lost_or_stolen_phone",
-        "change_pin",
-        "exchange_rate",
-        "declined_card_payment",
-        "card_payment_not_recognised",
-        "compromised_card",
+        "transfer",
+        "exchange",
+        "declined",
+        "not_recognised",
+        "card_not_working",
+        "contactless",
+        "balance",
+        "physical_card",
+        "spare_card",
+        "lost_or_stolen",
+        "pin",
+        "compromised",
         "card_about_to_expire",
-        "order_physical_card",
-        "getting_spare_card",
-        "pin_blocked",
         "card_arrival",
-        "card_delivery_estimate",
-        "exchange_charge",
-        "terminate_account",
-        "transaction_charged_twice",
-        "activate_my_card",
+        "card_delivery",
+        "terminate",
+        "charged_twice",
+        "activate",
+        "visa_or_mastercard",
+        "fee_charged",
+        "extra_charge",
     },
 }
 
@@ -127,6 +146,8 @@ def _tagged(path: Path) -> list[tuple[str, str]]:
 
 def _not_overlapping(rows: list[tuple[str, str]], source: str) -> list[str]:
     bad = OVERLAP[source]
+    if source == "banking77":
+        return [t for t, lb in rows if not any(frag in lb for frag in bad)]
     return [t for t, lb in rows if not any(part in bad for part in lb.split("#"))]
 
 
@@ -231,8 +252,7 @@ def _fmt(r: dict[str, Any]) -> str:
 
 
 HEADER = (
-    f"{'local':>7} {'recall':>7} {'is-loss':>7} {'esc98':>7} {'esc99':>7} {'ECE':>7} "
-    f"{'rec@2%':>7}"
+    f"{'local':>7} {'recall':>7} {'is-loss':>7} {'esc98':>7} {'esc99':>7} {'ECE':>7} {'rec@2%':>7}"
 )
 
 
