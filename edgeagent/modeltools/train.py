@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -367,6 +368,11 @@ def _resolve_oos_score(score: str, has_oos_class: bool) -> str:
     return "+".join(comps)
 
 
+#: Fewer expected held-out in-scope examples above the cut than this: extrapolate it.
+MIN_TAIL = 5
+NORMAL_Q90 = 1.2815515655446004  # the standard normal's 90 % quantile
+
+
 def calibrate_oos(
     head: Head,
     emb: FloatArray,
@@ -399,6 +405,14 @@ def calibrate_oos(
         cut = float(cand[budget]) if 0 <= budget < len(cand) else math.inf
         if budget >= len(cand):
             cut = -math.inf
+        if target_loss * n_in < MIN_TAIL and len(cand) >= 2:
+            # Too few held-out examples to read the quantile off them (the cut would be
+            # their maximum, flagging far more than target_loss of new inputs): extrapolate
+            # with a normal fitted robustly (median, 10-90 % spread) to the in-scope scores.
+            lo, mid, hi = np.quantile(cand, [0.1, 0.5, 0.9])
+            sigma = float(hi - lo) / (2 * NORMAL_Q90)
+            z = statistics.NormalDist().inv_cdf(1.0 - max(target_loss, 1e-6))
+            cut = max(cut, float(mid) + z * sigma) if math.isfinite(cut) else cut
         flagged = argmax_oos | (v > cut)
         res: dict[str, Any] = {
             "oos_score": sc,
