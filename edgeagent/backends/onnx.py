@@ -173,8 +173,9 @@ class Head:
     and ``maha_prec`` (dim, dim: the shrunk tied-covariance inverse).
     ``calibration.json``: ``temperature``, ``blend``, ``knn_k``, ``knn_temp``,
     ``oos_label``, ``threshold`` and the out-of-scope score: ``oos_score`` (components from
-    :data:`OOS_COMPONENTS` joined by ``+``), ``oos_norm`` (per component ``[centre, scale]``:
-    the score is the mean of ``(component - centre) / scale``), ``oos_cut`` (flag above it),
+    :data:`OOS_COMPONENTS` joined by ``+``: their mean, or by ``|``: their maximum),
+    ``oos_norm`` (per component ``[centre, scale]``, applied as ``(component - centre) /
+    scale`` before combining), ``oos_cut`` (flag above it),
     ``oos_signal`` (the head was trained with out-of-scope examples, so the cut-off applies
     by default), ``oos_knn_k``.  Bundles written before these fields existed carry
     ``centroid_cos_min`` instead: read as ``oos_score = "centroid"``, ``oos_cut =
@@ -264,11 +265,11 @@ class Head:
 
     def oos_components(self) -> list[str]:
         """The components of :attr:`oos_score`, in order."""
-        return [c for c in self.oos_score.split("+") if c]
+        return split_oos_score(self.oos_score)[1]
 
     def check_oos_score(self, score: str) -> None:
         """``ValueError`` unless this head has what computing ``score`` needs."""
-        for comp in score.split("+"):
+        for comp in split_oos_score(score)[1]:
             if comp not in OOS_COMPONENTS:
                 raise ValueError(f"calibration.json: unknown oos_score component {comp!r}")
             if comp == "mahalanobis" and (self.maha_mean is None or self.maha_prec is None):
@@ -424,16 +425,27 @@ class Head:
         self, emb: FloatArray, probs: FloatArray, score: str | None = None
     ) -> FloatArray:
         """The out-of-scope score ``score`` (default: the head's own), shape ``(n,)``: the
-        mean of its components, each normalised by :attr:`oos_norm` (raw when absent)."""
+        mean (``a+b``) or the maximum (``a|b``) of its components, each normalised by
+        :attr:`oos_norm` (raw when absent)."""
         import numpy as np
 
-        comps = (score or self.oos_score).split("+")
-        total = np.zeros(emb.shape[0], dtype=np.float32)
+        how, comps = split_oos_score(score or self.oos_score)
+        parts = []
         for comp in comps:
             centre, scale = self.oos_norm.get(comp, (0.0, 1.0))
-            total += (self.component(comp, emb, probs) - centre) / scale
-        out: FloatArray = (total / len(comps)).astype(np.float32)
+            parts.append((self.component(comp, emb, probs) - centre) / scale)
+        stacked = np.stack(parts)
+        combined = stacked.max(axis=0) if how == "max" else stacked.mean(axis=0)
+        out: FloatArray = combined.astype(np.float32)
         return out
+
+
+def split_oos_score(score: str) -> tuple[str, list[str]]:
+    """``"a+b"`` -> ``("mean", ["a", "b"])``; ``"a|b"`` -> ``("max", ["a", "b"])`` (one kind
+    of combination per score)."""
+    if "|" in score:
+        return "max", [c for c in score.split("|") if c]
+    return "mean", [c for c in score.split("+") if c]
 
 
 def knn_probabilities(

@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeagent.backends.onnx import Head, OnnxEncoder, predict
+from edgeagent.backends.onnx import Head, OnnxEncoder, predict, split_oos_score
 from edgeagent.modeltools.bundle import read_manifest, sha256_file, write_manifest
 from edgeagent.modeltools.calibrate import (
     curve_from_predictions,
@@ -334,7 +334,7 @@ class TrainedHead:
 
 
 #: The out-of-scope score ``oos_score="auto"`` picks (measured by benchmarks/bench_oos.py).
-DEFAULT_OOS_SCORE = "energy+oos_class"
+DEFAULT_OOS_SCORE = "energy|oos_class"
 
 
 def _build_head(
@@ -362,10 +362,10 @@ def _build_head(
 
 def _resolve_oos_score(score: str, has_oos_class: bool) -> str:
     """``auto`` -> the default; ``oos_class`` dropped when there is no out-of-scope class."""
-    comps = (DEFAULT_OOS_SCORE if score == "auto" else score).split("+")
+    how, comps = split_oos_score(DEFAULT_OOS_SCORE if score == "auto" else score)
     if not has_oos_class:
         comps = [c for c in comps if c != "oos_class"] or ["energy"]
-    return "+".join(comps)
+    return ("|" if how == "max" else "+").join(comps)
 
 
 #: Fewer expected held-out in-scope examples above the cut than this: extrapolate it.
@@ -390,7 +390,7 @@ def calibrate_oos(
     oos_idx = head.labels.index(head.oos_label) if head.oos_label in head.labels else -1
     is_in = y != oos_idx
     argmax_oos = probs.argmax(axis=1) == oos_idx
-    comps = sorted({c for sc in scores for c in sc.split("+")})
+    comps = sorted({c for sc in scores for c in split_oos_score(sc)[1]})
     raw = {c: head.component(c, emb, probs) for c in comps}
     norm: dict[str, list[float]] = {}
     for c, v in raw.items():
@@ -400,7 +400,9 @@ def calibrate_oos(
     n_in = int(is_in.sum())
     budget = math.floor(target_loss * n_in + 1e-9) - int((argmax_oos & is_in).sum())
     for sc in scores:
-        v = np.mean([(raw[c] - norm[c][0]) / norm[c][1] for c in sc.split("+")], axis=0)
+        how, parts = split_oos_score(sc)
+        normed = np.stack([(raw[c] - norm[c][0]) / norm[c][1] for c in parts])
+        v = normed.max(axis=0) if how == "max" else normed.mean(axis=0)
         cand = np.sort(v[is_in & ~argmax_oos])[::-1]
         cut = float(cand[budget]) if 0 <= budget < len(cand) else math.inf
         if budget >= len(cand):
@@ -416,7 +418,7 @@ def calibrate_oos(
         flagged = argmax_oos | (v > cut)
         res: dict[str, Any] = {
             "oos_score": sc,
-            "oos_norm": {c: norm[c] for c in sc.split("+")},
+            "oos_norm": {c: norm[c] for c in parts},
             # +inf: the arg-max answers alone use the budget; -inf: flag every input.
             "oos_cut": cut if math.isfinite(cut) else (None if cut > 0 else -1e30),
             "in_scope_loss": float(flagged[is_in].mean()) if n_in else 0.0,
@@ -541,7 +543,7 @@ def train_head(
     chosen_score = _resolve_oos_score(opts.oos_score, oos_idx is not None)
     scores_to_try = list(dict.fromkeys([chosen_score, *opts.oos_candidates]))
     if oos_idx is None:
-        scores_to_try = [sc for sc in scores_to_try if "oos_class" not in sc.split("+")]
+        scores_to_try = [sc for sc in scores_to_try if "oos_class" not in split_oos_score(sc)[1]]
     oos_cal = calibrate_oos(probe, xho, yho, scores_to_try, opts.oos_target_loss)
     oos_choice = oos_cal[chosen_score]
     cal.update(
