@@ -413,10 +413,14 @@ class Head:
         elif name == "knn":
             out = -self.knn_cos(emb)
         elif name == "oos_class":
-            # log-odds, not the probability: near 0 for most in-scope inputs, so a spread
-            # measured on them would make this component swamp any other it is combined with
-            p_oos = np.clip(probs[:, self.labels.index(str(self.oos_label))], 1e-7, 1 - 1e-7)
-            out = np.log(p_oos) - np.log1p(-p_oos)
+            # The linear head's log-odds of the out-of-scope class, not its probability: the
+            # probability is ~0 for every in-scope input (no spread to normalise by), and
+            # so would swamp any component it is combined with.
+            z = (emb @ self.weight + self.bias) / self.temperature
+            oos = self.labels.index(str(self.oos_label))
+            rest = z[:, self.in_scope_idx]
+            top = rest.max(axis=1)
+            out = z[:, oos] - (top + np.log(np.exp(rest - top[:, None]).sum(axis=1)))
         else:
             raise ValueError(f"unknown out-of-scope score component {name!r}")
         return out.astype(np.float32)

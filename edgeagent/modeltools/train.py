@@ -410,9 +410,10 @@ def calibrate_oos(
         if target_loss * n_in < MIN_TAIL and len(cand) >= 2:
             # Too few held-out examples to read the quantile off them (the cut would be
             # their maximum, flagging far more than target_loss of new inputs): extrapolate
-            # with a normal fitted robustly (median, 10-90 % spread) to the in-scope scores.
+            # with a normal fitted robustly (median, 10-90 % spread) to the in-scope scores,
+            # its spread widened for the few examples it was measured on.
             lo, mid, hi = np.quantile(cand, [0.1, 0.5, 0.9])
-            sigma = float(hi - lo) / (2 * NORMAL_Q90)
+            sigma = float(hi - lo) / (2 * NORMAL_Q90) * (1.0 + 4.0 / len(cand))
             z = statistics.NormalDist().inv_cdf(1.0 - max(target_loss, 1e-6))
             cut = max(cut, float(mid) + z * sigma) if math.isfinite(cut) else cut
         flagged = argmax_oos | (v > cut)
