@@ -112,8 +112,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--oos-score",
         default="auto",
         help="classifier: out-of-scope score, components of centroid, msp, energy, "
-        "mahalanobis, knn, oos_class joined by '+' (default: auto = "
-        "energy+oos_class, energy without out-of-scope examples)",
+        "mahalanobis, knn, oos_class joined by '+' (mean) or '|' (maximum) (default: auto = "
+        "energy|oos_class, energy without out-of-scope examples)",
     )
     train.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     train.add_argument("--no-knn", action="store_true", help="linear head only (no kNN blend)")

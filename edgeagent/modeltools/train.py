@@ -309,7 +309,8 @@ class TrainOptions:
     oos_weight: float = 1.0
     distance_quantile: float = 0.005  # ignored since oos_target_loss (kept for old callers)
     oos_score: str = "auto"
-    """Out-of-scope score: components of ``OOS_COMPONENTS`` joined by ``+``, or ``auto``
+    """Out-of-scope score: components of ``OOS_COMPONENTS`` joined by ``+`` (mean) or ``|``
+    (maximum), or ``auto``
     (:data:`DEFAULT_OOS_SCORE`, without ``oos_class`` when there is no out-of-scope class)."""
     oos_target_loss: float = 0.01
     """Largest share of held-out in-scope examples the out-of-scope cut-off may flag.  The
