@@ -355,6 +355,9 @@ def clinc(
             f"trained in {time.monotonic() - t0:.0f} s; kNN weight {1 - trained.head.blend:g}"
         )
         print(f"{'score (held-out loss / recall)':<40} {HEADER}")
+        res = evaluate(heads["before"], x_eval, truths)
+        print(f"{'before (HEAD, same stream)':<40} {_fmt(res)}")
+        rows.append({"fold": fold, "score": "before", **res})
         for score, cand in trained.metrics["oos"]["candidates"].items():
             res = evaluate(with_score(trained.head, cand), x_eval, truths)
             ho = f"({cand['in_scope_loss']:.1%}/{cand.get('oos_recall', 0):.0%})"
