@@ -250,7 +250,8 @@ def _fmt(r: dict[str, Any]) -> str:
     return (
         f"{r['local_only_accuracy']:>7.2%} {'' if rec is None else f'{rec:.1%}':>7} "
         f"{r['in_scope_loss']:>7.2%} {r['escalation_for_98']:>7.1%} {r['escalation_for_99']:>7.1%} "
-        f"{r['ece']:>7.4f} {r.get('oracle_recall_at_2', float('nan')):>7.1%}"
+        f"{r['ece']:>7.4f} "
+        f"{'' if 'oracle_recall_at_2' not in r else format(r['oracle_recall_at_2'], '.1%'):>7}"
     )
 
 
