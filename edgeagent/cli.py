@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
     replay.add_argument("--device", help="target device id (default: the config's device_id)")
     replay.add_argument("--results", action="store_true", help="also print each result (stderr)")
+    replay.add_argument(
+        "--oos-label",
+        default=None,
+        help="gold label meaning out of scope, besides 'oos' and 'out_of_scope' (declining "
+        "to answer such a job counts as right)",
+    )
     replay.set_defaults(func=_cmd_replay)
 
     ex = sub.add_parser(

@@ -6,6 +6,12 @@ report say how often the daemon was right.  The report tells an operator what sh
 answered locally, why jobs were escalated, how often the local model agrees with the gold
 answer and with the cloud, and latency quantiles, so thresholds can be tuned on one's own
 traffic.
+
+Counting rules: an answer served from the result cache (``source = "cache"``) is a local
+answer (the device answered without the cloud).  For a gold label that means out of scope
+(``oos``, ``out_of_scope`` or ``--oos-label``), the right answer is to not answer with an
+intent: status ``unrecognized`` with error ``out_of_scope`` / ``low_confidence``, or an
+output whose label is itself an out-of-scope label.
 """
 
 from __future__ import annotations
@@ -50,12 +56,36 @@ def load(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return jobs, gold
 
 
+#: Gold labels that mean "out of scope" (plus the one given with ``--oos-label``).
+OOS_LABELS = frozenset({"oos", "out_of_scope"})
+#: ``unrecognized`` error codes that mean the device declined to answer with an intent.
+DECLINED = frozenset({"out_of_scope", "low_confidence"})
+LOCAL_SOURCES = ("local", "cache")
+
+
+def is_right(answer: dict[str, Any], gold: Any, oos_labels: frozenset[str] = OOS_LABELS) -> bool:
+    """Whether a result matches the gold answer; for an out-of-scope gold label, declining
+    (``unrecognized`` for ``out_of_scope``/``low_confidence``) or answering an out-of-scope
+    label is right."""
+    output = answer.get("output")
+    if output == gold:
+        return True
+    gold_label = gold.get("label") if isinstance(gold, dict) else None
+    if gold_label not in oos_labels:
+        return False
+    if isinstance(output, dict) and output.get("label") in oos_labels:
+        return True
+    code = (answer.get("error") or {}).get("code")
+    return answer.get("status") == "unrecognized" and code in DECLINED
+
+
 def report(
     jobs: list[dict[str, Any]],
     gold: dict[str, Any],
     first: dict[str, dict[str, Any]],
     final: dict[str, dict[str, Any]],
     latency_ms: dict[str, float],
+    oos_labels: frozenset[str] = OOS_LABELS,
 ) -> dict[str, Any]:
     n = len(jobs)
     answered = len(first)
@@ -64,7 +94,10 @@ def report(
     reasons = collections.Counter(
         (r.get("escalation") or {}).get("reason") for r in final.values() if r.get("escalation")
     )
-    local_ok = [k for k, r in first.items() if r.get("source") == "local" and r["status"] == "ok"]
+    local_ok = [
+        k for k, r in first.items() if r.get("source") in LOCAL_SOURCES and r["status"] == "ok"
+    ]
+    cached = [k for k in local_ok if first[k].get("source") == "cache"]
     cloud = [k for k, r in final.items() if r.get("source") == "cloud"]
 
     def share(k: int, total: int) -> float | None:
@@ -72,8 +105,14 @@ def report(
 
     def agreement(keys: list[str], answers: dict[str, dict[str, Any]]) -> float | None:
         scored = [k for k in keys if k in gold]
-        right = sum(1 for k in scored if answers[k].get("output") == gold[k])
+        right = sum(1 for k in scored if is_right(answers[k], gold[k], oos_labels))
         return share(right, len(scored))
+
+    gold_oos = [
+        k
+        for k in final
+        if k in gold and isinstance(gold[k], dict) and gold[k].get("label") in oos_labels
+    ]
 
     with_gold = [k for k in final if k in gold]
     lat = sorted(latency_ms.values())
@@ -88,11 +127,14 @@ def report(
         "status": dict(statuses),
         "source": dict(sources),
         "answered_locally": share(len(local_ok), n),
+        "answered_from_cache": share(len(cached), n),
         "escalation_rate": share(sum(reasons.values()), n),
         "escalation_reasons": {str(k): v for k, v in reasons.items()},
         "accuracy_overall": agreement(with_gold, final),
         "accuracy_local": agreement(local_ok, first),
         "accuracy_cloud": agreement(cloud, final),
+        "out_of_scope_jobs": len(gold_oos),
+        "accuracy_out_of_scope": agreement(gold_oos, final),
         "local_vs_cloud_agreement": _local_vs_cloud(first, final),
         "latency_ms": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": q(1.0)},
     }
@@ -142,5 +184,6 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     except SubmitError as exc:
         print(f"edgeagent replay: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(report(jobs, gold, first, final, latency_ms), indent=2))
+    oos_labels = OOS_LABELS | ({args.oos_label} if getattr(args, "oos_label", None) else set())
+    print(json.dumps(report(jobs, gold, first, final, latency_ms, oos_labels), indent=2))
     return 0 if len(first) == len(jobs) else 3

@@ -399,3 +399,33 @@ def test_issue9_formats_do_not_reach_the_cloud(
     for request in cloud.requests:
         assert re.fullmatch(r"pay <(CARD|PHONE)_1> now", request["input"]), request["input"]
     cloud.stop()
+
+
+def test_replay_counts_declined_out_of_scope_as_right_and_cache_hits_as_local(
+    cloud_broker: Broker, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """No cloud: out-of-scope jobs are declined (`unrecognized`/`out_of_scope`), which is the
+    right answer for a gold `oos` label; a second replay is served from the cache, and
+    those answers are local answers."""
+    d = daemon_factory(cloud_broker.port, tasks=tasks())
+    d.wait_connected()
+    rec = tmp_path / "recorded.jsonl"
+    lines = [{"input": f"smoke {i}", "label": "fire"} for i in range(6)]
+    lines += [{"input": f"what is the capital of peru {i}", "label": "oos"} for i in range(3)]
+    lines += [{"input": "door ajar", "label": "intrusion"}]
+    rec.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    cmd = [sys.executable, "-m", "edgeagent", "replay", "--config", str(d.config), "alarm"]
+    reports = []
+    for _ in range(2):
+        out = subprocess.run(
+            [*cmd, str(rec), "--timeout", "60"], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        reports.append(json.loads(out.stdout))
+    first, second = reports
+    # 6 fire right locally, 3 oos declined (right), "door ajar" declined (wrong: intrusion).
+    assert first["accuracy_overall"] == 0.9
+    assert first["out_of_scope_jobs"] == 3 and first["accuracy_out_of_scope"] == 1.0
+    assert first["answered_locally"] == 0.6 and first["answered_from_cache"] == 0.0
+    assert second["answered_locally"] == 0.6 and second["answered_from_cache"] == 0.6
+    assert second["accuracy_local"] == 1.0 and second["accuracy_overall"] == 0.9

@@ -204,6 +204,112 @@ def test_temperature_keeps_the_ranking_within_an_input(np: Any) -> None:
     assert (np.diff(cal_sorted, axis=1) <= 1e-7).all()
 
 
+# -- out-of-scope scoring ----------------------------------------------------------------
+
+
+def _unit(np: Any, x: Any) -> Any:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _far(np: Any, n: int, dim: int, seed: int) -> Any:
+    """Directions unrelated to any blob: out of scope for a head trained on blobs."""
+    return _unit(np, np.random.default_rng(seed).normal(size=(n, dim)))
+
+
+def _flagged(preds: list[Any]) -> int:
+    return sum(p.reason == "out_of_scope" for p in preds)
+
+
+def test_task_without_oos_signal_never_flags_out_of_scope_by_default(np: Any) -> None:
+    """No `oos` label and no out-of-scope examples: nothing is flagged unless the operator
+    turns oos_distance on (Banking77 had 18 in-scope inputs flagged before)."""
+    from edgeagent.backends.onnx import predict
+
+    x, y = _blobs(np, 50, 5, 16, seed=3)
+    head = train_head(x, [str(i) for i in y], TrainOptions(), log=lambda *_: None).head
+    assert head.oos_label is None and head.oos_signal is False
+    far = _far(np, 100, 16, seed=4)
+    assert _flagged(predict(head, far)) == 0
+    assert _flagged(predict(head, x)) == 0
+    # The calibrated cut-off is still there for an operator who opts in.
+    assert head.oos_cut is not None
+    assert _flagged(predict(head, far, oos_distance=True)) >= 90
+
+
+def test_oos_examples_train_out_of_scope_detection(np: Any) -> None:
+    """Outlier exposure: texts known to be out of scope become the out-of-scope class, and
+    unseen out-of-scope inputs are flagged while in-scope ones are kept."""
+    from edgeagent.backends.onnx import predict
+
+    x, y = _blobs(np, 50, 5, 16, seed=3)
+    far = _far(np, 300, 16, seed=5)
+    opts = TrainOptions(oos_target_loss=0.02)
+    trained = train_head(x, [str(i) for i in y], opts, log=lambda *_: None, oos_emb=far[:150])
+    head = trained.head
+    assert head.labels[-1] == "oos" and head.oos_signal
+    assert head.oos_score == "energy|oos_class"
+    assert trained.metrics["oos"]["held_out_in_scope_loss"] <= 0.02 + 1e-9
+    assert _flagged(predict(head, far[150:])) >= 140
+    centres = np.random.default_rng(3).normal(size=(5, 16))  # the blobs' centres
+    noise = np.random.default_rng(99).normal(size=(5, 40, 16))
+    x_new = _unit(np, (centres[:, None, :] + 0.6 * noise).reshape(-1, 16))  # fresh draws
+    assert _flagged(predict(head, x_new)) <= 10
+
+
+def test_oos_score_survives_save_and_load(np: Any, tmp_path: Path) -> None:
+    from edgeagent.backends.onnx import Head
+
+    x, y = _blobs(np, 40, 4, 16, seed=6)
+    far = _far(np, 80, 16, seed=7)
+    opts = TrainOptions(oos_score="mahalanobis+knn")
+    head = train_head(x, [str(i) for i in y], opts, log=lambda *_: None, oos_emb=far).head
+    head.save(tmp_path)
+    loaded = Head.from_bundle(tmp_path)
+    assert loaded.oos_score == "mahalanobis+knn" and loaded.oos_cut == head.oos_cut
+    assert np.allclose(
+        loaded.oos_values(far, loaded.probabilities(far)),
+        head.oos_values(far, head.probabilities(far)),
+        atol=1e-2,  # knn_emb is stored as float16
+    )
+
+
+def test_calibration_from_before_oos_score_still_loads(np: Any) -> None:
+    """A bundle written before the out-of-scope score fields: centroid cosine cut-off,
+    applied by default only when the bundle has an out-of-scope class."""
+    from edgeagent.backends.onnx import Head, predict
+
+    x, y = _blobs(np, 30, 3, 8, seed=8)
+    arrays = {
+        "weight": np.zeros((8, 4), np.float32),
+        "bias": np.zeros(4, np.float32),
+        "centroids": _unit(np, np.stack([x[y == k].mean(axis=0) for k in range(3)])),
+    }
+    old = {"temperature": 1.0, "oos_label": "oos", "centroid_cos_min": 0.999}
+    head = Head(arrays, ["a", "b", "c", "oos"], old)
+    assert head.oos_score == "centroid" and head.oos_signal and head.oos_cut == -0.999
+    assert _flagged(predict(head, x)) == len(x)
+    assert _flagged(predict(head, x, oos_distance=False)) == 0
+    arrays["weight"], arrays["bias"] = arrays["weight"][:, :3], arrays["bias"][:3]
+    no_class = Head(arrays, ["a", "b", "c"], {**old, "oos_label": None})
+    assert not no_class.oos_signal and _flagged(predict(no_class, x)) == 0
+
+
+@pytest.mark.parametrize(
+    ("score", "match"),
+    [("bogus", "unknown oos_score"), ("knn", "needs knn_emb"), ("mahalanobis", "maha_mean")],
+)
+def test_bad_oos_score_is_refused_at_load(np: Any, score: str, match: str) -> None:
+    from edgeagent.backends.onnx import Head
+
+    arrays = {
+        "weight": np.zeros((4, 2), np.float32),
+        "bias": np.zeros(2, np.float32),
+        "centroids": np.eye(2, 4, dtype=np.float32),
+    }
+    with pytest.raises(ValueError, match=match):
+        Head(arrays, ["a", "b"], {"oos_score": score, "oos_cut": 0.0})
+
+
 # -- escalation curve ------------------------------------------------------------------
 
 

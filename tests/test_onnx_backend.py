@@ -284,7 +284,8 @@ def test_oos_examples_route_as_out_of_scope(classifier_bundle: Path) -> None:
 def test_distance_signal_flags_inputs_far_from_every_class(copy_bundle: Path) -> None:
     cal_path = copy_bundle / "calibration.json"
     cal = json.loads(cal_path.read_text())
-    cal["centroid_cos_min"] = 0.99  # nothing real is that close to a centroid
+    # nothing real is that close to a centroid
+    cal.update(oos_score="centroid", oos_norm={}, oos_cut=-0.99)
     cal_path.write_text(json.dumps(cal))
     m = read_manifest(copy_bundle, verify=False)
     base = {k: v for k, v in m.items() if k not in ("files", "fingerprint", "format")}
@@ -293,6 +294,65 @@ def test_distance_signal_flags_inputs_far_from_every_class(copy_bundle: Path) ->
     assert p.reason == "out_of_scope" and p.output == {"label": "music"}
     (q,) = _loaded(copy_bundle, oos_distance=False).infer_batch(["play some hip hop"])
     assert q.reason is None
+
+
+UNSEEN_OOS = [
+    "what is the tallest mountain in the world",
+    "how do i bake sourdough bread",
+    "who painted the mona lisa",
+    "what's the population of canada",
+    "how many moons does jupiter have",
+    "recommend a movie for tonight",
+]
+
+
+def test_bundle_trained_with_oos_examples_flags_oos_inputs(
+    encoder_bundle: Path, tmp_path: Path
+) -> None:
+    """`train --oos-examples`: no `oos` label in the examples, out-of-scope texts in a
+    separate file; unseen out-of-scope inputs are flagged, in-scope ones answered."""
+    examples = _write_examples(tmp_path / "in.jsonl", INTENTS, [])
+    oos_file = tmp_path / "other-domains.txt"
+    oos_file.write_text("\n".join(OOS) + "\n")
+    bundle = train_bundle(
+        "intent",
+        examples,
+        encoder_bundle,
+        tmp_path / "b",
+        TrainOptions(held_out=0.2, threads=1),
+        log=_quiet,
+        oos_examples=oos_file,
+    )
+    head = read_manifest(bundle)["head"]
+    assert head["oos_examples"] == len(OOS) and head["oos_signal"] is True
+    backend = _loaded(bundle)
+    assert "oos" in backend.labels
+    flagged = [p.reason == "out_of_scope" for p in backend.infer_batch(UNSEEN_OOS)]
+    assert sum(flagged) >= 5, flagged
+    answers = backend.infer_batch(list(UNSEEN_IN_SCOPE))
+    assert [p.output for p in answers] == [{"label": lb} for lb in UNSEEN_IN_SCOPE.values()]
+    assert all(p.reason != "out_of_scope" for p in answers)
+
+
+def test_task_without_oos_signal_never_flags_out_of_scope(
+    encoder_bundle: Path, tmp_path: Path
+) -> None:
+    """No out-of-scope examples at all (like Banking77): nothing is flagged out of scope
+    unless the operator sets oos_distance = true."""
+    examples = _write_examples(tmp_path / "in.jsonl", INTENTS, [])
+    bundle = train_bundle(
+        "intent",
+        examples,
+        encoder_bundle,
+        tmp_path / "b",
+        TrainOptions(held_out=0.2, threads=1),
+        log=_quiet,
+    )
+    texts = UNSEEN_OOS + OOS + list(UNSEEN_IN_SCOPE)
+    default = _loaded(bundle).infer_batch(texts)
+    assert not [p for p in default if p.reason == "out_of_scope"]
+    opted_in = _loaded(bundle, oos_distance=True).infer_batch(texts)
+    assert sum(p.reason == "out_of_scope" for p in opted_in) >= len(UNSEEN_OOS)
 
 
 # -- calibration -----------------------------------------------------------------------
@@ -460,9 +520,16 @@ def test_runtime_never_imports_torch_or_transformers(classifier_bundle: Path) ->
 
 
 def test_cli_train_and_calibrate(
-    encoder_bundle: Path, examples_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    encoder_bundle: Path,
+    examples_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from edgeagent.cli import main
+
+    # No config file anywhere: calibrate --bundle must not need one.
+    monkeypatch.setenv("EDGEAGENT_CONFIG", str(tmp_path / "absent.toml"))
 
     out = tmp_path / "bundles"
     rc = main(
@@ -504,8 +571,44 @@ def test_cli_train_and_calibrate(
     assert rc == 0
     printed = capsys.readouterr().out
     assert "threshold = " in printed
+    assert "escalation for 98.0% overall accuracy = " in printed
+    assert "escalation for 99.0% overall accuracy = " in printed
+    assert "use_bundle_threshold = true (the default)" in printed
     assert json.loads((bundle / "calibration.json").read_text())["threshold"] is not None
     read_manifest(bundle)  # still consistent after the rewrite
+
+    # A config whose task turns the bundle threshold off: calibrate says it is not applied.
+    config = tmp_path / "edgeagent.toml"
+    config.write_text(
+        f'[tasks.intent]\nkind = "classify"\n'
+        f'[tasks.intent.backend]\ntype = "onnx"\nbundle = "{bundle}"\n'
+        "use_bundle_threshold = false\n"
+    )
+    rc = main(
+        [
+            "calibrate",
+            "intent",
+            "--config",
+            str(config),
+            "--examples",
+            str(examples_file),
+            "--target-escalation",
+            "0.2",
+            "--target-accuracy",
+            "0.95",
+            "--dry-run",
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "escalation for 95.0% overall accuracy = " in printed
+    assert "--dry-run: not written" in printed
+    args = ["--examples", str(examples_file), "--target-escalation", "0.2"]
+    rc = main(["calibrate", "intent", "--config", str(config), *args])
+    assert rc == 0
+    assert "NOT applied: tasks.intent.backend.use_bundle_threshold = false" in (
+        capsys.readouterr().out
+    )
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x", "label": "a"}\n{"text": 3}\n')
@@ -541,6 +644,69 @@ def test_clinc150_subset_quality(encoder_bundle: Path, tmp_path: Path) -> None:
     assert acc > 0.9
     oos = [p for p, (_, lb) in zip(preds, held, strict=True) if lb == "oos"]
     assert sum(p.reason == "out_of_scope" for p in oos) / len(oos) > 0.5
+
+
+def _tagged_texts(path: Path, skip: set[str]) -> list[str]:
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [" ".join(r["tokens"]) for r in rows if r["intent"] not in skip]
+
+
+def test_clinc150_subset_with_oos_examples_from_other_data_sets(
+    encoder_bundle: Path, tmp_path: Path
+) -> None:
+    """Outlier exposure with SNIPS sentences; evaluated on ATIS sentences (a domain the
+    head never saw) and CLINC validation intents: most out-of-scope flagged, few in-scope."""
+    root = _datasets()
+    if not all((root / d / "train.jsonl").is_file() for d in ("clinc150", "snips", "atis")):
+        pytest.skip(f"CLINC150/SNIPS/ATIS not found under {root} (set EDGEAGENT_DATASETS)")
+    train = load_examples(root / "clinc150/train.jsonl")
+    val = load_examples(root / "clinc150/validation.jsonl")
+    # Ten intents (not book_flight: ATIS questions are about flights).
+    keep = [lb for lb in sorted({lb for _, lb in train}) if lb not in ("oos", "book_flight")][:10]
+    sub = [(t, lb) for t, lb in train if lb in keep]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": lb}) + "\n" for t, lb in sub))
+    snips = _tagged_texts(root / "snips/train.jsonl", {"GetWeather", "PlayMusic"})[:300]
+    oos_file = tmp_path / "oos.jsonl"
+    oos_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in snips))
+    bundle = train_bundle(
+        "clinc10",
+        path,
+        encoder_bundle,
+        tmp_path / "b",
+        TrainOptions(threads=1),
+        log=_quiet,
+        oos_examples=oos_file,
+    )
+    backend = _loaded(bundle)
+    flights = {"atis_flight", "atis_flight_time", "atis_ground_service", "atis_airline"}
+    atis = _tagged_texts(root / "atis/validation.jsonl", flights)[:100]
+    flagged = [p.reason == "out_of_scope" for p in backend.infer_batch(atis)]
+    assert sum(flagged) / len(flagged) >= 0.65  # 75 % measured
+    in_scope = [(t, lb) for t, lb in val if lb in keep]
+    preds = backend.infer_batch([t for t, _ in in_scope])
+    assert sum(p.reason == "out_of_scope" for p in preds) / len(preds) <= 0.05
+    acc = sum(p.output == {"label": lb} for p, (_, lb) in zip(preds, in_scope, strict=True))
+    assert acc / len(in_scope) > 0.9
+
+
+def test_banking77_subset_flags_nothing_out_of_scope(encoder_bundle: Path, tmp_path: Path) -> None:
+    """A task with no out-of-scope signal (Banking77 has no such class): no in-scope input
+    is flagged out of scope by default (18 were before)."""
+    root = _datasets() / "banking77"
+    if not (root / "train.jsonl").is_file():
+        pytest.skip(f"Banking77 not found under {root} (set EDGEAGENT_DATASETS)")
+    rows = load_examples(root / "train.jsonl")
+    keep = sorted({lb for _, lb in rows})[:12]
+    sub = [(t, lb) for t, lb in rows if lb in keep]
+    train, held = sub[::2], sub[1::2][:300]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": lb}) + "\n" for t, lb in train))
+    bundle = train_bundle(
+        "bank12", path, encoder_bundle, tmp_path / "b", TrainOptions(threads=1), log=_quiet
+    )
+    preds = _loaded(bundle).infer_batch([t for t, _ in held])
+    assert not [p for p in preds if p.reason == "out_of_scope"]
 
 
 # -- optional encoder fine-tuning ------------------------------------------------------

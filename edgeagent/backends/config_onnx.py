@@ -29,11 +29,13 @@ class OnnxBackendConfig(BaseModel):
         description="Mark answers below the threshold stored by `edgeagent calibrate` with "
         "reason `low_confidence` (on top of the task's own `threshold`).",
     )
-    oos_distance: bool = Field(
-        True,
-        description="Classifier: flag inputs far from every class centroid (cosine below the "
-        "bundle's calibrated cut-off) as `out_of_scope`, in addition to a trained out-of-scope "
-        "class.",
+    oos_distance: bool | None = Field(
+        None,
+        description="Classifier: flag inputs whose out-of-scope score (chosen and calibrated by "
+        "`edgeagent train`) is above the bundle's cut-off as `out_of_scope`, in addition to "
+        "inputs the trained out-of-scope class wins. Unset: only when the "
+        "bundle was trained with out-of-scope examples (`oos` label or `--oos-examples`); "
+        "`true` also for a task given none; `false` never.",
     )
     tagger_confidence: Literal["words", "spans", "frame"] = Field(
         "words",

@@ -6,8 +6,9 @@ or transformers.  A bundle (see :mod:`edgeagent.modeltools.bundle`) holds ``mode
 (outputs ``last_hidden_state``), ``tokenizer.json``, ``head.npz`` (weights, bias, class
 centroids), ``labels.json`` and ``calibration.json`` (temperature, out-of-scope cut-offs,
 threshold).  Answers: the arg-max label, its temperature-scaled probability as confidence,
-``reason="out_of_scope"`` when the out-of-scope class wins or the input is far from every
-class centroid, ``reason="low_confidence"`` below the calibrated threshold.
+``reason="out_of_scope"`` when the out-of-scope class wins or the bundle's out-of-scope score
+(see :class:`Head`) is above its calibrated cut-off, ``reason="low_confidence"`` below the
+calibrated threshold.
 
 Thread model: ``infer_batch`` may run on several worker threads at once; onnxruntime's
 ``InferenceSession.run`` and the tokenizer are thread-safe and the head is read-only, so
@@ -41,6 +42,8 @@ TOP_K = 3
 OOS_REASON = "out_of_scope"
 LOW_CONFIDENCE = "low_confidence"
 WARMUP_TEXT = "warm-up: what is the balance of my account?"
+#: Out-of-scope score components a head can compute (each: higher = further out of scope).
+OOS_COMPONENTS = ("centroid", "msp", "energy", "mahalanobis", "knn", "oos_class")
 
 
 def cpu_session(model_path: Path, intra_op_threads: int = 1, inter_op_threads: int = 1) -> Any:
@@ -166,9 +169,18 @@ class Head:
     plus the class centroids for the out-of-scope distance signal.
 
     ``head.npz``: ``weight`` (dim, k), ``bias`` (k,), ``centroids`` (in-scope k, dim) and,
-    when ``blend`` < 1, ``knn_emb`` (n, dim, float16) and ``knn_label`` (n,).
+    when ``blend`` < 1 or the out-of-scope score uses ``knn``, ``knn_emb`` (n, dim, float16)
+    and ``knn_label`` (n,); when it uses ``mahalanobis``, ``maha_mean`` (in-scope k, dim)
+    and ``maha_prec`` (dim, dim: the shrunk tied-covariance inverse).
     ``calibration.json``: ``temperature``, ``blend``, ``knn_k``, ``knn_temp``,
-    ``oos_label``, ``centroid_cos_min``, ``threshold``.
+    ``oos_label``, ``threshold`` and the out-of-scope score: ``oos_score`` (components from
+    :data:`OOS_COMPONENTS` joined by ``+``: their mean, or by ``|``: their maximum),
+    ``oos_norm`` (per component ``[centre, scale]``, applied as ``(component - centre) /
+    scale`` before combining), ``oos_cut`` (flag above it),
+    ``oos_signal`` (the head was trained with out-of-scope examples, so the cut-off applies
+    by default), ``oos_knn_k``.  Bundles written before these fields existed carry
+    ``centroid_cos_min`` instead: read as ``oos_score = "centroid"``, ``oos_cut =
+    -centroid_cos_min``, ``oos_signal`` = the bundle has an out-of-scope class.
     """
 
     def __init__(
@@ -192,10 +204,43 @@ class Head:
         self.oos_label: str | None = cal.get("oos_label")
         self.centroid_cos_min: float | None = cal.get("centroid_cos_min")
         self.threshold: float | None = cal.get("threshold")
-        known = {"temperature", "blend", "knn_k", "knn_temp", "oos_label", "centroid_cos_min"}
+        self.oos_score: str = str(cal.get("oos_score") or "centroid")
+        self.oos_norm: dict[str, list[float]] = dict(cal.get("oos_norm") or {})
+        self.oos_cut: float | None = cal.get("oos_cut")
+        self.oos_signal = bool(cal.get("oos_signal", self.oos_label is not None))
+        self.oos_knn_k = int(cal.get("oos_knn_k", 5))
+        if "oos_score" not in cal and self.centroid_cos_min is not None:
+            self.oos_cut = -float(self.centroid_cos_min)  # bundle from before oos_score
+        known = {
+            "temperature",
+            "blend",
+            "knn_k",
+            "knn_temp",
+            "oos_label",
+            "centroid_cos_min",
+            "oos_score",
+            "oos_norm",
+            "oos_cut",
+            "oos_signal",
+            "oos_knn_k",
+        }
         self.extra = {k: v for k, v in cal.items() if k not in known | {"threshold"}}
         self.knn_emb: FloatArray | None = knn_emb
         self.knn_label: npt.NDArray[np.int64] | None = knn_label
+        maha_mean, maha_prec = arrays.get("maha_mean"), arrays.get("maha_prec")
+        self.maha_mean: FloatArray | None = (
+            None if maha_mean is None else np.asarray(maha_mean, dtype=np.float32)
+        )
+        self.maha_prec: FloatArray | None = (
+            None if maha_prec is None else np.asarray(maha_prec, dtype=np.float32)
+        )
+        # Precomputed so a distance costs one (dim x dim) and one (dim x k) product; the
+        # head stays read-only after construction (worker threads share it).
+        self._maha_proj: FloatArray | None = None
+        self._maha_const: FloatArray | None = None
+        if self.maha_mean is not None and self.maha_prec is not None:
+            self._maha_proj = (self.maha_mean @ self.maha_prec).astype(np.float32)
+            self._maha_const = (self._maha_proj * self.maha_mean).sum(axis=1)
         k = len(self.labels)
         if self.weight.ndim != 2 or self.weight.shape[1] != k or self.bias.shape != (k,):
             raise ValueError(
@@ -213,6 +258,27 @@ class Head:
         in_scope = [lb for lb in self.labels if lb != self.oos_label]
         if self.centroids.shape != (len(in_scope), self.weight.shape[0]):
             raise ValueError(f"head.npz: centroids {self.centroids.shape} do not match labels")
+        self.in_scope_idx = np.array(
+            [i for i, lb in enumerate(self.labels) if lb != self.oos_label], dtype=np.int64
+        )
+        if self.oos_cut is not None:
+            self.check_oos_score(self.oos_score)
+
+    def oos_components(self) -> list[str]:
+        """The components of :attr:`oos_score`, in order."""
+        return split_oos_score(self.oos_score)[1]
+
+    def check_oos_score(self, score: str) -> None:
+        """``ValueError`` unless this head has what computing ``score`` needs."""
+        for comp in split_oos_score(score)[1]:
+            if comp not in OOS_COMPONENTS:
+                raise ValueError(f"calibration.json: unknown oos_score component {comp!r}")
+            if comp == "mahalanobis" and (self.maha_mean is None or self.maha_prec is None):
+                raise ValueError("head.npz: oos_score 'mahalanobis' needs maha_mean, maha_prec")
+            if comp == "knn" and (self.knn_emb is None or self.knn_label is None):
+                raise ValueError("head.npz: oos_score 'knn' needs knn_emb and knn_label")
+            if comp == "oos_class" and self.oos_label not in self.labels:
+                raise ValueError("calibration.json: oos_score 'oos_class' needs an oos_label")
 
     @classmethod
     def from_bundle(cls, bundle: Path) -> Head:
@@ -238,9 +304,14 @@ class Head:
             "bias": self.bias,
             "centroids": self.centroids,
         }
-        if self.blend < 1.0 and self.knn_emb is not None and self.knn_label is not None:
+        uses = set(self.oos_components()) if self.oos_cut is not None else set()
+        wants_knn = self.blend < 1.0 or "knn" in uses
+        if wants_knn and self.knn_emb is not None and self.knn_label is not None:
             arrays["knn_emb"] = self.knn_emb.astype(np.float16)
             arrays["knn_label"] = self.knn_label.astype(np.int32)
+        if "mahalanobis" in uses and self.maha_mean is not None and self.maha_prec is not None:
+            arrays["maha_mean"] = self.maha_mean
+            arrays["maha_prec"] = self.maha_prec
         np.savez(bundle / "head.npz", **arrays)
         (bundle / "labels.json").write_text(
             json.dumps(self.labels, ensure_ascii=False) + "\n", "utf-8"
@@ -261,6 +332,11 @@ class Head:
             "oos_label": self.oos_label,
             "centroid_cos_min": self.centroid_cos_min,
             "threshold": self.threshold,
+            "oos_score": self.oos_score,
+            "oos_norm": self.oos_norm,
+            "oos_cut": self.oos_cut,
+            "oos_signal": self.oos_signal,
+            "oos_knn_k": self.oos_knn_k,
         }
 
     @property
@@ -289,6 +365,92 @@ class Head:
         """Cosine to the nearest in-scope class centroid, shape ``(n,)``."""
         result: FloatArray = (emb @ self.centroids.T).max(axis=1)
         return result
+
+    def mahalanobis(self, emb: FloatArray) -> FloatArray:
+        """Squared Mahalanobis distance to the nearest in-scope class mean under the shared
+        (tied, shrunk) covariance, shape ``(n,)``: ``min_k (x - m_k)' P (x - m_k)``."""
+        import numpy as np
+
+        if self.maha_prec is None or self._maha_proj is None or self._maha_const is None:
+            raise ValueError("this head has no Mahalanobis statistics")
+        quad = ((emb @ self.maha_prec) * emb).sum(axis=1)
+        dist = quad[:, None] - 2.0 * (emb @ self._maha_proj.T) + self._maha_const[None, :]
+        out: FloatArray = dist.min(axis=1).astype(np.float32)
+        return out
+
+    def knn_cos(self, emb: FloatArray) -> FloatArray:
+        """Cosine to the ``oos_knn_k``-th nearest in-scope training example, shape ``(n,)``."""
+        import numpy as np
+
+        if self.knn_emb is None or self.knn_label is None:
+            raise ValueError("this head has no training embeddings")
+        if self.oos_label in self.labels:
+            keep = self.knn_label != self.labels.index(str(self.oos_label))
+            ref = self.knn_emb[keep]
+        else:
+            ref = self.knn_emb
+        k = min(self.oos_knn_k, ref.shape[0])
+        sims = emb @ ref.T
+        out: FloatArray = (-np.partition(-sims, k - 1, axis=1)[:, k - 1]).astype(np.float32)
+        return out
+
+    def component(self, name: str, emb: FloatArray, probs: FloatArray) -> FloatArray:
+        """One raw out-of-scope score component (higher = further out of scope), ``(n,)``.
+        ``probs`` are this head's calibrated probabilities for ``emb``."""
+        import numpy as np
+
+        out: FloatArray
+        if name == "centroid":
+            out = -self.centroid_cos(emb)
+        elif name == "msp":
+            out = -probs[:, self.in_scope_idx].max(axis=1)
+        elif name == "energy":
+            z = (emb @ self.weight + self.bias)[:, self.in_scope_idx] / self.temperature
+            top = z.max(axis=1)
+            lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+            out = (-lse * self.temperature).astype(np.float32)
+        elif name == "mahalanobis":
+            out = self.mahalanobis(emb)
+        elif name == "knn":
+            out = -self.knn_cos(emb)
+        elif name == "oos_class":
+            # The linear head's log-odds of the out-of-scope class, not its probability: the
+            # probability is ~0 for every in-scope input (no spread to normalise by), and
+            # so would swamp any component it is combined with.
+            z = (emb @ self.weight + self.bias) / self.temperature
+            oos = self.labels.index(str(self.oos_label))
+            rest = z[:, self.in_scope_idx]
+            top = rest.max(axis=1)
+            out = z[:, oos] - (top + np.log(np.exp(rest - top[:, None]).sum(axis=1)))
+        else:
+            raise ValueError(f"unknown out-of-scope score component {name!r}")
+        return out.astype(np.float32)
+
+    def oos_values(
+        self, emb: FloatArray, probs: FloatArray, score: str | None = None
+    ) -> FloatArray:
+        """The out-of-scope score ``score`` (default: the head's own), shape ``(n,)``: the
+        mean (``a+b``) or the maximum (``a|b``) of its components, each normalised by
+        :attr:`oos_norm` (raw when absent)."""
+        import numpy as np
+
+        how, comps = split_oos_score(score or self.oos_score)
+        parts = []
+        for comp in comps:
+            centre, scale = self.oos_norm.get(comp, (0.0, 1.0))
+            parts.append((self.component(comp, emb, probs) - centre) / scale)
+        stacked = np.stack(parts)
+        combined = stacked.max(axis=0) if how == "max" else stacked.mean(axis=0)
+        out: FloatArray = combined.astype(np.float32)
+        return out
+
+
+def split_oos_score(score: str) -> tuple[str, list[str]]:
+    """``"a+b"`` -> ``("mean", ["a", "b"])``; ``"a|b"`` -> ``("max", ["a", "b"])`` (one kind
+    of combination per score)."""
+    if "|" in score:
+        return "max", [c for c in score.split("|") if c]
+    return "mean", [c for c in score.split("+") if c]
 
 
 def knn_probabilities(
@@ -327,15 +489,23 @@ def predict(
     head: Head,
     emb: FloatArray,
     *,
-    oos_distance: bool = True,
+    oos_distance: bool | None = None,
     use_threshold: bool = True,
 ) -> list[Prediction]:
     """Turn embeddings into :class:`Prediction` objects (pure numpy; used by the backend,
-    ``edgeagent calibrate`` and the benchmark, so all three see the same decisions)."""
+    ``edgeagent calibrate`` and the benchmark, so all three see the same decisions).
+
+    ``oos_distance``: apply the head's out-of-scope score cut-off (``True``), never
+    (``False``), or only when the head was trained with an out-of-scope signal (``None``,
+    the default: a task given no out-of-scope examples is never flagged by distance).  An
+    input whose arg-max is the out-of-scope class is flagged in every case."""
     import numpy as np
 
     probs = head.probabilities(emb)
     cos = head.centroid_cos(emb)
+    apply_cut = head.oos_signal if oos_distance is None else oos_distance
+    cut = head.oos_cut if apply_cut else None
+    score = head.oos_values(emb, probs) if cut is not None else None
     top = np.argsort(-probs, axis=1)[:, :TOP_K]
     oos_idx = head.labels.index(head.oos_label) if head.oos_label in head.labels else None
     out: list[Prediction] = []
@@ -352,10 +522,10 @@ def predict(
         }
         if oos_idx is not None:
             details["oos_p"] = round(float(probs[row, oos_idx]), 4)
+        if score is not None:
+            details["oos_score"] = round(float(score[row]), 4)
         reason: str | None = None
-        if best == oos_idx or (
-            oos_distance and head.centroid_cos_min is not None and cos[row] < head.centroid_cos_min
-        ):
+        if best == oos_idx or (cut is not None and score is not None and score[row] > cut):
             reason = OOS_REASON
         elif use_threshold and head.threshold is not None and conf < head.threshold:
             reason = LOW_CONFIDENCE

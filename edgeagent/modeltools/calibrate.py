@@ -213,9 +213,14 @@ def calibrate_bundle(
     threads: int = 1,
     write: bool = True,
     log: Any = print,
+    target_accuracy: tuple[float, ...] = (0.98, 0.99),
+    oos_distance: bool | None = None,
 ) -> dict[str, Any]:
     """Pick the confidence threshold on held-out ``examples`` and store it in the bundle's
-    ``calibration.json`` (re-hashing the manifest, so the fingerprint changes)."""
+    ``calibration.json`` (re-hashing the manifest, so the fingerprint changes).  Also
+    reports, with a perfect cloud, the escalation needed for each overall accuracy in
+    ``target_accuracy`` (``result["escalation_for"]``, keyed by the accuracy as text).
+    ``oos_distance`` is the task's setting (see :func:`predict`)."""
     import numpy as np
 
     if (target_escalation is None) == (target_precision is None):
@@ -229,7 +234,7 @@ def calibrate_bundle(
         intra_op_threads=threads,
     )
     emb = encoder.embed_many([t for t, _ in examples])
-    preds = predict(head, emb, use_threshold=False)
+    preds = predict(head, emb, oos_distance=oos_distance, use_threshold=False)
     truths = [lb for _, lb in examples]
     points = curve_from_predictions(preds, truths)
     point, threshold, goal = choose_threshold(points, target_escalation, target_precision)
@@ -246,12 +251,27 @@ def calibrate_bundle(
         "ece": ece(confs, ok),
         "escalation_for_98": escalation_for(points, 0.98).escalation,
         "escalation_for_99": escalation_for(points, 0.99).escalation,
+        "flagged_out_of_scope": sum(p.reason == OOS_REASON for p in preds) / len(preds),
+        "escalation_for": {},
     }
     log(format_curve(points))
     log(
         f"{goal}: threshold {threshold:.4f} -> escalate {point.escalation:.1%}, overall "
         f"{point.accuracy:.2%}, local {point.local_accuracy:.2%} on {len(examples)} examples"
     )
+    for target in target_accuracy:
+        p = escalation_for(points, target)
+        result["escalation_for"][f"{target:g}"] = {
+            "escalation": p.escalation,
+            "threshold": 1.0 if math.isinf(p.threshold) else float(p.threshold),
+            "reached": p.accuracy >= target - 1e-12,
+        }
+        log(
+            f"for {target:.1%} overall accuracy (perfect cloud): escalate {p.escalation:.1%} "
+            f"(threshold {result['escalation_for'][f'{target:g}']['threshold']:.4f}; local-only "
+            f"accuracy {result['local_only_accuracy']:.2%}, flagged out of scope "
+            f"{result['flagged_out_of_scope']:.1%})"
+        )
     if write:
         result["fingerprint"] = store_threshold(bundle, manifest, threshold, result, log)
     return result

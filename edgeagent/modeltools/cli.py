@@ -101,6 +101,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "random set of slot values (names, cities), so the printed threshold is chosen on "
         "values the model never saw",
     )
+    train.add_argument(
+        "--oos-examples",
+        type=Path,
+        default=None,
+        help='classifier: texts known to be out of scope (JSON lines {"text": ...} or a .txt, '
+        "one per line), e.g. sentences of other domains; trained as the out-of-scope class "
+        "and used to calibrate out-of-scope detection (outlier exposure)",
+    )
+    train.add_argument(
+        "--oos-target-loss",
+        type=float,
+        default=0.01,
+        help="classifier: share of held-out in-scope examples the out-of-scope cut-off may "
+        "flag (default: %(default)s; about 2 %% of new in-scope traffic)",
+    )
+    train.add_argument(
+        "--oos-score",
+        default="auto",
+        help="classifier: out-of-scope score, components of centroid, msp, energy, "
+        "mahalanobis, knn, oos_class joined by '+' (mean) or '|' (maximum) (default: auto = "
+        "energy|oos_class, energy without out-of-scope examples)",
+    )
     train.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     train.add_argument("--no-knn", action="store_true", help="linear head only (no kNN blend)")
     train.add_argument(
@@ -142,7 +164,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     goal.add_argument(
         "--target-precision", type=float, help="accuracy required of local answers, e.g. 0.99"
     )
-    cal.add_argument("--bundle", type=Path, default=None, help="bundle (default: from config)")
+    cal.add_argument(
+        "--target-accuracy",
+        type=float,
+        action="append",
+        default=None,
+        help="also print the escalation needed for this overall accuracy with a perfect cloud "
+        "(repeatable; default: 0.98 and 0.99)",
+    )
+    cal.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="bundle (default: from config); with --bundle no config file is needed",
+    )
     cal.add_argument("--max-length", type=int, default=None, help="tokens per input")
     cal.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
     cal.add_argument("--dry-run", action="store_true", help="print only; do not write")
@@ -251,7 +286,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         max_length=max_length,
         threads=args.threads,
         blend_grid=(1.0,) if args.no_knn else TrainOptions.blend_grid,
+        oos_score=args.oos_score,
+        oos_target_loss=args.oos_target_loss,
     )
+    if not 0.0 <= args.oos_target_loss < 1.0:
+        _err("--oos-target-loss must be in [0, 1)")
+        return EXIT_USAGE
     try:
         bundle = train_bundle(
             args.task,
@@ -261,6 +301,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             opts,
             finetune={"epochs": args.epochs or 3} if args.finetune else None,
             command=_command_line(),
+            oos_examples=args.oos_examples,
         )
     except ImportError as exc:
         extra = "build" if args.finetune else "onnx"
@@ -360,11 +401,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         if llm is not None:
             return _calibrate_llamacpp(args, *llm)
     bundle, max_length = args.bundle, args.max_length
-    backend = None
+    backend: Any = None
     if bundle is None or max_length is None or is_tagged_file(args.examples):
         backend = _task_backend(args, required=bundle is None)
         if isinstance(backend, int):
-            return backend
+            if bundle is None or args.config is not None:
+                return backend
+            # --bundle given and no -c: a broken default config must not stop calibration.
+            print("edgeagent: calibrating without the config (it did not load)", file=sys.stderr)
+            backend = None
         if bundle is None:
             bundle = backend.bundle
         if max_length is None:
@@ -386,18 +431,51 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             return result
         print(f"threshold = {result['threshold']:.4f}  (tagger_confidence = {mode!r})")
         return EXIT_OK
+    targets = tuple(args.target_accuracy or (0.98, 0.99))
+    if not all(0.0 < t <= 1.0 for t in targets):
+        _err("--target-accuracy must be in (0, 1]")
+        return EXIT_USAGE
     result = _calibrating(
         lambda: calibrate_bundle(
-            bundle, load_examples(args.examples), max_length=max_length, **common
+            bundle,
+            load_examples(args.examples),
+            max_length=max_length,
+            target_accuracy=targets,
+            oos_distance=backend.oos_distance if backend is not None else None,
+            **common,
         )
     )
     if isinstance(result, int):
         return result
     print(f"threshold = {result['threshold']:.4f}")
-    print(
-        f"# set tasks.{args.task}.threshold = {result['threshold']:.4f} to apply it in the router"
-    )
+    for target, point in result["escalation_for"].items():
+        print(
+            f"escalation for {float(target):.1%} overall accuracy = {point['escalation']:.1%}"
+            + ("" if point["reached"] else " (not reached: escalate everything)")
+        )
+    print(_threshold_note(args.task, backend, result["threshold"], args.dry_run))
     return EXIT_OK
+
+
+def _threshold_note(task: str, backend: Any, threshold: float, dry_run: bool) -> str:
+    """Whether the daemon applies the bundle threshold, in plain words."""
+    if dry_run:
+        return f"# --dry-run: not written; tasks.{task}.backend keeps its current threshold"
+    if backend is None:
+        return (
+            "# written to the bundle: a task using it applies it when its backend has "
+            "use_bundle_threshold = true (the default); no tasks.NAME.threshold needed"
+        )
+    if backend.use_bundle_threshold:
+        return (
+            f"# applied: tasks.{task}.backend.use_bundle_threshold = true, so the daemon "
+            f"escalates answers below {threshold:.4f} after a reload (SIGHUP); "
+            f"tasks.{task}.threshold is applied on top"
+        )
+    return (
+        f"# NOT applied: tasks.{task}.backend.use_bundle_threshold = false; set it to true, "
+        f"or set tasks.{task}.threshold = {threshold:.4f}"
+    )
 
 
 def _calibrating(run: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:

@@ -4,8 +4,18 @@ The head is multinomial logistic regression with L2 (L-BFGS, standardised featur
 back into the weights), trained on the encoder bundle's own INT8 embeddings so training and
 run time see the same numbers.  A stratified held-out split (seeded) chooses the L2
 strength, fits the temperature (ECE before/after is recorded) and the out-of-scope
-distance cut-off; the head is then refitted on all examples.  Examples labelled
-``oos_label`` (default ``oos``) become an out-of-scope class.
+cut-off; the head is then refitted on all examples.  Examples labelled ``oos_label``
+(default ``oos``) and the texts of ``--oos-examples`` (outlier exposure: texts known to be
+out of scope) become an out-of-scope class.
+
+Out-of-scope score: each candidate of :data:`edgeagent.backends.onnx.OOS_COMPONENTS`
+(centroid cosine, max-softmax, energy, Mahalanobis distance under a shrunk tied covariance,
+k-th-neighbour cosine, the out-of-scope class probability) and their combinations is
+normalised on the held-out in-scope examples, and its cut-off set so that at most
+``oos_target_loss`` of them are flagged.  ``benchmarks/bench_oos.py`` compares them on
+out-of-scope text from domains the head never saw; the default is the best there.  A head
+trained with no out-of-scope signal keeps the cut-off but the runtime applies it only when
+the operator turns ``oos_distance`` on.
 
 Optionally (``--finetune``, build extra) the encoder is first fine-tuned on the training
 split with torch on CPU (:mod:`edgeagent.modeltools.finetune`), then re-exported to INT8.
@@ -17,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeagent.backends.onnx import Head, OnnxEncoder, predict
+from edgeagent.backends.onnx import Head, OnnxEncoder, predict, split_oos_score
 from edgeagent.learning.refit_data import save_refit_data
 from edgeagent.modeltools.bundle import read_manifest, sha256_file, write_manifest
 from edgeagent.modeltools.calibrate import (
@@ -81,6 +92,27 @@ def load_examples(path: Path) -> list[tuple[str, str]]:
         out.append((row["text"], row["label"]))
     if not out:
         raise ExamplesError(f"{path}: no examples")
+    return out
+
+
+def load_texts(path: Path) -> list[str]:
+    """Out-of-scope texts: JSON lines of ``{"text": ...}`` (other keys ignored) or of bare
+    strings; a ``.txt`` file is one text per line.  Blank lines are skipped."""
+    if path.suffix == ".txt":
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ExamplesError(f"{path}: cannot read: {exc}") from None
+        out = [line.strip() for line in lines if line.strip()]
+    else:
+        out = []
+        for no, row in json_lines(path):
+            text = row.get("text") if isinstance(row, dict) else row
+            if not isinstance(text, str) or not text.strip():
+                raise ExamplesError(f'{path}:{no}: expected {{"text": str}} or a JSON string')
+            out.append(text)
+    if not out:
+        raise ExamplesError(f"{path}: no texts")
     return out
 
 
@@ -226,6 +258,31 @@ def fit_logreg(
     return LinearHead(weight, bias), theta
 
 
+def fit_mahalanobis(
+    x: FloatArray, y: IntArray, classes: list[int], shrinkage: float | None = None
+) -> tuple[FloatArray, FloatArray, float]:
+    """Class means of ``classes`` and the inverse of their shared (tied) covariance, shrunk
+    towards a scaled identity by ``shrinkage`` in [0, 1] (``None``: the Ledoit-Wolf
+    estimate).  Returns ``(means (k, d), precision (d, d), shrinkage used)``."""
+    import numpy as np
+
+    means = np.stack([x[y == k].mean(axis=0) for k in classes]).astype(np.float64)
+    pos = {k: i for i, k in enumerate(classes)}
+    sel = np.isin(y, classes)
+    r = x[sel].astype(np.float64) - means[[pos[int(k)] for k in y[sel]]]
+    n, d = r.shape
+    cov = r.T @ r / n
+    mu = float(np.trace(cov)) / d
+    if shrinkage is None:
+        # Ledoit & Wolf (2004): the shrinkage towards mu*I minimising expected Frobenius loss.
+        d2 = float(((cov - mu * np.eye(d)) ** 2).sum())
+        b2 = (float(((r * r).sum(axis=1) ** 2).sum()) - n * float((cov * cov).sum())) / n**2
+        shrinkage = 1.0 if d2 <= 0 else min(1.0, max(0.0, b2 / d2))
+    shrunk = (1.0 - shrinkage) * cov + shrinkage * mu * np.eye(d)
+    prec = np.linalg.inv(shrunk)
+    return means.astype(np.float32), prec.astype(np.float32), float(shrinkage)
+
+
 def centroids(x: FloatArray, y: IntArray, classes: list[int]) -> FloatArray:
     """Unit-length mean embedding of each class in ``classes`` (in that order)."""
     import numpy as np
@@ -251,7 +308,20 @@ class TrainOptions:
     knn_temp: float = 0.05
     knn_min_gain: float = 0.05
     oos_weight: float = 1.0
-    distance_quantile: float = 0.005
+    distance_quantile: float = 0.005  # ignored since oos_target_loss (kept for old callers)
+    oos_score: str = "auto"
+    """Out-of-scope score: components of ``OOS_COMPONENTS`` joined by ``+`` (mean) or ``|``
+    (maximum), or ``auto``
+    (:data:`DEFAULT_OOS_SCORE`, without ``oos_class`` when there is no out-of-scope class)."""
+    oos_target_loss: float = 0.01
+    """Largest share of held-out in-scope examples the out-of-scope cut-off may flag.  The
+    held-out split comes from the same collection as the training examples and is easier
+    than new traffic: 2 % there flagged 2.5-3.8 % of CLINC150's validation intents, so
+    the default aims at 1 % to stay near 2 % on new traffic (benchmarks/bench_oos.py)."""
+    oos_candidates: tuple[str, ...] = ()
+    """Extra scores to calibrate and report in ``metrics["oos"]["candidates"]``."""
+    oos_knn_k: int = 5
+    maha_shrinkage: float | None = None  # None: Ledoit-Wolf
     refit: bool = True
     max_length: int = 128
     threads: int = 2
@@ -265,6 +335,10 @@ class TrainedHead:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+#: The out-of-scope score ``oos_score="auto"`` picks (measured by benchmarks/bench_oos.py).
+DEFAULT_OOS_SCORE = "energy|oos_class"
+
+
 def _build_head(
     lin: LinearHead,
     x: FloatArray,
@@ -272,29 +346,117 @@ def _build_head(
     labels: list[str],
     in_scope: list[int],
     calibration: dict[str, Any],
+    maha: tuple[FloatArray, FloatArray, float] | None = None,
 ) -> Head:
+    """A head with every array an out-of-scope score may need (``Head.save`` keeps only
+    the ones the chosen score uses)."""
     arrays: dict[str, Any] = {
         "weight": lin.weight,
         "bias": lin.bias,
         "centroids": centroids(x, y, in_scope),
+        "knn_emb": x,
+        "knn_label": y,
     }
-    if calibration.get("blend", 1.0) < 1.0:
-        arrays["knn_emb"] = x
-        arrays["knn_label"] = y
+    if maha is not None:
+        arrays["maha_mean"], arrays["maha_prec"] = maha[0], maha[1]
     return Head(arrays, labels, calibration)
 
 
+def _resolve_oos_score(score: str, has_oos_class: bool) -> str:
+    """``auto`` -> the default; ``oos_class`` dropped when there is no out-of-scope class."""
+    how, comps = split_oos_score(DEFAULT_OOS_SCORE if score == "auto" else score)
+    if not has_oos_class:
+        comps = [c for c in comps if c != "oos_class"] or ["energy"]
+    return ("|" if how == "max" else "+").join(comps)
+
+
+#: Fewer expected held-out in-scope examples above the cut than this: extrapolate it.
+MIN_TAIL = 5
+NORMAL_Q90 = 1.2815515655446004  # the standard normal's 90 % quantile
+
+
+def calibrate_oos(
+    head: Head,
+    emb: FloatArray,
+    y: IntArray,
+    scores: list[str],
+    target_loss: float,
+) -> dict[str, dict[str, Any]]:
+    """For each out-of-scope score in ``scores``: its per-component normalisation (median
+    and 10-90 % spread on the in-scope rows of ``emb``) and the cut-off flagging at most
+    ``target_loss`` of those rows (arg-max out-of-scope answers count against the budget);
+    with the in-scope loss and out-of-scope recall it reaches on these rows."""
+    import numpy as np
+
+    probs = head.probabilities(emb)
+    oos_idx = head.labels.index(head.oos_label) if head.oos_label in head.labels else -1
+    is_in = y != oos_idx
+    argmax_oos = probs.argmax(axis=1) == oos_idx
+    comps = sorted({c for sc in scores for c in split_oos_score(sc)[1]})
+    raw = {c: head.component(c, emb, probs) for c in comps}
+    norm: dict[str, list[float]] = {}
+    for c, v in raw.items():
+        lo, mid, hi = np.quantile(v[is_in], [0.1, 0.5, 0.9])
+        norm[c] = [float(mid), float(max(hi - lo, 1e-6))]
+    out: dict[str, dict[str, Any]] = {}
+    n_in = int(is_in.sum())
+    budget = math.floor(target_loss * n_in + 1e-9) - int((argmax_oos & is_in).sum())
+    for sc in scores:
+        how, parts = split_oos_score(sc)
+        normed = np.stack([(raw[c] - norm[c][0]) / norm[c][1] for c in parts])
+        v = normed.max(axis=0) if how == "max" else normed.mean(axis=0)
+        cand = np.sort(v[is_in & ~argmax_oos])[::-1]
+        cut = float(cand[budget]) if 0 <= budget < len(cand) else math.inf
+        if budget >= len(cand):
+            cut = -math.inf
+        if target_loss * n_in < MIN_TAIL and len(cand) >= 2:
+            # Too few held-out examples to read the quantile off them (the cut would be
+            # their maximum, flagging far more than target_loss of new inputs): extrapolate
+            # with a normal fitted robustly (median, 10-90 % spread) to the in-scope scores,
+            # its spread widened for the few examples it was measured on.
+            lo, mid, hi = np.quantile(cand, [0.1, 0.5, 0.9])
+            sigma = float(hi - lo) / (2 * NORMAL_Q90) * (1.0 + 4.0 / len(cand))
+            z = statistics.NormalDist().inv_cdf(1.0 - max(target_loss, 1e-6))
+            cut = max(cut, float(mid) + z * sigma) if math.isfinite(cut) else cut
+        flagged = argmax_oos | (v > cut)
+        res: dict[str, Any] = {
+            "oos_score": sc,
+            "oos_norm": {c: norm[c] for c in parts},
+            # +inf: the arg-max answers alone use the budget; -inf: flag every input.
+            "oos_cut": cut if math.isfinite(cut) else (None if cut > 0 else -1e30),
+            "in_scope_loss": float(flagged[is_in].mean()) if n_in else 0.0,
+        }
+        if (~is_in).any():
+            res["oos_recall"] = float(flagged[~is_in].mean())
+        out[sc] = res
+    return out
+
+
 def train_head(
-    emb: FloatArray, labels: list[str], opts: TrainOptions, log: Any = print
+    emb: FloatArray,
+    labels: list[str],
+    opts: TrainOptions | None = None,
+    log: Any = print,
+    *,
+    oos_emb: FloatArray | None = None,
 ) -> TrainedHead:
     """Fit the head on embeddings (see module docstring).  Pure numpy.
 
+    ``emb`` (n, dim) unit-length embeddings with their ``labels`` (examples labelled
+    ``opts.oos_label`` are out-of-scope examples); ``oos_emb`` (m, dim): embeddings of extra
+    texts known to be out of scope (outlier exposure), added with ``opts.oos_label``.
+
     On a stratified held-out split: choose L2 (calibrated NLL of the linear head), then the
     kNN blend weight (calibrated NLL), fit the temperature, measure ECE before/after and
-    the escalation curve, set the out-of-scope distance cut-off.  Then refit on everything.
+    the escalation curve, calibrate the out-of-scope score cut-off for
+    ``opts.oos_target_loss``.  Then refit on everything.
     """
     import numpy as np
 
+    opts = opts or TrainOptions()
+    if oos_emb is not None and len(oos_emb):
+        emb = np.concatenate([emb, np.asarray(oos_emb, dtype=np.float32)])
+        labels = [*labels, *[opts.oos_label] * len(oos_emb)]
     label_set = sorted(set(labels), key=lambda lb: (lb == opts.oos_label, lb))
     if len([lb for lb in label_set if lb != opts.oos_label]) < 2:
         raise ValueError("need examples of at least two in-scope labels")
@@ -310,6 +472,7 @@ def train_head(
     if len(ho) < len(label_set):
         raise ValueError(f"too few examples to hold out {opts.held_out:.0%} for calibration")
     xtr, ytr, xho, yho = emb[tr], y[tr], emb[ho], y[ho]
+    maha = fit_mahalanobis(xtr, ytr, in_scope, opts.maha_shrinkage)
 
     t0 = time.monotonic()
     best: tuple[float, float, LinearHead] | None = None
@@ -341,6 +504,8 @@ def train_head(
         "oos_label": opts.oos_label if oos_idx is not None else None,
         "centroid_cos_min": None,
         "threshold": None,
+        "oos_signal": oos_idx is not None,
+        "oos_knn_k": opts.oos_knn_k,
     }
     chosen: tuple[float, float, float] | None = None  # (nll, blend, temperature)
     linear_score = math.inf
@@ -376,21 +541,29 @@ def train_head(
     correct = p_raw.argmax(axis=1) == yho
     ece_before = ece(p_raw.max(axis=1), correct)
     ece_after = ece(p_cal.max(axis=1), correct)
-    ho_in = yho != (oos_idx if oos_idx is not None else -1)
-    cos_ho = probe.centroid_cos(xho)
-    cos_min = (
-        float(np.quantile(cos_ho[ho_in], opts.distance_quantile))
-        if opts.distance_quantile > 0
-        else None
-    )
+    cal.update(temperature=temperature, ece_before=ece_before, ece_after=ece_after)
+    probe = _build_head(lin, xtr, ytr, label_set, in_scope, cal, maha)
+    chosen_score = _resolve_oos_score(opts.oos_score, oos_idx is not None)
+    scores_to_try = list(dict.fromkeys([chosen_score, *opts.oos_candidates]))
+    if oos_idx is None:
+        scores_to_try = [sc for sc in scores_to_try if "oos_class" not in split_oos_score(sc)[1]]
+    oos_cal = calibrate_oos(probe, xho, yho, scores_to_try, opts.oos_target_loss)
+    oos_choice = oos_cal[chosen_score]
     cal.update(
-        temperature=temperature,
-        centroid_cos_min=cos_min,
-        distance_quantile=opts.distance_quantile,
-        ece_before=ece_before,
-        ece_after=ece_after,
+        oos_score=chosen_score,
+        oos_norm=oos_choice["oos_norm"],
+        oos_cut=oos_choice["oos_cut"],
+        oos_target_loss=opts.oos_target_loss,
+        maha_shrinkage=maha[2],
     )
-    probe = _build_head(lin, xtr, ytr, label_set, in_scope, cal)
+    recall = oos_choice.get("oos_recall")
+    log(
+        f"  out-of-scope score {chosen_score}: held-out in-scope flagged "
+        f"{oos_choice['in_scope_loss']:.1%} (target {opts.oos_target_loss:.1%})"
+        + ("" if recall is None else f", out-of-scope recall {recall:.1%}")
+        + ("" if oos_idx is not None else " (applied only with oos_distance = true)")
+    )
+    probe = _build_head(lin, xtr, ytr, label_set, in_scope, cal, maha)
     # Held-out metrics through the same decision code the runtime uses.
     preds = predict(probe, xho, use_threshold=False)
     curve = curve_from_predictions(preds, [label_set[i] for i in yho])
@@ -410,6 +583,15 @@ def train_head(
         "flagged_out_of_scope": sum(p.reason == "out_of_scope" for p in preds) / len(preds),
         "escalation_for_98": escalation_for(curve, 0.98).escalation,
         "escalation_for_99": escalation_for(curve, 0.99).escalation,
+        "oos": {
+            "score": chosen_score,
+            "signal": oos_idx is not None,
+            "target_loss": opts.oos_target_loss,
+            "held_out_in_scope_loss": oos_choice["in_scope_loss"],
+            "held_out_oos_recall": recall,
+            "maha_shrinkage": maha[2],
+            "candidates": oos_cal,
+        },
     }
     log(
         f"held-out ({len(ho)}): accuracy {metrics['accuracy']:.2%}, T={temperature:.3f}, "
@@ -421,7 +603,8 @@ def train_head(
         lin, _ = fit_logreg(
             emb, y, len(label_set), l2=l2, class_weight=class_weight, init=thetas[l2]
         )
-        head = _build_head(lin, emb, y, label_set, in_scope, cal)
+        maha_all = fit_mahalanobis(emb, y, in_scope, maha[2])
+        head = _build_head(lin, emb, y, label_set, in_scope, cal, maha_all)
     metrics["fit_seconds"] = round(time.monotonic() - t0, 2)
     metrics["refit_on_all"] = opts.refit
     return TrainedHead(head, metrics)
@@ -460,15 +643,18 @@ def train_bundle(
     finetune: dict[str, Any] | None = None,
     command: str | None = None,
     log: Any = print,
+    oos_examples: Path | None = None,
 ) -> Path:
     """Train a head and write a new versioned classifier bundle under ``out_root/task/``.
-    Returns the bundle directory.
+    Returns the bundle directory.  ``oos_examples``: texts known to be out of scope
+    (:func:`load_texts`), trained as the out-of-scope class (outlier exposure).
 
     With ``finetune`` (keyword arguments of
     :func:`edgeagent.modeltools.finetune.finetune_encoder`, ``{}`` for the defaults) the
     encoder bundle's source model is first fine-tuned on the training split (needs the
     ``build`` extra), exported and quantized again, and the head is trained on that."""
     examples = load_examples(examples_path)
+    oos_texts = load_texts(oos_examples) if oos_examples is not None else []
     source = read_manifest(encoder_bundle).get("source")
     with tempfile.TemporaryDirectory(prefix="edgeagent-train-") as tmp:
         if finetune is not None:
@@ -486,6 +672,7 @@ def train_bundle(
             finetune,
             command,
             log,
+            (oos_examples, oos_texts) if oos_examples is not None else None,
         )
 
 
@@ -540,13 +727,25 @@ def _train_bundle(
     finetune: dict[str, Any] | None,
     command: str | None,
     log: Any,
+    oos: tuple[Path, list[str]] | None = None,
 ) -> Path:
     enc_manifest = read_manifest(encoder_bundle)
-    log(f"embedding {len(examples)} examples with {encoder_bundle} …")
+    oos_texts = oos[1] if oos is not None else []
+    log(
+        f"embedding {len(examples)} examples"
+        + (f" and {len(oos_texts)} out-of-scope texts" if oos_texts else "")
+        + f" with {encoder_bundle} …"
+    )
     t0 = time.monotonic()
-    emb = embed_examples(encoder_bundle, [t for t, _ in examples], opts)
+    emb = embed_examples(encoder_bundle, [t for t, _ in examples] + oos_texts, opts)
     log(f"  {time.monotonic() - t0:.1f} s")
-    trained = train_head(emb, [lb for _, lb in examples], opts, log=log)
+    trained = train_head(
+        emb[: len(examples)],
+        [lb for _, lb in examples],
+        opts,
+        log=log,
+        oos_emb=emb[len(examples) :] if oos_texts else None,
+    )
 
     out_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{task}-", dir=out_root))
@@ -585,6 +784,10 @@ def _train_bundle(
                 "oos_label": trained.head.oos_label,
                 "trained_on_examples": len(examples),
                 "examples_sha256": sha256_file(examples_path),
+                "oos_examples": len(oos_texts),
+                "oos_examples_sha256": sha256_file(oos[0]) if oos is not None else None,
+                "oos_score": trained.head.oos_score,
+                "oos_signal": trained.head.oos_signal,
                 "seed": opts.seed,
                 "held_out": opts.held_out,
             },
