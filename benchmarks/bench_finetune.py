@@ -5,7 +5,8 @@ Run (``build`` extra, the encoder bundle from ``edgeagent models build``, datase
 
     python benchmarks/bench_finetune.py --encoder models/minilm-l6-int8 \
         --variant baseline --variant default \
-        --variant 'old={"epochs": 1, "freeze_layers": 0, "bucket": false, "max_length": 48, "lr": 5e-5}'
+        --variant 'old={"epochs": 1, "freeze_layers": 0, "bucket": false,
+                        "max_length": 48, "lr": 5e-5}'
 
 Data: Banking77 ``train.jsonl`` split 85/15 (stratified, seed 42, as
 ``bench_classify.py``); the 15 % is never seen by training (``train`` then holds out

@@ -53,9 +53,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--goal", default="0.97:0.15", help="frame accuracy:max escalation")
     args = ap.parse_args()
-    data = args.data or Path(
-        os.environ.get("EDGEAGENT_DATASETS") or REPO.parent / "shared/datasets"
-    ) / "snips/validation.jsonl"
+    data = (
+        args.data
+        or Path(os.environ.get("EDGEAGENT_DATASETS") or REPO.parent / "shared/datasets")
+        / "snips/validation.jsonl"
+    )
     examples = load_tagged_examples(data)
     intents_gold = load_intents(data)
     words = [w for w, _ in examples]
@@ -75,8 +77,13 @@ def main() -> int:
         )
         for mode in ev.curves:
             rows.append(
-                ("baseline", mode, ev.escalation_for(0.95, mode), ev.escalation_for(0.97, mode),
-                 ev.ece[mode])
+                (
+                    "baseline",
+                    mode,
+                    ev.escalation_for(0.95, mode),
+                    ev.escalation_for(0.97, mode),
+                    ev.ece[mode],
+                )
             )
         b.close()
 
@@ -97,8 +104,13 @@ def main() -> int:
     )
     for mode in jev.curves:
         rows.append(
-            ("joint", mode, jev.escalation_for(0.95, mode), jev.escalation_for(0.97, mode),
-             jev.ece[mode])
+            (
+                "joint",
+                mode,
+                jev.escalation_for(0.95, mode),
+                jev.escalation_for(0.97, mode),
+                jev.ece[mode],
+            )
         )
     j.close()
     print("\n| model | confidence | esc. for 95 % | esc. for 97 % | ECE |")

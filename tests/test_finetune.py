@@ -237,7 +237,11 @@ def test_joint_bundle_answers_intent_and_slots_through_the_backend(joint_bundle:
         "properties": {"intent": {"type": "string"}, "thing": {"type": "string"}},
     }
     task = TaskConfig.model_validate(
-        {"kind": "extract", "schema": schema, "backend": {"type": "onnx", "bundle": str(joint_bundle)}}
+        {
+            "kind": "extract",
+            "schema": schema,
+            "backend": {"type": "onnx", "bundle": str(joint_bundle)},
+        }
     )
     backend = create("home", task)
     backend.load()

@@ -691,8 +691,10 @@ class JointTaggerModel(TaggerModel):
 
         folder = model_path.parent
         intents = json.loads((folder / INTENTS_FILE).read_text("utf-8"))
-        if not isinstance(intents, list) or not intents or not all(
-            isinstance(x, str) and x for x in intents
+        if (
+            not isinstance(intents, list)
+            or not intents
+            or not all(isinstance(x, str) and x for x in intents)
         ):
             raise ValueError(f"{INTENTS_FILE}: expected a non-empty list of intent names")
         cal = json.loads((folder / "calibration.json").read_text("utf-8"))

@@ -422,7 +422,7 @@ def _train_joint(args: argparse.Namespace, max_length: int) -> int:
         "# the intent and every slot the model knows; keep the ones you need, type numbers as\n"
         "# integer/number, repeatable slots as arrays, and list the required ones\n"
         f"{schema_toml(args.task, tags)}\n"
-        f"properties.intent = {{ type = \"string\", enum = [{enum}] }}"
+        f'properties.intent = {{ type = "string", enum = [{enum}] }}'
     )
     return EXIT_OK
 
@@ -463,7 +463,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     }
     if is_tagged_file(args.examples):
         mode = backend.tagger_confidence if backend is not None else "words"
-        from edgeagent.modeltools.joint import INTENTS_FILE, calibrate_joint_bundle, is_joint_file
+        from edgeagent.backends.tagger import INTENTS_FILE
+        from edgeagent.modeltools.joint import calibrate_joint_bundle, is_joint_file
 
         if is_joint_file(args.examples) and (bundle / INTENTS_FILE).is_file():
             joint = _calibrating(

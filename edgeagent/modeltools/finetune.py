@@ -225,7 +225,8 @@ class _Encoder:
                 ref = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
                 got = self.upper(self.lower(ids, mask), mask)
             ok = bool(
-                torch.allclose(ref[0], got[0], atol=1e-4) and torch.allclose(ref[1, :3], got[1, :3], atol=1e-4)
+                torch.allclose(ref[0], got[0], atol=1e-4)
+                and torch.allclose(ref[1, :3], got[1, :3], atol=1e-4)
             )
         except Exception:  # any signature mismatch: fall back to the model's own forward
             ok = False

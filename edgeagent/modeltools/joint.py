@@ -171,9 +171,7 @@ def evaluate_joint(
     correct: list[bool] = []
     forced: list[bool] = []
     intent_ok: list[bool] = []
-    conf: dict[str, list[float]] = {
-        f"{c}/{m}": [] for c in COMBINE_MODES for m in CONFIDENCE_MODES
-    }
+    conf: dict[str, list[float]] = {f"{c}/{m}": [] for c in COMBINE_MODES for m in CONFIDENCE_MODES}
     slot_ok_all: list[bool] = []
     for pred, p, gt, gi in zip(tagged, intent_probs, gold_tags, gold_intents, strict=True):
         if pred is None or p is None:
