@@ -115,6 +115,7 @@ def run_variant(
     conf = np.array([p.confidence for p in preds], dtype=np.float32)
     ft = [x for x in lines if "fine-tuned in" in x]
     ft_s = float(ft[0].split("fine-tuned in ")[1].split(" s")[0]) if ft else 0.0
+    ft_cpu = float(ft[0].split("(CPU ")[1].split(" s")[0]) if ft and "(CPU " in ft[0] else 0.0
     return {
         "variant": name,
         "finetune": finetune,
@@ -126,6 +127,7 @@ def run_variant(
         "ece": ece(conf, ok),
         "flagged_out_of_scope": sum(p.reason == "out_of_scope" for p in preds) / len(preds),
         "finetune_seconds": ft_s,
+        "finetune_cpu_seconds": ft_cpu,
         "train_seconds": round(train_s, 1),
         "peak_rss_mb": round(peak_train, 1),
     }
@@ -161,8 +163,14 @@ def main() -> int:
     for spec in args.variant or ["baseline", "default"]:
         cmd = [sys.executable, __file__, "--one", spec, "--encoder", str(args.encoder)]
         cmd += ["--threads", str(args.threads), "--datasets", str(data)]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
-        found = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        found: list[str] = []
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # the variant's progress, live
+                if line.startswith("RESULT "):
+                    found.append(line)
+                else:
+                    print(line, end="", flush=True)
         if proc.returncode != 0 or not found:
             print(f"variant {spec!r} failed (exit {proc.returncode})", file=sys.stderr)
             continue
@@ -170,7 +178,7 @@ def main() -> int:
     base = next((r for r in results if r["variant"] == "baseline"), None)
     print(
         "\n| variant | local acc | esc. 98 % | esc. 99 % (goal <= 12 %) | ECE | fine-tune s "
-        "| peak RSS MB | esc. 99 % / baseline |"
+        "(CPU s) | peak RSS MB | esc. 99 % / baseline |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -181,7 +189,8 @@ def main() -> int:
         )
         print(
             f"| {r['variant']} | {r['local_accuracy']:.2%} | {r['escalation_for_98']:.1%} | "
-            f"{r['escalation_for_99']:.1%} | {r['ece']:.4f} | {r['finetune_seconds']:.0f} | "
+            f"{r['escalation_for_99']:.1%} | {r['ece']:.4f} | {r['finetune_seconds']:.0f} "
+            f"({r.get('finetune_cpu_seconds', 0):.0f}) | "
             f"{r['peak_rss_mb']:.0f} | {ratio} |"
         )
     if args.json:

@@ -269,7 +269,7 @@ def _finetune(
     torch: Any = importlib.import_module("torch")
     transformers: Any = importlib.import_module("transformers")
 
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     torch.manual_seed(opts.seed)
     rng = random.Random(opts.seed)
     torch.set_num_threads(opts.threads)
@@ -390,10 +390,14 @@ def _finetune(
         "cached_frozen_layers": cache is not None,
         "train_seconds": round(seconds, 1),
         "total_seconds": round(time.monotonic() - t0, 1),
+        "cpu_seconds": round(time.process_time() - cpu0, 1),
         "peak_rss_mb": round(peak, 1),
         "loss_by_epoch": [round(x, 4) for x in losses],
     }
-    log(f"  fine-tuned in {stats['total_seconds']:.0f} s, peak RSS {peak:.0f} MB")
+    log(
+        f"  fine-tuned in {stats['total_seconds']:.0f} s (CPU {stats['cpu_seconds']:.0f} s), "
+        f"peak RSS {peak:.0f} MB"
+    )
     return stats
 
 
