@@ -98,6 +98,28 @@ def test_finetune_options_reject_unknown_names() -> None:
         FinetuneOptions.from_kwargs({"epochs": 0})
 
 
+def test_quiet_ml_libraries_hides_their_warnings_but_not_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+    import warnings
+
+    from edgeagent.modeltools.finetune import quiet_ml_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_ml_libraries():
+            warnings.warn("torch.onnx is deprecated", FutureWarning, stacklevel=1)
+            logging.getLogger("optimum.exporters.onnx").warning("needs accelerate")
+            logging.getLogger().warning("Please consider to run pre-processing")
+            logging.getLogger("optimum.exporters.onnx").error("export failed")
+        warnings.warn("after the block", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["after the block"]
+    assert [r.getMessage() for r in caplog.records] == ["export failed"]
+    logging.getLogger("edgeagent.test").warning("ours still shows")
+    assert caplog.records[-1].getMessage() == "ours still shows"
+
+
 # -- joint intent + slot confidence -----------------------------------------------------------
 
 
@@ -254,3 +276,41 @@ def test_joint_bundle_answers_intent_and_slots_through_the_backend(joint_bundle:
     assert a.details["intent"]["label"] == "weather"
     # the frame confidence is never above the intent's own probability
     assert 0 < a.confidence <= a.details["intent"]["confidence"]
+
+
+@pytest.mark.e2e
+def test_daemon_answers_intent_and_slots_with_the_joint_bundle(
+    joint_bundle: Path, broker: Any, daemon_factory: Any, client_factory: Any, device: str
+) -> None:
+    """The daemon loads a joint bundle for an extract task; the answer carries the intent
+    and the slots from one model, its confidence the frame confidence."""
+    task = f"""
+[tasks.home]
+kind = "extract"
+threshold = 0.0
+escalate = "never"
+
+[tasks.home.schema]
+type = "object"
+required = ["intent"]
+additionalProperties = false
+properties.intent = {{ type = "string", enum = ["lights", "music", "weather"] }}
+properties.thing = {{ type = "string", maxLength = 32 }}
+
+[tasks.home.backend]
+type = "onnx"
+bundle = "{joint_bundle.parent / "latest"}"
+"""
+    d = daemon_factory(broker.port, tasks=task)
+    d.wait_connected(timeout=120)
+    c = client_factory(broker.port)
+    c.subscribe(f"edgeagent/{device}/results/#")
+    jobs = {"a": "what is the weather in london", "b": "dim the garden lights"}
+    for jid, text in jobs.items():
+        c.publish_nowait(f"edgeagent/{device}/jobs/home", json.dumps({"id": jid, "input": text}))
+    c.wait_published()
+    got = {json.loads(m.payload)["id"]: json.loads(m.payload) for m in c.collect(2, 120)}
+    assert got["a"]["status"] == "ok", got["a"]
+    assert got["a"]["output"] == {"intent": "weather", "thing": "london"}
+    assert got["b"]["output"] == {"intent": "lights", "thing": "garden"}
+    assert got["a"]["model"].startswith("home@")
