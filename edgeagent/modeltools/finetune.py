@@ -54,9 +54,11 @@ def quiet_ml_libraries() -> Iterator[None]:
     """Silence warnings and info/warning logs of torch, transformers, optimum and
     onnx(runtime) inside the block; errors (exceptions, ERROR logs) still show."""
     for configures_itself in ("transformers.utils.logging", "optimum.utils.logging"):
-        # These set their loggers' levels when first imported: import them before we do.
+        # These set their root logger's level on their first get_logger(): make that
+        # happen now, before we set it, not inside the block when the exporter is imported.
         try:
-            importlib.import_module(configures_itself)
+            mod: Any = importlib.import_module(configures_itself)
+            mod.get_logger()
         except ImportError:
             continue
     saved: dict[str, int] = {}
