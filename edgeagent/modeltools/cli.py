@@ -272,6 +272,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             opts,
             finetune=_finetune_options(args),
             command=_command_line(),
+            log=lambda *a: print(*a, flush=True),  # progress must show when piped too
         )
     except ImportError as exc:
         extra = "build" if args.finetune else "onnx"

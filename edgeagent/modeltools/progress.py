@@ -1,8 +1,9 @@
 """Progress with an ETA for long build-time loops (fine-tuning, tagger training).
 
 On a terminal: one bar redrawn in place (``\\r``), at most a few times a second.  Anywhere
-else (a log file, systemd, CI, a pipe): one plain line every ``every`` seconds, so a log
-shows that the run is alive and when it will end without flooding it.  Standard library
+else (a log file, systemd, CI, a pipe): one plain line after the first step and then one
+every ``every`` seconds, so a log shows that the run is alive and when it will end without
+flooding it.  Standard library
 only; tqdm was considered but has no line-per-interval mode for non-terminals.
 """
 
@@ -86,7 +87,7 @@ class Progress:
                 self.stream.write(f"\r[{bar}] {self.status(extra)}\x1b[K")
                 self.stream.flush()
                 self._drawn = True
-        elif now - self._last >= self.every:
+        elif now - self._last >= self.every or self.done == 1:  # an ETA from the first step
             self._last = now
             self.log(f"  {self.status(extra)}")
 
