@@ -471,7 +471,7 @@ class OnnxTaggerBackend:
                     raise ValueError("calibration.json: expected an object")
                 decoder = Decoder(tags, float(cal.get("temperature", 1.0)))
                 tok = manifest.get("tokenizer", {})
-                model = TaggerModel(
+                model = model_class(bundle)(
                     bundle / "model.onnx",
                     bundle / tok.get("file", "tokenizer.json"),
                     len(tags),
@@ -508,7 +508,7 @@ class OnnxTaggerBackend:
         if schema is None:
             return {s: {"type": "string"} for s in slots}
         props = schema.get("properties", {})
-        unknown = sorted(set(props) - set(slots))
+        unknown = sorted(set(props) - set(slots) - self._extra_keys())
         if unknown:
             raise BackendError(
                 f"{where}: schema properties {unknown} are not slots of the model "
@@ -536,6 +536,9 @@ class OnnxTaggerBackend:
                     Prediction(None, 0.0, reason="out_of_scope", details={"failure": NO_CONTENT})
                 )
                 continue
+            if isinstance(model, JointTaggerModel):
+                out.append(self._joint_answer(model, decoder, text))
+                continue
             offs = split_words(text)
             lg = model.word_logits([text[a:b] for a, b in offs])
             if lg is None:
@@ -551,10 +554,27 @@ class OnnxTaggerBackend:
             out.append(self._answer(text, decoder.tag(lg, offs)))
         return out
 
-    def _answer(self, text: str, tagged: TaggedText) -> Prediction:
+    def _answer(
+        self,
+        text: str,
+        tagged: TaggedText,
+        intent: tuple[str, float] | None = None,
+        combine: str = "product",
+    ) -> Prediction:
+        """The object, its validation and its confidence.  ``intent`` (label, probability)
+        comes from a joint bundle: it joins the object (when the task has no schema or its
+        schema names ``intent``) and the frame confidence (:func:`frame_confidence`)."""
         obj, problems = build_object(text, tagged, self._props)
         conf = job_confidence(tagged, self.config.tagger_confidence)
-        details: dict[str, JSONValue] = {
+        details: dict[str, JSONValue] = {}
+        if intent is not None:
+            label, p_intent = intent
+            schema = self.task.output_schema
+            if schema is None or INTENT_KEY in schema.get("properties", {}):
+                obj[INTENT_KEY] = label
+            conf = frame_confidence(p_intent, conf, combine)
+            details["intent"] = {"label": label, "confidence": round(p_intent, 4)}
+        details |= {
             "spans": [
                 {
                     "slot": s.slot,
@@ -605,3 +625,143 @@ class OnnxTaggerBackend:
         with self._lock:
             self._model = None
             self._decoder = None
+
+    # -- joint intent + slot bundles (``intents.json`` present) ----------------------------
+
+    def _extra_keys(self) -> set[str]:
+        """Object keys besides the slots: ``intent`` for a joint bundle."""
+        return {INTENT_KEY} if (self.config.bundle / INTENTS_FILE).is_file() else set()
+
+    def _joint_answer(self, model: JointTaggerModel, decoder: Decoder, text: str) -> Prediction:
+        """One job through a joint bundle: the slots and the intent from one encoder pass,
+        answered by :meth:`_answer` with one frame confidence."""
+        offs = split_words(text)
+        joint = model.joint_logits([text[a:b] for a, b in offs])
+        if joint is None:
+            return Prediction(
+                None,
+                0.0,
+                reason=SCHEMA_INVALID,
+                details={"failure": "input_too_long", "limit_tokens": model.max_length},
+            )
+        word_lg, intent_lg = joint
+        return self._answer(
+            text,
+            decoder.tag(word_lg, offs),
+            intent=model.intent_of(intent_lg),
+            combine=model.combine,
+        )
+
+
+INTENTS_FILE = "intents.json"
+INTENT_KEY = "intent"
+COMBINE_MODES = ("product", "min")
+
+
+def frame_confidence(p_intent: float, slots: float, combine: str = "product") -> float:
+    """The confidence of a whole frame (intent and every slot right) from the intent's
+    calibrated probability and the slots' job confidence: ``product`` treats them as
+    independent, ``min`` as the weakest link.  The bundle records the one that needed the
+    least escalation on its held-out split."""
+    return min(p_intent, slots) if combine == "min" else p_intent * slots
+
+
+def model_class(bundle: Path) -> type[TaggerModel]:
+    """:class:`JointTaggerModel` for a bundle with an intent head, else :class:`TaggerModel`."""
+    return JointTaggerModel if (bundle / INTENTS_FILE).is_file() else TaggerModel
+
+
+class JointTaggerModel(TaggerModel):
+    """A tagger whose encoder also predicts the sentence's intent, in the same pass.
+
+    The ONNX model is a token-classification model with ``tags + intents`` output columns:
+    the first ``tags`` are the BIO tag logits (read on each word's first sub-word token, as
+    for :class:`TaggerModel`); the intent logits are the mean of the other columns over all
+    tokens, which equals a linear intent head on the mean-pooled encoder output (a linear
+    map commutes with the mean), so the stock token-classification export carries both
+    heads.  ``intents.json`` (next to the model) names the intents; ``calibration.json``
+    holds ``intent_temperature`` and ``confidence_combine``."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        tokenizer_path: Path,
+        n_tags: int,
+        *,
+        max_length: int = 128,
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+    ) -> None:
+        import math
+
+        folder = model_path.parent
+        intents = json.loads((folder / INTENTS_FILE).read_text("utf-8"))
+        if (
+            not isinstance(intents, list)
+            or not intents
+            or not all(isinstance(x, str) and x for x in intents)
+        ):
+            raise ValueError(f"{INTENTS_FILE}: expected a non-empty list of intent names")
+        cal = json.loads((folder / "calibration.json").read_text("utf-8"))
+        temperature = float(cal.get("intent_temperature", 1.0)) if isinstance(cal, dict) else 1.0
+        combine = cal.get("confidence_combine", "product") if isinstance(cal, dict) else "product"
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError("calibration.json: intent_temperature must be > 0")
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"calibration.json: confidence_combine must be one of {COMBINE_MODES}")
+        super().__init__(
+            model_path,
+            tokenizer_path,
+            n_tags + len(intents),
+            max_length=max_length,
+            intra_op_threads=intra_op_threads,
+            inter_op_threads=inter_op_threads,
+        )
+        self.n_tags = n_tags
+        self.intents: list[str] = intents
+        self.intent_temperature = temperature
+        self.combine: str = combine
+
+    def joint_logits(self, words: list[str]) -> tuple[FloatArray, FloatArray] | None:
+        """``(word tag logits (words, tags), intent logits (intents,))``, or ``None`` when
+        the input needs more than ``max_length`` tokens.  One input per run (see
+        :meth:`TaggerModel.word_logits` for why)."""
+        import numpy as np
+
+        enc = self.tokenizer.encode(words, is_pretokenized=True)
+        if len(enc.ids) > self.max_length:
+            return None
+        ids = np.array([enc.ids], dtype=np.int64)
+        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if "token_type_ids" in self.input_names:
+            feeds["token_type_ids"] = np.array([enc.type_ids], dtype=np.int64)
+        (logits,) = self.session.run(None, feeds)
+        full = logits[0]
+        out = np.zeros((len(words), self.n_tags), dtype=np.float32)
+        seen: set[int] = set()
+        for pos, wid in enumerate(enc.word_ids):
+            if wid is not None and wid not in seen:
+                seen.add(wid)
+                out[wid] = full[pos, : self.n_tags]
+        intent: FloatArray = full[:, self.n_tags :].mean(axis=0).astype(np.float32)
+        return out, intent
+
+    def word_logits(self, words: list[str]) -> FloatArray | None:
+        """The tag logits alone (so every tagger tool works on a joint bundle)."""
+        joint = self.joint_logits(words)
+        return None if joint is None else joint[0]
+
+    def intent_probs(self, intent_logits: FloatArray) -> FloatArray:
+        """Temperature-scaled intent probabilities."""
+        import numpy as np
+
+        z = intent_logits / self.intent_temperature
+        e = np.exp(z - z.max())
+        out: FloatArray = (e / e.sum()).astype(np.float32)
+        return out
+
+    def intent_of(self, intent_logits: FloatArray) -> tuple[str, float]:
+        """The most likely intent and its calibrated probability."""
+        p = self.intent_probs(intent_logits)
+        k = int(p.argmax())
+        return self.intents[k], float(p[k])

@@ -208,25 +208,28 @@ def export_int8(
 ) -> Path:
     """optimum export of ``model`` (a directory or hub id) for ``task`` into ``work/fp32``,
     then dynamic INT8 quantization into ``out/model.onnx``.  Returns the fp32 directory."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from optimum.exporters.onnx import main_export
+    from edgeagent.modeltools.finetune import quiet_ml_libraries
 
-    export_dir = work / "fp32"
-    main_export(
-        model,
-        output=export_dir,
-        task=task,
-        opset=opset,
-        do_validation=False,
-        library_name="transformers",
-    )
-    log(f"quantizing to INT8 (dynamic, per_channel={per_channel}) …")
-    quantize_dynamic(
-        export_dir / "model.onnx",
-        out / "model.onnx",
-        per_channel=per_channel,
-        weight_type=QuantType.QInt8,
-    )
+    with quiet_ml_libraries():  # tracer/deprecation warnings are noise to the user
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from optimum.exporters.onnx import main_export
+
+        export_dir = work / "fp32"
+        main_export(
+            model,
+            output=export_dir,
+            task=task,
+            opset=opset,
+            do_validation=False,
+            library_name="transformers",
+        )
+        log(f"quantizing to INT8 (dynamic, per_channel={per_channel}) …")
+        quantize_dynamic(
+            export_dir / "model.onnx",
+            out / "model.onnx",
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+        )
     return export_dir
 
 

