@@ -26,13 +26,11 @@ import json
 import math
 import random
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +42,7 @@ from edgeagent.backends.tagger import (
     job_confidence,
     spans,
 )
+from edgeagent.modeltools.build import Source, provenance
 from edgeagent.modeltools.bundle import sha256_file
 from edgeagent.modeltools.calibrate import (
     CurvePoint,
@@ -310,21 +309,14 @@ def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", "utf-8")
 
 
-def tagger_manifest(task: str, source: Any, opset: int, command: str | None) -> dict[str, Any]:
+def tagger_manifest(task: str, source: Source, opset: int, command: str | None) -> dict[str, Any]:
     """The part of a ``tagger`` bundle's manifest that does not depend on the head:
-    provenance (``source``: a :class:`edgeagent.modeltools.build.Source`), quantization
+    provenance (:func:`edgeagent.modeltools.build.provenance`), quantization
     and tokenizer; the caller adds ``tagger`` and ``metrics``."""
     return {
         "kind": "tagger",
         "name": task,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "created_by": command or " ".join(sys.argv),
-        "source": {
-            "model": source.upstream,
-            "from": source.spec,
-            "package": source.package,
-            "license": source.license,
-        },
+        **provenance(source, command),
         "quantization": {
             "method": "onnxruntime.quantization.quantize_dynamic",
             "weight_type": "QInt8",
