@@ -19,7 +19,6 @@ is right when the intent and every slot span are right.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import random
@@ -65,6 +64,7 @@ from edgeagent.modeltools.tagger import (
     store_frame_threshold,
     tag_set,
     tagger_manifest,
+    token_classifier,
     write_json,
 )
 from edgeagent.modeltools.train import ExamplesError, json_lines
@@ -273,25 +273,14 @@ def _finetune_joint(
     log: Any,
     length_buckets: Any,
 ) -> dict[str, Any]:
-    # Typed as Any on purpose: torch/transformers stubs differ between installs.
-    torch: Any = importlib.import_module("torch")
-    transformers: Any = importlib.import_module("transformers")
     from edgeagent.modeltools.finetune import save_tuned, train_step, warmup_decay
 
-    torch.manual_seed(opts.seed)
+    columns = [*tags, *(f"intent:{x}" for x in intents)]
+    torch, tokenizer, model = token_classifier(source_dir, columns, opts.seed, opts.threads)
     rng = random.Random(opts.seed)
-    torch.set_num_threads(opts.threads)
     n_tags = len(tags)
     tag_index = {t: i for i, t in enumerate(tags)}
     intent_index = {x: i for i, x in enumerate(intents)}
-    columns = [*tags, *(f"intent:{x}" for x in intents)]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source_dir))
-    model = transformers.AutoModelForTokenClassification.from_pretrained(
-        str(source_dir),
-        num_labels=len(columns),
-        id2label=dict(enumerate(columns)),
-        label2id={c: i for i, c in enumerate(columns)},
-    )
     # Tokenize once; keep each example's ids and first-sub-word labels.
     enc = tokenizer(
         [toks for toks, _ in examples],

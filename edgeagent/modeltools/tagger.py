@@ -264,6 +264,27 @@ def first_subword_labels(
     return lab
 
 
+def token_classifier(
+    source_dir: Path, columns: list[str], seed: int, threads: int
+) -> tuple[Any, Any, Any]:
+    """``(torch, tokenizer, model)``: torch seeded with ``seed`` on ``threads`` threads, and
+    ``source_dir``'s tokenizer and encoder with a new token-classification layer of one
+    output column per ``columns`` entry."""
+    # Typed as Any on purpose: torch/transformers stubs differ between installs.
+    torch: Any = importlib.import_module("torch")
+    transformers: Any = importlib.import_module("transformers")
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source_dir))
+    model = transformers.AutoModelForTokenClassification.from_pretrained(
+        str(source_dir),
+        num_labels=len(columns),
+        id2label=dict(enumerate(columns)),
+        label2id={c: i for i, c in enumerate(columns)},
+    )
+    return torch, tokenizer, model
+
+
 def head_body_optimizer(torch: Any, model: Any, lr: float, head_lr: float) -> Any:
     """AdamW with ``lr`` (weight decay 0.01) for the encoder and ``head_lr`` (no decay) for
     the new ``classifier.`` layer."""
@@ -428,22 +449,11 @@ def finetune_tagger(
 ) -> Path:
     """Fine-tune ``source_dir`` (a transformers encoder) for token classification on the
     examples and save model + tokenizer to ``out_dir``."""
-    # Typed as Any on purpose: torch/transformers stubs differ between installs.
-    torch: Any = importlib.import_module("torch")
-    transformers: Any = importlib.import_module("transformers")
     from edgeagent.modeltools.finetune import save_tuned, train_step, warmup_decay
 
-    torch.manual_seed(opts.seed)
+    torch, tokenizer, model = token_classifier(source_dir, tags, opts.seed, opts.threads)
     rng = random.Random(opts.seed)
-    torch.set_num_threads(opts.threads)
     index = {t: i for i, t in enumerate(tags)}
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source_dir))
-    model = transformers.AutoModelForTokenClassification.from_pretrained(
-        str(source_dir),
-        num_labels=len(tags),
-        id2label=dict(enumerate(tags)),
-        label2id=index,
-    )
     model.train()
     optim = head_body_optimizer(torch, model, opts.lr, opts.head_lr)
     steps_per_epoch = math.ceil(len(examples) / opts.batch_size)
