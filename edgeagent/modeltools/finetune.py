@@ -376,12 +376,7 @@ def _finetune(
             prog.update(extra=f"epoch {epoch + 1}/{opts.epochs}, loss {value:.3f}")
         losses.append(running / steps_per_epoch)
     seconds = prog.close(extra="loss by epoch " + ", ".join(f"{x:.3f}" for x in losses))
-    model.eval()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
+    save_tuned(model, tokenizer, out_dir)
     for extra in ("README.md",):  # keeps the licence line for the manifest
         if (source_dir / extra).is_file():
             shutil.copyfile(source_dir / extra, out_dir / extra)
@@ -401,6 +396,16 @@ def _finetune(
         f"peak RSS {peak:.0f} MB"
     )
     return stats
+
+
+def save_tuned(model: Any, tokenizer: Any, out_dir: Path) -> None:
+    """Replace ``out_dir`` with the fine-tuned model (in eval mode) and its tokenizer."""
+    model.eval()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
 
 
 def warmup_decay(optim: Any, total: int) -> Any:

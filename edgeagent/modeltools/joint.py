@@ -19,17 +19,14 @@ is right when the intent and every slot span are right.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import random
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,11 +50,22 @@ from edgeagent.modeltools.progress import Progress
 from edgeagent.modeltools.tagger import (
     CONFIDENCE_MODES,
     Tagged,
+    calibration_backend,
+    check_one_target,
     evaluate,
+    export_tagger,
+    first_subword_labels,
     gold_spans,
+    head_body_optimizer,
     load_tagged_examples,
     offsets_of,
+    random_held_out,
+    staging_dir,
+    store_frame_threshold,
     tag_set,
+    tagger_manifest,
+    token_classifier,
+    write_json,
 )
 from edgeagent.modeltools.train import ExamplesError, json_lines
 
@@ -265,25 +273,14 @@ def _finetune_joint(
     log: Any,
     length_buckets: Any,
 ) -> dict[str, Any]:
-    # Typed as Any on purpose: torch/transformers stubs differ between installs.
-    torch: Any = importlib.import_module("torch")
-    transformers: Any = importlib.import_module("transformers")
-    from edgeagent.modeltools.finetune import train_step, warmup_decay
+    from edgeagent.modeltools.finetune import save_tuned, train_step, warmup_decay
 
-    torch.manual_seed(opts.seed)
+    columns = [*tags, *(f"intent:{x}" for x in intents)]
+    torch, tokenizer, model = token_classifier(source_dir, columns, opts.seed, opts.threads)
     rng = random.Random(opts.seed)
-    torch.set_num_threads(opts.threads)
     n_tags = len(tags)
     tag_index = {t: i for i, t in enumerate(tags)}
     intent_index = {x: i for i, x in enumerate(intents)}
-    columns = [*tags, *(f"intent:{x}" for x in intents)]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source_dir))
-    model = transformers.AutoModelForTokenClassification.from_pretrained(
-        str(source_dir),
-        num_labels=len(columns),
-        id2label=dict(enumerate(columns)),
-        label2id={c: i for i, c in enumerate(columns)},
-    )
     # Tokenize once; keep each example's ids and first-sub-word labels.
     enc = tokenizer(
         [toks for toks, _ in examples],
@@ -291,29 +288,15 @@ def _finetune_joint(
         truncation=True,
         max_length=opts.max_length,
     )
-    rows: list[tuple[list[int], list[int]]] = []
-    for i, (_, row_tags) in enumerate(examples):
-        seen: set[int] = set()
-        lab: list[int] = []
-        for wid in enc.word_ids(i):
-            if wid is None or wid in seen:
-                lab.append(-100)
-            else:
-                seen.add(wid)
-                lab.append(tag_index[row_tags[wid]])
-        rows.append((list(enc["input_ids"][i]), lab))
+    rows: list[tuple[list[int], list[int]]] = [
+        (list(enc["input_ids"][i]), first_subword_labels(enc.word_ids(i), row_tags, tag_index))
+        for i, (_, row_tags) in enumerate(examples)
+    ]
     lengths = [len(ids) for ids, _ in rows]
     pad_id = int(tokenizer.pad_token_id or 0)
 
     model.train()
-    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
-    body = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
-    optim = torch.optim.AdamW(
-        [
-            {"params": body, "lr": opts.lr, "weight_decay": 0.01},
-            {"params": head, "lr": opts.head_lr, "weight_decay": 0.0},
-        ]
-    )
+    optim = head_body_optimizer(torch, model, opts.lr, opts.head_lr)
     steps_per_epoch = math.ceil(len(examples) / opts.batch_size)
     total = steps_per_epoch * opts.epochs
     sched = warmup_decay(optim, total)
@@ -344,12 +327,7 @@ def _finetune_joint(
             prog.update(extra=f"epoch {epoch + 1}/{opts.epochs}, loss {value:.3f}")
         losses.append(running / steps_per_epoch)
     seconds = prog.close(extra="loss by epoch " + ", ".join(f"{x:.3f}" for x in losses))
-    model.eval()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
+    save_tuned(model, tokenizer, out_dir)
     return {
         "train_seconds": round(seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -371,7 +349,7 @@ def train_joint_bundle(
     ``intents.json``); returns it."""
     import numpy as np
 
-    from edgeagent.modeltools.build import export_int8, resolve_source
+    from edgeagent.modeltools.build import resolve_source
     from edgeagent.modeltools.bundle import sha256_file
     from edgeagent.modeltools.train import publish_bundle
 
@@ -384,11 +362,8 @@ def train_joint_bundle(
     source = resolve_source(source_spec)
     if not Path(source.path_or_id).is_dir():
         raise ValueError(f"training a tagger needs the source model on disk, not {source.spec!r}")
-    rng = random.Random(opts.seed)
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    n_held = min(len(examples) - 1, max(1, round(len(examples) * opts.held_out)))
-    held, train = sorted(order[:n_held]), sorted(order[n_held:])
+    held = random_held_out(len(examples), opts.held_out, opts.seed)
+    train = sorted(set(range(len(examples))) - set(held))
     log(
         f"{len(examples)} examples, {len(intents)} intents, {len(tags)} tags "
         f"({(len(tags) - 1) // 2} slots); training on {len(train)}, calibrating on "
@@ -408,16 +383,7 @@ def train_joint_bundle(
             opts,
             log,
         )
-        files_dir = work / "int8"
-        files_dir.mkdir()
-        log(f"exporting to ONNX (opset {opts.opset}) …")
-        fp32_dir = export_int8(
-            str(work / "tuned"), work, files_dir, "token-classification", opts.opset, True, log
-        )
-        tokenizer_file = fp32_dir / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            tokenizer_file = work / "tuned" / "tokenizer.json"
-        shutil.copyfile(tokenizer_file, files_dir / "tokenizer.json")
+        files_dir, _ = export_tagger(work / "tuned", work, opts.opset, log)
         (files_dir / "labels.json").write_text(json.dumps(tags) + "\n", "utf-8")
         (files_dir / INTENTS_FILE).write_text(json.dumps(intents) + "\n", "utf-8")
         (files_dir / "calibration.json").write_text('{"temperature": 1.0}\n', "utf-8")
@@ -475,9 +441,7 @@ def train_joint_bundle(
             f"T={temperature:.3f}, intent T={intent_temperature:.3f}"
         )
 
-        out_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{task}-", dir=out_root))
-        try:
+        with staging_dir(out_root, task) as staging:
             for name in ("model.onnx", "tokenizer.json", "labels.json", INTENTS_FILE):
                 shutil.copyfile(files_dir / name, staging / name)
             calibration = {
@@ -486,30 +450,10 @@ def train_joint_bundle(
                 "confidence_combine": combine,
                 "threshold": None,
             }
-            (staging / "calibration.json").write_text(
-                json.dumps(calibration, indent=2, sort_keys=True) + "\n", "utf-8"
-            )
-            (staging / "metrics.json").write_text(
-                json.dumps(metrics, indent=2, sort_keys=True) + "\n", "utf-8"
-            )
+            write_json(staging / "calibration.json", calibration)
+            write_json(staging / "metrics.json", metrics)
             manifest: dict[str, Any] = {
-                "kind": "tagger",
-                "name": task,
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "created_by": command or " ".join(sys.argv),
-                "source": {
-                    "model": source.upstream,
-                    "from": source.spec,
-                    "package": source.package,
-                    "license": source.license,
-                },
-                "quantization": {
-                    "method": "onnxruntime.quantization.quantize_dynamic",
-                    "weight_type": "QInt8",
-                    "per_channel": True,
-                    "opset": opts.opset,
-                },
-                "tokenizer": {"file": "tokenizer.json", "pad_token": "[PAD]"},
+                **tagger_manifest(task, source, opts.opset, command),
                 "tagger": {
                     "output": "logits",
                     "tags": len(tags),
@@ -537,9 +481,6 @@ def train_joint_bundle(
                     )
                 },
             }
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     files = [
         "model.onnx",
         "tokenizer.json",
@@ -567,30 +508,10 @@ def calibrate_joint_bundle(
     ``confidence`` mode) that meets the target on held-out tagged sentences with intents.
     The result's ``confidence`` is the slot mode, as for a tagger bundle, so the backend's
     check that the task's ``tagger_confidence`` matches the calibration still holds."""
-    from edgeagent.backends.tagger import OnnxTaggerBackend
-    from edgeagent.config import TaskConfig
-    from edgeagent.modeltools.bundle import read_manifest
-    from edgeagent.modeltools.calibrate import choose_threshold, format_curve, store_threshold
-
-    if (target_escalation is None) == (target_precision is None):
-        raise ValueError("give exactly one of target_escalation or target_precision")
+    check_one_target(target_escalation, target_precision)
     examples = load_tagged_examples(examples_path)
     gold_intents = load_intents(examples_path)
-    backend = OnnxTaggerBackend(
-        "calibrate",
-        TaskConfig.model_validate(
-            {
-                "kind": "extract",
-                "backend": {
-                    "type": "onnx",
-                    "bundle": str(bundle),
-                    "intra_op_threads": threads,
-                    "use_bundle_threshold": False,
-                },
-            }
-        ),
-    )
-    backend.load()
+    backend = calibration_backend(bundle, threads)
     try:
         model, decoder = backend.loaded()
         if not isinstance(model, JointTaggerModel):
@@ -603,29 +524,15 @@ def calibrate_joint_bundle(
         mode = f"{model.combine}/{confidence}"
     finally:
         backend.close()
-    points = ev.curves[mode]
-    point, threshold, goal = choose_threshold(
-        points, target_escalation, target_precision, "local frame accuracy"
+    return store_frame_threshold(
+        bundle,
+        ev.curves[mode],
+        target_escalation,
+        target_precision,
+        {"confidence": confidence, "frame_confidence": mode},
+        len(examples),
+        ev.summary(),
+        f"intent accuracy {ev.intent_accuracy:.2%}, slot F1 {ev.slot_f1:.2%}",
+        write=write,
+        log=log,
     )
-    result: dict[str, Any] = {
-        "goal": goal,
-        "confidence": confidence,
-        "frame_confidence": mode,
-        "threshold": threshold,
-        "examples": len(examples),
-        "escalation": point.escalation,
-        "overall_frame_accuracy": point.accuracy,
-        "local_frame_accuracy": point.local_accuracy,
-        **ev.summary(),
-    }
-    log(format_curve(points))
-    log(
-        f"{goal}: threshold {threshold:.4f} ({mode}) -> escalate {point.escalation:.1%}, "
-        f"overall frame accuracy {point.accuracy:.2%}, local {point.local_accuracy:.2%} on "
-        f"{len(examples)} sentences (intent accuracy {ev.intent_accuracy:.2%}, slot F1 "
-        f"{ev.slot_f1:.2%})"
-    )
-    if write:
-        manifest = read_manifest(bundle, kind="tagger", verify=False)  # verified at load
-        result["fingerprint"] = store_threshold(bundle, manifest, threshold, result, log)
-    return result

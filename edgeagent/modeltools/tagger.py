@@ -26,15 +26,23 @@ import json
 import math
 import random
 import shutil
-import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeagent.backends.tagger import Decoder, TaggedText, TaggerModel, job_confidence, spans
+from edgeagent.backends.tagger import (
+    Decoder,
+    OnnxTaggerBackend,
+    TaggedText,
+    TaggerModel,
+    job_confidence,
+    spans,
+)
+from edgeagent.modeltools.build import Source, provenance
 from edgeagent.modeltools.bundle import sha256_file
 from edgeagent.modeltools.calibrate import (
     CurvePoint,
@@ -237,6 +245,197 @@ def tag_examples(
     ]
 
 
+# -- steps shared with the joint model (modeltools/joint.py) ---------------------------------
+
+
+def first_subword_labels(
+    word_ids: list[int | None], row_tags: list[str], index: dict[str, int]
+) -> list[int]:
+    """Label ids for one tokenized sentence: each word's tag on its first sub-word token,
+    ``-100`` (ignored by the loss) on the others and on special tokens."""
+    seen: set[int] = set()
+    lab: list[int] = []
+    for wid in word_ids:
+        if wid is None or wid in seen:
+            lab.append(-100)
+        else:
+            seen.add(wid)
+            lab.append(index[row_tags[wid]])
+    return lab
+
+
+def token_classifier(
+    source_dir: Path, columns: list[str], seed: int, threads: int
+) -> tuple[Any, Any, Any]:
+    """``(torch, tokenizer, model)``: torch seeded with ``seed`` on ``threads`` threads, and
+    ``source_dir``'s tokenizer and encoder with a new token-classification layer of one
+    output column per ``columns`` entry."""
+    # Typed as Any on purpose: torch/transformers stubs differ between installs.
+    torch: Any = importlib.import_module("torch")
+    transformers: Any = importlib.import_module("transformers")
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source_dir))
+    model = transformers.AutoModelForTokenClassification.from_pretrained(
+        str(source_dir),
+        num_labels=len(columns),
+        id2label=dict(enumerate(columns)),
+        label2id={c: i for i, c in enumerate(columns)},
+    )
+    return torch, tokenizer, model
+
+
+def head_body_optimizer(torch: Any, model: Any, lr: float, head_lr: float) -> Any:
+    """AdamW with ``lr`` (weight decay 0.01) for the encoder and ``head_lr`` (no decay) for
+    the new ``classifier.`` layer."""
+    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    return torch.optim.AdamW(
+        [
+            {"params": body, "lr": lr, "weight_decay": 0.01},
+            {"params": head, "lr": head_lr, "weight_decay": 0.0},
+        ]
+    )
+
+
+def random_held_out(n: int, fraction: float, seed: int) -> list[int]:
+    """Sorted indices of a seeded random ``fraction`` of ``n`` examples (at least one, and
+    at least one left to train on)."""
+    rng = random.Random(seed)
+    order = list(range(n))
+    rng.shuffle(order)
+    n_held = min(n - 1, max(1, round(n * fraction)))
+    return sorted(order[:n_held])
+
+
+def export_tagger(tuned: Path, work: Path, opset: int, log: Any) -> tuple[Path, Path]:
+    """Export the fine-tuned ``tuned`` model to ONNX and quantize it to INT8 per channel:
+    returns ``(int8_dir, fp32_dir)``; ``int8_dir`` (under ``work``) holds ``model.onnx`` and
+    ``tokenizer.json``."""
+    from edgeagent.modeltools.build import export_int8
+
+    int8_dir = work / "int8"
+    int8_dir.mkdir()
+    log(f"exporting to ONNX (opset {opset}) …")
+    fp32_dir = export_int8(str(tuned), work, int8_dir, "token-classification", opset, True, log)
+    tokenizer_file = fp32_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        tokenizer_file = tuned / "tokenizer.json"
+    shutil.copyfile(tokenizer_file, int8_dir / "tokenizer.json")
+    return int8_dir, fp32_dir
+
+
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as indented, key-sorted JSON with a final newline."""
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", "utf-8")
+
+
+def tagger_manifest(task: str, source: Source, opset: int, command: str | None) -> dict[str, Any]:
+    """The part of a ``tagger`` bundle's manifest that does not depend on the head:
+    provenance (:func:`edgeagent.modeltools.build.provenance`), quantization
+    and tokenizer; the caller adds ``tagger`` and ``metrics``."""
+    return {
+        "kind": "tagger",
+        "name": task,
+        **provenance(source, command),
+        "quantization": {
+            "method": "onnxruntime.quantization.quantize_dynamic",
+            "weight_type": "QInt8",
+            "per_channel": True,
+            "opset": opset,
+        },
+        "tokenizer": {"file": "tokenizer.json", "pad_token": "[PAD]"},
+    }
+
+
+@contextmanager
+def staging_dir(out_root: Path, task: str) -> Iterator[Path]:
+    """A fresh hidden directory in ``out_root`` to assemble a bundle in (for
+    :func:`edgeagent.modeltools.train.publish_bundle`); removed if the block raises."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{task}-", dir=out_root))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def calibration_backend(bundle: Path, threads: int) -> OnnxTaggerBackend:
+    """The bundle loaded (and its files verified) exactly as the daemon loads it, without
+    applying its own threshold (which calibration replaces); the caller closes it."""
+    from edgeagent.config import TaskConfig
+
+    backend = OnnxTaggerBackend(
+        "calibrate",
+        TaskConfig.model_validate(
+            {
+                "kind": "extract",
+                "backend": {
+                    "type": "onnx",
+                    "bundle": str(bundle),
+                    "intra_op_threads": threads,
+                    "use_bundle_threshold": False,
+                },
+            }
+        ),
+    )
+    backend.load()
+    return backend
+
+
+def store_frame_threshold(
+    bundle: Path,
+    points: list[CurvePoint],
+    target_escalation: float | None,
+    target_precision: float | None,
+    confidence: dict[str, str],
+    examples: int,
+    summary: dict[str, Any],
+    quality: str,
+    *,
+    write: bool,
+    log: Any,
+) -> dict[str, Any]:
+    """Choose the threshold on the escalation curve ``points`` (of the confidence named by
+    the last value of ``confidence``, the result's confidence fields) that meets the target
+    on ``examples`` sentences; log it (``quality``: the model's figures, for the log line)
+    and, with ``write``, store it in the bundle.  Returns the calibration result."""
+    from edgeagent.modeltools.bundle import read_manifest
+    from edgeagent.modeltools.calibrate import choose_threshold, format_curve, store_threshold
+
+    point, threshold, goal = choose_threshold(
+        points, target_escalation, target_precision, "local frame accuracy"
+    )
+    result: dict[str, Any] = {
+        "goal": goal,
+        **confidence,
+        "threshold": threshold,
+        "examples": examples,
+        "escalation": point.escalation,
+        "overall_frame_accuracy": point.accuracy,
+        "local_frame_accuracy": point.local_accuracy,
+        **summary,
+    }
+    mode = list(confidence.values())[-1]
+    log(format_curve(points))
+    log(
+        f"{goal}: threshold {threshold:.4f} ({mode}) -> escalate {point.escalation:.1%}, "
+        f"overall frame accuracy {point.accuracy:.2%}, local {point.local_accuracy:.2%} on "
+        f"{examples} sentences ({quality})"
+    )
+    if write:
+        manifest = read_manifest(bundle, kind="tagger", verify=False)  # verified at load
+        result["fingerprint"] = store_threshold(bundle, manifest, threshold, result, log)
+    return result
+
+
+def check_one_target(target_escalation: float | None, target_precision: float | None) -> None:
+    """Calibration takes exactly one goal."""
+    if (target_escalation is None) == (target_precision is None):
+        raise ValueError("give exactly one of target_escalation or target_precision")
+
+
 # -- training (torch) -----------------------------------------------------------------------
 
 
@@ -250,31 +449,13 @@ def finetune_tagger(
 ) -> Path:
     """Fine-tune ``source_dir`` (a transformers encoder) for token classification on the
     examples and save model + tokenizer to ``out_dir``."""
-    # Typed as Any on purpose: torch/transformers stubs differ between installs.
-    torch: Any = importlib.import_module("torch")
-    transformers: Any = importlib.import_module("transformers")
-    from edgeagent.modeltools.finetune import train_step, warmup_decay
+    from edgeagent.modeltools.finetune import save_tuned, train_step, warmup_decay
 
-    torch.manual_seed(opts.seed)
+    torch, tokenizer, model = token_classifier(source_dir, tags, opts.seed, opts.threads)
     rng = random.Random(opts.seed)
-    torch.set_num_threads(opts.threads)
     index = {t: i for i, t in enumerate(tags)}
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source_dir))
-    model = transformers.AutoModelForTokenClassification.from_pretrained(
-        str(source_dir),
-        num_labels=len(tags),
-        id2label=dict(enumerate(tags)),
-        label2id=index,
-    )
     model.train()
-    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
-    body = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
-    optim = torch.optim.AdamW(
-        [
-            {"params": body, "lr": opts.lr, "weight_decay": 0.01},
-            {"params": head, "lr": opts.head_lr, "weight_decay": 0.0},
-        ]
-    )
+    optim = head_body_optimizer(torch, model, opts.lr, opts.head_lr)
     steps_per_epoch = math.ceil(len(examples) / opts.batch_size)
     total = steps_per_epoch * opts.epochs
     sched = warmup_decay(optim, total)
@@ -294,17 +475,10 @@ def finetune_tagger(
                 max_length=opts.max_length,
                 return_tensors="pt",
             )
-            labels = []
-            for row, (_, row_tags) in enumerate(batch):
-                seen: set[int] = set()
-                lab = []
-                for wid in enc.word_ids(row):
-                    if wid is None or wid in seen:
-                        lab.append(-100)
-                    else:
-                        seen.add(wid)
-                        lab.append(index[row_tags[wid]])
-                labels.append(lab)
+            labels = [
+                first_subword_labels(enc.word_ids(row), row_tags, index)
+                for row, (_, row_tags) in enumerate(batch)
+            ]
             loss = model(**enc, labels=torch.tensor(labels)).loss
             running += train_step(model, optim, sched, loss)
             step += 1
@@ -314,12 +488,7 @@ def finetune_tagger(
             f"  epoch {epoch + 1}/{opts.epochs}: loss {running / steps_per_epoch:.4f} "
             f"({time.monotonic() - t0:.0f} s)"
         )
-    model.eval()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
+    save_tuned(model, tokenizer, out_dir)
     return out_dir
 
 
@@ -337,7 +506,7 @@ def train_tagger_bundle(
     export, quantize, calibrate and write a ``tagger`` bundle; returns it."""
     import numpy as np
 
-    from edgeagent.modeltools.build import export_int8, resolve_source
+    from edgeagent.modeltools.build import resolve_source
     from edgeagent.modeltools.train import publish_bundle
 
     examples = load_tagged_examples(examples_path)
@@ -345,11 +514,7 @@ def train_tagger_bundle(
     source = resolve_source(source_spec)
     if not Path(source.path_or_id).is_dir():
         raise ValueError(f"training a tagger needs the source model on disk, not {source.spec!r}")
-    rng = random.Random(opts.seed)
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    n_held = min(len(examples) - 1, max(1, round(len(examples) * opts.held_out)))
-    held = sorted(order[:n_held])
+    held = random_held_out(len(examples), opts.held_out, opts.seed)
     if opts.held_out_by == "values":
         by_value = value_held_out(examples, opts.held_out, opts.seed)
         if by_value:
@@ -368,16 +533,7 @@ def train_tagger_bundle(
         tuned = finetune_tagger(
             Path(source.path_or_id), [examples[i] for i in train], tags, work / "tuned", opts, log
         )
-        staging_files = work / "int8"
-        staging_files.mkdir()
-        log(f"exporting to ONNX (opset {opts.opset}) …")
-        fp32_dir = export_int8(
-            str(tuned), work, staging_files, "token-classification", opts.opset, True, log
-        )
-        tokenizer_file = fp32_dir / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            tokenizer_file = tuned / "tokenizer.json"
-        shutil.copyfile(tokenizer_file, staging_files / "tokenizer.json")
+        staging_files, fp32_dir = export_tagger(tuned, work, opts.opset, log)
 
         held_words = [examples[i][0] for i in held]
         held_tags = [examples[i][1] for i in held]
@@ -434,37 +590,16 @@ def train_tagger_bundle(
                 "train with --held-out-by values, or calibrate on such sentences)"
             )
 
-        out_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{task}-", dir=out_root))
-        try:
+        with staging_dir(out_root, task) as staging:
             for name in ("model.onnx", "tokenizer.json"):
                 shutil.copyfile(staging_files / name, staging / name)
             (staging / "labels.json").write_text(json.dumps(tags) + "\n", "utf-8")
-            calibration = {"temperature": temperature, "threshold": None}
-            (staging / "calibration.json").write_text(
-                json.dumps(calibration, indent=2, sort_keys=True) + "\n", "utf-8"
+            write_json(
+                staging / "calibration.json", {"temperature": temperature, "threshold": None}
             )
-            (staging / "metrics.json").write_text(
-                json.dumps(metrics, indent=2, sort_keys=True) + "\n", "utf-8"
-            )
+            write_json(staging / "metrics.json", metrics)
             manifest: dict[str, Any] = {
-                "kind": "tagger",
-                "name": task,
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "created_by": command or " ".join(sys.argv),
-                "source": {
-                    "model": source.upstream,
-                    "from": source.spec,
-                    "package": source.package,
-                    "license": source.license,
-                },
-                "quantization": {
-                    "method": "onnxruntime.quantization.quantize_dynamic",
-                    "weight_type": "QInt8",
-                    "per_channel": True,
-                    "opset": opts.opset,
-                },
-                "tokenizer": {"file": "tokenizer.json", "pad_token": "[PAD]"},
+                **tagger_manifest(task, source, opts.opset, command),
                 "tagger": {
                     "output": "logits",
                     "tags": len(tags),
@@ -490,9 +625,6 @@ def train_tagger_bundle(
                     )
                 },
             }
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     files = ["model.onnx", "tokenizer.json", "labels.json", "calibration.json", "metrics.json"]
     return publish_bundle(staging, out_root / task, manifest, files, log)
 
@@ -547,60 +679,26 @@ def calibrate_tagger_bundle(
     """``edgeagent calibrate`` for a tagger: on held-out tagged sentences, choose the
     threshold on the job confidence (``confidence`` mode) that meets a target escalation
     rate or a target *frame* precision of the local answers; store it in the bundle."""
-    from edgeagent.backends.tagger import OnnxTaggerBackend
-    from edgeagent.config import TaskConfig
-    from edgeagent.modeltools.bundle import read_manifest
-    from edgeagent.modeltools.calibrate import choose_threshold, format_curve, store_threshold
-
-    if (target_escalation is None) == (target_precision is None):
-        raise ValueError("give exactly one of target_escalation or target_precision")
-    # Loaded (and its files verified) exactly as the daemon loads it; its own threshold,
-    # which this replaces, is not applied.
-    backend = OnnxTaggerBackend(
-        "calibrate",
-        TaskConfig.model_validate(
-            {
-                "kind": "extract",
-                "backend": {
-                    "type": "onnx",
-                    "bundle": str(bundle),
-                    "intra_op_threads": threads,
-                    "use_bundle_threshold": False,
-                },
-            }
-        ),
-    )
-    backend.load()
+    check_one_target(target_escalation, target_precision)
+    backend = calibration_backend(bundle, threads)
     try:
         model, decoder = backend.loaded()
         words = [w for w, _ in examples]
         ev = evaluate(tag_examples(model, decoder, words), [t for _, t in examples], decoder.tags)
     finally:
         backend.close()
-    points = ev.curves[confidence]
-    point, threshold, goal = choose_threshold(
-        points, target_escalation, target_precision, "local frame accuracy"
+    return store_frame_threshold(
+        bundle,
+        ev.curves[confidence],
+        target_escalation,
+        target_precision,
+        {"confidence": confidence},
+        len(examples),
+        ev.summary(),
+        f"slot F1 {ev.slot_f1:.2%}",
+        write=write,
+        log=log,
     )
-    result: dict[str, Any] = {
-        "goal": goal,
-        "confidence": confidence,
-        "threshold": threshold,
-        "examples": len(examples),
-        "escalation": point.escalation,
-        "overall_frame_accuracy": point.accuracy,
-        "local_frame_accuracy": point.local_accuracy,
-        **ev.summary(),
-    }
-    log(format_curve(points))
-    log(
-        f"{goal}: threshold {threshold:.4f} ({confidence}) -> escalate {point.escalation:.1%}, "
-        f"overall frame accuracy {point.accuracy:.2%}, local {point.local_accuracy:.2%} on "
-        f"{len(examples)} sentences (slot F1 {ev.slot_f1:.2%})"
-    )
-    if write:
-        manifest = read_manifest(bundle, kind="tagger", verify=False)  # verified at load
-        result["fingerprint"] = store_threshold(bundle, manifest, threshold, result, log)
-    return result
 
 
 # -- per-slot-type calibration (issue 14: why confidence does not transfer) -----------------
