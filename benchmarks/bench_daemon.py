@@ -172,10 +172,11 @@ def rss_mb(pid: int) -> float:
 
 
 def inference_ms() -> float:
-    import tomllib
-
     from edgeagent.backends.rules import RulesBackend
-    from edgeagent.config import TaskConfig
+    from edgeagent.config import (
+        TaskConfig,
+        tomllib,  # tomli on Python 3.10
+    )
 
     data = tomllib.loads(TASKS.replace("{cache}", "true"))["tasks"]["alarm"]
     backend = RulesBackend("alarm", TaskConfig.model_validate(data))

@@ -60,7 +60,7 @@ def main() -> int:
         f"intra_op_threads = {args.threads}\n"
     )
 
-    import tomllib
+    from edgeagent.config import tomllib  # tomli on Python 3.10
 
     task = TaskConfig.model_validate(tomllib.loads(task_toml)["tasks"]["cls"])
     backend = OnnxBackend("cls", task)

@@ -324,7 +324,7 @@ def test_schema_toml_quotes_dotted_slot_names() -> None:
 
 
 def test_schema_toml_makes_slots_repeated_in_training_arrays() -> None:
-    import tomllib
+    from edgeagent.config import tomllib  # tomli on Python 3.10
 
     examples = [
         (["from", "paris", "to", "rome"], ["O", "B-city", "O", "B-city"]),
