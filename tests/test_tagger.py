@@ -640,3 +640,25 @@ def test_slot_datasets_load_and_the_word_splitter_agrees_with_them(name: str) ->
         text = " ".join(tokens)
         same += [text[a:b] for a, b in split_words(text)] == tokens
     assert same / len(val) > 0.99
+
+
+def test_joint_config_snippet_makes_repeated_slots_arrays_too(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 14 item 5 for joint bundles as well: `train` on intent-labelled tagged lines
+    (the default for SNIPS) printed one string per slot, so repeated slots failed."""
+    from edgeagent.config import tomllib  # tomli on Python 3.10
+    from edgeagent.modeltools.cli import _print_tagger_config
+
+    examples = [
+        (["from", "paris", "to", "rome"], ["O", "B-city", "O", "B-city"]),
+        (["on", "monday"], ["O", "B-day"]),
+    ]
+    tags = tag_set(examples)
+    _print_tagger_config("trip", Path("/b/trip/v1"), examples, tags, ["book", "cancel"])
+    config = tomllib.loads(capsys.readouterr().out)["tasks"]["trip"]
+    props = config["schema"]["properties"]
+    assert props["city"]["type"] == "array"
+    assert props["day"]["type"] == "string"
+    assert props["intent"] == {"type": "string", "enum": ["book", "cancel"]}
+    assert config["backend"]["bundle"] == "/b/trip/latest"

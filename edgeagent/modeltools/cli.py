@@ -12,7 +12,10 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from edgeagent.modeltools.tagger import Tagged
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -394,10 +397,8 @@ def _training_tagger(args: argparse.Namespace, train: Callable[[str], _T]) -> _T
 
 def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
     from edgeagent.modeltools.tagger import (
-        Tagged,
         TaggerOptions,
         load_tagged_examples,
-        schema_toml,
         tag_set,
         train_tagger_bundle,
     )
@@ -429,20 +430,14 @@ def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
     if isinstance(done, int):
         return done
     bundle, examples, tags = done
-    print(
-        f'\n[tasks.{args.task}]\nkind = "extract"\n\n[tasks.{args.task}.backend]\ntype = "onnx"\n'
-        f'bundle = "{bundle.parent / "latest"}"\n\n'
-        "# every slot the model knows; keep the ones you need, type numbers as integer/number,\n"
-        "# slots repeated in the training data are arrays; list the required ones\n"
-        f"{schema_toml(args.task, tags, examples=examples)}"
-    )
+    _print_tagger_config(args.task, bundle, examples, tags)
     return EXIT_OK
 
 
 def _train_joint(args: argparse.Namespace, max_length: int) -> int:
     """``train`` on ``{"tokens", "tags", "intent"}`` lines: one joint intent + slot model."""
     from edgeagent.modeltools.joint import JointOptions, load_intents, train_joint_bundle
-    from edgeagent.modeltools.tagger import load_tagged_examples, schema_toml, tag_set
+    from edgeagent.modeltools.tagger import load_tagged_examples, tag_set
 
     opts = JointOptions(
         epochs=JointOptions.epochs if args.epochs is None else args.epochs,
@@ -453,7 +448,7 @@ def _train_joint(args: argparse.Namespace, max_length: int) -> int:
         lr=JointOptions.lr if args.lr is None else args.lr,
     )
 
-    def train(source: str) -> tuple[Path, list[str], list[str]]:
+    def train(source: str) -> tuple[Path, list[Tagged], list[str]]:
         bundle = train_joint_bundle(
             args.task,
             args.examples,
@@ -463,23 +458,38 @@ def _train_joint(args: argparse.Namespace, max_length: int) -> int:
             command=_command_line(),
             log=lambda *a: print(*a, flush=True),
         )
-        tags = tag_set(load_tagged_examples(args.examples))
-        return bundle, tags, sorted(set(load_intents(args.examples)))
+        return bundle, load_tagged_examples(args.examples), sorted(set(load_intents(args.examples)))
 
     done = _training_tagger(args, train)
     if isinstance(done, int):
         return done
-    bundle, tags, intents = done
-    enum = ", ".join(f'"{x}"' for x in intents)
-    print(
-        f'\n[tasks.{args.task}]\nkind = "extract"\n\n[tasks.{args.task}.backend]\n'
-        f'type = "onnx"\nbundle = "{bundle.parent / "latest"}"\n\n'
-        "# the intent and every slot the model knows; keep the ones you need, type numbers as\n"
-        "# integer/number, repeatable slots as arrays, and list the required ones\n"
-        f"{schema_toml(args.task, tags)}\n"
-        f'properties.intent = {{ type = "string", enum = [{enum}] }}'
-    )
+    bundle, examples, intents = done
+    _print_tagger_config(args.task, bundle, examples, tag_set(examples), intents)
     return EXIT_OK
+
+
+def _print_tagger_config(
+    task: str,
+    bundle: Path,
+    examples: list[Tagged],
+    tags: list[str],
+    intents: list[str] | None = None,
+) -> None:
+    """The config snippet for a tagger (or joint) bundle: every slot the model knows, as
+    arrays where a slot repeats in the training data, and the intent of a joint bundle."""
+    from edgeagent.modeltools.tagger import schema_toml
+
+    print(
+        f'\n[tasks.{task}]\nkind = "extract"\n\n[tasks.{task}.backend]\ntype = "onnx"\n'
+        f'bundle = "{bundle.parent / "latest"}"\n\n'
+        f"# {'the intent and ' if intents else ''}every slot the model knows; keep the ones you "
+        "need, type numbers as\n# integer/number, list the required ones (slots repeated in "
+        "the training data are arrays)\n"
+        f"{schema_toml(task, tags, examples=examples)}"
+    )
+    if intents:
+        enum = ", ".join(f'"{x}"' for x in intents)
+        print(f'properties.intent = {{ type = "string", enum = [{enum}] }}')
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
