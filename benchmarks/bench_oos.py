@@ -61,8 +61,8 @@ from typing import Any
 
 import edgeagent.backends  # noqa: F401  (import order: the package before edgeagent.config)
 from edgeagent.backends.onnx import Head, OnnxBackend, OnnxEncoder, predict
+from edgeagent.bundle import read_manifest, write_manifest
 from edgeagent.config import TaskConfig
-from edgeagent.modeltools.bundle import read_manifest, write_manifest
 from edgeagent.modeltools.calibrate import curve_from_predictions, ece, escalation_for
 from edgeagent.modeltools.train import TrainOptions, load_examples, stratified_split, train_head
 

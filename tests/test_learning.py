@@ -27,6 +27,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("numpy")
 
 from edgeagent.backends.onnx import OnnxBackend
+from edgeagent.bundle import read_manifest
 from edgeagent.config import TaskConfig
 from edgeagent.learning.config import LearnConfig
 from edgeagent.learning.examples import HOLDOUT, learnable, split_of
@@ -38,7 +39,6 @@ from edgeagent.learning.versions import (
     serving_bundle,
     versions,
 )
-from edgeagent.modeltools.bundle import read_manifest
 from edgeagent.modeltools.train import TrainOptions, train_bundle
 from edgeagent.store import Store
 from tests.broker import Broker
@@ -138,7 +138,7 @@ def test_old_bundle_without_refit_data_loads_and_learning_says_so(
 ) -> None:
     import shutil
 
-    from edgeagent.modeltools.bundle import write_manifest
+    from edgeagent.bundle import write_manifest
 
     old = tmp_path / "old"
     shutil.copytree(base_bundle, old)

@@ -16,7 +16,7 @@ from edgeagent.backends.calibration import (
     read_calibration,
     write_calibration,
 )
-from edgeagent.modeltools.bundle import (
+from edgeagent.bundle import (
     BundleError,
     fingerprint,
     read_manifest,

@@ -25,8 +25,8 @@ pytest.importorskip("numpy")
 
 from edgeagent.backends.base import BackendError, Prediction
 from edgeagent.backends.onnx import OnnxBackend, OnnxEncoder, predict
+from edgeagent.bundle import read_manifest, write_manifest
 from edgeagent.config import TaskConfig
-from edgeagent.modeltools.bundle import read_manifest, write_manifest
 from edgeagent.modeltools.calibrate import curve_from_predictions
 from edgeagent.modeltools.train import TrainOptions, load_examples, train_bundle
 

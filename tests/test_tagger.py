@@ -36,8 +36,8 @@ from edgeagent.backends.tagger import (
     viterbi,
     words_to_int,
 )
+from edgeagent.bundle import read_manifest
 from edgeagent.config import TaskConfig
-from edgeagent.modeltools.bundle import read_manifest
 from edgeagent.modeltools.tagger import (
     evaluate,
     gold_spans,

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edgeagent.modeltools.pull import PULL_PREFIX, pulled_path
+from edgeagent.catalog import PULL_PREFIX, pulled_path
 
 
 class FewShotExample(BaseModel):

@@ -2,7 +2,7 @@
 
 Runtime dependencies are onnxruntime, tokenizers and numpy only, imported inside
 :meth:`OnnxEncoder.__init__` / the head functions, never at module import and never torch
-or transformers.  A bundle (see :mod:`edgeagent.modeltools.bundle`) holds ``model.onnx``
+or transformers.  A bundle (see :mod:`edgeagent.bundle`) holds ``model.onnx``
 (outputs ``last_hidden_state``), ``tokenizer.json``, ``head.npz`` (weights, bias, class
 centroids), ``labels.json`` and ``calibration.json`` (temperature, out-of-scope cut-offs,
 threshold).  Answers: the arg-max label, its temperature-scaled probability as confidence,
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeagent.backends.base import BackendError, JSONValue, Prediction
-from edgeagent.modeltools.bundle import BundleError, read_manifest
+from edgeagent.bundle import BundleError, read_manifest
 
 if TYPE_CHECKING:
     import numpy as np

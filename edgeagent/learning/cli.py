@@ -8,11 +8,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgeagent.bundle import BundleError, read_manifest
 from edgeagent.config import Settings
 from edgeagent.learning.examples import learnable, per_label
 from edgeagent.learning.learner import append_round, read_rounds
 from edgeagent.learning.versions import current, rollback, versions, versions_dir
-from edgeagent.modeltools.bundle import BundleError, read_manifest
 
 
 def status(settings: Settings, task: str, as_json: bool) -> int:

@@ -151,7 +151,7 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
     from edgeagent.backends.onnx import Head, OnnxEncoder
     from edgeagent.learning.config import LearnConfig
     from edgeagent.learning.refit_data import load_refit_data
-    from edgeagent.modeltools.bundle import read_manifest
+    from edgeagent.bundle import read_manifest
     from edgeagent.modeltools.train import TrainOptions, train_head
 
     t0 = time.monotonic()

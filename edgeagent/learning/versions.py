@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from edgeagent.modeltools.bundle import BundleError, read_manifest
+from edgeagent.bundle import BundleError, read_manifest
 
 LATEST = "latest"
 

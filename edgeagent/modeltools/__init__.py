@@ -1,7 +1,9 @@
-"""Build-time model tools: ``models build`` (export + INT8), ``train`` (head), ``calibrate``.
+"""Build-time model tools: ``models build`` (export + INT8), ``train`` (head), ``calibrate``,
+``models pull``.
 
-Nothing here is imported by the daemon except :mod:`edgeagent.modeltools.bundle` (manifest
-checks, standard library only) and :mod:`edgeagent.modeltools.pull` (``model = "pull:NAME"``
-in a config; standard library only).  ``build`` needs the ``build`` extra; ``train`` and
-``calibrate`` need only the ``onnx`` runtime extra (onnxruntime, tokenizers, numpy).
+The daemon imports nothing from here (``tests/test_layering.py`` checks it): what it
+shares with these tools lives on the runtime side, :mod:`edgeagent.bundle` (manifest
+checks) and :mod:`edgeagent.catalog` (the pinned models ``model = "pull:NAME"`` names).
+``build`` needs the ``build`` extra; ``train`` and ``calibrate`` need only the ``onnx``
+runtime extra (onnxruntime, tokenizers, numpy).
 """

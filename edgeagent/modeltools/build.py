@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edgeagent.modeltools.bundle import write_manifest
+from edgeagent.bundle import write_manifest
 
 UPSTREAM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -202,7 +202,7 @@ def build_encoder(
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(staging, out_dir)
     log(f"wrote {out_dir} in {time.monotonic() - started:.0f} s")
-    from edgeagent.modeltools.bundle import read_manifest
+    from edgeagent.bundle import read_manifest
 
     return read_manifest(out_dir, kind="encoder")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeagent.backends.onnx import Head, OnnxEncoder, predict
-from edgeagent.modeltools.bundle import read_manifest, write_manifest
+from edgeagent.bundle import read_manifest, write_manifest
 
 if TYPE_CHECKING:
     import numpy as np

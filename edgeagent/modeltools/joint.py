@@ -350,7 +350,7 @@ def train_joint_bundle(
     import numpy as np
 
     from edgeagent.modeltools.build import resolve_source
-    from edgeagent.modeltools.bundle import sha256_file
+    from edgeagent.bundle import sha256_file
     from edgeagent.modeltools.train import publish_bundle
 
     examples = load_tagged_examples(examples_path)

@@ -42,8 +42,8 @@ from edgeagent.backends.tagger import (
     job_confidence,
     spans,
 )
+from edgeagent.bundle import sha256_file
 from edgeagent.modeltools.build import Source, provenance
-from edgeagent.modeltools.bundle import sha256_file
 from edgeagent.modeltools.calibrate import (
     CurvePoint,
     ece,
@@ -401,7 +401,7 @@ def store_frame_threshold(
     the last value of ``confidence``, the result's confidence fields) that meets the target
     on ``examples`` sentences; log it (``quality``: the model's figures, for the log line)
     and, with ``write``, store it in the bundle.  Returns the calibration result."""
-    from edgeagent.modeltools.bundle import read_manifest
+    from edgeagent.bundle import read_manifest
     from edgeagent.modeltools.calibrate import choose_threshold, format_curve, store_threshold
 
     point, threshold, goal = choose_threshold(

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeagent.backends.onnx import Head, OnnxEncoder, predict, split_oos_score
+from edgeagent.bundle import read_manifest, sha256_file, write_manifest
 from edgeagent.learning.refit_data import save_refit_data
-from edgeagent.modeltools.bundle import read_manifest, sha256_file, write_manifest
 from edgeagent.modeltools.calibrate import (
     curve_from_predictions,
     ece,
