@@ -45,10 +45,8 @@ import jsonschema
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # for tests.test_llamacpp_backend
 
-import edgeagent.backends  # noqa: F401, E402  (import order: the package before edgeagent.config)
 from edgeagent.backends.base import Prediction  # noqa: E402
-from edgeagent.backends.config_llamacpp import LlamaCppBackendConfig  # noqa: E402
-from edgeagent.backends.llamacpp import LlamaCppBackend  # noqa: E402
+from edgeagent.backends.llamacpp import LlamaCppBackend, LlamaCppBackendConfig  # noqa: E402
 from edgeagent.config import TaskConfig  # noqa: E402
 from edgeagent.grammar import control_chars_in  # noqa: E402
 

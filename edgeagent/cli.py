@@ -361,7 +361,7 @@ def _cmd_version(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference(args: argparse.Namespace) -> int:
-    from edgeagent.config import reference_markdown, update_reference
+    from edgeagent.config_reference import reference_markdown, update_reference
 
     if args.update:
         update_reference(args.update)

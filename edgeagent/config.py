@@ -16,7 +16,7 @@ import re
 import socket
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from pydantic import (
     BaseModel,
@@ -39,8 +39,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, from PyPI (a declared dependency there)
     import tomli as tomllib
 
-from edgeagent.backends.config_llamacpp import LlamaCppBackendConfig
-from edgeagent.backends.config_onnx import OnnxBackendConfig
+from edgeagent import backends, regex
 from edgeagent.learning.config import LearnConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgeagent/edgeagent.toml")
@@ -308,63 +307,10 @@ class CloudConfig(_Section):
     )
 
 
-def _check_pattern(key: str, pattern: str) -> None:
-    """Config-load check of a pattern that will see job input: it must compile on RE2."""
-    from edgeagent import regex
-
-    try:
-        regex.compile(pattern)
-    except regex.PatternError as exc:
-        raise ValueError(f"{key}: {exc}") from None
-
-
-class RuleConfig(_Section):
-    """One classification rule: the first rule that matches wins."""
-
-    label: str = Field(description="Label answered when this rule matches.")
-    keywords: list[str] = Field(
-        default_factory=list, description="Case-insensitive whole-word keywords."
-    )
-    patterns: list[str] = Field(
-        default_factory=list,
-        description="Regular expressions (RE2 syntax: linear time; no backreferences or "
-        "lookaround); any match answers `label`.",
-    )
-
-    @field_validator("patterns")
-    @classmethod
-    def _v_patterns(cls, value: list[str]) -> list[str]:
-        for i, p in enumerate(value):
-            _check_pattern(f"patterns[{i}]", p)
-        return value
-
-
-class RulesBackendConfig(_Section):
-    """Deterministic, model-free backend: keyword/regex classification, regex extraction."""
-
-    type: Literal["rules"] = "rules"
-    rules: list[RuleConfig] = Field(
-        default_factory=list, description="Classification rules, tried in order."
-    )
-    fields: dict[str, str] = Field(
-        default_factory=dict,
-        description="Extraction: field name -> regex (RE2 syntax); the first group (or the whole "
-        "match) is the value, converted to the schema's type.",
-    )
-    ignore_case: bool = Field(True, description="Match case-insensitively.")
-
-    @field_validator("fields")
-    @classmethod
-    def _v_fields(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, p in value.items():
-            _check_pattern(f"fields.{name}", p)
-        return value
-
-
-BackendConfig = Annotated[
-    RulesBackendConfig | OnnxBackendConfig | LlamaCppBackendConfig,
-    Field(discriminator="type"),
-]
+if TYPE_CHECKING:
+    BackendConfig = backends.BackendConfig
+else:  # a union of every registered backend's config, discriminated on `type`
+    BackendConfig = backends.config_union()
 
 
 class TaskConfig(_Section):
@@ -460,59 +406,19 @@ class TaskConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
-        b = self.backend
-        if isinstance(b, RulesBackendConfig):
-            if self.kind == "classify" and not b.rules:
-                raise ValueError("a classify task on the rules backend needs backend.rules")
-            if self.kind == "extract" and not b.fields:
-                raise ValueError("an extract task on the rules backend needs backend.fields")
-            if self.kind == "generate":
-                raise ValueError("the rules backend cannot generate text")
-            if self.labels:
-                unknown = {r.label for r in b.rules} - set(self.labels)
-                if unknown:
-                    raise ValueError(f"rules answer labels not in `labels`: {sorted(unknown)}")
-        if isinstance(b, LlamaCppBackendConfig) and b.calibration and self.kind == "generate":
-            raise ValueError("backend.calibration: generate tasks are not calibrated")
         for name, pattern in self.redact_patterns.items():
             segment(name)
             if name.lower() in REDACT_KINDS:
                 raise ValueError(f"redact_patterns.{name}: clashes with the built-in kind")
-            _check_pattern(f"redact_patterns.{name}", pattern)
+            regex.check_pattern(f"redact_patterns.{name}", pattern)
         if self.output_schema is not None:
             if self.output_schema.get("type") != "object":
                 raise ValueError("schema: must be a JSON Schema with type = 'object'")
             _check_json_schema(self.output_schema)
-        if isinstance(b, LlamaCppBackendConfig):
-            self._check_examples(b)
-        if self.learn.enabled and not (
-            self.kind == "classify" and isinstance(b, OnnxBackendConfig)
-        ):
+        self.backend.check_task(self)
+        if self.learn.enabled and not self.backend.learns(self.kind):
             raise ValueError("learn.enabled: only classify tasks on an onnx bundle learn")
         return self
-
-    def _check_examples(self, b: LlamaCppBackendConfig) -> None:
-        """Few-shot examples teach the model the answer's form: one that the task itself
-        would refuse (a label not in `labels`, an object the schema rejects) is a typo."""
-        for i, ex in enumerate(b.examples):
-            where = f"backend.examples[{i}].output"
-            out = ex.output
-            if self.kind == "classify":
-                label = out if isinstance(out, str) else out.get("label")
-                if self.labels and label not in self.labels:
-                    raise ValueError(f"{where}: {label!r} is not one of `labels`")
-            elif self.kind == "extract":
-                if not isinstance(out, dict):
-                    raise ValueError(f"{where}: an extract example's output must be an object")
-                if self.output_schema is not None:
-                    import jsonschema
-
-                    errors = list(
-                        jsonschema.Draft202012Validator(self.output_schema).iter_errors(out)
-                    )
-                    if errors:
-                        message = errors[0].message
-                        raise ValueError(f"{where}: not valid against `schema`: {message}")
 
     @property
     def policy(self) -> Literal["auto", "never", "always"]:
@@ -757,25 +663,7 @@ def resolve_relative_paths(model: BaseModel, raw: Any, base: Path) -> BaseModel:
 def missing_model_hint(name: str, task: TaskConfig) -> str | None:
     """If the task's model file or bundle does not exist: what is missing and the command
     that prepares it (for check-config and the daemon's start-up error); else None."""
-    b = task.backend
-    if isinstance(b, OnnxBackendConfig):
-        if (b.bundle / "manifest.json").is_file():
-            return None
-        return (
-            f"the model bundle {b.bundle} does not exist yet.  Build the INT8 encoder and "
-            f"train the task from a checkout: models/build_default.sh && edgeagent train "
-            f"{name} --examples EXAMPLES.jsonl --out DIR (./install.sh --demo does both for "
-            "the example intent task, into models/)"
-        )
-    if isinstance(b, LlamaCppBackendConfig):
-        if b.model.is_file():
-            return None
-        return (
-            f"the GGUF model {b.model} does not exist yet.  Fetch it: edgeagent models pull "
-            f"smollm2 --dest {b.model.parent} (and the llamacpp extra: install.sh "
-            "--extras llamacpp, with --system for the service)"
-        )
-    return None
+    return task.backend.missing_model_hint(name)
 
 
 def _config_error(
@@ -838,8 +726,9 @@ def flatten_errors(exc: ValidationError) -> list[tuple[str, str]]:
     for err in exc.errors():
         parts = [str(p) for p in err["loc"]]
         # Drop the union tag pydantic inserts after `backend` (backend.rules.x -> backend.x).
+        tags = backends.backend_types()
         parts = [
-            p for i, p in enumerate(parts) if not (i and parts[i - 1] == "backend" and p in _TAGS)
+            p for i, p in enumerate(parts) if not (i and parts[i - 1] == "backend" and p in tags)
         ]
         loc = ".".join(parts)
         msg = err["msg"]
@@ -847,63 +736,3 @@ def flatten_errors(exc: ValidationError) -> list[tuple[str, str]]:
             msg = "unknown key"
         out.append((loc or "(root)", msg))
     return out
-
-
-_TAGS = {"rules", "onnx", "llamacpp"}
-
-
-def reference_markdown() -> str:
-    """The configuration reference, generated from the settings model (for the README)."""
-    lines = ["| key | type | default | description |", "|---|---|---|---|"]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            key = f"{prefix}{field.alias or name}"
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, key + ".")
-                continue
-            default = (
-                ""
-                if field.is_required()
-                else _fmt_default(field.get_default(call_default_factory=True))
-            )
-            tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-            tname = tname.replace("pathlib._local.", "pathlib.")  # Python 3.13's module name
-            desc = (field.description or "").replace("|", "\\|")
-            lines.append(f"| `{key}` | {tname} | {default} | {desc} |")
-
-    walk(Settings, "")
-    for sub, title in (
-        (TaskConfig, "tasks.NAME."),
-        (RulesBackendConfig, "tasks.NAME.backend. (type = rules)"),
-        (RuleConfig, "tasks.NAME.backend.rules[]."),
-        (OnnxBackendConfig, "tasks.NAME.backend. (type = onnx)"),
-        (LlamaCppBackendConfig, "tasks.NAME.backend. (type = llamacpp)"),
-    ):
-        lines.append(f"| **{title}** | | | |")
-        walk(sub, title.split(" ")[0])
-    return "\n".join(lines)
-
-
-REF_START = "<!-- config-reference:start -->"
-REF_END = "<!-- config-reference:end -->"
-
-
-def update_reference(readme: Path) -> None:
-    """Replace the section between the reference markers of ``readme``."""
-    text = readme.read_text(encoding="utf-8")
-    head, _, rest = text.partition(REF_START)
-    _, _, tail = rest.partition(REF_END)
-    readme.write_text(
-        f"{head}{REF_START}\n{reference_markdown()}\n{REF_END}{tail}", encoding="utf-8"
-    )
-
-
-def _fmt_default(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, SecretStr):
-        return ""
-    text = json.dumps(value, default=str)
-    return f"`{text}`".replace("|", "\\|")

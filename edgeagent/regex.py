@@ -23,7 +23,15 @@ from typing import Protocol, cast
 
 import re2
 
-__all__ = ["Match", "Pattern", "PatternError", "compile", "escape", "sanitize"]
+__all__ = [
+    "Match",
+    "Pattern",
+    "PatternError",
+    "check_pattern",
+    "compile",
+    "escape",
+    "sanitize",
+]
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # a character class: linear on any input
 _UNSUPPORTED_HINT = (
@@ -81,6 +89,15 @@ class Pattern:
 def compile(pattern: str, *, ignore_case: bool = False) -> Pattern:
     """Compile ``pattern`` with RE2; :class:`PatternError` if RE2 cannot."""
     return Pattern(pattern, ignore_case=ignore_case)
+
+
+def check_pattern(key: str, pattern: str) -> None:
+    """Config-load check of a pattern that will see job input: it must compile on RE2.
+    Raises ``ValueError`` naming the config ``key`` (pydantic reports it as that key)."""
+    try:
+        compile(pattern)
+    except PatternError as exc:
+        raise ValueError(f"{key}: {exc}") from None
 
 
 def escape(text: str) -> str:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.config import ConfigError, load_settings, reference_markdown
+from edgeagent.config import ConfigError, load_settings
+from edgeagent.config_reference import reference_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "edgeagent.toml"
@@ -142,7 +143,7 @@ def test_blank_systemd_credential_counts_as_absent(tmp_path: Path) -> None:
 
 
 def test_readme_reference_and_message_schemas_are_up_to_date() -> None:
-    from edgeagent.config import REF_END, REF_START
+    from edgeagent.config_reference import REF_END, REF_START
     from edgeagent.schemas import HERE, generate, render
 
     readme = (REPO / "README.md").read_text()

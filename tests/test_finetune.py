@@ -251,8 +251,8 @@ def joint_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_joint_bundle_answers_intent_and_slots_through_the_backend(joint_bundle: Path) -> None:
     from edgeagent.backends import create
-    from edgeagent.config import TaskConfig
     from edgeagent.bundle import read_manifest
+    from edgeagent.config import TaskConfig
 
     manifest = read_manifest(joint_bundle, kind="tagger")
     assert manifest["tagger"]["intents"] == 3

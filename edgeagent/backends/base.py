@@ -1,16 +1,24 @@
-"""The one interface every local inference backend implements.
+"""The one interface every local inference backend implements, and how a backend type
+is described to the registry (:mod:`edgeagent.backends`).
 
 A backend is built from its task's config, loaded once (``load`` then
 ``warmup``), asked to answer *batches* of inputs from a worker thread
-(never on the event loop), and closed at shutdown or reload.  Backends are
-imported lazily by :func:`edgeagent.backends.create`, so a device that only
+(never on the event loop), and closed at shutdown or reload.  A backend's module
+holds its config model (a :class:`BackendConfig`) and its runtime, and imports its
+native runtime (onnxruntime, llama_cpp) only in ``load``, so a device that only
 uses the ``rules`` backend never imports onnxruntime or llama_cpp.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # the settings tree imports the backend configs, not the reverse
+    from edgeagent.config import TaskConfig
 
 JSONValue = Any
 """Anything ``json.dumps`` accepts."""
@@ -78,3 +86,51 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release native resources.  Idempotent."""
         ...
+
+
+class BackendConfig(BaseModel):
+    """Base of every backend's config model (``[tasks.NAME.backend]``).
+
+    A subclass declares ``type: Literal["NAME"] = "NAME"``: the registry key and the
+    discriminator of the config union.  Unknown keys are errors; configs are immutable.
+    The hooks below let :class:`~edgeagent.config.TaskConfig` check a task without
+    knowing any backend type.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+
+    def check_task(self, task: TaskConfig) -> None:
+        """Raise ``ValueError`` when this backend cannot answer ``task`` as configured
+        (called while the task is validated, after its own fields are checked)."""
+
+    def learns(self, kind: str) -> bool:
+        """Can a task of ``kind`` on this backend learn from the cloud (``learn.enabled``)?"""
+        return False
+
+    def missing_model_hint(self, task_name: str) -> str | None:
+        """If the model this config names does not exist: what is missing and the command
+        that prepares it (for check-config and the daemon's start-up error); else None."""
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendType:
+    """One backend type for the registry: its config model and how to build its runtime.
+
+    ``build(task_name, task)`` builds (does not load) the backend of a task whose
+    ``backend`` is a ``config``; it raises :class:`BackendError` for a task it cannot
+    serve (a kind it does not do).
+    """
+
+    config: type[BackendConfig]
+    build: Callable[[str, TaskConfig], Backend]
+
+    @property
+    def name(self) -> str:
+        """The ``type`` value that selects this backend (the config's ``type`` default)."""
+        default = self.config.model_fields["type"].default
+        if not isinstance(default, str) or not default:
+            raise TypeError(f"{self.config.__name__}.type needs a string default (its name)")
+        return default

@@ -23,16 +23,24 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from edgeagent.backends.base import BackendError, JSONValue, Prediction
+from pydantic import Field
+
+from edgeagent.backends.base import (
+    Backend,
+    BackendConfig,
+    BackendError,
+    BackendType,
+    JSONValue,
+    Prediction,
+)
 from edgeagent.bundle import BundleError, read_manifest
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from edgeagent.backends.config_onnx import OnnxBackendConfig
     from edgeagent.config import TaskConfig
     from edgeagent.learning.memory import InstantMemory
 
@@ -539,8 +547,6 @@ class OnnxBackend:
     """Classification backend over a classifier bundle (see module docstring)."""
 
     def __init__(self, task_name: str, task: TaskConfig) -> None:
-        from edgeagent.backends.config_onnx import OnnxBackendConfig
-
         if not isinstance(task.backend, OnnxBackendConfig):
             raise BackendError(f"task {task_name!r}: backend is not of type 'onnx'")
         if task.kind != "classify":
@@ -655,3 +661,67 @@ class OnnxBackend:
         with self._lock:
             self._encoder = None
             self._head = None
+
+
+# -- config and registration (edgeagent.backends) -------------------------------------------
+
+
+class OnnxBackendConfig(BackendConfig):
+    """A bundle built by `edgeagent train`: a classifier (INT8 ONNX encoder + head) for a
+    classify task, or a token tagger (INT8 ONNX, BIO tags) for an extract task."""
+
+    type: Literal["onnx"] = "onnx"
+    bundle: Path = Field(description="Model bundle directory (contains manifest.json).")
+    intra_op_threads: int = Field(1, ge=1, le=64, description="onnxruntime intra-op threads.")
+    inter_op_threads: int = Field(1, ge=1, le=64, description="onnxruntime inter-op threads.")
+    max_length: int = Field(128, ge=8, le=512, description="Tokens per input (truncation).")
+    verify_sha256: bool = Field(
+        True,
+        description="Check every bundle file against the sha256 in its manifest at load "
+        "(about 0.1 s for the default model).",
+    )
+    use_bundle_threshold: bool = Field(
+        True,
+        description="Mark answers below the threshold stored by `edgeagent calibrate` with "
+        "reason `low_confidence` (on top of the task's own `threshold`).",
+    )
+    oos_distance: bool | None = Field(
+        None,
+        description="Classifier: flag inputs whose out-of-scope score (chosen and calibrated by "
+        "`edgeagent train`) is above the bundle's cut-off as `out_of_scope`, in addition to "
+        "inputs the trained out-of-scope class wins. Unset: only when the "
+        "bundle was trained with out-of-scope examples (`oos` label or `--oos-examples`); "
+        "`true` also for a task given none; `false` never.",
+    )
+    tagger_confidence: Literal["words", "spans", "frame"] = Field(
+        "words",
+        description="Tagger: the job's confidence is the least probable tag of any word, `O` "
+        "included (`words`: a slot the model nearly found lowers it too), the weakest extracted "
+        "span (`spans`), or the probability of the whole tag sequence (`frame`).",
+    )
+
+    def learns(self, kind: str) -> bool:
+        return kind == "classify"
+
+    def missing_model_hint(self, task_name: str) -> str | None:
+        if (self.bundle / "manifest.json").is_file():
+            return None
+        return (
+            f"the model bundle {self.bundle} does not exist yet.  Build the INT8 encoder and "
+            f"train the task from a checkout: models/build_default.sh && edgeagent train "
+            f"{task_name} --examples EXAMPLES.jsonl --out DIR (./install.sh --demo does both "
+            "for the example intent task, into models/)"
+        )
+
+
+def _build(task_name: str, task: TaskConfig) -> Backend:
+    """A classify task gets the encoder + head, an extract task the token tagger
+    (:mod:`edgeagent.backends.tagger`, imported only then)."""
+    if task.kind == "extract":
+        from edgeagent.backends.tagger import OnnxTaggerBackend
+
+        return OnnxTaggerBackend(task_name, task)
+    return OnnxBackend(task_name, task)
+
+
+BACKEND = BackendType(OnnxBackendConfig, _build)

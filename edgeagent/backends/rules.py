@@ -1,5 +1,8 @@
 """The ``rules`` backend: keyword/regex classification and regex extraction from the config.
 
+Its config (:class:`RulesBackendConfig`, ``type = "rules"``) and runtime
+(:class:`RulesBackend`) live here; :data:`BACKEND` registers both.
+
 Deterministic and model-free: a match answers with confidence 1.0, no match
 answers nothing (confidence 0.0), so the router escalates or answers
 ``unrecognized``.  Thread-safe (compiled patterns are immutable).
@@ -14,13 +17,74 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import jsonschema
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgeagent import regex
-from edgeagent.backends.base import JSONValue, Prediction
-from edgeagent.config import RulesBackendConfig, TaskConfig
+from edgeagent.backends.base import BackendConfig, BackendType, JSONValue, Prediction
+
+if TYPE_CHECKING:
+    from edgeagent.config import TaskConfig
+
+
+class RuleConfig(BaseModel):
+    """One classification rule: the first rule that matches wins."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str = Field(description="Label answered when this rule matches.")
+    keywords: list[str] = Field(
+        default_factory=list, description="Case-insensitive whole-word keywords."
+    )
+    patterns: list[str] = Field(
+        default_factory=list,
+        description="Regular expressions (RE2 syntax: linear time; no backreferences or "
+        "lookaround); any match answers `label`.",
+    )
+
+    @field_validator("patterns")
+    @classmethod
+    def _v_patterns(cls, value: list[str]) -> list[str]:
+        for i, p in enumerate(value):
+            regex.check_pattern(f"patterns[{i}]", p)
+        return value
+
+
+class RulesBackendConfig(BackendConfig):
+    """Deterministic, model-free backend: keyword/regex classification, regex extraction."""
+
+    type: Literal["rules"] = "rules"
+    rules: list[RuleConfig] = Field(
+        default_factory=list, description="Classification rules, tried in order."
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extraction: field name -> regex (RE2 syntax); the first group (or the whole "
+        "match) is the value, converted to the schema's type.",
+    )
+    ignore_case: bool = Field(True, description="Match case-insensitively.")
+
+    @field_validator("fields")
+    @classmethod
+    def _v_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, p in value.items():
+            regex.check_pattern(f"fields.{name}", p)
+        return value
+
+    def check_task(self, task: TaskConfig) -> None:
+        if task.kind == "classify" and not self.rules:
+            raise ValueError("a classify task on the rules backend needs backend.rules")
+        if task.kind == "extract" and not self.fields:
+            raise ValueError("an extract task on the rules backend needs backend.fields")
+        if task.kind == "generate":
+            raise ValueError("the rules backend cannot generate text")
+        if task.labels:
+            unknown = {r.label for r in self.rules} - set(task.labels)
+            if unknown:
+                raise ValueError(f"rules answer labels not in `labels`: {sorted(unknown)}")
+
 
 # A keyword is a whole word: not glued to a letter, digit, mark or underscore (Unicode-
 # aware, unlike RE2's ASCII-only \b; no lookaround needed for a yes/no search).
@@ -137,3 +201,6 @@ def _convert(raw: str | None, typ: object) -> JSONValue:
         low = raw.strip().lower()
         return True if low in {"true", "yes", "on", "1"} else False if low else None
     return raw
+
+
+BACKEND = BackendType(RulesBackendConfig, RulesBackend)

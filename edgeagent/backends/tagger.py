@@ -41,14 +41,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeagent.backends.base import BackendError, JSONValue, Prediction
-from edgeagent.backends.onnx import bundle_fingerprint, bundle_manifest, loading_model
+from edgeagent.backends.onnx import (
+    OnnxBackendConfig,
+    bundle_fingerprint,
+    bundle_manifest,
+    loading_model,
+)
 from edgeagent.inputs import NO_CONTENT, has_content
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from edgeagent.backends.config_onnx import OnnxBackendConfig
     from edgeagent.config import TaskConfig
 
     FloatArray = npt.NDArray[np.float32]
@@ -412,8 +416,6 @@ class OnnxTaggerBackend:
 
     def __init__(self, task_name: str, task: TaskConfig) -> None:
         import jsonschema
-
-        from edgeagent.backends.config_onnx import OnnxBackendConfig
 
         if not isinstance(task.backend, OnnxBackendConfig):
             raise BackendError(f"task {task_name!r}: backend is not of type 'onnx'")

@@ -110,7 +110,7 @@ class Learner:
     def serving_config(self, name: str, cfg: TaskConfig) -> TaskConfig:
         """The task's config with its bundle replaced by the current learned version (when
         the task learns and a version descends from the configured bundle)."""
-        from edgeagent.backends.config_onnx import OnnxBackendConfig
+        from edgeagent.backends.onnx import OnnxBackendConfig
 
         b = cfg.backend
         if not cfg.learn.enabled or not isinstance(b, OnnxBackendConfig):

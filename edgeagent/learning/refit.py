@@ -149,9 +149,9 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
     import numpy as np
 
     from edgeagent.backends.onnx import Head, OnnxEncoder
+    from edgeagent.bundle import read_manifest
     from edgeagent.learning.config import LearnConfig
     from edgeagent.learning.refit_data import load_refit_data
-    from edgeagent.bundle import read_manifest
     from edgeagent.modeltools.train import TrainOptions, train_head
 
     t0 = time.monotonic()

@@ -186,8 +186,7 @@ def calibrate_llamacpp(
     Raises BackendError when the model cannot be loaded."""
     import numpy as np
 
-    from edgeagent.backends.config_llamacpp import LlamaCppBackendConfig
-    from edgeagent.backends.llamacpp import LlamaCppBackend
+    from edgeagent.backends.llamacpp import LlamaCppBackend, LlamaCppBackendConfig
 
     if (target_escalation is None) == (target_precision is None):
         raise ValueError("give exactly one of target_escalation or target_precision")

@@ -235,7 +235,7 @@ def _command_line() -> str:
 def _task_backend(args: argparse.Namespace, required: bool) -> Any:
     """The task's onnx backend config, ``None`` if there is no config (and not required),
     or an exit code."""
-    from edgeagent.backends.config_onnx import OnnxBackendConfig
+    from edgeagent.backends.onnx import OnnxBackendConfig
     from edgeagent.config import ConfigError, load_settings, resolve_config_path
 
     if not required and args.config is None and not resolve_config_path(None).is_file():
@@ -623,7 +623,7 @@ def _calibrating(run: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
 
 def _llamacpp_task(args: argparse.Namespace) -> tuple[Any, Path] | None:
     """``(task config, config path)`` when the config's task uses the llamacpp backend."""
-    from edgeagent.backends.config_llamacpp import LlamaCppBackendConfig
+    from edgeagent.backends.llamacpp import LlamaCppBackendConfig
     from edgeagent.config import ConfigError, load_settings, resolve_config_path
 
     if args.config is None and not resolve_config_path(None).is_file():

@@ -349,8 +349,8 @@ def train_joint_bundle(
     ``intents.json``); returns it."""
     import numpy as np
 
-    from edgeagent.modeltools.build import resolve_source
     from edgeagent.bundle import sha256_file
+    from edgeagent.modeltools.build import resolve_source
     from edgeagent.modeltools.train import publish_bundle
 
     examples = load_tagged_examples(examples_path)
