@@ -9,8 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgeagent import __version__
-
-EXIT_CONFIG = 78
+from edgeagent.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -18,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     return int(args.func(args))
 
 
@@ -214,7 +213,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         f"{path}: OK ({len(settings.tasks)} task(s): {', '.join(sorted(settings.tasks))}"
         f"{loaded_note})"
     )
-    return 0
+    return EXIT_OK
 
 
 def _check_models(settings: object, path: Path) -> int:
@@ -242,7 +241,7 @@ def _check_models(settings: object, path: Path) -> int:
         print(f"edgeagent: configuration {path} is valid, but:\n{lines}", file=sys.stderr)
         print("  (--no-load checks the file alone)", file=sys.stderr)
         return EXIT_CONFIG
-    return 0
+    return EXIT_OK
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -295,12 +294,12 @@ def _cmd_examples(args: argparse.Namespace) -> int:
     path = settings.state_dir() / "edgeagent.db"
     if not path.exists():
         print(f"edgeagent: no state file at {path}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     try:
         store = Store(path, synchronous=settings.store.synchronous)
     except StoreError as exc:
         print(f"edgeagent: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     skipped = 0
     try:
         for row in store.examples(args.task):
@@ -324,7 +323,7 @@ def _cmd_examples(args: argparse.Namespace) -> int:
             f"edgeagent: {skipped} answers could not be aligned to the input words (skipped)",
             file=sys.stderr,
         )
-    return 0
+    return EXIT_OK
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
@@ -357,7 +356,7 @@ def _cmd_learn(args: argparse.Namespace) -> int:
 
 def _cmd_version(args: argparse.Namespace) -> int:
     print(f"edgeagent {__version__}")
-    return 0
+    return EXIT_OK
 
 
 def _cmd_reference(args: argparse.Namespace) -> int:
@@ -368,7 +367,7 @@ def _cmd_reference(args: argparse.Namespace) -> int:
         print(f"updated {args.update}")
     else:
         print(reference_markdown())
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -36,6 +36,17 @@ from edgeagent.config import (
     missing_model_hint,
 )
 from edgeagent.escalation import Answer, Escalator
+from edgeagent.exitcodes import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_STATE_CORRUPT,
+    EXIT_STATE_FULL,
+    EXIT_STATE_IO,
+    EXIT_STATE_MISSING,
+    EXIT_STATE_NEWER,
+    EXIT_STATE_READ_ONLY,
+)
 from edgeagent.learning.learner import Learner
 from edgeagent.logs import get_logger
 from edgeagent.metrics import Metrics
@@ -71,16 +82,6 @@ from edgeagent.systemd import Notifier
 
 log = get_logger("edgeagent.daemon")
 
-EXIT_OK = 0
-EXIT_FAILURE = 1  # an internal error (a crashed task): systemd restarts the daemon
-EXIT_CONFIG = 78  # EX_CONFIG: systemd must not restart (RestartPreventExitStatus=78)
-# The state file (README "Troubleshooting"); sysexits(3) codes where one fits.
-EXIT_STATE_CORRUPT = 65  # EX_DATAERR: damaged state file; not restarted
-EXIT_STATE_MISSING = 73  # EX_CANTCREAT: the state directory is missing (disk not mounted?)
-EXIT_STATE_IO = 74  # EX_IOERR: I/O error on the state file at start
-EXIT_STATE_FULL = 75  # EX_TEMPFAIL: no space to open/migrate the state file at start
-EXIT_STATE_READ_ONLY = 77  # EX_NOPERM: state file/directory/file system not writable
-EXIT_STATE_NEWER = 79  # a newer edgeagent wrote the state file (downgrade); not restarted
 STORE_EXIT_CODES = {
     "corrupt": EXIT_STATE_CORRUPT,
     "missing_dir": EXIT_STATE_MISSING,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-EXIT_UNKNOWN_JOB = 1
+from edgeagent.exitcodes import EXIT_FAILURE
 
 
 class StateFileError(Exception):
@@ -154,6 +154,6 @@ def main(state_file: Path, job_id: str, *, as_json: bool) -> int:
         db.close()
     if report is None:
         print(f"edgeagent results: no job {job_id!r} in {state_file}", file=sys.stderr)
-        return EXIT_UNKNOWN_JOB
+        return EXIT_FAILURE
     print(json.dumps(report, ensure_ascii=False) if as_json else render(report))
     return 0

@@ -18,10 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeagent.config import Settings
+from edgeagent.exitcodes import EXIT_NO_ANSWER
 from edgeagent.mqtt import Inbound, MqttAdapter, connect_options
-
-EXIT_NONE = 3
-"""No status found for the device (or none in the fleet)."""
 
 QUIET_S = 0.4
 """Retained messages come right after the SUBACK: stop after this long without one."""
@@ -187,7 +185,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     if not found:
         where = f"{prefix}/+/status" if args.fleet else f"{prefix}/{device}/status"
         print(f"edgeagent status: no retained status on {where}", file=sys.stderr)
-        return EXIT_NONE
+        return EXIT_NO_ANSWER
     if args.json:
         for v in sorted(found.values(), key=lambda v: v.device):
             print(json.dumps({"device": v.device, "status": v.status, "stats": v.stats}))

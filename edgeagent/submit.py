@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.config import Settings
+from edgeagent.exitcodes import EXIT_NO_ANSWER, EXIT_OFFLINE
 from edgeagent.mqtt import Inbound, MqttAdapter, connect_options
 
-EXIT_TIMEOUT = 3
-EXIT_OFFLINE = 4
 STATUS_WAIT_S = 1.0
 """How long to wait for the target's retained status after connecting (seconds)."""
 
@@ -90,7 +89,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             f"within {args.timeout}s",
             file=sys.stderr,
         )
-        return EXIT_TIMEOUT
+        return EXIT_NO_ANSWER
     return 0
 
 

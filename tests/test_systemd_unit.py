@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from edgeagent import exitcodes
+
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 INSTALLED_EXE = "/opt/edgeagent/venv/bin/edgeagent"
 ANALYZE = shutil.which("systemd-analyze")
@@ -74,14 +76,15 @@ def test_daemon_unit_contract() -> None:
     assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert d["WatchdogSec"] == ["30"]
     assert d["Restart"] == ["on-failure"]
-    # Exit codes a restart cannot fix (edgeagent/daemon.py): config, damaged or newer state.
-    from edgeagent import daemon
-
+    # Exit codes a restart cannot fix (edgeagent/exitcodes.py): config, damaged or newer state.
     assert set(" ".join(d["RestartPreventExitStatus"]).split()) == {
-        str(daemon.EXIT_CONFIG),
-        str(daemon.EXIT_STATE_CORRUPT),
-        str(daemon.EXIT_STATE_NEWER),
+        str(code) for code in exitcodes.NOT_RESTARTED
     }
+    assert {
+        exitcodes.EXIT_CONFIG,
+        exitcodes.EXIT_STATE_CORRUPT,
+        exitcodes.EXIT_STATE_NEWER,
+    } == exitcodes.NOT_RESTARTED
     assert (d["User"], d["Group"]) == (["edgeagent"], ["edgeagent"])
     assert "DynamicUser" not in d
     assert d["StateDirectory"] == ["edgeagent"]
@@ -104,7 +107,7 @@ def test_cloud_unit_contract() -> None:
     d = _directives((UNITS / "edgeagent-cloud.service").read_text())
     assert d["Type"] == ["simple"]
     assert d["ExecStart"] == [f"{INSTALLED_EXE} cloud --config /etc/edgeagent/cloud.toml"]
-    assert d["RestartPreventExitStatus"] == ["78"]
+    assert d["RestartPreventExitStatus"] == [str(exitcodes.EXIT_CONFIG)]
     # `systemctl reload` would send SIGHUP, which the agent does not reload on.
     assert "ExecReload" not in d
     assert d["ProcSubset"] == ["pid"]

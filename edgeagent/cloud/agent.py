@@ -47,14 +47,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edgeagent import __version__, regex
 from edgeagent.cloud.config import CloudSettings, StructuredOutput
 from edgeagent.cloud.llm import LlmClient, LlmError
+from edgeagent.exitcodes import EXIT_CONFIG, EXIT_OK
 from edgeagent.logs import get_logger
 from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter, connect_options
 from edgeagent.protocol import PROTOCOL_VERSION, ErrorInfo, truncate
 
 log = get_logger("edgeagent.cloud")
-
-EXIT_OK = 0
-EXIT_CONFIG = 78
 
 ReplyStatus = Literal["ok", "error", "expired"]
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_CONFIG = 78
+from edgeagent.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,7 +51,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.check:
         print(f"{path}: OK (model {settings.llm.model} at {settings.llm.base_url})")
-        return 0
+        return EXIT_OK
     logs.configure(settings.log.level, settings.log.format)
     from edgeagent.cloud import agent
 
@@ -64,12 +64,12 @@ def _cmd_standin(args: argparse.Namespace) -> int:
     host, _, port = str(args.listen).rpartition(":")
     if not host or not port.isdigit():
         print(f"edgeagent: --listen {args.listen}: expected host:port", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         server = standin.serve(host.strip("[]"), int(port))
     except OSError as exc:
         print(f"edgeagent: --listen {args.listen}: {exc.strerror}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     bound_port = int(server.server_address[1])
     print(
         f"stand-in LLM (deterministic keyword rules, not a model) on http://{host}:{bound_port}/v1",
@@ -84,4 +84,4 @@ def _cmd_standin(args: argparse.Namespace) -> int:
     while not stop.wait(1.0):
         pass
     server.shutdown()
-    return 0
+    return EXIT_OK

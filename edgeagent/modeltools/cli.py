@@ -14,13 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from edgeagent.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+
 if TYPE_CHECKING:
     from edgeagent.modeltools.tagger import Tagged
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 78
 
 DEFAULT_ENCODER = Path("models/minilm-l6-int8")
 DEFAULT_BUNDLES = Path("models/bundles")
@@ -259,7 +256,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         from edgeagent.modeltools.build import build_encoder
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         _err(f"models build needs the build extra (pip install 'edgeagent[build]'): {exc}")
-        return EXIT_FAILED
+        return EXIT_FAILURE
     try:
         manifest = build_encoder(
             args.source,
@@ -272,10 +269,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         )
     except ImportError as exc:
         _err(f"models build needs the build extra (pip install 'edgeagent[build]'): {exc}")
-        return EXIT_FAILED
+        return EXIT_FAILURE
     except (OSError, ValueError) as exc:
         _err(f"models build failed: {exc}")
-        return EXIT_FAILED
+        return EXIT_FAILURE
     ver = manifest["verification"]
     print(
         f"{args.out}: fingerprint {manifest['fingerprint'][:12]}, INT8 vs fp32 cosine "
@@ -329,13 +326,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except ImportError as exc:
         extra = "build" if args.finetune else "onnx"
         _err(f"train needs the {extra} extra (pip install 'edgeagent[{extra}]'): {exc}")
-        return EXIT_FAILED
+        return EXIT_FAILURE
     except ExamplesError as exc:
         _err(str(exc))
         return EXIT_USAGE
     except BundleError as exc:
         _err(f"encoder bundle: {exc} (build it with `edgeagent models build`)")
-        return EXIT_FAILED
+        return EXIT_FAILURE
     except ValueError as exc:
         _err(f"train: {exc}")
         return EXIT_USAGE
@@ -383,16 +380,16 @@ def _training_tagger(args: argparse.Namespace, train: Callable[[str], _T]) -> _T
         return train(source)
     except ImportError as exc:
         _err(f"training a tagger needs the build extra (pip install 'edgeagent[build]'): {exc}")
-        return EXIT_FAILED
+        return EXIT_FAILURE
     except ExamplesError as exc:
         _err(str(exc))
         return EXIT_USAGE
     except BundleError as exc:
         _err(f"encoder bundle: {exc} (build it with `edgeagent models build`)")
-        return EXIT_FAILED
+        return EXIT_FAILURE
     except (OSError, ValueError) as exc:
         _err(f"train: {exc}")
-        return EXIT_FAILED
+        return EXIT_FAILURE
 
 
 def _train_tagger(args: argparse.Namespace, max_length: int) -> int:
@@ -609,16 +606,16 @@ def _calibrating(run: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
         return run()
     except BackendError as exc:
         _err(str(exc))
-        return EXIT_FAILED
+        return EXIT_FAILURE
     except ImportError as exc:
         _err(f"calibrate needs the onnx extra (pip install 'edgeagent[onnx]'): {exc}")
-        return EXIT_FAILED
+        return EXIT_FAILURE
     except ExamplesError as exc:
         _err(str(exc))
         return EXIT_USAGE
     except BundleError as exc:
         _err(f"bundle: {exc}")
-        return EXIT_FAILED
+        return EXIT_FAILURE
 
 
 def _llamacpp_task(args: argparse.Namespace) -> tuple[Any, Path] | None:
@@ -663,7 +660,7 @@ def _calibrate_llamacpp(args: argparse.Namespace, task: Any, config: Path) -> in
         return EXIT_CONFIG
     except (BackendError, OSError) as exc:
         _err(f"calibrate: {exc}")
-        return EXIT_FAILED
+        return EXIT_FAILURE
     print(f"threshold = {result['threshold']:.4f}")
     if not args.dry_run:
         print(f'\n[tasks.{args.task}.backend]\ncalibration = "{out}"')
