@@ -9,13 +9,13 @@ are errors.  The ``[mqtt]`` and ``[log]`` sections are the daemon's own classes.
 Secrets: the LLM API key comes from ``llm.api_key_file``, else the environment
 variable named by ``llm.api_key_env``, else the systemd credential ``llm-api-key``;
 the broker password as for the daemon (``mqtt.password``/``password_file``/the
-credential ``mqtt-password``).  Like ``edgeagent/config.py``, this module is the
-only one of the cloud agent that reads the environment.
+credential ``mqtt-password``), both through :mod:`edgeagent.credentials`.  Like
+``edgeagent/config.py``, this module (with :mod:`edgeagent.credentials`) is the only
+one of the cloud agent that reads the environment.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -29,14 +29,13 @@ from edgeagent.config import (
     ConfigError,
     LogConfig,
     MqttConfig,
-    credential_path,
     host_id,
     mqtt_file_errors,
-    read_secret,
     read_settings_file,
     resolve_path,
     segment,
 )
+from edgeagent.credentials import load_secret
 
 ENV_PREFIX = "EDGEAGENT_CLOUD_"
 DEFAULT_CONFIG_PATH = Path("/etc/edgeagent/cloud.toml")
@@ -195,13 +194,14 @@ class CloudSettings(BrokerClientSettings):
 
     def api_key(self, environ: dict[str, str] | None = None) -> str | None:
         """The LLM API key: `api_key_file`, else `$api_key_env`, else credential `llm-api-key`."""
-        env = os.environ if environ is None else environ
-        if self.llm.api_key_file is not None:
-            return read_secret(self.llm.api_key_file, "llm.api_key_file") or None
-        if self.llm.api_key_env and env.get(self.llm.api_key_env):
-            return env[self.llm.api_key_env].strip() or None
-        cred = credential_path("llm-api-key", environ)
-        return (read_secret(cred, "credential llm-api-key") or None) if cred else None
+        key = load_secret(
+            self.llm.api_key_file,
+            "llm.api_key_file",
+            "llm-api-key",
+            env_var=self.llm.api_key_env,
+            environ=environ,
+        )
+        return key or None
 
 
 def resolve_config_path(explicit: Path | None, environ: dict[str, str] | None = None) -> Path:
