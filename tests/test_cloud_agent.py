@@ -35,16 +35,6 @@ import httpx
 import paho.mqtt.client as paho
 import pytest
 
-from edgeagent.cloud.agent import (
-    BadRequest,
-    CloudRequest,
-    InvalidOutput,
-    build_messages,
-    check_output,
-    parse_request,
-    reply_topic_for,
-    response_format,
-)
 from edgeagent.cloud.config import LlmConfig
 from edgeagent.cloud.llm import (
     DeadlineExceeded,
@@ -53,6 +43,8 @@ from edgeagent.cloud.llm import (
     UpstreamUnavailable,
     retry_after_s,
 )
+from edgeagent.cloud.messages import BadRequest, CloudRequest, parse_request, reply_topic_for
+from edgeagent.cloud.prompts import InvalidOutput, build_messages, check_output, response_format
 from tests.broker import Broker, free_port
 from tests.harness import REPO, TestClient
 
@@ -661,7 +653,8 @@ def test_transient_failure_is_not_remembered(served: Served) -> None:
 
 
 def test_recent_replies_are_bounded_in_age_and_number() -> None:
-    from edgeagent.cloud.agent import CloudReply, RecentReplies
+    from edgeagent.cloud.agent import RecentReplies
+    from edgeagent.cloud.messages import CloudReply
     from edgeagent.protocol import ErrorInfo
 
     now = [0.0]

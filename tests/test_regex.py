@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from edgeagent import regex
-from edgeagent.cloud.agent import parse_json_answer
+from edgeagent.cloud.prompts import parse_json_answer
 
 
 @pytest.mark.parametrize(
@@ -37,7 +37,7 @@ def test_fenced_cloud_answer_is_parsed() -> None:
 
 
 LONG_FENCE = """
-from edgeagent.cloud.agent import parse_json_answer
+from edgeagent.cloud.prompts import parse_json_answer
 text = "```" + " " * 65536 + "x {\\"label\\": \\"fire\\"}"
 assert parse_json_answer(text) == {"label": "fire"}
 print("done")

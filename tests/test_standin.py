@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edgeagent.cloud.agent import CloudRequest, build_messages, response_format
+from edgeagent.cloud.messages import CloudRequest
+from edgeagent.cloud.prompts import build_messages, response_format
 from edgeagent.cloud.standin import MODEL_NAME, classify, extract, serve
 from tests.broker import Broker
 from tests.test_cloud_agent import CloudProcess, write_cloud_config

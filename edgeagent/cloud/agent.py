@@ -24,6 +24,9 @@ is being answered is acknowledged with it, and a request re-sent after its reply
 out (a daemon that re-sends escalations it has no reply to yet) gets the remembered
 reply re-published (:class:`RecentReplies`, bounded by ``agent.reply_cache_ttl_s`` and
 ``agent.reply_cache_max_entries``; per worker, in memory).
+
+The wire messages are in :mod:`edgeagent.cloud.messages`, what the LLM is asked and how
+its answer is checked in :mod:`edgeagent.cloud.prompts`; this module is the agent.
 """
 
 from __future__ import annotations
@@ -31,312 +34,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import signal
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any
 
-import jsonschema
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edgeagent import __version__, regex
-from edgeagent.cloud.config import CloudSettings, StructuredOutput
+from edgeagent import __version__
+from edgeagent.cloud.config import CloudSettings
 from edgeagent.cloud.llm import LlmClient, LlmError
+from edgeagent.cloud.messages import (
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    INVALID_OUTPUT,
+    BadRequest,
+    CloudReply,
+    CloudRequest,
+    ReplyStatus,
+    Usage,
+    parse_request,
+    reply_topic_for,
+    short_str,
+)
+from edgeagent.cloud.prompts import (
+    InvalidOutput,
+    build_messages,
+    check_output,
+    corrective_messages,
+    response_format,
+)
 from edgeagent.exitcodes import EXIT_CONFIG, EXIT_OK
 from edgeagent.logs import get_logger
 from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter, connect_options
 from edgeagent.protocol import PROTOCOL_VERSION, ErrorInfo, truncate
 
 log = get_logger("edgeagent.cloud")
-
-ReplyStatus = Literal["ok", "error", "expired"]
-
-# error.code values of replies.  Stable: daemons may switch on them.
-INVALID_REQUEST = "invalid_request"
-UNSUPPORTED_VERSION = "unsupported_version"
-INVALID_OUTPUT = "invalid_output"
-DEADLINE_EXCEEDED = "deadline_exceeded"
-INTERNAL = "internal"
-
-_FORMAT_NAME = re.compile(r"[^A-Za-z0-9_-]")
-# RE2: with Python's re this pattern is quadratic (``\s*`` and ``.*?`` compete for a run
-# of whitespace: 2 s for 8,000 spaces after a fence), and the reply echoes job input.
-_FENCE = regex.compile(r"(?s)^```[A-Za-z0-9_-]*\s*\n?(.*?)\n?```$")
-
-
-# -- messages (pure) -----------------------------------------------------------------
-
-
-class LocalAnswer(BaseModel):
-    """What the device's own model answered."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    output: Any = None
-    confidence: float | None = None
-
-
-class CloudRequest(BaseModel):
-    """An escalation as daemons send it (PROTOCOL.md, "Escalation")."""
-
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-
-    v: int = Field(PROTOCOL_VERSION, description="Protocol version.")
-    escalation_id: str = Field(min_length=1, max_length=128, description="Correlation key.")
-    device: str = Field(min_length=1, max_length=128, description="The escalating device.")
-    task: str = Field(min_length=1, max_length=128, description="The device's task name.")
-    kind: Literal["classify", "extract", "generate"] = Field(description="What to answer.")
-    input: str | dict[str, Any] = Field(description="The (redacted) input.")
-    instructions: str | None = Field(None, description="How to answer this task.")
-    labels: list[str] = Field(default_factory=list, description="Classify: the label set.")
-    output_schema: dict[str, Any] | None = Field(
-        None, alias="schema", description="Extract: JSON Schema (object) of the answer."
-    )
-    local: LocalAnswer | None = Field(None, description="The local model's answer.")
-    deadline_ms: int | None = Field(None, ge=1, description="Patience left (ms).")
-
-    @model_validator(mode="after")
-    def _check(self) -> CloudRequest:
-        if self.kind == "classify" and (not self.labels or not all(self.labels)):
-            raise ValueError("classify needs a non-empty `labels` list of strings")
-        if self.kind == "extract":
-            if self.output_schema is None or self.output_schema.get("type") != "object":
-                raise ValueError("extract needs a `schema` with type = 'object'")
-            try:
-                jsonschema.Draft202012Validator.check_schema(self.output_schema)
-            except jsonschema.SchemaError as exc:
-                raise ValueError(f"schema: not a valid JSON Schema: {exc.message}") from None
-        return self
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class CloudReply(BaseModel):
-    """The agent's answer (PROTOCOL.md, "Escalation")."""
-
-    v: int = PROTOCOL_VERSION
-    escalation_id: str | None
-    status: ReplyStatus
-    output: Any = None
-    confidence: float | None = None
-    model: str | None = None
-    usage: Usage = Field(default_factory=Usage)
-    error: ErrorInfo | None = None
-
-    def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
-
-
-class BadRequest(Exception):
-    """A request that cannot be answered as sent; ``escalation_id``/``device`` if readable."""
-
-    def __init__(
-        self, code: str, message: str, escalation_id: str | None, device: str | None
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.escalation_id = escalation_id
-        self.device = device
-
-
-def parse_request(payload: bytes, max_bytes: int) -> CloudRequest:
-    """Validate a request payload; raise :class:`BadRequest` (never anything else)."""
-    if len(payload) > max_bytes:
-        raise BadRequest(
-            INVALID_REQUEST, f"payload is {len(payload)} bytes; limit {max_bytes}", None, None
-        )
-    try:
-        data = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise BadRequest(
-            INVALID_REQUEST, f"payload is not UTF-8 JSON: {truncate(str(exc), 120)}", None, None
-        ) from None
-    if not isinstance(data, dict):
-        raise BadRequest(INVALID_REQUEST, "payload must be a JSON object", None, None)
-    eid = _short_str(data.get("escalation_id"))
-    device = _short_str(data.get("device"))
-    version = data.get("v", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION or isinstance(version, bool):
-        raise BadRequest(
-            UNSUPPORTED_VERSION,
-            f"protocol version {truncate(repr(version), 40)} unsupported; "
-            f"this agent speaks v{PROTOCOL_VERSION}",
-            eid,
-            device,
-        )
-    try:
-        return CloudRequest.model_validate(data)
-    except ValidationError as exc:
-        parts = [
-            f"{'.'.join(str(p) for p in e['loc']) or '(message)'}: {e['msg']}"
-            for e in exc.errors()[:5]
-        ]
-        raise BadRequest(INVALID_REQUEST, truncate("; ".join(parts), 500), eid, device) from None
-    except RecursionError:
-        raise BadRequest(INVALID_REQUEST, "payload nested too deeply", eid, device) from None
-
-
-def _short_str(value: object) -> str | None:
-    return value if isinstance(value, str) and 0 < len(value) <= 128 else None
-
-
-def answer_schema(req: CloudRequest) -> dict[str, Any] | None:
-    """The JSON Schema the answer must satisfy (None: free text)."""
-    if req.kind == "classify":
-        return {
-            "type": "object",
-            "properties": {"label": {"type": "string", "enum": list(req.labels)}},
-            "required": ["label"],
-            "additionalProperties": False,
-        }
-    if req.kind == "extract":
-        return req.output_schema
-    return None
-
-
-def response_format(
-    req: CloudRequest, mode: StructuredOutput, strict: bool
-) -> dict[str, Any] | None:
-    """The ``response_format`` of the completion request for this request and mode."""
-    schema = answer_schema(req)
-    if schema is None or mode == "prompt":
-        return None
-    if mode == "json_object":
-        return {"type": "json_object"}
-    if mode == "json_object_schema":
-        return {"type": "json_object", "schema": schema}
-    name = _FORMAT_NAME.sub("_", f"{req.kind}_{req.task}")[:64]
-    return {
-        "type": "json_schema",
-        "json_schema": {"name": name, "schema": schema, "strict": strict},
-    }
-
-
-def build_messages(req: CloudRequest) -> list[dict[str, str]]:
-    """System and user messages for one request.  The schema is always in the prompt too,
-    so modes without server-side enforcement still tell the model what to write."""
-    system = [f'You answer requests of the task "{req.task}" for edge devices.']
-    if req.instructions:
-        system.append(req.instructions.strip())
-    if req.kind == "classify":
-        system.append(
-            "Classify the input into exactly one of these labels: "
-            + ", ".join(json.dumps(x, ensure_ascii=False) for x in req.labels)
-            + '.\nRespond with only a JSON object of the form {"label": "<one of the labels>"}.'
-        )
-    elif req.kind == "extract":
-        system.append(
-            "Extract the requested information from the input.\n"
-            "Respond with only a JSON object that is valid against this JSON Schema:\n"
-            + json.dumps(req.output_schema, ensure_ascii=False)
-        )
-    else:
-        system.append("Respond with the answer text only.")
-    user = req.input if isinstance(req.input, str) else json.dumps(req.input, ensure_ascii=False)
-    return [{"role": "system", "content": "\n\n".join(system)}, {"role": "user", "content": user}]
-
-
-def corrective_messages(req: CloudRequest, bad: str, reason: str) -> list[dict[str, str]]:
-    """What to append after an invalid answer, for the one retry."""
-    if req.kind == "classify":
-        shape = 'only a JSON object {"label": ...} whose label is one of: ' + ", ".join(req.labels)
-    elif req.kind == "extract":
-        shape = "only a JSON object valid against the JSON Schema given above"
-    else:
-        shape = "a non-empty answer text"
-    return [
-        {"role": "assistant", "content": truncate(bad, 2000)},
-        {
-            "role": "user",
-            "content": f"That answer was invalid: {reason}.  Respond again with {shape}.",
-        },
-    ]
-
-
-class InvalidOutput(Exception):
-    """The model's answer does not satisfy the request; the message says why."""
-
-
-def parse_json_answer(content: str) -> Any:
-    """JSON from a model's answer; tolerates code fences and prose around one object."""
-    text = content.strip()
-    fenced = _FENCE.search(text)
-    if fenced:
-        text = fenced.group(1).strip()
-    try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    start, end = text.find("{"), text.rfind("}")
-    if 0 <= start < end:
-        try:
-            return json.loads(text[start : end + 1])
-        except ValueError:
-            pass
-    raise InvalidOutput(f"not a JSON object: {truncate(content, 80)!r}")
-
-
-def check_output(req: CloudRequest, content: str) -> dict[str, Any]:
-    """The reply's ``output`` for a model answer; raise :class:`InvalidOutput`."""
-    if req.kind == "generate":
-        text = content.strip()
-        if not text:
-            raise InvalidOutput("empty answer")
-        return {"text": text}
-    value = parse_json_answer(content)
-    if not isinstance(value, dict):
-        raise InvalidOutput(f"expected a JSON object, got {type(value).__name__}")
-    if req.kind == "classify":
-        label = value.get("label")
-        if not isinstance(label, str):
-            raise InvalidOutput('no string "label" in the answer')
-        if label in req.labels:
-            return {"label": label}
-        # Models vary case and spacing; map to the canonical label when that is unambiguous.
-        folded = [x for x in req.labels if x.casefold() == label.strip().casefold()]
-        if len(folded) == 1:
-            return {"label": folded[0]}
-        raise InvalidOutput(f"label {truncate(label, 60)!r} is not one of the labels")
-    assert req.output_schema is not None  # checked by CloudRequest
-    validator = jsonschema.Draft202012Validator(req.output_schema)
-    errors = sorted(validator.iter_errors(value), key=lambda e: list(e.path))
-    if errors:
-        first = errors[0]
-        where = "/".join(str(p) for p in first.path) or "(root)"
-        raise InvalidOutput(f"not valid against the schema at {where}: {first.message}")
-    return value
-
-
-def reply_topic_for(prefix: str, response_topic: str | None, device: str | None) -> str | None:
-    """Where to answer: the Response Topic if it is a reply topic of ``prefix``, else the
-    device's reply topic.  Never an arbitrary topic (the agent is no relay)."""
-    if response_topic is not None:
-        levels = response_topic.split("/")
-        ok = (
-            len(levels) == 4
-            and levels[0] == prefix
-            and levels[2:] == ["cloud", "replies"]
-            and _valid_level(levels[1])
-        )
-        return response_topic if ok else None
-    if device is not None and _valid_level(device):
-        return f"{prefix}/{device}/cloud/replies"
-    return None
-
-
-def _valid_level(level: str) -> bool:
-    return bool(level) and not any(c in level for c in "+#/\x00") and not level.startswith("$")
-
-
-# -- the agent -----------------------------------------------------------------------
 
 EscalationKey = tuple[str, str]
 """(device, escalation_id): escalation ids are unique per device."""
@@ -801,7 +537,7 @@ def _decode(data: bytes | None) -> str | None:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    return _short_str(text)
+    return short_str(text)
 
 
 def _task_of(topic: str, prefix: str) -> str | None:
@@ -822,11 +558,4 @@ def run(settings: CloudSettings) -> int:
     return asyncio.run(CloudAgent(settings, api_key=settings.api_key()).run())
 
 
-__all__ = [
-    "CloudAgent",
-    "CloudReply",
-    "CloudRequest",
-    "check_output",
-    "parse_request",
-    "run",
-]
+__all__ = ["CloudAgent", "RecentReplies", "run"]
