@@ -48,6 +48,7 @@ from edgeagent.exitcodes import (
     EXIT_STATE_READ_ONLY,
 )
 from edgeagent.learning.learner import Learner
+from edgeagent.lifecycle import run_service
 from edgeagent.logs import get_logger
 from edgeagent.metrics import Metrics
 from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter, connect_options
@@ -1370,4 +1371,9 @@ def _reason_label(reason: str) -> str:
 
 
 def run(settings: Settings, config_path: Path | None) -> int:
-    return asyncio.run(Daemon(settings, config_path).run())
+    """Run the daemon until SIGTERM/SIGINT; SIGHUP reloads once it has started."""
+    return run_service(
+        lambda: Daemon(settings, config_path),
+        "daemon",
+        hup_hint="the daemon is still starting: reload once it is ready",
+    )

@@ -27,6 +27,7 @@ from typing import Any
 
 import jsonschema
 
+from edgeagent.backoff import backoff_delay
 from edgeagent.budget import TokenBucket
 from edgeagent.config import CloudConfig, TaskConfig
 from edgeagent.learning.examples import is_unsure
@@ -260,8 +261,7 @@ class Escalator:
         )
 
     def _backoff(self, attempts: int) -> float:
-        d = min(self.config.retry_max_s, self.config.retry_min_s * 2 ** min(attempts, 20))
-        return self.rng.uniform(d / 2, d)
+        return backoff_delay(attempts, self.config.retry_min_s, self.config.retry_max_s, self.rng)
 
     def _fallback(
         self, outcome: Outcome, rt: TaskRuntime, code: str, use_local: bool, esc_id: str = ""

@@ -44,6 +44,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edgeagent.backoff import backoff_delays
 from edgeagent.config import MqttConfig
 from edgeagent.logs import get_logger
 
@@ -145,16 +146,6 @@ def _code(reason_code: Any) -> int:
 
 def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
-
-
-def backoff_delays(min_s: float, max_s: float, rng: random.Random) -> Callable[[int], float]:
-    """Capped exponential backoff with jitter: attempt n sleeps in [d/2, d], d = min*2^n <= max."""
-
-    def delay(attempt: int) -> float:
-        d = min(max_s, min_s * (2 ** min(attempt, 30)))
-        return rng.uniform(d / 2, d)
-
-    return delay
 
 
 class TakeoverDetector:

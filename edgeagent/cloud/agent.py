@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -68,6 +67,7 @@ from edgeagent.cloud.prompts import (
     response_format,
 )
 from edgeagent.exitcodes import EXIT_CONFIG, EXIT_OK
+from edgeagent.lifecycle import run_service, wait_for_stop
 from edgeagent.logs import get_logger
 from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter, connect_options
 from edgeagent.protocol import PROTOCOL_VERSION, ErrorInfo, truncate
@@ -180,18 +180,9 @@ class CloudAgent:
     # -- lifecycle ------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT (exit 0) or a fatal broker error (exit 78)."""
+        """Serve until :meth:`request_stop` (SIGTERM/SIGINT, see :func:`run`: exit 0) or a
+        fatal broker error (exit 78)."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.request_stop)
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            # SIGHUP's default action would end the agent with a status systemd treats as
-            # clean (no restart).  Nothing is reloaded in place: say so and keep serving.
-            loop.add_signal_handler(
-                signal.SIGHUP,
-                lambda: log.warning("cloud.sighup_ignored", hint="restart to apply changes"),
-            )
         self.mqtt = MqttAdapter(
             self._connect_options(),
             loop=loop,
@@ -219,12 +210,7 @@ class CloudAgent:
             max_concurrency=s.agent.max_concurrency,
             receive_maximum=s.receive_maximum,
         )
-        stop_wait: asyncio.Future[Any] = loop.create_task(self._stop.wait(), name="cloud:stop-wait")
-        fatal: asyncio.Future[Any] = self.mqtt.fatal
-        done, _ = await asyncio.wait({stop_wait, fatal}, return_when=asyncio.FIRST_COMPLETED)
-        if fatal in done:
-            stop_wait.cancel()
-            log.error("mqtt.fatal", error=fatal.result())
+        if await wait_for_stop(self._stop, self.mqtt.fatal, "cloud") is not None:
             await self._shutdown(graceful=False)
             return EXIT_CONFIG
         await self._shutdown(graceful=True)
@@ -554,8 +540,13 @@ def _bound(escalation_id: str | None, device: str | None, task: str | None) -> I
 
 
 def run(settings: CloudSettings) -> int:
-    """Run one worker until SIGTERM (reads the API key once, at start)."""
-    return asyncio.run(CloudAgent(settings, api_key=settings.api_key()).run())
+    """Run one worker until SIGTERM (reads the API key once, at start).  SIGHUP reloads
+    nothing: it is logged (``cloud.sighup_ignored``) and the agent keeps serving."""
+    return run_service(
+        lambda: CloudAgent(settings, api_key=settings.api_key()),
+        "cloud",
+        hup_hint="restart to apply changes",
+    )
 
 
 __all__ = ["CloudAgent", "RecentReplies", "run"]

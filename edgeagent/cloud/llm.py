@@ -24,9 +24,9 @@ from typing import Any
 import httpx
 
 from edgeagent import __version__
+from edgeagent.backoff import backoff_delays
 from edgeagent.cloud.config import LlmConfig
 from edgeagent.logs import get_logger
-from edgeagent.mqtt import backoff_delays
 from edgeagent.protocol import truncate
 
 log = get_logger("edgeagent.cloud.llm")

@@ -1,0 +1,79 @@
+"""The shared service plumbing: the one backoff formula, and run_service's signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+
+from hypothesis import given
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from edgeagent.backoff import backoff_delay, backoff_delays
+from edgeagent.lifecycle import run_service, wait_for_stop
+
+
+@given(
+    attempt=st.integers(min_value=0, max_value=10_000),
+    min_s=st.floats(min_value=0.001, max_value=10.0),
+    span=st.floats(min_value=1.0, max_value=1000.0),
+    seed=st.integers(),
+)
+def test_backoff_is_capped_exponential_with_jitter(
+    attempt: int, min_s: float, span: float, seed: int
+) -> None:
+    max_s = min_s * span
+    d = min(max_s, min_s * 2.0 ** min(attempt, 30))
+    delay = backoff_delay(attempt, min_s, max_s, random.Random(seed))
+    assert d / 2 <= delay <= d <= max_s
+
+
+def test_backoff_delays_is_the_same_formula_with_bound_arguments() -> None:
+    delays = backoff_delays(0.5, 30.0, random.Random(7))
+    rng = random.Random(7)
+    assert [delays(n) for n in range(12)] == [backoff_delay(n, 0.5, 30.0, rng) for n in range(12)]
+
+
+class _Service:
+    """Serves until asked to stop; SIGHUPs itself first (which must not end it)."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.stopped_by: list[str] = []
+
+    async def run(self) -> int:
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.sleep(0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await self.stop.wait()
+        return 0 if self.stopped_by == ["request_stop"] else 1
+
+    def request_stop(self) -> None:
+        self.stopped_by.append("request_stop")
+        self.stop.set()
+
+
+def test_run_service_stops_on_sigterm_and_survives_sighup() -> None:
+    with capture_logs() as logs:
+        code = run_service(_Service, "svc", hup_hint="restart to apply changes")
+    assert code == 0
+    assert {"event": "svc.sighup_ignored", "hint": "restart to apply changes"} in [
+        {k: r[k] for k in ("event", "hint") if k in r} for r in logs
+    ]
+
+
+def test_wait_for_stop_reports_a_fatal_broker_error() -> None:
+    async def main() -> tuple[str | None, str | None]:
+        loop = asyncio.get_running_loop()
+        stop, fatal = asyncio.Event(), loop.create_future()
+        loop.call_soon(fatal.set_result, "not authorized")
+        first = await wait_for_stop(stop, fatal, "t")
+        stop.set()
+        second = await wait_for_stop(stop, loop.create_future(), "t")
+        return first, second
+
+    with capture_logs() as logs:
+        assert asyncio.run(main()) == ("not authorized", None)
+    assert [r["event"] for r in logs] == ["mqtt.fatal"]
