@@ -13,7 +13,12 @@ from edgeagent.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # A core command (`run` above all) parses without importing the optional tool modules,
+    # so the daemon's process never loads build-time code (tests/test_layering.py).
+    parser = build_parser(tools=False)
+    if not argv or argv[0] not in _commands(parser):
+        parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -21,7 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.func(args))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
+    """The ``edgeagent`` parser; ``tools=False`` leaves out the commands of the optional
+    modules (model tools, cloud agent)."""
     p = argparse.ArgumentParser(
         prog="edgeagent",
         description="Answer MQTT text jobs with small local models; escalate the rest.",
@@ -149,8 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--update", type=Path, metavar="README", help="rewrite its reference section")
     ref.set_defaults(func=_cmd_reference)
 
-    _register_optional(sub)
+    if tools:
+        _register_optional(sub)
     return p
+
+
+def _commands(parser: argparse.ArgumentParser) -> set[str]:
+    """The sub-command names ``parser`` knows."""
+    return {
+        name
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
+    }
 
 
 def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -51,3 +51,38 @@ def test_device_code_does_not_import_modeltools(module: str) -> None:
     loaded = _loaded_after_import(module)
     assert module in loaded
     assert [m for m in loaded if m.startswith("edgeagent.modeltools")] == []
+
+
+def test_the_daemon_command_does_not_import_modeltools(tmp_path: Path) -> None:
+    """``edgeagent run`` parses its arguments without the model tools' module (the CLI
+    registers optional commands only for a command it does not know itself)."""
+    code = (
+        "import json, sys\n"
+        "from edgeagent import cli\n"
+        "cli.main(['check-config', '--config', sys.argv[1], '--no-load'])\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('edgeagent'))))\n"
+    )
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[tasks.a]\nkind = "classify"\n[tasks.a.backend]\ntype = "rules"\n'
+        '[[tasks.a.backend.rules]]\nlabel = "x"\nkeywords = ["x"]\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(proc.stdout.splitlines()[-1])
+    assert "edgeagent.config" in loaded
+    assert [m for m in loaded if m.startswith("edgeagent.modeltools")] == []
+
+
+def test_tool_commands_are_still_registered() -> None:
+    from edgeagent import cli
+
+    parser = cli.build_parser()
+    assert {"run", "models", "train", "calibrate", "cloud"} <= cli._commands(parser)
