@@ -25,16 +25,17 @@ DEVICE_MODULES = (
 )
 
 
-def _loaded_after_import(module: str) -> list[str]:
-    """Names of the ``edgeagent.*`` modules a fresh interpreter holds after importing
-    ``module`` (a subprocess: this test process has long imported everything)."""
+def _loaded_after(statement: str, *args: str) -> list[str]:
+    """Names of the ``edgeagent.*`` modules a fresh interpreter holds after running
+    ``statement`` (``sys.argv[1:]`` = ``args``; a subprocess: this test process has long
+    imported everything)."""
     code = (
         "import importlib, json, sys\n"
-        f"importlib.import_module({module!r})\n"
+        f"{statement}\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('edgeagent'))))\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -42,41 +43,31 @@ def _loaded_after_import(module: str) -> list[str]:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    loaded: list[str] = json.loads(proc.stdout)
+    loaded: list[str] = json.loads(proc.stdout.splitlines()[-1])
     return loaded
 
 
 @pytest.mark.parametrize("module", DEVICE_MODULES)
 def test_device_code_does_not_import_modeltools(module: str) -> None:
-    loaded = _loaded_after_import(module)
+    loaded = _loaded_after(f"importlib.import_module({module!r})")
     assert module in loaded
     assert [m for m in loaded if m.startswith("edgeagent.modeltools")] == []
 
 
 def test_the_daemon_command_does_not_import_modeltools(tmp_path: Path) -> None:
-    """``edgeagent run`` parses its arguments without the model tools' module (the CLI
-    registers optional commands only for a command it does not know itself)."""
-    code = (
-        "import json, sys\n"
-        "from edgeagent import cli\n"
-        "cli.main(['check-config', '--config', sys.argv[1], '--no-load'])\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('edgeagent'))))\n"
-    )
+    """``edgeagent run`` and the other core commands parse their arguments without the
+    model tools' module (the CLI registers optional commands only for a command it does
+    not know itself)."""
     config = tmp_path / "c.toml"
     config.write_text(
         '[tasks.a]\nkind = "classify"\n[tasks.a.backend]\ntype = "rules"\n'
         '[[tasks.a.backend.rules]]\nlabel = "x"\nkeywords = ["x"]\n'
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=False,
+    loaded = _loaded_after(
+        "from edgeagent import cli\n"
+        "assert cli.main(['check-config', '--config', sys.argv[1], '--no-load']) == 0",
+        str(config),
     )
-    assert proc.returncode == 0, proc.stderr
-    loaded = json.loads(proc.stdout.splitlines()[-1])
     assert "edgeagent.config" in loaded
     assert [m for m in loaded if m.startswith("edgeagent.modeltools")] == []
 
