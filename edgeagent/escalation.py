@@ -38,13 +38,19 @@ from edgeagent.logs import get_logger
 from edgeagent.metrics import Metrics
 from edgeagent.protocol import ErrorInfo, EscalationInfo, ResultMessage, Topics, load_payload
 from edgeagent.redact import Redactor, restore
-from edgeagent.results import Actions, Answer, CacheEntry, Example, build
+from edgeagent.results import Actions, Answer, CacheEntry, Example, build, revise
 from edgeagent.store import EscalationRow, Store
 
 if TYPE_CHECKING:
     from edgeagent.pipeline import Outcome, TaskRuntime
 
 log = get_logger("edgeagent.escalation")
+
+
+PROVISIONAL_OUT_OF_SCOPE = ErrorInfo(
+    code="out_of_scope",
+    message="provisional: outside what the local model knows; the cloud agent's answer follows",
+)
 
 
 class Ledger(Protocol):
@@ -244,31 +250,24 @@ class Escalator:
             reachable=reachable,
             redacted=sum(counts.values()),
         )
-        if audit:
+        if audit or not provisional:
             return None
-        if provisional:
-            # The local best effort now (its own low confidence says how much to trust it);
-            # a result with `supersedes` follows when the cloud answers.
-            update: dict[str, Any] = {
-                "provisional": True,
-                "escalation": EscalationInfo(reason=reason, id=esc_id),
-            }
-            if local_output is not None and reason == "out_of_scope":
-                # The local "label" is the out-of-scope class: not an answer.  A consumer that
-                # reads only `status` must not take it for one (PROTOCOL.md, "Provisional").
-                update.update(
-                    status="unrecognized",
-                    output=local_output,
-                    error=ErrorInfo(
-                        code="out_of_scope",
-                        message="provisional: outside what the local model knows; "
-                        "the cloud agent's answer follows",
-                    ),
-                )
-            elif local_output is not None:
-                update.update(status="ok", output=local_output, error=None)
-            return outcome.result.model_copy(update=update)
-        return None
+        # The local best effort now (its own low confidence says how much to trust it);
+        # a result with `supersedes` follows when the cloud answers.
+        info = EscalationInfo(reason=reason, id=esc_id)
+        if local_output is None:
+            return revise(outcome.result, provisional=True, escalation=info)
+        # An out-of-scope local "label" is the out-of-scope class: not an answer.  A consumer
+        # that reads only `status` must not take it for one (PROTOCOL.md, "Provisional").
+        oos = reason == "out_of_scope"
+        return revise(
+            outcome.result,
+            provisional=True,
+            escalation=info,
+            status="unrecognized" if oos else "ok",
+            output=local_output,
+            error=PROVISIONAL_OUT_OF_SCOPE if oos else None,
+        )
 
     def _send(self, tx: Ledger, task: str, esc_id: str, payload: bytes) -> None:
         tx.enqueue(
@@ -295,30 +294,17 @@ class Escalator:
             "cloud_timeout": "the cloud agent did not answer before the deadline",
         }.get(code, code)
         if use_local and pred is not None and pred.output is not None:
-            if outcome.escalate == "out_of_scope":  # the out-of-scope class is no answer
-                return outcome.result.model_copy(
-                    update={
-                        "status": "unrecognized",
-                        "output": pred.output,
-                        "confidence": pred.confidence,
-                        "error": ErrorInfo(code=code, message=message + " (out of scope)"),
-                    }
-                )
-            return outcome.result.model_copy(
-                update={
-                    "status": "ok",
-                    "output": pred.output,
-                    "confidence": pred.confidence,
-                    "error": ErrorInfo(code=code, message=message + " (local answer)"),
-                }
+            oos = outcome.escalate == "out_of_scope"  # the out-of-scope class is no answer
+            flag = " (out of scope)" if oos else " (local answer)"
+            return revise(
+                outcome.result,
+                status="unrecognized" if oos else "ok",
+                output=pred.output,
+                confidence=pred.confidence,
+                error=ErrorInfo(code=code, message=message + flag),
             )
-        return outcome.result.model_copy(
-            update={
-                "status": "unrecognized",
-                "output": None,
-                "error": ErrorInfo(code=code, message=message),
-            }
-        )
+        err = ErrorInfo(code=code, message=message)
+        return revise(outcome.result, status="unrecognized", output=None, error=err)
 
     # -- replies --------------------------------------------------------------------
 

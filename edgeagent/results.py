@@ -73,6 +73,12 @@ def build(
     )
 
 
+def revise(result: ResultMessage, **changes: Any) -> ResultMessage:
+    """``result`` with some fields changed: a provisional or fallback answer made from the
+    job's local result."""
+    return result.model_copy(update=changes)
+
+
 # -- actions ------------------------------------------------------------------------------
 
 
