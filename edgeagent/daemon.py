@@ -720,6 +720,7 @@ class Daemon:
         self._configure_escalation(fresh)
         self.runtimes = fresh
         self.settings = self.settings.model_copy(update={"tasks": new.tasks})
+        self.pipeline.settings = self.settings
         for rt in fresh.values():
             rt.start(self.pipeline.deliver)
             self._watch_workers(rt)
