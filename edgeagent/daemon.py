@@ -28,6 +28,7 @@ from typing import Any
 
 from edgeagent import __version__, homeassistant
 from edgeagent.backends import BackendError
+from edgeagent.commit import GroupCommitter
 from edgeagent.config import (
     ConfigError,
     Settings,
@@ -157,6 +158,8 @@ class Daemon:
             collections.deque(maxlen=2048),
         )
         self.store: Store | None = None
+        self.committer: GroupCommitter | None = None
+        """Intake, results and outbox clean-up of one loop turn share one commit."""
         self.mqtt: MqttAdapter | None = None
         self.escalator = Escalator(settings.cloud, self.topics, settings.device_id, self.metrics)
         self._reload_requested = False
@@ -212,6 +215,9 @@ class Daemon:
             self.store = Store(db_path, synchronous=s.store.synchronous)
         except StoreError as exc:
             raise FatalError(str(exc), STORE_EXIT_CODES.get(exc.kind, EXIT_FAILURE)) from exc
+        self.committer = GroupCommitter(
+            self.store, on_error=self._store_trouble, committed=self._after_commit
+        )
         free = self.store.free_bytes()
         if free < MIN_FREE_BYTES:
             # Not fatal: the broker keeps what we cannot journal, and we resume by ourselves.
@@ -508,22 +514,31 @@ class Daemon:
 
     def _flush_acked(self) -> None:
         self._flush_scheduled = False
-        if self.store is None or not self._acked:
+        if self.committer is None or not self._acked:
             return
         acked, self._acked = self._acked, []
-        try:
-            self.store.outbox_done(acked)
-        except StoreError as exc:
+
+        def undo() -> None:
             self._acked = acked + self._acked  # deleted later: a restart would resend them
-            self._store_trouble(exc, "outbox_done")
-            return
-        self.metrics.outbox_depth.set(self.store.outbox_depth)
+
+        # Not durable: a delete lost in a power cut only means a resend after the restart.
+        self.committer.submit(
+            lambda tx: tx.outbox_done(acked),
+            self._outbox_flushed,
+            undo=undo,
+            where="outbox_done",
+            durable=False,
+        )
+
+    def _outbox_flushed(self, _: None) -> None:
+        if self.store is not None:
+            self.metrics.outbox_depth.set(self.store.outbox_depth)
         self._wake_intake.set()  # outbox space may unblock intake
 
     # -- intake -------------------------------------------------------------------
 
     async def _intake_loop(self) -> None:
-        assert self.store is not None and self.mqtt is not None
+        assert self.committer is not None
         while True:
             await self._wake_intake.wait()
             self._wake_intake.clear()
@@ -531,25 +546,42 @@ class Daemon:
                 self._inbox and self._intake_open and self.degraded is None and self._has_capacity()
             ):
                 batch = [self._inbox.popleft() for _ in range(min(INTAKE_BATCH, len(self._inbox)))]
-                scheduled: list[tuple[Job, float]] = []
-                try:
-                    with self.store.transaction() as tx:
-                        for msg in batch:
-                            self._admit_isolated(tx, msg, scheduled)
-                except StoreError as exc:
+                refused: list[Inbound] = []
+
+                def undo(batch: list[Inbound] = batch, refused: list[Inbound] = refused) -> None:
                     # Nothing was committed, so nothing is acknowledged: the messages go back
                     # to the head of the inbox and the broker holds everything behind them.
                     self._inbox.extendleft(reversed(batch))
-                    self._store_trouble(exc, "intake")
-                    break
-                # Durable now: only at this point do we acknowledge to the broker.
-                for msg in batch:
-                    self.mqtt.ack(msg)
-                for job, received in scheduled:
-                    self._schedule(job, received)
-                if self._pump():
-                    self._wake_outbox.set()
-                await asyncio.sleep(0)
+                    refused.extend(batch)
+
+                self.committer.submit(
+                    functools.partial(self._admit_batch, batch=batch),
+                    functools.partial(self._admitted, batch),
+                    undo=undo,
+                    where="intake",
+                )
+                await asyncio.sleep(0)  # the group commit runs before this task resumes
+                if refused:
+                    break  # the store failed (on_error degraded or stopped us): wait
+
+    def _admit_batch(self, tx: Transaction, batch: list[Inbound]) -> list[tuple[Job, float]]:
+        scheduled: list[tuple[Job, float]] = []
+        for msg in batch:
+            self._admit_isolated(tx, msg, scheduled)
+        return scheduled
+
+    def _admitted(self, batch: list[Inbound], scheduled: list[tuple[Job, float]]) -> None:
+        """The batch is durable: only now is it acknowledged to the broker."""
+        assert self.mqtt is not None
+        for msg in batch:
+            self.mqtt.ack(msg)
+        for job, received in scheduled:
+            self._schedule(job, received)
+
+    def _after_commit(self) -> None:
+        """After each group commit: publish the results it queued in the outbox."""
+        if self._pump():
+            self._wake_outbox.set()
 
     def _has_capacity(self) -> bool:
         assert self.store is not None
@@ -733,21 +765,25 @@ class Daemon:
         if self.degraded is not None:
             self._stash.extend(outcomes)  # committed once the store takes writes again
             return
+        assert self.committer is not None
         reachable = self._cloud_reachable()
-        done: list[ResultMessage] = []
-        try:
-            with self.store.transaction() as tx:
-                for o in outcomes:
-                    result = self._commit_outcome_isolated(tx, o, reachable)
-                    if result is not None:
-                        done.append(result)
-        except StoreError as exc:
+
+        def write(tx: Transaction) -> list[ResultMessage]:
+            done = (self._commit_outcome_isolated(tx, o, reachable) for o in outcomes)
+            return [res for res in done if res is not None]
+
+        def undo() -> None:
             # Nothing committed: the jobs stay `received` in the journal and open here; the
             # store-retry task commits them later (or the next start re-runs them).
             self._stash.extend(outcomes)
             self._resync_escalator()
-            self._store_trouble(exc, "deliver")
-            return
+
+        self.committer.submit(
+            write, functools.partial(self._delivered, outcomes), undo=undo, where="deliver"
+        )
+
+    def _delivered(self, outcomes: list[Outcome], done: list[ResultMessage]) -> None:
+        """The results are committed: count and log them (the group's commit publishes)."""
         for o in outcomes:
             self._open.discard(o.pending.job.id)
         for res in done:
@@ -765,8 +801,6 @@ class Daemon:
             )
         self.metrics.escalations_in_flight.set(self.escalator.in_flight)
         self.metrics.queue_depth.set(len(self._open))
-        if self._pump():
-            self._wake_outbox.set()
         self._wake_intake.set()
 
     def _commit_outcome_isolated(
@@ -1332,6 +1366,8 @@ class Daemon:
             await asyncio.to_thread(self.mqtt.stop)
         if self._fatal is None or self._fatal[1] != EXIT_STATE_CORRUPT:
             self._flush_acked()
+        if self.committer is not None:  # a damaged store commits nothing more
+            self.committer.close(commit=self._fatal is None or self._fatal[1] != EXIT_STATE_CORRUPT)
         await self._close_runtimes()
         self.metrics.close()
         if self.store is not None:
