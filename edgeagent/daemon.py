@@ -796,8 +796,7 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.mqtt is not None:
             await asyncio.to_thread(self.mqtt.stop)
-        if self._fatal is None or self._fatal[1] != EXIT_STATE_CORRUPT:
-            jobs.flush_acked()
+        jobs.close(commit=self._fatal is None or self._fatal[1] != EXIT_STATE_CORRUPT)
         await self._close_runtimes()
         self.metrics.close()
         if self.store is not None:

@@ -33,6 +33,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import sqlite3
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from typing import Any, Protocol
 
 from edgeagent import router
 from edgeagent.backends import Backend, Prediction, create
+from edgeagent.commit import GroupCommitter
 from edgeagent.config import Settings, TaskConfig
 from edgeagent.escalation import Escalator
 from edgeagent.inputs import NO_CONTENT as NO_CONTENT_FAILURE
@@ -114,7 +116,7 @@ class Outcome:
 
 @dataclass(slots=True)
 class Work:
-    """What one :meth:`Pipeline.commit` writes."""
+    """What one :meth:`Pipeline.commit` writes (in this order)."""
 
     messages: list[Inbound] = field(default_factory=list)
     """Job messages to admit (acknowledged once committed)."""
@@ -124,8 +126,18 @@ class Work:
     """Cloud replies and agent statuses (acknowledged once committed)."""
     tick: bool = False
     """Run the escalation timer: expire escalations past their deadline, re-send due ones."""
+    acked: list[int] = field(default_factory=list)
+    """Outbox rows the broker acknowledged: deleted (alone, this needs no ``fsync``)."""
+    failed: bool = False
+    """Set when nothing of it was committed (it went back to where it waits)."""
 
     def __bool__(self) -> bool:
+        return bool(self.messages or self.outcomes or self.cloud or self.tick or self.acked)
+
+    @property
+    def durable(self) -> bool:
+        """Whether its commit must survive a power cut.  A lost outbox delete only means
+        the row is published again after the restart (consumers dedupe by job id)."""
         return bool(self.messages or self.outcomes or self.cloud or self.tick)
 
     @property
@@ -135,7 +147,19 @@ class Work:
             return "intake"
         if self.outcomes:
             return "deliver"
-        return "cloud_reply" if self.cloud else "escalation"
+        if self.cloud:
+            return "cloud_reply"
+        return "escalation" if self.tick else "outbox_done"
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """What a committed :class:`Work` still has to do once it is durable."""
+
+    scheduled: list[tuple[Job, float]]
+    finished: list[ResultMessage]
+    examples: list[Example]
+    cloud_failed: bool
 
 
 class Supervisor(Protocol):
@@ -195,7 +219,9 @@ class Pipeline:
         self.metrics = metrics
         self.escalator = escalator
         self.supervisor = supervisor
-        self.store: Store | None = None
+        self._store: Store | None = None
+        self.committer: GroupCommitter | None = None
+        """Runs the commits of one event-loop turn in one transaction (set with ``store``)."""
         self.mqtt: Broker | None = None
         self.runtimes: dict[str, TaskRuntime] = {}
         self.tally = Tally(metrics, last_answers={} if settings.homeassistant.enabled else None)
@@ -217,6 +243,19 @@ class Pipeline:
         self._cloud_backlog: list[Inbound] = []  # cloud messages not yet committed
         self._finished: list[ResultMessage] = []  # results written in the open transaction
         self._examples: list[Example] = []  # examples written in the open transaction
+
+    @property
+    def store(self) -> Store | None:
+        return self._store
+
+    @store.setter
+    def store(self, store: Store | None) -> None:
+        self._store = store
+        self.committer = None
+        if store is not None:
+            self.committer = GroupCommitter(
+                store, on_error=self.supervisor.store_trouble, committed=self._published
+            )
 
     # -- 1. receive -----------------------------------------------------------------
 
@@ -249,9 +288,11 @@ class Pipeline:
             self.wake_intake.clear()
             while self.inbox and self._may_admit():
                 batch = [self.inbox.popleft() for _ in range(min(INTAKE_BATCH, len(self.inbox)))]
-                if not self.commit(Work(messages=batch)):
-                    break
-                await asyncio.sleep(0)
+                work = Work(messages=batch)
+                self.commit(work)
+                await asyncio.sleep(0)  # the group commit runs before this task resumes
+                if work.failed:
+                    break  # the store failed (the daemon degraded or stops): wait
 
     def _may_admit(self) -> bool:
         sup = self.supervisor
@@ -525,65 +566,92 @@ class Pipeline:
 
     # -- 8. commit ------------------------------------------------------------------
 
-    def commit(self, work: Work) -> bool:
-        """The one commit: every write of ``work`` in one transaction; then, only once it
-        is durable, acknowledge, schedule, count and publish.  False: nothing committed.
+    def commit(self, work: Work) -> None:
+        """The one commit: every write of ``work`` in one transaction, shared with the
+        other work of this event-loop turn (:class:`~edgeagent.commit.GroupCommitter`);
+        then, only once it is durable, acknowledge, schedule, count and publish.
 
         A message or outcome our own code fails on is isolated (a savepoint).  A store
-        failure commits nothing: each piece of work goes back to where it waits (job
-        messages to the head of the inbox, unacknowledged; results to the stash; cloud
-        messages to the backlog; :meth:`resume` commits them) and the daemon degrades or
-        stops (:meth:`Supervisor.store_trouble`).
+        failure commits nothing: ``work.failed`` is set, each piece of it goes back to
+        where it waits (job messages to the head of the inbox, unacknowledged; results to
+        the stash; cloud messages to the backlog; acknowledged outbox rows to the next
+        delete; :meth:`resume` commits them) and the daemon degrades or stops
+        (:meth:`Supervisor.store_trouble`).
         """
         if not work:
-            return True
-        if self.store is None or self.supervisor.degraded is not None:
+            return
+        if self.committer is None or self.supervisor.degraded is not None:
             self._park(work)
-            return False
+            return
+        self.committer.submit(
+            functools.partial(self._write, work),
+            functools.partial(self._committed, work),
+            undo=functools.partial(self._undo, work),
+            where=work.where,
+            durable=work.durable,
+        )
+
+    def _write(self, work: Work, tx: Transaction) -> _Written:
+        """Inside the transaction: admit, settle, handle the cloud, run the timer."""
+        assert self.store is not None
         reachable = self.cloud_reachable()
         scheduled: list[tuple[Job, float]] = []
         cloud_failed = False
         self._finished, self._examples = [], []
-        try:
-            with self.store.transaction() as tx:
-                for msg in work.messages:
-                    self._admit_isolated(tx, msg, scheduled)
-                for o in work.outcomes:
-                    self._settle_isolated(tx, o, reachable)
-                for msg in work.cloud:
-                    cloud_failed |= not self._cloud_isolated(tx, msg)
-                if work.tick:
-                    self._apply(tx, self.escalator.tick(tx, self.store, reachable=reachable))
-        except StoreError as exc:
-            self._finished, self._examples = [], []
-            self._park(work)
-            self._resync_escalator()
-            self.supervisor.store_trouble(exc, work.where)
-            return False
-        finished, self._finished = self._finished, []
-        examples, self._examples = self._examples, []
-        # Durable now: only at this point is anything acknowledged, counted or published.
+        for msg in work.messages:
+            self._admit_isolated(tx, msg, scheduled)
+        for o in work.outcomes:
+            self._settle_isolated(tx, o, reachable)
+        for msg in work.cloud:
+            cloud_failed |= not self._cloud_isolated(tx, msg)
+        if work.tick:
+            self._apply(tx, self.escalator.tick(tx, self.store, reachable=reachable))
+        if work.acked:
+            tx.outbox_done(work.acked)
+        return _Written(scheduled, self._finished, self._examples, cloud_failed)
+
+    def _committed(self, work: Work, done: _Written) -> None:
+        """Durable now: only at this point is anything acknowledged, counted or published
+        (the group's publish follows in :meth:`_published`)."""
         if self.mqtt is not None:
             for msg in work.messages + work.cloud:
                 self.mqtt.ack(msg)
-        if cloud_failed:
+        if done.cloud_failed:
             self._resync_escalator()
         for o in work.outcomes:
             self.open.discard(o.pending.job.id)
-        for job, received in scheduled:
+        for job, received in done.scheduled:
             self.schedule(job, received)
-        for res in finished:
+        for res in done.finished:
             self.tally.finish(res)
         if self.on_example is not None:
-            for ex in examples:
+            for ex in done.examples:
                 self.on_example(ex.task, ex.input, ex.cloud_output, ex.reason)
         self.metrics.escalations_in_flight.set(self.escalator.in_flight)
         self.metrics.queue_depth.set(len(self.open))
+        if work.outcomes or work.acked:
+            self.wake_intake.set()  # answered jobs and sent results make room
+
+    def _published(self) -> None:
+        """After each group commit: publish what it queued in the outbox."""
+        if self.store is not None:
+            self.metrics.outbox_depth.set(self.store.outbox_depth)
         if self.pump():
             self.wake_outbox.set()
-        if work.outcomes:
-            self.wake_intake.set()  # answered jobs make room
-        return True
+
+    def _undo(self, work: Work) -> None:
+        """Its transaction rolled back: what the escalator counted in it is undone too."""
+        self._park(work)
+        if work.outcomes or work.cloud or work.tick:
+            self._resync_escalator()
+
+    def _park(self, work: Work) -> None:
+        """Nothing of ``work`` was committed: each piece goes back to where it waits."""
+        work.failed = True
+        self.inbox.extendleft(reversed(work.messages))  # unacknowledged: the broker holds more
+        self._stash.extend(work.outcomes)  # the jobs stay `received` in the journal
+        self._cloud_backlog.extend(work.cloud)  # unacknowledged until committed
+        self._acked = work.acked + self._acked  # deleted later: a restart would resend them
 
     def _apply(self, tx: Transaction, acts: Actions) -> None:
         """Write what a step decided: each result to the journal and the outbox of every
@@ -619,11 +687,6 @@ class Pipeline:
             )
             self._examples.append(e)
 
-    def _park(self, work: Work) -> None:
-        self.inbox.extendleft(reversed(work.messages))  # unacknowledged: the broker holds more
-        self._stash.extend(work.outcomes)  # the jobs stay `received` in the journal
-        self._cloud_backlog.extend(work.cloud)  # unacknowledged until committed
-
     @property
     def waiting(self) -> int:
         """Results and cloud messages waiting for the store to take writes again."""
@@ -637,6 +700,14 @@ class Pipeline:
         self.flush_acked()
         self.wake_intake.set()
         self.wake_outbox.set()
+
+    def close(self, *, commit: bool = True) -> None:
+        """At shutdown: commit what waits for the group commit (``commit=False``, for a
+        damaged store: drop it), then refuse new writes."""
+        if commit:
+            self.flush_acked()
+        if self.committer is not None:
+            self.committer.close(commit=commit)
 
     def _resync_escalator(self) -> None:
         # A rolled-back escalation leaves the in-memory in-flight count ahead of the table.
@@ -717,23 +788,16 @@ class Pipeline:
         self.wake_outbox.set()
 
     def flush_acked(self) -> None:
-        """Delete the outbox rows the broker acknowledged (one transaction)."""
+        """Delete the outbox rows the broker acknowledged (with the next group commit)."""
         self._flush_scheduled = False
-        if self.store is None or not self._acked:
-            return
-        acked, self._acked = self._acked, []
-        try:
-            self.store.outbox_done(acked)
-        except StoreError as exc:
-            self._acked = acked + self._acked  # deleted later: a restart would resend them
-            self.supervisor.store_trouble(exc, "outbox_done")
-            return
-        self.metrics.outbox_depth.set(self.store.outbox_depth)
-        self.wake_intake.set()  # outbox space may unblock intake
+        if self._acked:
+            acked, self._acked = self._acked, []
+            self.commit(Work(acked=acked))
 
     def idle(self) -> bool:
         """No job open, waiting or being published."""
-        return not (self.open or self.inbox or self.inflight)
+        pending = self.committer.pending if self.committer is not None else 0
+        return not (self.open or self.inbox or self.inflight or pending)
 
 
 def _reason_label(reason: str) -> str:

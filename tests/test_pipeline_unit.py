@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,23 @@ class Rig:
         self.p = Pipeline(settings, topics, limits, self.metrics, self.escalator, self.supervisor)
         self.p.store, self.p.mqtt, self.p.runtimes = self.store, self.broker, {"t": self.rt}
         self.mid = 0
+        self.loop = asyncio.new_event_loop()
+
+    def turn(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` on the event loop, then let the turn's group commit (and whatever its
+        callbacks start) run."""
+
+        async def main() -> None:
+            fn(*args)
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        self.loop.run_until_complete(main())
+
+    def commit(self, work: Work) -> bool:
+        """Step 8 for ``work``; True if it committed."""
+        self.turn(self.p.commit, work)
+        return not work.failed
 
     def msg(self, payload: dict[str, Any] | bytes, *, task: str = "t") -> Inbound:
         self.mid += 1
@@ -138,9 +155,11 @@ class Rig:
 
     def run(self, prediction: Prediction) -> None:
         """Step 5-7 for every queued job: this prediction, routed, delivered."""
-        self.p.deliver([self.rt._route(p, prediction) for p in self.queued()])
+        self.turn(self.p.deliver, [self.rt._route(p, prediction) for p in self.queued()])
 
     def close(self) -> None:
+        self.turn(self.p.close)
+        self.loop.close()
         self.store.close()
         self.rt.close()
 
@@ -171,7 +190,7 @@ def test_ok_is_acked_after_the_journal_commit_then_answered_cached_and_counted(r
     m = rig.msg({"id": "j1", "input": "say a"})
     rig.p.receive(m)
     assert rig.broker.acked == []  # waiting in the inbox: not acknowledged
-    assert rig.p.commit(Work(messages=list(rig.p.inbox)))
+    assert rig.commit(Work(messages=list(rig.p.inbox)))
     rig.p.inbox.clear()
     assert rig.broker.acked == [m.mid] and rig.store.open_job_count() == 1
     assert rig.p.open == {"j1"}
@@ -182,7 +201,7 @@ def test_ok_is_acked_after_the_journal_commit_then_answered_cached_and_counted(r
     assert rig.p.open == set() and rig.store.open_job_count() == 0
     assert rig.p.tally.by_status == {"ok": 1} and rig.p.tally.by_source == {"local": 1}
     # The same input again: answered from the cache at admission, never scheduled.
-    assert rig.p.commit(Work(messages=[rig.msg({"id": "j2", "input": "say   a"})]))
+    assert rig.commit(Work(messages=[rig.msg({"id": "j2", "input": "say   a"})]))
     assert rig.queued() == []
     hit = rig.broker.results()[-1]
     assert (hit["id"], hit["status"], hit["source"]) == ("j2", "ok", "cache")
@@ -190,38 +209,38 @@ def test_ok_is_acked_after_the_journal_commit_then_answered_cached_and_counted(r
 
 
 def test_low_confidence_without_cloud_is_unrecognized_and_not_cached(rig: Rig) -> None:
-    rig.p.commit(Work(messages=[rig.msg({"id": "j1", "input": "hmm"})]))
+    rig.commit(Work(messages=[rig.msg({"id": "j1", "input": "hmm"})]))
     rig.run(Prediction({"label": "b"}, 0.2))
     res = only(rig.broker.results())
     assert res["status"] == "unrecognized" and res["output"] is None
     assert res["error"]["code"] == "low_confidence"
     assert rig.p.tally.reasons == {"low_confidence": 1}
-    rig.p.commit(Work(messages=[rig.msg({"id": "j2", "input": "hmm"})]))
+    rig.commit(Work(messages=[rig.msg({"id": "j2", "input": "hmm"})]))
     assert [p.job.id for p in rig.queued()] == ["j2"]  # no cache entry was made
 
 
 def test_invalid_jobs_and_removed_tasks_are_rejected(rig: Rig) -> None:
-    rig.p.commit(
+    rig.commit(
         Work(messages=[rig.msg(b"{not json"), rig.msg({"id": "x", "input": "a"}, task="nope")])
     )
     codes = [(r["status"], r["error"]["code"]) for r in rig.broker.results()]
     assert codes == [("rejected", "not_json"), ("rejected", "unknown_task")]
     assert rig.queued() == [] and len(rig.broker.acked) == 2
     # A journaled job whose task a reload removed: rejected when it is scheduled.
-    rig.p.commit(Work(messages=[rig.msg({"id": "j1", "input": "a"})]))
+    rig.commit(Work(messages=[rig.msg({"id": "j1", "input": "a"})]))
     [p] = rig.queued()
     rig.p.open.discard("j1")
     rig.p.runtimes = {}
-    rig.p.schedule(p.job, p.received_at)
+    rig.turn(rig.p.schedule, p.job, p.received_at)
     res = rig.broker.results()[-1]
     assert (res["id"], res["status"], res["error"]["code"]) == ("j1", "rejected", "unknown_task")
     assert rig.p.tally.by_status == {"rejected": 3} and rig.p.open == set()
 
 
 def test_an_expired_job_is_answered_expired(rig: Rig) -> None:
-    rig.p.commit(Work(messages=[rig.msg({"id": "j1", "input": "a"})]))
+    rig.commit(Work(messages=[rig.msg({"id": "j1", "input": "a"})]))
     [p] = rig.queued()
-    rig.p.deliver([Outcome(p, expired(p, "t"))])
+    rig.turn(rig.p.deliver, [Outcome(p, expired(p, "t"))])
     res = only(rig.broker.results())
     assert res["status"] == "expired" and res["error"]["code"] == "deadline_exceeded"
 
@@ -229,7 +248,7 @@ def test_an_expired_job_is_answered_expired(rig: Rig) -> None:
 def test_a_bug_while_settling_answers_error_and_spares_the_batch(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rig.p.commit(Work(messages=[rig.msg({"id": f"j{i}", "input": "a"}) for i in (1, 2)]))
+    rig.commit(Work(messages=[rig.msg({"id": f"j{i}", "input": "a"}) for i in (1, 2)]))
     real = rig.escalator.wants_audit
     calls = []
 
@@ -248,9 +267,9 @@ def test_a_bug_while_settling_answers_error_and_spares_the_batch(
 
 
 def test_a_replayed_id_gets_the_stored_result_again(rig: Rig) -> None:
-    rig.p.commit(Work(messages=[rig.msg({"id": "j1", "input": "a"})]))
+    rig.commit(Work(messages=[rig.msg({"id": "j1", "input": "a"})]))
     rig.run(Prediction({"label": "a"}, 0.9))
-    rig.p.commit(Work(messages=[rig.msg({"id": "j1", "input": "a"})]))
+    rig.commit(Work(messages=[rig.msg({"id": "j1", "input": "a"})]))
     assert rig.queued() == []
     first, again = rig.broker.results()
     assert first == again
@@ -263,44 +282,40 @@ def test_a_replayed_id_gets_the_stored_result_again(rig: Rig) -> None:
 def test_nothing_is_acked_or_published_when_the_commit_fails(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def full() -> Any:
+    def full(**kw: Any) -> Any:
         raise StoreUnavailable("disk full", "full")
 
     m = rig.msg({"id": "j1", "input": "a"})
     monkeypatch.setattr(rig.store, "transaction", full)
     rig.p.receive(m)
-    assert not rig.p.commit(Work(messages=[rig.p.inbox.popleft()]))
+    assert not rig.commit(Work(messages=[rig.p.inbox.popleft()]))
     assert rig.broker.acked == [] and list(rig.p.inbox) == [m]  # back at the head, unacked
     assert rig.supervisor.troubles == ["intake"] and rig.supervisor.degraded == "disk_full"
     monkeypatch.undo()
     rig.supervisor.degraded = None
-    assert rig.p.commit(Work(messages=[rig.p.inbox.popleft()]))
+    assert rig.commit(Work(messages=[rig.p.inbox.popleft()]))
     assert rig.broker.acked == [m.mid]
     # Results computed while degraded wait in the stash, unpublished, until resume().
     rig.supervisor.degraded = "disk_full"
     rig.run(Prediction({"label": "a"}, 0.9))
     assert rig.broker.results() == [] and rig.p.waiting == 1 and rig.p.open == {"j1"}
     rig.supervisor.degraded = None
-    rig.p.resume()
+    rig.turn(rig.p.resume)
     assert only(rig.broker.results())["status"] == "ok" and rig.p.waiting == 0
 
 
 def test_outbox_rows_go_only_after_the_brokers_puback(rig: Rig) -> None:
-    async def scenario() -> None:
-        rig.p.commit(Work(messages=[rig.msg({"id": "j1", "input": "a"})]))
-        rig.run(Prediction({"label": "a"}, 0.9))
-        assert rig.store.outbox_depth == 1 and len(rig.p.inflight) == 1
-        assert not rig.p.pump()  # in flight already: not sent twice
-        [mid] = rig.p.inflight
-        rig.p.on_puback(mid)
-        await asyncio.sleep(0)  # the delete is batched to the next loop turn
-        assert rig.store.outbox_depth == 0 and rig.p.inflight == {}
-
-    asyncio.run(scenario())
+    rig.commit(Work(messages=[rig.msg({"id": "j1", "input": "a"})]))
+    rig.run(Prediction({"label": "a"}, 0.9))
+    assert rig.store.outbox_depth == 1 and len(rig.p.inflight) == 1
+    assert not rig.p.pump()  # in flight already: not sent twice
+    [mid] = rig.p.inflight
+    rig.turn(rig.p.on_puback, mid)  # the delete is committed with a later group
+    assert rig.store.outbox_depth == 0 and rig.p.inflight == {}
 
 
 def test_a_refused_publish_becomes_a_dead_letter(rig: Rig) -> None:
-    rig.p.commit(Work(messages=[rig.msg({"id": "j1", "input": "a"})]))
+    rig.commit(Work(messages=[rig.msg({"id": "j1", "input": "a"})]))
     rig.run(Prediction({"label": "a"}, 0.9))
     [mid] = rig.p.inflight
     rig.p.on_publish_refused(mid, 0x87, "Not authorized")
@@ -315,26 +330,26 @@ def test_a_refused_publish_becomes_a_dead_letter(rig: Rig) -> None:
 
 def test_provisional_answer_then_the_clouds_answer_supersedes_it(cloud_rig: Rig) -> None:
     rig = cloud_rig
-    rig.p.commit(Work(messages=[rig.msg({"id": "j1", "input": "hmm"})]))
+    rig.commit(Work(messages=[rig.msg({"id": "j1", "input": "hmm"})]))
     rig.run(Prediction({"label": "b"}, 0.2))  # cloud offline: offline = "provisional"
     first = only(rig.broker.results())
     assert first["provisional"] and first["status"] == "ok" and first["output"] == {"label": "b"}
     assert rig.broker.requests() == []  # unreachable: queued durably, not sent
     assert rig.escalator.in_flight == 1
     status = Inbound("edgeagent/cloud/status", b'{"state": "online"}', 1, 90, False, 0)
-    rig.p.on_cloud_message(status)
+    rig.turn(rig.p.on_cloud_message, status)
     [request] = rig.broker.requests()
     esc_id = request["escalation_id"]
     body = {"escalation_id": esc_id, "status": "ok", "output": {"label": "a"}, "model": "big"}
     reply = Inbound("edgeagent/d1/cloud/replies", json.dumps(body).encode(), 1, 91, False, 0)
-    rig.p.on_cloud_message(reply)
+    rig.turn(rig.p.on_cloud_message, reply)
     assert rig.broker.acked[-2:] == [90, 91]
     second = rig.broker.results()[-1]
     assert (second["status"], second["source"], second["supersedes"]) == ("ok", "cloud", "j1")
     assert rig.escalator.in_flight == 0
     assert [e["cloud_output"] for e in rig.store.examples("t")] == [{"label": "a"}]
     # The cloud's answer is cached for the same input.
-    rig.p.commit(Work(messages=[rig.msg({"id": "j2", "input": "hmm"})]))
+    rig.commit(Work(messages=[rig.msg({"id": "j2", "input": "hmm"})]))
     hit = rig.broker.results()[-1]
     assert (hit["id"], hit["source"], hit["output"]) == ("j2", "cache", {"label": "a"})
 
@@ -344,12 +359,12 @@ def test_a_job_waiting_for_the_cloud_gets_the_local_answer_at_its_deadline(
 ) -> None:
     rig = cloud_rig
     rig.rt.config = rig.rt.config.model_copy(update={"offline": "wait"})
-    rig.p.commit(Work(messages=[rig.msg({"id": "j1", "input": "hmm", "deadline_ms": 50})]))
+    rig.commit(Work(messages=[rig.msg({"id": "j1", "input": "hmm", "deadline_ms": 50})]))
     [p] = rig.queued()
-    rig.p.deliver([rig.rt._route(p, Prediction({"label": "b"}, 0.2))])
+    rig.turn(rig.p.deliver, [rig.rt._route(p, Prediction({"label": "b"}, 0.2))])
     assert rig.broker.results() == [] and rig.p.open == set()  # waits, durably
     time.sleep(0.06)
-    rig.p.commit(Work(tick=True))
+    rig.commit(Work(tick=True))
     res = only(rig.broker.results())
     assert res["status"] == "ok" and res["error"]["code"] == "cloud_timeout"
     assert res["output"] == {"label": "b"} and res["escalation"]["reason"] == "low_confidence"
@@ -365,7 +380,7 @@ def test_a_cloud_message_our_code_fails_on_is_acked_and_changes_nothing(
 
     monkeypatch.setattr(rig.escalator, "on_reply", broken)
     reply = Inbound("edgeagent/d1/cloud/replies", b"{}", 1, 7, False, 0)
-    assert rig.p.commit(Work(cloud=[reply]))
+    assert rig.commit(Work(cloud=[reply]))
     assert rig.broker.acked == [7] and rig.broker.published == []
 
 
@@ -393,7 +408,7 @@ def test_the_path_end_to_end_with_the_workers_and_loops(rig: Rig) -> None:
             await asyncio.gather(*loops, return_exceptions=True)
             await rig.rt.stop()
 
-    results = asyncio.run(scenario())
+    results = rig.loop.run_until_complete(scenario())
     assert sorted(r["id"] for r in results) == sorted(f"j{i}" for i in range(20))
     assert {r["status"] for r in results} == {"ok"}
     assert len(rig.broker.acked) == 20 and rig.p.open == set()
