@@ -5,21 +5,22 @@ The path of a job, each step by its function (PROTOCOL.md has the wire side):
 
  1. receive   Pipeline.receive: mqtt.py hands a PUBLISH over; it waits in the inbox, unacked
  2. admit     Pipeline.intake_loop → commit → _admit: parse, reply topic, journal, cache, reject
- 3. ack       Pipeline.commit, once the journal is durable: PUBACK, then Pipeline.schedule
+ 3. ack       Pipeline._committed, once the journal is durable: PUBACK, then Pipeline.schedule
  4. batch     TaskRuntime._worker: the task's queue, micro-batches of up to max_batch
  5. infer     TaskRuntime._run_batch → _infer: a worker thread, a deadline, a concurrency slot
  6. route     TaskRuntime._route → router.decide: answer, escalate or unrecognized
  7. settle    Pipeline.deliver → commit → _settle: the answer, or Escalator.escalate (+ audit);
               the cloud's reply or deadline later: Escalator.on_reply / tick return Actions
- 8. commit    Pipeline.commit → _apply: result + outbox + cache + examples in one transaction
- 9. count     results.Tally.finish: the job.done line and every counter, after the commit
-10. publish   Pipeline.pump: outbox rows in seq order; on_puback → flush_acked deletes them
+ 8. commit    Pipeline.commit → _write → _apply: result + outbox + cache + examples, one commit
+ 9. count     Pipeline._committed → results.Tally.finish: the job.done line, every counter
+10. publish   Pipeline._published → pump: outbox rows in seq order; on_puback → flush_acked
 
 Invariants: nothing is acknowledged before the journal commit that holds it; nothing is
 published before the commit that holds it; an outbox row goes only after the broker's
 PUBACK.  :meth:`Pipeline.commit` is the one place that writes: it takes a :class:`Work`
-(messages to admit, finished outcomes, cloud messages, the escalation timer), so work
-that is ready together can share one transaction.
+(messages to admit, finished outcomes, cloud messages, the escalation timer, outbox rows
+to delete) and hands it to the group committer (:mod:`edgeagent.commit`), so all the work
+of one event-loop turn shares one transaction (one ``fsync``).
 
 Thread model: everything here runs on the event loop except ``Backend.infer_batch``,
 which runs in a worker thread.  A stuck inference does not stall the loop:

@@ -276,6 +276,24 @@ def test_a_replayed_id_gets_the_stored_result_again(rig: Rig) -> None:
     assert rig.p.tally.by_status == {"ok": 1}  # a replay is not a new job
 
 
+def test_work_of_one_loop_turn_shares_one_commit(rig: Rig) -> None:
+    rig.commit(Work(messages=[rig.msg({"id": "j1", "input": "a"})]))
+    [p] = rig.queued()
+    assert rig.p.committer is not None
+    before = rig.p.committer.commits
+
+    def arrive_and_finish() -> None:
+        rig.p.receive(rig.msg({"id": "j2", "input": "a b"}))
+        rig.p.commit(Work(messages=[rig.p.inbox.popleft()]))
+        rig.p.deliver([rig.rt._route(p, Prediction({"label": "a"}, 0.9))])
+
+    rig.turn(arrive_and_finish)
+    assert rig.p.committer.commits == before + 1  # one transaction for both
+    assert [r["id"] for r in rig.broker.results()] == ["j1"] and len(rig.broker.acked) == 2
+    assert [q.job.id for q in rig.queued()] == ["j2"]
+    assert not Work(acked=[1]).durable and Work(tick=True).durable
+
+
 # -- store failures ----------------------------------------------------------------------
 
 
