@@ -157,8 +157,9 @@ class Daemon:
     _reject = _OnPipeline()
 
     def accepting(self) -> bool:
-        """Whether the pipeline may admit new jobs (False from the start of a drain)."""
-        return self._intake_open
+        """Whether the pipeline may admit new jobs (False from the start of a drain, and
+        once a fatal error has been seen: nothing more is journaled)."""
+        return self._intake_open and self._fatal is None
 
     # -- start-up -----------------------------------------------------------------
 
