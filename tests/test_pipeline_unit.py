@@ -26,7 +26,7 @@ from edgeagent.metrics import Metrics
 from edgeagent.mqtt import Inbound
 from edgeagent.pipeline import Outcome, PendingJob, Pipeline, TaskRuntime, Work, expired
 from edgeagent.protocol import Limits, Topics
-from edgeagent.store import Store, StoreUnavailable
+from edgeagent.store import Store, StoreUnavailable, Transaction
 from tests.harness import write_config
 
 TASK = """
@@ -105,7 +105,7 @@ class FakeSupervisor:
 class Rig:
     """A pipeline wired like the daemon does it, with the fakes."""
 
-    def __init__(self, tmp_path: Path, *, cloud: bool) -> None:
+    def __init__(self, tmp_path: Path, *, cloud: bool, synchronous: str = "normal") -> None:
         extra = "[cloud]\nenabled = true\nassume_online = false\n" if cloud else ""
         cfg = write_config(
             tmp_path / "c.toml", port=1, state_dir=tmp_path, device="d1", tasks=TASK, extra=extra
@@ -117,7 +117,7 @@ class Rig:
         self.escalator = Escalator(settings.cloud, topics, "d1", self.metrics)
         self.supervisor = FakeSupervisor()
         self.broker = FakeBroker()
-        self.store = Store(tmp_path / "edgeagent.db", synchronous="normal")
+        self.store = Store(tmp_path / "edgeagent.db", synchronous=synchronous)
         self.rt = TaskRuntime("t", settings.tasks["t"], FakeBackend(), self.metrics)  # type: ignore[arg-type]
         self.escalator.configure({"t": self.rt.config})
         self.rt.cloud_available = self.escalator.usable(self.rt.config)
@@ -132,8 +132,12 @@ class Rig:
 
         async def main() -> None:
             fn(*args)
-            for _ in range(5):
-                await asyncio.sleep(0)
+            quiet = 0
+            while quiet < 5:  # a few turns in a row with no commit queued or running
+                await asyncio.sleep(0 if quiet else 0.001)
+                c = self.p.committer
+                busy = c is not None and (c.pending or getattr(c, "busy", False))
+                quiet = 0 if busy else quiet + 1
 
         self.loop.run_until_complete(main())
 
@@ -164,16 +168,17 @@ class Rig:
         self.rt.close()
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path, cloud=False)
+@pytest.fixture(params=["normal", "full"])
+def rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rig]:
+    """Both store modes: ``full`` commits with an fsync (possibly off the loop)."""
+    r = Rig(tmp_path, cloud=False, synchronous=request.param)
     yield r
     r.close()
 
 
-@pytest.fixture
-def cloud_rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path, cloud=True)
+@pytest.fixture(params=["normal", "full"])
+def cloud_rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rig]:
+    r = Rig(tmp_path, cloud=True, synchronous=request.param)
     yield r
     r.close()
 
@@ -300,11 +305,11 @@ def test_work_of_one_loop_turn_shares_one_commit(rig: Rig) -> None:
 def test_nothing_is_acked_or_published_when_the_commit_fails(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def full(**kw: Any) -> Any:
+    def full(*a: Any, **kw: Any) -> Any:
         raise StoreUnavailable("disk full", "full")
 
     m = rig.msg({"id": "j1", "input": "a"})
-    monkeypatch.setattr(rig.store, "transaction", full)
+    monkeypatch.setattr(Transaction, "admit", full)
     rig.p.receive(m)
     assert not rig.commit(Work(messages=[rig.p.inbox.popleft()]))
     assert rig.broker.acked == [] and list(rig.p.inbox) == [m]  # back at the head, unacked
