@@ -1,12 +1,13 @@
-"""The daemon: builds everything from config; ordered start, intake, outbox, signals, phased drain.
+"""The daemon: builds everything from config; ordered start, signals, reload, phased
+drain, the watchdog, status and health, and supervision of a failing state disk.
+
+A job's life is not here: :mod:`edgeagent.pipeline` owns it from the MQTT message to
+the published result.  The daemon wires the pipeline to the store, the broker, the task
+runtimes and the escalator, starts its loops, and decides what a store failure means.
 
 Thread model: one asyncio event loop owns all state (store, queues, in-flight
 maps).  The MQTT network thread and inference threads only hand results back
 with ``call_soon_threadsafe``.
-
-A job's life (PROTOCOL.md): PUBLISH → parse → journal commit → PUBACK →
-cache/infer → result + outbox + ``answered`` in one commit → PUBLISH →
-broker PUBACK → outbox row deleted.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ import functools
 import json
 import os
 import signal
-import sqlite3
 import statistics
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from edgeagent.config import (
     load_settings,
     missing_model_hint,
 )
-from edgeagent.escalation import Answer, Escalator
+from edgeagent.escalation import Escalator
 from edgeagent.exitcodes import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -52,33 +51,9 @@ from edgeagent.lifecycle import run_service
 from edgeagent.logs import get_logger
 from edgeagent.metrics import Metrics
 from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter, connect_options
-from edgeagent.pipeline import Outcome, PendingJob, TaskRuntime
-from edgeagent.protocol import (
-    ID_CONFLICT,
-    REPLY_TOPIC_NOT_ALLOWED,
-    UNPROCESSABLE,
-    ErrorInfo,
-    Job,
-    Limits,
-    Rejection,
-    ResultMessage,
-    Topics,
-    derive_job_id,
-    job_id_of,
-    parse_job,
-    publishable,
-    reply_to_of,
-    truncate,
-)
-from edgeagent.store import (
-    MIN_FREE_BYTES,
-    ReplyTarget,
-    Store,
-    StoreError,
-    StoreUnavailable,
-    Transaction,
-    cache_key,
-)
+from edgeagent.pipeline import Pipeline, TaskRuntime
+from edgeagent.protocol import Limits, Topics, truncate
+from edgeagent.store import MIN_FREE_BYTES, Store, StoreError, StoreUnavailable
 from edgeagent.systemd import Notifier
 
 log = get_logger("edgeagent.daemon")
@@ -98,11 +73,6 @@ STORE_RETRY_MAX_S = 30.0
 MAINTAIN_INTERVAL_S = 30.0
 """Idle WAL truncation / free-page release period (seconds)."""
 
-INTAKE_BATCH = 256
-MAX_OPEN_JOBS = 2048
-"""Jobs journaled but not answered before intake pauses (the broker holds the rest)."""
-QOS0_INBOX_CAP = 10000
-
 
 class FatalError(Exception):
     """Start-up failed in a way a restart will not fix; ``exit_code`` says how to exit."""
@@ -112,16 +82,17 @@ class FatalError(Exception):
         self.exit_code = exit_code
 
 
-@dataclass
-class _Stats:
-    """Counters for the `stats` topic (Prometheus has the full picture)."""
+class _OnPipeline:
+    """A daemon attribute that is the pipeline's attribute of the same name."""
 
-    started: float
-    by_status: collections.Counter[str]
-    by_source: collections.Counter[str]
-    reasons: collections.Counter[str]
-    latencies: collections.deque[float]
-    cache_hits: int = 0
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Daemon | None, owner: type | None = None) -> Any:
+        return self if obj is None else getattr(obj.pipeline, self.name)
+
+    def __set__(self, obj: Daemon, value: Any) -> None:
+        setattr(obj.pipeline, self.name, value)
 
 
 class Daemon:
@@ -139,28 +110,16 @@ class Daemon:
         )
         self.metrics = Metrics()
         self.notifier = Notifier()
-        self.runtimes: dict[str, TaskRuntime] = {}
         self._inbox: collections.deque[Inbound] = collections.deque()
-        self._wake_intake = asyncio.Event()
-        self._wake_outbox = asyncio.Event()
+        """Job messages not yet admitted (the pipeline's inbox; the watchdog watches its head)."""
         self._stop = asyncio.Event()
         self._intake_open = True
-        self._open: set[str] = set()  # job ids scheduled, not answered
-        self._inflight: dict[int, int] = {}  # MQTT packet id -> outbox seq
-        self._last_sent_seq = 0
-        self._acked: list[int] = []
-        self._flush_scheduled = False
         self._background: set[asyncio.Task[Any]] = set()
-        self._stats = _Stats(
-            time.time(),
-            collections.Counter(),
-            collections.Counter(),
-            collections.Counter(),
-            collections.deque(maxlen=2048),
-        )
-        self.store: Store | None = None
         self.mqtt: MqttAdapter | None = None
         self.escalator = Escalator(settings.cloud, self.topics, settings.device_id, self.metrics)
+        self.pipeline = Pipeline(
+            settings, self.topics, self.limits, self.metrics, self.escalator, self, self._inbox
+        )
         self._reload_requested = False
         self._wd_head: Inbound | None = None  # the watchdog's view of the inbox head ...
         self._wd_head_since = 0.0  # ... and since when (monotonic seconds)
@@ -171,13 +130,38 @@ class Daemon:
         self._recovered_at = -1e9
         self._retry_delay = STORE_RETRY_MIN_S
         self._wake_retry = asyncio.Event()
-        self._stash: list[Outcome] = []  # results computed while the store refused writes
-        self._cloud_backlog: list[Inbound] = []  # cloud messages not yet committed
         self.learner = Learner(settings.state_dir(), self.metrics)
-        self.escalator.on_example = self.learner.on_example
+        self.pipeline.on_example = self.learner.on_example
         self._models_loaded = False
-        self._rate_mark = (self._stats.started, 0)  # (time, results) at the last stats
-        self._ha_dirty: dict[str, ResultMessage] = {}  # task -> last answer not yet sent
+        self._rate_mark = (self.pipeline.tally.started, 0)  # (time, results) at the last stats
+
+    # The pipeline holds the store and the task runtimes; the daemon opens, swaps and
+    # closes them.
+    @property
+    def store(self) -> Store | None:
+        return self.pipeline.store
+
+    @store.setter
+    def store(self, store: Store | None) -> None:
+        self.pipeline.store = store
+
+    @property
+    def runtimes(self) -> dict[str, TaskRuntime]:
+        return self.pipeline.runtimes
+
+    @runtimes.setter
+    def runtimes(self, runtimes: dict[str, TaskRuntime]) -> None:
+        self.pipeline.runtimes = runtimes
+
+    # Admission steps as the intake tests drive (and patch) them through the daemon.
+    _admit_isolated = _OnPipeline()
+    _answer_from_cache = _OnPipeline()
+    _reject = _OnPipeline()
+
+    def accepting(self) -> bool:
+        """Whether the pipeline may admit new jobs (False from the start of a drain, and
+        once a fatal error has been seen: nothing more is journaled)."""
+        return self._intake_open and self._fatal is None
 
     # -- start-up -----------------------------------------------------------------
 
@@ -241,7 +225,7 @@ class Daemon:
         self._configure_escalation(self.runtimes)
         self.escalator.recover(self.store)
         for rt in self.runtimes.values():
-            rt.start(self._deliver)
+            rt.start(self.pipeline.deliver)
             self._watch_workers(rt)
         for sig, handler in (
             (signal.SIGTERM, self.request_stop),
@@ -250,7 +234,7 @@ class Daemon:
         ):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, handler)
-        self._recover()
+        self.pipeline.recover()
         self.mqtt = MqttAdapter(
             self._connect_options(),
             loop=loop,
@@ -258,18 +242,19 @@ class Daemon:
             on_message=self._on_message,
             on_connected=self._on_connected,
             on_disconnected=self._on_disconnected,
-            on_puback=self._on_puback,
-            on_publish_refused=self._on_publish_refused,
+            on_puback=self.pipeline.on_puback,
+            on_publish_refused=self.pipeline.on_publish_refused,
             on_subscription_refused=self._on_subscription_refused,
         )
+        self.pipeline.mqtt = self.mqtt
         self.mqtt.start()
-        self._spawn(self._intake_loop(), "daemon:intake")
-        self._spawn(self._outbox_loop(), "daemon:outbox")
+        self._spawn(self.pipeline.intake_loop(), "daemon:intake")
+        self._spawn(self.pipeline.outbox_loop(), "daemon:outbox")
         self._spawn(self._housekeeping_loop(), "daemon:housekeeping")
         self._spawn(self._store_retry_loop(), "daemon:store-retry")
         self._spawn(self._maintain_loop(), "daemon:store-maintain")
         if s.cloud.enabled:
-            self._spawn(self._escalation_loop(), "daemon:escalation")
+            self._spawn(self.pipeline.escalation_loop(), "daemon:escalation")
         if any(t.learn.enabled for t in s.tasks.values()):
             learn = self.learner.run(self.store, lambda: self.runtimes, self._swap_task)
             self._spawn(learn, "daemon:learn")
@@ -347,20 +332,6 @@ class Daemon:
             rt.redactor = self.escalator.redactor(rt.name)
             rt.may_escalate = functools.partial(self.escalator.has_room, rt.name)
 
-    def _cloud_reachable(self) -> bool:
-        return self.escalator.cloud_online and self.mqtt is not None and self.mqtt.connected
-
-    def _recover(self) -> None:
-        """Assume we were killed last time: re-run every job the journal holds open."""
-        assert self.store is not None
-        waiting = self.store.pending_escalation_jobs()  # these wait for the cloud, not a model
-        jobs = [j for j in self.store.open_jobs() if j.id not in waiting]
-        for job in jobs:
-            received = self.store.received_at(job.id) or time.time()
-            self._schedule(job, received)
-        if jobs or self.store.outbox_depth:
-            log.info("daemon.recovered", jobs=len(jobs), outbox=self.store.outbox_depth)
-
     # -- MQTT events (loop thread) ------------------------------------------------
 
     def _on_connected(self, session_present: bool) -> None:
@@ -373,7 +344,7 @@ class Daemon:
             state = "online" if self.degraded is None else "degraded"
             self.mqtt.publish(self.topics.status, self._status_payload(state, **extra), retain=True)
         self._announce_homeassistant()
-        self._wake_outbox.set()
+        self.pipeline.wake_outbox.set()
 
     def _on_disconnected(self) -> None:
         self.metrics.connected.set(0)
@@ -387,502 +358,15 @@ class Daemon:
                 self._announce_homeassistant()
             return
         if msg.topic == self.topics.cloud_replies or msg.topic.startswith(self.topics.cloud_status):
-            self._on_cloud_message(msg)
+            self.pipeline.on_cloud_message(msg)
             return
-        if msg.qos == 0 and len(self._inbox) >= QOS0_INBOX_CAP:
-            log.warning("job.qos0_dropped", topic=msg.topic)  # QoS 0 carries no guarantee
-            return
-        self._inbox.append(msg)
-        self._wake_intake.set()
-
-    def _on_cloud_message(self, msg: Inbound) -> None:
-        """A cloud reply or the agent's status: committed, then acknowledged."""
-        assert self.store is not None and self.mqtt is not None
-        if self.degraded is not None:
-            self._cloud_backlog.append(msg)  # unacknowledged until it is committed
-            return
-        answers: list[Answer] = []
-        try:
-            with self.store.transaction() as tx:
-                if msg.topic != self.topics.cloud_replies:
-                    if self.escalator.on_status(msg.topic, msg.payload):
-                        self.escalator.resend_all_now(tx, self.store)
-                else:
-                    answers = self.escalator.on_reply(
-                        tx,
-                        self.store,
-                        msg.payload,
-                        msg.correlation,
-                        self.runtimes,
-                        self.settings.cache.ttl_s,
-                        self.settings.cache.max_entries,
-                    )
-        except StoreError as exc:
-            if isinstance(exc, StoreUnavailable):
-                self._cloud_backlog.append(msg)
-            self._resync_escalator()
-            self._store_trouble(exc, "cloud_reply")
-            return
-        except Exception as exc:
-            # Rolled back; the escalation stays pending (re-sent, or its deadline decides).
-            # Acknowledged so that it does not come back at every reconnect.
-            self._resync_escalator()
-            log.error(
-                "cloud.reply_failed",
-                topic=truncate(msg.topic, 120),
-                error=truncate(repr(exc), 300),
-                payload=truncate(repr(msg.payload), 200),
-            )
-        self.mqtt.ack(msg)
-        self._answered(answers)
-
-    def _answered(self, answers: list[Answer]) -> None:
-        for a in answers:
-            self._count(a.result)
-            log.info(
-                "job.done",
-                job_id=a.job_id,
-                task=a.task,
-                status=a.result.status,
-                source=a.result.source,
-                confidence=a.result.confidence,
-                latency_ms=a.result.latency_ms,
-                supersedes=a.result.supersedes,
-                code=a.result.error.code if a.result.error else None,
-            )
-        self.metrics.escalations_in_flight.set(self.escalator.in_flight)
-        if answers and self._pump():
-            self._wake_outbox.set()
-
-    async def _escalation_loop(self) -> None:
-        assert self.store is not None
-        while True:
-            await asyncio.sleep(0.5)
-            if not self.escalator.in_flight or self.degraded is not None:
-                continue  # nothing pending: no transaction (an fsync with synchronous=full)
-            try:
-                with self.store.transaction() as tx:
-                    answers = self.escalator.tick(tx, self.store, reachable=self._cloud_reachable())
-            except StoreError as exc:
-                self._resync_escalator()
-                self._store_trouble(exc, "escalation")
-                continue
-            self._answered(answers)
-            if self._pump():
-                self._wake_outbox.set()
-
-    def _on_puback(self, mid: int) -> None:
-        seq = self._inflight.pop(mid, None)
-        if seq is None or seq < 0:  # not an outbox row (the `stopped` status)
-            return
-        self._acked.append(seq)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_acked)
-        self._wake_outbox.set()
-
-    def _on_publish_refused(self, mid: int, reason_code: int, reason: str) -> None:
-        """The broker refused an outbox publish (v5 PUBACK >= 0x80, e.g. its ACL): resending
-        cannot help, so the row becomes a dead letter (the result stays in the journal;
-        `edgeagent results JOB_ID` shows both)."""
-        seq = self._inflight.pop(mid, None)
-        if seq is None or seq < 0 or self.store is None:
-            return  # not an outbox row (status); mqtt.py has logged it
-        dead = self.store.dead_letter(seq, reason_code, reason)
-        self.metrics.dead_letters.labels(_reason_label(reason)).inc()
-        self.metrics.outbox_depth.set(self.store.outbox_depth)
-        log.error(
-            "outbox.dead_letter",
-            seq=seq,
-            job_id=dead.job_id if dead else None,
-            topic=truncate(dead.topic, 120) if dead else None,
-            reason_code=reason_code,
-            reason=reason,
-            hint="the broker refused it (ACL?); `edgeagent results JOB_ID` shows it",
-        )
-        self._wake_outbox.set()
+        self.pipeline.receive(msg)
 
     def _on_subscription_refused(self, topic: str, reason_code: int, reason: str) -> None:
         """After a reconnect the broker refused one of our subscriptions (logged by mqtt.py;
         at start the same is fatal)."""
         self.metrics.subscriptions_refused.labels(topic).inc()
         self.notifier.status(f"broker refused subscription {topic}: {reason}")
-
-    def _flush_acked(self) -> None:
-        self._flush_scheduled = False
-        if self.store is None or not self._acked:
-            return
-        acked, self._acked = self._acked, []
-        try:
-            self.store.outbox_done(acked)
-        except StoreError as exc:
-            self._acked = acked + self._acked  # deleted later: a restart would resend them
-            self._store_trouble(exc, "outbox_done")
-            return
-        self.metrics.outbox_depth.set(self.store.outbox_depth)
-        self._wake_intake.set()  # outbox space may unblock intake
-
-    # -- intake -------------------------------------------------------------------
-
-    async def _intake_loop(self) -> None:
-        assert self.store is not None and self.mqtt is not None
-        while True:
-            await self._wake_intake.wait()
-            self._wake_intake.clear()
-            while (
-                self._inbox and self._intake_open and self.degraded is None and self._has_capacity()
-            ):
-                batch = [self._inbox.popleft() for _ in range(min(INTAKE_BATCH, len(self._inbox)))]
-                scheduled: list[tuple[Job, float]] = []
-                try:
-                    with self.store.transaction() as tx:
-                        for msg in batch:
-                            self._admit_isolated(tx, msg, scheduled)
-                except StoreError as exc:
-                    # Nothing was committed, so nothing is acknowledged: the messages go back
-                    # to the head of the inbox and the broker holds everything behind them.
-                    self._inbox.extendleft(reversed(batch))
-                    self._store_trouble(exc, "intake")
-                    break
-                # Durable now: only at this point do we acknowledge to the broker.
-                for msg in batch:
-                    self.mqtt.ack(msg)
-                for job, received in scheduled:
-                    self._schedule(job, received)
-                if self._pump():
-                    self._wake_outbox.set()
-                await asyncio.sleep(0)
-
-    def _has_capacity(self) -> bool:
-        assert self.store is not None
-        return (
-            len(self._open) < MAX_OPEN_JOBS
-            and self.store.outbox_depth < self.settings.store.outbox_max_rows
-        )
-
-    def _admit_isolated(
-        self, tx: Transaction, msg: Inbound, scheduled: list[tuple[Job, float]]
-    ) -> None:
-        """Admit one message; whatever it holds, it cannot abort the rest of the batch.
-
-        A message our code fails on is rolled back alone and answered ``rejected`` with
-        ``unprocessable``; if even that cannot be written it is quarantined (acknowledged
-        with the batch, counted, logged once with a truncated payload) so that it never
-        comes back in a crash loop.  Store failures (disk full, corruption) fail the batch.
-        """
-        mine: list[tuple[Job, float]] = []
-        task = self.topics.task_of(msg.topic) or msg.topic.rsplit("/", 1)[-1]
-        if not publishable(self.topics.results(task)):
-            # No topic to answer on (a job topic of ~64 KiB makes its results topic longer
-            # than MQTT allows): answering would fail at every publish, forever.
-            self.metrics.quarantined.inc()
-            log.error(
-                "job.quarantined",
-                topic=truncate(msg.topic, 120),
-                error="its results topic is not a valid MQTT topic",
-                payload=truncate(repr(msg.payload), 200),
-            )
-            return
-        try:
-            with tx.savepoint():
-                self._admit(tx, msg, mine)
-            scheduled.extend(mine)
-            return
-        except StoreError:
-            raise
-        except Exception as exc:
-            log.error(
-                "job.admit_failed",
-                topic=truncate(msg.topic, 120),
-                error=truncate(repr(exc), 300),
-                payload=truncate(repr(msg.payload), 200),
-            )
-            failure = exc
-        rej = Rejection(
-            job_id_of(msg.payload, derive_job_id(msg.topic, msg.payload, msg.correlation)),
-            UNPROCESSABLE,
-            f"the daemon could not process this job ({type(failure).__name__}); "
-            "it will not be retried",
-        )
-        try:
-            with tx.savepoint():
-                self._reject(tx, rej, task, ReplyTarget(self.topics.results(task), msg.correlation))
-        except StoreError:
-            raise
-        except Exception as exc:
-            self.metrics.quarantined.inc()
-            log.error(
-                "job.quarantined",
-                topic=truncate(msg.topic, 120),
-                error=truncate(repr(exc), 300),
-                payload=truncate(repr(msg.payload), 200),
-            )
-
-    def _admit(self, tx: Transaction, msg: Inbound, scheduled: list[tuple[Job, float]]) -> None:
-        task = self.topics.task_of(msg.topic) or msg.topic.rsplit("/", 1)[-1]
-        derived = derive_job_id(msg.topic, msg.payload, msg.correlation)
-        default_target = ReplyTarget(self.topics.results(task), msg.correlation)
-        wanted = msg.response_topic or reply_to_of(msg.payload)
-        prefixes = self.settings.reply_prefixes
-        refusal = None if wanted is None else self.topics.reply_refusal(wanted, prefixes)
-        allowed = refusal is None
-        target = ReplyTarget(wanted, msg.correlation) if wanted and allowed else default_target
-        parsed = parse_job(
-            msg.payload,
-            task=task,
-            derived_id=derived,
-            limits=self.limits,
-            known_tasks=frozenset(self.runtimes),
-        )
-        if not allowed:
-            # Refused reply topics are answered on the task's results topic, never on theirs.
-            rej_id = parsed.id
-            parsed = Rejection(
-                rej_id,
-                REPLY_TOPIC_NOT_ALLOWED,
-                f"reply topic {truncate(wanted or '', 80)!r} refused: {refusal}",
-            )
-        if isinstance(parsed, Rejection):
-            self._reject(tx, parsed, task, target)
-            return
-        adm = tx.admit(parsed, target, redelivery=msg.dup)
-        if adm.state == "conflict":
-            self._reject(
-                tx,
-                Rejection(
-                    parsed.id,
-                    ID_CONFLICT,
-                    f"job id {parsed.id!r} is already used by task {truncate(adm.task or '', 64)!r}"
-                    " on this device; ids are device-wide: send this job with a new id",
-                ),
-                task,
-                target,
-            )
-            return
-        if adm.state == "new":
-            received = time.time()
-            if not self._answer_from_cache(tx, parsed, received):
-                scheduled.append((parsed, received))
-        elif adm.state == "answered" and adm.result is not None:
-            tx.enqueue(target.topic, adm.result, target.correlation)
-            log.info("job.replayed", job_id=parsed.id, task=task)
-        else:
-            log.info("job.duplicate", job_id=parsed.id, task=task, state=adm.state)
-
-    def _reject(self, tx: Transaction, rej: Rejection, task: str, target: ReplyTarget) -> None:
-        res = ResultMessage(
-            id=rej.id,
-            task=task,
-            status="rejected",
-            error=ErrorInfo(code=rej.code, message=rej.message),
-        )
-        tx.enqueue(target.topic, res.to_bytes(), target.correlation)
-        self.metrics.rejected.labels(rej.code).inc()
-        self.metrics.jobs.labels(task, "rejected", "").inc()
-        self._stats.by_status["rejected"] += 1
-        log.info("job.rejected", job_id=rej.id, task=truncate(task, 64), code=rej.code)
-
-    def _answer_from_cache(self, tx: Transaction, job: Job, received: float) -> bool:
-        rt = self.runtimes.get(job.task)
-        if (
-            rt is None
-            or not (self.settings.cache.enabled and rt.config.cache)
-            or job.escalate == "always"
-        ):
-            return False
-        assert self.store is not None
-        hit = self.store.cache_get(cache_key(job.task, rt.fingerprint, job.input))
-        self.metrics.cache.labels(job.task, "hit" if hit else "miss").inc()
-        if hit is None:
-            return False
-        res = ResultMessage(
-            id=job.id,
-            task=job.task,
-            status="ok",
-            output=hit.get("output"),
-            confidence=hit.get("confidence"),
-            source="cache",
-            model=hit.get("model"),
-            latency_ms=round((time.time() - received) * 1000.0, 3),
-        )
-        tx.answer(job.id, res.to_bytes(), fallback=ReplyTarget(self.topics.results(job.task)))
-        self._stats.cache_hits += 1
-        self._count(res)
-        return True
-
-    def _schedule(self, job: Job, received_at: float) -> None:
-        rt = self.runtimes.get(job.task)
-        self._open.add(job.id)
-        self.metrics.queue_depth.set(len(self._open))
-        if rt is None:
-            # The task was removed by a reload after the job was journaled.
-            res = ResultMessage(
-                id=job.id,
-                task=job.task,
-                status="rejected",
-                error=ErrorInfo(code="unknown_task", message=f"task {job.task!r} was removed"),
-            )
-            self._deliver([Outcome(PendingJob(job, received_at), res)])
-            return
-        rt.queue.put_nowait(PendingJob(job, received_at))
-
-    # -- results ------------------------------------------------------------------
-
-    def _deliver(self, outcomes: list[Outcome]) -> None:
-        """Commit a batch of results (one transaction) and hand them to the outbox."""
-        if not outcomes or self.store is None:
-            return
-        if self.degraded is not None:
-            self._stash.extend(outcomes)  # committed once the store takes writes again
-            return
-        reachable = self._cloud_reachable()
-        done: list[ResultMessage] = []
-        try:
-            with self.store.transaction() as tx:
-                for o in outcomes:
-                    result = self._commit_outcome_isolated(tx, o, reachable)
-                    if result is not None:
-                        done.append(result)
-        except StoreError as exc:
-            # Nothing committed: the jobs stay `received` in the journal and open here; the
-            # store-retry task commits them later (or the next start re-runs them).
-            self._stash.extend(outcomes)
-            self._resync_escalator()
-            self._store_trouble(exc, "deliver")
-            return
-        for o in outcomes:
-            self._open.discard(o.pending.job.id)
-        for res in done:
-            self._count(res)
-            log.info(
-                "job.done",
-                job_id=res.id,
-                task=res.task,
-                status=res.status,
-                source=res.source,
-                confidence=res.confidence,
-                latency_ms=res.latency_ms,
-                provisional=res.provisional or None,
-                code=res.error.code if res.error else None,
-            )
-        self.metrics.escalations_in_flight.set(self.escalator.in_flight)
-        self.metrics.queue_depth.set(len(self._open))
-        if self._pump():
-            self._wake_outbox.set()
-        self._wake_intake.set()
-
-    def _commit_outcome_isolated(
-        self, tx: Transaction, o: Outcome, reachable: bool
-    ) -> ResultMessage | None:
-        """Commit one outcome; a failure of our own code answers the job ``error`` instead."""
-        job = o.pending.job
-        try:
-            with tx.savepoint():
-                return self._commit_outcome(tx, o, reachable)
-        except StoreError:
-            raise
-        except Exception as exc:
-            log.error("job.commit_failed", job_id=job.id, task=job.task, error=repr(exc))
-        res = ResultMessage(
-            id=job.id,
-            task=job.task,
-            status="error",
-            error=ErrorInfo(code="internal_error", message="the daemon failed on this job"),
-        )
-        try:
-            with tx.savepoint():
-                tx.answer(
-                    job.id, res.to_bytes(), fallback=ReplyTarget(self.topics.results(job.task))
-                )
-        except StoreError:
-            raise
-        except Exception as exc:
-            self.metrics.quarantined.inc()
-            log.error("job.quarantined", job_id=job.id, task=job.task, error=repr(exc))
-            return None
-        return res
-
-    def _commit_outcome(self, tx: Transaction, o: Outcome, reachable: bool) -> ResultMessage | None:
-        """One job's result, cache entry and escalation rows; None while it waits for the cloud."""
-        job = o.pending.job
-        rt = self.runtimes.get(job.task)
-        result: ResultMessage | None = o.result
-        if o.escalate and rt is not None and rt.cloud_available:
-            result = self.escalator.escalate(tx, o, rt, reachable=reachable)
-        if result is None:  # waits for the cloud: durable in the escalations table
-            return None
-        tx.answer(job.id, result.to_bytes(), fallback=ReplyTarget(self.topics.results(job.task)))
-        if not (o.cacheable and rt is not None):
-            return result
-        if self.settings.cache.enabled and rt.config.cache:
-            tx.cache_put(
-                cache_key(job.task, rt.fingerprint, job.input),
-                job.task,
-                {
-                    "output": result.output,
-                    "confidence": result.confidence,
-                    "model": result.model,
-                },
-                ttl_s=self.settings.cache.ttl_s,
-                max_entries=self.settings.cache.max_entries,
-            )
-        audit = rt.config.audit_rate
-        if rt.cloud_available and audit > 0 and self.escalator.rng.random() < audit:
-            self.escalator.escalate(tx, o, rt, reachable=reachable, audit=True)
-        return result
-
-    def _count(self, res: ResultMessage) -> None:
-        source = res.source or ""
-        self.metrics.jobs.labels(res.task, res.status, source).inc()
-        if res.latency_ms is not None:
-            self.metrics.latency.labels(res.task, source).observe(res.latency_ms / 1000.0)
-            self._stats.latencies.append(res.latency_ms)
-        self._stats.by_status[res.status] += 1
-        self._stats.by_source[source] += 1
-        if self.settings.homeassistant.enabled:
-            self._ha_dirty[res.task] = res  # serialised by _homeassistant_loop, once a second
-        if res.error is not None and res.status == "unrecognized":
-            self._stats.reasons[res.error.code] += 1
-
-    # -- outbox -------------------------------------------------------------------
-
-    async def _outbox_loop(self) -> None:
-        while True:
-            await self._wake_outbox.wait()
-            self._wake_outbox.clear()
-            if self._pump():
-                self._wake_outbox.set()
-                await asyncio.sleep(0)
-
-    def _pump(self) -> bool:
-        """Publish outbox rows not yet in flight, up to the window.  True if more are waiting.
-
-        Called right after each commit (results go out without another loop turn) and by
-        the outbox task on reconnect and PUBACKs.  Rows go out in ``seq`` order.
-        """
-        if self.store is None or self.mqtt is None or not self.mqtt.connected:
-            return False
-        room = self.settings.mqtt.max_inflight - len(self._inflight)
-        if room <= 0 or self._last_sent_seq >= self.store.last_seq:
-            return False
-        try:
-            rows = self.store.outbox(after=self._last_sent_seq, limit=room)
-        except StoreError as exc:
-            self._store_trouble(exc, "outbox")
-            return False
-        for row in rows:
-            mid = self.mqtt.publish(
-                row.topic,
-                row.payload,
-                correlation=row.correlation,
-                response_topic=row.response_topic,
-            )
-            if mid is None:
-                return False
-            self._inflight[mid] = row.seq
-            self._last_sent_seq = row.seq
-        self.metrics.outbox_depth.set(self.store.outbox_depth)
-        return len(rows) == room
 
     # -- periodic -----------------------------------------------------------------
 
@@ -893,7 +377,7 @@ class Daemon:
             try:  # also while degraded: rows past retention are the space to win back
                 pruned = self.store.prune(retention_s=self.settings.store.journal_retention_s)
             except StoreError as exc:
-                self._store_trouble(exc, "prune")
+                self.store_trouble(exc, "prune")
                 continue
             if pruned:
                 log.info("store.pruned", jobs=pruned)
@@ -903,18 +387,18 @@ class Daemon:
         assert self.store is not None
         while True:
             await asyncio.sleep(MAINTAIN_INTERVAL_S)
-            if self._open or self._inbox or self._inflight or self.degraded is not None:
+            if not self.pipeline.idle() or self.degraded is not None:
                 continue
             try:
                 self.store.maintain()
             except StoreUnavailable:
                 continue  # a checkpoint that cannot run now runs later; nothing is lost
             except StoreError as exc:
-                self._store_trouble(exc, "maintain")
+                self.store_trouble(exc, "maintain")
 
     # -- store failures -------------------------------------------------------------
 
-    def _store_trouble(self, exc: BaseException, where: str) -> None:
+    def store_trouble(self, exc: BaseException, where: str) -> None:
         """A store write or read failed: degrade (disk full, I/O) or stop (damaged file)."""
         if isinstance(exc, StoreUnavailable):
             self._degrade(exc.reason, str(exc), where)
@@ -976,13 +460,13 @@ class Daemon:
         except StoreUnavailable:
             return
         except StoreError as exc:
-            self._store_trouble(exc, "probe")
+            self.store_trouble(exc, "probe")
             return
         log.info(
             "store.recovered",
             reason=self.degraded,
             degraded_s=round(time.monotonic() - self._degraded_at, 1),
-            waiting_results=len(self._stash),
+            waiting_results=self.pipeline.waiting,
             waiting_jobs=len(self._inbox),
         )
         self.degraded = None
@@ -990,20 +474,7 @@ class Daemon:
         self.metrics.degraded.set(0)
         self.notifier.status(f"connected; {len(self.runtimes)} task(s)")
         self._publish_status("online")
-        stash, self._stash = self._stash, []
-        self._deliver(stash)
-        backlog, self._cloud_backlog = self._cloud_backlog, []
-        for msg in backlog:
-            self._on_cloud_message(msg)
-        self._flush_acked()
-        self._wake_intake.set()
-        self._wake_outbox.set()
-
-    def _resync_escalator(self) -> None:
-        # A rolled-back escalation leaves the in-memory in-flight count ahead of the table.
-        with contextlib.suppress(StoreError, sqlite3.Error):
-            assert self.store is not None
-            self.escalator.recover(self.store)
+        self.pipeline.resume()
 
     def _publish_status(self, state: str, **extra: Any) -> None:
         if self.mqtt is not None and self.mqtt.connected:
@@ -1059,7 +530,7 @@ class Daemon:
             and self._intake_open
             and self.degraded is None  # a full disk pauses intake on purpose
             and self.store is not None
-            and self._has_capacity()
+            and self.pipeline.has_capacity()
         ):
             return "intake_wedged"
         return None
@@ -1072,7 +543,7 @@ class Daemon:
                 self.mqtt.publish(self.topics.stats, self.stats_payload(), qos=0, retain=True)
 
     def stats_payload(self) -> bytes:
-        st = self._stats
+        st = self.pipeline.tally
         lat = sorted(st.latencies)
 
         def q(p: float) -> float | None:
@@ -1106,7 +577,7 @@ class Daemon:
                 "escalations_in_flight": self.escalator.in_flight,
                 "cloud_reachable": self.escalator.cloud_online,
                 "unrecognized_reasons": dict(st.reasons),
-                "queue_depth": len(self._open),
+                "queue_depth": len(self.pipeline.open),
                 "outbox_depth": self.store.outbox_depth if self.store else 0,
                 "degraded": self.degraded,
             }
@@ -1207,9 +678,10 @@ class Daemon:
         """Each task's last answer, retained, at most once a second per task."""
         while True:
             await asyncio.sleep(1.0)
-            if not self._ha_dirty or self.mqtt is None or not self.mqtt.connected:
+            dirty = self.pipeline.tally.last_answers
+            if not dirty or self.mqtt is None or not self.mqtt.connected:
                 continue
-            dirty, self._ha_dirty = self._ha_dirty, {}
+            self.pipeline.tally.last_answers = {}
             for task, res in dirty.items():
                 topic = homeassistant.last_answer_topic(
                     self.settings.topics.prefix, self.settings.device_id, task
@@ -1251,15 +723,12 @@ class Daemon:
         self._configure_escalation(fresh)
         self.runtimes = fresh
         self.settings = self.settings.model_copy(update={"tasks": new.tasks})
+        self.pipeline.settings = self.settings
         for rt in fresh.values():
-            rt.start(self._deliver)
+            rt.start(self.pipeline.deliver)
             self._watch_workers(rt)
         for rt in old.values():
-            # Hand the queued jobs to the new runtime of the same task (or reject them).
-            while not rt.queue.empty():
-                p = rt.queue.get_nowait()
-                self._open.discard(p.job.id)
-                self._schedule(p.job, p.received_at)
+            self.pipeline.requeue(rt)  # to the new runtime of the same task (or rejected)
             self._spawn(self._retire(rt), f"daemon:retire:{rt.name}")
         log.info("reload.done", tasks=sorted(fresh))
         self._announce_homeassistant(removed=sorted(set(old) - set(fresh)))
@@ -1280,12 +749,9 @@ class Daemon:
         runtimes = {**self.runtimes, **fresh}
         self._configure_escalation(runtimes)
         self.runtimes = runtimes
-        fresh[name].start(self._deliver)
+        fresh[name].start(self.pipeline.deliver)
         if old is not None:
-            while not old.queue.empty():
-                p = old.queue.get_nowait()
-                self._open.discard(p.job.id)
-                self._schedule(p.job, p.received_at)
+            self.pipeline.requeue(old)
             self._spawn(self._retire(old), f"daemon:retire:{name}")
         log.info("learn.swapped", task=name, model=fresh[name].backend.model_id)
         return True
@@ -1302,19 +768,20 @@ class Daemon:
         self.notifier.stopping()
         self._intake_open = False  # unacknowledged jobs stay with the broker
         deadline = time.monotonic() + (self.settings.runtime.drain_timeout_s if graceful else 0)
-        while self._open and self.degraded is None and time.monotonic() < deadline:
+        jobs = self.pipeline
+        while jobs.open and self.degraded is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # (degraded: nothing can commit; the journal has them)
-        if self._open:
-            log.warning("daemon.drain_timeout", open_jobs=len(self._open))
+        if jobs.open:
+            log.warning("daemon.drain_timeout", open_jobs=len(jobs.open))
         # Results are committed; give the broker a moment to acknowledge what is in flight.
         flush_until = time.monotonic() + (5.0 if graceful else 0)
         while (
             self.mqtt is not None
             and self.mqtt.connected
-            and (self._inflight or (self.store and self.store.outbox_depth))
+            and (jobs.inflight or (self.store and self.store.outbox_depth))
             and time.monotonic() < flush_until
         ):
-            self._wake_outbox.set()
+            jobs.wake_outbox.set()
             await asyncio.sleep(0.02)
         if (graceful or self._fatal) and self.mqtt is not None and self.mqtt.connected:
             status = (
@@ -1324,16 +791,15 @@ class Daemon:
             )
             mid = self.mqtt.publish(self.topics.status, status, retain=True)
             until = time.monotonic() + 2.0
-            self._inflight[mid or -1] = -1
-            while mid is not None and mid in self._inflight and time.monotonic() < until:
+            jobs.inflight[mid or -1] = -1  # not an outbox row: its PUBACK deletes nothing
+            while mid is not None and mid in jobs.inflight and time.monotonic() < until:
                 await asyncio.sleep(0.02)
         for t in list(self._background):
             t.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.mqtt is not None:
             await asyncio.to_thread(self.mqtt.stop)
-        if self._fatal is None or self._fatal[1] != EXIT_STATE_CORRUPT:
-            self._flush_acked()
+        jobs.close(commit=self._fatal is None or self._fatal[1] != EXIT_STATE_CORRUPT)
         await self._close_runtimes()
         self.metrics.close()
         if self.store is not None:
@@ -1360,14 +826,9 @@ class Daemon:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             if isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable):
-                self._store_trouble(exc, task.get_name())  # a damaged file: its own exit code
+                self.store_trouble(exc, task.get_name())  # a damaged file: its own exit code
                 return
             self._fail(f"task {task.get_name()} crashed: {exc!r}", EXIT_FAILURE)
-
-
-def _reason_label(reason: str) -> str:
-    """A metric label from an MQTT reason string: "Not authorized" -> "not_authorized"."""
-    return "_".join(reason.lower().split())[:40] or "unknown"
 
 
 def run(settings: Settings, config_path: Path | None) -> int:

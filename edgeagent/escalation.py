@@ -1,8 +1,14 @@
 """The cloud round trip, daemon side: budget, redaction, durable requests, replies, deadlines.
 
-Thread model: everything runs on the event loop thread, inside the daemon's store
-transactions, so an escalation request, the job's state and any result it produces
-are committed together.
+The escalator decides; the pipeline writes.  It keeps its own ledger (the
+``escalations`` rows and the requests they send, through a :class:`Ledger`, which is
+the pipeline's open transaction) and returns everything else as
+:class:`~edgeagent.results.Actions`: the results a job gets, cache entries, labelled
+examples.  It never writes an answer, the cache or an example itself.
+
+Thread model: everything runs on the event loop thread, inside the pipeline's one
+commit, so an escalation request, the job's state and any result it produces are
+committed together.
 
 Life of an escalation::
 
@@ -10,9 +16,9 @@ Life of an escalation::
       (one commit with the job's state; provisional answer now, or the job waits)
     → PUBLISH to {prefix}/cloud/requests/{task}, Response Topic {prefix}/{device}/cloud/replies
     → re-sent with capped, jittered backoff while the cloud is reachable and no reply came
-    → reply: validated against the task → restore placeholders → answer / supersede / audit,
-      cache it, keep it as a labelled example        (late or duplicate replies: ignored)
-    → or deadline: `on_deadline` decides (local answer or `expired`)
+    → reply (:meth:`Escalator.on_reply`): validated against the task → restore placeholders
+      → answer / supersede / audit, a cache entry, a labelled example   (late replies: ignored)
+    → or deadline (:meth:`Escalator.tick`): `on_deadline` decides (local answer or `expired`)
 """
 
 from __future__ import annotations
@@ -21,9 +27,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jsonschema
 
@@ -33,22 +37,40 @@ from edgeagent.config import CloudConfig, TaskConfig
 from edgeagent.learning.examples import is_unsure
 from edgeagent.logs import get_logger
 from edgeagent.metrics import Metrics
-from edgeagent.pipeline import Outcome, TaskRuntime
 from edgeagent.protocol import ErrorInfo, EscalationInfo, ResultMessage, Topics, load_payload
 from edgeagent.redact import Redactor, restore
-from edgeagent.store import EscalationRow, ReplyTarget, Store, Transaction, cache_key
+from edgeagent.results import Actions, Answer, CacheEntry, Example, build, revise
+from edgeagent.store import EscalationRow, Store
+
+if TYPE_CHECKING:
+    from edgeagent.pipeline import Outcome, TaskRuntime
 
 log = get_logger("edgeagent.escalation")
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """A result the daemon must commit for a job: a first answer, or one that supersedes."""
+PROVISIONAL_OUT_OF_SCOPE = ErrorInfo(
+    code="out_of_scope",
+    message="provisional: outside what the local model knows; the cloud agent's answer follows",
+)
 
-    job_id: str
-    task: str
-    result: ResultMessage
-    supersede: bool = False
+
+class Ledger(Protocol):
+    """The writes the escalator makes itself: its own rows and the requests they send
+    (:class:`edgeagent.store.Transaction` is one)."""
+
+    def add_escalation(self, row: EscalationRow) -> None: ...
+
+    def escalation_sent(self, esc_id: str, *, next_attempt_at: float) -> None: ...
+
+    def close_escalation(self, esc_id: str, state: str) -> bool: ...
+
+    def enqueue(
+        self,
+        topic: str,
+        payload: bytes,
+        correlation: bytes | None = None,
+        response_topic: str | None = None,
+    ) -> None: ...
 
 
 class Escalator:
@@ -71,9 +93,6 @@ class Escalator:
         self._on_deadline: dict[str, str] = {}
         self._workers: dict[str, str] = {}  # status topic -> state
         self.in_flight = 0
-        self.on_example: Callable[[str, Any, Any, str], None] | None = None
-        """Called (loop thread, inside the reply's transaction) with ``(task, input, output,
-        reason)`` for each cloud answer kept as a labelled example (the daemon's learner)."""
 
     # -- configuration --------------------------------------------------------------
 
@@ -107,6 +126,12 @@ class Escalator:
     def usable(self, task: TaskConfig) -> bool:
         return self.config.enabled and task.allow_cloud
 
+    def wants_audit(self, task: TaskConfig) -> bool:
+        """Roll the dice for ``audit_rate``: should this confident local answer also be
+        sent to the cloud, to measure agreement (the job keeps its local answer)?"""
+        rate = task.audit_rate
+        return self.usable(task) and rate > 0 and self.rng.random() < rate
+
     def recover(self, store: Store) -> None:
         self.in_flight = len(store.pending_escalations())
 
@@ -133,7 +158,7 @@ class Escalator:
 
     def escalate(
         self,
-        tx: Transaction,
+        tx: Ledger,
         outcome: Outcome,
         rt: TaskRuntime,
         *,
@@ -226,33 +251,26 @@ class Escalator:
             reachable=reachable,
             redacted=sum(counts.values()),
         )
-        if audit:
+        if audit or not provisional:
             return None
-        if provisional:
-            # The local best effort now (its own low confidence says how much to trust it);
-            # a result with `supersedes` follows when the cloud answers.
-            update: dict[str, Any] = {
-                "provisional": True,
-                "escalation": EscalationInfo(reason=reason, id=esc_id),
-            }
-            if local_output is not None and reason == "out_of_scope":
-                # The local "label" is the out-of-scope class: not an answer.  A consumer that
-                # reads only `status` must not take it for one (PROTOCOL.md, "Provisional").
-                update.update(
-                    status="unrecognized",
-                    output=local_output,
-                    error=ErrorInfo(
-                        code="out_of_scope",
-                        message="provisional: outside what the local model knows; "
-                        "the cloud agent's answer follows",
-                    ),
-                )
-            elif local_output is not None:
-                update.update(status="ok", output=local_output, error=None)
-            return outcome.result.model_copy(update=update)
-        return None
+        # The local best effort now (its own low confidence says how much to trust it);
+        # a result with `supersedes` follows when the cloud answers.
+        info = EscalationInfo(reason=reason, id=esc_id)
+        if local_output is None:
+            return revise(outcome.result, provisional=True, escalation=info)
+        # An out-of-scope local "label" is the out-of-scope class: not an answer.  A consumer
+        # that reads only `status` must not take it for one (PROTOCOL.md, "Provisional").
+        oos = reason == "out_of_scope"
+        return revise(
+            outcome.result,
+            provisional=True,
+            escalation=info,
+            status="unrecognized" if oos else "ok",
+            output=local_output,
+            error=PROVISIONAL_OUT_OF_SCOPE if oos else None,
+        )
 
-    def _send(self, tx: Transaction, task: str, esc_id: str, payload: bytes) -> None:
+    def _send(self, tx: Ledger, task: str, esc_id: str, payload: bytes) -> None:
         tx.enqueue(
             self.topics.cloud_requests(task),
             payload,
@@ -276,60 +294,46 @@ class Escalator:
             "cloud_timeout": "the cloud agent did not answer before the deadline",
         }.get(code, code)
         if use_local and pred is not None and pred.output is not None:
-            if outcome.escalate == "out_of_scope":  # the out-of-scope class is no answer
-                return outcome.result.model_copy(
-                    update={
-                        "status": "unrecognized",
-                        "output": pred.output,
-                        "confidence": pred.confidence,
-                        "error": ErrorInfo(code=code, message=message + " (out of scope)"),
-                    }
-                )
-            return outcome.result.model_copy(
-                update={
-                    "status": "ok",
-                    "output": pred.output,
-                    "confidence": pred.confidence,
-                    "error": ErrorInfo(code=code, message=message + " (local answer)"),
-                }
+            oos = outcome.escalate == "out_of_scope"  # the out-of-scope class is no answer
+            flag = " (out of scope)" if oos else " (local answer)"
+            return revise(
+                outcome.result,
+                status="unrecognized" if oos else "ok",
+                output=pred.output,
+                confidence=pred.confidence,
+                error=ErrorInfo(code=code, message=message + flag),
             )
-        return outcome.result.model_copy(
-            update={
-                "status": "unrecognized",
-                "output": None,
-                "error": ErrorInfo(code=code, message=message),
-            }
-        )
+        err = ErrorInfo(code=code, message=message)
+        return revise(outcome.result, status="unrecognized", output=None, error=err)
 
     # -- replies --------------------------------------------------------------------
 
     def on_reply(
         self,
-        tx: Transaction,
+        tx: Ledger,
         store: Store,
         payload: bytes,
         correlation: bytes | None,
         runtimes: dict[str, TaskRuntime],
-        cache_ttl_s: float,
-        cache_max: int,
-    ) -> list[Answer]:
-        """Handle a cloud reply.  Returns the results to commit (already in ``tx``'s outbox)."""
+    ) -> Actions:
+        """Handle a cloud reply: close its escalation (in ``tx``) and return what the job
+        gets: the cloud's answer (or the local fallback), a cache entry, a kept example."""
         if len(payload) > self.config.max_reply_bytes:
             self.metrics.replies.labels("too_large").inc()
             log.warning("cloud.reply_too_large", size=len(payload))
-            return []
+            return Actions()
         try:
             reply = load_payload(payload)  # I-JSON: no lone surrogates, no NaN (a ValueError)
             esc_id = str(reply.get("escalation_id") or (correlation or b"").decode())
         except (ValueError, AttributeError, UnicodeDecodeError):
             self.metrics.replies.labels("not_json").inc()
             log.warning("cloud.reply_not_json")
-            return []
+            return Actions()
         row = store.escalation(esc_id)
         if row is None or row.state != "pending":
             self.metrics.replies.labels("late_or_duplicate").inc()
             log.info("cloud.reply_ignored", escalation_id=esc_id[:64], known=row is not None)
-            return []
+            return Actions()
         rt = runtimes.get(row.task)
         output, problem = self._validate(reply, row, rt)
         ok = problem is None
@@ -338,16 +342,22 @@ class Escalator:
         self.metrics.replies.labels("ok" if ok else "invalid").inc()
         local_out = row.local.get("output")
         log.info("cloud.reply", escalation_id=esc_id, task=row.task, ok=ok, problem=problem)
-        if ok and rt is not None:
-            model = str(reply.get("model") or "cloud")
-            conf = reply.get("confidence")
-            conf = float(conf) if isinstance(conf, (int, float)) and 0 <= conf <= 1 else None
-            job_input = _job_input(store, row)
-            if is_unsure(reply.get("confidence"), rt.config.learn):
-                # The agent doubts its own answer: it answers the job but is never learned.
-                log.info("learn.unsure_not_kept", escalation_id=esc_id, task=row.task)
-            else:
-                tx.add_example(
+        if not ok or rt is None:
+            if row.audit or row.provisional:
+                return Actions()  # the local answer stands
+            fallback = self._local_result(row, "cloud_error", problem or "invalid reply", store)
+            return Actions(answers=[Answer(row.job_id, row.task, fallback)])
+        model = str(reply.get("model") or "cloud")
+        conf = reply.get("confidence")
+        conf = float(conf) if isinstance(conf, (int, float)) and 0 <= conf <= 1 else None
+        job_input = _job_input(store, row)
+        acts = Actions()
+        if is_unsure(reply.get("confidence"), rt.config.learn):
+            # The agent doubts its own answer: it answers the job but is never learned.
+            log.info("learn.unsure_not_kept", escalation_id=esc_id, task=row.task)
+        else:
+            acts.examples.append(
+                Example(
                     task=row.task,
                     input=job_input,
                     cloud_output=output,
@@ -356,37 +366,27 @@ class Escalator:
                     reason=row.reason,
                     model=model,
                 )
-                if self.on_example is not None:
-                    self.on_example(row.task, job_input, output, row.reason)
-            if rt.config.cache and job_input is not None:
-                tx.cache_put(
-                    cache_key(row.task, rt.fingerprint, job_input),
-                    row.task,
-                    {"output": output, "confidence": conf, "model": model},
-                    ttl_s=cache_ttl_s,
-                    max_entries=cache_max,
-                )
-            if row.audit:
-                agreed = local_out == output
-                self.metrics.audits.labels(row.task, "agree" if agreed else "disagree").inc()
-                return []
-            result = ResultMessage(
-                id=row.job_id,
-                task=row.task,
-                status="ok",
-                output=output,
-                confidence=conf,
-                source="cloud",
-                model=model,
-                supersedes=row.job_id if row.provisional else None,
-                escalation=EscalationInfo(reason=row.reason, id=esc_id),
-                latency_ms=round((time.time() - _received(store, row)) * 1000.0, 3),
             )
-            return self._commit(tx, store, row, result)
-        if row.audit or row.provisional:
-            return []  # the local answer stands
-        fallback = self._local_result(row, "cloud_error", problem or "invalid reply", store)
-        return self._commit(tx, store, row, fallback)
+        if job_input is not None:
+            acts.cache.append(CacheEntry(row.task, rt.fingerprint, job_input, output, conf, model))
+        if row.audit:
+            agreed = local_out == output
+            self.metrics.audits.labels(row.task, "agree" if agreed else "disagree").inc()
+            return acts
+        result = build(
+            row.job_id,
+            row.task,
+            "ok",
+            received_at=_received(store, row),
+            output=output,
+            confidence=conf,
+            source="cloud",
+            model=model,
+            supersedes=row.job_id if row.provisional else None,
+            escalation=EscalationInfo(reason=row.reason, id=esc_id),
+        )
+        acts.answers.append(Answer(row.job_id, row.task, result, supersede=row.provisional))
+        return acts
 
     def _validate(
         self, reply: dict[str, Any], row: EscalationRow, rt: TaskRuntime | None
@@ -419,56 +419,39 @@ class Escalator:
         return {"text": output["text"]}, None
 
     def _local_result(
-        self, row: EscalationRow, code: str, message: str, store: Store
+        self, row: EscalationRow, code: str, message: str, store: Store, now: float | None = None
     ) -> ResultMessage:
-        task_local = row.local
-        if task_local.get("output") is not None:
-            oos = row.reason == "out_of_scope"  # the out-of-scope class is no answer
-            return ResultMessage(
-                id=row.job_id,
-                task=row.task,
-                status="unrecognized" if oos else "ok",
-                output=task_local["output"],
-                confidence=task_local.get("confidence"),
-                source="local",
-                model=task_local.get("model"),
-                escalation=EscalationInfo(reason=row.reason, id=row.id),
-                error=ErrorInfo(code=code, message=f"{message} (local answer below threshold)"),
-                latency_ms=round((time.time() - _received(store, row)) * 1000.0, 3),
-            )
-        return ResultMessage(
-            id=row.job_id,
-            task=row.task,
-            status="unrecognized",
-            confidence=task_local.get("confidence"),
+        """The job's answer when the cloud's is missing or unusable: its local answer,
+        flagged (``unrecognized`` for the out-of-scope class), or ``unrecognized``."""
+        local = row.local
+        has_local = local.get("output") is not None
+        oos = row.reason == "out_of_scope"  # the out-of-scope class is no answer
+        return build(
+            row.job_id,
+            row.task,
+            "ok" if has_local and not oos else "unrecognized",
+            received_at=_received(store, row),
+            now=now,
+            output=local["output"] if has_local else None,
+            confidence=local.get("confidence"),
             source="local",
-            model=task_local.get("model"),
+            model=local.get("model"),
             escalation=EscalationInfo(reason=row.reason, id=row.id),
-            error=ErrorInfo(code=code, message=message),
-            latency_ms=round((time.time() - _received(store, row)) * 1000.0, 3),
+            error=ErrorInfo(
+                code=code,
+                message=f"{message} (local answer below threshold)" if has_local else message,
+            ),
         )
-
-    def _commit(
-        self, tx: Transaction, store: Store, row: EscalationRow, result: ResultMessage
-    ) -> list[Answer]:
-        state = tx.job_state(row.job_id)
-        fallback_topic = self.topics.results(row.task)
-        if state == "received":
-            tx.answer(row.job_id, result.to_bytes(), fallback=ReplyTarget(fallback_topic))
-            return [Answer(row.job_id, row.task, result)]
-        if state == "answered" and row.provisional:
-            tx.supersede(row.job_id, result.to_bytes())
-            return [Answer(row.job_id, row.task, result, supersede=True)]
-        return []
 
     # -- time -----------------------------------------------------------------------
 
     def tick(
-        self, tx: Transaction, store: Store, *, reachable: bool, now: float | None = None
-    ) -> list[Answer]:
-        """Expire escalations past their deadline; re-send due ones while reachable."""
+        self, tx: Ledger, store: Store, *, reachable: bool, now: float | None = None
+    ) -> Actions:
+        """Expire escalations past their deadline (returning what their jobs get) and
+        re-send due ones while the cloud is reachable."""
         t = time.time() if now is None else now
-        answers: list[Answer] = []
+        acts = Actions()
         for row in store.pending_escalations():
             if row.deadline_at <= t:
                 tx.close_escalation(row.id, "expired")
@@ -480,27 +463,28 @@ class Escalator:
                 has_local = row.local.get("output") is not None
                 if self._on_deadline.get(row.task, "local") == "local" and has_local:
                     res = self._local_result(
-                        row, "cloud_timeout", "no cloud answer by the deadline", store
+                        row, "cloud_timeout", "no cloud answer by the deadline", store, now=t
                     )
                 else:
-                    res = ResultMessage(
-                        id=row.job_id,
-                        task=row.task,
-                        status="expired",
+                    res = build(
+                        row.job_id,
+                        row.task,
+                        "expired",
+                        received_at=_received(store, row),
+                        now=t,
                         escalation=EscalationInfo(reason=row.reason, id=row.id),
                         error=ErrorInfo(
                             code="deadline_exceeded",
                             message="no cloud answer before the job's deadline",
                         ),
-                        latency_ms=round((t - _received(store, row)) * 1000.0, 3),
                     )
-                answers += self._commit(tx, store, row, res)
+                acts.answers.append(Answer(row.job_id, row.task, res))
             elif reachable and row.next_attempt_at <= t:
                 self._send(tx, row.task, row.id, row.request)
                 tx.escalation_sent(row.id, next_attempt_at=t + self._backoff(row.attempts + 1))
-        return answers
+        return acts
 
-    def resend_all_now(self, tx: Transaction, store: Store) -> None:
+    def resend_all_now(self, tx: Ledger, store: Store) -> None:
         """The cloud just came (back) online: re-send every pending request at once."""
         for row in store.pending_escalations():
             self._send(tx, row.task, row.id, row.request)

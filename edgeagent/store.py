@@ -332,6 +332,8 @@ def cache_key(task: str, fingerprint: str, value: str | dict[str, Any]) -> str:
 class Store:
     def __init__(self, path: Path, *, synchronous: str = "full") -> None:
         self.path = path
+        self.synchronous = synchronous
+        """``full``: every commit is an ``fsync`` (survives power loss); ``normal``: not."""
         _check_location(path)
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -432,14 +434,32 @@ class Store:
                 self._db.execute("ROLLBACK")
 
     @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """One atomic, durable unit of work (committed on exit)."""
-        with self._tx() as db:
-            tx = Transaction(db, self)
-            yield tx
-        self._outbox_rows += tx.outbox_added
+    def transaction(self, *, durable: bool = True) -> Iterator[Transaction]:
+        """One atomic unit of work (committed on exit), durable unless ``durable=False``.
+
+        ``durable=False`` commits without an ``fsync`` even with ``synchronous = "full"``
+        (WAL mode stays consistent: such a commit may be lost in a power cut, and it is
+        made durable by the next durable commit, whose ``fsync`` covers the whole WAL).
+        """
+        relax = not durable and self.synchronous == "full"
+        if relax:
+            self._set_synchronous("NORMAL")
+        try:
+            with self._tx() as db:
+                tx = Transaction(db, self)
+                yield tx
+        finally:
+            if relax:
+                self._set_synchronous("FULL")
+        self._outbox_rows = max(0, self._outbox_rows + tx.outbox_added - tx.outbox_removed)
         if tx.last_seq:
             self.last_seq = tx.last_seq
+
+    def _set_synchronous(self, level: str) -> None:
+        try:
+            self._db.execute(f"PRAGMA synchronous={level}")
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path) from exc
 
     def _count(self, table: str) -> int:
         return int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
@@ -514,9 +534,8 @@ class Store:
         seq_list = list(seqs)
         if not seq_list:
             return
-        with self._tx() as db:
-            db.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in seq_list])
-        self._outbox_rows = max(0, self._outbox_rows - len(seq_list))
+        with self.transaction(durable=False) as tx:
+            tx.outbox_done(seq_list)
 
     # -- dead letters -------------------------------------------------------------
 
@@ -668,6 +687,7 @@ class Transaction:
         self._db = db
         self._store = store
         self.outbox_added = 0
+        self.outbox_removed = 0
         self.last_seq = 0
 
     @contextmanager
@@ -679,7 +699,7 @@ class Transaction:
         """
         if not self._db.in_transaction:  # SAVEPOINT would silently open a new transaction
             raise StoreUnavailable(f"state file {self._store.path}: transaction lost", "io")
-        saved = (self.outbox_added, self.last_seq, self._store.cache_rows)
+        saved = (self.outbox_added, self.outbox_removed, self.last_seq, self._store.cache_rows)
         self._db.execute("SAVEPOINT one_message")
         try:
             yield
@@ -693,7 +713,7 @@ class Transaction:
                 ) from exc
             self._db.execute("ROLLBACK TO one_message")
             self._db.execute("RELEASE one_message")
-            self.outbox_added, self.last_seq, self._store.cache_rows = saved
+            self.outbox_added, self.outbox_removed, self.last_seq, self._store.cache_rows = saved
             raise
         self._db.execute("RELEASE one_message")
 
@@ -850,6 +870,11 @@ class Transaction:
         )
         self.outbox_added += 1
         self.last_seq = int(cur.lastrowid or 0)
+
+    def outbox_done(self, seqs: list[int]) -> None:
+        """The broker acknowledged these outbox rows: forget them."""
+        cur = self._db.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in seqs])
+        self.outbox_removed += max(0, cur.rowcount)
 
     def cache_put(
         self, key: str, task: str, value: dict[str, Any], *, ttl_s: float, max_entries: int

@@ -1,10 +1,15 @@
-"""Shared fixtures: a real mosquitto on a free port, the daemon as a subprocess."""
+"""Shared fixtures: a real mosquitto on a free port, the daemon as a subprocess, and the
+hygiene check every test runs under (no leftover threads or asyncio tasks)."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +26,50 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "broker" in getattr(item, "fixturenames", ()):
             item.add_marker(skip)
+
+
+LEFTOVER_GRACE_S = 5.0
+"""How long a test's threads get to finish after it (executors shut down asynchronously)."""
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers() -> Iterator[None]:
+    """Fail a test that leaves a non-daemon thread running or an asyncio task pending.
+
+    Tasks: ``asyncio.run`` cancels whatever its main coroutine left behind, which would
+    hide it; so ``asyncio.run`` is wrapped to list the tasks still pending when the main
+    coroutine returns.  Threads: a non-daemon thread started by the test must be gone
+    (within :data:`LEFTOVER_GRACE_S`) once the test and its fixtures are done.
+    """
+    before = set(threading.enumerate())
+    pending: list[str] = []
+    real_run = asyncio.run
+
+    def run(main: Coroutine[Any, Any, Any], **kw: Any) -> Any:
+        async def checked() -> Any:
+            try:
+                return await main
+            finally:
+                me = asyncio.current_task()
+                pending.extend(
+                    t.get_name() for t in asyncio.all_tasks() if t is not me and not t.done()
+                )
+
+        return real_run(checked(), **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(asyncio, "run", run)
+        yield
+    until = time.monotonic() + LEFTOVER_GRACE_S
+    while True:
+        threads = [
+            t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon
+        ]
+        if not threads or time.monotonic() > until:
+            break
+        time.sleep(0.02)
+    assert not pending, f"asyncio tasks left pending: {pending}"
+    assert not threads, f"threads left running: {[t.name for t in threads]}"
 
 
 @pytest.fixture(scope="session")
