@@ -538,7 +538,6 @@ class Daemon:
     # -- intake -------------------------------------------------------------------
 
     async def _intake_loop(self) -> None:
-        assert self.committer is not None
         while True:
             await self._wake_intake.wait()
             self._wake_intake.clear()
@@ -546,23 +545,31 @@ class Daemon:
                 self._inbox and self._intake_open and self.degraded is None and self._has_capacity()
             ):
                 batch = [self._inbox.popleft() for _ in range(min(INTAKE_BATCH, len(self._inbox)))]
-                refused: list[Inbound] = []
-
-                def undo(batch: list[Inbound] = batch, refused: list[Inbound] = refused) -> None:
-                    # Nothing was committed, so nothing is acknowledged: the messages go back
-                    # to the head of the inbox and the broker holds everything behind them.
-                    self._inbox.extendleft(reversed(batch))
-                    refused.extend(batch)
-
-                self.committer.submit(
-                    functools.partial(self._admit_batch, batch=batch),
-                    functools.partial(self._admitted, batch),
-                    undo=undo,
-                    where="intake",
-                )
-                await asyncio.sleep(0)  # the group commit runs before this task resumes
-                if refused:
+                # One batch in flight: what arrives meanwhile is the next batch (and group).
+                if not await self._journal(batch):
                     break  # the store failed (on_error degraded or stopped us): wait
+
+    def _journal(self, batch: list[Inbound]) -> asyncio.Future[bool]:
+        """Admit ``batch`` in the next group commit; True once durable and acknowledged."""
+        assert self.committer is not None
+        durable: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def admitted(scheduled: list[tuple[Job, float]]) -> None:
+            try:
+                self._admitted(batch, scheduled)
+            finally:
+                durable.set_result(True)
+
+        def undo() -> None:
+            # Nothing was committed, so nothing is acknowledged: the messages go back to
+            # the head of the inbox and the broker holds everything behind them.
+            self._inbox.extendleft(reversed(batch))
+            durable.set_result(False)
+
+        self.committer.submit(
+            functools.partial(self._admit_batch, batch=batch), admitted, undo=undo, where="intake"
+        )
+        return durable
 
     def _admit_batch(self, tx: Transaction, batch: list[Inbound]) -> list[tuple[Job, float]]:
         scheduled: list[tuple[Job, float]] = []
