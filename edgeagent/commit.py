@@ -14,14 +14,18 @@ The guarantees are those of a transaction per write:
 * each write runs under its own savepoint: one that raises is rolled back alone
   (its ``undo`` runs and the error goes to ``on_error``) and the others still commit;
 * a store failure (disk full, I/O error, damaged file) anywhere rolls back the whole
-  group: no ``after`` runs, every ``undo`` runs (in submission order) and the error
-  goes to ``on_error`` once, with the ``where`` of the first write.
+  group: no ``after`` runs, every ``undo`` runs (in reverse submission order, so that
+  each can push its items back to the head of a queue and keep their order) and the
+  error goes to ``on_error`` once, with the ``where`` of the first write.
 
 With ``synchronous = "full"`` the writes run on the loop but the COMMIT (the ``fsync``)
 runs in the store's commit thread (:meth:`Store.commit_in_thread`), so the loop keeps
 receiving, inferring and publishing meanwhile; what is submitted during that time forms
-the next group, which starts as soon as the COMMIT lands.  At most one COMMIT is in
-flight, and any other use of the store waits for it (:meth:`Store.settle`).
+the next group, which starts as soon as the COMMIT lands (before the landed group's
+``after`` callbacks run, so that its ``fsync`` overlaps them; writes queued behind a
+COMMIT that fails fail with it).  At most one COMMIT is in flight, and any other use
+of the store waits for it (:meth:`Store.settle`) except :meth:`Store.outbox`, which
+reads committed rows on its own connection.
 
 Thread model: event loop only (``submit`` from another thread is a bug); the commit
 thread runs nothing but ``COMMIT``.
@@ -84,6 +88,7 @@ class GroupCommitter:
         self._handle: asyncio.Handle | None = None
         self._landing: _Landing | None = None  # the group whose COMMIT runs in a thread
         self._closed = False
+        self._closing = False
         self.commits = 0
         """Transactions committed so far (each write shares one with the others of its turn)."""
         self.writes = 0
@@ -164,15 +169,7 @@ class GroupCommitter:
             self.store.rollback(tx)
             return self._fail(batch, exc)
         if durable and self.store.synchronous == "full" and not wait:
-            landing = _Landing(batch, done, failed, self.store.commit_in_thread(tx))
-            self._landing = landing
-            loop = asyncio.get_running_loop()
-
-            def landed(_: object) -> None:  # commit thread
-                with contextlib.suppress(RuntimeError):  # loop closed at shutdown
-                    loop.call_soon_threadsafe(self._landed, landing)
-
-            landing.future.add_done_callback(landed)
+            self._hand_off(_Landing(batch, done, failed, self.store.commit_in_thread(tx)))
             return True
         try:
             self.store.commit(tx)
@@ -181,24 +178,43 @@ class GroupCommitter:
         self._committed_group(done, failed)
         return True
 
+    def _hand_off(self, landing: _Landing) -> None:
+        """``landing`` runs in the commit thread; the loop hears when it is done."""
+        self._landing = landing
+        loop = asyncio.get_running_loop()
+
+        def landed(_: object) -> None:  # commit thread
+            with contextlib.suppress(RuntimeError):  # loop closed at shutdown
+                loop.call_soon_threadsafe(self._landed, landing)
+
+        landing.future.add_done_callback(landed)
+
     def _landed(self, landing: _Landing) -> None:
         """The COMMIT run in the commit thread is done (event loop)."""
         if landing is self._landing:
-            self._land(landing)
-            self.flush()  # what queued up meanwhile
+            self._land(landing, start_next=True)
 
-    def _land(self, landing: _Landing) -> None:
+    def _land(self, landing: _Landing, *, start_next: bool = False) -> None:
         self._landing = None
         self.store.settle()
+        if not landing.batch:  # a checkpoint (its errors are ignored)
+            if start_next:
+                self.flush()
+            return
         try:
             landing.future.result()
         except Exception as exc:
-            self._fail(landing.batch, exc)
+            # What was queued behind a failed COMMIT fails with it (undone in reverse order,
+            # so that each write can push its items back to the head of a queue).
+            queued, self._queue = self._queue, []
+            self._fail(landing.batch + queued, exc)
             return
+        if start_next:
+            self.flush()  # the next group's fsync overlaps the callbacks of this one
         self._committed_group(landing.done, landing.failed)
 
     def _fail(self, batch: list[_Write[Any]], exc: Exception) -> bool:
-        for item in batch:
+        for item in reversed(batch):
             self._run(item.undo, item.where)
         self._on_error(exc, batch[0].where)
         return False
@@ -216,10 +232,15 @@ class GroupCommitter:
                 self._run(item.after, item.where, value)
         if self._committed is not None:
             self._run(self._committed, "committed")
+        if self._landing is None and not self._closing and self.store.checkpoint_due():
+            # In the commit thread, so that its fsync calls do not stall the loop (SQLite
+            # would otherwise run it inside some COMMIT); the next group waits for it.
+            self._hand_off(_Landing([], [], [], self.store.checkpoint_in_thread()))
 
     def close(self, *, commit: bool = True) -> None:
         """Commit what is queued (``commit=False``: drop it, running the ``undo``
         callbacks), then refuse new writes (their ``undo`` runs at once)."""
+        self._closing = True
         if commit:
             self.flush(wait=True)
         else:

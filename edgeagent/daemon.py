@@ -542,34 +542,32 @@ class Daemon:
             await self._wake_intake.wait()
             self._wake_intake.clear()
             while (
-                self._inbox and self._intake_open and self.degraded is None and self._has_capacity()
+                self._inbox
+                and self._intake_open
+                and self.degraded is None  # set by a failed group commit (on_error)
+                and self._fatal is None
+                and self._has_capacity()
             ):
                 batch = [self._inbox.popleft() for _ in range(min(INTAKE_BATCH, len(self._inbox)))]
-                # One batch in flight: what arrives meanwhile is the next batch (and group).
-                if not await self._journal(batch):
-                    break  # the store failed (on_error degraded or stopped us): wait
+                self._journal(batch)
+                await asyncio.sleep(0)
 
-    def _journal(self, batch: list[Inbound]) -> asyncio.Future[bool]:
-        """Admit ``batch`` in the next group commit; True once durable and acknowledged."""
+    def _journal(self, batch: list[Inbound]) -> None:
+        """Admit ``batch`` in the next group commit; acknowledged once that is durable."""
         assert self.committer is not None
-        durable: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-
-        def admitted(scheduled: list[tuple[Job, float]]) -> None:
-            try:
-                self._admitted(batch, scheduled)
-            finally:
-                durable.set_result(True)
 
         def undo() -> None:
             # Nothing was committed, so nothing is acknowledged: the messages go back to
-            # the head of the inbox and the broker holds everything behind them.
+            # the head of the inbox (failed batches are undone last first) and the broker
+            # holds everything behind them.
             self._inbox.extendleft(reversed(batch))
-            durable.set_result(False)
 
         self.committer.submit(
-            functools.partial(self._admit_batch, batch=batch), admitted, undo=undo, where="intake"
+            functools.partial(self._admit_batch, batch=batch),
+            functools.partial(self._admitted, batch),
+            undo=undo,
+            where="intake",
         )
-        return durable
 
     def _admit_batch(self, tx: Transaction, batch: list[Inbound]) -> list[tuple[Job, float]]:
         scheduled: list[tuple[Job, float]] = []

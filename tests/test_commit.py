@@ -139,7 +139,7 @@ def test_a_full_disk_fails_the_whole_group_and_nothing_runs_but_undo(
         gc.submit(w, a, undo=u)  # type: ignore[arg-type]
 
     run_turn(gc, body)
-    assert rec.events == [("undo", "a"), ("undo", "b")]  # no after ran; undos in order
+    assert rec.events == [("undo", "b"), ("undo", "a")]  # no after ran; undos last first
     assert len(rec.errors) == 1
     exc, where = rec.errors[0]
     assert isinstance(exc, StoreUnavailable) and exc.reason == "disk_full" and where == "intake"

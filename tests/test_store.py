@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from edgeagent.protocol import Job
-from edgeagent.store import ReplyTarget, Store, StoreError, cache_key, normalise_input
+from edgeagent.store import (
+    CHECKPOINT_COMMITS,
+    ReplyTarget,
+    Store,
+    StoreError,
+    cache_key,
+    normalise_input,
+)
 
 
 def job(jid: str, text: str = "hi") -> Job:
@@ -105,3 +112,30 @@ def test_newer_schema_is_refused_and_garbage_file_is_a_clear_error(tmp_path: Pat
     with pytest.raises(StoreError, match="is damaged") as e:
         Store(tmp_path / "bad.db")
     assert e.value.kind == "corrupt"
+
+
+def test_outbox_reads_only_committed_rows(tmp_path: Path) -> None:
+    """What the publisher reads can never be a row whose transaction has not committed."""
+    s = Store(tmp_path / "e.db")
+    tx = s.begin()
+    tx.enqueue("t/1", b"a")
+    assert s.outbox() == []  # written, not committed
+    s.commit(tx)
+    assert [r.topic for r in s.outbox()] == ["t/1"]
+    s.close()
+
+
+def test_a_checkpoint_in_the_commit_thread_starts_the_wal_over(tmp_path: Path) -> None:
+    s = Store(tmp_path / "e.db", synchronous="normal")
+    for _ in range(CHECKPOINT_COMMITS):
+        with s.transaction() as tx:
+            tx.enqueue("t", b"x" * 100)
+    assert s.checkpoint_due()
+    s.checkpoint_in_thread().result()
+    assert not s.checkpoint_due()
+    with s.transaction() as tx:  # after the restart: written at the start of the WAL
+        tx.enqueue("t", b"y")
+    busy, frames, _copied = s._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and frames < 10
+    assert s.outbox_depth == CHECKPOINT_COMMITS + 1
+    s.close()
