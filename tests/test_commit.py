@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,21 @@ import pytest
 from edgeagent.commit import GroupCommitter
 from edgeagent.protocol import Job
 from edgeagent.store import ReplyTarget, Store, StoreUnavailable, Transaction
+
+_OPEN: list[Store] = []
+
+
+def opened(store: Store) -> Store:
+    """Closed after the test (and with it the store's commit thread)."""
+    _OPEN.append(store)
+    return store
+
+
+@pytest.fixture(autouse=True)
+def _close_stores() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
 
 
 def job(jid: str) -> Job:
@@ -72,7 +87,7 @@ SYNC = pytest.mark.parametrize("synchronous", ["normal", "full"])
 def test_writes_of_one_turn_share_one_commit_and_after_runs_once_durable(
     tmp_path: Path, synchronous: str
 ) -> None:
-    store = Store(tmp_path / "e.db", synchronous=synchronous)
+    store = opened(Store(tmp_path / "e.db", synchronous=synchronous))
     rec = Recorder(store.path)
     groups: list[int] = []
     gc = GroupCommitter(store, on_error=rec.on_error, committed=lambda: groups.append(gc.writes))
@@ -91,7 +106,7 @@ def test_writes_of_one_turn_share_one_commit_and_after_runs_once_durable(
 
 @SYNC
 def test_a_failing_write_is_rolled_back_alone(tmp_path: Path, synchronous: str) -> None:
-    store = Store(tmp_path / "e.db", synchronous=synchronous)
+    store = opened(Store(tmp_path / "e.db", synchronous=synchronous))
     rec = Recorder(store.path)
     gc = GroupCommitter(store, on_error=rec.on_error)
 
@@ -122,7 +137,7 @@ def test_a_failing_write_is_rolled_back_alone(tmp_path: Path, synchronous: str) 
 def test_a_full_disk_fails_the_whole_group_and_nothing_runs_but_undo(
     tmp_path: Path, synchronous: str
 ) -> None:
-    store = Store(tmp_path / "e.db", synchronous=synchronous)
+    store = opened(Store(tmp_path / "e.db", synchronous=synchronous))
     rec = Recorder(store.path)
     gc = GroupCommitter(store, on_error=rec.on_error)
     pages = store._db.execute("PRAGMA page_count").fetchone()[0]
@@ -155,7 +170,7 @@ def test_a_full_disk_fails_the_whole_group_and_nothing_runs_but_undo(
 def test_after_may_submit_the_next_group_and_a_failing_after_spares_the_others(
     tmp_path: Path, synchronous: str
 ) -> None:
-    store = Store(tmp_path / "e.db", synchronous=synchronous)
+    store = opened(Store(tmp_path / "e.db", synchronous=synchronous))
     rec = Recorder(store.path)
     gc = GroupCommitter(store, on_error=rec.on_error)
 
@@ -181,7 +196,7 @@ def test_after_may_submit_the_next_group_and_a_failing_after_spares_the_others(
 def test_only_non_durable_writes_commit_without_fsync_and_keep_the_setting(
     tmp_path: Path,
 ) -> None:
-    store = Store(tmp_path / "e.db", synchronous="full")
+    store = opened(Store(tmp_path / "e.db", synchronous="full"))
     with store.transaction() as tx:
         tx.enqueue("t/1", b"a")
         tx.enqueue("t/2", b"b")
@@ -200,7 +215,7 @@ def test_only_non_durable_writes_commit_without_fsync_and_keep_the_setting(
 
 
 def test_close_commits_or_drops_and_later_writes_are_undone(tmp_path: Path) -> None:
-    store = Store(tmp_path / "e.db")
+    store = opened(Store(tmp_path / "e.db"))
     rec = Recorder(store.path)
 
     async def main() -> None:
@@ -225,7 +240,7 @@ def test_close_commits_or_drops_and_later_writes_are_undone(tmp_path: Path) -> N
 def test_store_transaction_durable_flag_restores_synchronous(
     tmp_path: Path, synchronous: str
 ) -> None:
-    store = Store(tmp_path / "e.db", synchronous=synchronous)
+    store = opened(Store(tmp_path / "e.db", synchronous=synchronous))
     with store.transaction(durable=False) as tx:
         tx.enqueue("t", b"a")
     want = 2 if synchronous == "full" else 1
@@ -236,7 +251,7 @@ def test_store_transaction_durable_flag_restores_synchronous(
 def test_with_full_the_fsync_runs_in_a_thread_and_what_comes_meanwhile_is_the_next_group(
     tmp_path: Path,
 ) -> None:
-    store = Store(tmp_path / "e.db", synchronous="full")
+    store = opened(Store(tmp_path / "e.db", synchronous="full"))
     rec = Recorder(store.path)
     gc = GroupCommitter(store, on_error=rec.on_error)
     seen: list[int] = []
@@ -257,4 +272,3 @@ def test_with_full_the_fsync_runs_in_a_thread_and_what_comes_meanwhile_is_the_ne
     asyncio.run(main())
     assert seen == [1] and gc.commits == 2
     assert rec.events == [("after", (j, True)) for j in ("a", "b", "c")]
-    store.close()
