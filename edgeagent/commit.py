@@ -70,8 +70,8 @@ class GroupCommitter:
     ``on_error(exc, where)`` receives every failure: a :class:`StoreError` that rolled
     back the group, an exception of one write (rolled back alone), or one raised by an
     ``after`` or ``undo`` callback (the others still run).  ``committed()``, if given,
-    runs once after the ``after`` callbacks of each successful commit (e.g. publish
-    what the group queued in the outbox).
+    runs once after each successful commit, before the ``after`` callbacks (e.g.
+    publish what the group queued in the outbox: results first, acknowledgements next).
     """
 
     def __init__(
@@ -88,7 +88,6 @@ class GroupCommitter:
         self._handle: asyncio.Handle | None = None
         self._landing: _Landing | None = None  # the group whose COMMIT runs in a thread
         self._closed = False
-        self._closing = False
         self.commits = 0
         """Transactions committed so far (each write shares one with the others of its turn)."""
         self.writes = 0
@@ -197,10 +196,6 @@ class GroupCommitter:
     def _land(self, landing: _Landing, *, start_next: bool = False) -> None:
         self._landing = None
         self.store.settle()
-        if not landing.batch:  # a checkpoint (its errors are ignored)
-            if start_next:
-                self.flush()
-            return
         try:
             landing.future.result()
         except Exception as exc:
@@ -224,23 +219,18 @@ class GroupCommitter:
     ) -> None:
         self.commits += 1
         self.writes += len(done)
+        if self._committed is not None:  # first: results are what producers wait for
+            self._run(self._committed, "committed")
         for item, error in failed:
             self._run(item.undo, item.where)
             self._on_error(error, item.where)
         for item, value in done:
             if item.after is not None:
                 self._run(item.after, item.where, value)
-        if self._committed is not None:
-            self._run(self._committed, "committed")
-        if self._landing is None and not self._closing and self.store.checkpoint_due():
-            # In the commit thread, so that its fsync calls do not stall the loop (SQLite
-            # would otherwise run it inside some COMMIT); the next group waits for it.
-            self._hand_off(_Landing([], [], [], self.store.checkpoint_in_thread()))
 
     def close(self, *, commit: bool = True) -> None:
         """Commit what is queued (``commit=False``: drop it, running the ``undo``
         callbacks), then refuse new writes (their ``undo`` runs at once)."""
-        self._closing = True
         if commit:
             self.flush(wait=True)
         else:

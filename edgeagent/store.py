@@ -48,11 +48,6 @@ WAL_AUTOCHECKPOINT_PAGES = 128
 """Checkpoint the WAL into the database once it holds this many pages (4 KiB each)."""
 JOURNAL_SIZE_LIMIT_BYTES = 512 * 1024
 """Truncate the WAL to this size after a checkpoint (SQLite's default keeps its peak)."""
-CHECKPOINT_COMMITS = 24
-CHECKPOINT_CHANGES = 150
-"""A checkpoint is due (:meth:`Store.checkpoint_due`) after this many commits or changed
-rows, whichever comes first: about 100 WAL pages, before SQLite's own checkpoint at
-:data:`WAL_AUTOCHECKPOINT_PAGES` would run it inside a COMMIT on the event loop."""
 MIN_FREE_BYTES = 4 * 1024 * 1024
 """Free space on the state file system below which the daemon warns at start (bytes)."""
 
@@ -343,8 +338,6 @@ class Store:
         _check_location(path)
         self._committing: Future[None] | None = None
         self._reader: sqlite3.Connection | None = None
-        self._commits_since_checkpoint = 0
-        self._changes_at_checkpoint = 0
         self._commit_thread: ThreadPoolExecutor | None = None
         try:
             self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -505,7 +498,6 @@ class Store:
         finally:
             if tx.relaxed:
                 self._set_synchronous("FULL")
-        self._commits_since_checkpoint += 1
         self._outbox_rows = max(0, self._outbox_rows + tx.outbox_added - tx.outbox_removed)
         if tx.last_seq:
             self.last_seq = tx.last_seq
@@ -525,38 +517,6 @@ class Store:
         self.settle()
         self._committing = self._commit_thread.submit(self.commit, tx)
         return self._committing
-
-    def checkpoint_due(self) -> bool:
-        """Enough was written since the last checkpoint to run one (see CHECKPOINT_*)."""
-        changes = self._db.total_changes - self._changes_at_checkpoint
-        return self._commits_since_checkpoint >= CHECKPOINT_COMMITS or changes >= CHECKPOINT_CHANGES
-
-    def checkpoint_in_thread(self) -> Future[None]:
-        """Copy the WAL into the database (a PASSIVE checkpoint: its ``fsync`` calls) in the
-        commit thread, like :meth:`commit_in_thread`.  Errors are ignored: SQLite's own
-        checkpoint, or the next one, does the work."""
-        self.settle()
-        self._commits_since_checkpoint = 0
-        self._changes_at_checkpoint = self._conn.total_changes
-        if self._commit_thread is None:
-            self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="store-commit")
-        self._committing = self._commit_thread.submit(self._checkpoint)
-        return self._committing
-
-    def _checkpoint(self) -> None:
-        try:
-            busy, frames, copied = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if not busy and 0 < frames == copied:
-                # All copied: the next write restarts the WAL from its start and syncs its
-                # header (an fsync even with synchronous=NORMAL).  Make that write here.
-                self._conn.execute("BEGIN IMMEDIATE")
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO meta(key, value) VALUES ('wal_restarted_at', ?)",
-                    (str(time.time()),),
-                )
-                self._conn.execute("COMMIT")
-        except sqlite3.Error:
-            self._rollback()
 
     def _set_synchronous(self, level: str) -> None:
         try:

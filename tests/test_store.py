@@ -10,7 +10,6 @@ import pytest
 
 from edgeagent.protocol import Job
 from edgeagent.store import (
-    CHECKPOINT_COMMITS,
     ReplyTarget,
     Store,
     StoreError,
@@ -122,20 +121,4 @@ def test_outbox_reads_only_committed_rows(tmp_path: Path) -> None:
     assert s.outbox() == []  # written, not committed
     s.commit(tx)
     assert [r.topic for r in s.outbox()] == ["t/1"]
-    s.close()
-
-
-def test_a_checkpoint_in_the_commit_thread_starts_the_wal_over(tmp_path: Path) -> None:
-    s = Store(tmp_path / "e.db", synchronous="normal")
-    for _ in range(CHECKPOINT_COMMITS):
-        with s.transaction() as tx:
-            tx.enqueue("t", b"x" * 100)
-    assert s.checkpoint_due()
-    s.checkpoint_in_thread().result()
-    assert not s.checkpoint_due()
-    with s.transaction() as tx:  # after the restart: written at the start of the WAL
-        tx.enqueue("t", b"y")
-    busy, frames, _copied = s._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    assert busy == 0 and frames < 10
-    assert s.outbox_depth == CHECKPOINT_COMMITS + 1
     s.close()
