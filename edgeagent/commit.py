@@ -4,7 +4,8 @@ A commit costs a fixed price (with ``store.synchronous = "full"`` an ``fsync``, 
 as long as a whole MQTT round trip), so the daemon does not commit per job: intake,
 delivery and outbox clean-up :meth:`GroupCommitter.submit` their writes, and the
 committer runs every write queued so far in ONE transaction at the end of the turn
-(``loop.call_soon``), then calls each write's ``after`` callback in submission order.
+(``loop.call_soon``), then calls ``committed()`` (publish) and each write's ``after``
+callback (acknowledge, schedule) in submission order, group after group.
 
 The guarantees are those of a transaction per write:
 
@@ -204,9 +205,11 @@ class GroupCommitter:
             queued, self._queue = self._queue, []
             self._fail(landing.batch + queued, exc)
             return
-        if start_next:
-            self.flush()  # the next group's fsync overlaps the callbacks of this one
-        self._committed_group(landing.done, landing.failed)
+        if start_next and any(w.durable for w in self._queue):
+            self.flush()  # in the commit thread: its fsync overlaps the callbacks below
+        self._committed_group(landing.done, landing.failed)  # callbacks stay in group order
+        if start_next and self._landing is None and self._queue:
+            self.flush()
 
     def _fail(self, batch: list[_Write[Any]], exc: Exception) -> bool:
         for item in reversed(batch):

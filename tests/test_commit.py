@@ -272,3 +272,27 @@ def test_with_full_the_fsync_runs_in_a_thread_and_what_comes_meanwhile_is_the_ne
     asyncio.run(main())
     assert seen == [1] and gc.commits == 2
     assert rec.events == [("after", (j, True)) for j in ("a", "b", "c")]
+
+
+def test_callbacks_run_group_after_group_even_when_the_next_group_commits_inline(
+    tmp_path: Path,
+) -> None:
+    """A group of non-durable writes only, queued during an fsync, commits on the loop when
+    that fsync lands: its callbacks still come after those of the group before it."""
+    store = opened(Store(tmp_path / "e.db", synchronous="full"))
+    rec = Recorder(store.path)
+    gc = GroupCommitter(store, on_error=rec.on_error)
+
+    async def main() -> None:
+        w, a, u = rec.admit("a")
+        gc.submit(w, a, undo=u)  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        assert gc.busy
+        gc.submit(lambda tx: None, lambda _: rec.events.append(("after", "relaxed")),
+                  durable=False)  # fmt: skip
+        while gc.busy or gc.pending:
+            await asyncio.sleep(0.001)
+
+    asyncio.run(main())
+    assert rec.events == [("after", ("a", True)), ("after", "relaxed")]
+    assert gc.commits == 2
