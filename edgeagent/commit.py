@@ -26,7 +26,7 @@ the next group, which starts as soon as the COMMIT lands (before the landed grou
 ``after`` callbacks run, so that its ``fsync`` overlaps them; writes queued behind a
 COMMIT that fails fail with it).  At most one COMMIT is in flight, and any other use
 of the store waits for it (:meth:`Store.settle`) except :meth:`Store.outbox`, which
-reads committed rows on its own connection.
+meanwhile reads committed rows on a second connection.
 
 Thread model: event loop only (``submit`` from another thread is a bug); the commit
 thread runs nothing but ``COMMIT``.

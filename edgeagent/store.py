@@ -579,17 +579,19 @@ class Store:
         return self._outbox_rows
 
     def outbox(self, *, after: int = 0, limit: int = 1000) -> list[OutboxRow]:
-        """Committed outbox rows after ``after``, in ``seq`` order.
+        """Committed outbox rows after ``after``, in ``seq`` order (``seq <= last_seq``).
 
-        Read on a second connection, which sees committed data only: it never waits for
-        a COMMIT running in the commit thread, and can never return an uncommitted row.
+        While a COMMIT runs in the commit thread they are read on a second connection,
+        which sees committed data only and does not wait for it.
         """
         try:
-            if self._reader is None:
+            busy = self._committing is not None and not self._committing.done()
+            if busy and self._reader is None:
                 self._reader = sqlite3.connect(
                     self.path, isolation_level=None, check_same_thread=False
                 )
-            rows = self._reader.execute(
+            db = self._reader if busy and self._reader is not None else self._db
+            rows = db.execute(
                 "SELECT seq, topic, payload, correlation, response_topic FROM outbox "
                 "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
                 (after, self.last_seq, limit),
