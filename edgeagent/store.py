@@ -33,6 +33,7 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,8 +336,11 @@ class Store:
         self.synchronous = synchronous
         """``full``: every commit is an ``fsync`` (survives power loss); ``normal``: not."""
         _check_location(path)
+        self._committing: Future[None] | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._commit_thread: ThreadPoolExecutor | None = None
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise _open_error(exc, path) from exc
         try:
@@ -407,6 +411,21 @@ class Store:
         except sqlite3.Error as exc:
             raise _open_error(exc, self.path) from exc
 
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """The connection, once a commit running in the commit thread has finished."""
+        if self._committing is not None:
+            self.settle()
+        return self._conn
+
+    def settle(self) -> None:
+        """Wait for the commit running in the commit thread (:meth:`commit_in_thread`);
+        its outcome is for whoever started it."""
+        fut, self._committing = self._committing, None
+        if fut is not None:
+            with suppress(Exception):
+                fut.result()
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE … COMMIT; SQLite errors leave as StoreError (see :func:`translate`)."""
@@ -429,9 +448,9 @@ class Store:
 
     def _rollback(self) -> None:
         # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR).
-        if self._db.in_transaction:
+        if self._conn.in_transaction:
             with suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
+                self._conn.execute("ROLLBACK")
 
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[Transaction]:
@@ -441,23 +460,67 @@ class Store:
         (WAL mode stays consistent: such a commit may be lost in a power cut, and it is
         made durable by the next durable commit, whose ``fsync`` covers the whole WAL).
         """
+        tx = self.begin(durable=durable)
+        try:
+            yield tx
+        except BaseException as exc:
+            self.rollback(tx)
+            if isinstance(exc, sqlite3.Error):
+                raise translate(exc, self.path) from exc
+            raise
+        self.commit(tx)
+
+    def begin(self, *, durable: bool = True) -> Transaction:
+        """BEGIN IMMEDIATE: a transaction to end with :meth:`commit` (or
+        :meth:`commit_in_thread`) or :meth:`rollback`; :meth:`transaction` does both."""
+        db = self._db
         relax = not durable and self.synchronous == "full"
         if relax:
             self._set_synchronous("NORMAL")
         try:
-            with self._tx() as db:
-                tx = Transaction(db, self)
-                yield tx
-        finally:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
             if relax:
+                self._set_synchronous("FULL")
+            raise translate(exc, self.path) from exc
+        return Transaction(db, self, relaxed=relax)
+
+    def commit(self, tx: Transaction) -> None:
+        """COMMIT ``tx`` (on failure it is rolled back and a StoreError raised).
+
+        Touches only the connection, so :meth:`commit_in_thread` may run it elsewhere.
+        """
+        try:
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise translate(exc, self.path) from exc
+        finally:
+            if tx.relaxed:
                 self._set_synchronous("FULL")
         self._outbox_rows = max(0, self._outbox_rows + tx.outbox_added - tx.outbox_removed)
         if tx.last_seq:
             self.last_seq = tx.last_seq
 
+    def rollback(self, tx: Transaction) -> None:
+        """Undo ``tx`` (see :meth:`begin`)."""
+        self._rollback()
+        if tx.relaxed:
+            self._set_synchronous("FULL")
+
+    def commit_in_thread(self, tx: Transaction) -> Future[None]:
+        """COMMIT ``tx`` in the store's commit thread, so that its ``fsync`` does not hold up
+        the caller (the event loop).  Until it is done, any other use of the store waits for
+        it (:meth:`settle`).  The future holds the outcome of :meth:`commit`."""
+        if self._commit_thread is None:
+            self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="store-commit")
+        self.settle()
+        self._committing = self._commit_thread.submit(self.commit, tx)
+        return self._committing
+
     def _set_synchronous(self, level: str) -> None:
         try:
-            self._db.execute(f"PRAGMA synchronous={level}")
+            self._conn.execute(f"PRAGMA synchronous={level}")
         except sqlite3.Error as exc:
             raise translate(exc, self.path) from exc
 
@@ -516,11 +579,22 @@ class Store:
         return self._outbox_rows
 
     def outbox(self, *, after: int = 0, limit: int = 1000) -> list[OutboxRow]:
+        """Committed outbox rows after ``after``, in ``seq`` order (``seq <= last_seq``).
+
+        While a COMMIT runs in the commit thread they are read on a second connection,
+        which sees committed data only and does not wait for it.
+        """
         try:
-            rows = self._db.execute(
+            busy = self._committing is not None and not self._committing.done()
+            if busy and self._reader is None:
+                self._reader = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False
+                )
+            db = self._reader if busy and self._reader is not None else self._db
+            rows = db.execute(
                 "SELECT seq, topic, payload, correlation, response_topic FROM outbox "
-                "WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after, limit),
+                "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (after, self.last_seq, limit),
             ).fetchall()
         except sqlite3.Error as exc:
             raise translate(exc, self.path) from exc
@@ -675,6 +749,11 @@ class Store:
         return shutil.disk_usage(self.path.parent).free
 
     def close(self) -> None:
+        self.settle()
+        if self._commit_thread is not None:
+            self._commit_thread.shutdown()
+        if self._reader is not None:
+            self._reader.close()
         with suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
@@ -683,9 +762,11 @@ class Store:
 class Transaction:
     """Writes inside :meth:`Store.transaction`."""
 
-    def __init__(self, db: sqlite3.Connection, store: Store) -> None:
+    def __init__(self, db: sqlite3.Connection, store: Store, *, relaxed: bool = False) -> None:
         self._db = db
         self._store = store
+        self.relaxed = relaxed
+        """Committed without an ``fsync`` (``Store.begin(durable=False)``)."""
         self.outbox_added = 0
         self.outbox_removed = 0
         self.last_seq = 0

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from edgeagent.protocol import Job
-from edgeagent.store import ReplyTarget, Store, StoreError, cache_key, normalise_input
+from edgeagent.store import (
+    ReplyTarget,
+    Store,
+    StoreError,
+    cache_key,
+    normalise_input,
+)
 
 
 def job(jid: str, text: str = "hi") -> Job:
@@ -105,3 +111,14 @@ def test_newer_schema_is_refused_and_garbage_file_is_a_clear_error(tmp_path: Pat
     with pytest.raises(StoreError, match="is damaged") as e:
         Store(tmp_path / "bad.db")
     assert e.value.kind == "corrupt"
+
+
+def test_outbox_reads_only_committed_rows(tmp_path: Path) -> None:
+    """What the publisher reads can never be a row whose transaction has not committed."""
+    s = Store(tmp_path / "e.db")
+    tx = s.begin()
+    tx.enqueue("t/1", b"a")
+    assert s.outbox() == []  # written, not committed
+    s.commit(tx)
+    assert [r.topic for r in s.outbox()] == ["t/1"]
+    s.close()
