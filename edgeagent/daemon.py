@@ -538,7 +538,6 @@ class Daemon:
     # -- intake -------------------------------------------------------------------
 
     async def _intake_loop(self) -> None:
-        assert self.committer is not None
         while True:
             await self._wake_intake.wait()
             self._wake_intake.clear()
@@ -551,8 +550,6 @@ class Daemon:
             ):
                 batch = [self._inbox.popleft() for _ in range(min(INTAKE_BATCH, len(self._inbox)))]
                 self._journal(batch)
-                if not self._inbox:
-                    self.committer.flush()  # all that arrived is in: commit (or start) now
                 await asyncio.sleep(0)
 
     def _journal(self, batch: list[Inbound]) -> None:
