@@ -148,6 +148,11 @@ def test_old_bundle_without_refit_data_loads_and_learning_says_so(
     write_manifest(old, base, [f for f in m["files"] if f != REFIT_FILE])
     backend = _loaded(old)
     assert backend.infer_batch(["will it rain tomorrow"])[0].output == {"label": "weather"}
+    _add_examples(tmp_path / "a" / "edgeagent.db", [(t, "music", "low_confidence") for t in MUSIC])
+    assert (
+        main(["learn", "export", "intent", str(tmp_path / "x.tgz"), "--bundle", "-c", str(a)]) == 1
+    )
+    assert "no learned version" in capsys.readouterr().err
     rec = refit(_job(old, tmp_path / "v", [(t, "music") for t in MUSIC]))
     assert rec["outcome"] == SKIPPED
     assert "refit.npz" in rec["note"] and "forget" in rec["why"]
@@ -488,48 +493,118 @@ def test_cli_status_and_rollback(
     assert [r.get("event") for r in info["rounds"]] == [None, "rollback"]
 
 
-def test_fleet_export_import_of_learned_examples(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """What one device learned (`edgeagent examples`) is imported by another and counted
-    as its own learned examples (the next round learns from them)."""
-    from edgeagent.cli import main
+def _device(tmp_path: Path, name: str, bundle: Path) -> Path:
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(
+        f'device_id = "{name}"\n[store]\nstate_dir = "{tmp_path / name}"\n' + _task(bundle)
+    )
+    return cfg
 
-    def config(name: str) -> Path:
-        cfg = tmp_path / f"{name}.toml"
-        cfg.write_text(
-            f'device_id = "{name}"\n[store]\nstate_dir = "{tmp_path / name}"\n'
-            + _task(tmp_path / "no-bundle-needed")
-        )
-        return cfg
 
-    a, b = config("a"), config("b")
-    store = Store(tmp_path / "a" / "edgeagent.db")
+def _add_examples(db: Path, rows: list[tuple[str, str, str]]) -> None:
+    store = Store(db)
     with store.transaction() as tx:
-        for t in MUSIC[:3]:
+        for text, label, reason in rows:
             tx.add_example(
                 task="intent",
-                input=t,
-                cloud_output={"label": "music"},
+                input=text,
+                cloud_output={"label": label},
                 local_output=None,
                 local_confidence=None,
-                reason="out_of_scope",
+                reason=reason,
                 model="gold",
             )
     store.close()
-    assert main(["examples", "-c", str(a), "--task", "intent"]) == 0
+
+
+def test_fleet_export_import_of_learned_examples(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What one device learned (`learn export`, or `edgeagent examples`) is imported by
+    another and counted as its own learned examples (the next round learns from them);
+    audits stay audits (so `learn.sources` applies on the importing device too)."""
+    from edgeagent.cli import main
+
+    a = _device(tmp_path, "a", tmp_path / "no-bundle-needed")
+    b = _device(tmp_path, "b", tmp_path / "no-bundle-needed")
+    _add_examples(
+        tmp_path / "a" / "edgeagent.db",
+        [(t, "music", "out_of_scope") for t in MUSIC[:3]]
+        + [("what's the weather", "weather", "audit")],
+    )
     exported = tmp_path / "a.jsonl"
-    exported.write_text(capsys.readouterr().out)
+    assert main(["learn", "export", "intent", str(exported), "-c", str(a)]) == 0
+    assert "exported 4 examples" in capsys.readouterr().out
     assert main(["learn", "import", "intent", str(exported), "-c", str(b)]) == 0
     store = Store(tmp_path / "b" / "edgeagent.db")
     rows = store.learn_examples("intent")
     store.close()
     assert [(r[1], r[2], r[3]) for r in rows] == [
-        (t, {"label": "music"}, "imported") for t in MUSIC[:3]
+        *((t, {"label": "music"}, "imported") for t in MUSIC[:3]),
+        ("what's the weather", {"label": "weather"}, "audit"),
     ]
+    # `edgeagent examples` output is accepted as well.
+    capsys.readouterr()
+    assert main(["examples", "-c", str(a), "--task", "intent"]) == 0
+    lines = tmp_path / "examples.jsonl"
+    lines.write_text(capsys.readouterr().out)
+    assert main(["learn", "import", "intent", str(lines), "-c", str(b)]) == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x"}\n')
     assert main(["learn", "import", "intent", str(bad), "-c", str(b)]) == 1
+
+
+def test_fleet_shares_a_promoted_bundle_only_when_it_is_no_worse_here(
+    base_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Device A learns `music` and promotes a version; `learn export --bundle` carries it
+    to device B, which judges it on its own holdout and serves it.  A bundle learned from
+    a contradicting cloud (worse on B) or from another configured bundle is not served."""
+    from edgeagent.cli import main
+    from edgeagent.learning.learner import read_rounds
+    from edgeagent.learning.versions import versions_dir
+
+    a, b = _device(tmp_path, "a", base_bundle), _device(tmp_path, "b", base_bundle)
+    _add_examples(tmp_path / "a" / "edgeagent.db", [(t, "music", "low_confidence") for t in MUSIC])
+    archive = tmp_path / "a.tar.gz"
+    assert main(["learn", "export", "intent", str(archive), "--bundle", "-c", str(a)]) == 1
+    assert "no learned version" in capsys.readouterr().err
+    rec = refit(
+        _job(base_bundle, versions_dir(tmp_path / "a", "intent"), [(t, "music") for t in MUSIC])
+    )
+    assert rec["outcome"] == PROMOTED, rec
+    # B has its own learned music examples: some of them are its holdout.
+    _add_examples(
+        tmp_path / "b" / "edgeagent.db",
+        [(t, "music", "low_confidence") for t in MUSIC + NEW_MUSIC],
+    )
+    assert main(["learn", "export", "intent", str(archive), "--bundle", "-c", str(a)]) == 0
+    assert main(["learn", "import", "intent", str(archive), "-c", str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "now served" in out, out
+    vb = versions_dir(tmp_path / "b", "intent")
+    served = current(vb)
+    assert served is not None and served.name == Path(rec["bundle"]).name
+    assert serving_bundle(base_bundle, vb) == served  # verified, same base
+    got = [p.output for p in _loaded(served).infer_batch(NEW_MUSIC)]
+    assert got.count({"label": "music"}) >= 2, got
+    assert [r.get("result") for r in read_rounds(tmp_path / "b", "intent")] == ["promoted"]
+    # Importing it again changes nothing.
+    assert main(["learn", "import", "intent", str(archive), "-c", str(b)]) == 0
+    assert "already here" in capsys.readouterr().out
+
+    # A device whose cloud called weather requests alarms: B does not take its bundle.
+    c = _device(tmp_path, "c", base_bundle)
+    noisy = [(t + s, "alarm") for t in INTENTS["weather"] for s in ("", " please", " now")]
+    job = _job(base_bundle, versions_dir(tmp_path / "c", "intent"), noisy, noise_se=0.0)
+    job["learn"]["holdout"] = 0.01  # C judges on nothing it could notice
+    rc = refit(job)
+    if rc["outcome"] == PROMOTED:
+        bad = tmp_path / "c.tar.gz"
+        assert main(["learn", "export", "intent", str(bad), "--bundle", "-c", str(c)]) == 0
+        assert main(["learn", "import", "intent", str(bad), "-c", str(b)]) == 0
+        assert "not served" in capsys.readouterr().out
+        assert current(vb) == served
 
 
 def test_examples_bio_export_is_what_the_tagger_trainer_reads(

@@ -70,6 +70,21 @@ class LearnConfig(BaseModel):
         description="A label with fewer training examples than the median label (a new "
         "intent) has its learned examples repeated up to this many times in a refit.  1: off.",
     )
+    oos_weight: float = Field(
+        1.0,
+        ge=0.1,
+        le=50.0,
+        description="Weight of the out-of-scope class in a refit (outlier exposure: the "
+        "cloud's out-of-scope answers and the bundle's own out-of-scope examples count this "
+        "many times).",
+    )
+    oos_target_loss: float = Field(
+        0.01,
+        ge=0.0,
+        le=0.5,
+        description="Largest share of held-out in-scope examples the refitted head's "
+        "out-of-scope cut-off may flag (`edgeagent train` uses 0.01).",
+    )
     max_examples: int = Field(
         20000,
         ge=1,

@@ -25,6 +25,7 @@ A round:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -148,11 +149,11 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
     ``oos_distance``, ``use_bundle_threshold``, ``max_length``.  Returns the round's record."""
     import numpy as np
 
-    from edgeagent.backends.onnx import Head, OnnxEncoder
+    from edgeagent.backends.onnx import Head
     from edgeagent.learning.config import LearnConfig
     from edgeagent.learning.refit_data import load_refit_data
     from edgeagent.modeltools.bundle import read_manifest
-    from edgeagent.modeltools.train import TrainOptions, train_head
+    from edgeagent.modeltools.train import train_head
 
     t0 = time.monotonic()
     say = log or (lambda *_a: None)
@@ -180,16 +181,8 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
         record["bundle_examples"] = len(data)
 
     examples = job["examples"]
-    tok = manifest.get("tokenizer", {})
-    encoder = OnnxEncoder(
-        serving / "model.onnx",
-        serving / tok.get("file", "tokenizer.json"),
-        max_length=int(job.get("max_length", 128)),
-        intra_op_threads=1,
-        pad_token=tok.get("pad_token", "[PAD]"),
-    )
     emb = (
-        encoder.embed_many([e["text"] for e in examples])
+        encoder_of(serving, manifest, job).embed_many([e["text"] for e in examples])
         if examples
         else np.zeros((0, head.dim), dtype=np.float32)
     )
@@ -235,21 +228,72 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
         y_parts = [data.labels[i] for i in keep] + y_parts
     x = np.concatenate(x_parts).astype(np.float32)
     x, y_parts = _balance(x, y_parts, len(y_parts) - len(use_i), cfg.balance_max)
+    opts = bundle_options(manifest, head, job)
+    cand_opts = dataclasses.replace(
+        opts, oos_weight=cfg.oos_weight, oos_target_loss=cfg.oos_target_loss
+    )
+    say(f"fitting a candidate on {len(y_parts)} examples ({len(use_i)} learned)")
+    try:
+        cand = train_head(x, y_parts, cand_opts, log=lambda *_a: None).head
+    except ValueError as exc:
+        return _done(record, FAILED, f"cannot fit: {exc}", t0)
+    cand.threshold = head.threshold  # the operator's calibrated threshold carries over
+    fit_s = time.monotonic() - t0
+
+    hold = (emb[hold_i], [examples[i]["label"] for i in hold_i])
+    evaluation, reasons, point = judge(job, cfg, manifest, head, data, hold, opts, cand)
+    record.update(evaluation=evaluation, fit_s=round(fit_s, 2), operating_point=point)
+    if reasons:
+        return _done(record, REJECTED, "; ".join(reasons), t0)
+    bundle = _publish(job, serving, manifest, cand, record, new_labels, say)
+    record["bundle"] = str(bundle)
+    record["fingerprint"] = read_manifest(bundle, verify=False)["fingerprint"]
+    return _done(record, PROMOTED, "no worse on every evaluation set", t0)
+
+
+def encoder_of(bundle: Path, manifest: dict[str, Any], job: dict[str, Any]) -> Any:
+    """The bundle's own INT8 encoder, one thread."""
+    from edgeagent.backends.onnx import OnnxEncoder
+
+    tok = manifest.get("tokenizer", {})
+    return OnnxEncoder(
+        bundle / "model.onnx",
+        bundle / tok.get("file", "tokenizer.json"),
+        max_length=int(job.get("max_length", 128)),
+        intra_op_threads=1,
+        pad_token=tok.get("pad_token", "[PAD]"),
+    )
+
+
+def bundle_options(manifest: dict[str, Any], head: Head, job: dict[str, Any]) -> Any:
+    """The :class:`~edgeagent.modeltools.train.TrainOptions` the bundle was trained with
+    (as far as its manifest records them)."""
+    from edgeagent.modeltools.train import TrainOptions
+
     hinfo = manifest.get("head", {})
-    opts = TrainOptions(
+    return TrainOptions(
         oos_label=head.oos_label or hinfo.get("oos_label") or "oos",
         held_out=float(hinfo.get("held_out", 0.15)),
         seed=int(hinfo.get("seed", 0)),
         max_length=int(job.get("max_length", 128)),
         threads=1,
     )
-    say(f"fitting a candidate on {len(y_parts)} examples ({len(use_i)} learned)")
-    try:
-        cand = train_head(x, y_parts, opts, log=lambda *_a: None).head
-    except ValueError as exc:
-        return _done(record, FAILED, f"cannot fit: {exc}", t0)
-    cand.threshold = head.threshold  # the operator's calibrated threshold carries over
-    fit_s = time.monotonic() - t0
+
+
+def judge(
+    job: dict[str, Any],
+    cfg: Any,
+    manifest: dict[str, Any],
+    head: Head,
+    data: Any,
+    hold: tuple[FloatArray, list[str]],
+    opts: Any,
+    cand: Head,
+) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+    """Candidate vs serving head at the task's operating point on the learned holdout
+    ``hold`` and the bundle's own held-out split (``data``): ``(evaluation, why the
+    candidate is worse, operating point)``; no reasons means it may be promoted."""
+    import numpy as np
 
     point: dict[str, Any] = {
         "threshold": float(job.get("threshold", 0.5)),
@@ -258,8 +302,8 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
         "target_accuracy": cfg.target_accuracy,
     }
     sets: dict[str, tuple[FloatArray, list[str]]] = {}
-    if hold_i:
-        sets["learned_holdout"] = (emb[hold_i], [examples[i]["label"] for i in hold_i])
+    if hold[1]:
+        sets["learned_holdout"] = hold
     if data is not None and data.held_out.any():
         idx = np.flatnonzero(data.held_out)
         sets["bundle_held_out"] = (data.emb[idx], [data.labels[i] for i in idx])
@@ -267,26 +311,20 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
     reasons: list[str] = []
     Path(job["versions_dir"]).mkdir(parents=True, exist_ok=True)
     for name, (e, t) in sets.items():
-        judge = head
+        serving = head
         if name == "bundle_held_out" and not manifest.get("learned") and data is not None:
             # The configured bundle was refitted on its whole set, split included: stand
             # in for it with the same recipe fitted without the split (cached per bundle).
-            judge = _control_head(job, manifest, data, opts, head)
-        before = evaluate(judge, e, t, **point)
+            serving = _control_head(job, manifest, data, opts, head)
+        before = evaluate(serving, e, t, **point)
         after = evaluate(cand, e, t, **point)
         evaluation[name] = {"serving": before, "candidate": after}
-        if judge is not head:
+        if serving is not head:
             evaluation[name]["serving_is"] = "control: the bundle's recipe without the split"
         reasons += [f"{name}: {w}" for w in no_worse(after, before, cfg.tolerance, cfg.noise_se)]
-    record.update(evaluation=evaluation, fit_s=round(fit_s, 2), operating_point=point)
     if not sets:
         reasons.append("nothing to judge the candidate on (no holdout, no bundle split)")
-    if reasons:
-        return _done(record, REJECTED, "; ".join(reasons), t0)
-    bundle = _publish(job, serving, manifest, cand, record, new_labels, say)
-    record["bundle"] = str(bundle)
-    record["fingerprint"] = read_manifest(bundle, verify=False)["fingerprint"]
-    return _done(record, PROMOTED, "no worse on every evaluation set", t0)
+    return evaluation, reasons, point
 
 
 def _balance(
