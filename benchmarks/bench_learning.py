@@ -62,6 +62,9 @@ FAST_REFIT = "refit_idle = false\nrefit_nice = 0"
 """Quality scenarios: the refit's CPU policy does not change what is learned, and on a
 busy shared machine a SCHED_IDLE refit hardly runs.  The cost scenario keeps the defaults."""
 THRESHOLD = 0.5
+TAIL_S = 15.0
+LEARN_EXTRA = ""
+"""Extra ``[tasks.intent.learn]`` lines (``--learn``), e.g. the settings of an older run."""
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -203,6 +206,7 @@ bundle = "{bundle}"
 [tasks.intent.learn]
 enabled = true
 {learn}
+{LEARN_EXTRA}
 {"" if default_cpu else FAST_REFIT}
 """
         self.cfg = self.dir / "d.toml"
@@ -249,6 +253,16 @@ enabled = true
             if len(done) >= started and len(self.events("learn.swapped")) >= promoted:
                 return
             self.wait_event("learn.round_done", started)
+
+    def drain(self, every_s: float) -> None:
+        """After the stream: the examples still waiting are taken by the time-triggered
+        round (``every_s``, ``min_new_examples``); wait until no further round starts."""
+        while True:
+            started = len(self.events("learn.round_started"))
+            time.sleep(every_s + 2.0)
+            self.settle()
+            if len(self.events("learn.round_started")) == started:
+                return
 
     def serving(self) -> Path:
         link = self.state / "learn" / "intent" / "bundles" / "latest"
@@ -315,9 +329,10 @@ def scenario_shift(data: Data, args: argparse.Namespace, noise: float = 0.0) -> 
     every = args.every or max(20, len(stream) // (args.chunks * (4 if args.quick else 2)))
     # audit_rate: the cloud also re-checks a share of confident local answers, so the
     # learner sees the out-of-scope inputs the model answers wrongly with confidence.
-    run = Run(
-        base, gold, f"every_examples = {every}\nmemory = true", extra=f"audit_rate = {args.audit}"
-    )
+    # every_s: the examples that arrive after the last count-triggered round are learned
+    # by a time-triggered one (a device would do that an hour later, by default).
+    learn = f"every_examples = {every}\nevery_s = {TAIL_S}\nmin_new_examples = 20\nmemory = true"
+    run = Run(base, gold, learn, extra=f"audit_rate = {args.audit}")
     print(
         f"\n[{name}] {len(stream)} streamed jobs ({sum(r['label'] == 'oos' for r in stream)} "
         f"out of scope), evaluation split {len(evals)}; a round every {every} examples"
@@ -328,9 +343,12 @@ def scenario_shift(data: Data, args: argparse.Namespace, noise: float = 0.0) -> 
     try:
         before = evaluate_bundle(base, eval_emb, truths)
         rows.append(("base", None, before))
-        for i, part in enumerate(chunks(stream, args.chunks), 1):
+        parts = chunks(stream, args.chunks)
+        for i, part in enumerate(parts, 1):
             r = run_stream(run.prod, run.topic, part, window=32)
             run.settle()
+            if i == len(parts):
+                run.drain(TAIL_S)
             serving = run.serving()
             ev = evaluate_bundle(serving if serving.name else base, eval_emb, truths)
             rows.append((f"chunk {i}", r, ev))
@@ -575,6 +593,11 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=4, help="stream chunks (rounds) in shift/noisy")
     ap.add_argument("--every", type=int, default=0, help="learn.every_examples (0: auto)")
     ap.add_argument("--audit", type=float, default=0.3, help="audit_rate in shift/noisy")
+    ap.add_argument(
+        "--learn",
+        default="",
+        help="extra [tasks.intent.learn] TOML lines, ';'-separated: 'oos_weight = 1; …'",
+    )
     ap.add_argument("--probe", type=int, default=300, help="sequential jobs per latency sample")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeagent-bench-learning"))
     ap.add_argument("--datasets", type=Path, default=None)
@@ -583,6 +606,8 @@ def main() -> int:
     if not (root / "clinc150" / "train.jsonl").exists():
         print(f"no datasets at {root} (set EDGEAGENT_DATASETS)", file=sys.stderr)
         return 2
+    global LEARN_EXTRA
+    LEARN_EXTRA = "\n".join(x.strip() for x in args.learn.split(";"))
     data = Data(root, args.work, args.quick)
     only = set(args.only.split(","))
     if "shift" in only:

@@ -148,11 +148,6 @@ def test_old_bundle_without_refit_data_loads_and_learning_says_so(
     write_manifest(old, base, [f for f in m["files"] if f != REFIT_FILE])
     backend = _loaded(old)
     assert backend.infer_batch(["will it rain tomorrow"])[0].output == {"label": "weather"}
-    _add_examples(tmp_path / "a" / "edgeagent.db", [(t, "music", "low_confidence") for t in MUSIC])
-    assert (
-        main(["learn", "export", "intent", str(tmp_path / "x.tgz"), "--bundle", "-c", str(a)]) == 1
-    )
-    assert "no learned version" in capsys.readouterr().err
     rec = refit(_job(old, tmp_path / "v", [(t, "music") for t in MUSIC]))
     assert rec["outcome"] == SKIPPED
     assert "refit.npz" in rec["note"] and "forget" in rec["why"]
@@ -223,6 +218,55 @@ def test_new_label_is_learned_and_promoted_then_rolled_back(
     assert serving_bundle(base_bundle, vdir) == base_bundle
     with pytest.raises(LookupError):
         rollback(vdir)
+
+
+def test_out_of_scope_answers_are_outlier_exposure_weighted_by_oos_weight(
+    base_bundle: Path, tmp_path: Path
+) -> None:
+    """The cloud says music requests are out of scope for this device: after a refit the
+    device refuses them itself, and more surely the more `oos_weight` counts them."""
+    import numpy as np
+
+    learned = [(t, "oos") for t in MUSIC]
+
+    def oos_margin(bundle: Path) -> float:
+        """Mean log-score margin of out-of-scope over the best other label (probabilities
+        saturate at 1.0 here)."""
+        from edgeagent.backends.onnx import Head
+
+        head = Head.from_bundle(bundle)
+        s = head.log_scores(_loaded(bundle).embed(NEW_MUSIC))
+        j = head.labels.index("oos")
+        return float((s[:, j] - np.delete(s, j, axis=1).max(axis=1)).mean())
+
+    got = {}
+    for w in (1.0, 6.0):
+        rec = refit(_job(base_bundle, tmp_path / f"w{w:g}", learned, oos_weight=w))
+        assert rec["outcome"] == PROMOTED, rec
+        got[w] = Path(rec["bundle"])
+    assert all(p.reason == "out_of_scope" for p in _loaded(got[6.0]).infer_batch(NEW_MUSIC))
+    assert oos_margin(got[6.0]) > oos_margin(got[1.0]) > oos_margin(base_bundle)
+
+
+def test_prior_correction_raises_only_the_labels_with_few_examples() -> None:
+    """Logit adjustment: a label with fewer training examples than the median label gets
+    tau * ln(median / count) added to its bias; the others and out-of-scope do not."""
+    import math
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from edgeagent.learning.refit import prior_correction
+
+    head: Any = SimpleNamespace(
+        labels=["a", "b", "c", "new", "oos"], oos_label="oos", bias=np.zeros(5, np.float32)
+    )
+    labels = ["a"] * 80 + ["b"] * 80 + ["c"] * 80 + ["new"] * 5 + ["oos"] * 3
+    shifts = prior_correction(head, labels, 0.5)
+    assert shifts == {"new": round(0.5 * math.log(80 / 5), 4)}
+    assert head.bias[3] == pytest.approx(0.5 * math.log(16), abs=1e-4)
+    assert head.bias[[0, 1, 2, 4]].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert prior_correction(head, labels, 0.0) == {}
 
 
 def test_contradicting_cloud_answers_are_not_promoted(base_bundle: Path, tmp_path: Path) -> None:

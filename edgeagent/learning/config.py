@@ -71,7 +71,7 @@ class LearnConfig(BaseModel):
         "intent) has its learned examples repeated up to this many times in a refit.  1: off.",
     )
     oos_weight: float = Field(
-        1.0,
+        6.0,
         ge=0.1,
         le=50.0,
         description="Weight of the out-of-scope class in a refit (outlier exposure: the "
@@ -84,6 +84,15 @@ class LearnConfig(BaseModel):
         le=0.5,
         description="Largest share of held-out in-scope examples the refitted head's "
         "out-of-scope cut-off may flag (`edgeagent train` uses 0.01).",
+    )
+    prior_correction: float = Field(
+        1.0,
+        ge=0.0,
+        le=3.0,
+        description="Logit adjustment for labels with fewer training examples than the "
+        "median label (new intents): their bias is raised by tau times ln(median / count), "
+        "undoing the low prior a refit learns from their scarcity; a round takes the "
+        "strongest of tau, tau/2 and 0 that is no worse.  0: off.",
     )
     max_examples: int = Field(
         20000,

@@ -25,6 +25,7 @@ A round:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -240,9 +241,26 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
     cand.threshold = head.threshold  # the operator's calibrated threshold carries over
     fit_s = time.monotonic() - t0
 
+    # Prior correction: the strongest of tau, tau/2, 0 that is no worse (the bias shift
+    # costs no refit; a too strong one takes answers from the old labels, which the
+    # bundle's split shows).
     hold = (emb[hold_i], [examples[i]["label"] for i in hold_i])
-    evaluation, reasons, point = judge(job, cfg, manifest, head, data, hold, opts, cand)
-    record.update(evaluation=evaluation, fit_s=round(fit_s, 2), operating_point=point)
+    taus = sorted({cfg.prior_correction, cfg.prior_correction / 2, 0.0}, reverse=True)
+    for tau in taus:
+        tried = copy.copy(cand)
+        shifts = prior_correction(tried, y_parts, tau)
+        if tau and not shifts:
+            continue  # no label below the median: same as tau = 0
+        evaluation, reasons, point = judge(job, cfg, manifest, head, data, hold, opts, tried)
+        if not reasons:
+            break
+    cand = tried
+    record.update(
+        evaluation=evaluation,
+        fit_s=round(fit_s, 2),
+        operating_point=point,
+        prior_correction={"tau": tau, "shifts": shifts},
+    )
     if reasons:
         return _done(record, REJECTED, "; ".join(reasons), t0)
     bundle = _publish(job, serving, manifest, cand, record, new_labels, say)
@@ -349,6 +367,32 @@ def _balance(
         return x, y
     out: FloatArray = np.concatenate([x, x[extra]]).astype(np.float32)
     return out, y + [y[i] for i in extra]
+
+
+def prior_correction(head: Head, labels: list[str], tau: float) -> dict[str, float]:
+    """Logit adjustment for labels with fewer training examples than the median label (a
+    new intent with a handful of cloud answers against ~100 for the others): a softmax
+    regression fitted on such data learns their scarcity as a low prior, so their bias is
+    raised by ``tau * ln(median / count)``.  The out-of-scope class is left alone (its
+    count is outlier exposure, not a prior).  Returns the shifts applied, by label."""
+    import numpy as np
+
+    if tau <= 0:
+        return {}
+    counts: dict[str, int] = {}
+    for lb in labels:
+        counts[lb] = counts.get(lb, 0) + 1
+    median = float(np.median([c for lb, c in counts.items() if lb != head.oos_label]))
+    shifts: dict[str, float] = {}
+    for lb in head.labels:
+        c = counts.get(lb, 0)
+        if lb != head.oos_label and 0 < c < median:
+            shifts[lb] = round(tau * math.log(median / c), 4)
+    if shifts:  # a new array: a copied head shares the old one
+        head.bias = head.bias + np.array(
+            [shifts.get(lb, 0.0) for lb in head.labels], dtype=np.float32
+        )
+    return shifts
 
 
 def _control_head(
