@@ -586,10 +586,75 @@ def scenario_cost(data: Data, args: argparse.Namespace) -> dict[str, Any]:
     return {"record": rec, "idle": idle, "during": during}
 
 
+def scenario_fewshot(data: Data, args: argparse.Namespace) -> dict[str, Any]:
+    """The log-line example (examples/extract.toml, SmolLM2-135M): its 80 calibration lines
+    play the cloud's learned answers, its 60 labelled lines are the jobs.  The same backend
+    with its fixed examples only, + k random learned answers, + the k nearest ones."""
+    import statistics
+
+    from edgeagent.backends.llamacpp import LlamaCppBackend
+    from edgeagent.config import load_settings
+    from edgeagent.learning.fewshot import NearestAnswers
+    from edgeagent.modeltools.calibrate_llm import load_labelled
+
+    settings, _ = load_settings(REPO / "examples" / "extract.toml")
+    task = settings.tasks["reading"]
+    bcfg = task.backend.model_copy(update={"calibration": None, "model": args.gguf, "n_threads": 1})
+    backend = LlamaCppBackend("reading", task.model_copy(update={"backend": bcfg}))
+    learned = load_labelled(REPO / "examples" / "extract-calibration.jsonl", "extract")
+    jobs = load_labelled(REPO / "examples" / "extract-labelled.jsonl", "extract")
+    nearest = NearestAnswers.from_bundle(data.encoder(), args.shots, 0.3, 2000)
+    nearest.add([(t, o) for t, o in learned])
+
+    class Random:
+        def __init__(self) -> None:
+            self.rng = random.Random(3)
+
+        def select(self, _text: str) -> list[tuple[str, Any]]:
+            return [(t, o) for t, o in self.rng.sample(learned, args.shots)]
+
+    print(
+        f"\n[fewshot] log-line example: {len(jobs)} jobs, {len(learned)} learned cloud "
+        f"answers, k = {args.shots}; raw confidence, grounded on (calibration off: it was "
+        "fitted for the fixed prompt)",
+        flush=True,
+    )
+    backend.load()
+    out: dict[str, Any] = {}
+    try:
+        for name, sel in (
+            ("fixed examples", None),
+            (f"+ {args.shots} random learned", Random()),
+            (f"+ {args.shots} nearest learned", nearest),
+        ):
+            backend.few_shot = sel
+            right = answered = answered_right = 0
+            secs: list[float] = []
+            for text, expected in jobs:
+                t0 = time.perf_counter()
+                p = backend.infer(text)
+                secs.append(time.perf_counter() - t0)
+                ok = p.output == expected
+                right += ok
+                if p.reason is None and p.confidence >= 0.5:
+                    answered += 1
+                    answered_right += ok
+            out[name] = (right, answered, answered_right)
+            print(
+                f"  {name:<24} exactly right {right}/{len(jobs)} = {right / len(jobs):.0%}; "
+                f"answered at raw confidence >= 0.5: {answered} ({answered_right} right = "
+                f"{answered_right / max(1, answered):.0%}); median {statistics.median(secs):.2f} s",
+                flush=True,
+            )
+    finally:
+        backend.close()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="30 CLINC150 intents, smaller streams")
-    ap.add_argument("--only", default="shift,newintents,noisy,cost")
+    ap.add_argument("--only", default="shift,newintents,noisy,cost,fewshot")
     ap.add_argument("--chunks", type=int, default=4, help="stream chunks (rounds) in shift/noisy")
     ap.add_argument("--every", type=int, default=0, help="learn.every_examples (0: auto)")
     ap.add_argument("--audit", type=float, default=0.3, help="audit_rate in shift/noisy")
@@ -599,6 +664,13 @@ def main() -> int:
         help="extra [tasks.intent.learn] TOML lines, ';'-separated: 'oos_weight = 1; …'",
     )
     ap.add_argument("--probe", type=int, default=300, help="sequential jobs per latency sample")
+    ap.add_argument("--shots", type=int, default=3, help="fewshot: learned examples per job")
+    ap.add_argument(
+        "--gguf",
+        type=Path,
+        default=Path.home() / ".cache/edgeagent/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        help="fewshot: the example's GGUF model",
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeagent-bench-learning"))
     ap.add_argument("--datasets", type=Path, default=None)
     args = ap.parse_args()
@@ -618,6 +690,8 @@ def main() -> int:
         scenario_shift(data, args, noise=0.10)
     if "cost" in only:
         scenario_cost(data, args)
+    if "fewshot" in only:
+        scenario_fewshot(data, args)
     return 0
 
 

@@ -694,3 +694,72 @@ def test_examples_bio_export_is_what_the_tagger_trainer_reads(
     assert load_tagged_examples(path) == [
         (["weather", "in", "paris", "tomorrow"], ["O", "O", "B-city", "B-date"])
     ]
+
+
+# -- GGUF few-shot from the nearest learned answers ----------------------------------------
+
+LOG_ANSWERS = [
+    ("boiler-2 pressure=2.4bar ok", {"device_id": "boiler-2", "value": 2.4, "unit": "bar"}),
+    ("[pump-7] speed 3200 rpm", {"device_id": "pump-7", "value": 3200, "unit": "rpm"}),
+    ("Maria Lopez, 34, lives in Madrid.", {"name": "Maria Lopez", "city": "Madrid", "age": 34}),
+    ("ahu-3 reports temp of 21.5 C", {"device_id": "ahu-3", "value": 21.5, "unit": "C"}),
+]
+
+
+def test_nearest_answers_are_the_learned_inputs_most_like_the_job(encoder_bundle: Path) -> None:
+    from edgeagent.learning.fewshot import NearestAnswers
+
+    sel = NearestAnswers.from_bundle(encoder_bundle, k=2, min_cos=0.2, max_items=10)
+    assert sel.select("anything") == []
+    sel.add(LOG_ANSWERS)
+    got = sel.select("ahu-9 reports temp of 19.0 C")
+    assert len(got) == 2 and got[-1] == LOG_ANSWERS[3]  # the nearest sits next to the job
+    assert LOG_ANSWERS[2] not in got  # a person, not a reading
+    assert LOG_ANSWERS[3] not in sel.select(LOG_ANSWERS[3][0])  # never the job itself
+    # A repeated input keeps its newest answer; beyond max_items the oldest go.
+    sel.add([(LOG_ANSWERS[0][0], {"device_id": "boiler-2", "value": 2.5, "unit": "bar"})])
+    assert len(sel) == 4
+    small = NearestAnswers(sel.encoder, k=5, min_cos=-1.0, max_items=2)
+    small.add(LOG_ANSWERS)
+    assert len(small) == 2
+    assert {t for t, _ in small.select("x")} == {LOG_ANSWERS[2][0], LOG_ANSWERS[3][0]}
+
+
+def test_gguf_prompt_carries_the_chosen_examples_and_survives_a_broken_selector() -> None:
+    """The llamacpp backend puts the selector's examples between its fixed prefix (kept in
+    the KV cache) and the job; a selector that fails costs the job only its examples."""
+    from edgeagent.backends.llamacpp import LlamaCppBackend
+    from tests.test_llamacpp_backend import make_task
+
+    pytest.importorskip("llama_cpp")
+    model = Path.home() / ".cache/edgeagent/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not model.exists():
+        pytest.skip("SmolLM2 GGUF not cached")
+    backend = LlamaCppBackend("t", make_task(model, n_ctx=1024, max_tokens=64))
+    backend.load()
+    try:
+        job = "Ana Silva (29) lives in Lisbon."
+        plain = backend.prompt_tokens(job)
+
+        class Shots:
+            def select(self, _text: str) -> list[tuple[str, Any]]:
+                return [LOG_ANSWERS[2]]
+
+        backend.few_shot = Shots()
+        shown = backend.prompt_tokens(job)
+        assert shown[: len(backend._prefix)] == plain[: len(backend._prefix)]  # cached prefix
+        text = backend.llama.detokenize(shown[len(backend._prefix) :]).decode()
+        assert text.index("Maria Lopez, 34") < text.index(job)
+        assert '"city": "Madrid"' in text or '"city":"Madrid"' in text
+        pred = backend.infer(job)
+        assert pred.output is None or pred.output["city"] == "Lisbon", pred
+
+        class Broken:
+            def select(self, _text: str) -> list[tuple[str, Any]]:
+                raise RuntimeError("encoder gone")
+
+        backend.few_shot = Broken()
+        assert backend.prompt_tokens(job) == plain
+        assert backend.infer(job).reason != "error"
+    finally:
+        backend.close()

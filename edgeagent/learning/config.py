@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -146,6 +147,30 @@ class LearnConfig(BaseModel):
     memory_max: int = Field(
         5000, ge=1, description="Inputs held in the instant memory (the oldest go first)."
     )
+    few_shot: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="GGUF (`llamacpp`) extract/classify tasks: add this many learned cloud "
+        "answers to each job's prompt, the ones whose inputs are nearest to the job (cosine "
+        "of `few_shot_encoder` embeddings), after the fixed examples.  Works without "
+        "`enabled` (these tasks are not refitted).  0: off.",
+    )
+    few_shot_encoder: Path | None = Field(
+        None,
+        description="Sentence-encoder bundle for `few_shot` (e.g. the INT8 MiniLM of "
+        "`edgeagent models build`, or any onnx classifier bundle); an absolute path.",
+    )
+    few_shot_min_cos: float = Field(
+        0.3,
+        ge=-1.0,
+        le=1.0,
+        description="A learned answer is shown only when its input has at least this cosine "
+        "similarity to the job.",
+    )
+    few_shot_max: int = Field(
+        2000, ge=1, description="Learned answers kept for `few_shot` (the oldest go first)."
+    )
     refit_timeout_s: float = Field(
         1800.0, gt=0, description="A refit running longer is killed and counted `failed`."
     )
@@ -168,4 +193,6 @@ class LearnConfig(BaseModel):
     def _check(self) -> LearnConfig:
         if not self.sources:
             raise ValueError("sources: name at least one of escalations, audits, bundle")
+        if self.few_shot and self.few_shot_encoder is None:
+            raise ValueError("few_shot: name the sentence encoder bundle (few_shot_encoder)")
         return self
