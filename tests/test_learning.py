@@ -763,3 +763,54 @@ def test_gguf_prompt_carries_the_chosen_examples_and_survives_a_broken_selector(
         assert backend.infer(job).reason != "error"
     finally:
         backend.close()
+
+
+def test_learner_gives_a_gguf_task_its_stored_and_new_cloud_answers(
+    encoder_bundle: Path, tmp_path: Path
+) -> None:
+    """`few_shot` without `enabled`: the learner builds the selector off the loop from the
+    answers already stored, then adds each new cloud answer as it is kept."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from edgeagent.learning.learner import Learner
+    from edgeagent.metrics import Metrics
+
+    task = TaskConfig.model_validate(
+        {
+            "kind": "extract",
+            "schema": {"type": "object", "properties": {"device_id": {"type": "string"}}},
+            "backend": {"type": "llamacpp", "model": str(tmp_path / "m.gguf")},
+            "learn": {"few_shot": 2, "few_shot_encoder": str(encoder_bundle)},
+        }
+    )
+    store = Store(tmp_path / "s.db")
+    with store.transaction() as tx:
+        for text, out in LOG_ANSWERS[:2]:
+            tx.add_example(
+                task="reading",
+                input=text,
+                cloud_output=out,
+                local_output=None,
+                local_confidence=None,
+                reason="schema_invalid",
+                model="gold",
+            )
+
+    class Backend:  # the seam: an object with a `few_shot` slot, like LlamaCppBackend
+        few_shot: Any = None
+
+    rt: Any = SimpleNamespace(name="reading", config=task, backend=Backend())
+    learner = Learner(tmp_path / "state", Metrics())
+    learner.attach("reading", rt)
+
+    async def go() -> None:
+        await learner._feed_few_shot(store, "reading", rt)
+        learner.on_example("reading", LOG_ANSWERS[3][0], LOG_ANSWERS[3][1], "low_confidence")
+        await learner._feed_few_shot(store, "reading", rt)
+
+    asyncio.run(go())
+    store.close()
+    sel = rt.backend.few_shot
+    assert sel is not None and len(sel) == 3
+    assert sel.select("ahu-1 reports temp of 20.0 C")[-1] == LOG_ANSWERS[3]

@@ -159,7 +159,7 @@ class LearnConfig(BaseModel):
     few_shot_encoder: Path | None = Field(
         None,
         description="Sentence-encoder bundle for `few_shot` (e.g. the INT8 MiniLM of "
-        "`edgeagent models build`, or any onnx classifier bundle); an absolute path.",
+        "`edgeagent models build`, or any onnx classifier bundle); relative to the config file.",
     )
     few_shot_min_cos: float = Field(
         0.3,
