@@ -545,14 +545,15 @@ def _device(tmp_path: Path, name: str, bundle: Path) -> Path:
     return cfg
 
 
-def _add_examples(db: Path, rows: list[tuple[str, str, str]]) -> None:
+def _add_examples(db: Path, rows: list[tuple[str, Any, str]], task: str = "intent") -> None:
+    """Store cloud answers ``(input, label or output object, reason)`` as the daemon does."""
     store = Store(db)
     with store.transaction() as tx:
-        for text, label, reason in rows:
+        for text, out, reason in rows:
             tx.add_example(
-                task="intent",
+                task=task,
                 input=text,
-                cloud_output={"label": label},
+                cloud_output={"label": out} if isinstance(out, str) else out,
                 local_output=None,
                 local_confidence=None,
                 reason=reason,
@@ -669,22 +670,14 @@ def test_examples_bio_export_is_what_the_tagger_trainer_reads(
 
     cfg = tmp_path / "e.toml"
     cfg.write_text(f'device_id = "d"\n[store]\nstate_dir = "{tmp_path / "s"}"\n')
-    store = Store(tmp_path / "s" / "edgeagent.db")
-    with store.transaction() as tx:
-        for text, out in (
-            ("weather in paris tomorrow", {"city": "paris", "date": "tomorrow"}),
-            ("wake me at six thirty", {"time": 630}),
-        ):
-            tx.add_example(
-                task="slots",
-                input=text,
-                cloud_output=out,
-                local_output=None,
-                local_confidence=None,
-                reason="schema_invalid",
-                model="gold",
-            )
-    store.close()
+    _add_examples(
+        tmp_path / "s" / "edgeagent.db",
+        [
+            ("weather in paris tomorrow", {"city": "paris", "date": "tomorrow"}, "schema_invalid"),
+            ("wake me at six thirty", {"time": 630}, "schema_invalid"),
+        ],
+        task="slots",
+    )
     assert main(["examples", "-c", str(cfg), "--task", "slots", "--bio"]) == 0
     captured = capsys.readouterr()
     assert "1 answers could not be aligned" in captured.err
@@ -784,18 +777,10 @@ def test_learner_gives_a_gguf_task_its_stored_and_new_cloud_answers(
             "learn": {"few_shot": 2, "few_shot_encoder": str(encoder_bundle)},
         }
     )
+    _add_examples(
+        tmp_path / "s.db", [(t, o, "schema_invalid") for t, o in LOG_ANSWERS[:2]], "reading"
+    )
     store = Store(tmp_path / "s.db")
-    with store.transaction() as tx:
-        for text, out in LOG_ANSWERS[:2]:
-            tx.add_example(
-                task="reading",
-                input=text,
-                cloud_output=out,
-                local_output=None,
-                local_confidence=None,
-                reason="schema_invalid",
-                model="gold",
-            )
 
     class Backend:  # the seam: an object with a `few_shot` slot, like LlamaCppBackend
         few_shot: Any = None
