@@ -95,6 +95,12 @@ class LearnConfig(BaseModel):
         "undoing the low prior a refit learns from their scarcity; a round takes the "
         "strongest of tau, tau/2 and 0 that is no worse.  0: off.",
     )
+    reuse_hyperparameters: bool = Field(
+        True,
+        description="A refit keeps the L2 penalty and kNN blend that `edgeagent train` chose "
+        "for the bundle (its manifest) instead of searching them again: one fit instead of "
+        "several, a few times faster on a busy device.",
+    )
     max_examples: int = Field(
         20000,
         ge=1,

@@ -285,16 +285,25 @@ def encoder_of(bundle: Path, manifest: dict[str, Any], job: dict[str, Any]) -> A
 
 def bundle_options(manifest: dict[str, Any], head: Head, job: dict[str, Any]) -> Any:
     """The :class:`~edgeagent.modeltools.train.TrainOptions` the bundle was trained with
-    (as far as its manifest records them)."""
+    (as far as its manifest records them).  With ``learn.reuse_hyperparameters`` the L2
+    penalty and kNN blend its training chose are taken as they are instead of searched
+    again (one fit instead of a grid of them)."""
     from edgeagent.modeltools.train import TrainOptions
 
     hinfo = manifest.get("head", {})
+    grids: dict[str, Any] = {}
+    if job.get("learn", {}).get("reuse_hyperparameters", True):
+        if isinstance(hinfo.get("l2"), (int, float)):
+            grids["l2_grid"] = (float(hinfo["l2"]),)
+        if isinstance(hinfo.get("blend"), (int, float)):
+            grids["blend_grid"] = (float(hinfo["blend"]),)
     return TrainOptions(
         oos_label=head.oos_label or hinfo.get("oos_label") or "oos",
         held_out=float(hinfo.get("held_out", 0.15)),
         seed=int(hinfo.get("seed", 0)),
         max_length=int(job.get("max_length", 128)),
         threads=1,
+        **grids,
     )
 
 
