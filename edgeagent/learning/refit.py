@@ -12,11 +12,15 @@ A round:
 2. the learned texts are embedded with the bundle's own INT8 encoder;
 3. a candidate head is fitted with :func:`edgeagent.modeltools.train.train_head` on the
    bundle's examples plus the learned *train* examples (a label the serving model does not
-   know needs ``min_examples_per_label`` of them);
-4. candidate and serving head are evaluated at the task's operating point on the learned
+   know needs ``min_examples_per_label`` of them), with the bundle's L2 penalty and kNN
+   blend (``reuse_hyperparameters``) and the out-of-scope class weighted ``oos_weight``
+   (the cloud's out-of-scope answers are outlier exposure);
+4. labels with fewer examples than the median (new intents) get their prior corrected
+   (:func:`prior_correction`: the strongest of tau, tau/2, 0 that passes step 6);
+5. candidate and serving head are evaluated at the task's operating point on the learned
    *holdout* and on the bundle's own held-out split: accuracy of the local answers at the
    task's threshold, and the escalation needed for ``target_accuracy`` with a perfect cloud;
-5. the candidate is promoted only if it is no worse on both (a difference counts when it
+6. the candidate is promoted only if it is no worse on both (a difference counts when it
    exceeds ``tolerance`` and ``noise_se`` binomial standard errors of the serving figure): it is
    published as a new bundle version and ``latest`` points at it; otherwise it is counted
    as ``rejected`` and only its figures are kept.
