@@ -426,6 +426,8 @@ def _print_rounds(rounds: list[dict[str, Any]]) -> None:
             if h
             else ""
         )
+        tau = (r.get("prior_correction") or {}).get("tau")
+        figs += "" if tau is None else f"  prior correction tau {tau:g}"
         print(
             f"  round {r['round']}: {r['outcome']:<8} {r.get('learned_train', 0):>5} learned, "
             f"{r.get('seconds', 0):6.1f} s, peak RSS {r.get('peak_rss_mb', 0):.0f} MB  {figs}"
