@@ -799,3 +799,22 @@ def test_learner_gives_a_gguf_task_its_stored_and_new_cloud_answers(
     sel = rt.backend.few_shot
     assert sel is not None and len(sel) == 3
     assert sel.select("ahu-1 reports temp of 20.0 C")[-1] == LOG_ANSWERS[3]
+
+
+def test_fleet_import_refuses_an_archive_that_writes_outside(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from edgeagent.learning.fleet import FleetError, read_import
+
+    bad = tmp_path / "bad.tar.gz"
+    with tarfile.open(bad, "w:gz") as tar:
+        data = b'{"text": "x", "label": "y"}\n'
+        ti = tarfile.TarInfo("../escaped.jsonl")
+        ti.size = len(data)
+        tar.addfile(ti, io.BytesIO(data))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(FleetError, match="cannot unpack"):
+        read_import("intent", bad, scratch)
+    assert not (tmp_path / "escaped.jsonl").exists()

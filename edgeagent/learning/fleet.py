@@ -197,7 +197,7 @@ def read_import(
         return parse_lines(task, text, str(path)), None
     with tarfile.open(path, "r:*") as tar:
         try:
-            tar.extractall(scratch, filter="data")  # no absolute paths, links out, devices
+            _safe_extract(tar, scratch)
         except (tarfile.TarError, OSError) as exc:
             raise FleetError(f"{path}: cannot unpack: {exc}") from None
     ex = scratch / EXAMPLES_FILE
@@ -208,6 +208,20 @@ def read_import(
     if len(bundles) > 1:
         raise FleetError(f"{path}: more than one bundle in the archive")
     return rows, (bundles[0] if bundles else None)
+
+
+def _safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Only regular files and directories, inside ``dest`` (tarfile's ``data`` filter where
+    this Python has it, the same checks by hand where it does not)."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = dest.resolve()
+    for m in tar.getmembers():
+        target = (dest / m.name).resolve()
+        if not (m.isfile() or m.isdir()) or not target.is_relative_to(root):
+            raise tarfile.TarError(f"refusing archive member {m.name!r}")
+    tar.extractall(dest)  # every member checked above
 
 
 def judge_import(settings: Settings, task: str, candidate: Path) -> dict[str, Any]:
