@@ -62,6 +62,9 @@ FAST_REFIT = "refit_idle = false\nrefit_nice = 0"
 """Quality scenarios: the refit's CPU policy does not change what is learned, and on a
 busy shared machine a SCHED_IDLE refit hardly runs.  The cost scenario keeps the defaults."""
 THRESHOLD = 0.5
+TAIL_S = 15.0
+LEARN_EXTRA = ""
+"""Extra ``[tasks.intent.learn]`` lines (``--learn``), e.g. the settings of an older run."""
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -203,6 +206,7 @@ bundle = "{bundle}"
 [tasks.intent.learn]
 enabled = true
 {learn}
+{LEARN_EXTRA}
 {"" if default_cpu else FAST_REFIT}
 """
         self.cfg = self.dir / "d.toml"
@@ -249,6 +253,16 @@ enabled = true
             if len(done) >= started and len(self.events("learn.swapped")) >= promoted:
                 return
             self.wait_event("learn.round_done", started)
+
+    def drain(self, every_s: float) -> None:
+        """After the stream: the examples still waiting are taken by the time-triggered
+        round (``every_s``, ``min_new_examples``); wait until no further round starts."""
+        while True:
+            started = len(self.events("learn.round_started"))
+            time.sleep(every_s + 2.0)
+            self.settle()
+            if len(self.events("learn.round_started")) == started:
+                return
 
     def serving(self) -> Path:
         link = self.state / "learn" / "intent" / "bundles" / "latest"
@@ -315,9 +329,10 @@ def scenario_shift(data: Data, args: argparse.Namespace, noise: float = 0.0) -> 
     every = args.every or max(20, len(stream) // (args.chunks * (4 if args.quick else 2)))
     # audit_rate: the cloud also re-checks a share of confident local answers, so the
     # learner sees the out-of-scope inputs the model answers wrongly with confidence.
-    run = Run(
-        base, gold, f"every_examples = {every}\nmemory = true", extra=f"audit_rate = {args.audit}"
-    )
+    # every_s: the examples that arrive after the last count-triggered round are learned
+    # by a time-triggered one (a device would do that an hour later, by default).
+    learn = f"every_examples = {every}\nevery_s = {TAIL_S}\nmin_new_examples = 20\nmemory = true"
+    run = Run(base, gold, learn, extra=f"audit_rate = {args.audit}")
     print(
         f"\n[{name}] {len(stream)} streamed jobs ({sum(r['label'] == 'oos' for r in stream)} "
         f"out of scope), evaluation split {len(evals)}; a round every {every} examples"
@@ -328,9 +343,12 @@ def scenario_shift(data: Data, args: argparse.Namespace, noise: float = 0.0) -> 
     try:
         before = evaluate_bundle(base, eval_emb, truths)
         rows.append(("base", None, before))
-        for i, part in enumerate(chunks(stream, args.chunks), 1):
+        parts = chunks(stream, args.chunks)
+        for i, part in enumerate(parts, 1):
             r = run_stream(run.prod, run.topic, part, window=32)
             run.settle()
+            if i == len(parts):
+                run.drain(TAIL_S)
             serving = run.serving()
             ev = evaluate_bundle(serving if serving.name else base, eval_emb, truths)
             rows.append((f"chunk {i}", r, ev))
@@ -408,6 +426,8 @@ def _print_rounds(rounds: list[dict[str, Any]]) -> None:
             if h
             else ""
         )
+        tau = (r.get("prior_correction") or {}).get("tau")
+        figs += "" if tau is None else f"  prior correction tau {tau:g}"
         print(
             f"  round {r['round']}: {r['outcome']:<8} {r.get('learned_train', 0):>5} learned, "
             f"{r.get('seconds', 0):6.1f} s, peak RSS {r.get('peak_rss_mb', 0):.0f} MB  {figs}"
@@ -568,14 +588,91 @@ def scenario_cost(data: Data, args: argparse.Namespace) -> dict[str, Any]:
     return {"record": rec, "idle": idle, "during": during}
 
 
+def scenario_fewshot(data: Data, args: argparse.Namespace) -> dict[str, Any]:
+    """The log-line example (examples/extract.toml, SmolLM2-135M): its 80 calibration lines
+    play the cloud's learned answers, its 60 labelled lines are the jobs.  The same backend
+    with its fixed examples only, + k random learned answers, + the k nearest ones."""
+    import statistics
+
+    from edgeagent.backends.llamacpp import LlamaCppBackend
+    from edgeagent.config import load_settings
+    from edgeagent.learning.fewshot import NearestAnswers
+    from edgeagent.modeltools.calibrate_llm import load_labelled
+
+    settings, _ = load_settings(REPO / "examples" / "extract.toml")
+    task = settings.tasks["reading"]
+    bcfg = task.backend.model_copy(update={"calibration": None, "model": args.gguf, "n_threads": 1})
+    backend = LlamaCppBackend("reading", task.model_copy(update={"backend": bcfg}))
+    learned = load_labelled(REPO / "examples" / "extract-calibration.jsonl", "extract")
+    jobs = load_labelled(REPO / "examples" / "extract-labelled.jsonl", "extract")
+    nearest = NearestAnswers.from_bundle(data.encoder(), args.shots, 0.3, 2000)
+    nearest.add([(t, o) for t, o in learned])
+
+    class Random:
+        def __init__(self) -> None:
+            self.rng = random.Random(3)
+
+        def select(self, _text: str) -> list[tuple[str, Any]]:
+            return [(t, o) for t, o in self.rng.sample(learned, args.shots)]
+
+    print(
+        f"\n[fewshot] log-line example: {len(jobs)} jobs, {len(learned)} learned cloud "
+        f"answers, k = {args.shots}; raw confidence, grounded on (calibration off: it was "
+        "fitted for the fixed prompt)",
+        flush=True,
+    )
+    backend.load()
+    out: dict[str, Any] = {}
+    try:
+        for name, sel in (
+            ("fixed examples", None),
+            (f"+ {args.shots} random learned", Random()),
+            (f"+ {args.shots} nearest learned", nearest),
+        ):
+            backend.few_shot = sel
+            right = answered = answered_right = 0
+            secs: list[float] = []
+            for text, expected in jobs:
+                t0 = time.perf_counter()
+                p = backend.infer(text)
+                secs.append(time.perf_counter() - t0)
+                ok = p.output == expected
+                right += ok
+                if p.reason is None and p.confidence >= 0.5:
+                    answered += 1
+                    answered_right += ok
+            out[name] = (right, answered, answered_right)
+            print(
+                f"  {name:<24} exactly right {right}/{len(jobs)} = {right / len(jobs):.0%}; "
+                f"answered at raw confidence >= 0.5: {answered} ({answered_right} right = "
+                f"{answered_right / max(1, answered):.0%}); median {statistics.median(secs):.2f} s",
+                flush=True,
+            )
+    finally:
+        backend.close()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="30 CLINC150 intents, smaller streams")
-    ap.add_argument("--only", default="shift,newintents,noisy,cost")
+    ap.add_argument("--only", default="shift,newintents,noisy,cost,fewshot")
     ap.add_argument("--chunks", type=int, default=4, help="stream chunks (rounds) in shift/noisy")
     ap.add_argument("--every", type=int, default=0, help="learn.every_examples (0: auto)")
     ap.add_argument("--audit", type=float, default=0.3, help="audit_rate in shift/noisy")
+    ap.add_argument(
+        "--learn",
+        default="",
+        help="extra [tasks.intent.learn] TOML lines, ';'-separated: 'oos_weight = 1; …'",
+    )
     ap.add_argument("--probe", type=int, default=300, help="sequential jobs per latency sample")
+    ap.add_argument("--shots", type=int, default=3, help="fewshot: learned examples per job")
+    ap.add_argument(
+        "--gguf",
+        type=Path,
+        default=Path.home() / ".cache/edgeagent/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        help="fewshot: the example's GGUF model",
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeagent-bench-learning"))
     ap.add_argument("--datasets", type=Path, default=None)
     args = ap.parse_args()
@@ -583,6 +680,8 @@ def main() -> int:
     if not (root / "clinc150" / "train.jsonl").exists():
         print(f"no datasets at {root} (set EDGEAGENT_DATASETS)", file=sys.stderr)
         return 2
+    global LEARN_EXTRA
+    LEARN_EXTRA = "\n".join(x.strip() for x in args.learn.split(";"))
     data = Data(root, args.work, args.quick)
     only = set(args.only.split(","))
     if "shift" in only:
@@ -593,6 +692,8 @@ def main() -> int:
         scenario_shift(data, args, noise=0.10)
     if "cost" in only:
         scenario_cost(data, args)
+    if "fewshot" in only:
+        scenario_fewshot(data, args)
     return 0
 
 

@@ -140,14 +140,30 @@ def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
     lrb.add_argument("task", help="task name")
     lrb.set_defaults(func=_cmd_learn)
     lim = lsub.add_parser(
-        "import", help="add examples exported on another device (`edgeagent examples`)"
+        "import",
+        help="add examples (and a bundle) exported on another device; a bundle is served "
+        "only if no worse here",
     )
     _config_arg(lim)
     lim.add_argument("task", help="task name")
     lim.add_argument(
-        "file", type=Path, help="JSON lines: `edgeagent examples` output or text+label"
+        "file",
+        type=Path,
+        help="`learn export` output, `edgeagent examples` output or text+label JSON lines",
     )
     lim.set_defaults(func=_cmd_learn)
+    lex = lsub.add_parser(
+        "export", help="write what this device learned, for `learn import` on another"
+    )
+    _config_arg(lex)
+    lex.add_argument("task", help="task name")
+    lex.add_argument("file", type=Path, help="output: JSON lines, or an archive with --bundle")
+    lex.add_argument(
+        "--bundle",
+        action="store_true",
+        help="also the learned version this device serves (a .tar.gz archive)",
+    )
+    lex.set_defaults(func=_cmd_learn)
 
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=_cmd_version)
@@ -369,6 +385,8 @@ def _cmd_learn(args: argparse.Namespace) -> int:
         return learn_cli.do_rollback(settings, args.task)
     if args.learn_command == "import":
         return learn_cli.do_import(settings, args.task, args.file)
+    if args.learn_command == "export":
+        return learn_cli.do_export(settings, args.task, args.file, args.bundle)
     return learn_cli.status(settings, args.task, args.json)
 
 

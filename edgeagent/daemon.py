@@ -255,7 +255,7 @@ class Daemon:
         self._spawn(self._maintain_loop(), "daemon:store-maintain")
         if s.cloud.enabled:
             self._spawn(self.pipeline.escalation_loop(), "daemon:escalation")
-        if any(t.learn.enabled for t in s.tasks.values()):
+        if any(t.learn.enabled or t.learn.few_shot for t in s.tasks.values()):
             learn = self.learner.run(self.store, lambda: self.runtimes, self._swap_task)
             self._spawn(learn, "daemon:learn")
         if self.notifier.watchdog_interval_s:

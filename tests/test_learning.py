@@ -220,6 +220,55 @@ def test_new_label_is_learned_and_promoted_then_rolled_back(
         rollback(vdir)
 
 
+def test_out_of_scope_answers_are_outlier_exposure_weighted_by_oos_weight(
+    base_bundle: Path, tmp_path: Path
+) -> None:
+    """The cloud says music requests are out of scope for this device: after a refit the
+    device refuses them itself, and more surely the more `oos_weight` counts them."""
+    import numpy as np
+
+    learned = [(t, "oos") for t in MUSIC]
+
+    def oos_margin(bundle: Path) -> float:
+        """Mean log-score margin of out-of-scope over the best other label (probabilities
+        saturate at 1.0 here)."""
+        from edgeagent.backends.onnx import Head
+
+        head = Head.from_bundle(bundle)
+        s = head.log_scores(_loaded(bundle).embed(NEW_MUSIC))
+        j = head.labels.index("oos")
+        return float((s[:, j] - np.delete(s, j, axis=1).max(axis=1)).mean())
+
+    got = {}
+    for w in (1.0, 6.0):
+        rec = refit(_job(base_bundle, tmp_path / f"w{w:g}", learned, oos_weight=w))
+        assert rec["outcome"] == PROMOTED, rec
+        got[w] = Path(rec["bundle"])
+    assert all(p.reason == "out_of_scope" for p in _loaded(got[6.0]).infer_batch(NEW_MUSIC))
+    assert oos_margin(got[6.0]) > oos_margin(got[1.0]) > oos_margin(base_bundle)
+
+
+def test_prior_correction_raises_only_the_labels_with_few_examples() -> None:
+    """Logit adjustment: a label with fewer training examples than the median label gets
+    tau * ln(median / count) added to its bias; the others and out-of-scope do not."""
+    import math
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from edgeagent.learning.refit import prior_correction
+
+    head: Any = SimpleNamespace(
+        labels=["a", "b", "c", "new", "oos"], oos_label="oos", bias=np.zeros(5, np.float32)
+    )
+    labels = ["a"] * 80 + ["b"] * 80 + ["c"] * 80 + ["new"] * 5 + ["oos"] * 3
+    shifts = prior_correction(head, labels, 0.5)
+    assert shifts == {"new": round(0.5 * math.log(80 / 5), 4)}
+    assert head.bias[3] == pytest.approx(0.5 * math.log(16), abs=1e-4)
+    assert head.bias[[0, 1, 2, 4]].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert prior_correction(head, labels, 0.0) == {}
+
+
 def test_contradicting_cloud_answers_are_not_promoted(base_bundle: Path, tmp_path: Path) -> None:
     """A cloud that calls every weather request an alarm: the candidate learns it, looks
     fine on its own (equally wrong) holdout, but is worse on the bundle's held-out split."""
@@ -488,48 +537,119 @@ def test_cli_status_and_rollback(
     assert [r.get("event") for r in info["rounds"]] == [None, "rollback"]
 
 
-def test_fleet_export_import_of_learned_examples(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """What one device learned (`edgeagent examples`) is imported by another and counted
-    as its own learned examples (the next round learns from them)."""
-    from edgeagent.cli import main
+def _device(tmp_path: Path, name: str, bundle: Path) -> Path:
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(
+        f'device_id = "{name}"\n[store]\nstate_dir = "{tmp_path / name}"\n' + _task(bundle)
+    )
+    return cfg
 
-    def config(name: str) -> Path:
-        cfg = tmp_path / f"{name}.toml"
-        cfg.write_text(
-            f'device_id = "{name}"\n[store]\nstate_dir = "{tmp_path / name}"\n'
-            + _task(tmp_path / "no-bundle-needed")
-        )
-        return cfg
 
-    a, b = config("a"), config("b")
-    store = Store(tmp_path / "a" / "edgeagent.db")
+def _add_examples(db: Path, rows: list[tuple[str, Any, str]], task: str = "intent") -> None:
+    """Store cloud answers ``(input, label or output object, reason)`` as the daemon does."""
+    store = Store(db)
     with store.transaction() as tx:
-        for t in MUSIC[:3]:
+        for text, out, reason in rows:
             tx.add_example(
-                task="intent",
-                input=t,
-                cloud_output={"label": "music"},
+                task=task,
+                input=text,
+                cloud_output={"label": out} if isinstance(out, str) else out,
                 local_output=None,
                 local_confidence=None,
-                reason="out_of_scope",
+                reason=reason,
                 model="gold",
             )
     store.close()
-    assert main(["examples", "-c", str(a), "--task", "intent"]) == 0
+
+
+def test_fleet_export_import_of_learned_examples(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What one device learned (`learn export`, or `edgeagent examples`) is imported by
+    another and counted as its own learned examples (the next round learns from them);
+    audits stay audits (so `learn.sources` applies on the importing device too)."""
+    from edgeagent.cli import main
+
+    a = _device(tmp_path, "a", tmp_path / "no-bundle-needed")
+    b = _device(tmp_path, "b", tmp_path / "no-bundle-needed")
+    _add_examples(
+        tmp_path / "a" / "edgeagent.db",
+        [(t, "music", "out_of_scope") for t in MUSIC[:3]]
+        + [("what's the weather", "weather", "audit")],
+    )
     exported = tmp_path / "a.jsonl"
-    exported.write_text(capsys.readouterr().out)
+    assert main(["learn", "export", "intent", str(exported), "-c", str(a)]) == 0
+    assert "exported 4 examples" in capsys.readouterr().out
     assert main(["learn", "import", "intent", str(exported), "-c", str(b)]) == 0
     store = Store(tmp_path / "b" / "edgeagent.db")
     rows = store.learn_examples("intent")
     store.close()
     assert [(r[1], r[2], r[3]) for r in rows] == [
-        (t, {"label": "music"}, "imported") for t in MUSIC[:3]
+        *((t, {"label": "music"}, "imported") for t in MUSIC[:3]),
+        ("what's the weather", {"label": "weather"}, "audit"),
     ]
+    # `edgeagent examples` output is accepted as well.
+    capsys.readouterr()
+    assert main(["examples", "-c", str(a), "--task", "intent"]) == 0
+    lines = tmp_path / "examples.jsonl"
+    lines.write_text(capsys.readouterr().out)
+    assert main(["learn", "import", "intent", str(lines), "-c", str(b)]) == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x"}\n')
     assert main(["learn", "import", "intent", str(bad), "-c", str(b)]) == 1
+
+
+def test_fleet_shares_a_promoted_bundle_only_when_it_is_no_worse_here(
+    base_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Device A learns `music` and promotes a version; `learn export --bundle` carries it
+    to device B, which judges it on its own holdout and serves it.  A bundle learned from
+    a contradicting cloud (worse on B) or from another configured bundle is not served."""
+    from edgeagent.cli import main
+    from edgeagent.learning.learner import read_rounds
+    from edgeagent.learning.versions import versions_dir
+
+    a, b = _device(tmp_path, "a", base_bundle), _device(tmp_path, "b", base_bundle)
+    _add_examples(tmp_path / "a" / "edgeagent.db", [(t, "music", "low_confidence") for t in MUSIC])
+    archive = tmp_path / "a.tar.gz"
+    assert main(["learn", "export", "intent", str(archive), "--bundle", "-c", str(a)]) == 1
+    assert "no learned version" in capsys.readouterr().err
+    rec = refit(
+        _job(base_bundle, versions_dir(tmp_path / "a", "intent"), [(t, "music") for t in MUSIC])
+    )
+    assert rec["outcome"] == PROMOTED, rec
+    # B has its own learned music examples: some of them are its holdout.
+    _add_examples(
+        tmp_path / "b" / "edgeagent.db",
+        [(t, "music", "low_confidence") for t in MUSIC + NEW_MUSIC],
+    )
+    assert main(["learn", "export", "intent", str(archive), "--bundle", "-c", str(a)]) == 0
+    assert main(["learn", "import", "intent", str(archive), "-c", str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "now served" in out, out
+    vb = versions_dir(tmp_path / "b", "intent")
+    served = current(vb)
+    assert served is not None and served.name == Path(rec["bundle"]).name
+    assert serving_bundle(base_bundle, vb) == served  # verified, same base
+    got = [p.output for p in _loaded(served).infer_batch(NEW_MUSIC)]
+    assert got.count({"label": "music"}) >= 2, got
+    assert [r.get("result") for r in read_rounds(tmp_path / "b", "intent")] == ["promoted"]
+    # Importing it again changes nothing.
+    assert main(["learn", "import", "intent", str(archive), "-c", str(b)]) == 0
+    assert "already here" in capsys.readouterr().out
+
+    # A device whose cloud called weather requests alarms: B does not take its bundle.
+    c = _device(tmp_path, "c", base_bundle)
+    noisy = [(t + s, "alarm") for t in INTENTS["weather"] for s in ("", " please", " now")]
+    job = _job(base_bundle, versions_dir(tmp_path / "c", "intent"), noisy, noise_se=0.0)
+    job["learn"]["holdout"] = 0.01  # C judges on nothing it could notice
+    rc = refit(job)
+    if rc["outcome"] == PROMOTED:
+        bad = tmp_path / "c.tar.gz"
+        assert main(["learn", "export", "intent", str(bad), "--bundle", "-c", str(c)]) == 0
+        assert main(["learn", "import", "intent", str(bad), "-c", str(b)]) == 0
+        assert "not served" in capsys.readouterr().out
+        assert current(vb) == served
 
 
 def test_examples_bio_export_is_what_the_tagger_trainer_reads(
@@ -550,22 +670,14 @@ def test_examples_bio_export_is_what_the_tagger_trainer_reads(
 
     cfg = tmp_path / "e.toml"
     cfg.write_text(f'device_id = "d"\n[store]\nstate_dir = "{tmp_path / "s"}"\n')
-    store = Store(tmp_path / "s" / "edgeagent.db")
-    with store.transaction() as tx:
-        for text, out in (
-            ("weather in paris tomorrow", {"city": "paris", "date": "tomorrow"}),
-            ("wake me at six thirty", {"time": 630}),
-        ):
-            tx.add_example(
-                task="slots",
-                input=text,
-                cloud_output=out,
-                local_output=None,
-                local_confidence=None,
-                reason="schema_invalid",
-                model="gold",
-            )
-    store.close()
+    _add_examples(
+        tmp_path / "s" / "edgeagent.db",
+        [
+            ("weather in paris tomorrow", {"city": "paris", "date": "tomorrow"}, "schema_invalid"),
+            ("wake me at six thirty", {"time": 630}, "schema_invalid"),
+        ],
+        task="slots",
+    )
     assert main(["examples", "-c", str(cfg), "--task", "slots", "--bio"]) == 0
     captured = capsys.readouterr()
     assert "1 answers could not be aligned" in captured.err
@@ -575,3 +687,134 @@ def test_examples_bio_export_is_what_the_tagger_trainer_reads(
     assert load_tagged_examples(path) == [
         (["weather", "in", "paris", "tomorrow"], ["O", "O", "B-city", "B-date"])
     ]
+
+
+# -- GGUF few-shot from the nearest learned answers ----------------------------------------
+
+LOG_ANSWERS = [
+    ("boiler-2 pressure=2.4bar ok", {"device_id": "boiler-2", "value": 2.4, "unit": "bar"}),
+    ("[pump-7] speed 3200 rpm", {"device_id": "pump-7", "value": 3200, "unit": "rpm"}),
+    ("Maria Lopez, 34, lives in Madrid.", {"name": "Maria Lopez", "city": "Madrid", "age": 34}),
+    ("ahu-3 reports temp of 21.5 C", {"device_id": "ahu-3", "value": 21.5, "unit": "C"}),
+]
+
+
+def test_nearest_answers_are_the_learned_inputs_most_like_the_job(encoder_bundle: Path) -> None:
+    from edgeagent.learning.fewshot import NearestAnswers
+
+    sel = NearestAnswers.from_bundle(encoder_bundle, k=2, min_cos=0.2, max_items=10)
+    assert sel.select("anything") == []
+    sel.add(LOG_ANSWERS)
+    got = sel.select("ahu-9 reports temp of 19.0 C")
+    assert len(got) == 2 and got[-1] == LOG_ANSWERS[3]  # the nearest sits next to the job
+    assert LOG_ANSWERS[2] not in got  # a person, not a reading
+    assert LOG_ANSWERS[3] not in sel.select(LOG_ANSWERS[3][0])  # never the job itself
+    # A repeated input keeps its newest answer; beyond max_items the oldest go.
+    sel.add([(LOG_ANSWERS[0][0], {"device_id": "boiler-2", "value": 2.5, "unit": "bar"})])
+    assert len(sel) == 4
+    small = NearestAnswers(sel.encoder, k=5, min_cos=-1.0, max_items=2)
+    small.add(LOG_ANSWERS)
+    assert len(small) == 2
+    assert {t for t, _ in small.select("x")} == {LOG_ANSWERS[2][0], LOG_ANSWERS[3][0]}
+
+
+def test_gguf_prompt_carries_the_chosen_examples_and_survives_a_broken_selector() -> None:
+    """The llamacpp backend puts the selector's examples between its fixed prefix (kept in
+    the KV cache) and the job; a selector that fails costs the job only its examples."""
+    from edgeagent.backends.llamacpp import LlamaCppBackend
+    from tests.test_llamacpp_backend import make_task
+
+    pytest.importorskip("llama_cpp")
+    model = Path.home() / ".cache/edgeagent/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not model.exists():
+        pytest.skip("SmolLM2 GGUF not cached")
+    backend = LlamaCppBackend("t", make_task(model, n_ctx=1024, max_tokens=64))
+    backend.load()
+    try:
+        job = "Ana Silva (29) lives in Lisbon."
+        plain = backend.prompt_tokens(job)
+
+        class Shots:
+            def select(self, _text: str) -> list[tuple[str, Any]]:
+                return [LOG_ANSWERS[2]]
+
+        backend.few_shot = Shots()
+        shown = backend.prompt_tokens(job)
+        assert shown[: len(backend._prefix)] == plain[: len(backend._prefix)]  # cached prefix
+        text = backend.llama.detokenize(shown[len(backend._prefix) :]).decode()
+        assert text.index("Maria Lopez, 34") < text.index(job)
+        assert '"city": "Madrid"' in text or '"city":"Madrid"' in text
+        pred = backend.infer(job)
+        assert pred.output is None or pred.output["city"] == "Lisbon", pred
+
+        class Broken:
+            def select(self, _text: str) -> list[tuple[str, Any]]:
+                raise RuntimeError("encoder gone")
+
+        backend.few_shot = Broken()
+        assert backend.prompt_tokens(job) == plain
+        assert backend.infer(job).reason != "error"
+    finally:
+        backend.close()
+
+
+def test_learner_gives_a_gguf_task_its_stored_and_new_cloud_answers(
+    encoder_bundle: Path, tmp_path: Path
+) -> None:
+    """`few_shot` without `enabled`: the learner builds the selector off the loop from the
+    answers already stored, then adds each new cloud answer as it is kept."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from edgeagent.learning.learner import Learner
+    from edgeagent.metrics import Metrics
+
+    task = TaskConfig.model_validate(
+        {
+            "kind": "extract",
+            "schema": {"type": "object", "properties": {"device_id": {"type": "string"}}},
+            "backend": {"type": "llamacpp", "model": str(tmp_path / "m.gguf")},
+            "learn": {"few_shot": 2, "few_shot_encoder": str(encoder_bundle)},
+        }
+    )
+    _add_examples(
+        tmp_path / "s.db", [(t, o, "schema_invalid") for t, o in LOG_ANSWERS[:2]], "reading"
+    )
+    store = Store(tmp_path / "s.db")
+
+    class Backend:  # the seam: an object with a `few_shot` slot, like LlamaCppBackend
+        few_shot: Any = None
+
+    rt: Any = SimpleNamespace(name="reading", config=task, backend=Backend())
+    learner = Learner(tmp_path / "state", Metrics())
+    learner.attach("reading", rt)
+
+    async def go() -> None:
+        await learner._feed_few_shot(store, "reading", rt)
+        learner.on_example("reading", LOG_ANSWERS[3][0], LOG_ANSWERS[3][1], "low_confidence")
+        await learner._feed_few_shot(store, "reading", rt)
+
+    asyncio.run(go())
+    store.close()
+    sel = rt.backend.few_shot
+    assert sel is not None and len(sel) == 3
+    assert sel.select("ahu-1 reports temp of 20.0 C")[-1] == LOG_ANSWERS[3]
+
+
+def test_fleet_import_refuses_an_archive_that_writes_outside(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from edgeagent.learning.fleet import FleetError, read_import
+
+    bad = tmp_path / "bad.tar.gz"
+    with tarfile.open(bad, "w:gz") as tar:
+        data = b'{"text": "x", "label": "y"}\n'
+        ti = tarfile.TarInfo("../escaped.jsonl")
+        ti.size = len(data)
+        tar.addfile(ti, io.BytesIO(data))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(FleetError, match="cannot unpack"):
+        read_import("intent", bad, scratch)
+    assert not (tmp_path / "escaped.jsonl").exists()

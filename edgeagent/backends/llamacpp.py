@@ -199,6 +199,10 @@ class LlamaCppBackend:
         self._fingerprint: str | None = None
         self._calibration: PlattCalibration | None = None
         self._calibration_sha: str | None = None
+        # Set by the learner (learn.few_shot): an object whose ``select(text)`` returns the
+        # learned (input, output) pairs to show before this job, e.g.
+        # :class:`edgeagent.learning.fewshot.NearestAnswers`.
+        self.few_shot: Any = None
 
     # -- identity -------------------------------------------------------------------------
 
@@ -409,11 +413,14 @@ class LlamaCppBackend:
         cfg = self._cfg
         if self._task.kind != "generate" and not has_content(text):
             return Prediction(None, 0.0, reason="out_of_scope", details={"failure": NO_CONTENT})
+        shots = self._shots(text)  # embedding runs outside the model lock
         with self._lock:
             if self._llm is None:
                 raise BackendError(f"task {self._name!r}: backend is closed")
-            prompt = self._prefix + self._tokenize(self._input_segments(text), bos=not self._prefix)
+            prompt = self._prompt_locked(text, shots)
             budget = cfg.n_ctx - cfg.max_tokens
+            if len(prompt) > budget and shots:
+                prompt = self._prompt_locked(text, [])  # the job fits without the shots
             if len(prompt) > budget:
                 return _fail("input_too_long", prompt_tokens=len(prompt), limit=budget)
             try:
@@ -653,22 +660,43 @@ class LlamaCppBackend:
             segs.append(("<|im_start|>system\n", True))
             segs.append((ins, False))
             segs.append(("<|im_end|>\n", True))
-            for ex in self._cfg.examples:
-                segs += [("<|im_start|>user\n", True), (ex.input, False)]
-                segs += [("<|im_end|>\n<|im_start|>assistant\n", True)]
-                segs += [(self._render(ex.output), False), ("<|im_end|>\n", True)]
         elif fmt == "gemma":
             segs += [("<start_of_turn>user\n", True), (ins, False)]
             segs += [("<end_of_turn>\n<start_of_turn>model\nOK.<end_of_turn>\n", True)]
-            for ex in self._cfg.examples:
-                segs += [("<start_of_turn>user\n", True), (ex.input, False)]
-                segs += [("<end_of_turn>\n<start_of_turn>model\n", True)]
-                segs += [(self._render(ex.output), False), ("<end_of_turn>\n", True)]
         else:
             segs.append((ins + "\n\n", False))
-            for ex in self._cfg.examples:
-                segs.append((f"Input: {ex.input}\nOutput: {self._render(ex.output)}\n\n", False))
+        for ex in self._cfg.examples:
+            segs += self._example_segments(ex.input, ex.output)
         return segs
+
+    def _example_segments(self, text: str, output: dict[str, Any] | str) -> list[Segment]:
+        """One worked example (an input and its answer) in the prompt format."""
+        fmt, answer = self._format, self._render(output)
+        if fmt == "chatml":
+            return [*self._input_segments(text), (answer, False), ("<|im_end|>\n", True)]
+        if fmt == "gemma":
+            return [*self._input_segments(text), (answer, False), ("<end_of_turn>\n", True)]
+        # One segment, as the fixed examples were always tokenized (same prefix tokens).
+        return [(f"Input: {text}\nOutput: {answer}\n\n", False)]
+
+    def _shots(self, text: str) -> list[tuple[str, Any]]:
+        """Learned examples chosen for this job (``few_shot``); none on any failure."""
+        selector = self.few_shot
+        if selector is None or self._task.kind == "generate":
+            return []
+        try:
+            return [(t, o) for t, o in selector.select(text) if isinstance(o, (dict, str))]
+        except Exception as exc:  # a broken selector must not cost the job its answer
+            log.warning("llamacpp.few_shot_failed", task=self._name, error=str(exc)[:200])
+            return []
+
+    def _prompt_locked(self, text: str, shots: list[tuple[str, Any]]) -> list[int]:
+        """Prefix (cached tokens) + the job's few-shot examples + the job."""
+        segs: list[Segment] = []
+        for t, o in shots:
+            segs += self._example_segments(t, o)
+        segs += self._input_segments(text)
+        return self._prefix + self._tokenize(segs, bos=not self._prefix)
 
     def _input_segments(self, text: str) -> list[Segment]:
         fmt = self._format
@@ -708,8 +736,9 @@ class LlamaCppBackend:
 
     def prompt_tokens(self, text: str) -> list[int]:
         """The exact prompt tokens :meth:`infer` decodes for ``text``."""
+        shots = self._shots(text)
         with self._lock:
-            return self._prefix + self._tokenize(self._input_segments(text), bos=not self._prefix)
+            return self._prompt_locked(text, shots)
 
 
 class _TokenArray:

@@ -1,4 +1,4 @@
-"""``edgeagent learn status|rollback TASK`` (the argument parsing is in :mod:`edgeagent.cli`)."""
+"""``edgeagent learn status|rollback|export|import TASK`` (parsing: :mod:`edgeagent.cli`)."""
 
 from __future__ import annotations
 
@@ -141,6 +141,8 @@ def _round_line(r: dict[str, Any]) -> str:
     when = datetime.fromtimestamp(float(r.get("at", 0)), timezone.utc).strftime("%Y-%m-%d %H:%M")
     if r.get("event") == "rollback":
         return f"{when}  rollback {r.get('from')} -> {r.get('to') or 'configured bundle'}"
+    if r.get("event") == "import":
+        return f"{when}  import of bundle {r.get('bundle')}: {r.get('result')} ({r.get('why')})"
     parts = [f"#{r.get('round')} {when} {r.get('outcome', '?'):<8}"]
     ev = r.get("evaluation") or {}
     for name, short in (("learned_holdout", "holdout"), ("bundle_held_out", "bundle split")):
@@ -161,57 +163,71 @@ def _round_line(r: dict[str, Any]) -> str:
 
 
 def do_import(settings: Settings, task: str, path: Path) -> int:
-    """Add labelled examples exported on another device (``edgeagent examples`` lines, or
-    ``{"text", "label"}`` lines) to this device's store; the next round learns from them."""
-    from edgeagent.store import Store, StoreError
+    """Add examples exported on another device (``learn export`` JSON lines or archive,
+    ``edgeagent examples`` lines, or ``{"text", "label"}`` lines) to this device's store;
+    the next round learns from them.  An archive's bundle is judged on this device and
+    served only when no worse (:mod:`edgeagent.learning.fleet`)."""
+    import tempfile
 
-    cfg = settings.tasks.get(task)
-    if cfg is None:
+    from edgeagent.learning.fleet import FleetError, judge_import, read_import, store_examples
+    from edgeagent.store import StoreError
+
+    if task not in settings.tasks:
         print(f"edgeagent: no task {task!r} in the config", file=sys.stderr)
         return 2
-    rows: list[tuple[str, str]] = []
-    try:
-        lines = path.read_text("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        print(f"edgeagent: {path}: cannot read: {exc}", file=sys.stderr)
-        return 1
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    with tempfile.TemporaryDirectory(prefix="edgeagent-import-") as scratch:
         try:
-            row = json.loads(line)
-        except ValueError:
-            print(f"edgeagent: {path}:{no}: not JSON", file=sys.stderr)
+            rows, bundle = read_import(task, path, Path(scratch))
+            store_examples(settings, task, rows, path.name)
+        except (FleetError, StoreError) as exc:
+            print(f"edgeagent: {exc}", file=sys.stderr)
             return 1
-        text = row.get("text", row.get("input")) if isinstance(row, dict) else None
-        out = row.get("cloud_output") if isinstance(row, dict) else None
-        label = row.get("label") if isinstance(row, dict) else None
-        if label is None and isinstance(out, dict):
-            label = out.get("label")
-        if isinstance(row, dict) and row.get("task") not in (None, task):
-            continue
-        if not isinstance(text, str) or not isinstance(label, str):
-            print(f"edgeagent: {path}:{no}: expected a text input and a label", file=sys.stderr)
-            return 1
-        rows.append((text, label))
+        print(
+            f"{task}: imported {len(rows)} examples from {path}; the next learning round uses them"
+        )
+        if bundle is None:
+            return 0
+        record = judge_import(settings, task, bundle)
+    append_round(settings.state_dir(), task, record)
+    if record["result"] == "promoted":
+        print(
+            f"{task}: bundle {bundle.name} is no worse here: now served (a running daemon "
+            "switches within a few seconds, or at once on SIGHUP)"
+        )
+        return 0
+    print(f"{task}: bundle {bundle.name} not served: {record['why']}")
+    return 0
+
+
+def do_export(settings: Settings, task: str, out: Path, with_bundle: bool) -> int:
+    """Write the task's learned examples (and, with ``with_bundle``, the learned version it
+    serves) for ``edgeagent learn import`` on another device."""
+    from edgeagent.learning.fleet import FleetError, write_export
+    from edgeagent.store import Store, StoreError
+
+    if task not in settings.tasks:
+        print(f"edgeagent: no task {task!r} in the config", file=sys.stderr)
+        return 2
+    path = settings.state_dir() / "edgeagent.db"
+    if not path.exists():
+        print(f"edgeagent: no state file at {path}", file=sys.stderr)
+        return 1
     try:
-        store = Store(settings.state_dir() / "edgeagent.db", synchronous=settings.store.synchronous)
+        store = Store(path, synchronous=settings.store.synchronous)
     except StoreError as exc:
         print(f"edgeagent: {exc}", file=sys.stderr)
         return 1
     try:
-        with store.transaction() as tx:
-            for text, label in rows:
-                tx.add_example(
-                    task=task,
-                    input=text,
-                    cloud_output={"label": label},
-                    local_output=None,
-                    local_confidence=None,
-                    reason="imported",
-                    model=f"import:{path.name}",
-                )
+        rows = store.learn_examples(task)
     finally:
         store.close()
-    print(f"{task}: imported {len(rows)} examples from {path}; the next learning round uses them")
+    try:
+        info = write_export(settings, task, rows, out, with_bundle=with_bundle)
+    except (FleetError, BundleError, OSError) as exc:
+        print(f"edgeagent: {exc}", file=sys.stderr)
+        return 1
+    what = f"{info['examples']} examples" + (
+        f" and bundle {info['bundle']}" if "bundle" in info else ""
+    )
+    print(f"{task}: exported {what} to {out}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -70,6 +71,36 @@ class LearnConfig(BaseModel):
         description="A label with fewer training examples than the median label (a new "
         "intent) has its learned examples repeated up to this many times in a refit.  1: off.",
     )
+    oos_weight: float = Field(
+        6.0,
+        ge=0.1,
+        le=50.0,
+        description="Weight of the out-of-scope class in a refit (outlier exposure: the "
+        "cloud's out-of-scope answers and the bundle's own out-of-scope examples count this "
+        "many times).",
+    )
+    oos_target_loss: float = Field(
+        0.01,
+        ge=0.0,
+        le=0.5,
+        description="Largest share of held-out in-scope examples the refitted head's "
+        "out-of-scope cut-off may flag (`edgeagent train` uses 0.01).",
+    )
+    prior_correction: float = Field(
+        1.0,
+        ge=0.0,
+        le=3.0,
+        description="Logit adjustment for labels with fewer training examples than the "
+        "median label (new intents): their bias is raised by tau times ln(median / count), "
+        "undoing the low prior a refit learns from their scarcity; a round takes the "
+        "strongest of tau, tau/2 and 0 that is no worse.  0: off.",
+    )
+    reuse_hyperparameters: bool = Field(
+        True,
+        description="A refit keeps the L2 penalty and kNN blend that `edgeagent train` chose "
+        "for the bundle (its manifest) instead of searching them again: one fit instead of "
+        "several, a few times faster on a busy device.",
+    )
     max_examples: int = Field(
         20000,
         ge=1,
@@ -122,6 +153,30 @@ class LearnConfig(BaseModel):
     memory_max: int = Field(
         5000, ge=1, description="Inputs held in the instant memory (the oldest go first)."
     )
+    few_shot: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="GGUF (`llamacpp`) extract/classify tasks: add this many learned cloud "
+        "answers to each job's prompt, the ones whose inputs are nearest to the job (cosine "
+        "of `few_shot_encoder` embeddings), after the fixed examples.  Works without "
+        "`enabled` (these tasks are not refitted).  0: off.",
+    )
+    few_shot_encoder: Path | None = Field(
+        None,
+        description="Sentence-encoder bundle for `few_shot` (e.g. the INT8 MiniLM of "
+        "`edgeagent models build`, or any onnx classifier bundle); relative to the config file.",
+    )
+    few_shot_min_cos: float = Field(
+        0.3,
+        ge=-1.0,
+        le=1.0,
+        description="A learned answer is shown only when its input has at least this cosine "
+        "similarity to the job.",
+    )
+    few_shot_max: int = Field(
+        2000, ge=1, description="Learned answers kept for `few_shot` (the oldest go first)."
+    )
     refit_timeout_s: float = Field(
         1800.0, gt=0, description="A refit running longer is killed and counted `failed`."
     )
@@ -144,4 +199,6 @@ class LearnConfig(BaseModel):
     def _check(self) -> LearnConfig:
         if not self.sources:
             raise ValueError("sources: name at least one of escalations, audits, bundle")
+        if self.few_shot and self.few_shot_encoder is None:
+            raise ValueError("few_shot: name the sentence encoder bundle (few_shot_encoder)")
         return self

@@ -100,6 +100,9 @@ class Learner:
         self._memory_queue: dict[str, list[tuple[str, str]]] = {}
         self._backfill: weakref.WeakSet[Any] = weakref.WeakSet()  # backends to fill
         self._learning: set[str] = set()
+        self._few_shot: set[str] = set()  # GGUF tasks whose prompts get learned examples
+        self._shot_queue: dict[str, list[tuple[str, Any]]] = {}
+        self._shot_new: weakref.WeakSet[Any] = weakref.WeakSet()  # backends to equip
         self._configured: dict[str, Path] = {}  # task -> bundle its config names
         self._checked_at = 0.0
         self._seen_link: dict[str, Path | None] = {}  # task -> `latest` target last seen
@@ -126,6 +129,9 @@ class Learner:
         """A runtime of a learning task was built (loop thread): give its classifier an
         instant memory, filled first with the examples its head has not learned yet."""
         cfg = rt.config.learn
+        if cfg.few_shot and hasattr(rt.backend, "few_shot"):
+            self._few_shot.add(name)
+            self._shot_new.add(rt.backend)  # its selector is built off the loop (run)
         if not cfg.enabled:
             return
         self._learning.add(name)
@@ -139,6 +145,8 @@ class Learner:
     def on_example(self, task: str, input: Any, output: Any, reason: str) -> None:
         """A cloud answer was kept as a labelled example (loop thread, inside its
         transaction): count it towards the next round and remember it at once."""
+        if task in self._few_shot and isinstance(input, str):
+            self._shot_queue.setdefault(task, []).append((input, output))
         if task not in self._learning:
             return
         self._new[task] = self._new.get(task, 0) + 1
@@ -162,6 +170,9 @@ class Learner:
                 self._learning = set(learning)
                 for name, rt in learning.items():
                     await self._feed_memory(store, name, rt)
+                for name, rt in runtimes().items():
+                    if rt.config.learn.few_shot and hasattr(rt.backend, "few_shot"):
+                        await self._feed_few_shot(store, name, rt)
                 if self._round is None or self._round.done():
                     await self._follow_rollback(learning, swap)
                     for name, rt in learning.items():
@@ -242,6 +253,41 @@ class Learner:
         emb = await asyncio.to_thread(backend.embed, [t for t, _ in items])
         memory.add(emb, [lb for _, lb in items])
         log.info("learn.remembered", task=name, added=len(items), size=len(memory))
+
+    async def _feed_few_shot(self, store: Store, name: str, rt: TaskRuntime) -> None:
+        """Give a new GGUF runtime its few-shot selector, filled with the task's stored
+        cloud answers (built in a worker thread), then add new answers as they come."""
+        from edgeagent.learning.fewshot import NearestAnswers
+
+        backend: Any = rt.backend
+        queue = self._shot_queue.setdefault(name, [])
+        if backend in self._shot_new:
+            self._shot_new.discard(backend)
+            cfg = rt.config.learn
+            queue.clear()  # what arrives from now on is added below; the rest is in `rows`
+            rows = [(r[1], r[2]) for r in store.learn_examples(name) if isinstance(r[1], str)]
+            encoder = cfg.few_shot_encoder
+            assert encoder is not None  # LearnConfig checks it
+
+            def build() -> NearestAnswers:
+                sel = NearestAnswers.from_bundle(
+                    encoder, cfg.few_shot, cfg.few_shot_min_cos, cfg.few_shot_max
+                )
+                sel.add(rows[-cfg.few_shot_max :])
+                return sel
+
+            try:
+                backend.few_shot = await asyncio.to_thread(build)
+            except Exception as exc:  # a bad encoder bundle: the task answers without shots
+                log.error("learn.few_shot_unavailable", task=name, error=str(exc)[:300])
+                return
+            log.info("learn.few_shot_ready", task=name, examples=len(backend.few_shot))
+        selector = backend.few_shot
+        items = queue[:MEMORY_CHUNK]
+        if selector is None or not items:
+            return
+        del queue[: len(items)]
+        await asyncio.to_thread(selector.add, items)
 
     def _unlearned(self, store: Store, rt: TaskRuntime) -> list[tuple[str, str]]:
         """Examples the serving head was not fitted on (newer than its round's snapshot)."""

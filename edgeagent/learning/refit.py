@@ -12,11 +12,15 @@ A round:
 2. the learned texts are embedded with the bundle's own INT8 encoder;
 3. a candidate head is fitted with :func:`edgeagent.modeltools.train.train_head` on the
    bundle's examples plus the learned *train* examples (a label the serving model does not
-   know needs ``min_examples_per_label`` of them);
-4. candidate and serving head are evaluated at the task's operating point on the learned
+   know needs ``min_examples_per_label`` of them), with the bundle's L2 penalty and kNN
+   blend (``reuse_hyperparameters``) and the out-of-scope class weighted ``oos_weight``
+   (the cloud's out-of-scope answers are outlier exposure);
+4. labels with fewer examples than the median (new intents) get their prior corrected
+   (:func:`prior_correction`: the strongest of tau, tau/2, 0 that passes step 6);
+5. candidate and serving head are evaluated at the task's operating point on the learned
    *holdout* and on the bundle's own held-out split: accuracy of the local answers at the
    task's threshold, and the escalation needed for ``target_accuracy`` with a perfect cloud;
-5. the candidate is promoted only if it is no worse on both (a difference counts when it
+6. the candidate is promoted only if it is no worse on both (a difference counts when it
    exceeds ``tolerance`` and ``noise_se`` binomial standard errors of the serving figure): it is
    published as a new bundle version and ``latest`` points at it; otherwise it is counted
    as ``rejected`` and only its figures are kept.
@@ -25,6 +29,8 @@ A round:
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -148,11 +154,11 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
     ``oos_distance``, ``use_bundle_threshold``, ``max_length``.  Returns the round's record."""
     import numpy as np
 
-    from edgeagent.backends.onnx import Head, OnnxEncoder
+    from edgeagent.backends.onnx import Head
     from edgeagent.bundle import read_manifest
     from edgeagent.learning.config import LearnConfig
     from edgeagent.learning.refit_data import load_refit_data
-    from edgeagent.modeltools.train import TrainOptions, train_head
+    from edgeagent.modeltools.train import train_head
 
     t0 = time.monotonic()
     say = log or (lambda *_a: None)
@@ -180,16 +186,8 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
         record["bundle_examples"] = len(data)
 
     examples = job["examples"]
-    tok = manifest.get("tokenizer", {})
-    encoder = OnnxEncoder(
-        serving / "model.onnx",
-        serving / tok.get("file", "tokenizer.json"),
-        max_length=int(job.get("max_length", 128)),
-        intra_op_threads=1,
-        pad_token=tok.get("pad_token", "[PAD]"),
-    )
     emb = (
-        encoder.embed_many([e["text"] for e in examples])
+        encoder_of(serving, manifest, job).embed_many([e["text"] for e in examples])
         if examples
         else np.zeros((0, head.dim), dtype=np.float32)
     )
@@ -235,21 +233,98 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
         y_parts = [data.labels[i] for i in keep] + y_parts
     x = np.concatenate(x_parts).astype(np.float32)
     x, y_parts = _balance(x, y_parts, len(y_parts) - len(use_i), cfg.balance_max)
+    opts = bundle_options(manifest, head, job)
+    cand_opts = dataclasses.replace(
+        opts, oos_weight=cfg.oos_weight, oos_target_loss=cfg.oos_target_loss
+    )
+    say(f"fitting a candidate on {len(y_parts)} examples ({len(use_i)} learned)")
+    try:
+        cand = train_head(x, y_parts, cand_opts, log=lambda *_a: None).head
+    except ValueError as exc:
+        return _done(record, FAILED, f"cannot fit: {exc}", t0)
+    cand.threshold = head.threshold  # the operator's calibrated threshold carries over
+    fit_s = time.monotonic() - t0
+
+    # Prior correction: the strongest of tau, tau/2, 0 that is no worse (the bias shift
+    # costs no refit; a too strong one takes answers from the old labels, which the
+    # bundle's split shows).
+    hold = (emb[hold_i], [examples[i]["label"] for i in hold_i])
+    taus = sorted({cfg.prior_correction, cfg.prior_correction / 2, 0.0}, reverse=True)
+    for tau in taus:
+        tried = copy.copy(cand)
+        shifts = prior_correction(tried, y_parts, tau)
+        if tau and not shifts:
+            continue  # no label below the median: same as tau = 0
+        evaluation, reasons, point = judge(job, cfg, manifest, head, data, hold, opts, tried)
+        if not reasons:
+            break
+    cand = tried
+    record.update(
+        evaluation=evaluation,
+        fit_s=round(fit_s, 2),
+        operating_point=point,
+        prior_correction={"tau": tau, "shifts": shifts},
+    )
+    if reasons:
+        return _done(record, REJECTED, "; ".join(reasons), t0)
+    bundle = _publish(job, serving, manifest, cand, record, new_labels, say)
+    record["bundle"] = str(bundle)
+    record["fingerprint"] = read_manifest(bundle, verify=False)["fingerprint"]
+    return _done(record, PROMOTED, "no worse on every evaluation set", t0)
+
+
+def encoder_of(bundle: Path, manifest: dict[str, Any], job: dict[str, Any]) -> Any:
+    """The bundle's own INT8 encoder, one thread."""
+    from edgeagent.backends.onnx import OnnxEncoder
+
+    tok = manifest.get("tokenizer", {})
+    return OnnxEncoder(
+        bundle / "model.onnx",
+        bundle / tok.get("file", "tokenizer.json"),
+        max_length=int(job.get("max_length", 128)),
+        intra_op_threads=1,
+        pad_token=tok.get("pad_token", "[PAD]"),
+    )
+
+
+def bundle_options(manifest: dict[str, Any], head: Head, job: dict[str, Any]) -> Any:
+    """The :class:`~edgeagent.modeltools.train.TrainOptions` the bundle was trained with
+    (as far as its manifest records them).  With ``learn.reuse_hyperparameters`` the L2
+    penalty and kNN blend its training chose are taken as they are instead of searched
+    again (one fit instead of a grid of them)."""
+    from edgeagent.modeltools.train import TrainOptions
+
     hinfo = manifest.get("head", {})
-    opts = TrainOptions(
+    grids: dict[str, Any] = {}
+    if job.get("learn", {}).get("reuse_hyperparameters", True):
+        if isinstance(hinfo.get("l2"), (int, float)):
+            grids["l2_grid"] = (float(hinfo["l2"]),)
+        if isinstance(hinfo.get("blend"), (int, float)):
+            grids["blend_grid"] = (float(hinfo["blend"]),)
+    return TrainOptions(
         oos_label=head.oos_label or hinfo.get("oos_label") or "oos",
         held_out=float(hinfo.get("held_out", 0.15)),
         seed=int(hinfo.get("seed", 0)),
         max_length=int(job.get("max_length", 128)),
         threads=1,
+        **grids,
     )
-    say(f"fitting a candidate on {len(y_parts)} examples ({len(use_i)} learned)")
-    try:
-        cand = train_head(x, y_parts, opts, log=lambda *_a: None).head
-    except ValueError as exc:
-        return _done(record, FAILED, f"cannot fit: {exc}", t0)
-    cand.threshold = head.threshold  # the operator's calibrated threshold carries over
-    fit_s = time.monotonic() - t0
+
+
+def judge(
+    job: dict[str, Any],
+    cfg: Any,
+    manifest: dict[str, Any],
+    head: Head,
+    data: Any,
+    hold: tuple[FloatArray, list[str]],
+    opts: Any,
+    cand: Head,
+) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+    """Candidate vs serving head at the task's operating point on the learned holdout
+    ``hold`` and the bundle's own held-out split (``data``): ``(evaluation, why the
+    candidate is worse, operating point)``; no reasons means it may be promoted."""
+    import numpy as np
 
     point: dict[str, Any] = {
         "threshold": float(job.get("threshold", 0.5)),
@@ -258,8 +333,8 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
         "target_accuracy": cfg.target_accuracy,
     }
     sets: dict[str, tuple[FloatArray, list[str]]] = {}
-    if hold_i:
-        sets["learned_holdout"] = (emb[hold_i], [examples[i]["label"] for i in hold_i])
+    if hold[1]:
+        sets["learned_holdout"] = hold
     if data is not None and data.held_out.any():
         idx = np.flatnonzero(data.held_out)
         sets["bundle_held_out"] = (data.emb[idx], [data.labels[i] for i in idx])
@@ -267,26 +342,20 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
     reasons: list[str] = []
     Path(job["versions_dir"]).mkdir(parents=True, exist_ok=True)
     for name, (e, t) in sets.items():
-        judge = head
+        serving = head
         if name == "bundle_held_out" and not manifest.get("learned") and data is not None:
             # The configured bundle was refitted on its whole set, split included: stand
             # in for it with the same recipe fitted without the split (cached per bundle).
-            judge = _control_head(job, manifest, data, opts, head)
-        before = evaluate(judge, e, t, **point)
+            serving = _control_head(job, manifest, data, opts, head)
+        before = evaluate(serving, e, t, **point)
         after = evaluate(cand, e, t, **point)
         evaluation[name] = {"serving": before, "candidate": after}
-        if judge is not head:
+        if serving is not head:
             evaluation[name]["serving_is"] = "control: the bundle's recipe without the split"
         reasons += [f"{name}: {w}" for w in no_worse(after, before, cfg.tolerance, cfg.noise_se)]
-    record.update(evaluation=evaluation, fit_s=round(fit_s, 2), operating_point=point)
     if not sets:
         reasons.append("nothing to judge the candidate on (no holdout, no bundle split)")
-    if reasons:
-        return _done(record, REJECTED, "; ".join(reasons), t0)
-    bundle = _publish(job, serving, manifest, cand, record, new_labels, say)
-    record["bundle"] = str(bundle)
-    record["fingerprint"] = read_manifest(bundle, verify=False)["fingerprint"]
-    return _done(record, PROMOTED, "no worse on every evaluation set", t0)
+    return evaluation, reasons, point
 
 
 def _balance(
@@ -311,6 +380,32 @@ def _balance(
         return x, y
     out: FloatArray = np.concatenate([x, x[extra]]).astype(np.float32)
     return out, y + [y[i] for i in extra]
+
+
+def prior_correction(head: Head, labels: list[str], tau: float) -> dict[str, float]:
+    """Logit adjustment for labels with fewer training examples than the median label (a
+    new intent with a handful of cloud answers against ~100 for the others): a softmax
+    regression fitted on such data learns their scarcity as a low prior, so their bias is
+    raised by ``tau * ln(median / count)``.  The out-of-scope class is left alone (its
+    count is outlier exposure, not a prior).  Returns the shifts applied, by label."""
+    import numpy as np
+
+    if tau <= 0:
+        return {}
+    counts: dict[str, int] = {}
+    for lb in labels:
+        counts[lb] = counts.get(lb, 0) + 1
+    median = float(np.median([c for lb, c in counts.items() if lb != head.oos_label]))
+    shifts: dict[str, float] = {}
+    for lb in head.labels:
+        c = counts.get(lb, 0)
+        if lb != head.oos_label and 0 < c < median:
+            shifts[lb] = round(tau * math.log(median / c), 4)
+    if shifts:  # a new array: a copied head shares the old one
+        head.bias = head.bias + np.array(
+            [shifts.get(lb, 0.0) for lb in head.labels], dtype=np.float32
+        )
+    return shifts
 
 
 def _control_head(
