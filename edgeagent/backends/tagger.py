@@ -262,10 +262,14 @@ class Decoder:
         self.start = start_mask(self.tags)
         self.slots = sorted({s for t in self.tags if (s := slot_of(t)) is not None})
 
-    def decode(self, logits: FloatArray) -> tuple[list[int], list[float]]:
+    def decode(
+        self, logits: FloatArray, allowed_tags: npt.NDArray[np.bool_] | None = None
+    ) -> tuple[list[int], list[float]]:
         """Tag path and the calibrated probability of each chosen tag.  A word with all-zero
         logits (no sub-word tokens: see :meth:`TaggerModel.word_logits`) is forced to ``O``
-        with probability 1."""
+        with probability 1.  ``allowed_tags`` (:meth:`tags_of`) restricts the path to some
+        tags; the probabilities stay those of the full distribution, so mass the model put
+        on a forbidden tag still lowers the confidence."""
         import numpy as np
 
         z = logits / self.temperature
@@ -275,13 +279,25 @@ class Decoder:
         if blank.any():
             logp[blank] = -1e9
             logp[blank, self.o_index] = 0.0
-        path = viterbi(logp, self.allowed, self.start)
+        score = logp if allowed_tags is None else np.where(allowed_tags, logp, np.float32(-1e9))
+        path = viterbi(score.astype(np.float32), self.allowed, self.start)
         word_p = [float(np.exp(logp[w, t])) for w, t in enumerate(path)]
         return path, word_p
 
-    def tag(self, logits: FloatArray, words: list[tuple[int, int]]) -> TaggedText:
-        path, word_p = self.decode(logits)
+    def tag(
+        self,
+        logits: FloatArray,
+        words: list[tuple[int, int]],
+        allowed_tags: npt.NDArray[np.bool_] | None = None,
+    ) -> TaggedText:
+        path, word_p = self.decode(logits, allowed_tags)
         return TaggedText(words, path, word_p, spans(self.tags, path, word_p))
+
+    def tags_of(self, slots: frozenset[str]) -> npt.NDArray[np.bool_]:
+        """Mask of the tags a path may use when only ``slots`` may be filled (``O`` always)."""
+        import numpy as np
+
+        return np.array([t == "O" or slot_of(t) in slots for t in self.tags], dtype=bool)
 
 
 def job_confidence(tagged: TaggedText, how: str) -> float:
@@ -294,6 +310,120 @@ def job_confidence(tagged: TaggedText, how: str) -> float:
             p *= x
         return p
     return min(tagged.word_p, default=1.0)
+
+
+# -- frame calibration (issue 14): what the tag probabilities do not know ----------------
+
+FRAME_FEATURES = (
+    "log_words",
+    "log_spans",
+    "log_frame",
+    "unseen_value",
+    "oov_word",
+    "rare_slot",
+    "spans",
+    "log_intent",
+)
+"""Features of one answer for :class:`FrameCalibrator`: the log of each job confidence
+mode, whether a span's value or any word never occurred in the training data, how rare
+the rarest extracted slot type was in training (``1/sqrt(1 + spans)``), the number of
+spans, and the log intent probability (joint bundles; 0 otherwise)."""
+
+_LOG_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class FrameCalibrator:
+    """P(the whole frame is right) by a logistic regression on :data:`FRAME_FEATURES`,
+    fitted on the calibration split when the bundle was trained.
+
+    The tag probabilities are calibrated on average, but not for what the model never
+    saw: on ATIS, frames holding a value absent from training were right 49 % of the time
+    at a mean confidence of 0.69, and rare slot types had span ECE 0.25-0.55.  The
+    calibrator knows the training data's slot values, words and slot-type counts, so an
+    unseen value or a rare slot type lowers the confidence by what it cost on held-out
+    sentences.  It replaces the job confidence when the task's ``tagger_confidence`` is
+    the mode it was fitted on (``base``)."""
+
+    base: str
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+    bias: float
+    slot_counts: dict[str, int]
+    seen_values: dict[str, frozenset[str]]
+    vocab: frozenset[str]
+
+    def features(
+        self, tagged: TaggedText, words: list[str], p_intent: float | None = None
+    ) -> dict[str, float]:
+        import math
+
+        def log(x: float) -> float:
+            return math.log(max(x, _LOG_FLOOR))
+
+        values: list[tuple[str, str]] = [
+            (s.slot, " ".join(words[s.first : s.last + 1]).casefold()) for s in tagged.spans
+        ]
+        return {
+            "log_words": log(job_confidence(tagged, "words")),
+            "log_spans": log(job_confidence(tagged, "spans")),
+            "log_frame": log(job_confidence(tagged, "frame")),
+            "unseen_value": float(
+                any(v not in self.seen_values.get(slot, frozenset()) for slot, v in values)
+            ),
+            "oov_word": float(any(w.casefold() not in self.vocab for w in words)),
+            "rare_slot": max(
+                (1.0 / math.sqrt(1 + self.slot_counts.get(s.slot, 0)) for s in tagged.spans),
+                default=0.0,
+            ),
+            "spans": float(len(tagged.spans)),
+            "log_intent": 0.0 if p_intent is None else log(p_intent),
+        }
+
+    def confidence(
+        self, tagged: TaggedText, words: list[str], p_intent: float | None = None
+    ) -> float:
+        import math
+
+        f = self.features(tagged, words, p_intent)
+        z = self.bias + sum(w * f[n] for n, w in zip(self.names, self.weights, strict=True))
+        return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "base": self.base,
+            "features": list(self.names),
+            "weights": list(self.weights),
+            "bias": self.bias,
+            "slot_counts": dict(sorted(self.slot_counts.items())),
+            "seen_values": {k: sorted(v) for k, v in sorted(self.seen_values.items())},
+            "vocab": sorted(self.vocab),
+        }
+
+    @classmethod
+    def from_json(cls, raw: object) -> FrameCalibrator:
+        """From ``calibration.json``'s ``frame_calibrator``; ValueError when malformed."""
+        if not isinstance(raw, dict):
+            raise ValueError("calibration.json: frame_calibrator must be an object")
+        try:
+            names = tuple(str(n) for n in raw["features"])
+            weights = tuple(float(w) for w in raw["weights"])
+            unknown = set(names) - set(FRAME_FEATURES)
+            if unknown or len(names) != len(weights):
+                raise ValueError(f"unknown features {sorted(unknown)} or weights of wrong length")
+            return cls(
+                base=str(raw["base"]),
+                names=names,
+                weights=weights,
+                bias=float(raw["bias"]),
+                slot_counts={str(k): int(v) for k, v in raw["slot_counts"].items()},
+                seen_values={
+                    str(k): frozenset(str(x) for x in v) for k, v in raw["seen_values"].items()
+                },
+                vocab=frozenset(str(w) for w in raw["vocab"]),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"calibration.json: malformed frame_calibrator ({exc})") from None
 
 
 _UNITS = [
@@ -430,6 +560,7 @@ class OnnxTaggerBackend:
         self._decoder: Decoder | None = None
         self._props: dict[str, Any] = {}
         self._threshold: float | None = None
+        self._calibrator: FrameCalibrator | None = None
         self._manifest: dict[str, Any] | None = None
 
     @property
@@ -470,6 +601,8 @@ class OnnxTaggerBackend:
                 if not isinstance(cal, dict):
                     raise ValueError("calibration.json: expected an object")
                 decoder = Decoder(tags, float(cal.get("temperature", 1.0)))
+                raw_cal = cal.get("frame_calibrator")
+                calibrator = None if raw_cal is None else FrameCalibrator.from_json(raw_cal)
                 tok = manifest.get("tokenizer", {})
                 model = model_class(bundle)(
                     bundle / "model.onnx",
@@ -493,6 +626,11 @@ class OnnxTaggerBackend:
                     "again, or set use_bundle_threshold = false)"
                 )
             self._threshold = float(threshold) if threshold is not None else None
+            self._calibrator = (
+                calibrator
+                if calibrator is not None and calibrator.base == self.config.tagger_confidence
+                else None
+            )
             self._manifest, self._model, self._decoder, self._props = (
                 manifest,
                 model,
@@ -515,6 +653,12 @@ class OnnxTaggerBackend:
                 f"(it knows {len(slots)}: {', '.join(slots)})"
             )
         return dict(props)
+
+    @property
+    def calibrator(self) -> FrameCalibrator | None:
+        """The bundle's frame calibrator when the task uses it (its ``base`` is the task's
+        ``tagger_confidence``), else ``None``."""
+        return self._calibrator
 
     def warmup(self) -> None:
         self.infer_batch([WARMUP_TEXT])
@@ -574,6 +718,12 @@ class OnnxTaggerBackend:
                 obj[INTENT_KEY] = label
             conf = frame_confidence(p_intent, conf, combine)
             details["intent"] = {"label": label, "confidence": round(p_intent, 4)}
+        if self._calibrator is not None:
+            conf = self._calibrator.confidence(
+                tagged,
+                [text[a:b] for a, b in tagged.words],
+                None if intent is None else intent[1],
+            )
         details |= {
             "spans": [
                 {
@@ -644,12 +794,10 @@ class OnnxTaggerBackend:
                 reason=SCHEMA_INVALID,
                 details={"failure": "input_too_long", "limit_tokens": model.max_length},
             )
-        word_lg, intent_lg = joint
+        tagged, probs = joint_tag(model, decoder, joint, offs)
+        k = int(probs.argmax())
         return self._answer(
-            text,
-            decoder.tag(word_lg, offs),
-            intent=model.intent_of(intent_lg),
-            combine=model.combine,
+            text, tagged, intent=(model.intents[k], float(probs[k])), combine=model.combine
         )
 
 
@@ -664,6 +812,24 @@ def frame_confidence(p_intent: float, slots: float, combine: str = "product") ->
     independent, ``min`` as the weakest link.  The bundle records the one that needed the
     least escalation on its held-out split."""
     return min(p_intent, slots) if combine == "min" else p_intent * slots
+
+
+def joint_tag(
+    model: JointTaggerModel,
+    decoder: Decoder,
+    joint: tuple[FloatArray, FloatArray],
+    words: list[tuple[int, int]],
+) -> tuple[TaggedText, FloatArray]:
+    """The tags and the intent probabilities of one input from its joint logits.  When the
+    bundle records which slots each intent uses (``intent_slots``), the tag path may only
+    fill the predicted intent's slots (a frame with the wrong intent is wrong anyway)."""
+    word_lg, intent_lg = joint
+    probs = model.intent_probs(intent_lg)
+    allowed = None
+    if model.intent_slots is not None:
+        slots = model.intent_slots.get(model.intents[int(probs.argmax())])
+        allowed = None if slots is None else decoder.tags_of(slots)
+    return decoder.tag(word_lg, words, allowed), probs
 
 
 def model_class(bundle: Path) -> type[TaggerModel]:
@@ -705,6 +871,11 @@ class JointTaggerModel(TaggerModel):
         cal = json.loads((folder / "calibration.json").read_text("utf-8"))
         temperature = float(cal.get("intent_temperature", 1.0)) if isinstance(cal, dict) else 1.0
         combine = cal.get("confidence_combine", "product") if isinstance(cal, dict) else "product"
+        raw_slots = cal.get("intent_slots") if isinstance(cal, dict) else None
+        if raw_slots is not None and not (
+            isinstance(raw_slots, dict) and all(isinstance(v, list) for v in raw_slots.values())
+        ):
+            raise ValueError("calibration.json: intent_slots must map intents to slot lists")
         if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError("calibration.json: intent_temperature must be > 0")
         if combine not in COMBINE_MODES:
@@ -721,6 +892,11 @@ class JointTaggerModel(TaggerModel):
         self.intents: list[str] = intents
         self.intent_temperature = temperature
         self.combine: str = combine
+        self.intent_slots: dict[str, frozenset[str]] | None = (
+            None
+            if raw_slots is None
+            else {str(k): frozenset(str(x) for x in v) for k, v in raw_slots.items()}
+        )
 
     def joint_logits(self, words: list[str]) -> tuple[FloatArray, FloatArray] | None:
         """``(word tag logits (words, tags), intent logits (intents,))``, or ``None`` when

@@ -98,11 +98,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     train.add_argument(
         "--held-out-by",
-        choices=["sentences", "values"],
+        choices=["sentences", "values", "mixed"],
         default="sentences",
         help="tagger: hold out random sentences (default), or every sentence mentioning a "
         "random set of slot values (names, cities), so the printed threshold is chosen on "
-        "values the model never saw",
+        "values the model never saw, or half of each (mixed)",
     )
     train.add_argument(
         "--oos-examples",
