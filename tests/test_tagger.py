@@ -363,6 +363,106 @@ def test_value_held_out_split_keeps_the_held_out_values_out_of_training() -> Non
     assert value_held_out(rows, 0.1, seed=1, min_distinct=1000) == []
 
 
+def test_mixed_split_holds_out_unseen_values_and_random_sentences() -> None:
+    from edgeagent.modeltools.tagger import calibration_split, slot_values, value_held_out
+
+    rows = [(r["tokens"], r["tags"]) for r in home_examples(400, seed=3)]
+    held = calibration_split(rows, 0.2, "mixed", seed=1, log=_quiet)
+    by_value = value_held_out(rows, 0.1, seed=1)
+    assert set(by_value) < set(held)  # the unseen-value half ...
+    others = sorted(set(held) - set(by_value))
+    assert 20 <= len(others) <= 60  # ... and as many ordinary sentences
+    train = [rows[i] for i in range(len(rows)) if i not in set(held)]
+    assert not slot_values([rows[i] for i in by_value])["value"] & slot_values(train)["value"]
+    # the random half holds values training also has (what the calibrator compares with)
+    assert slot_values([rows[i] for i in others])["value"] & slot_values(train)["value"]
+    assert calibration_split(rows, 0.2, "sentences", seed=1, log=_quiet) != held
+
+
+def _frame(words: list[str], tags: list[str], p: float) -> TaggedText:
+    path = [TAGS.index(t) for t in tags]
+    offs = [(0, len(w)) for w in words]
+    return TaggedText(offs, path, [p] * len(tags), spans(TAGS, path, [p] * len(tags)))
+
+
+def _calibrator(**weights: float) -> Any:
+    from edgeagent.backends.tagger import FrameCalibrator
+
+    names = tuple(weights)
+    return FrameCalibrator(
+        "words",
+        names,
+        tuple(weights.values()),
+        0.0,
+        {"city": 500, "day": 2},
+        {"city": frozenset({"paris", "new york"}), "day": frozenset({"monday"})},
+        frozenset({"to", "paris", "new", "york", "on", "monday"}),
+    )
+
+
+def test_frame_calibrator_lowers_unseen_values_words_and_rare_slot_types() -> None:
+    from edgeagent.backends.tagger import FrameCalibrator
+
+    cal = _calibrator(log_words=1.0, unseen_value=-2.0, oov_word=-1.0, rare_slot=-3.0)
+    seen = _frame(["to", "paris"], ["O", "B-city"], 0.9)
+    unseen = _frame(["to", "tacoma"], ["O", "B-city"], 0.9)
+    rare = _frame(["on", "monday"], ["O", "B-day"], 0.9)
+    f = cal.features(unseen, ["to", "Tacoma"])
+    assert f["unseen_value"] == 1.0 and f["oov_word"] == 1.0
+    assert cal.features(seen, ["to", "Paris"])["unseen_value"] == 0.0  # case-folded
+    c_seen = cal.confidence(seen, ["to", "paris"])
+    assert cal.confidence(unseen, ["to", "tacoma"]) < c_seen
+    assert cal.confidence(rare, ["on", "monday"]) < c_seen  # "day": 2 training spans
+    assert 0.0 < cal.confidence(unseen, ["to", "tacoma"]) < 1.0
+    # what the bundle stores is what the runtime reads
+    again = FrameCalibrator.from_json(json.loads(json.dumps(cal.to_json())))
+    assert again.confidence(unseen, ["to", "tacoma"]) == cal.confidence(unseen, ["to", "tacoma"])
+    with pytest.raises(ValueError, match="frame_calibrator"):
+        FrameCalibrator.from_json({**cal.to_json(), "features": ["no_such_feature"]})
+    with pytest.raises(ValueError, match="frame_calibrator"):
+        FrameCalibrator.from_json({"base": "words"})
+
+
+def test_fit_frame_calibrator_learns_what_an_unseen_value_costs() -> None:
+    from edgeagent.modeltools.tagger import fit_frame_calibrator
+
+    train = [(["to", c], ["O", "B-city"]) for c in ("paris", "rome", "oslo")] * 20
+    rng = random.Random(0)
+    tagged: list[TaggedText | None] = []
+    words: list[list[str]] = []
+    correct: list[bool] = []
+    for i in range(300):
+        city = rng.choice(["paris", "rome", "oslo", f"town{i}"])
+        tagged.append(_frame(["to", city], ["O", "B-city"], rng.uniform(0.8, 1.0)))
+        words.append(["to", city])
+        # the tags are equally sure either way; unseen towns are right half the time
+        correct.append(rng.random() < (0.5 if city.startswith("town") else 0.98))
+    tagged.append(None)
+    words.append(["x"])
+    correct.append(False)
+    cal, crossfit = fit_frame_calibrator(train, tagged, words, correct)
+    assert len(crossfit) == len(tagged) and crossfit[-1] == 0.0
+    w = dict(zip(cal.names, cal.weights, strict=True))
+    assert w["unseen_value"] < 0 and "log_intent" not in w
+    seen_c = [c for c, ws in zip(crossfit, words, strict=True) if ws[-1] in ("paris", "rome")]
+    town_c = [c for c, ws in zip(crossfit, words, strict=True) if ws[-1].startswith("town")]
+    assert np.mean(town_c) < 0.7 < 0.9 < np.mean(seen_c)  # calibrated per group
+
+
+def test_decoding_restricted_to_some_slots_keeps_the_full_probabilities() -> None:
+    dec = Decoder(TAGS, 1.0)
+    logits = np.full((2, len(TAGS)), -4.0, dtype=np.float32)
+    logits[0, TAGS.index("O")] = 4.0
+    logits[1, TAGS.index("B-day")] = 2.0
+    logits[1, TAGS.index("B-city")] = 1.5
+    free = dec.tag(logits, [(0, 2), (3, 9)])
+    assert [s.slot for s in free.spans] == ["day"]
+    only_city = dec.tag(logits, [(0, 2), (3, 9)], dec.tags_of(frozenset({"city"})))
+    assert [s.slot for s in only_city.spans] == ["city"]
+    # the mass on the forbidden "day" still counts against the answer
+    assert only_city.word_p[1] < 0.5 < free.word_p[1]
+
+
 # -- the real model ----------------------------------------------------------------------
 
 
@@ -374,6 +474,33 @@ def test_bundle_records_quality_and_int8_agreement(tagger_bundle: Path) -> None:
     assert metrics["slot_f1"] > 0.9
     assert (tagger_bundle.parent / "latest").resolve() == tagger_bundle.resolve()
     assert json.loads((tagger_bundle / "labels.json").read_text())[0] == "O"
+
+
+def test_bundle_carries_a_frame_calibrator_used_with_words_confidence(tagger_bundle: Path) -> None:
+    from edgeagent.backends.tagger import FRAME_FEATURES
+
+    cal = json.loads((tagger_bundle / "calibration.json").read_text())["frame_calibrator"]
+    assert cal["base"] == "words" and set(cal["features"]) <= set(FRAME_FEATURES)
+    assert "kitchen" in cal["seen_values"]["room"] and cal["slot_counts"]["device"] > 100
+    metrics = json.loads((tagger_bundle / "metrics.json").read_text())
+    assert "threshold_for_97_calibrated" in metrics and "ece_calibrated" in metrics
+    words = OnnxTaggerBackend("home", _task(tagger_bundle))
+    spans_mode = OnnxTaggerBackend("home", _task(tagger_bundle, tagger_confidence="spans"))
+    for b in (words, spans_mode):
+        b.load()
+    try:
+        assert words.calibrator is not None and spans_mode.calibrator is None
+        text = "turn on the lamp in the kitchen"
+        (p,) = words.infer_batch([text])
+        model, decoder = words.loaded()
+        offs = split_words(text)
+        lg = model.word_logits([text[a:b] for a, b in offs])
+        assert lg is not None
+        want = words.calibrator.confidence(decoder.tag(lg, offs), [text[a:b] for a, b in offs])
+        assert p.confidence == pytest.approx(want)
+    finally:
+        words.close()
+        spans_mode.close()
 
 
 def test_extracts_typed_objects_from_unseen_commands(tagger: OnnxTaggerBackend) -> None:

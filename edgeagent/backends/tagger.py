@@ -387,7 +387,9 @@ class FrameCalibrator:
 
         f = self.features(tagged, words, p_intent)
         z = self.bias + sum(w * f[n] for n, w in zip(self.names, self.weights, strict=True))
-        return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+        p = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+        # a frame is right only if its intent is: never surer than the intent itself
+        return p if p_intent is None else min(p, p_intent)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -410,7 +412,10 @@ class FrameCalibrator:
             weights = tuple(float(w) for w in raw["weights"])
             unknown = set(names) - set(FRAME_FEATURES)
             if unknown or len(names) != len(weights):
-                raise ValueError(f"unknown features {sorted(unknown)} or weights of wrong length")
+                raise ValueError(
+                    f"calibration.json: frame_calibrator has unknown features {sorted(unknown)} "
+                    "or weights of the wrong length"
+                )
             return cls(
                 base=str(raw["base"]),
                 names=names,
