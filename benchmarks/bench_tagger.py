@@ -124,7 +124,7 @@ def main() -> int:
         preds,
         gold,
         decoder.tags,
-        None if cal is None else calibrated_confidences(cal, preds, words),
+        None if cal is None else calibrated_confidences(cal, preds),
     )
     figures["quality"] = ev.summary()
     figures["quality"]["tag_seconds"] = round(time.perf_counter() - t0, 2)

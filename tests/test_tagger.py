@@ -385,68 +385,66 @@ def _frame(words: list[str], tags: list[str], p: float) -> TaggedText:
     return TaggedText(offs, path, [p] * len(tags), spans(TAGS, path, [p] * len(tags)))
 
 
-def _calibrator(**weights: float) -> Any:
+def test_frame_calibrator_combines_the_confidences_and_round_trips() -> None:
     from edgeagent.backends.tagger import FrameCalibrator
 
-    names = tuple(weights)
-    return FrameCalibrator(
-        "words",
-        names,
-        tuple(weights.values()),
-        0.0,
-        {"city": 500, "day": 2},
-        {"city": frozenset({"paris", "new york"}), "day": frozenset({"monday"})},
-        frozenset({"to", "paris", "new", "york", "on", "monday"}),
-    )
-
-
-def test_frame_calibrator_lowers_unseen_values_words_and_rare_slot_types() -> None:
-    from edgeagent.backends.tagger import FrameCalibrator
-
-    cal = _calibrator(log_words=1.0, unseen_value=-2.0, oov_word=-1.0, rare_slot=-3.0)
-    seen = _frame(["to", "paris"], ["O", "B-city"], 0.9)
-    unseen = _frame(["to", "tacoma"], ["O", "B-city"], 0.9)
-    rare = _frame(["on", "monday"], ["O", "B-day"], 0.9)
-    f = cal.features(unseen, ["to", "Tacoma"])
-    assert f["unseen_value"] == 1.0 and f["oov_word"] == 1.0
-    assert cal.features(seen, ["to", "Paris"])["unseen_value"] == 0.0  # case-folded
-    c_seen = cal.confidence(seen, ["to", "paris"])
-    assert cal.confidence(unseen, ["to", "tacoma"]) < c_seen
-    assert cal.confidence(rare, ["on", "monday"]) < c_seen  # "day": 2 training spans
-    assert 0.0 < cal.confidence(unseen, ["to", "tacoma"]) < 1.0
+    cal = FrameCalibrator("words", ("log_words", "log_frame", "log_intent"), (1.0, 2.0, 0.5), 3.0)
+    sure = _frame(["to", "paris"], ["O", "B-city"], 0.99)
+    unsure = _frame(["to", "paris"], ["O", "B-city"], 0.7)
+    f = cal.features(unsure)
+    assert f["log_words"] == pytest.approx(np.log(0.7))
+    assert f["log_frame"] == pytest.approx(2 * np.log(0.7)) and f["log_intent"] == 0.0
+    assert 0.0 < cal.confidence(unsure) < cal.confidence(sure) < 1.0
+    # with an intent: never surer than the intent itself
+    assert cal.confidence(sure, 0.6) <= 0.6
     # what the bundle stores is what the runtime reads
     again = FrameCalibrator.from_json(json.loads(json.dumps(cal.to_json())))
-    assert again.confidence(unseen, ["to", "tacoma"]) == cal.confidence(unseen, ["to", "tacoma"])
+    assert again.confidence(unsure, 0.9) == cal.confidence(unsure, 0.9)
     with pytest.raises(ValueError, match="frame_calibrator"):
-        FrameCalibrator.from_json({**cal.to_json(), "features": ["no_such_feature"]})
+        FrameCalibrator.from_json({**cal.to_json(), "features": ["unseen_value"]})
     with pytest.raises(ValueError, match="frame_calibrator"):
         FrameCalibrator.from_json({"base": "words"})
 
 
-def test_fit_frame_calibrator_learns_what_an_unseen_value_costs() -> None:
+def test_fit_frame_calibrator_is_cross_fitted_and_calibrated() -> None:
     from edgeagent.modeltools.tagger import fit_frame_calibrator
 
-    train = [(["to", c], ["O", "B-city"]) for c in ("paris", "rome", "oslo")] * 20
     rng = random.Random(0)
     tagged: list[TaggedText | None] = []
-    words: list[list[str]] = []
     correct: list[bool] = []
-    for i in range(300):
-        city = rng.choice(["paris", "rome", "oslo", f"town{i}"])
-        tagged.append(_frame(["to", city], ["O", "B-city"], rng.uniform(0.8, 1.0)))
-        words.append(["to", city])
-        # the tags are equally sure either way; unseen towns are right half the time
-        correct.append(rng.random() < (0.5 if city.startswith("town") else 0.98))
+    for _ in range(400):
+        p = rng.uniform(0.5, 1.0)
+        tagged.append(_frame(["to", "paris"], ["O", "B-city"], p))
+        # the tag probabilities are overconfident: a frame at p is right with p ** 3
+        correct.append(rng.random() < p**3)
     tagged.append(None)
-    words.append(["x"])
     correct.append(False)
-    cal, crossfit = fit_frame_calibrator(train, tagged, words, correct)
+    cal, crossfit = fit_frame_calibrator(tagged, correct, seed=1)
     assert len(crossfit) == len(tagged) and crossfit[-1] == 0.0
-    w = dict(zip(cal.names, cal.weights, strict=True))
-    assert w["unseen_value"] < 0 and "log_intent" not in w
-    seen_c = [c for c, ws in zip(crossfit, words, strict=True) if ws[-1] in ("paris", "rome")]
-    town_c = [c for c, ws in zip(crossfit, words, strict=True) if ws[-1].startswith("town")]
-    assert np.mean(town_c) < 0.7 < 0.9 < np.mean(seen_c)  # calibrated per group
+    assert cal is not None and "log_intent" not in cal.names
+    conf = np.array(crossfit[:-1])
+    ok = np.array(correct[:-1])
+    for lo, hi in ((0.0, 0.4), (0.4, 0.7), (0.7, 1.0)):  # right as often as it says
+        sel = (conf >= lo) & (conf < hi)
+        assert abs(conf[sel].mean() - ok[sel].mean()) < 0.1
+    # one class only: nothing to learn, no calibrator, the base confidence is kept
+    none, base = fit_frame_calibrator(tagged[:10], [True] * 10)
+    assert none is None and base == [t.word_p[0] for t in tagged[:10] if t is not None]
+
+
+def test_bounded_threshold_asks_for_more_than_the_cheapest_point() -> None:
+    from edgeagent.modeltools.calibrate import escalation_curve, escalation_for
+    from edgeagent.modeltools.tagger import bounded_threshold
+
+    rng = random.Random(2)
+    conf = [rng.random() for _ in range(400)]
+    correct = [rng.random() < 0.75 + 0.25 * c for c in conf]
+    curve = escalation_curve(conf, correct, [False] * len(conf))
+    plain = escalation_for(curve, 0.97)
+    bounded = bounded_threshold(curve, len(conf), 0.97)
+    assert bounded.accuracy >= plain.accuracy >= 0.97
+    assert bounded.escalation > plain.escalation and bounded.threshold > plain.threshold
+    assert bounded_threshold(curve, len(conf), 0.97, z=0.0) == plain
 
 
 def test_decoding_restricted_to_some_slots_keeps_the_full_probabilities() -> None:
@@ -476,28 +474,39 @@ def test_bundle_records_quality_and_int8_agreement(tagger_bundle: Path) -> None:
     assert json.loads((tagger_bundle / "labels.json").read_text())[0] == "O"
 
 
-def test_bundle_carries_a_frame_calibrator_used_with_words_confidence(tagger_bundle: Path) -> None:
-    from edgeagent.backends.tagger import FRAME_FEATURES
+def test_bundle_frame_calibrator_replaces_the_words_confidence(
+    tagger_bundle: Path, tmp_path: Path
+) -> None:
+    import shutil
 
-    cal = json.loads((tagger_bundle / "calibration.json").read_text())["frame_calibrator"]
-    assert cal["base"] == "words" and set(cal["features"]) <= set(FRAME_FEATURES)
-    assert "kitchen" in cal["seen_values"]["room"] and cal["slot_counts"]["device"] > 100
-    metrics = json.loads((tagger_bundle / "metrics.json").read_text())
-    assert "threshold_for_97_calibrated" in metrics and "ece_calibrated" in metrics
-    words = OnnxTaggerBackend("home", _task(tagger_bundle))
-    spans_mode = OnnxTaggerBackend("home", _task(tagger_bundle, tagger_confidence="spans"))
+    from edgeagent.backends.tagger import FrameCalibrator
+    from edgeagent.modeltools.bundle import write_manifest
+
+    # train wrote one (or null: every held-out frame right, nothing to learn)
+    assert "frame_calibrator" in json.loads((tagger_bundle / "calibration.json").read_text())
+    assert "printed_threshold_97" in json.loads((tagger_bundle / "metrics.json").read_text())
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tagger_bundle, bundle)
+    cal = json.loads((bundle / "calibration.json").read_text())
+    calibrator = FrameCalibrator("words", ("log_words", "log_frame"), (2.0, 1.0), 1.0)
+    cal["frame_calibrator"] = calibrator.to_json()
+    (bundle / "calibration.json").write_text(json.dumps(cal))
+    manifest = read_manifest(bundle, kind="tagger", verify=False)
+    base = {k: v for k, v in manifest.items() if k not in ("files", "fingerprint", "format")}
+    write_manifest(bundle, base, list(manifest["files"]))
+    words = OnnxTaggerBackend("home", _task(bundle))
+    spans_mode = OnnxTaggerBackend("home", _task(bundle, tagger_confidence="spans"))
     for b in (words, spans_mode):
         b.load()
     try:
-        assert words.calibrator is not None and spans_mode.calibrator is None
+        assert words.calibrator == calibrator and spans_mode.calibrator is None
         text = "turn on the lamp in the kitchen"
         (p,) = words.infer_batch([text])
         model, decoder = words.loaded()
         offs = split_words(text)
         lg = model.word_logits([text[a:b] for a, b in offs])
         assert lg is not None
-        want = words.calibrator.confidence(decoder.tag(lg, offs), [text[a:b] for a, b in offs])
-        assert p.confidence == pytest.approx(want)
+        assert p.confidence == pytest.approx(calibrator.confidence(decoder.tag(lg, offs)))
     finally:
         words.close()
         spans_mode.close()

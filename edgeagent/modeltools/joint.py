@@ -262,15 +262,14 @@ def joint_correct(
 def calibrated_confidences(
     calibrator: FrameCalibrator,
     tagged: list[TaggedText | None],
-    words: list[list[str]],
     intent_probs: list[FloatArray | None] | None = None,
 ) -> list[float]:
     """The calibrator's confidence for each prediction (0.0 for ``None``), as the runtime
     computes it."""
     probs = intent_probs if intent_probs is not None else [None] * len(tagged)
     return [
-        0.0 if t is None else calibrator.confidence(t, ws, None if p is None else float(p.max()))
-        for t, ws, p in zip(tagged, words, probs, strict=True)
+        0.0 if t is None else calibrator.confidence(t, None if p is None else float(p.max()))
+        for t, p in zip(tagged, probs, strict=True)
     ]
 
 
@@ -471,13 +470,7 @@ def train_joint_bundle(
         intent_temperature = calibration["intent_temperature"]
         metrics: dict[str, Any] = {
             **ev.summary(),
-            "frame_calibrator": dict(
-                zip(
-                    calibration["frame_calibrator"]["features"],
-                    calibration["frame_calibrator"]["weights"],
-                    strict=True,
-                )
-            ),
+            "frame_calibrator": calibration["frame_calibrator"],
             "temperature": temperature,
             "intent_temperature": intent_temperature,
             "confidence_combine": combine,
@@ -576,9 +569,7 @@ def calibrate_joint(
     decoder = Decoder(tags, temperature)
     tagged, probs = predict_joint(model, decoder, words, outs)
     calibrator, crossfit = fit_frame_calibrator(
-        train_examples,
         tagged,
-        words,
         joint_correct(tagged, probs, gold_tags, gold_intents, intents),
         [None if p is None else float(p.max()) for p in probs],
         seed=seed,
@@ -590,7 +581,7 @@ def calibrate_joint(
         "confidence_combine": ev.best_mode(0.97).split("/")[0],
         "threshold": None,
         "intent_slots": {k: sorted(v) for k, v in sorted(model.intent_slots.items())},
-        "frame_calibrator": calibrator.to_json(),
+        "frame_calibrator": calibrator and calibrator.to_json(),
     }, ev
 
 
@@ -628,7 +619,7 @@ def calibrate_joint_bundle(
             gold_intents,
             model.intents,
             decoder.tags,
-            None if cal is None else calibrated_confidences(cal, tagged, words, probs),
+            None if cal is None else calibrated_confidences(cal, tagged, probs),
         )
         mode = CALIBRATED if cal is not None else f"{model.combine}/{confidence}"
     finally:
