@@ -84,7 +84,7 @@ class TaggerOptions:
     threads: int = 2
     max_length: int = 128
     opset: int = 18
-    held_out_by: str = "sentences"
+    held_out_by: str = "values"
     """``sentences`` (a random fraction), ``values`` (:func:`value_held_out`: sentences
     with slot values the model then never sees, so the printed threshold is chosen on
     unseen values; issue 14) or ``mixed`` (half of each: :func:`calibration_split`)."""
