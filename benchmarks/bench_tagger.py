@@ -41,6 +41,7 @@ from edgeagent.config import TaskConfig
 from edgeagent.modeltools.calibrate import format_curve
 from edgeagent.modeltools.joint import calibrated_confidences
 from edgeagent.modeltools.tagger import (
+    CALIBRATED,
     evaluate,
     load_tagged_examples,
     slot_report,
@@ -238,8 +239,13 @@ def _printed_threshold_section(bundle: Path, ev: Any, target: float) -> dict[str
     metrics = json.loads((bundle / "metrics.json").read_text("utf-8"))
     out: dict[str, Any] = {}
     print(f"\n== the thresholds train printed for {target:.0%} frames, on this data ==")
+    printed = metrics.get(f"printed_threshold_{round(target * 100)}")
     for mode in ev.curves:
         th = metrics.get(f"threshold_for_{round(target * 100)}_{mode}")
+        if mode == CALIBRATED and printed is not None:
+            th, mode_name = printed, f"{CALIBRATED} (printed, 90 % bound)"
+        else:
+            mode_name = mode
         if th is None:
             continue
         point = _point_at(ev, float(th), mode)
@@ -247,7 +253,7 @@ def _printed_threshold_section(bundle: Path, ev: Any, target: float) -> dict[str
         local = 1.0 if point is None else point.local_accuracy
         out[mode] = {"threshold": th, "escalation": esc, "frame_accuracy": acc, "local": local}
         print(
-            f"{mode:>10}: threshold {float(th):.4f} -> escalate {esc:.1%}, frame accuracy "
+            f"{mode_name:>10}: threshold {float(th):.4f} -> escalate {esc:.1%}, frame accuracy "
             f"{acc:.2%} (local {local:.2%}) -> {'met' if acc >= target else 'MISSED'}"
         )
     return out
