@@ -29,6 +29,10 @@ Job confidence (config ``tagger_confidence``): ``words`` (default) = the least p
 of *every* word, ``O`` included, so a slot the model nearly found also lowers it; ``spans``
 = the weakest span (1.0 when there is none); ``frame`` = the product over all words, the
 probability of the whole tag sequence.  ``benchmarks/bench_tagger.py`` compares them.
+A bundle trained now also carries a :class:`FrameCalibrator` (``calibration.json``'s
+``frame_calibrator``): with ``words`` it replaces the job confidence by the probability,
+learnt on the calibration split, that the whole frame is right.  A joint bundle decodes
+only the slots its predicted intent filled in training (``intent_slots``).
 """
 
 from __future__ import annotations
