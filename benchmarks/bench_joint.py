@@ -20,6 +20,7 @@ when ``--goal`` is missed with what the runtime uses.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -145,6 +146,21 @@ def main() -> int:
     chosen = CALIBRATED if cal is not None else f"{model.combine}/{j.config.tagger_confidence}"
     esc = jev.escalation_for(target, chosen)
     ok = esc <= max_esc
+    metrics = json.loads((args.bundle / "metrics.json").read_text("utf-8"))
+    printed = metrics.get("printed_threshold_97")
+    if printed is not None:
+        at = [p for p in jev.curves[chosen] if p.threshold >= printed]
+        point = min(at, key=lambda p: p.threshold) if at else None
+        print(
+            f"threshold train printed ({printed:.4f}, 97 % with 90 % confidence on its "
+            f"held-out): "
+            + (
+                "everything escalated"
+                if point is None
+                else f"{point.accuracy:.2%} frames at {point.escalation:.1%} escalated "
+                f"(local {point.local_accuracy:.2%})"
+            )
+        )
     print(
         f"\ngoal {target:.0%} frames at <= {max_esc:.0%} escalation with {chosen}: "
         f"{esc:.1%} -> {'met' if ok else 'MISSED'}"

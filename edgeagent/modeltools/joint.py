@@ -53,6 +53,7 @@ from edgeagent.modeltools.tagger import (
     CALIBRATED,
     CONFIDENCE_MODES,
     Tagged,
+    bounded_threshold,
     calibration_backend,
     check_one_target,
     evaluate,
@@ -466,11 +467,16 @@ def train_joint_bundle(
         )
         best = ev.best_mode(0.97)
         combine, slot_mode = best.split("/")
+        used = CALIBRATED if calibration["frame_calibrator"] else f"{combine}/words"
+        printed = bounded_threshold(ev.curves[used], len(held), 0.97)
         temperature = calibration["temperature"]
         intent_temperature = calibration["intent_temperature"]
         metrics: dict[str, Any] = {
             **ev.summary(),
             "frame_calibrator": calibration["frame_calibrator"],
+            "printed_threshold_97": None if math.isinf(printed.threshold) else printed.threshold,
+            "printed_threshold_confidence": used,
+            "printed_threshold_escalation": printed.escalation,
             "temperature": temperature,
             "intent_temperature": intent_temperature,
             "confidence_combine": combine,
@@ -485,8 +491,12 @@ def train_joint_bundle(
             f"{ev.slot_f1:.2%}, frame accuracy {ev.frame_accuracy:.2%}; escalation for 97% "
             f"frames {ev.escalation_for(0.97, best):.1%} with {combine} of intent and "
             f"{slot_mode!r} slot confidence; {ev.escalation_for(0.97, CALIBRATED):.1%} with "
-            f"the frame calibrator (cross-fitted; used with tagger_confidence = 'words'); "
-            f"T={temperature:.3f}, intent T={intent_temperature:.3f}"
+            f"the frame calibrator (cross-fitted; "
+            f"{'kept' if calibration['frame_calibrator'] else 'not kept: no better'}); "
+            f"T={temperature:.3f}, intent T={intent_temperature:.3f}\n"
+            f"threshold for 97% frames with 90% confidence ({used}, the confidence a task "
+            f"with tagger_confidence = 'words' gets): {printed.threshold:.4f}, "
+            f"{printed.escalation:.1%} escalated here"
         )
 
         with staging_dir(out_root, task) as staging:
@@ -575,10 +585,15 @@ def calibrate_joint(
         seed=seed,
     )
     ev = evaluate_joint(tagged, probs, gold_tags, gold_intents, intents, tags, crossfit)
+    best = ev.best_mode(0.97)
+    # kept only where it needs less escalation than the plain combination (SNIPS: it
+    # needed 21.2 % vs 20.1 % on the held-out split, 20.9 % vs 17.9-18.6 % on validation)
+    if ev.escalation_for(0.97, CALIBRATED) >= ev.escalation_for(0.97, best):
+        calibrator = None
     return {
         "temperature": temperature,
         "intent_temperature": model.intent_temperature,
-        "confidence_combine": ev.best_mode(0.97).split("/")[0],
+        "confidence_combine": best.split("/")[0],
         "threshold": None,
         "intent_slots": {k: sorted(v) for k, v in sorted(model.intent_slots.items())},
         "frame_calibrator": calibrator and calibrator.to_json(),
