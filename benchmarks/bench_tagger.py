@@ -39,8 +39,9 @@ import edgeagent.backends  # noqa: F401  (import order: the package before edgea
 from edgeagent.backends.tagger import OnnxTaggerBackend
 from edgeagent.config import TaskConfig
 from edgeagent.modeltools.calibrate import format_curve
+from edgeagent.modeltools.joint import calibrated_confidences
 from edgeagent.modeltools.tagger import (
-    CONFIDENCE_MODES,
+    CALIBRATED,
     evaluate,
     load_tagged_examples,
     slot_report,
@@ -119,7 +120,13 @@ def main() -> int:
     # 1. quality on the gold tokenization
     t0 = time.perf_counter()
     preds = tag_examples(model, decoder, words)
-    ev = evaluate(preds, gold, decoder.tags)
+    cal = backend.calibrator
+    ev = evaluate(
+        preds,
+        gold,
+        decoder.tags,
+        None if cal is None else calibrated_confidences(cal, preds),
+    )
     figures["quality"] = ev.summary()
     figures["quality"]["tag_seconds"] = round(time.perf_counter() - t0, 2)
     figures["quality"]["unknown_gold_tags"] = sorted(unknown)
@@ -131,7 +138,7 @@ def main() -> int:
         f"frame accuracy (local only) {ev.frame_accuracy:.2%}   too long {ev.too_long}"
     )
     print(f"{'confidence':>10} {'ECE':>7} {'esc@95%':>8} {'esc@97%':>8} {'esc@99%':>8}")
-    for mode in CONFIDENCE_MODES:
+    for mode in ev.curves:
         print(
             f"{mode:>10} {ev.ece[mode]:>7.4f} {ev.escalation_for(0.95, mode):>8.1%} "
             f"{ev.escalation_for(0.97, mode):>8.1%} {ev.escalation_for(0.99, mode):>8.1%}"
@@ -146,6 +153,7 @@ def main() -> int:
     figures["goal"] = {"frame_accuracy": target, "max_escalation": budget, "needed": need}
     if args.curve:
         print(format_curve(ev.curves["words"]))
+    figures["printed_threshold"] = _printed_threshold_section(args.bundle, ev, target)
 
     # 1b. per slot type, values seen in training vs not
     if args.train_data is not None:
@@ -224,17 +232,47 @@ def main() -> int:
     return 0
 
 
+def _printed_threshold_section(bundle: Path, ev: Any, target: float) -> dict[str, Any]:
+    """What the thresholds ``train`` printed for ``target`` (on its own calibration
+    split, per confidence mode) give on this data: escalation, overall and local frame
+    accuracy."""
+    metrics = json.loads((bundle / "metrics.json").read_text("utf-8"))
+    out: dict[str, Any] = {}
+    print(f"\n== the thresholds train printed for {target:.0%} frames, on this data ==")
+    printed = metrics.get(f"printed_threshold_{round(target * 100)}")
+    for mode in ev.curves:
+        th = metrics.get(f"threshold_for_{round(target * 100)}_{mode}")
+        if mode == CALIBRATED and printed is not None:
+            th, mode_name = printed, f"{CALIBRATED} (printed, 90 % bound)"
+        else:
+            mode_name = mode
+        if th is None:
+            continue
+        point = _point_at(ev, float(th), mode)
+        esc, acc = (1.0, 1.0) if point is None else (point.escalation, point.accuracy)
+        local = 1.0 if point is None else point.local_accuracy
+        out[mode] = {"threshold": th, "escalation": esc, "frame_accuracy": acc, "local": local}
+        print(
+            f"{mode_name:>10}: threshold {float(th):.4f} -> escalate {esc:.1%}, frame accuracy "
+            f"{acc:.2%} (local {local:.2%}) -> {'met' if acc >= target else 'MISSED'}"
+        )
+    return out
+
+
+def _point_at(ev: Any, threshold: float, mode: str = "words") -> Any:
+    """The curve point of ``mode`` reached with ``threshold`` (None: escalate all)."""
+    best = None
+    for point in ev.curves[mode]:  # the point with the smallest threshold >= the one asked for
+        if point.threshold >= threshold and (best is None or point.threshold < best.threshold):
+            best = point
+    return best
+
+
 def _at_threshold(ev: Any, threshold: float) -> tuple[float, float]:
     """(escalation, overall frame accuracy with a perfect cloud) when every frame whose
     ``words`` confidence is below ``threshold`` (and every forced one) is escalated."""
-    curve = ev.curves["words"]
-    best = None
-    for point in curve:  # the point with the smallest threshold >= the one asked for
-        if point.threshold >= threshold and (best is None or point.threshold < best.threshold):
-            best = point
-    if best is None:
-        return 1.0, 1.0
-    return best.escalation, best.accuracy
+    best = _point_at(ev, threshold)
+    return (1.0, 1.0) if best is None else (best.escalation, best.accuracy)
 
 
 def _recalibration_section(

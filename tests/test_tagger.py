@@ -363,6 +363,104 @@ def test_value_held_out_split_keeps_the_held_out_values_out_of_training() -> Non
     assert value_held_out(rows, 0.1, seed=1, min_distinct=1000) == []
 
 
+def test_mixed_split_holds_out_unseen_values_and_random_sentences() -> None:
+    from edgeagent.modeltools.tagger import calibration_split, slot_values, value_held_out
+
+    rows = [(r["tokens"], r["tags"]) for r in home_examples(400, seed=3)]
+    held = calibration_split(rows, 0.2, "mixed", seed=1, log=_quiet)
+    by_value = value_held_out(rows, 0.1, seed=1)
+    assert set(by_value) < set(held)  # the unseen-value half ...
+    others = sorted(set(held) - set(by_value))
+    assert 20 <= len(others) <= 60  # ... and as many ordinary sentences
+    train = [rows[i] for i in range(len(rows)) if i not in set(held)]
+    assert not slot_values([rows[i] for i in by_value])["value"] & slot_values(train)["value"]
+    # the random half holds values training also has (what the calibrator compares with)
+    assert slot_values([rows[i] for i in others])["value"] & slot_values(train)["value"]
+    assert calibration_split(rows, 0.2, "sentences", seed=1, log=_quiet) != held
+
+
+def _frame(words: list[str], tags: list[str], p: float) -> TaggedText:
+    path = [TAGS.index(t) for t in tags]
+    offs = [(0, len(w)) for w in words]
+    return TaggedText(offs, path, [p] * len(tags), spans(TAGS, path, [p] * len(tags)))
+
+
+def test_frame_calibrator_combines_the_confidences_and_round_trips() -> None:
+    from edgeagent.backends.tagger import FrameCalibrator
+
+    cal = FrameCalibrator("words", ("log_words", "log_frame", "log_intent"), (1.0, 2.0, 0.5), 3.0)
+    sure = _frame(["to", "paris"], ["O", "B-city"], 0.99)
+    unsure = _frame(["to", "paris"], ["O", "B-city"], 0.7)
+    f = cal.features(unsure)
+    assert f["log_words"] == pytest.approx(np.log(0.7))
+    assert f["log_frame"] == pytest.approx(2 * np.log(0.7)) and f["log_intent"] == 0.0
+    assert 0.0 < cal.confidence(unsure) < cal.confidence(sure) < 1.0
+    # with an intent: never surer than the intent itself
+    assert cal.confidence(sure, 0.6) <= 0.6
+    # what the bundle stores is what the runtime reads
+    again = FrameCalibrator.from_json(json.loads(json.dumps(cal.to_json())))
+    assert again.confidence(unsure, 0.9) == cal.confidence(unsure, 0.9)
+    with pytest.raises(ValueError, match="frame_calibrator"):
+        FrameCalibrator.from_json({**cal.to_json(), "features": ["unseen_value"]})
+    with pytest.raises(ValueError, match="frame_calibrator"):
+        FrameCalibrator.from_json({"base": "words"})
+
+
+def test_fit_frame_calibrator_is_cross_fitted_and_calibrated() -> None:
+    from edgeagent.modeltools.tagger import fit_frame_calibrator
+
+    rng = random.Random(0)
+    tagged: list[TaggedText | None] = []
+    correct: list[bool] = []
+    for _ in range(400):
+        p = rng.uniform(0.5, 1.0)
+        tagged.append(_frame(["to", "paris"], ["O", "B-city"], p))
+        # the tag probabilities are overconfident: a frame at p is right with p ** 3
+        correct.append(rng.random() < p**3)
+    tagged.append(None)
+    correct.append(False)
+    cal, crossfit = fit_frame_calibrator(tagged, correct, seed=1)
+    assert len(crossfit) == len(tagged) and crossfit[-1] == 0.0
+    assert cal is not None and "log_intent" not in cal.names
+    conf = np.array(crossfit[:-1])
+    ok = np.array(correct[:-1])
+    for lo, hi in ((0.0, 0.4), (0.4, 0.7), (0.7, 1.0)):  # right as often as it says
+        sel = (conf >= lo) & (conf < hi)
+        assert abs(conf[sel].mean() - ok[sel].mean()) < 0.1
+    # one class only: nothing to learn, no calibrator, the base confidence is kept
+    none, base = fit_frame_calibrator(tagged[:10], [True] * 10)
+    assert none is None and base == [t.word_p[0] for t in tagged[:10] if t is not None]
+
+
+def test_bounded_threshold_asks_for_more_than_the_cheapest_point() -> None:
+    from edgeagent.modeltools.calibrate import escalation_curve, escalation_for
+    from edgeagent.modeltools.tagger import bounded_threshold
+
+    rng = random.Random(2)
+    conf = [rng.random() for _ in range(400)]
+    correct = [rng.random() < 0.75 + 0.25 * c for c in conf]
+    curve = escalation_curve(conf, correct, [False] * len(conf))
+    plain = escalation_for(curve, 0.97)
+    bounded = bounded_threshold(curve, len(conf), 0.97)
+    assert bounded.accuracy >= plain.accuracy >= 0.97
+    assert bounded.escalation > plain.escalation and bounded.threshold > plain.threshold
+    assert bounded_threshold(curve, len(conf), 0.97, z=0.0) == plain
+
+
+def test_decoding_restricted_to_some_slots_keeps_the_full_probabilities() -> None:
+    dec = Decoder(TAGS, 1.0)
+    logits = np.full((2, len(TAGS)), -4.0, dtype=np.float32)
+    logits[0, TAGS.index("O")] = 4.0
+    logits[1, TAGS.index("B-day")] = 2.0
+    logits[1, TAGS.index("B-city")] = 1.5
+    free = dec.tag(logits, [(0, 2), (3, 9)])
+    assert [s.slot for s in free.spans] == ["day"]
+    only_city = dec.tag(logits, [(0, 2), (3, 9)], dec.tags_of(frozenset({"city"})))
+    assert [s.slot for s in only_city.spans] == ["city"]
+    # the mass on the forbidden "day" still counts against the answer
+    assert only_city.word_p[1] < 0.5 < free.word_p[1]
+
+
 # -- the real model ----------------------------------------------------------------------
 
 
@@ -374,6 +472,44 @@ def test_bundle_records_quality_and_int8_agreement(tagger_bundle: Path) -> None:
     assert metrics["slot_f1"] > 0.9
     assert (tagger_bundle.parent / "latest").resolve() == tagger_bundle.resolve()
     assert json.loads((tagger_bundle / "labels.json").read_text())[0] == "O"
+
+
+def test_bundle_frame_calibrator_replaces_the_words_confidence(
+    tagger_bundle: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from edgeagent.backends.tagger import FrameCalibrator
+    from edgeagent.modeltools.bundle import write_manifest
+
+    # train wrote one (or null: every held-out frame right, nothing to learn)
+    assert "frame_calibrator" in json.loads((tagger_bundle / "calibration.json").read_text())
+    assert "printed_threshold_97" in json.loads((tagger_bundle / "metrics.json").read_text())
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tagger_bundle, bundle)
+    cal = json.loads((bundle / "calibration.json").read_text())
+    calibrator = FrameCalibrator("words", ("log_words", "log_frame"), (2.0, 1.0), 1.0)
+    cal["frame_calibrator"] = calibrator.to_json()
+    (bundle / "calibration.json").write_text(json.dumps(cal))
+    manifest = read_manifest(bundle, kind="tagger", verify=False)
+    base = {k: v for k, v in manifest.items() if k not in ("files", "fingerprint", "format")}
+    write_manifest(bundle, base, list(manifest["files"]))
+    words = OnnxTaggerBackend("home", _task(bundle))
+    spans_mode = OnnxTaggerBackend("home", _task(bundle, tagger_confidence="spans"))
+    for b in (words, spans_mode):
+        b.load()
+    try:
+        assert words.calibrator == calibrator and spans_mode.calibrator is None
+        text = "turn on the lamp in the kitchen"
+        (p,) = words.infer_batch([text])
+        model, decoder = words.loaded()
+        offs = split_words(text)
+        lg = model.word_logits([text[a:b] for a, b in offs])
+        assert lg is not None
+        assert p.confidence == pytest.approx(calibrator.confidence(decoder.tag(lg, offs)))
+    finally:
+        words.close()
+        spans_mode.close()
 
 
 def test_extracts_typed_objects_from_unseen_commands(tagger: OnnxTaggerBackend) -> None:

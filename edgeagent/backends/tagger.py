@@ -29,6 +29,10 @@ Job confidence (config ``tagger_confidence``): ``words`` (default) = the least p
 of *every* word, ``O`` included, so a slot the model nearly found also lowers it; ``spans``
 = the weakest span (1.0 when there is none); ``frame`` = the product over all words, the
 probability of the whole tag sequence.  ``benchmarks/bench_tagger.py`` compares them.
+A bundle trained now also carries a :class:`FrameCalibrator` (``calibration.json``'s
+``frame_calibrator``): with ``words`` it replaces the job confidence by the probability,
+learnt on the calibration split, that the whole frame is right.  A joint bundle decodes
+only the slots its predicted intent filled in training (``intent_slots``).
 """
 
 from __future__ import annotations
@@ -266,10 +270,14 @@ class Decoder:
         self.start = start_mask(self.tags)
         self.slots = sorted({s for t in self.tags if (s := slot_of(t)) is not None})
 
-    def decode(self, logits: FloatArray) -> tuple[list[int], list[float]]:
+    def decode(
+        self, logits: FloatArray, allowed_tags: npt.NDArray[np.bool_] | None = None
+    ) -> tuple[list[int], list[float]]:
         """Tag path and the calibrated probability of each chosen tag.  A word with all-zero
         logits (no sub-word tokens: see :meth:`TaggerModel.word_logits`) is forced to ``O``
-        with probability 1."""
+        with probability 1.  ``allowed_tags`` (:meth:`tags_of`) restricts the path to some
+        tags; the probabilities stay those of the full distribution, so mass the model put
+        on a forbidden tag still lowers the confidence."""
         import numpy as np
 
         z = logits / self.temperature
@@ -279,13 +287,25 @@ class Decoder:
         if blank.any():
             logp[blank] = -1e9
             logp[blank, self.o_index] = 0.0
-        path = viterbi(logp, self.allowed, self.start)
+        score = logp if allowed_tags is None else np.where(allowed_tags, logp, np.float32(-1e9))
+        path = viterbi(score.astype(np.float32), self.allowed, self.start)
         word_p = [float(np.exp(logp[w, t])) for w, t in enumerate(path)]
         return path, word_p
 
-    def tag(self, logits: FloatArray, words: list[tuple[int, int]]) -> TaggedText:
-        path, word_p = self.decode(logits)
+    def tag(
+        self,
+        logits: FloatArray,
+        words: list[tuple[int, int]],
+        allowed_tags: npt.NDArray[np.bool_] | None = None,
+    ) -> TaggedText:
+        path, word_p = self.decode(logits, allowed_tags)
         return TaggedText(words, path, word_p, spans(self.tags, path, word_p))
+
+    def tags_of(self, slots: frozenset[str]) -> npt.NDArray[np.bool_]:
+        """Mask of the tags a path may use when only ``slots`` may be filled (``O`` always)."""
+        import numpy as np
+
+        return np.array([t == "O" or slot_of(t) in slots for t in self.tags], dtype=bool)
 
 
 def job_confidence(tagged: TaggedText, how: str) -> float:
@@ -298,6 +318,86 @@ def job_confidence(tagged: TaggedText, how: str) -> float:
             p *= x
         return p
     return min(tagged.word_p, default=1.0)
+
+
+# -- frame calibration (issues 12 and 14) -----------------------------------------------
+
+FRAME_FEATURES = ("log_words", "log_spans", "log_frame", "log_intent")
+"""Features of one answer for :class:`FrameCalibrator`: the log of each job confidence
+mode (:func:`job_confidence`) and of the intent probability (joint bundles; 0 otherwise)."""
+
+_LOG_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class FrameCalibrator:
+    """P(the whole frame is right) by a logistic regression on :data:`FRAME_FEATURES`,
+    fitted (cross-validated) on the calibration split when the bundle was trained.
+
+    The per-word tag probabilities are calibrated word by word, not frame by frame: the
+    least probable word (``words``), the whole sequence (``frame``) and the weakest span
+    (``spans``) each miss part of what makes a frame wrong, and a joint bundle must also
+    weigh the intent.  The regression learns that combination from the held-out frames.
+    It replaces the job confidence when the task's ``tagger_confidence`` is the mode it
+    was fitted for (``base``); with an intent, it is never above the intent probability.
+    (Features for unseen slot values, out-of-vocabulary words and rare slot types were
+    measured on ATIS and made the ranking worse: see ``benchmarks/README.md``.)"""
+
+    base: str
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+    bias: float
+
+    @staticmethod
+    def features(tagged: TaggedText, p_intent: float | None = None) -> dict[str, float]:
+        import math
+
+        def log(x: float) -> float:
+            return math.log(max(x, _LOG_FLOOR))
+
+        return {
+            "log_words": log(job_confidence(tagged, "words")),
+            "log_spans": log(job_confidence(tagged, "spans")),
+            "log_frame": log(job_confidence(tagged, "frame")),
+            "log_intent": 0.0 if p_intent is None else log(p_intent),
+        }
+
+    def confidence(self, tagged: TaggedText, p_intent: float | None = None) -> float:
+        import math
+
+        f = self.features(tagged, p_intent)
+        z = self.bias + sum(w * f[n] for n, w in zip(self.names, self.weights, strict=True))
+        p = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+        # a frame is right only if its intent is: never surer than the intent itself
+        return p if p_intent is None else min(p, p_intent)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "base": self.base,
+            "features": list(self.names),
+            "weights": list(self.weights),
+            "bias": self.bias,
+        }
+
+    @classmethod
+    def from_json(cls, raw: object) -> FrameCalibrator:
+        """From ``calibration.json``'s ``frame_calibrator``; ValueError when malformed."""
+        if not isinstance(raw, dict):
+            raise ValueError("calibration.json: frame_calibrator must be an object")
+        try:
+            names = tuple(str(n) for n in raw["features"])
+            weights = tuple(float(w) for w in raw["weights"])
+            bias = float(raw["bias"])
+            base = str(raw["base"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"calibration.json: malformed frame_calibrator ({exc})") from None
+        unknown = set(names) - set(FRAME_FEATURES)
+        if unknown or len(names) != len(weights):
+            raise ValueError(
+                f"calibration.json: frame_calibrator has unknown features {sorted(unknown)} "
+                "or weights of the wrong length"
+            )
+        return cls(base, names, weights, bias)
 
 
 _UNITS = [
@@ -432,6 +532,7 @@ class OnnxTaggerBackend:
         self._decoder: Decoder | None = None
         self._props: dict[str, Any] = {}
         self._threshold: float | None = None
+        self._calibrator: FrameCalibrator | None = None
         self._manifest: dict[str, Any] | None = None
 
     @property
@@ -472,6 +573,8 @@ class OnnxTaggerBackend:
                 if not isinstance(cal, dict):
                     raise ValueError("calibration.json: expected an object")
                 decoder = Decoder(tags, float(cal.get("temperature", 1.0)))
+                raw_cal = cal.get("frame_calibrator")
+                calibrator = None if raw_cal is None else FrameCalibrator.from_json(raw_cal)
                 tok = manifest.get("tokenizer", {})
                 model = model_class(bundle)(
                     bundle / "model.onnx",
@@ -495,6 +598,11 @@ class OnnxTaggerBackend:
                     "again, or set use_bundle_threshold = false)"
                 )
             self._threshold = float(threshold) if threshold is not None else None
+            self._calibrator = (
+                calibrator
+                if calibrator is not None and calibrator.base == self.config.tagger_confidence
+                else None
+            )
             self._manifest, self._model, self._decoder, self._props = (
                 manifest,
                 model,
@@ -517,6 +625,12 @@ class OnnxTaggerBackend:
                 f"(it knows {len(slots)}: {', '.join(slots)})"
             )
         return dict(props)
+
+    @property
+    def calibrator(self) -> FrameCalibrator | None:
+        """The bundle's frame calibrator when the task uses it (its ``base`` is the task's
+        ``tagger_confidence``), else ``None``."""
+        return self._calibrator
 
     def warmup(self) -> None:
         self.infer_batch([WARMUP_TEXT])
@@ -576,6 +690,8 @@ class OnnxTaggerBackend:
                 obj[INTENT_KEY] = label
             conf = frame_confidence(p_intent, conf, combine)
             details["intent"] = {"label": label, "confidence": round(p_intent, 4)}
+        if self._calibrator is not None:
+            conf = self._calibrator.confidence(tagged, None if intent is None else intent[1])
         details |= {
             "spans": [
                 {
@@ -646,12 +762,10 @@ class OnnxTaggerBackend:
                 reason=SCHEMA_INVALID,
                 details={"failure": "input_too_long", "limit_tokens": model.max_length},
             )
-        word_lg, intent_lg = joint
+        tagged, probs = joint_tag(model, decoder, joint, offs)
+        k = int(probs.argmax())
         return self._answer(
-            text,
-            decoder.tag(word_lg, offs),
-            intent=model.intent_of(intent_lg),
-            combine=model.combine,
+            text, tagged, intent=(model.intents[k], float(probs[k])), combine=model.combine
         )
 
 
@@ -666,6 +780,24 @@ def frame_confidence(p_intent: float, slots: float, combine: str = "product") ->
     independent, ``min`` as the weakest link.  The bundle records the one that needed the
     least escalation on its held-out split."""
     return min(p_intent, slots) if combine == "min" else p_intent * slots
+
+
+def joint_tag(
+    model: JointTaggerModel,
+    decoder: Decoder,
+    joint: tuple[FloatArray, FloatArray],
+    words: list[tuple[int, int]],
+) -> tuple[TaggedText, FloatArray]:
+    """The tags and the intent probabilities of one input from its joint logits.  When the
+    bundle records which slots each intent uses (``intent_slots``), the tag path may only
+    fill the predicted intent's slots (a frame with the wrong intent is wrong anyway)."""
+    word_lg, intent_lg = joint
+    probs = model.intent_probs(intent_lg)
+    allowed = None
+    if model.intent_slots is not None:
+        slots = model.intent_slots.get(model.intents[int(probs.argmax())])
+        allowed = None if slots is None else decoder.tags_of(slots)
+    return decoder.tag(word_lg, words, allowed), probs
 
 
 def model_class(bundle: Path) -> type[TaggerModel]:
@@ -707,6 +839,11 @@ class JointTaggerModel(TaggerModel):
         cal = json.loads((folder / "calibration.json").read_text("utf-8"))
         temperature = float(cal.get("intent_temperature", 1.0)) if isinstance(cal, dict) else 1.0
         combine = cal.get("confidence_combine", "product") if isinstance(cal, dict) else "product"
+        raw_slots = cal.get("intent_slots") if isinstance(cal, dict) else None
+        if raw_slots is not None and not (
+            isinstance(raw_slots, dict) and all(isinstance(v, list) for v in raw_slots.values())
+        ):
+            raise ValueError("calibration.json: intent_slots must map intents to slot lists")
         if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError("calibration.json: intent_temperature must be > 0")
         if combine not in COMBINE_MODES:
@@ -723,6 +860,11 @@ class JointTaggerModel(TaggerModel):
         self.intents: list[str] = intents
         self.intent_temperature = temperature
         self.combine: str = combine
+        self.intent_slots: dict[str, frozenset[str]] | None = (
+            None
+            if raw_slots is None
+            else {str(k): frozenset(str(x) for x in v) for k, v in raw_slots.items()}
+        )
 
     def joint_logits(self, words: list[str]) -> tuple[FloatArray, FloatArray] | None:
         """``(word tag logits (words, tags), intent logits (intents,))``, or ``None`` when

@@ -95,11 +95,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     train.add_argument(
         "--held-out-by",
-        choices=["sentences", "values"],
-        default="sentences",
-        help="tagger: hold out random sentences (default), or every sentence mentioning a "
-        "random set of slot values (names, cities), so the printed threshold is chosen on "
-        "values the model never saw",
+        choices=["sentences", "values", "mixed"],
+        default="values",
+        help="tagger: hold out every sentence mentioning a random set of slot values (names, "
+        "cities), so the printed threshold is chosen on values the model never saw "
+        "(default; random sentences when no slot is open-class), random sentences, or half "
+        "of each (mixed)",
     )
     train.add_argument(
         "--oos-examples",
