@@ -480,7 +480,7 @@ def test_bundle_frame_calibrator_replaces_the_words_confidence(
     import shutil
 
     from edgeagent.backends.tagger import FrameCalibrator
-    from edgeagent.modeltools.bundle import write_manifest
+    from edgeagent.bundle import write_manifest
 
     # train wrote one (or null: every held-out frame right, nothing to learn)
     assert "frame_calibrator" in json.loads((tagger_bundle / "calibration.json").read_text())
