@@ -47,9 +47,17 @@ left out; the value tokens are aggregated as configured (``min`` by default).  A
 value the model only produced because the grammar left it no other choice thus
 scores low, which is what the router needs.
 
+Features: every extract/classify answer carries ``details["features"]``
+(:func:`edgeagent.backends.calibration.answer_features`): the raw confidence, the least
+and mean value-token log-probability (also per kind of value: copied from the input or
+an enum label), the least margin between the chosen token and the unconstrained
+runner-up, the share of enum labels the input writes, and the input's size and count
+of numbers.
+
 Calibration: with ``calibration = FILE`` (written by ``edgeagent calibrate``, see
-:mod:`edgeagent.backends.calibration`), extract and classify answers report
-``sigmoid(a * logit(raw) + b)`` as their confidence and the raw one in
+:mod:`edgeagent.backends.calibration`), extract and classify answers report the
+calibrated confidence — a logistic regression on named features, or
+``sigmoid(a * logit(raw) + b)`` for the older Platt files — and the raw one in
 ``details["raw_confidence"]``; answers below the file's threshold get
 ``reason="low_confidence"`` (unless ``use_calibration_threshold = false``).  The file
 records the model's sha256 and the :attr:`LlamaCppBackend.prompt_fingerprint` it was
@@ -955,7 +963,8 @@ class LlamaCppBackendConfig(BackendConfig):
     calibration: Path | None = Field(
         None,
         description="Extract/classify: calibration file written by `edgeagent calibrate TASK` "
-        "(Platt scaling of the raw confidence, fitted on labelled examples).  Refused at load "
+        "(a logistic regression on features of each answer, or Platt scaling of the raw "
+        "confidence in older files; fitted on labelled examples).  Refused at load "
         "when it was fitted for another model file or prompt.  Unset: raw confidence.",
     )
     use_calibration_threshold: bool = Field(
