@@ -740,7 +740,7 @@ def test_calibrated_backend_reports_calibrated_confidence(
         features = p.details["features"]
         assert isinstance(features, dict) and features["raw"] == p.details["raw_confidence"]
         assert 0.0 <= p.confidence <= 1.0
-        assert p.confidence == pytest.approx(cal.apply_features(features), abs=1e-5)
+        assert p.confidence == cal.apply_features(features)  # type: ignore[arg-type]
         assert (p.reason == "low_confidence") == (p.confidence < cal.threshold)
 
 

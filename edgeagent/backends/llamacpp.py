@@ -517,7 +517,7 @@ class LlamaCppBackend:
         """A valid answer with its (calibrated, when configured) confidence;
         ``details["features"]`` holds what ``edgeagent calibrate`` fits on."""
         raw = features["raw"]
-        shown: dict[str, JSONValue] = {k: round(v, 6) for k, v in features.items()}
+        shown: dict[str, JSONValue] = dict(features)  # not rounded: calibrate fits on these
         cal = self._calibration
         if cal is None:
             return Prediction(output, raw, details={**stats, "features": shown})
