@@ -26,8 +26,8 @@ generations:
    threshold, with the checks above), and what the calibrated example answers on
    adversarial inputs (every answer there is wrong unless it is exactly what the input
    says);
-3. the median single-job time of the labelled lines (``--compare-timing``: the same
-   measured with another checkout of edgeagent, e.g. the one before this change).
+3. the median single-job time of the labelled lines (compared with another checkout by
+   ``benchmarks/bench_extract_latency.py``).
 """
 
 from __future__ import annotations
