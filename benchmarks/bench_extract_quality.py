@@ -11,24 +11,33 @@ fitted on ``examples/extract-calibration.jsonl``, other lines of the same genera
 over adversarial inputs (blank, whitespace, punctuation, prompt injection, other scripts,
 numbers longer than the grammar's digit cap, lines without a reading).  Inputs are fed
 as the daemon feeds them (:func:`edgeagent.inputs.model_input`).  The backend runs with
-``grounded = false`` and the no-content and digit-cap checks bypassed, so the
-*baseline* (the backend before issue 14) and *now* (grounding, no-content refusal,
-bounds detection) come from the same generations:
+the grounding verdict, the no-content and digit-cap checks bypassed (every value is
+treated as found in the input, so the answer and its features are recorded), so the
+*baseline* (the backend before issue 14), *before* (``--before``: an earlier calibration
+file, e.g. the Platt one shipped before the feature calibration) and *now* (grounding,
+no-content refusal, bounds detection, the shipped calibration file) come from the same
+generations:
 
 1. invented values: the share of ``ok`` answers holding a string or number that does
    not occur in the input (:func:`edgeagent.grounding.ungrounded`), at the example's old
    threshold (0.5 on the raw confidence) — baseline vs now;
 2. the answer rate and precision (exact object) on the labelled lines: baseline (raw
-   confidence >= 0.5, no calibration) vs now (the shipped calibration file's confidence
-   and threshold), and what the calibrated example answers on adversarial inputs
-   (every answer there is wrong unless it is exactly what the input says).
+   confidence >= 0.5, no calibration), before and now (each file's confidence and
+   threshold, with the checks above), and what the calibrated example answers on
+   adversarial inputs (every answer there is wrong unless it is exactly what the input
+   says);
+3. the median single-job time of the labelled lines (compared with another checkout by
+   ``benchmarks/bench_extract_latency.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 import edgeagent.backends  # noqa: E402, F401  (import order: the package before edgeagent.config)
 import edgeagent.backends.llamacpp as llamacpp_mod  # noqa: E402
-from edgeagent.backends.calibration import read_calibration  # noqa: E402
+from edgeagent.backends.calibration import Calibration, read_calibration  # noqa: E402
 from edgeagent.backends.llamacpp import LlamaCppBackend  # noqa: E402
 from edgeagent.config import load_settings  # noqa: E402
 from edgeagent.grammar import GrammarLimits, overlong_numbers  # noqa: E402
@@ -75,14 +84,18 @@ def _run(backend: LlamaCppBackend, texts: list[str]) -> list[dict[str, Any]]:
     for i, text in enumerate(texts, 1):
         fed = model_input(text)
         assert isinstance(fed, str)
+        t0 = time.perf_counter()
         [pred] = backend.infer_batch([fed])
+        seconds = time.perf_counter() - t0
         out.append(
             {
                 "text": text,
                 "fed": fed,
                 "output": pred.output,
                 "raw": pred.confidence,
+                "features": pred.details.get("features"),
                 "failure": pred.details.get("failure"),
+                "s": seconds,
             }
         )
         if i % 20 == 0:
@@ -90,8 +103,11 @@ def _run(backend: LlamaCppBackend, texts: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def _now(row: dict[str, Any], schema: dict[str, Any], cal: Any) -> tuple[Any, float, bool]:
-    """(output, confidence, answered) as the backend gives them now, from a baseline row."""
+def _now(
+    row: dict[str, Any], schema: dict[str, Any], cal: Calibration | None
+) -> tuple[Any, float, bool]:
+    """(output, confidence, answered) as the backend gives them with ``cal``, from a
+    baseline row."""
     if not has_content(row["text"]):
         return None, 0.0, False
     out = row["output"]
@@ -99,7 +115,7 @@ def _now(row: dict[str, Any], schema: dict[str, Any], cal: Any) -> tuple[Any, fl
         return None, 0.0, False
     if ungrounded(out, schema, row["fed"]):
         return None, 0.0, False
-    conf = cal.apply(row["raw"]) if cal is not None else row["raw"]
+    conf = cal.apply_features(row["features"]) if cal is not None else row["raw"]
     ok = conf >= (cal.threshold if cal is not None and cal.threshold is not None else 0.5)
     return out, conf, ok
 
@@ -112,6 +128,9 @@ def main() -> int:
     ap.add_argument("--baseline-threshold", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--before", type=Path, default=None, help="an earlier calibration file to compare with"
+    )
     ap.add_argument(
         "--rescore", type=Path, default=None, help="score the rows of an earlier --json run"
     )
@@ -128,12 +147,17 @@ def main() -> int:
         rows = json.loads(args.rescore.read_text("utf-8"))["rows"]
     else:
         backend_cfg = task.backend.model_copy(
-            update={"calibration": None, "grounded": False, "n_threads": args.threads}
+            update={"calibration": None, "n_threads": args.threads}
         )
         backend = LlamaCppBackend(args.task, task.model_copy(update={"backend": backend_cfg}))
-        # The baseline: no no-content refusal, no digit-cap check (re-applied in _now).
+        # The baseline: no no-content refusal, no digit-cap check, every value found in the
+        # input (re-applied in _now); the features still know which values are copied.
         llamacpp_mod.has_content = lambda _text: True  # type: ignore[attr-defined,assignment]
         llamacpp_mod.overlong_numbers = lambda _text, _limits=None: []  # type: ignore[attr-defined,assignment]
+        leaves = llamacpp_mod.leaves
+        llamacpp_mod.leaves = lambda *a, **k: [  # type: ignore[attr-defined,assignment]
+            dataclasses.replace(leaf, grounded=True) for leaf in leaves(*a, **k)
+        ]
         backend.load()
         try:
             print(f"running {len(labelled)} labelled + {len(ADVERSARIAL)} adversarial inputs")
@@ -169,33 +193,53 @@ def main() -> int:
             )
 
     print("\n== 2. answers on the labelled lines (exact object) ==")
-    b_ans = [r for r in lab if baseline(r)]
-    b_right = sum(r["output"] == r["expected"] for r in b_ans)
-    n_ans = [r for r in lab if _now(r, schema, cal)[2]]
-    n_right = sum(r["output"] == r["expected"] for r in n_ans)
-    right_at_0 = sum(r["output"] == r["expected"] for r in lab)
-    adv_ans = [r for r in adv if _now(r, schema, cal)[2]]
-    figures["answers"] = {
-        "baseline": {"answered": len(b_ans), "right": b_right},
-        "now": {"answered": len(n_ans), "right": n_right},
-        "right_if_all_answered": right_at_0,
-        "calibration_threshold": None if cal is None else cal.threshold,
-        "adversarial_answered_now": [r["text"][:80] for r in adv_ans],
-        "adversarial_answers_now": [r["output"] for r in adv_ans],
-    }
+    before = read_calibration(args.before)[0] if args.before is not None else None
     n = len(lab)
+    right_at_0 = sum(r["output"] == r["expected"] for r in lab)
     print(f"right if every line were answered: {right_at_0}/{n} ({right_at_0 / n:.1%})")
-    for name, ans, right in (("baseline", b_ans, b_right), ("now", n_ans, n_right)):
+    answers: dict[str, Any] = {"right_if_all_answered": right_at_0}
+    modes: list[tuple[str, Any]] = [("baseline", None)]
+    if before is not None:
+        modes.append(("before", before))
+    modes.append(("now", cal))
+    base_answered = 0
+    for name, c in modes:
+        if name == "baseline":
+            ans = [r for r in lab if baseline(r)]
+        else:
+            ans = [r for r in lab if _now(r, schema, c)[2]]
+        right = sum(r["output"] == r["expected"] for r in ans)
+        if name == "baseline":
+            base_answered = len(ans)
+        answers[name] = {
+            "answered": len(ans),
+            "right": right,
+            "threshold": None if c is None else c.threshold,
+            "method": None if c is None else type(c).__name__,
+        }
         print(
             f"{name:>9}: answered {len(ans)}/{n} ({len(ans) / n:.1%}), precision "
             f"{right}/{max(len(ans), 1)} ({right / max(len(ans), 1):.1%})"
+            + ("" if c is None else f"  [{type(c).__name__}, threshold {c.threshold:.3f}]")
         )
+        for r in ans:
+            if r["output"] != r["expected"]:
+                print(f"      wrong: {r['text'][:60]!r} -> {r['output']}")
+    adv_ans = [r for r in adv if _now(r, schema, cal)[2]]
+    answers["adversarial_answered_now"] = [r["text"][:80] for r in adv_ans]
+    answers["adversarial_answers_now"] = [r["output"] for r in adv_ans]
+    figures["answers"] = answers
     print(
-        f"ratio now/baseline: answer rate {len(n_ans) / max(len(b_ans), 1):.2f}x; "
+        f"ratio now/baseline: answer rate "
+        f"{answers['now']['answered'] / max(base_answered, 1):.2f}x; "
         f"adversarial answered now: {len(adv_ans)}/{len(adv)}"
     )
     for r in adv_ans:
         print(f"   {r['text'][:60]!r} -> {r['output']}")
+    if all("s" in r for r in lab):
+        med = statistics.median(r["s"] for r in lab)
+        figures["median_job_s"] = med
+        print(f"\n== 3. median single-job time on the labelled lines: {med * 1000:.0f} ms ==")
     if args.json:
         args.json.write_text(json.dumps({"figures": figures, "rows": rows}, indent=1, default=str))
     return 0

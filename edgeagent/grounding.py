@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-__all__ = ["GROUNDED_KEY", "numbers_in", "ungrounded"]
+__all__ = ["GROUNDED_KEY", "Leaf", "leaves", "numbers_in", "ungrounded"]
 
 GROUNDED_KEY = "x-grounded"
 """Schema keyword (ignored by JSON Schema validators) turning the check on or off."""
@@ -97,13 +98,25 @@ def _closed(node: dict[str, Any]) -> bool:
     return "enum" in node or "const" in node or "format" in node
 
 
-def ungrounded(value: Any, schema: Any, text: str, *, default: bool = True) -> list[str]:
-    """JSON paths (``$.device_id``, ``$.items[2]``) of the strings and numbers in ``value``
-    that ``schema`` asks to be copied from ``text`` but that ``text`` does not contain.
-    Empty when everything checked was found."""
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """One string, number, boolean or null of an answer, in document order."""
+
+    path: str
+    value: Any
+    copied: bool
+    """The schema asks for it to be copied from the text (checked for grounding)."""
+    grounded: bool
+    """Found in the text (always True when not ``copied``)."""
+
+
+def leaves(value: Any, schema: Any, text: str, *, default: bool = True) -> list[Leaf]:
+    """Every scalar of ``value`` in document order (the order of its JSON text, so the
+    n-th leaf is the n-th span of :func:`edgeagent.grammar.value_spans`), with whether
+    ``schema`` asks for it to be copied from ``text`` and whether ``text`` contains it."""
     folded = _fold(text)
     numbers: set[Decimal] | None = None
-    bad: list[str] = []
+    out: list[Leaf] = []
 
     def number_found(x: int | float) -> bool:
         nonlocal numbers
@@ -121,10 +134,11 @@ def ungrounded(value: Any, schema: Any, text: str, *, default: bool = True) -> l
             if isinstance(alts, list):
                 # The value is checked when no alternative gives it a fixed spelling.
                 if any(isinstance(a, dict) and _closed(a) and _admits(a, v) for a in alts):
+                    node, on = {}, False
+                else:
+                    typed = [a for a in alts if isinstance(a, dict) and _type_fits(a, v)]
+                    walk(v, typed[0] if typed else {}, path, on)
                     return
-                typed = [a for a in alts if isinstance(a, dict) and _type_fits(a, v)]
-                walk(v, typed[0] if typed else {}, path, on)
-                return
         if isinstance(v, dict):
             props = node.get("properties") or {}
             for k, sub in v.items():
@@ -133,15 +147,21 @@ def ungrounded(value: Any, schema: Any, text: str, *, default: bool = True) -> l
             for i, sub in enumerate(v):
                 walk(sub, node.get("items", {}), f"{path}[{i}]", on)
         elif not on or _closed(node) or isinstance(v, bool) or v is None:
-            return
+            out.append(Leaf(path, v, copied=False, grounded=True))
         elif isinstance(v, str):
-            if not _occurs(_fold(v), folded):
-                bad.append(path)
-        elif isinstance(v, int | float) and not number_found(v):
-            bad.append(path)
+            out.append(Leaf(path, v, copied=True, grounded=_occurs(_fold(v), folded)))
+        elif isinstance(v, int | float):
+            out.append(Leaf(path, v, copied=True, grounded=number_found(v)))
 
     walk(value, schema, "$", default)
-    return bad
+    return out
+
+
+def ungrounded(value: Any, schema: Any, text: str, *, default: bool = True) -> list[str]:
+    """JSON paths (``$.device_id``, ``$.items[2]``) of the strings and numbers in ``value``
+    that ``schema`` asks to be copied from ``text`` but that ``text`` does not contain.
+    Empty when everything checked was found."""
+    return [leaf.path for leaf in leaves(value, schema, text, default=default) if not leaf.grounded]
 
 
 def _admits(node: dict[str, Any], v: Any) -> bool:

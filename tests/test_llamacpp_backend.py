@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import itertools
 import json
 import os
 import random
@@ -29,12 +28,13 @@ import jsonschema
 import pytest
 
 from edgeagent.backends.base import BackendError, Prediction
+from edgeagent.backends.calibration import PlattCalibration, write_calibration
 from edgeagent.backends.llamacpp import LlamaCppBackend
 from edgeagent.cli import main as cli_main
 from edgeagent.config import TaskConfig, load_settings
 from edgeagent.grammar import control_chars_in
 from edgeagent.modeltools import pull as pull_mod
-from edgeagent.modeltools.calibrate_llm import load_labelled
+from edgeagent.modeltools.calibrate_llm import DEFAULT_FEATURES, load_labelled
 from edgeagent.modeltools.pull import CACHE_DIR, KnownModel, PullError, Wheel, pull
 
 PERSON: dict[str, Any] = {
@@ -592,6 +592,85 @@ def test_shipped_example_calibration_matches_the_model_and_prompt(
     assert pred.reason is None and pred.confidence >= max(cal.threshold, task.threshold)
 
 
+# Lines the example's model answers with a schema-valid object whose values are all in
+# the line, and wrong (seen in the shipped evaluation runs): the unit of a "%" reading
+# (the model never writes "%": it answers "F") and the old value of a "now X, was Y" line.
+KNOWN_CONFIDENT_MISTAKES = [
+    ("[th-14] humidity=95% ok", {"device_id": "th-14", "value": 95, "unit": "%"}),
+    ("fan-21 | humidity | 66 % | INFO", {"device_id": "fan-21", "value": 66, "unit": "%"}),
+    (
+        "11:51:52 meter_21 fan speed now 3741rpm, was 3286rpm",
+        {"device_id": "meter_21", "value": 3741, "unit": "rpm"},
+    ),
+    (
+        "04:33:23 th-18 motor speed now 2722rpm, was 2034rpm",
+        {"device_id": "th-18", "value": 2722, "unit": "rpm"},
+    ),
+    (
+        "21:56:47 press-5 supply air now 91.2C, was -11.0C",
+        {"device_id": "press-5", "value": 91.2, "unit": "C"},
+    ),
+]
+
+
+def shipped_example(model_path: Path, **backend: Any) -> LlamaCppBackend:
+    """The `reading` task of examples/extract.toml (its shipped calibration), one thread."""
+    task = reading_task(REPO / "examples" / "extract.toml")  # paths resolve against examples/
+    update = {"n_threads": 1, "model": model_path, **backend}
+    return LlamaCppBackend(
+        "reading", task.model_copy(update={"backend": task.backend.model_copy(update=update)})
+    )
+
+
+def test_shipped_example_never_answers_its_known_mistakes_confidently(model_path: Path) -> None:
+    """Issue 14: an answer is right or escalated.  Each of these lines gets a valid,
+    grounded and wrong object from the model; with the shipped calibration none of them
+    is `ok` (reason None at or above the calibrated threshold)."""
+    backend = shipped_example(model_path)
+    backend.load()
+    try:
+        preds = backend.infer_batch([text for text, _ in KNOWN_CONFIDENT_MISTAKES])
+    finally:
+        backend.close()
+    cal = backend.calibration
+    assert cal is not None and cal.threshold is not None
+    for (text, want), pred in zip(KNOWN_CONFIDENT_MISTAKES, preds, strict=True):
+        if pred.output == want:
+            continue  # right after all (another model build): answering it is fine
+        assert pred.output is None or pred.reason == "low_confidence", (text, pred)
+        assert pred.confidence < cal.threshold, (text, pred)
+
+
+def test_platt_calibration_files_still_load(model_path: Path, tmp_path: Path) -> None:
+    """Files written before the feature calibration (edgeagent.platt-calibration/1) are
+    applied as they were: sigmoid(a * logit(raw) + b), the threshold on it."""
+    plain = shipped_example(model_path, calibration=None)
+    old = PlattCalibration(0.78, 1.83, 0.86, plain.model_sha256, plain.prompt_fingerprint)
+    path = tmp_path / "old.calibration.json"
+    write_calibration(path, old)
+    backend = shipped_example(model_path, calibration=path)
+    backend.load()
+    try:
+        [pred] = backend.infer_batch(["[boiler-2] pressure=2.4bar ok"])
+    finally:
+        backend.close()
+    assert backend.calibration == old
+    assert pred.output is not None
+    assert pred.confidence == old.apply(pred.details["raw_confidence"])  # type: ignore[arg-type]
+    assert (pred.reason == "low_confidence") == (pred.confidence < 0.86)
+
+
+def test_feature_calibration_of_other_features_is_refused(model_path: Path, tmp_path: Path) -> None:
+    doc = json.loads((REPO / "examples" / "reading.calibration.json").read_text())
+    path = tmp_path / "future.json"
+    path.write_text(json.dumps({**doc, "features_version": 99}))
+    with pytest.raises(BackendError, match="features_version 99"):
+        shipped_example(model_path, calibration=path).load()
+    path.write_text(json.dumps({**doc, "format": "edgeagent.feature-calibration/2"}))
+    with pytest.raises(BackendError, match="newer edgeagent"):
+        shipped_example(model_path, calibration=path).load()
+
+
 def reading_task(config: Path) -> TaskConfig:
     settings, _ = load_settings(config)
     return settings.tasks["reading"]
@@ -623,12 +702,13 @@ def test_calibrate_writes_a_calibration_for_the_model_and_prompt(
     calibrated: Calibrated, model_path: Path
 ) -> None:
     doc = json.loads(calibrated.file.read_text())  # default path: next to the config
-    assert doc["format"] == "edgeagent.platt-calibration/1"
+    assert doc["format"] == "edgeagent.feature-calibration/1"
     assert doc["model_sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
     plain = LlamaCppBackend("reading", reading_task(calibrated.config))
     assert doc["prompt_fingerprint"] == plain.prompt_fingerprint
-    assert doc["a"] >= 0 and 0.0 <= doc["threshold"] <= 1.0
+    assert doc["features"] == list(DEFAULT_FEATURES) and 0.0 <= doc["threshold"] <= 1.0
     m = doc["metrics"]
+    assert m["threshold_chosen_on"] == "5-fold cross-validated confidences"
     assert m["examples"] == 32 and m["escalation"] <= 0.5
     for key in ("ece_before", "ece_after", "ece_after_cv"):
         assert 0.0 <= m[key] <= 1.0, key
@@ -657,11 +737,11 @@ def test_calibrated_backend_reports_calibrated_confidence(
     answered = [p for p in preds if p.output is not None]
     assert answered
     for p in answered:
-        raw = p.details["raw_confidence"]
-        assert 0.0 <= p.confidence <= 1.0 and p.confidence == cal.apply(raw)
+        features = p.details["features"]
+        assert isinstance(features, dict) and features["raw"] == p.details["raw_confidence"]
+        assert 0.0 <= p.confidence <= 1.0
+        assert p.confidence == cal.apply_features(features)  # type: ignore[arg-type]
         assert (p.reason == "low_confidence") == (p.confidence < cal.threshold)
-    ranked = sorted(answered, key=lambda p: p.details["raw_confidence"])
-    assert all(x.confidence <= y.confidence for x, y in itertools.pairwise(ranked))
 
 
 def test_stale_calibration_is_refused(calibrated: Calibrated, tmp_path: Path) -> None:
@@ -689,7 +769,7 @@ def test_fingerprint_follows_the_calibration_file(calibrated: Calibrated, tmp_pa
     config = extract_config(model, tmp_path / "c.toml", calibration=str(copy))
     before = LlamaCppBackend("reading", reading_task(config)).fingerprint
     doc = json.loads(copy.read_text())
-    copy.write_text(json.dumps({**doc, "b": doc["b"] + 0.5}))
+    copy.write_text(json.dumps({**doc, "bias": doc["bias"] + 0.5}))
     after = LlamaCppBackend("reading", reading_task(config))
     assert after.fingerprint != before
     assert after.prompt_fingerprint == LlamaCppBackend("r", reading_task(config)).prompt_fingerprint

@@ -47,9 +47,17 @@ left out; the value tokens are aggregated as configured (``min`` by default).  A
 value the model only produced because the grammar left it no other choice thus
 scores low, which is what the router needs.
 
+Features: every extract/classify answer carries ``details["features"]``
+(:func:`edgeagent.backends.calibration.answer_features`): the raw confidence, the least
+and mean value-token log-probability (also per kind of value: copied from the input or
+an enum label), the least margin between the chosen token and the unconstrained
+runner-up, the share of enum labels the input writes, and the input's size and count
+of numbers.
+
 Calibration: with ``calibration = FILE`` (written by ``edgeagent calibrate``, see
-:mod:`edgeagent.backends.calibration`), extract and classify answers report
-``sigmoid(a * logit(raw) + b)`` as their confidence and the raw one in
+:mod:`edgeagent.backends.calibration`), extract and classify answers report the
+calibrated confidence — a logistic regression on named features, or
+``sigmoid(a * logit(raw) + b)`` for the older Platt files — and the raw one in
 ``details["raw_confidence"]``; answers below the file's threshold get
 ``reason="low_confidence"`` (unless ``use_calibration_threshold = false``).  The file
 records the model's sha256 and the :attr:`LlamaCppBackend.prompt_fingerprint` it was
@@ -88,7 +96,16 @@ from edgeagent.backends.base import (
     JSONValue,
     Prediction,
 )
-from edgeagent.backends.calibration import CalibrationError, PlattCalibration, read_calibration
+from edgeagent.backends.calibration import (
+    FEATURES,
+    FEATURES_VERSION,
+    Calibration,
+    CalibrationError,
+    FeatureCalibration,
+    ValueTokens,
+    answer_features,
+    read_calibration,
+)
 from edgeagent.catalog import PULL_PREFIX, pulled_path
 from edgeagent.grammar import (
     GrammarError,
@@ -100,7 +117,7 @@ from edgeagent.grammar import (
     schema_to_gbnf,
     value_spans,
 )
-from edgeagent.grounding import GROUNDED_KEY, ungrounded
+from edgeagent.grounding import GROUNDED_KEY, Leaf, leaves, numbers_in
 from edgeagent.inputs import NO_CONTENT, has_content
 
 if TYPE_CHECKING:
@@ -127,6 +144,7 @@ class _Run:
 
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    alt_logprobs: list[float] = field(default_factory=list)  # the best *other* token's
     finish: str = "length"  # "stop" (end of generation), "length", "dead_end", "stop_string"
     text: bytes = b""
     prompt_tokens: int = 0
@@ -197,7 +215,7 @@ class LlamaCppBackend:
         self._sha: str | None = None
         self._prompt_fingerprint: str | None = None
         self._fingerprint: str | None = None
-        self._calibration: PlattCalibration | None = None
+        self._calibration: Calibration | None = None
         self._calibration_sha: str | None = None
         # Set by the learner (learn.few_shot): an object whose ``select(text)`` returns the
         # learned (input, output) pairs to show before this job, e.g.
@@ -252,7 +270,7 @@ class LlamaCppBackend:
         return self._fingerprint
 
     @property
-    def calibration(self) -> PlattCalibration | None:
+    def calibration(self) -> Calibration | None:
         """The calibration applied to confidences (None before load or when unset)."""
         return self._calibration
 
@@ -295,6 +313,14 @@ class LlamaCppBackend:
                 f"(prompt fingerprint {cal.prompt_fingerprint[:12]}, now "
                 f"{self.prompt_fingerprint[:12]}): stale; {redo}"
             )
+        if isinstance(cal, FeatureCalibration):
+            unknown = sorted(set(cal.features) - set(FEATURES))
+            if cal.features_version != FEATURES_VERSION or unknown:
+                raise BackendError(
+                    f"{where} {path} was fitted on answer features this edgeagent computes "
+                    f"differently (features_version {cal.features_version}, now "
+                    f"{FEATURES_VERSION}; unknown: {', '.join(unknown) or 'none'}): {redo}"
+                )
         if self._calibration_sha != sha:
             self._fingerprint = None  # the file changed since the fingerprint was taken
         self._calibration, self._calibration_sha = cal, sha
@@ -467,14 +493,17 @@ class LlamaCppBackend:
         bad = control_chars_in(obj)
         if bad:
             return _fail("control_chars", paths=bad[:8], fields=bad[:8], **stats)
-        raw = self._confidence(run)
-        if self._cfg.grounded:
-            assert self._task.output_schema is not None  # checked in __init__
-            missing = ungrounded(obj, self._task.output_schema, text)
-            if missing:
-                details = {"failure": "ungrounded", "fields": missing[:8], "raw_confidence": raw}
-                return Prediction(None, 0.0, reason=_LOW_CONFIDENCE, details={**stats, **details})
-        return self._answer(obj, raw, stats)
+        ends = _token_ends(run, self._llm)
+        raw = self._confidence(run, ends)
+        assert self._task.output_schema is not None  # checked in __init__
+        found = leaves(obj, self._task.output_schema, text, default=self._cfg.grounded)
+        missing = [leaf.path for leaf in found if not leaf.grounded]
+        if missing:
+            details = {"failure": "ungrounded", "fields": missing[:8], "raw_confidence": raw}
+            return Prediction(None, 0.0, reason=_LOW_CONFIDENCE, details={**stats, **details})
+        values = _value_tokens(run, ends, found, text)
+        features = answer_features(raw, values, text, len(numbers_in(text)))
+        return self._answer(obj, features, stats)
 
     def _finish_classify(self, run: _Run) -> Prediction:
         stats = _stats(run)
@@ -484,21 +513,27 @@ class LlamaCppBackend:
         if label not in self._task.labels:
             return _fail("label", message=f"not a label: {label[:64]!r}", **stats)
         # The probability the model gives this label string: product over its tokens.
-        conf = math.exp(sum(run.logprobs)) if run.logprobs else 0.0
-        return self._answer({"label": label}, _clamp(conf), stats)
+        conf = _clamp(math.exp(sum(run.logprobs))) if run.logprobs else 0.0
+        margins = tuple(a - b for a, b in zip(run.logprobs, run.alt_logprobs, strict=True))
+        values = [ValueTokens(False, tuple(run.logprobs), margins, in_input=True)]
+        return self._answer({"label": label}, answer_features(conf, values, "", 0), stats)
 
     def _answer(
-        self, output: dict[str, JSONValue], raw: float, stats: dict[str, JSONValue]
+        self, output: dict[str, JSONValue], features: dict[str, float], stats: dict[str, JSONValue]
     ) -> Prediction:
-        """A valid answer with its (calibrated, when configured) confidence."""
+        """A valid answer with its (calibrated, when configured) confidence;
+        ``details["features"]`` holds what ``edgeagent calibrate`` fits on."""
+        raw = features["raw"]
+        shown: dict[str, JSONValue] = dict(features)  # not rounded: calibrate fits on these
         cal = self._calibration
         if cal is None:
-            return Prediction(output, raw, details=stats)
-        conf = cal.apply(raw)
+            return Prediction(output, raw, details={**stats, "features": shown})
+        conf = cal.apply_features(features)
         reason = None
         if self._cfg.use_calibration_threshold and cal.threshold is not None:
             reason = _LOW_CONFIDENCE if conf < cal.threshold else None
-        return Prediction(output, conf, reason=reason, details={**stats, "raw_confidence": raw})
+        details = {**stats, "raw_confidence": raw, "features": shown}
+        return Prediction(output, conf, reason=reason, details=details)
 
     def _finish_generate(self, run: _Run) -> Prediction:
         stats = _stats(run)
@@ -507,9 +542,9 @@ class LlamaCppBackend:
         details = {**stats, "truncated": run.finish == "length"}
         return Prediction({"text": text}, _clamp(conf), reason="open_ended", details=details)
 
-    def _confidence(self, run: _Run) -> float:
+    def _confidence(self, run: _Run, ends: list[int]) -> float:
         """Aggregate the log-probs of the tokens that overlap a JSON value (see module doc)."""
-        lps = _value_logprobs(run, self._llm)
+        lps = _value_logprobs(run, ends)
         if not lps:
             return 0.0
         how = self._cfg.confidence
@@ -559,6 +594,9 @@ class LlamaCppBackend:
             lse = peak + math.log(float(np.exp(logits - peak).sum()))
             run.tokens.append(token)
             run.logprobs.append(float(logits[token]) - lse)
+            top2 = np.partition(logits, -2)[-2:]  # O(vocab), ~0.1 ms: the runner-up
+            other = float(top2[1]) if float(logits[token]) < float(top2[1]) else float(top2[0])
+            run.alt_logprobs.append(other - lse)
             if self._sampler is not None:
                 lc.llama_sampler_accept(self._sampler, token)
             if stops and self._hit_stop(run, stops):
@@ -771,12 +809,37 @@ class _TokenArray:
         return view["id"][ok].astype(np.int64)
 
 
-def _value_logprobs(run: _Run, llm: Any) -> list[float]:
+def _token_ends(run: _Run, llm: Any) -> list[int]:
+    """Byte offset in ``run.text`` where each generated token ends."""
+    return [len(llm.detokenize(run.tokens[: i + 1])) for i in range(len(run.tokens))]
+
+
+def _value_tokens(run: _Run, ends: list[int], found: list[Leaf], text: str) -> list[ValueTokens]:
+    """Per answer value (document order: the n-th leaf is the n-th value span), the
+    log-probabilities and margins of the tokens overlapping it."""
+    spans = value_spans(run.text)
+    out: list[ValueTokens] = []
+    for n, (a, b) in enumerate(spans):
+        lps: list[float] = []
+        margins: list[float] = []
+        start = 0
+        for end, lp, alt in zip(ends, run.logprobs, run.alt_logprobs, strict=True):
+            if a < end and start < b:
+                lps.append(lp)
+                margins.append(lp - alt)
+            start = end
+        leaf = found[n] if n < len(found) else None
+        copied = leaf is not None and leaf.copied
+        in_input = True
+        if leaf is not None and not copied and isinstance(leaf.value, str):
+            in_input = leaf.value in text
+        out.append(ValueTokens(copied, tuple(lps), tuple(margins), in_input))
+    return out
+
+
+def _value_logprobs(run: _Run, ends: list[int]) -> list[float]:
     """Log-probs of the tokens whose bytes overlap a JSON value (not keys or syntax)."""
     spans = value_spans(run.text)
-    ends: list[int] = []
-    for i in range(len(run.tokens)):
-        ends.append(len(llm.detokenize(run.tokens[: i + 1])))
     out: list[float] = []
     start = 0
     for end, lp in zip(ends, run.logprobs, strict=True):
@@ -929,7 +992,8 @@ class LlamaCppBackendConfig(BackendConfig):
     calibration: Path | None = Field(
         None,
         description="Extract/classify: calibration file written by `edgeagent calibrate TASK` "
-        "(Platt scaling of the raw confidence, fitted on labelled examples).  Refused at load "
+        "(a logistic regression on features of each answer, or Platt scaling of the raw "
+        "confidence in older files; fitted on labelled examples).  Refused at load "
         "when it was fitted for another model file or prompt.  Unset: raw confidence.",
     )
     use_calibration_threshold: bool = Field(
