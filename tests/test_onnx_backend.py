@@ -29,6 +29,7 @@ from edgeagent.config import TaskConfig
 from edgeagent.modeltools.bundle import read_manifest, write_manifest
 from edgeagent.modeltools.calibrate import curve_from_predictions
 from edgeagent.modeltools.train import TrainOptions, load_examples, train_bundle
+from edgeagent.router import OOS_MARGIN, decide
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -333,6 +334,23 @@ def test_bundle_trained_with_oos_examples_flags_oos_inputs(
     assert [p.output for p in answers] == [{"label": lb} for lb in UNSEEN_IN_SCOPE.values()]
     assert all(p.reason != "out_of_scope" for p in answers)
 
+    # The decline cut-off (out_of_scope = "decline"): a second, higher cut on the same
+    # score; every flagged input reports its margin over it, answered ones none.
+    cal = json.loads((bundle / "calibration.json").read_text())
+    assert cal["oos_decline_cut"] >= cal["oos_cut"]
+    preds = backend.infer_batch(UNSEEN_OOS + OOS)
+    for p in preds:
+        if p.reason == "out_of_scope":
+            margin = p.details[OOS_MARGIN]
+            assert margin == pytest.approx(p.details["oos_score"] - cal["oos_decline_cut"], 1e-3)
+    routes = [
+        decide(p, threshold=0.5, task_policy="auto", cloud_available=True, out_of_scope="decline")
+        for p in preds
+    ]
+    assert {r.action for r in routes} <= {"decline", "escalate"}
+    assert sum(r.action == "decline" for r in routes) >= len(OOS) // 2, routes
+    assert all(OOS_MARGIN not in p.details for p in answers)
+
 
 def test_task_without_oos_signal_never_flags_out_of_scope(
     encoder_bundle: Path, tmp_path: Path
@@ -353,6 +371,9 @@ def test_task_without_oos_signal_never_flags_out_of_scope(
     assert not [p for p in default if p.reason == "out_of_scope"]
     opted_in = _loaded(bundle, oos_distance=True).infer_batch(texts)
     assert sum(p.reason == "out_of_scope" for p in opted_in) >= len(UNSEEN_OOS)
+    # No out-of-scope examples, no confidence about out of scope: nothing to decline.
+    assert json.loads((bundle / "calibration.json").read_text())["oos_decline_cut"] is None
+    assert not [p for p in opted_in if OOS_MARGIN in p.details]
 
 
 # -- calibration -----------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeagent.backends.base import BackendError, JSONValue, Prediction
 from edgeagent.modeltools.bundle import BundleError, read_manifest
+from edgeagent.router import OOS_MARGIN
 
 if TYPE_CHECKING:
     import numpy as np
@@ -176,7 +177,10 @@ class Head:
     ``oos_label``, ``threshold`` and the out-of-scope score: ``oos_score`` (components from
     :data:`OOS_COMPONENTS` joined by ``+``: their mean, or by ``|``: their maximum),
     ``oos_norm`` (per component ``[centre, scale]``, applied as ``(component - centre) /
-    scale`` before combining), ``oos_cut`` (flag above it),
+    scale`` before combining), ``oos_cut`` (flag above it), ``oos_decline_cut`` (a higher cut
+    on the same score: above it the input is *confidently* out of scope, reported as
+    ``details["oos_margin"]`` for a task whose ``out_of_scope = "decline"``; absent when the
+    head had no out-of-scope examples),
     ``oos_signal`` (the head was trained with out-of-scope examples, so the cut-off applies
     by default), ``oos_knn_k``.  Bundles written before these fields existed carry
     ``centroid_cos_min`` instead: read as ``oos_score = "centroid"``, ``oos_cut =
@@ -207,6 +211,7 @@ class Head:
         self.oos_score: str = str(cal.get("oos_score") or "centroid")
         self.oos_norm: dict[str, list[float]] = dict(cal.get("oos_norm") or {})
         self.oos_cut: float | None = cal.get("oos_cut")
+        self.oos_decline_cut: float | None = cal.get("oos_decline_cut")
         self.oos_signal = bool(cal.get("oos_signal", self.oos_label is not None))
         self.oos_knn_k = int(cal.get("oos_knn_k", 5))
         if "oos_score" not in cal and self.centroid_cos_min is not None:
@@ -221,6 +226,7 @@ class Head:
             "oos_score",
             "oos_norm",
             "oos_cut",
+            "oos_decline_cut",
             "oos_signal",
             "oos_knn_k",
         }
@@ -335,6 +341,7 @@ class Head:
             "oos_score": self.oos_score,
             "oos_norm": self.oos_norm,
             "oos_cut": self.oos_cut,
+            "oos_decline_cut": self.oos_decline_cut,
             "oos_signal": self.oos_signal,
             "oos_knn_k": self.oos_knn_k,
         }
@@ -498,7 +505,10 @@ def predict(
     ``oos_distance``: apply the head's out-of-scope score cut-off (``True``), never
     (``False``), or only when the head was trained with an out-of-scope signal (``None``,
     the default: a task given no out-of-scope examples is never flagged by distance).  An
-    input whose arg-max is the out-of-scope class is flagged in every case."""
+    input whose arg-max is the out-of-scope class is flagged in every case.  A flagged
+    input's ``details["oos_margin"]`` (:data:`edgeagent.router.OOS_MARGIN`) is its score
+    minus the head's decline cut-off, when the head has one (> 0: confidently out of
+    scope; the router declines it for a task with ``out_of_scope = "decline"``)."""
     import numpy as np
 
     probs = head.probabilities(emb)
@@ -506,6 +516,7 @@ def predict(
     apply_cut = head.oos_signal if oos_distance is None else oos_distance
     cut = head.oos_cut if apply_cut else None
     score = head.oos_values(emb, probs) if cut is not None else None
+    decline = head.oos_decline_cut if cut is not None else None
     top = np.argsort(-probs, axis=1)[:, :TOP_K]
     oos_idx = head.labels.index(head.oos_label) if head.oos_label in head.labels else None
     out: list[Prediction] = []
@@ -527,6 +538,8 @@ def predict(
         reason: str | None = None
         if best == oos_idx or (cut is not None and score is not None and score[row] > cut):
             reason = OOS_REASON
+            if score is not None and decline is not None:
+                details[OOS_MARGIN] = round(float(score[row]) - decline, 4)
         elif use_threshold and head.threshold is not None and conf < head.threshold:
             reason = LOW_CONFIDENCE
         out.append(

@@ -120,6 +120,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "flag (default: %(default)s; about 2 %% of new in-scope traffic)",
     )
     train.add_argument(
+        "--oos-decline-loss",
+        type=float,
+        default=None,
+        help="classifier with out-of-scope examples: share of held-out in-scope examples "
+        "above the decline cut-off (confidently out of scope; a task with out_of_scope = "
+        "'decline' answers those unrecognized without the cloud) (default: 0.003)",
+    )
+    train.add_argument(
         "--oos-score",
         default="auto",
         help="classifier: out-of-scope score, components of centroid, msp, energy, "
@@ -311,8 +319,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         oos_score=args.oos_score,
         oos_target_loss=args.oos_target_loss,
     )
-    if not 0.0 <= args.oos_target_loss < 1.0:
-        _err("--oos-target-loss must be in [0, 1)")
+    decline = args.oos_decline_loss
+    if decline is not None:
+        opts.oos_decline_loss = decline
+    if not 0.0 <= args.oos_target_loss < 1.0 or not 0.0 <= (decline or 0.0) < 1.0:
+        _err("--oos-target-loss and --oos-decline-loss must be in [0, 1)")
         return EXIT_USAGE
     try:
         bundle = train_bundle(
