@@ -376,6 +376,43 @@ def test_task_without_oos_signal_never_flags_out_of_scope(
     assert not [p for p in opted_in if OOS_MARGIN in p.details]
 
 
+def _clusters(n_classes: int, per_class: int, seed: int) -> tuple[Any, Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_classes, 32))
+    x = np.repeat(centres, per_class, axis=0) + 0.6 * rng.standard_normal(
+        (n_classes * per_class, 32)
+    )
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), np.repeat(np.arange(n_classes), per_class)
+
+
+def test_knn_vote_among_the_best_classes_answers_as_the_full_vote() -> None:
+    """`knn_classes`: the kNN vote compares an input only with the examples of the linear
+    head's best classes; the answers match the vote over every example."""
+    import numpy as np
+
+    from edgeagent.modeltools.train import train_head
+
+    x, y = _clusters(30, 20, 0)
+    labels = [f"c{i:02d}" for i in y]
+    opts = TrainOptions(threads=1, blend_grid=(0.5,), knn_classes=5, held_out=0.2)
+    head = train_head(x, labels, opts, log=_quiet).head
+    assert head.blend == 0.5 and head.knn_classes == 5
+    full = type(head)(
+        {"weight": head.weight, "bias": head.bias, "centroids": head.centroids,
+         "knn_emb": head.knn_emb, "knn_label": head.knn_label},
+        head.labels,
+        {**head.calibration, "knn_classes": 0},
+    )  # fmt: skip
+    probe, _ = _clusters(30, 4, 1)
+    for batch in (probe[:1], probe):
+        fast, slow = head.probabilities(batch), full.probabilities(batch)
+        assert (fast.argmax(axis=1) == slow.argmax(axis=1)).all()
+        assert np.abs(fast - slow).max() < 1e-3
+
+
 # -- calibration -----------------------------------------------------------------------
 
 

@@ -174,6 +174,8 @@ class Head:
     and ``knn_label`` (n,); when it uses ``mahalanobis``, ``maha_mean`` (in-scope k, dim)
     and ``maha_prec`` (dim, dim: the shrunk tied-covariance inverse).
     ``calibration.json``: ``temperature``, ``blend``, ``knn_k``, ``knn_temp``,
+    ``knn_classes`` (the kNN vote only among the examples of the linear head's
+    ``knn_classes`` best classes; 0 or absent: among all),
     ``oos_label``, ``threshold`` and the out-of-scope score: ``oos_score`` (components from
     :data:`OOS_COMPONENTS` joined by ``+``: their mean, or by ``|``: their maximum),
     ``oos_norm`` (per component ``[centre, scale]``, applied as ``(component - centre) /
@@ -205,6 +207,7 @@ class Head:
         self.blend = float(cal.get("blend", 1.0))
         self.knn_k = int(cal.get("knn_k", 10))
         self.knn_temp = float(cal.get("knn_temp", 0.05))
+        self.knn_classes = int(cal.get("knn_classes", 0))
         self.oos_label: str | None = cal.get("oos_label")
         self.centroid_cos_min: float | None = cal.get("centroid_cos_min")
         self.threshold: float | None = cal.get("threshold")
@@ -221,6 +224,7 @@ class Head:
             "blend",
             "knn_k",
             "knn_temp",
+            "knn_classes",
             "oos_label",
             "centroid_cos_min",
             "oos_score",
@@ -233,6 +237,14 @@ class Head:
         self.extra = {k: v for k, v in cal.items() if k not in known | {"threshold"}}
         self.knn_emb: FloatArray | None = knn_emb
         self.knn_label: npt.NDArray[np.int64] | None = knn_label
+        # The training examples of class c are knn_emb[_knn_order[b[c]:b[c + 1]]].
+        self._knn_order = np.zeros(0, dtype=np.int64)
+        self._knn_bounds = np.zeros(len(self.labels) + 1, dtype=np.int64)
+        if knn_label is not None:
+            self._knn_order = np.argsort(knn_label, kind="stable")
+            self._knn_bounds = np.searchsorted(
+                knn_label[self._knn_order], np.arange(len(self.labels) + 1)
+            )
         maha_mean, maha_prec = arrays.get("maha_mean"), arrays.get("maha_prec")
         self.maha_mean: FloatArray | None = (
             None if maha_mean is None else np.asarray(maha_mean, dtype=np.float32)
@@ -335,6 +347,7 @@ class Head:
             "blend": self.blend,
             "knn_k": self.knn_k,
             "knn_temp": self.knn_temp,
+            "knn_classes": self.knn_classes,
             "oos_label": self.oos_label,
             "centroid_cos_min": self.centroid_cos_min,
             "threshold": self.threshold,
@@ -356,8 +369,19 @@ class Head:
 
         p = softmax(emb @ self.weight + self.bias)
         if self.blend < 1.0 and self.knn_emb is not None and self.knn_label is not None:
+            ref, ref_label = self.knn_emb, self.knn_label
+            m = self.knn_classes
+            if 0 < m < len(self.labels):
+                # Vote among the examples of the linear head's m best classes only (of any
+                # input of the batch): one job compares with ~m * examples-per-class
+                # embeddings instead of all of them; the others' vote share is ~0 anyway.
+                top = np.unique(np.argpartition(-p, m - 1, axis=1)[:, :m])
+                if len(top) < len(self.labels):
+                    b = self._knn_bounds
+                    rows = np.concatenate([self._knn_order[b[c] : b[c + 1]] for c in top])
+                    ref, ref_label = ref[rows], ref_label[rows]
             p_knn = knn_probabilities(
-                emb, self.knn_emb, self.knn_label, len(self.labels), self.knn_k, self.knn_temp
+                emb, ref, ref_label, len(self.labels), self.knn_k, self.knn_temp
             )
             p = self.blend * p + (1.0 - self.blend) * p_knn
         out: FloatArray = np.log(np.clip(p, 1e-12, None)).astype(np.float32)

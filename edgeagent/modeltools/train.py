@@ -306,6 +306,10 @@ class TrainOptions:
     blend_grid: tuple[float, ...] = (1.0, 0.7, 0.5)  # 1.0 (linear only) must come first
     knn_k: int = 10
     knn_temp: float = 0.05
+    knn_classes: int = 10
+    """The kNN vote compares an input with the examples of the linear head's
+    ``knn_classes`` best classes only (0: with all examples): same answers in practice,
+    a fraction of the cost per job (benchmarks/bench_oos.py --latency)."""
     knn_min_gain: float = 0.05
     oos_weight: float = 1.0
     distance_quantile: float = 0.005  # ignored since oos_target_loss (kept for old callers)
@@ -536,6 +540,7 @@ def train_head(
         "blend": 1.0,
         "knn_k": opts.knn_k,
         "knn_temp": opts.knn_temp,
+        "knn_classes": opts.knn_classes,
         "oos_label": opts.oos_label if oos_idx is not None else None,
         "centroid_cos_min": None,
         "threshold": None,
@@ -555,9 +560,9 @@ def train_head(
             f"  blend={blend:g} (kNN weight {1 - blend:g}): held-out accuracy {acc:.2%}, "
             f"calibrated NLL {score:.4f}"
         )
-        # The kNN vote costs a pass over all training embeddings per input (several ms
-        # for 15k examples vs < 1 ms for the encoder): take it only for a clear gain
-        # over the linear head alone.
+        # The kNN vote costs a pass over the examples of the knn_classes best classes
+        # per input (and the bundle carries every training embedding): take it only for
+        # a clear gain over the linear head alone.
         if blend == 1.0:
             linear_score = score
         elif score >= linear_score * (1.0 - opts.knn_min_gain):
