@@ -379,8 +379,8 @@ def test_task_without_oos_signal_never_flags_out_of_scope(
 def _clusters(n_classes: int, per_class: int, seed: int) -> tuple[Any, Any]:
     import numpy as np
 
+    centres = np.random.default_rng(n_classes).standard_normal((n_classes, 32))
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n_classes, 32))
     x = np.repeat(centres, per_class, axis=0) + 0.6 * rng.standard_normal(
         (n_classes * per_class, 32)
     )
@@ -411,6 +411,30 @@ def test_knn_vote_among_the_best_classes_answers_as_the_full_vote() -> None:
         fast, slow = head.probabilities(batch), full.probabilities(batch)
         assert (fast.argmax(axis=1) == slow.argmax(axis=1)).all()
         assert np.abs(fast - slow).max() < 1e-3
+
+
+def test_decline_margin_without_a_flagging_cut() -> None:
+    """When the out-of-scope class's arg-max answers alone use the flagging budget (no
+    score cut-off), inputs it wins still get a decline margin; answered ones none."""
+    from edgeagent.modeltools.train import train_head
+
+    x, y = _clusters(11, 20, 2)
+    labels = ["oos" if i == 10 else f"c{i:02d}" for i in y]
+    head = train_head(x, labels, TrainOptions(threads=1, held_out=0.2), log=_quiet).head
+    assert head.oos_decline_cut is not None
+    strict = type(head)(
+        {"weight": head.weight, "bias": head.bias, "centroids": head.centroids},
+        head.labels,
+        {**head.calibration, "oos_cut": None, "oos_decline_cut": -1e9},
+    )
+    probe, py = _clusters(11, 3, 3)
+    preds = predict(strict, probe)
+    for p in preds:
+        if p.output == {"label": "oos"}:
+            assert p.reason == "out_of_scope" and p.details[OOS_MARGIN] > 0
+        else:
+            assert p.reason != "out_of_scope" and OOS_MARGIN not in p.details
+    assert sum(p.reason == "out_of_scope" for p, lb in zip(preds, py, strict=True) if lb == 10) >= 2
 
 
 # -- calibration -----------------------------------------------------------------------

@@ -279,7 +279,7 @@ class Head:
         self.in_scope_idx = np.array(
             [i for i, lb in enumerate(self.labels) if lb != self.oos_label], dtype=np.int64
         )
-        if self.oos_cut is not None:
+        if self.oos_cut is not None or self.oos_decline_cut is not None:
             self.check_oos_score(self.oos_score)
 
     def oos_components(self) -> list[str]:
@@ -322,7 +322,8 @@ class Head:
             "bias": self.bias,
             "centroids": self.centroids,
         }
-        uses = set(self.oos_components()) if self.oos_cut is not None else set()
+        scored = self.oos_cut is not None or self.oos_decline_cut is not None
+        uses = set(self.oos_components()) if scored else set()
         wants_knn = self.blend < 1.0 or "knn" in uses
         if wants_knn and self.knn_emb is not None and self.knn_label is not None:
             arrays["knn_emb"] = self.knn_emb.astype(np.float16)
@@ -539,8 +540,8 @@ def predict(
     cos = head.centroid_cos(emb)
     apply_cut = head.oos_signal if oos_distance is None else oos_distance
     cut = head.oos_cut if apply_cut else None
-    score = head.oos_values(emb, probs) if cut is not None else None
-    decline = head.oos_decline_cut if cut is not None else None
+    decline = head.oos_decline_cut if apply_cut else None
+    score = head.oos_values(emb, probs) if cut is not None or decline is not None else None
     top = np.argsort(-probs, axis=1)[:, :TOP_K]
     oos_idx = head.labels.index(head.oos_label) if head.oos_label in head.labels else None
     out: list[Prediction] = []

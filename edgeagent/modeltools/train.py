@@ -453,9 +453,12 @@ def calibrate_oos(
         if (~is_in).any():
             res["oos_recall"] = float(flagged[~is_in].mean())
         if decline_loss is not None:
+            # At least the flagging cut; when the arg-max answers alone use the flagging
+            # budget (no score cut), declining still applies to them above this cut.
+            floor = cut if math.isfinite(cut) else -math.inf
             cuts = {
                 f"{loss:g}": max(
-                    cut, cut_for_loss(v[is_in], math.floor(loss * n_in + 1e-9), loss, n_in)
+                    floor, cut_for_loss(v[is_in], math.floor(loss * n_in + 1e-9), loss, n_in)
                 )
                 for loss in sorted({decline_loss, *DECLINE_GRID})
             }
