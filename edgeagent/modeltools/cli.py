@@ -125,7 +125,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="classifier with out-of-scope examples: share of held-out in-scope examples "
         "above the decline cut-off (confidently out of scope; a task with out_of_scope = "
-        "'decline' answers those unrecognized without the cloud) (default: 0.003)",
+        "'decline' answers those unrecognized without the cloud) (default: 0.001)",
     )
     train.add_argument(
         "--oos-score",

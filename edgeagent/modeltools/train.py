@@ -324,7 +324,7 @@ class TrainOptions:
     the default aims at 1 % to stay near 2 % on new traffic (benchmarks/bench_oos.py)."""
     oos_candidates: tuple[str, ...] = ()
     """Extra scores to calibrate and report in ``metrics["oos"]["candidates"]``."""
-    oos_decline_loss: float | None = 0.003
+    oos_decline_loss: float | None = 0.001
     """Largest share of held-out in-scope examples above the *decline* cut-off (confidently
     out of scope: a task with ``out_of_scope = "decline"`` answers them ``unrecognized``
     without the cloud).  Set only for a head trained with out-of-scope examples; ``None``:
