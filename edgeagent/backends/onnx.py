@@ -235,16 +235,15 @@ class Head:
             "oos_knn_k",
         }
         self.extra = {k: v for k, v in cal.items() if k not in known | {"threshold"}}
+        # Training examples sorted by class (the order does not matter to any score), so
+        # class c's are the view knn_emb[b[c]:b[c + 1]] with b = _knn_bounds.
+        self._knn_bounds = np.zeros(len(self.labels) + 1, dtype=np.int64)
+        if knn_emb is not None and knn_label is not None:
+            order = np.argsort(knn_label, kind="stable")
+            knn_emb, knn_label = knn_emb[order], knn_label[order]
+            self._knn_bounds = np.searchsorted(knn_label, np.arange(len(self.labels) + 1))
         self.knn_emb: FloatArray | None = knn_emb
         self.knn_label: npt.NDArray[np.int64] | None = knn_label
-        # The training examples of class c are knn_emb[_knn_order[b[c]:b[c + 1]]].
-        self._knn_order = np.zeros(0, dtype=np.int64)
-        self._knn_bounds = np.zeros(len(self.labels) + 1, dtype=np.int64)
-        if knn_label is not None:
-            self._knn_order = np.argsort(knn_label, kind="stable")
-            self._knn_bounds = np.searchsorted(
-                knn_label[self._knn_order], np.arange(len(self.labels) + 1)
-            )
         maha_mean, maha_prec = arrays.get("maha_mean"), arrays.get("maha_prec")
         self.maha_mean: FloatArray | None = (
             None if maha_mean is None else np.asarray(maha_mean, dtype=np.float32)
@@ -370,19 +369,24 @@ class Head:
 
         p = softmax(emb @ self.weight + self.bias)
         if self.blend < 1.0 and self.knn_emb is not None and self.knn_label is not None:
-            ref, ref_label = self.knn_emb, self.knn_label
             m = self.knn_classes
+            classes = None
             if 0 < m < len(self.labels):
                 # Vote among the examples of the linear head's m best classes only (of any
                 # input of the batch): one job compares with ~m * examples-per-class
                 # embeddings instead of all of them; the others' vote share is ~0 anyway.
                 top = np.unique(np.argpartition(-p, m - 1, axis=1)[:, :m])
-                if len(top) < len(self.labels):
-                    b = self._knn_bounds
-                    rows = np.concatenate([self._knn_order[b[c] : b[c + 1]] for c in top])
-                    ref, ref_label = ref[rows], ref_label[rows]
+                classes = top if len(top) < len(self.labels) else None
             p_knn = knn_probabilities(
-                emb, ref, ref_label, len(self.labels), self.knn_k, self.knn_temp
+                emb,
+                self.knn_emb,
+                self.knn_label,
+                len(self.labels),
+                self.knn_k,
+                self.knn_temp,
+                None
+                if classes is None
+                else [(int(self._knn_bounds[c]), int(self._knn_bounds[c + 1])) for c in classes],
             )
             p = self.blend * p + (1.0 - self.blend) * p_knn
         out: FloatArray = np.log(np.clip(p, 1e-12, None)).astype(np.float32)
@@ -492,13 +496,20 @@ def knn_probabilities(
     n_classes: int,
     k: int,
     temp: float,
+    spans: list[tuple[int, int]] | None = None,
 ) -> FloatArray:
     """Similarity-weighted vote of the ``k`` nearest reference embeddings (cosine; weights
-    ``exp((cos - 1) / temp)``), normalised to a distribution over ``n_classes``."""
+    ``exp((cos - 1) / temp)``), normalised to a distribution over ``n_classes``.
+    ``spans``: compare only with these row ranges ``[start, end)`` of ``ref`` (views, no
+    copy of the references)."""
     import numpy as np
 
-    sims = emb @ ref.T
-    k = min(k, ref.shape[0])
+    if spans is not None:
+        sims = np.concatenate([emb @ ref[a:b].T for a, b in spans], axis=1)
+        ref_label = np.concatenate([ref_label[a:b] for a, b in spans])
+    else:
+        sims = emb @ ref.T
+    k = min(k, sims.shape[1])
     idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
     weights = np.exp((np.take_along_axis(sims, idx, axis=1) - 1.0) / temp)
     probs = np.full((emb.shape[0], n_classes), 1e-6, dtype=np.float64)
