@@ -351,6 +351,21 @@ def test_bundle_trained_with_oos_examples_flags_oos_inputs(
     assert sum(r.action == "decline" for r in routes) >= len(OOS) // 2, routes
     assert all(OOS_MARGIN not in p.details for p in answers)
 
+    # `calibrate --out-of-scope decline`: declined examples stay local, so labelled
+    # out-of-scope examples need no escalation.
+    from edgeagent.modeltools.calibrate import calibrate_bundle
+
+    held = [*UNSEEN_IN_SCOPE.items(), *((t, "oos") for t in OOS)]
+    runs = {
+        policy: calibrate_bundle(
+            bundle, held, target_precision=0.9, write=False, log=_quiet, out_of_scope=policy
+        )
+        for policy in ("escalate", "decline")
+    }
+    assert runs["escalate"]["declined_out_of_scope"] == 0.0
+    assert runs["decline"]["declined_out_of_scope"] > 0.3
+    assert runs["decline"]["escalation_for_98"] < runs["escalate"]["escalation_for_98"]
+
 
 def test_task_without_oos_signal_never_flags_out_of_scope(
     encoder_bundle: Path, tmp_path: Path

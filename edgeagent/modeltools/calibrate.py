@@ -236,12 +236,15 @@ def calibrate_bundle(
     log: Any = print,
     target_accuracy: tuple[float, ...] = (0.98, 0.99),
     oos_distance: bool | None = None,
+    out_of_scope: str = "escalate",
 ) -> dict[str, Any]:
     """Pick the confidence threshold on held-out ``examples`` and store it in the bundle's
     ``calibration.json`` (re-hashing the manifest, so the fingerprint changes).  Also
     reports, with a perfect cloud, the escalation needed for each overall accuracy in
     ``target_accuracy`` (``result["escalation_for"]``, keyed by the accuracy as text).
-    ``oos_distance`` is the task's setting (see :func:`predict`)."""
+    ``oos_distance`` is the task's setting (see :func:`predict`); ``out_of_scope`` its
+    policy: with ``decline``, confidently out-of-scope examples stay local (right when
+    labelled with the bundle's out-of-scope label)."""
     import numpy as np
 
     if (target_escalation is None) == (target_precision is None):
@@ -257,7 +260,8 @@ def calibrate_bundle(
     emb = encoder.embed_many([t for t, _ in examples])
     preds = predict(head, emb, oos_distance=oos_distance, use_threshold=False)
     truths = [lb for _, lb in examples]
-    points = curve_from_predictions(preds, truths)
+    decline_label = head.oos_label if out_of_scope == "decline" else None
+    points = curve_from_predictions(preds, truths, decline_label=decline_label)
     point, threshold, goal = choose_threshold(points, target_escalation, target_precision)
     confs = np.array([p.confidence for p in preds], dtype=np.float32)
     ok = np.array([is_correct(p, t) for p, t in zip(preds, truths, strict=True)])
@@ -273,6 +277,12 @@ def calibrate_bundle(
         "escalation_for_98": escalation_for(points, 0.98).escalation,
         "escalation_for_99": escalation_for(points, 0.99).escalation,
         "flagged_out_of_scope": sum(p.reason == OOS_REASON for p in preds) / len(preds),
+        "out_of_scope": out_of_scope,
+        "declined_out_of_scope": (
+            sum(confidently_out_of_scope(p) for p in preds) / len(preds)
+            if decline_label is not None
+            else 0.0
+        ),
         "escalation_for": {},
     }
     log(format_curve(points))
@@ -291,7 +301,13 @@ def calibrate_bundle(
             f"for {target:.1%} overall accuracy (perfect cloud): escalate {p.escalation:.1%} "
             f"(threshold {result['escalation_for'][f'{target:g}']['threshold']:.4f}; local-only "
             f"accuracy {result['local_only_accuracy']:.2%}, flagged out of scope "
-            f"{result['flagged_out_of_scope']:.1%})"
+            f"{result['flagged_out_of_scope']:.1%}"
+            + (
+                f", declined {result['declined_out_of_scope']:.1%}"
+                if decline_label is not None
+                else ""
+            )
+            + ")"
         )
     if write:
         result["fingerprint"] = store_threshold(bundle, manifest, threshold, result, log)

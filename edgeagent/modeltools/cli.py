@@ -204,6 +204,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="bundle (default: from config); with --bundle no config file is needed",
     )
+    cal.add_argument(
+        "--out-of-scope",
+        choices=["escalate", "decline"],
+        default="escalate",
+        help="classifier: the task's out_of_scope policy to measure with; 'decline' keeps "
+        "confidently out-of-scope examples local (right when labelled out of scope)",
+    )
     cal.add_argument("--max-length", type=int, default=None, help="tokens per input")
     cal.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
     cal.add_argument("--dry-run", action="store_true", help="print only; do not write")
@@ -574,6 +581,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             max_length=max_length,
             target_accuracy=targets,
             oos_distance=backend.oos_distance if backend is not None else None,
+            out_of_scope=args.out_of_scope,
             **common,
         )
     )
