@@ -65,6 +65,7 @@ from edgeagent.bundle import read_manifest, write_manifest
 from edgeagent.config import TaskConfig
 from edgeagent.modeltools.calibrate import curve_from_predictions, ece, escalation_for
 from edgeagent.modeltools.train import TrainOptions, load_examples, stratified_split, train_head
+from edgeagent.router import confidently_out_of_scope
 
 REPO = Path(__file__).resolve().parent.parent
 OOS = "oos"
@@ -197,11 +198,13 @@ def _sample(items: list[str], n: int, seed: int) -> list[str]:
 def evaluate(
     head: Head, emb: Any, truths: list[str], oos_distance: bool | None = None
 ) -> dict[str, Any]:
-    """Metrics of ``head`` on ``emb`` through the runtime's ``predict`` (see module doc)."""
+    """Metrics of ``head`` on ``emb`` through the runtime's ``predict`` (see module doc),
+    for ``out_of_scope = "escalate"`` and, as ``d_*``, ``"decline"``."""
     import numpy as np
 
     preds = predict(head, emb, oos_distance=oos_distance, use_threshold=False)
     flagged = np.array([p.reason == "out_of_scope" for p in preds])
+    declined = np.array([confidently_out_of_scope(p) for p in preds])
     is_oos = np.array([t == OOS for t in truths])
     labels = [p.output.get("label") if p.output else None for p in preds]
     ok = np.array(
@@ -219,9 +222,14 @@ def evaluate(
         "escalation_for_98": escalation_for(curve, 0.98).escalation,
         "escalation_for_99": escalation_for(curve, 0.99).escalation,
         "ece": ece(conf, ok),
+        "declined_in_scope": float(declined[~is_oos].mean()),
     }
+    curve_d = curve_from_predictions(preds, truths, decline_label=OOS)
+    out["d_escalation_for_98"] = escalation_for(curve_d, 0.98).escalation
+    out["d_escalation_for_99"] = escalation_for(curve_d, 0.99).escalation
     if is_oos.any():
         out["oos_recall"] = float(flagged[is_oos].mean())
+        out["declined_oos"] = float(declined[is_oos].mean())
         # Separability, free of the cut-off's calibration: recall when the cut is set on this
         # stream's own in-scope inputs at 2 % loss (an oracle no deployment has).
         score = head.oos_values(emb, head.probabilities(emb))
@@ -230,33 +238,37 @@ def evaluate(
     return out
 
 
-def with_score(head: Head, cand: dict[str, Any]) -> Head:
-    """A copy of ``head`` using another calibrated out-of-scope score."""
-    arrays: dict[str, Any] = {
-        "weight": head.weight,
-        "bias": head.bias,
-        "centroids": head.centroids,
-        "knn_emb": head.knn_emb,
-        "knn_label": head.knn_label,
-        "maha_mean": head.maha_mean,
-        "maha_prec": head.maha_prec,
-    }
-    cal = {**head.calibration, **{k: cand[k] for k in ("oos_score", "oos_norm", "oos_cut")}}
+def with_calibration(head: Head, **changes: Any) -> Head:
+    """A copy of ``head`` with some calibration.json fields changed."""
+    names = ("weight", "bias", "centroids", "knn_emb", "knn_label", "maha_mean", "maha_prec")
+    arrays = {k: getattr(head, k) for k in names}
+    cal = {**head.calibration, **changes}
     return Head({k: v for k, v in arrays.items() if v is not None}, head.labels, cal)
 
 
+def with_score(head: Head, cand: dict[str, Any]) -> Head:
+    """A copy of ``head`` using another calibrated out-of-scope score."""
+    keys = ("oos_score", "oos_norm", "oos_cut", "oos_decline_cut")
+    return with_calibration(head, **{k: cand.get(k) for k in keys})
+
+
+def _pct(r: dict[str, Any], key: str, digits: int = 1) -> str:
+    return "" if r.get(key) is None else f"{r[key]:.{digits}%}"
+
+
 def _fmt(r: dict[str, Any]) -> str:
-    rec = r.get("oos_recall")
     return (
-        f"{r['local_only_accuracy']:>7.2%} {'' if rec is None else f'{rec:.1%}':>7} "
+        f"{r['local_only_accuracy']:>7.2%} {_pct(r, 'oos_recall'):>7} "
         f"{r['in_scope_loss']:>7.2%} {r['escalation_for_98']:>7.1%} {r['escalation_for_99']:>7.1%} "
-        f"{r['ece']:>7.4f} "
-        f"{'' if 'oracle_recall_at_2' not in r else format(r['oracle_recall_at_2'], '.1%'):>7}"
+        f"{r['ece']:>7.4f} {_pct(r, 'oracle_recall_at_2'):>7} | "
+        f"{_pct(r, 'declined_oos'):>7} {r['declined_in_scope']:>7.2%} "
+        f"{r['d_escalation_for_98']:>7.1%} {r['d_escalation_for_99']:>7.1%}"
     )
 
 
 HEADER = (
     f"{'local':>7} {'recall':>7} {'is-loss':>7} {'esc98':>7} {'esc99':>7} {'ECE':>7} {'rec@2%':>7}"
+    f" | {'dec-oos':>7} {'dec-is':>7} {'d-esc98':>7} {'d-esc99':>7}"
 )
 
 
@@ -344,7 +356,12 @@ def clinc(
         trained = train_head(
             x_train,
             y_train,
-            TrainOptions(threads=1, oos_target_loss=args.target_loss, oos_candidates=SCORES),
+            TrainOptions(
+                threads=1,
+                oos_target_loss=args.target_loss,
+                oos_decline_loss=args.decline_loss,
+                oos_candidates=SCORES,
+            ),
             log=lambda *_: None,
             oos_emb=embed(oos_train) if oos_train else None,
         )
@@ -365,6 +382,17 @@ def clinc(
             default = " *" if score == trained.head.oos_score else ""
             print(f"{score + default:<28} {ho:>11} {_fmt(res)}", flush=True)
             rows.append({"fold": fold, "score": score, "default": bool(default), **res})
+        # The decline cut-off of the default score, for each held-out in-scope loss.
+        cand = trained.metrics["oos"]["candidates"][trained.head.oos_score]
+        for loss, cut in cand.get("oos_decline_cuts", {}).items():
+            res = evaluate(
+                with_score(trained.head, {**cand, "oos_decline_cut": cut}), x_eval, truths
+            )
+            mark = " *" if float(loss) == args.decline_loss else ""
+            print(f"{'  decline at ' + loss + mark:<40} {_fmt(res)}", flush=True)
+            rows.append(
+                {"fold": fold, "score": trained.head.oos_score, "decline_loss": loss, **res}
+            )
     return rows, heads
 
 
@@ -406,10 +434,16 @@ def latency(heads: dict[str, Head], encoder: Path, texts: list[str], rounds: int
     """Single-job p50 of each head's bundle, interleaved; ratios to ``before``.  ``no-oe``
     has the same training data as ``before`` (the code's cost); an outlier-exposure head
     may also have chosen the kNN blend (the training data's cost)."""
+    heads = dict(heads)
+    oe = heads.get("unseen-snips-atis")
+    if oe is not None and oe.blend < 1.0:
+        # The same outlier-exposure head with the kNN vote over every example (what
+        # bundles before knn_classes did).
+        heads["unseen-snips-atis/knn-all"] = with_calibration(oe, knn_classes=0)
     with tempfile.TemporaryDirectory(prefix="bench-oos-") as tmp:
         backends = {}
-        for name in [n for n in ("before", "no-oe", "unseen-snips-atis") if n in heads]:
-            bundle = _bundle(heads[name], encoder, Path(tmp) / name)
+        for name in [n for n in heads if n != "seen" and not n.startswith("unseen-banking")]:
+            bundle = _bundle(heads[name], encoder, Path(tmp) / name.replace("/", "-"))
             task = TaskConfig.model_validate(
                 {"kind": "classify", "backend": {"type": "onnx", "bundle": str(bundle)}}
             )
@@ -427,7 +461,7 @@ def latency(heads: dict[str, Head], encoder: Path, texts: list[str], rounds: int
     print(f"\n## single-job latency (p50 of {rounds} x {len(texts)}, 1 thread; goal <= x1.5)")
     for name, ms in p50.items():
         blend = heads[name].blend
-        print(f"{name:<20} {ms:6.2f} ms  x{ratios[name]:.2f}  (kNN weight {1 - blend:g})")
+        print(f"{name:<26} {ms:6.2f} ms  x{ratios[name]:.2f}  (kNN weight {1 - blend:g})")
     return {"p50_ms": p50, "ratio": ratios}
 
 
@@ -439,6 +473,7 @@ def main() -> int:
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "edgeagent-bench-oos"
     )
     ap.add_argument("--target-loss", type=float, default=TrainOptions.oos_target_loss)
+    ap.add_argument("--decline-loss", type=float, default=TrainOptions.oos_decline_loss)
     ap.add_argument("--oos-train-cap", type=int, default=2000, help="texts per source")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latency", action="store_true")

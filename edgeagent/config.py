@@ -329,6 +329,13 @@ class TaskConfig(_Section):
     escalate: Literal["auto", "never", "always"] | None = Field(
         None, description="Escalation policy; default `auto` (`always` for generate tasks)."
     )
+    out_of_scope: Literal["escalate", "decline"] = Field(
+        "escalate",
+        description="What a job the local model flags out of scope gets: `escalate` (like any "
+        "uncertain job), or `decline`: one that is *confidently* out of scope (the score above "
+        "the bundle's decline cut-off, `train --oos-decline-loss`) is answered `unrecognized` "
+        "/ `out_of_scope` locally, without the cloud; borderline ones still escalate.",
+    )
     timeout_s: float = Field(10.0, gt=0, description="Per-job inference deadline (seconds).")
     concurrency: int = Field(1, ge=1, le=64, description="Inference calls in parallel.")
     max_batch: int = Field(16, ge=1, le=1024, description="Jobs per inference batch.")

@@ -1002,12 +1002,15 @@ class TaskRuntime:
             task_policy=self.config.policy,
             job_wish=p.job.escalate,
             cloud_available=self.cloud_available,
+            out_of_scope=self.config.out_of_scope,
         )
         if route.action == "answer":
             res = self._result(p, "ok", output=pred.output, confidence=pred.confidence)
             return Outcome(p, res, cacheable=True, prediction=pred)
         reason = route.reason or "low_confidence"
-        err = ErrorInfo(code=reason, message=unrecognized_message(reason, pred))
+        declined = route.action == "decline"
+        message = router.DECLINED_MESSAGE if declined else unrecognized_message(reason, pred)
+        err = ErrorInfo(code=reason, message=message)
         res = self._result(p, "unrecognized", confidence=pred.confidence, error=err)
         if route.action == "escalate":
             return Outcome(p, res, prediction=pred, escalate=reason)

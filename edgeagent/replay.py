@@ -11,7 +11,10 @@ Counting rules: an answer served from the result cache (``source = "cache"``) is
 answer (the device answered without the cloud).  For a gold label that means out of scope
 (``oos``, ``out_of_scope`` or ``--oos-label``), the right answer is to not answer with an
 intent: status ``unrecognized`` with error ``out_of_scope`` / ``low_confidence``, or an
-output whose label is itself an out-of-scope label.
+output whose label is itself an out-of-scope label.  A job the device *declined* (a task
+with ``out_of_scope = "decline"``: ``unrecognized`` / ``out_of_scope`` from the local model,
+no escalation) is counted in ``declined_locally``, and ``accuracy_declined`` says how many
+of those had an out-of-scope gold label.
 """
 
 from __future__ import annotations
@@ -79,6 +82,18 @@ def is_right(answer: dict[str, Any], gold: Any, oos_labels: frozenset[str] = OOS
     return answer.get("status") == "unrecognized" and code in DECLINED
 
 
+def is_declined(answer: dict[str, Any]) -> bool:
+    """The device declined the job as out of scope on its own: ``unrecognized`` /
+    ``out_of_scope`` from the local model, never escalated."""
+    code = (answer.get("error") or {}).get("code")
+    return (
+        answer.get("status") == "unrecognized"
+        and code == "out_of_scope"
+        and answer.get("source") in LOCAL_SOURCES
+        and not answer.get("escalation")
+    )
+
+
 def report(
     jobs: list[dict[str, Any]],
     gold: dict[str, Any],
@@ -98,6 +113,7 @@ def report(
         k for k, r in first.items() if r.get("source") in LOCAL_SOURCES and r["status"] == "ok"
     ]
     cached = [k for k in local_ok if first[k].get("source") == "cache"]
+    declined = [k for k, r in final.items() if is_declined(r)]
     cloud = [k for k, r in final.items() if r.get("source") == "cloud"]
 
     def share(k: int, total: int) -> float | None:
@@ -128,11 +144,13 @@ def report(
         "source": dict(sources),
         "answered_locally": share(len(local_ok), n),
         "answered_from_cache": share(len(cached), n),
+        "declined_locally": share(len(declined), n),
         "escalation_rate": share(sum(reasons.values()), n),
         "escalation_reasons": {str(k): v for k, v in reasons.items()},
         "accuracy_overall": agreement(with_gold, final),
         "accuracy_local": agreement(local_ok, first),
         "accuracy_cloud": agreement(cloud, final),
+        "accuracy_declined": agreement(declined, final),
         "out_of_scope_jobs": len(gold_oos),
         "accuracy_out_of_scope": agreement(gold_oos, final),
         "local_vs_cloud_agreement": _local_vs_cloud(first, final),

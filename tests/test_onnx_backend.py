@@ -29,6 +29,7 @@ from edgeagent.bundle import read_manifest, write_manifest
 from edgeagent.config import TaskConfig
 from edgeagent.modeltools.calibrate import curve_from_predictions
 from edgeagent.modeltools.train import TrainOptions, load_examples, train_bundle
+from edgeagent.router import OOS_MARGIN, decide
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -333,6 +334,38 @@ def test_bundle_trained_with_oos_examples_flags_oos_inputs(
     assert [p.output for p in answers] == [{"label": lb} for lb in UNSEEN_IN_SCOPE.values()]
     assert all(p.reason != "out_of_scope" for p in answers)
 
+    # The decline cut-off (out_of_scope = "decline"): a second, higher cut on the same
+    # score; every flagged input reports its margin over it, answered ones none.
+    cal = json.loads((bundle / "calibration.json").read_text())
+    assert cal["oos_decline_cut"] >= cal["oos_cut"]
+    preds = backend.infer_batch(UNSEEN_OOS + OOS)
+    for p in preds:
+        if p.reason == "out_of_scope":
+            margin = p.details[OOS_MARGIN]
+            assert margin == pytest.approx(p.details["oos_score"] - cal["oos_decline_cut"], 1e-3)
+    routes = [
+        decide(p, threshold=0.5, task_policy="auto", cloud_available=True, out_of_scope="decline")
+        for p in preds
+    ]
+    assert {r.action for r in routes} <= {"decline", "escalate"}
+    assert sum(r.action == "decline" for r in routes) >= len(OOS) // 2, routes
+    assert all(OOS_MARGIN not in p.details for p in answers)
+
+    # `calibrate --out-of-scope decline`: declined examples stay local, so labelled
+    # out-of-scope examples need no escalation.
+    from edgeagent.modeltools.calibrate import calibrate_bundle
+
+    held = [*UNSEEN_IN_SCOPE.items(), *((t, "oos") for t in OOS)]
+    runs = {
+        policy: calibrate_bundle(
+            bundle, held, target_precision=0.9, write=False, log=_quiet, out_of_scope=policy
+        )
+        for policy in ("escalate", "decline")
+    }
+    assert runs["escalate"]["declined_out_of_scope"] == 0.0
+    assert runs["decline"]["declined_out_of_scope"] > 0.3
+    assert runs["decline"]["escalation_for_98"] < runs["escalate"]["escalation_for_98"]
+
 
 def test_task_without_oos_signal_never_flags_out_of_scope(
     encoder_bundle: Path, tmp_path: Path
@@ -353,6 +386,70 @@ def test_task_without_oos_signal_never_flags_out_of_scope(
     assert not [p for p in default if p.reason == "out_of_scope"]
     opted_in = _loaded(bundle, oos_distance=True).infer_batch(texts)
     assert sum(p.reason == "out_of_scope" for p in opted_in) >= len(UNSEEN_OOS)
+    # No out-of-scope examples, no confidence about out of scope: nothing to decline.
+    assert json.loads((bundle / "calibration.json").read_text())["oos_decline_cut"] is None
+    assert not [p for p in opted_in if OOS_MARGIN in p.details]
+
+
+def _clusters(n_classes: int, per_class: int, seed: int) -> tuple[Any, Any]:
+    import numpy as np
+
+    centres = np.random.default_rng(n_classes).standard_normal((n_classes, 32))
+    rng = np.random.default_rng(seed)
+    x = np.repeat(centres, per_class, axis=0) + 0.6 * rng.standard_normal(
+        (n_classes * per_class, 32)
+    )
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), np.repeat(np.arange(n_classes), per_class)
+
+
+def test_knn_vote_among_the_best_classes_answers_as_the_full_vote() -> None:
+    """`knn_classes`: the kNN vote compares an input only with the examples of the linear
+    head's best classes; the answers match the vote over every example."""
+    import numpy as np
+
+    from edgeagent.modeltools.train import train_head
+
+    x, y = _clusters(30, 20, 0)
+    labels = [f"c{i:02d}" for i in y]
+    opts = TrainOptions(threads=1, blend_grid=(0.5,), knn_classes=5, held_out=0.2)
+    head = train_head(x, labels, opts, log=_quiet).head
+    assert head.blend == 0.5 and head.knn_classes == 5
+    full = type(head)(
+        {"weight": head.weight, "bias": head.bias, "centroids": head.centroids,
+         "knn_emb": head.knn_emb, "knn_label": head.knn_label},
+        head.labels,
+        {**head.calibration, "knn_classes": 0},
+    )  # fmt: skip
+    probe, _ = _clusters(30, 4, 1)
+    for batch in (probe[:1], probe):
+        fast, slow = head.probabilities(batch), full.probabilities(batch)
+        assert (fast.argmax(axis=1) == slow.argmax(axis=1)).all()
+        assert np.abs(fast - slow).max() < 1e-3
+
+
+def test_decline_margin_without_a_flagging_cut() -> None:
+    """When the out-of-scope class's arg-max answers alone use the flagging budget (no
+    score cut-off), inputs it wins still get a decline margin; answered ones none."""
+    from edgeagent.modeltools.train import train_head
+
+    x, y = _clusters(11, 20, 2)
+    labels = ["oos" if i == 10 else f"c{i:02d}" for i in y]
+    head = train_head(x, labels, TrainOptions(threads=1, held_out=0.2), log=_quiet).head
+    assert head.oos_decline_cut is not None
+    strict = type(head)(
+        {"weight": head.weight, "bias": head.bias, "centroids": head.centroids},
+        head.labels,
+        {**head.calibration, "oos_cut": None, "oos_decline_cut": -1e9},
+    )
+    probe, py = _clusters(11, 3, 3)
+    preds = predict(strict, probe)
+    for p in preds:
+        if p.output == {"label": "oos"}:
+            assert p.reason == "out_of_scope" and p.details[OOS_MARGIN] > 0
+        else:
+            assert p.reason != "out_of_scope" and OOS_MARGIN not in p.details
+    assert sum(p.reason == "out_of_scope" for p, lb in zip(preds, py, strict=True) if lb == 10) >= 2
 
 
 # -- calibration -----------------------------------------------------------------------

@@ -93,3 +93,22 @@ def test_oos_label_option_extends_the_out_of_scope_labels() -> None:
     assert report(jobs, gold, first, first, {})["accuracy_overall"] == 0.0
     rep = report(jobs, gold, first, first, {}, frozenset({"oos", "none_of_these"}))
     assert rep["accuracy_overall"] == 1.0
+
+
+def test_declined_out_of_scope_jobs_are_right_and_counted() -> None:
+    """A task with `out_of_scope = "decline"` answers a confidently out-of-scope job
+    `unrecognized`/`out_of_scope` locally, without escalating: right for a gold `oos`,
+    wrong for an in-scope one, and counted as declined (not escalated)."""
+    rep = _run(
+        [
+            ("1", "oos", _res("1", "unrecognized", "local", code="out_of_scope"), None),
+            ("2", "oos", _res("2", "unrecognized", "local", code="out_of_scope"), None),
+            ("3", "alarm", _res("3", "unrecognized", "local", code="out_of_scope"), None),
+            ("4", "alarm", _res("4", "ok", "local", label="alarm"), None),
+        ]
+    )
+    assert rep["declined_locally"] == 0.75
+    assert rep["accuracy_declined"] == round(2 / 3, 4)
+    assert rep["accuracy_out_of_scope"] == 1.0
+    assert rep["accuracy_overall"] == 0.75
+    assert rep["escalation_rate"] == 0.0

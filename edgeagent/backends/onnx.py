@@ -36,6 +36,7 @@ from edgeagent.backends.base import (
     Prediction,
 )
 from edgeagent.bundle import BundleError, read_manifest
+from edgeagent.router import OOS_MARGIN
 
 if TYPE_CHECKING:
     import numpy as np
@@ -181,10 +182,15 @@ class Head:
     and ``knn_label`` (n,); when it uses ``mahalanobis``, ``maha_mean`` (in-scope k, dim)
     and ``maha_prec`` (dim, dim: the shrunk tied-covariance inverse).
     ``calibration.json``: ``temperature``, ``blend``, ``knn_k``, ``knn_temp``,
+    ``knn_classes`` (the kNN vote only among the examples of the linear head's
+    ``knn_classes`` best classes; 0 or absent: among all),
     ``oos_label``, ``threshold`` and the out-of-scope score: ``oos_score`` (components from
     :data:`OOS_COMPONENTS` joined by ``+``: their mean, or by ``|``: their maximum),
     ``oos_norm`` (per component ``[centre, scale]``, applied as ``(component - centre) /
-    scale`` before combining), ``oos_cut`` (flag above it),
+    scale`` before combining), ``oos_cut`` (flag above it), ``oos_decline_cut`` (a higher cut
+    on the same score: above it the input is *confidently* out of scope, reported as
+    ``details["oos_margin"]`` for a task whose ``out_of_scope = "decline"``; absent when the
+    head had no out-of-scope examples),
     ``oos_signal`` (the head was trained with out-of-scope examples, so the cut-off applies
     by default), ``oos_knn_k``.  Bundles written before these fields existed carry
     ``centroid_cos_min`` instead: read as ``oos_score = "centroid"``, ``oos_cut =
@@ -209,12 +215,14 @@ class Head:
         self.blend = float(cal.get("blend", 1.0))
         self.knn_k = int(cal.get("knn_k", 10))
         self.knn_temp = float(cal.get("knn_temp", 0.05))
+        self.knn_classes = int(cal.get("knn_classes", 0))
         self.oos_label: str | None = cal.get("oos_label")
         self.centroid_cos_min: float | None = cal.get("centroid_cos_min")
         self.threshold: float | None = cal.get("threshold")
         self.oos_score: str = str(cal.get("oos_score") or "centroid")
         self.oos_norm: dict[str, list[float]] = dict(cal.get("oos_norm") or {})
         self.oos_cut: float | None = cal.get("oos_cut")
+        self.oos_decline_cut: float | None = cal.get("oos_decline_cut")
         self.oos_signal = bool(cal.get("oos_signal", self.oos_label is not None))
         self.oos_knn_k = int(cal.get("oos_knn_k", 5))
         if "oos_score" not in cal and self.centroid_cos_min is not None:
@@ -224,15 +232,24 @@ class Head:
             "blend",
             "knn_k",
             "knn_temp",
+            "knn_classes",
             "oos_label",
             "centroid_cos_min",
             "oos_score",
             "oos_norm",
             "oos_cut",
+            "oos_decline_cut",
             "oos_signal",
             "oos_knn_k",
         }
         self.extra = {k: v for k, v in cal.items() if k not in known | {"threshold"}}
+        # Training examples sorted by class (the order does not matter to any score), so
+        # class c's are the view knn_emb[b[c]:b[c + 1]] with b = _knn_bounds.
+        self._knn_bounds = np.zeros(len(self.labels) + 1, dtype=np.int64)
+        if knn_emb is not None and knn_label is not None:
+            order = np.argsort(knn_label, kind="stable")
+            knn_emb, knn_label = knn_emb[order], knn_label[order]
+            self._knn_bounds = np.searchsorted(knn_label, np.arange(len(self.labels) + 1))
         self.knn_emb: FloatArray | None = knn_emb
         self.knn_label: npt.NDArray[np.int64] | None = knn_label
         maha_mean, maha_prec = arrays.get("maha_mean"), arrays.get("maha_prec")
@@ -269,7 +286,7 @@ class Head:
         self.in_scope_idx = np.array(
             [i for i, lb in enumerate(self.labels) if lb != self.oos_label], dtype=np.int64
         )
-        if self.oos_cut is not None:
+        if self.oos_cut is not None or self.oos_decline_cut is not None:
             self.check_oos_score(self.oos_score)
 
     def oos_components(self) -> list[str]:
@@ -312,7 +329,8 @@ class Head:
             "bias": self.bias,
             "centroids": self.centroids,
         }
-        uses = set(self.oos_components()) if self.oos_cut is not None else set()
+        scored = self.oos_cut is not None or self.oos_decline_cut is not None
+        uses = set(self.oos_components()) if scored else set()
         wants_knn = self.blend < 1.0 or "knn" in uses
         if wants_knn and self.knn_emb is not None and self.knn_label is not None:
             arrays["knn_emb"] = self.knn_emb.astype(np.float16)
@@ -337,12 +355,14 @@ class Head:
             "blend": self.blend,
             "knn_k": self.knn_k,
             "knn_temp": self.knn_temp,
+            "knn_classes": self.knn_classes,
             "oos_label": self.oos_label,
             "centroid_cos_min": self.centroid_cos_min,
             "threshold": self.threshold,
             "oos_score": self.oos_score,
             "oos_norm": self.oos_norm,
             "oos_cut": self.oos_cut,
+            "oos_decline_cut": self.oos_decline_cut,
             "oos_signal": self.oos_signal,
             "oos_knn_k": self.oos_knn_k,
         }
@@ -357,8 +377,24 @@ class Head:
 
         p = softmax(emb @ self.weight + self.bias)
         if self.blend < 1.0 and self.knn_emb is not None and self.knn_label is not None:
+            m = self.knn_classes
+            classes = None
+            if 0 < m < len(self.labels):
+                # Vote among the examples of the linear head's m best classes only (of any
+                # input of the batch): one job compares with ~m * examples-per-class
+                # embeddings instead of all of them; the others' vote share is ~0 anyway.
+                top = np.unique(np.argpartition(-p, m - 1, axis=1)[:, :m])
+                classes = top if len(top) < len(self.labels) else None
             p_knn = knn_probabilities(
-                emb, self.knn_emb, self.knn_label, len(self.labels), self.knn_k, self.knn_temp
+                emb,
+                self.knn_emb,
+                self.knn_label,
+                len(self.labels),
+                self.knn_k,
+                self.knn_temp,
+                None
+                if classes is None
+                else [(int(self._knn_bounds[c]), int(self._knn_bounds[c + 1])) for c in classes],
             )
             p = self.blend * p + (1.0 - self.blend) * p_knn
         out: FloatArray = np.log(np.clip(p, 1e-12, None)).astype(np.float32)
@@ -468,13 +504,20 @@ def knn_probabilities(
     n_classes: int,
     k: int,
     temp: float,
+    spans: list[tuple[int, int]] | None = None,
 ) -> FloatArray:
     """Similarity-weighted vote of the ``k`` nearest reference embeddings (cosine; weights
-    ``exp((cos - 1) / temp)``), normalised to a distribution over ``n_classes``."""
+    ``exp((cos - 1) / temp)``), normalised to a distribution over ``n_classes``.
+    ``spans``: compare only with these row ranges ``[start, end)`` of ``ref`` (views, no
+    copy of the references)."""
     import numpy as np
 
-    sims = emb @ ref.T
-    k = min(k, ref.shape[0])
+    if spans is not None:
+        sims = np.concatenate([emb @ ref[a:b].T for a, b in spans], axis=1)
+        ref_label = np.concatenate([ref_label[a:b] for a, b in spans])
+    else:
+        sims = emb @ ref.T
+    k = min(k, sims.shape[1])
     idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
     weights = np.exp((np.take_along_axis(sims, idx, axis=1) - 1.0) / temp)
     probs = np.full((emb.shape[0], n_classes), 1e-6, dtype=np.float64)
@@ -506,14 +549,18 @@ def predict(
     ``oos_distance``: apply the head's out-of-scope score cut-off (``True``), never
     (``False``), or only when the head was trained with an out-of-scope signal (``None``,
     the default: a task given no out-of-scope examples is never flagged by distance).  An
-    input whose arg-max is the out-of-scope class is flagged in every case."""
+    input whose arg-max is the out-of-scope class is flagged in every case.  A flagged
+    input's ``details["oos_margin"]`` (:data:`edgeagent.router.OOS_MARGIN`) is its score
+    minus the head's decline cut-off, when the head has one (> 0: confidently out of
+    scope; the router declines it for a task with ``out_of_scope = "decline"``)."""
     import numpy as np
 
     probs = head.probabilities(emb)
     cos = head.centroid_cos(emb)
     apply_cut = head.oos_signal if oos_distance is None else oos_distance
     cut = head.oos_cut if apply_cut else None
-    score = head.oos_values(emb, probs) if cut is not None else None
+    decline = head.oos_decline_cut if apply_cut else None
+    score = head.oos_values(emb, probs) if cut is not None or decline is not None else None
     top = np.argsort(-probs, axis=1)[:, :TOP_K]
     oos_idx = head.labels.index(head.oos_label) if head.oos_label in head.labels else None
     out: list[Prediction] = []
@@ -535,6 +582,8 @@ def predict(
         reason: str | None = None
         if best == oos_idx or (cut is not None and score is not None and score[row] > cut):
             reason = OOS_REASON
+            if score is not None and decline is not None:
+                details[OOS_MARGIN] = round(float(score[row]) - decline, 4)
         elif use_threshold and head.threshold is not None and conf < head.threshold:
             reason = LOW_CONFIDENCE
         out.append(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeagent.backends.onnx import Head, OnnxEncoder, predict
 from edgeagent.bundle import read_manifest, write_manifest
+from edgeagent.router import confidently_out_of_scope
 
 if TYPE_CHECKING:
     import numpy as np
@@ -89,24 +90,33 @@ class CurvePoint:
 
 
 def escalation_curve(
-    confidence: list[float], correct: list[bool], forced: list[bool]
+    confidence: list[float],
+    correct: list[bool],
+    forced: list[bool],
+    declined: list[bool] | None = None,
 ) -> list[CurvePoint]:
     """All operating points, from "escalate only the flagged ones" to "escalate everything".
 
     Jobs are escalated in order: ``forced`` (out_of_scope) first, then by ascending
     confidence.  Ties in confidence move together, so each point is reachable with a
-    threshold ``confidence >= threshold`` answered locally.
+    threshold ``confidence >= threshold`` answered locally.  ``declined`` jobs (confidently
+    out of scope, a task with ``out_of_scope = "decline"``) are never escalated: they are
+    answered locally at every point, right or wrong as ``correct`` says.
     """
     n = len(confidence)
     if n == 0:
         return []
-    cand = sorted((c, ok) for c, ok, f in zip(confidence, correct, forced, strict=True) if not f)
-    n_forced = n - len(cand)
-    local_correct = sum(ok for _, ok in cand)
+    declined = declined or [False] * n
+    rows = list(zip(confidence, correct, forced, declined, strict=True))
+    cand = sorted((c, ok) for c, ok, f, d in rows if not f and not d)
+    n_declined = sum(1 for *_, d in rows if d)
+    n_forced = n - len(cand) - n_declined
+    declined_correct = sum(ok for _, ok, _, d in rows if d)
+    local_correct = sum(ok for _, ok in cand) + declined_correct
     points: list[CurvePoint] = []
     i = 0
     while True:
-        local = len(cand) - i
+        local = len(cand) - i + n_declined
         threshold = cand[i][0] if i < len(cand) else math.inf
         points.append(
             CurvePoint(
@@ -179,11 +189,22 @@ def is_correct(pred: Prediction, truth: str) -> bool:
     return pred.output is not None and pred.output.get("label") == truth
 
 
-def curve_from_predictions(preds: list[Prediction], truths: list[str]) -> list[CurvePoint]:
+def curve_from_predictions(
+    preds: list[Prediction], truths: list[str], decline_label: str | None = None
+) -> list[CurvePoint]:
+    """The escalation curve of ``preds`` against ``truths``.  ``decline_label``: the task
+    declines confidently out-of-scope inputs (``out_of_scope = "decline"``, see
+    :func:`edgeagent.router.confidently_out_of_scope`): those stay local, right exactly
+    when the truth is ``decline_label`` (the out-of-scope label)."""
+    declined = [decline_label is not None and confidently_out_of_scope(p) for p in preds]
     return escalation_curve(
         [p.confidence for p in preds],
-        [is_correct(p, t) for p, t in zip(preds, truths, strict=True)],
-        [p.reason == OOS_REASON for p in preds],
+        [
+            (t == decline_label) if d else is_correct(p, t)
+            for p, t, d in zip(preds, truths, declined, strict=True)
+        ],
+        [p.reason == OOS_REASON and not d for p, d in zip(preds, declined, strict=True)],
+        declined,
     )
 
 
@@ -215,12 +236,15 @@ def calibrate_bundle(
     log: Any = print,
     target_accuracy: tuple[float, ...] = (0.98, 0.99),
     oos_distance: bool | None = None,
+    out_of_scope: str = "escalate",
 ) -> dict[str, Any]:
     """Pick the confidence threshold on held-out ``examples`` and store it in the bundle's
     ``calibration.json`` (re-hashing the manifest, so the fingerprint changes).  Also
     reports, with a perfect cloud, the escalation needed for each overall accuracy in
     ``target_accuracy`` (``result["escalation_for"]``, keyed by the accuracy as text).
-    ``oos_distance`` is the task's setting (see :func:`predict`)."""
+    ``oos_distance`` is the task's setting (see :func:`predict`); ``out_of_scope`` its
+    policy: with ``decline``, confidently out-of-scope examples stay local (right when
+    labelled with the bundle's out-of-scope label)."""
     import numpy as np
 
     if (target_escalation is None) == (target_precision is None):
@@ -236,7 +260,8 @@ def calibrate_bundle(
     emb = encoder.embed_many([t for t, _ in examples])
     preds = predict(head, emb, oos_distance=oos_distance, use_threshold=False)
     truths = [lb for _, lb in examples]
-    points = curve_from_predictions(preds, truths)
+    decline_label = head.oos_label if out_of_scope == "decline" else None
+    points = curve_from_predictions(preds, truths, decline_label=decline_label)
     point, threshold, goal = choose_threshold(points, target_escalation, target_precision)
     confs = np.array([p.confidence for p in preds], dtype=np.float32)
     ok = np.array([is_correct(p, t) for p, t in zip(preds, truths, strict=True)])
@@ -252,6 +277,12 @@ def calibrate_bundle(
         "escalation_for_98": escalation_for(points, 0.98).escalation,
         "escalation_for_99": escalation_for(points, 0.99).escalation,
         "flagged_out_of_scope": sum(p.reason == OOS_REASON for p in preds) / len(preds),
+        "out_of_scope": out_of_scope,
+        "declined_out_of_scope": (
+            sum(confidently_out_of_scope(p) for p in preds) / len(preds)
+            if decline_label is not None
+            else 0.0
+        ),
         "escalation_for": {},
     }
     log(format_curve(points))
@@ -270,7 +301,13 @@ def calibrate_bundle(
             f"for {target:.1%} overall accuracy (perfect cloud): escalate {p.escalation:.1%} "
             f"(threshold {result['escalation_for'][f'{target:g}']['threshold']:.4f}; local-only "
             f"accuracy {result['local_only_accuracy']:.2%}, flagged out of scope "
-            f"{result['flagged_out_of_scope']:.1%})"
+            f"{result['flagged_out_of_scope']:.1%}"
+            + (
+                f", declined {result['declined_out_of_scope']:.1%}"
+                if decline_label is not None
+                else ""
+            )
+            + ")"
         )
     if write:
         result["fingerprint"] = store_threshold(bundle, manifest, threshold, result, log)

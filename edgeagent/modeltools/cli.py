@@ -118,6 +118,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "flag (default: %(default)s; about 2 %% of new in-scope traffic)",
     )
     train.add_argument(
+        "--oos-decline-loss",
+        type=float,
+        default=None,
+        help="classifier with out-of-scope examples: share of held-out in-scope examples "
+        "above the decline cut-off (confidently out of scope; a task with out_of_scope = "
+        "'decline' answers those unrecognized without the cloud) (default: 0.001)",
+    )
+    train.add_argument(
         "--oos-score",
         default="auto",
         help="classifier: out-of-scope score, components of centroid, msp, energy, "
@@ -193,6 +201,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=Path,
         default=None,
         help="bundle (default: from config); with --bundle no config file is needed",
+    )
+    cal.add_argument(
+        "--out-of-scope",
+        choices=["escalate", "decline"],
+        default="escalate",
+        help="classifier: the task's out_of_scope policy to measure with; 'decline' keeps "
+        "confidently out-of-scope examples local (right when labelled out of scope)",
     )
     cal.add_argument("--max-length", type=int, default=None, help="tokens per input")
     cal.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
@@ -309,8 +324,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         oos_score=args.oos_score,
         oos_target_loss=args.oos_target_loss,
     )
-    if not 0.0 <= args.oos_target_loss < 1.0:
-        _err("--oos-target-loss must be in [0, 1)")
+    decline = args.oos_decline_loss
+    if decline is not None:
+        opts.oos_decline_loss = decline
+    if not 0.0 <= args.oos_target_loss < 1.0 or not 0.0 <= (decline or 0.0) < 1.0:
+        _err("--oos-target-loss and --oos-decline-loss must be in [0, 1)")
         return EXIT_USAGE
     try:
         bundle = train_bundle(
@@ -561,6 +579,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             max_length=max_length,
             target_accuracy=targets,
             oos_distance=backend.oos_distance if backend is not None else None,
+            out_of_scope=args.out_of_scope,
             **common,
         )
     )

@@ -306,6 +306,10 @@ class TrainOptions:
     blend_grid: tuple[float, ...] = (1.0, 0.7, 0.5)  # 1.0 (linear only) must come first
     knn_k: int = 10
     knn_temp: float = 0.05
+    knn_classes: int = 10
+    """The kNN vote compares an input with the examples of the linear head's
+    ``knn_classes`` best classes only (0: with all examples): same answers in practice,
+    a fraction of the cost per job (benchmarks/bench_oos.py --latency)."""
     knn_min_gain: float = 0.05
     oos_weight: float = 1.0
     distance_quantile: float = 0.005  # ignored since oos_target_loss (kept for old callers)
@@ -320,6 +324,11 @@ class TrainOptions:
     the default aims at 1 % to stay near 2 % on new traffic (benchmarks/bench_oos.py)."""
     oos_candidates: tuple[str, ...] = ()
     """Extra scores to calibrate and report in ``metrics["oos"]["candidates"]``."""
+    oos_decline_loss: float | None = 0.001
+    """Largest share of held-out in-scope examples above the *decline* cut-off (confidently
+    out of scope: a task with ``out_of_scope = "decline"`` answers them ``unrecognized``
+    without the cloud).  Set only for a head trained with out-of-scope examples; ``None``:
+    no decline cut-off."""
     oos_knn_k: int = 5
     maha_shrinkage: float | None = None  # None: Ledoit-Wolf
     refit: bool = True
@@ -370,9 +379,32 @@ def _resolve_oos_score(score: str, has_oos_class: bool) -> str:
     return ("|" if how == "max" else "+").join(comps)
 
 
+#: Decline losses whose cut-offs are also recorded (``metrics.json``: oos.candidates).
+DECLINE_GRID = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02)
 #: Fewer expected held-out in-scope examples above the cut than this: extrapolate it.
 MIN_TAIL = 5
 NORMAL_Q90 = 1.2815515655446004  # the standard normal's 90 % quantile
+
+
+def cut_for_loss(values: FloatArray, budget: int, target_loss: float, n_in: int) -> float:
+    """The cut-off above which at most ``budget`` of ``values`` (in-scope scores) lie:
+    ``+inf`` when ``budget`` < 0, ``-inf`` when it covers them all.  When ``target_loss``
+    of ``n_in`` is fewer than :data:`MIN_TAIL` examples the quantile cannot be read off them
+    (it would be their maximum, flagging far more than the target of new inputs): the cut
+    is extrapolated with a normal fitted robustly (median, 10-90 % spread), its spread
+    widened for the few examples it was measured on."""
+    import numpy as np
+
+    cand = np.sort(values)[::-1]
+    cut = float(cand[budget]) if 0 <= budget < len(cand) else math.inf
+    if budget >= len(cand):
+        cut = -math.inf
+    if target_loss * n_in < MIN_TAIL and len(cand) >= 2 and math.isfinite(cut):
+        lo, mid, hi = np.quantile(cand, [0.1, 0.5, 0.9])
+        sigma = float(hi - lo) / (2 * NORMAL_Q90) * (1.0 + 4.0 / len(cand))
+        z = statistics.NormalDist().inv_cdf(1.0 - max(target_loss, 1e-6))
+        cut = max(cut, float(mid) + z * sigma)
+    return cut
 
 
 def calibrate_oos(
@@ -381,11 +413,15 @@ def calibrate_oos(
     y: IntArray,
     scores: list[str],
     target_loss: float,
+    decline_loss: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """For each out-of-scope score in ``scores``: its per-component normalisation (median
     and 10-90 % spread on the in-scope rows of ``emb``) and the cut-off flagging at most
     ``target_loss`` of those rows (arg-max out-of-scope answers count against the budget);
-    with the in-scope loss and out-of-scope recall it reaches on these rows."""
+    with the in-scope loss and out-of-scope recall it reaches on these rows.  With
+    ``decline_loss``: also the decline cut-off (``oos_decline_cut``, at least the flagging
+    cut), above which at most ``decline_loss`` of the in-scope rows lie, with the in-scope
+    loss and out-of-scope recall of declining there."""
     import numpy as np
 
     probs = head.probabilities(emb)
@@ -405,19 +441,7 @@ def calibrate_oos(
         how, parts = split_oos_score(sc)
         normed = np.stack([(raw[c] - norm[c][0]) / norm[c][1] for c in parts])
         v = normed.max(axis=0) if how == "max" else normed.mean(axis=0)
-        cand = np.sort(v[is_in & ~argmax_oos])[::-1]
-        cut = float(cand[budget]) if 0 <= budget < len(cand) else math.inf
-        if budget >= len(cand):
-            cut = -math.inf
-        if target_loss * n_in < MIN_TAIL and len(cand) >= 2:
-            # Too few held-out examples to read the quantile off them (the cut would be
-            # their maximum, flagging far more than target_loss of new inputs): extrapolate
-            # with a normal fitted robustly (median, 10-90 % spread) to the in-scope scores,
-            # its spread widened for the few examples it was measured on.
-            lo, mid, hi = np.quantile(cand, [0.1, 0.5, 0.9])
-            sigma = float(hi - lo) / (2 * NORMAL_Q90) * (1.0 + 4.0 / len(cand))
-            z = statistics.NormalDist().inv_cdf(1.0 - max(target_loss, 1e-6))
-            cut = max(cut, float(mid) + z * sigma) if math.isfinite(cut) else cut
+        cut = cut_for_loss(v[is_in & ~argmax_oos], budget, target_loss, n_in)
         flagged = argmax_oos | (v > cut)
         res: dict[str, Any] = {
             "oos_score": sc,
@@ -428,6 +452,24 @@ def calibrate_oos(
         }
         if (~is_in).any():
             res["oos_recall"] = float(flagged[~is_in].mean())
+        if decline_loss is not None:
+            # At least the flagging cut; when the arg-max answers alone use the flagging
+            # budget (no score cut), declining still applies to them above this cut.
+            floor = cut if math.isfinite(cut) else -math.inf
+            cuts = {
+                f"{loss:g}": max(
+                    floor, cut_for_loss(v[is_in], math.floor(loss * n_in + 1e-9), loss, n_in)
+                )
+                for loss in sorted({decline_loss, *DECLINE_GRID})
+            }
+            dcut = cuts[f"{decline_loss:g}"]
+            declined = flagged & (v > dcut)
+            res["oos_decline_cut"] = dcut if math.isfinite(dcut) else None
+            # The cut-off for other losses (for a hand-edited calibration.json, the benchmark).
+            res["oos_decline_cuts"] = {k: c for k, c in cuts.items() if math.isfinite(c)}
+            res["declined_in_scope_loss"] = float(declined[is_in].mean()) if n_in else 0.0
+            if (~is_in).any():
+                res["declined_oos_recall"] = float(declined[~is_in].mean())
         out[sc] = res
     return out
 
@@ -501,6 +543,7 @@ def train_head(
         "blend": 1.0,
         "knn_k": opts.knn_k,
         "knn_temp": opts.knn_temp,
+        "knn_classes": opts.knn_classes,
         "oos_label": opts.oos_label if oos_idx is not None else None,
         "centroid_cos_min": None,
         "threshold": None,
@@ -520,9 +563,9 @@ def train_head(
             f"  blend={blend:g} (kNN weight {1 - blend:g}): held-out accuracy {acc:.2%}, "
             f"calibrated NLL {score:.4f}"
         )
-        # The kNN vote costs a pass over all training embeddings per input (several ms
-        # for 15k examples vs < 1 ms for the encoder): take it only for a clear gain
-        # over the linear head alone.
+        # The kNN vote costs a pass over the examples of the knn_classes best classes
+        # per input (and the bundle carries every training embedding): take it only for
+        # a clear gain over the linear head alone.
         if blend == 1.0:
             linear_score = score
         elif score >= linear_score * (1.0 - opts.knn_min_gain):
@@ -547,12 +590,16 @@ def train_head(
     scores_to_try = list(dict.fromkeys([chosen_score, *opts.oos_candidates]))
     if oos_idx is None:
         scores_to_try = [sc for sc in scores_to_try if "oos_class" not in split_oos_score(sc)[1]]
-    oos_cal = calibrate_oos(probe, xho, yho, scores_to_try, opts.oos_target_loss)
+    decline_loss = opts.oos_decline_loss if oos_idx is not None else None
+    oos_cal = calibrate_oos(
+        probe, xho, yho, scores_to_try, opts.oos_target_loss, decline_loss=decline_loss
+    )
     oos_choice = oos_cal[chosen_score]
     cal.update(
         oos_score=chosen_score,
         oos_norm=oos_choice["oos_norm"],
         oos_cut=oos_choice["oos_cut"],
+        oos_decline_cut=oos_choice.get("oos_decline_cut"),
         oos_target_loss=opts.oos_target_loss,
         maha_shrinkage=maha[2],
     )
@@ -563,6 +610,13 @@ def train_head(
         + ("" if recall is None else f", out-of-scope recall {recall:.1%}")
         + ("" if oos_idx is not None else " (applied only with oos_distance = true)")
     )
+    if oos_choice.get("oos_decline_cut") is not None:
+        d_recall = oos_choice.get("declined_oos_recall")
+        log(
+            f'  decline cut-off (tasks with out_of_scope = "decline"): held-out in-scope '
+            f"declined {oos_choice['declined_in_scope_loss']:.2%} (target {decline_loss:.2%})"
+            + ("" if d_recall is None else f", out-of-scope declined {d_recall:.1%}")
+        )
     probe = _build_head(lin, xtr, ytr, label_set, in_scope, cal, maha)
     # Held-out metrics through the same decision code the runtime uses.
     preds = predict(probe, xho, use_threshold=False)
@@ -589,6 +643,9 @@ def train_head(
             "target_loss": opts.oos_target_loss,
             "held_out_in_scope_loss": oos_choice["in_scope_loss"],
             "held_out_oos_recall": recall,
+            "decline_loss": decline_loss,
+            "held_out_declined_in_scope_loss": oos_choice.get("declined_in_scope_loss"),
+            "held_out_declined_oos_recall": oos_choice.get("declined_oos_recall"),
             "maha_shrinkage": maha[2],
             "candidates": oos_cal,
         },
