@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -65,12 +66,32 @@ def single_job_ms(backend: Any, encoder: Path, texts: list[str], threads: int) -
     for t in texts[:5]:  # warm-up
         for call in calls.values():
             call(t)
-    for t in texts:
-        for key, call in calls.items():
+    keys = list(calls)
+    for k, t in enumerate(texts):  # the order rotates: no call always runs first or last
+        for key in keys[k % 3 :] + keys[: k % 3]:
             t0 = time.perf_counter()
-            call(t)
+            calls[key](t)
             runs[key].append((time.perf_counter() - t0) * 1000)
     return {key: round(statistics.median(v), 3) for key, v in runs.items()}
+
+
+def bootstrap_escalation(
+    preds: list[Any], truths: list[str], target: float, rounds: int = 200, seed: int = 0
+) -> list[float]:
+    """5 % and 95 % quantiles of the escalation needed for ``target`` over bootstrap
+    resamples of the validation set: on 1,500 examples the 99 % point rests on ~15 errors
+    and moves by several points between resamples (and between split seeds)."""
+    import numpy as np
+
+    from edgeagent.modeltools.calibrate import curve_from_predictions, escalation_for
+
+    rng = np.random.default_rng(seed)
+    got = []
+    for _ in range(rounds):
+        idx = rng.integers(0, len(preds), len(preds))
+        curve = curve_from_predictions([preds[i] for i in idx], [truths[i] for i in idx])
+        got.append(escalation_for(curve, target).escalation)
+    return [round(float(q), 4) for q in np.quantile(got, [0.05, 0.95])]
 
 
 def run_variant(
@@ -163,6 +184,7 @@ def run_variant(
         "local_accuracy": float(ok.mean()),
         "escalation_for_98": escalation_for(curve, 0.98).escalation,
         "escalation_for_99": escalation_for(curve, 0.99).escalation,
+        "escalation_for_99_90ci": bootstrap_escalation(preds, truths, 0.99),
         "ece": ece(conf, ok),
         "flagged_out_of_scope": sum(p.reason == "out_of_scope" for p in preds) / len(preds),
         "finetune_seconds": ft_s,
@@ -235,7 +257,7 @@ def main() -> int:
     base = next((r for r in results if r["variant"] == "baseline"), None)
     print(
         f"\nsplit seed {args.split_seed}\n| variant | head | local acc | esc. 98 % | "
-        "esc. 99 % (goal <= 12 %) | ECE | fine-tune s (CPU s) | peak RSS MB | "
+        "esc. 99 % (goal <= 12 %) [90 % bootstrap] | ECE | fine-tune s (CPU s) | peak RSS MB | "
         "esc. 99 % / baseline | job ms (encoder / untuned encoder) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -246,6 +268,7 @@ def main() -> int:
             else "-"
         )
         ms = r.get("single_job_ms") or {}
+        ci = r.get("escalation_for_99_90ci") or [math.nan, math.nan]
         job = (
             f"{ms['job']:.2f} ({ms['encoder'] / ms['base_encoder']:.2f})"
             if ms.get("base_encoder")
@@ -254,7 +277,8 @@ def main() -> int:
         print(
             f"| {r['variant']} | {r.get('head', '?')} | {r['local_accuracy']:.2%} | "
             f"{r['escalation_for_98']:.1%} | "
-            f"{r['escalation_for_99']:.1%} | {r['ece']:.4f} | {r['finetune_seconds']:.0f} "
+            f"{r['escalation_for_99']:.1%} [{ci[0]:.1%}-{ci[1]:.1%}] | {r['ece']:.4f} | "
+            f"{r['finetune_seconds']:.0f} "
             f"({r.get('finetune_cpu_seconds', 0):.0f}) | "
             f"{r['peak_rss_mb']:.0f} | {ratio} | {job} |"
         )

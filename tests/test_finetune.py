@@ -350,3 +350,23 @@ bundle = "{joint_bundle.parent / "latest"}"
     assert got["a"]["output"] == {"intent": "weather", "thing": "london"}
     assert got["b"]["output"] == {"intent": "lights", "thing": "garden"}
     assert got["a"]["model"].startswith("home@")
+
+
+def test_a_finetuned_head_takes_the_knn_blend_for_a_smaller_gain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train --finetune``: the kNN blend needs a held-out NLL gain of KNN_MIN_GAIN (2 %),
+    not the frozen head's 5 %; the user's own smaller setting is kept."""
+    from edgeagent.modeltools import train
+    from edgeagent.modeltools.finetune import KNN_MIN_GAIN
+
+    examples = tmp_path / "ex.jsonl"
+    examples.write_text(json.dumps({"text": "hi", "label": "a"}) + "\n", "utf-8")
+    monkeypatch.setattr(train, "read_manifest", lambda *a, **k: {"source": {}})
+    monkeypatch.setattr(train, "_finetuned_encoder", lambda *a: tmp_path / "tuned")
+    seen: list[float] = []
+    monkeypatch.setattr(train, "_train_bundle", lambda *a: seen.append(a[6].knn_min_gain))
+    for finetune, gain in ((None, 0.05), ({}, 0.05), ({}, 0.0)):
+        opts = train.TrainOptions(knn_min_gain=gain)
+        train.train_bundle("t", examples, tmp_path, tmp_path, opts, finetune=finetune)
+    assert seen == [0.05, KNN_MIN_GAIN, 0.0]
