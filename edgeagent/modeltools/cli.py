@@ -138,7 +138,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--epochs",
         type=int,
         default=None,
-        help="fine-tuning epochs (default: 6 for a tagger, 4 for --finetune)",
+        help="fine-tuning epochs (default: 6 for a tagger, 2 for --finetune)",
     )
     train.add_argument(
         "--lr",
@@ -150,7 +150,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--freeze-layers",
         type=int,
         default=None,
-        help="--finetune: lowest encoder layers kept frozen (computed once; default: 1)",
+        help="--finetune: lowest encoder layers kept frozen (computed once; default: 2)",
     )
     train.add_argument(
         "--no-intent",
