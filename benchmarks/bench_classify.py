@@ -141,7 +141,8 @@ def quality(
         encoder,
         work / "bundles",
         opts,
-        finetune={"epochs": finetune_epochs, "max_length": 48} if finetune_epochs else None,
+        # the other fine-tune settings are train --finetune's defaults (FinetuneOptions)
+        finetune={"epochs": finetune_epochs} if finetune_epochs else None,
         command="bench_classify.py",
         log=(lambda *a: print(*a, flush=True)) if finetune_epochs else (lambda *_: None),
     )

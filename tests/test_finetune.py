@@ -16,7 +16,12 @@ from typing import Any
 
 import pytest
 
-from edgeagent.modeltools.finetune import FinetuneOptions, length_buckets, length_stats
+from edgeagent.modeltools.finetune import (
+    FinetuneOptions,
+    length_buckets,
+    length_stats,
+    pair_batches,
+)
 from edgeagent.modeltools.progress import Progress, format_seconds
 
 
@@ -84,6 +89,33 @@ def test_length_buckets_cover_every_example_once_and_pad_little() -> None:
     assert sum(lengths) / padded > 0.95  # almost no compute spent on padding
     # the order changes between epochs
     assert length_buckets(lengths, 32, random.Random(2)) != batches
+
+
+def test_pair_batches_pair_each_anchor_with_another_example_of_its_label() -> None:
+    rng = random.Random(0)
+    targets = [i % 7 for i in range(101)] + [7]  # label 7 has a single example
+    lengths = [rng.randint(3, 30) for _ in targets]
+    batches = pair_batches(targets, lengths, 32, random.Random(1))
+    assert [len(b) for b in batches] == [32, 32, 32, 6]  # 51 anchors, 16 a batch
+    for b in batches:
+        for a, mate in zip(b[::2], b[1::2], strict=True):
+            assert targets[a] == targets[mate]
+            assert a != mate or targets[a] == 7
+    anchors = [i for b in batches for i in b[::2]]
+    assert len(set(anchors)) == len(anchors)  # each anchor once per epoch
+
+
+def test_supcon_loss_rewards_same_label_rows_being_close() -> None:
+    torch = pytest.importorskip("torch")
+    from edgeagent.modeltools.finetune import supcon_loss
+
+    target = torch.tensor([0, 0, 1, 1])
+    tight = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    mixed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    assert float(supcon_loss(torch, tight, target, 0.1)) < 0.01
+    assert float(supcon_loss(torch, mixed, target, 0.1)) > 5.0
+    # no row has a positive: no contrastive signal, but still a differentiable zero
+    assert float(supcon_loss(torch, tight, torch.tensor([0, 1, 2, 3]), 0.1)) == 0.0
 
 
 def test_length_stats_counts_truncated_examples() -> None:
@@ -318,3 +350,23 @@ bundle = "{joint_bundle.parent / "latest"}"
     assert got["a"]["output"] == {"intent": "weather", "thing": "london"}
     assert got["b"]["output"] == {"intent": "lights", "thing": "garden"}
     assert got["a"]["model"].startswith("home@")
+
+
+def test_a_finetuned_head_takes_the_knn_blend_for_a_smaller_gain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train --finetune``: the kNN blend needs a held-out NLL gain of KNN_MIN_GAIN (2 %),
+    not the frozen head's 5 %; the user's own smaller setting is kept."""
+    from edgeagent.modeltools import train
+    from edgeagent.modeltools.finetune import KNN_MIN_GAIN
+
+    examples = tmp_path / "ex.jsonl"
+    examples.write_text(json.dumps({"text": "hi", "label": "a"}) + "\n", "utf-8")
+    monkeypatch.setattr(train, "read_manifest", lambda *a, **k: {"source": {}})
+    monkeypatch.setattr(train, "_finetuned_encoder", lambda *a: tmp_path / "tuned")
+    seen: list[float] = []
+    monkeypatch.setattr(train, "_train_bundle", lambda *a: seen.append(a[6].knn_min_gain))
+    for finetune, gain in ((None, 0.05), ({}, 0.05), ({}, 0.0)):
+        opts = train.TrainOptions(knn_min_gain=gain)
+        train.train_bundle("t", examples, tmp_path, tmp_path, opts, finetune=finetune)
+    assert seen == [0.05, KNN_MIN_GAIN, 0.0]
