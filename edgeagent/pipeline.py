@@ -23,9 +23,10 @@ to delete) and hands it to the group committer (:mod:`edgeagent.commit`), so all
 of one event-loop turn shares one transaction (one ``fsync``).
 
 Thread model: everything here runs on the event loop except ``Backend.infer_batch``,
-which runs in a worker thread.  A stuck inference does not stall the loop:
-the jobs of that batch get an ``error`` result at ``timeout_s`` while the thread
-keeps its concurrency slot until it really returns (so stuck threads cannot pile up).
+which runs in a worker thread (an ``inline`` backend answers a small batch on the loop).
+A stuck inference does not stall the loop: the jobs of that batch get an ``error``
+result at ``timeout_s`` while the thread keeps its concurrency slot until it really
+returns (so stuck threads cannot pile up).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import Any, Protocol
 
 from edgeagent import router
 from edgeagent.backends import Backend, Prediction, create
+from edgeagent.backends.base import INLINE_MAX_CHARS, runs_inline
 from edgeagent.commit import GroupCommitter
 from edgeagent.config import Settings, TaskConfig
 from edgeagent.escalation import Escalator
@@ -822,6 +824,7 @@ class TaskRuntime:
             max_workers=config.concurrency + 1, thread_name_prefix=f"infer-{name}"
         )
         self._workers: list[asyncio.Task[None]] = []
+        self._inline = runs_inline(backend)
         self.cloud_available = False
         """Set by the daemon: the cloud is configured and this task may use it."""
         self.redactor: Redactor | None = None
@@ -894,6 +897,10 @@ class TaskRuntime:
                     Outcome(p, self._result(p, "error", error=INTERNAL_ERROR)) for p in batch
                 ]
             deliver(outcomes)
+            if not self.queue.empty():
+                # An inline batch did not yield: let the loop run (commit, publish, receive)
+                # before the next one.
+                await asyncio.sleep(0)
 
     async def _run_batch(self, batch: list[PendingJob]) -> list[Outcome]:
         now = time.time()
@@ -974,11 +981,15 @@ class TaskRuntime:
         return out
 
     async def _infer(self, inputs: list[Any]) -> list[Prediction]:
-        """Run one batch on the task's thread pool.
+        """Run one batch on the task's thread pool, or on the loop for an ``inline``
+        backend when the batch is small (:func:`~edgeagent.backends.base.runs_inline`).
 
         The concurrency slot is released by the thread itself when the backend
-        returns, not when the deadline fires: a stuck call keeps its slot.
+        returns, not when the deadline fires: a stuck call keeps its slot.  An inline
+        batch takes no slot and no timeout: its time is bounded by its size.
         """
+        if self._inline and _inline_size(inputs) <= INLINE_MAX_CHARS:
+            return self._checked(inputs, self.backend.infer_batch(inputs))
         loop = asyncio.get_running_loop()
         await self._slots.acquire()
 
@@ -988,12 +999,16 @@ class TaskRuntime:
             finally:
                 with contextlib.suppress(RuntimeError):  # loop closed at shutdown
                     loop.call_soon_threadsafe(self._slots.release)
-            if len(res) != len(inputs):
-                raise RuntimeError(f"backend returned {len(res)} answers for {len(inputs)}")
-            return res
+            return self._checked(inputs, res)
 
         fut = loop.run_in_executor(self._executor, run)
         return await asyncio.wait_for(fut, self.config.timeout_s)
+
+    @staticmethod
+    def _checked(inputs: list[Any], res: list[Prediction]) -> list[Prediction]:
+        if len(res) != len(inputs):
+            raise RuntimeError(f"backend returned {len(res)} answers for {len(inputs)}")
+        return res
 
     def _route(self, p: PendingJob, pred: Prediction) -> Outcome:
         route = router.decide(
@@ -1077,6 +1092,18 @@ def unrecognized_message(reason: str, pred: Prediction | None) -> str:
         named = ", ".join(str(f) for f in fields[:5])
         return f"{base}; field {named}" + (f": {str(why)[:200]}" if why else "")
     return base
+
+
+def _inline_size(inputs: list[Any]) -> float:
+    """Characters an inline backend would scan for ``inputs`` (text, or an object's
+    ``text``); infinite for other objects (their size is not known without encoding)."""
+    size = 0
+    for x in inputs:
+        text = x.get("text") if isinstance(x, dict) and len(x) == 1 else x
+        if not isinstance(text, str):
+            return float("inf")
+        size += len(text)
+    return size
 
 
 def expired(p: PendingJob, task: str) -> ResultMessage:

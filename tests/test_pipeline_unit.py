@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from edgeagent.backends.base import Prediction
+from edgeagent.backends.base import INLINE_MAX_CHARS, Prediction
 from edgeagent.config import load_settings
 from edgeagent.escalation import Escalator
 from edgeagent.metrics import Metrics
@@ -435,3 +436,36 @@ def test_the_path_end_to_end_with_the_workers_and_loops(rig: Rig) -> None:
     assert sorted(r["id"] for r in results) == sorted(f"j{i}" for i in range(20))
     assert {r["status"] for r in results} == {"ok"}
     assert len(rig.broker.acked) == 20 and rig.p.open == set()
+
+
+# -- inline backends -------------------------------------------------------------------------
+
+
+class ThreadRecordingBackend(FakeBackend):
+    """An ``inline`` backend that records the thread each batch runs on."""
+
+    inline = True
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def infer_batch(self, inputs: list[Any]) -> list[Prediction]:
+        self.threads.append(threading.current_thread().name)
+        return super().infer_batch(inputs)
+
+
+def test_an_inline_backend_answers_small_batches_on_the_loop_and_large_ones_in_a_thread(
+    rig: Rig,
+) -> None:
+    backend = ThreadRecordingBackend()
+    rt = TaskRuntime("t", rig.rt.config, backend, rig.metrics)  # type: ignore[arg-type]
+    try:
+        small = rig.loop.run_until_complete(rt._infer(["say a", {"text": "a"}]))
+        big = rig.loop.run_until_complete(rt._infer(["a" * (INLINE_MAX_CHARS + 1)]))
+        obj = rig.loop.run_until_complete(rt._infer([{"text": "a", "n": 1}]))
+    finally:
+        rt.close()
+    assert len(small) == 2 and len(big) == 1 and len(obj) == 1
+    loop_thread, big_thread, obj_thread = backend.threads
+    assert loop_thread == "MainThread"  # the loop's thread: no hand-off
+    assert big_thread.startswith("infer-t") and obj_thread.startswith("infer-t")
