@@ -20,13 +20,15 @@ from typing import Any
 
 import pytest
 
+from edgeagent import pipeline
 from edgeagent.backends.base import INLINE_MAX_CHARS, Prediction
 from edgeagent.config import load_settings
 from edgeagent.escalation import Escalator
 from edgeagent.metrics import Metrics
 from edgeagent.mqtt import Inbound
 from edgeagent.pipeline import Outcome, PendingJob, Pipeline, TaskRuntime, Work, expired
-from edgeagent.protocol import Limits, Topics
+from edgeagent.protocol import Job, Limits, Topics
+from edgeagent.redact import Redactor
 from edgeagent.store import Store, StoreUnavailable, Transaction
 from tests.harness import write_config
 
@@ -469,3 +471,27 @@ def test_an_inline_backend_answers_small_batches_on_the_loop_and_large_ones_in_a
     loop_thread, big_thread, obj_thread = backend.threads
     assert loop_thread == "MainThread"  # the loop's thread: no hand-off
     assert big_thread.startswith("infer-t") and obj_thread.startswith("infer-t")
+
+
+def test_small_batches_are_redacted_on_the_loop_and_large_ones_in_a_thread(
+    cloud_rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = cloud_rig.rt
+    rt.redactor = Redactor()
+    hand_offs: list[Callable[[], Any]] = []
+    real = asyncio.to_thread
+
+    async def counting_to_thread(fn: Callable[[], Any]) -> Any:
+        hand_offs.append(fn)
+        return await real(fn)
+
+    monkeypatch.setattr(pipeline.asyncio, "to_thread", counting_to_thread)
+    pred = Prediction({"label": "b"}, 0.1)
+    for text, threaded in [("mail bob@example.com", False), ("bob@example.com " * 20, True)]:
+        pending = PendingJob(Job("j", "t", text, {}, 30000, "auto"), time.time())
+        escalating = Outcome(pending, expired(pending, "t"), prediction=pred, escalate="low")
+        (done,) = cloud_rig.loop.run_until_complete(rt._redact_for_cloud([escalating]))
+        assert done.redacted is not None
+        assert "bob@example.com" not in json.dumps(done.redacted[0])
+        assert bool(hand_offs) is threaded
+        hand_offs.clear()
