@@ -89,6 +89,8 @@ REDACT_INLINE_CHARS = 128
 redacted on the event loop: ~0.05 ms for usual text, ~1 ms at worst (a crafted run of
 digits and separators: phone-number candidates, ~7 µs a character), against ~0.5 ms of
 loop time for a thread hand-off on a busy device."""
+WORKER_SLICE_S = 0.005
+"""Longest a task worker answers queued jobs inline (on the loop) before it yields."""
 ESCALATION_TICK_S = 0.5
 """How often pending escalations are expired or re-sent (seconds)."""
 
@@ -877,8 +879,13 @@ class TaskRuntime:
 
     async def _worker(self, deliver: Callable[[list[Outcome]], None]) -> None:
         max_wait = self.config.max_wait_ms / 1000.0
+        yield_at = 0.0
         while True:
-            first = await self.queue.get()
+            if self.queue.empty():
+                first = await self.queue.get()
+                yield_at = time.monotonic() + WORKER_SLICE_S
+            else:
+                first = self.queue.get_nowait()
             batch = [first]
             until = time.monotonic() + max_wait
             while len(batch) < self.config.max_batch:
@@ -902,10 +909,11 @@ class TaskRuntime:
                     Outcome(p, self._result(p, "error", error=INTERNAL_ERROR)) for p in batch
                 ]
             deliver(outcomes)
-            if not self.queue.empty():
-                # An inline batch did not yield: let the loop run (commit, publish, receive)
-                # before the next one.
+            if time.monotonic() >= yield_at:
+                # Inline batches do not yield: after a slice of them, let the loop run
+                # (commit, publish, receive).  Within a slice their results share a commit.
                 await asyncio.sleep(0)
+                yield_at = time.monotonic() + WORKER_SLICE_S
 
     async def _run_batch(self, batch: list[PendingJob]) -> list[Outcome]:
         now = time.time()
