@@ -7,7 +7,7 @@ The path of a job, each step by its function (PROTOCOL.md has the wire side):
  2. admit     Pipeline.intake_loop → commit → _admit: parse, reply topic, journal, cache, reject
  3. ack       Pipeline._committed, once the journal is durable: PUBACK, then Pipeline.schedule
  4. batch     TaskRuntime._worker: the task's queue, micro-batches of up to max_batch
- 5. infer     TaskRuntime._run_batch → _infer: a worker thread, a deadline, a concurrency slot
+ 5. infer     TaskRuntime._run_batch → _infer: a worker thread, a deadline, a slot (inline: loop)
  6. route     TaskRuntime._route → router.decide: answer, escalate or unrecognized
  7. settle    Pipeline.deliver → commit → _settle: the answer, or Escalator.escalate (+ audit);
               the cloud's reply or deadline later: Escalator.on_reply / tick return Actions

@@ -3,7 +3,8 @@ is described to the registry (:mod:`edgeagent.backends`).
 
 A backend is built from its task's config, loaded once (``load`` then
 ``warmup``), asked to answer *batches* of inputs from a worker thread
-(never on the event loop), and closed at shutdown or reload.  A backend's module
+(never on the event loop, unless it is ``inline``: :func:`runs_inline`), and closed at
+shutdown or reload.  A backend's module
 holds its config model (a :class:`BackendConfig`) and its runtime, and imports its
 native runtime (onnxruntime, llama_cpp) only in ``load``, so a device that only
 uses the ``rules`` backend never imports onnxruntime or llama_cpp.
