@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,13 +20,15 @@ from typing import Any
 
 import pytest
 
-from edgeagent.backends.base import Prediction
+from edgeagent import pipeline
+from edgeagent.backends.base import INLINE_MAX_CHARS, Prediction
 from edgeagent.config import load_settings
 from edgeagent.escalation import Escalator
 from edgeagent.metrics import Metrics
 from edgeagent.mqtt import Inbound
 from edgeagent.pipeline import Outcome, PendingJob, Pipeline, TaskRuntime, Work, expired
-from edgeagent.protocol import Limits, Topics
+from edgeagent.protocol import Job, Limits, Topics
+from edgeagent.redact import Redactor
 from edgeagent.store import Store, StoreUnavailable, Transaction
 from tests.harness import write_config
 
@@ -435,3 +438,60 @@ def test_the_path_end_to_end_with_the_workers_and_loops(rig: Rig) -> None:
     assert sorted(r["id"] for r in results) == sorted(f"j{i}" for i in range(20))
     assert {r["status"] for r in results} == {"ok"}
     assert len(rig.broker.acked) == 20 and rig.p.open == set()
+
+
+# -- inline backends -------------------------------------------------------------------------
+
+
+class ThreadRecordingBackend(FakeBackend):
+    """An ``inline`` backend that records the thread each batch runs on."""
+
+    inline = True
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def infer_batch(self, inputs: list[Any]) -> list[Prediction]:
+        self.threads.append(threading.current_thread().name)
+        return super().infer_batch(inputs)
+
+
+def test_an_inline_backend_answers_small_batches_on_the_loop_and_large_ones_in_a_thread(
+    rig: Rig,
+) -> None:
+    backend = ThreadRecordingBackend()
+    rt = TaskRuntime("t", rig.rt.config, backend, rig.metrics)  # type: ignore[arg-type]
+    try:
+        small = rig.loop.run_until_complete(rt._infer(["say a", {"text": "a"}]))
+        big = rig.loop.run_until_complete(rt._infer(["a" * (INLINE_MAX_CHARS + 1)]))
+        obj = rig.loop.run_until_complete(rt._infer([{"text": "a", "n": 1}]))
+    finally:
+        rt.close()
+    assert len(small) == 2 and len(big) == 1 and len(obj) == 1
+    loop_thread, big_thread, obj_thread = backend.threads
+    assert loop_thread == "MainThread"  # the loop's thread: no hand-off
+    assert big_thread.startswith("infer-t") and obj_thread.startswith("infer-t")
+
+
+def test_small_batches_are_redacted_on_the_loop_and_large_ones_in_a_thread(
+    cloud_rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = cloud_rig.rt
+    rt.redactor = Redactor()
+    hand_offs: list[Callable[[], Any]] = []
+    real = asyncio.to_thread
+
+    async def counting_to_thread(fn: Callable[[], Any]) -> Any:
+        hand_offs.append(fn)
+        return await real(fn)
+
+    monkeypatch.setattr(pipeline.asyncio, "to_thread", counting_to_thread)
+    pred = Prediction({"label": "b"}, 0.1)
+    for text, threaded in [("mail bob@example.com", False), ("bob@example.com " * 20, True)]:
+        pending = PendingJob(Job("j", "t", text, {}, 30000, "auto"), time.time())
+        escalating = Outcome(pending, expired(pending, "t"), prediction=pred, escalate="low")
+        (done,) = cloud_rig.loop.run_until_complete(rt._redact_for_cloud([escalating]))
+        assert done.redacted is not None
+        assert "bob@example.com" not in json.dumps(done.redacted[0])
+        assert bool(hand_offs) is threaded
+        hand_offs.clear()

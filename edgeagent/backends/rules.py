@@ -9,15 +9,17 @@ answers nothing (confidence 0.0), so the router escalates or answers
 
 Patterns run on RE2 (:mod:`edgeagent.regex`): time linear in the input for every
 pattern, so no input can make a rule take seconds (with Python's backtracking ``re``
-one 16 KiB string of digits held the GIL for ~12 s).  Like every backend it runs on
-the task's inference thread, never on the event loop.
+one 16 KiB string of digits held the GIL for ~12 s).  Its answers take microseconds,
+so it is ``inline``: a batch of small inputs (:data:`~edgeagent.backends.base.INLINE_MAX_CHARS`
+characters in all) is answered on the event loop, a larger one on the task's inference
+thread.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -103,6 +105,9 @@ def keyword_pattern(keyword: str) -> str:
 
 
 class RulesBackend:
+    inline: ClassVar[bool] = True
+    """Small batches are answered on the event loop (see the module docstring)."""
+
     def __init__(self, task_name: str, task: TaskConfig) -> None:
         if not isinstance(task.backend, RulesBackendConfig):
             raise TypeError("RulesBackend needs a rules backend config")
