@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from edgeagent.backends.base import OOS_MARGIN as OOS_MARGIN  # re-exported: the policy's key
 from edgeagent.backends.base import Prediction
 
 Policy = Literal["auto", "never", "always"]
@@ -25,8 +26,6 @@ OosPolicy = Literal["escalate", "decline"]
 Action = Literal["answer", "escalate", "unrecognized", "decline"]
 
 REASONS = ("low_confidence", "out_of_scope", "schema_invalid", "open_ended", "forced", "audit")
-#: ``Prediction.details`` key: the out-of-scope score minus the decline cut-off (> 0: decline).
-OOS_MARGIN = "oos_margin"
 #: ``error.message`` of a declined job.
 DECLINED_MESSAGE = (
     "declined: the input is confidently outside what this task knows "

@@ -77,3 +77,37 @@ def test_tool_commands_are_still_registered() -> None:
 
     parser = cli.build_parser()
     assert {"run", "models", "train", "calibrate", "cloud"} <= cli._commands(parser)
+
+
+def test_every_module_imports_first() -> None:
+    """Any module can be the first one a process imports: no import cycle hides behind
+    the order in which the daemon happens to load them (the backends' registry imports
+    every backend, so a backend importing a module that imports the registry is a cycle)."""
+    code = (
+        "import importlib, json, pkgutil, sys\n"
+        "import edgeagent\n"
+        "names = sorted(m.name for m in pkgutil.walk_packages(edgeagent.__path__, 'edgeagent.')\n"
+        "               if not m.name.endswith('__main__'))\n"
+        "failed = {}\n"
+        "for name in names:\n"
+        "    for m in [m for m in sys.modules if m == 'edgeagent' or m.startswith('edgeagent.')]:\n"
+        "        del sys.modules[m]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ModuleNotFoundError as exc:\n"
+        "        if (exc.name or '').startswith('edgeagent'):\n"
+        "            failed[name] = repr(exc)\n"
+        "    except Exception as exc:\n"
+        "        failed[name] = repr(exc)\n"
+        "print(json.dumps(failed))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == {}

@@ -33,6 +33,12 @@ class BackendError(Exception):
     """
 
 
+#: ``Prediction.details`` key: the out-of-scope score minus the decline cut-off (> 0: the
+#: job may be declined, :func:`edgeagent.router.confidently_out_of_scope`).  Defined here,
+#: beside :class:`Prediction`, so backends need not import the router.
+OOS_MARGIN = "oos_margin"
+
+
 @dataclass(frozen=True, slots=True)
 class Prediction:
     """One local answer.

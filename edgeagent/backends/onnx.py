@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from edgeagent.backends.base import (
+    OOS_MARGIN,
     Backend,
     BackendConfig,
     BackendError,
@@ -36,7 +37,6 @@ from edgeagent.backends.base import (
     Prediction,
 )
 from edgeagent.bundle import BundleError, read_manifest
-from edgeagent.router import OOS_MARGIN
 
 if TYPE_CHECKING:
     import numpy as np
@@ -550,7 +550,7 @@ def predict(
     (``False``), or only when the head was trained with an out-of-scope signal (``None``,
     the default: a task given no out-of-scope examples is never flagged by distance).  An
     input whose arg-max is the out-of-scope class is flagged in every case.  A flagged
-    input's ``details["oos_margin"]`` (:data:`edgeagent.router.OOS_MARGIN`) is its score
+    input's ``details["oos_margin"]`` (:data:`edgeagent.backends.base.OOS_MARGIN`) is its score
     minus the head's decline cut-off, when the head has one (> 0: confidently out of
     scope; the router declines it for a task with ``out_of_scope = "decline"``)."""
     import numpy as np
