@@ -250,6 +250,18 @@ class DaemonProcess:
             time.sleep(0.05)
         raise TimeoutError(f"no {event!r} in daemon log:\n{self.log_tail()}")
 
+    def wait_for_records(
+        self, event: str, count: int, timeout: float = 30.0
+    ) -> list[dict[str, Any]]:
+        """The ``event`` records once there are at least ``count`` (a result is published
+        as soon as its commit lands; its ``job.done`` line follows in the same loop turn)."""
+        until = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.log_records() if r.get("event") == event]
+            if len(found) >= count or time.monotonic() > until:
+                return found
+            time.sleep(0.05)
+
     def wait_connected(self, timeout: float = 30.0) -> None:
         self.wait_for_log("mqtt.connected", timeout)
 

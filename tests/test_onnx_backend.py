@@ -876,5 +876,5 @@ bundle = "{classifier_bundle}"
         assert got[jid]["model"].startswith("intent@")
     assert got["oos"]["status"] == "unrecognized"
     assert got["oos"]["error"]["code"] == "out_of_scope"
-    done = [r for r in d.log_records() if r.get("event") == "job.done"]
+    done = d.wait_for_records("job.done", len(jobs) + 1)
     assert len(done) == len(jobs) + 1  # each computed once

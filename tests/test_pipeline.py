@@ -11,7 +11,7 @@ from typing import Any
 from edgeagent.backends.base import Prediction
 from edgeagent.config import TaskConfig
 from edgeagent.metrics import Metrics
-from edgeagent.pipeline import Outcome, PendingJob, TaskRuntime
+from edgeagent.pipeline import REDACT_INLINE_CHARS, Outcome, PendingJob, TaskRuntime
 from edgeagent.protocol import Job
 from edgeagent.redact import Redactor
 
@@ -130,7 +130,8 @@ def test_low_confidence_without_cloud_is_unrecognized() -> None:
 
 def test_escalations_are_redacted_off_the_event_loop() -> None:
     """Redaction is pure Python (phone numbers take up to ~0.5 s on a crafted 16 KiB
-    input): the pipeline runs it in a worker thread, never on the event loop."""
+    input): the pipeline runs it in a worker thread, never on the event loop, unless the
+    batch is tiny (at most ``REDACT_INLINE_CHARS``: cheaper than the hand-off)."""
 
     class Unsure(FakeBackend):
         def infer_batch(self, inputs: list[Any]) -> list[Prediction]:
@@ -147,10 +148,11 @@ def test_escalations_are_redacted_off_the_event_loop() -> None:
         rt.cloud_available = True
         rt.redactor = Recording()
 
-    job = Job("j1", "t", "call +49 30 1234567 please", {}, 10_000, "auto")
+    tail = " please" + " and thanks" * (REDACT_INLINE_CHARS // 10)
+    job = Job("j1", "t", "call +49 30 1234567" + tail, {}, 10_000, "auto")
     [out] = run(Unsure(), [PendingJob(job, time.time())], setup)
     assert out.escalate == "low_confidence" and out.redacted is not None
     (red_input, _local), mapping, counts = out.redacted
     assert mapping == {"<PHONE_1>": "+49 30 1234567"}
-    assert red_input == "call <PHONE_1> please" and counts == {"phone": 1}
+    assert red_input == "call <PHONE_1>" + tail and counts == {"phone": 1}
     assert threads and threading.main_thread().ident not in threads
