@@ -1,7 +1,8 @@
 """The one retry delay formula: capped exponential backoff with jitter.
 
 Used for broker reconnects (:mod:`edgeagent.mqtt`), LLM request retries
-(:mod:`edgeagent.cloud.llm`) and escalation re-sends (:mod:`edgeagent.escalation`).
+(:mod:`edgeagent.cloud.llm`), escalation re-sends (:mod:`edgeagent.escalation`) and the
+probes of a degraded store (:mod:`edgeagent.daemon`).
 Attempt ``n`` (from 0) waits a uniform random time in ``[d/2, d]`` with
 ``d = min(max_s, min_s * 2**n)``: the jitter keeps a fleet that lost its broker at the
 same moment from reconnecting in lockstep.

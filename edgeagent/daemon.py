@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import os
+import random
 import signal
 import statistics
 import time
@@ -27,6 +28,7 @@ from typing import Any
 
 from edgeagent import __version__, homeassistant
 from edgeagent.backends import BackendError
+from edgeagent.backoff import backoff_delay
 from edgeagent.config import (
     ConfigError,
     Settings,
@@ -47,7 +49,7 @@ from edgeagent.exitcodes import (
     EXIT_STATE_READ_ONLY,
 )
 from edgeagent.learning.learner import Learner
-from edgeagent.lifecycle import run_service
+from edgeagent.lifecycle import run_service, wait_for_stop
 from edgeagent.logs import get_logger
 from edgeagent.metrics import Metrics
 from edgeagent.mqtt import ConnectOptions, Inbound, MqttAdapter, connect_options
@@ -128,7 +130,8 @@ class Daemon:
         """Why the store refuses writes (``disk_full``, ``io_error``, ``read_only``, ``busy``)."""
         self._degraded_at = 0.0
         self._recovered_at = -1e9
-        self._retry_delay = STORE_RETRY_MIN_S
+        self._retry_attempt = 0
+        self._retry_rng = random.Random()
         self._wake_retry = asyncio.Event()
         self.learner = Learner(settings.state_dir(), self.metrics)
         self.pipeline.on_example = self.learner.on_example
@@ -176,11 +179,7 @@ class Daemon:
             self.metrics.close()
             return exc.exit_code
         fatal = self.mqtt.fatal if self.mqtt else loop.create_future()
-        stop_wait = loop.create_task(self._stop.wait(), name="daemon:stop-wait")
-        done, _ = await asyncio.wait({stop_wait, fatal}, return_when=asyncio.FIRST_COMPLETED)
-        if fatal in done:
-            stop_wait.cancel()
-            log.error("mqtt.fatal", error=fatal.result())
+        if await wait_for_stop(self._stop, fatal, "daemon") is not None:
             await self._shutdown(graceful=False)
             return EXIT_CONFIG
         if self._fatal is not None:
@@ -413,7 +412,7 @@ class Daemon:
             return
         now = time.monotonic()
         if now - self._recovered_at > 60.0:
-            self._retry_delay = STORE_RETRY_MIN_S  # a new episode, not a flapping one
+            self._retry_attempt = 0  # a new episode, not a flapping one
         self.degraded = reason
         self._degraded_at = now
         self.metrics.degraded.set(1)
@@ -448,8 +447,11 @@ class Daemon:
         while True:
             await self._wake_retry.wait()
             while self.degraded is not None and self._fatal is None:
-                await asyncio.sleep(self._retry_delay)
-                self._retry_delay = min(self._retry_delay * 2, STORE_RETRY_MAX_S)
+                delay = backoff_delay(
+                    self._retry_attempt, STORE_RETRY_MIN_S, STORE_RETRY_MAX_S, self._retry_rng
+                )
+                self._retry_attempt += 1
+                await asyncio.sleep(delay)
                 self._retry_store()
             self._wake_retry.clear()
 
