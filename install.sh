@@ -770,7 +770,7 @@ run_demo() {
 
     say "demo: 1. a command the local INT8 model knows (answered on the device)"
     demo_submit intent "turn off the lights in the kitchen" "please lock the front door"
-    say "demo: 2. unknown to the local model: escalated; the consumer gets the cloud agent's answer"
+    say "demo: 2. answered on the device when it is sure; escalated when it is not (the cloud answers)"
     demo_submit intent "what's the status of the garage door" "what is the capital of France"
     say "demo: 3. the cloud agent is down: a provisional local answer now, the cloud's supersedes it"
     kill -TERM "$CLOUD_PID" 2>/dev/null || true
