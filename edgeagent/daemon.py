@@ -84,19 +84,6 @@ class FatalError(Exception):
         self.exit_code = exit_code
 
 
-class _OnPipeline:
-    """A daemon attribute that is the pipeline's attribute of the same name."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Daemon | None, owner: type | None = None) -> Any:
-        return self if obj is None else getattr(obj.pipeline, self.name)
-
-    def __set__(self, obj: Daemon, value: Any) -> None:
-        setattr(obj.pipeline, self.name, value)
-
-
 class Daemon:
     def __init__(self, settings: Settings, config_path: Path | None = None) -> None:
         self.settings = settings
@@ -155,11 +142,6 @@ class Daemon:
     @runtimes.setter
     def runtimes(self, runtimes: dict[str, TaskRuntime]) -> None:
         self.pipeline.runtimes = runtimes
-
-    # Admission steps as the intake tests drive (and patch) them through the daemon.
-    _admit_isolated = _OnPipeline()
-    _answer_from_cache = _OnPipeline()
-    _reject = _OnPipeline()
 
     def accepting(self) -> bool:
         """Whether the pipeline may admit new jobs (False from the start of a drain, and
@@ -226,13 +208,9 @@ class Daemon:
         for rt in self.runtimes.values():
             rt.start(self.pipeline.deliver)
             self._watch_workers(rt)
-        for sig, handler in (
-            (signal.SIGTERM, self.request_stop),
-            (signal.SIGINT, self.request_stop),
-            (signal.SIGHUP, self.request_reload),
-        ):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, handler)
+        # SIGTERM and SIGINT are lifecycle.run_service's; SIGHUP reloads from now on.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         self.pipeline.recover()
         self.mqtt = MqttAdapter(
             self._connect_options(),

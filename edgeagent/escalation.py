@@ -1,14 +1,17 @@
 """The cloud round trip, daemon side: budget, redaction, durable requests, replies, deadlines.
 
-The escalator decides; the pipeline writes.  It keeps its own ledger (the
-``escalations`` rows and the requests they send, through a :class:`Ledger`, which is
-the pipeline's open transaction) and returns everything else as
-:class:`~edgeagent.results.Actions`: the results a job gets, cache entries, labelled
-examples.  It never writes an answer, the cache or an example itself.
+The escalator decides; the pipeline writes.  It reads the journal (a :class:`Journal`:
+escalation rows, jobs) and returns every write as :class:`~edgeagent.results.Actions`:
+escalations opened and closed, the requests to send, the results a job gets, cache
+entries, labelled examples.  It never writes anything itself; the pipeline applies the
+actions in its one commit (:meth:`edgeagent.pipeline.Pipeline.commit`), so a request is
+durable (row and outbox) before it is sent, and a reply's result before it is published.
+Its only state is in memory: budgets, the in-flight count (re-read from the journal
+when a commit rolls back), which agents are online.
 
 Thread model: everything runs on the event loop thread, inside the pipeline's one
 commit, so an escalation request, the job's state and any result it produces are
-committed together.
+committed together.  Time comes from ``clock`` (wall clock, seconds since the epoch).
 
 Life of an escalation::
 
@@ -27,6 +30,7 @@ import json
 import random
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import jsonschema
@@ -37,10 +41,26 @@ from edgeagent.config import CloudConfig, TaskConfig
 from edgeagent.learning.examples import is_unsure
 from edgeagent.logs import get_logger
 from edgeagent.metrics import Metrics
-from edgeagent.protocol import ErrorInfo, EscalationInfo, ResultMessage, Topics, load_payload
+from edgeagent.protocol import (
+    ErrorInfo,
+    EscalationInfo,
+    Job,
+    ResultMessage,
+    Topics,
+    load_payload,
+)
 from edgeagent.redact import Redactor, restore
-from edgeagent.results import Actions, Answer, CacheEntry, Example, build, revise
-from edgeagent.store import EscalationRow, Store
+from edgeagent.results import (
+    Actions,
+    Answer,
+    CacheEntry,
+    Closed,
+    Example,
+    Request,
+    build,
+    revise,
+)
+from edgeagent.store import EscalationRow
 
 if TYPE_CHECKING:
     from edgeagent.pipeline import Outcome, TaskRuntime
@@ -54,23 +74,19 @@ PROVISIONAL_OUT_OF_SCOPE = ErrorInfo(
 )
 
 
-class Ledger(Protocol):
-    """The writes the escalator makes itself: its own rows and the requests they send
-    (:class:`edgeagent.store.Transaction` is one)."""
+class Journal(Protocol):
+    """What the escalator reads (:class:`edgeagent.store.Store` is one; inside the
+    pipeline's commit it sees that commit's own writes)."""
 
-    def add_escalation(self, row: EscalationRow) -> None: ...
+    def escalation(self, esc_id: str) -> EscalationRow | None: ...
 
-    def escalation_sent(self, esc_id: str, *, next_attempt_at: float) -> None: ...
+    def pending_escalations(self) -> list[EscalationRow]:
+        """Pending escalations, oldest first."""
+        ...
 
-    def close_escalation(self, esc_id: str, state: str) -> bool: ...
+    def job(self, job_id: str) -> Job | None: ...
 
-    def enqueue(
-        self,
-        topic: str,
-        payload: bytes,
-        correlation: bytes | None = None,
-        response_topic: str | None = None,
-    ) -> None: ...
+    def received_at(self, job_id: str) -> float | None: ...
 
 
 class Escalator:
@@ -81,12 +97,15 @@ class Escalator:
         device: str,
         metrics: Metrics,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.topics = topics
         self.device = device
         self.metrics = metrics
         self.rng = rng or random.Random()
+        self.clock = clock
+        """Wall clock (seconds since the epoch): request deadlines, re-sends, latencies."""
         self.cloud_online = config.assume_online
         self._buckets: dict[str, TokenBucket] = {}
         self._redactors: dict[str, Redactor] = {}
@@ -132,8 +151,9 @@ class Escalator:
         rate = task.audit_rate
         return self.usable(task) and rate > 0 and self.rng.random() < rate
 
-    def recover(self, store: Store) -> None:
-        self.in_flight = len(store.pending_escalations())
+    def recover(self, journal: Journal) -> None:
+        """Count the pending escalations again (at start, and after a rollback)."""
+        self.in_flight = len(journal.pending_escalations())
 
     def on_status(self, topic: str, payload: bytes) -> bool:
         """An agent's retained status (``{prefix}/cloud/status`` or, one per worker,
@@ -158,16 +178,16 @@ class Escalator:
 
     def escalate(
         self,
-        tx: Ledger,
         outcome: Outcome,
         rt: TaskRuntime,
         *,
         reachable: bool,
         audit: bool = False,
-    ) -> ResultMessage | None:
-        """Start an escalation.  Returns the result the job gets now, or None if it waits.
+    ) -> Actions:
+        """Start an escalation: the row to record, the request to send (if ``reachable``)
+        and, in ``answers``, the result the job gets now (none: it waits for the cloud).
 
-        For an audit the job has its local answer already; None is always returned.
+        For an audit the job has its local answer already: no answer is ever returned.
         """
         task = rt.config
         p = outcome.pending
@@ -181,12 +201,14 @@ class Escalator:
         ):
             self.metrics.escalations.labels(rt.name, "over_budget").inc()
             if audit:
-                return None
+                return Actions()
             log.warning("escalation.over_budget", job_id=p.job.id, task=rt.name)
-            return self._fallback(outcome, rt, "budget_exceeded", task.over_budget == "local")
+            return self._answer(
+                self._fallback(outcome, rt, "budget_exceeded", task.over_budget == "local")
+            )
         if not reachable and task.offline == "reject" and not audit:
             self.metrics.escalations.labels(rt.name, "rejected_offline").inc()
-            return self._fallback(outcome, rt, "cloud_unavailable", False)
+            return self._answer(self._fallback(outcome, rt, "cloud_unavailable", False))
 
         esc_id = uuid.uuid4().hex
         # One call for both, so placeholders are numbered once across input and answer;
@@ -197,7 +219,7 @@ class Escalator:
         (red_input, red_local), mapping, counts = redacted
         for kind, n in counts.items():
             self.metrics.redactions.labels(rt.name, kind).inc(n)
-        now = time.time()
+        now = self.clock()
         remaining_ms = max(1, int((p.deadline_at - now) * 1000))
         request: dict[str, Any] = {
             "v": 1,
@@ -216,7 +238,8 @@ class Escalator:
             request["schema"] = task.output_schema
         provisional = not audit and not reachable and task.offline == "provisional"
         payload = json.dumps(request, ensure_ascii=False).encode()
-        tx.add_escalation(
+        acts = Actions()
+        acts.opened.append(
             EscalationRow(
                 id=esc_id,
                 job_id=p.job.id,
@@ -239,7 +262,7 @@ class Escalator:
             )
         )
         if reachable:
-            self._send(tx, rt.name, esc_id, payload)
+            acts.requests.append(self._request(rt.name, esc_id, payload))
         self.in_flight += 1
         self.metrics.escalations.labels(rt.name, reason).inc()
         log.info(
@@ -252,31 +275,46 @@ class Escalator:
             redacted=sum(counts.values()),
         )
         if audit or not provisional:
-            return None
+            return acts
         # The local best effort now (its own low confidence says how much to trust it);
         # a result with `supersedes` follows when the cloud answers.
         info = EscalationInfo(reason=reason, id=esc_id)
         if local_output is None:
-            return revise(outcome.result, provisional=True, escalation=info)
-        # An out-of-scope local "label" is the out-of-scope class: not an answer.  A consumer
-        # that reads only `status` must not take it for one (PROTOCOL.md, "Provisional").
-        oos = reason == "out_of_scope"
-        return revise(
-            outcome.result,
-            provisional=True,
-            escalation=info,
-            status="unrecognized" if oos else "ok",
-            output=local_output,
-            error=PROVISIONAL_OUT_OF_SCOPE if oos else None,
-        )
+            result = revise(outcome.result, provisional=True, escalation=info)
+        else:
+            # An out-of-scope local "label" is the out-of-scope class: not an answer.  A
+            # consumer that reads only `status` must not take it for one (PROTOCOL.md,
+            # "Provisional").
+            oos = reason == "out_of_scope"
+            result = revise(
+                outcome.result,
+                provisional=True,
+                escalation=info,
+                status="unrecognized" if oos else "ok",
+                output=local_output,
+                error=PROVISIONAL_OUT_OF_SCOPE if oos else None,
+            )
+        acts.answers.append(Answer(p.job.id, rt.name, result))
+        return acts
 
-    def _send(self, tx: Ledger, task: str, esc_id: str, payload: bytes) -> None:
-        tx.enqueue(
+    @staticmethod
+    def _answer(result: ResultMessage) -> Actions:
+        return Actions(answers=[Answer(result.id, result.task, result)])
+
+    def _request(
+        self, task: str, esc_id: str, payload: bytes, next_attempt_at: float | None = None
+    ) -> Request:
+        return Request(
+            esc_id,
             self.topics.cloud_requests(task),
             payload,
-            correlation=esc_id.encode(),
-            response_topic=self.topics.cloud_replies,
+            self.topics.cloud_replies,
+            next_attempt_at,
         )
+
+    def _resend(self, row: EscalationRow, now: float) -> Request:
+        """``row``'s request again, and when the attempt after it is due."""
+        return self._request(row.task, row.id, row.request, now + self._backoff(row.attempts + 1))
 
     def _backoff(self, attempts: int) -> float:
         return backoff_delay(attempts, self.config.retry_min_s, self.config.retry_max_s, self.rng)
@@ -310,14 +348,13 @@ class Escalator:
 
     def on_reply(
         self,
-        tx: Ledger,
-        store: Store,
+        journal: Journal,
         payload: bytes,
         correlation: bytes | None,
         runtimes: dict[str, TaskRuntime],
     ) -> Actions:
-        """Handle a cloud reply: close its escalation (in ``tx``) and return what the job
-        gets: the cloud's answer (or the local fallback), a cache entry, a kept example."""
+        """Handle a cloud reply: close its escalation, and what the job gets: the cloud's
+        answer (or the local fallback), a cache entry, a kept example."""
         if len(payload) > self.config.max_reply_bytes:
             self.metrics.replies.labels("too_large").inc()
             log.warning("cloud.reply_too_large", size=len(payload))
@@ -329,7 +366,7 @@ class Escalator:
             self.metrics.replies.labels("not_json").inc()
             log.warning("cloud.reply_not_json")
             return Actions()
-        row = store.escalation(esc_id)
+        row = journal.escalation(esc_id)
         if row is None or row.state != "pending":
             self.metrics.replies.labels("late_or_duplicate").inc()
             log.info("cloud.reply_ignored", escalation_id=esc_id[:64], known=row is not None)
@@ -337,21 +374,23 @@ class Escalator:
         rt = runtimes.get(row.task)
         output, problem = self._validate(reply, row, rt)
         ok = problem is None
-        tx.close_escalation(esc_id, "done" if ok else "failed")
+        closed = Closed(esc_id, "done" if ok else "failed")
         self.in_flight = max(0, self.in_flight - 1)
         self.metrics.replies.labels("ok" if ok else "invalid").inc()
         local_out = row.local.get("output")
         log.info("cloud.reply", escalation_id=esc_id, task=row.task, ok=ok, problem=problem)
         if not ok or rt is None:
             if row.audit or row.provisional:
-                return Actions()  # the local answer stands
-            fallback = self._local_result(row, "cloud_error", problem or "invalid reply", store)
-            return Actions(answers=[Answer(row.job_id, row.task, fallback)])
+                return Actions(closed=[closed])  # the local answer stands
+            fallback = self._local_result(
+                row, "cloud_error", problem or "invalid reply", journal, self.clock()
+            )
+            return Actions(closed=[closed], answers=[Answer(row.job_id, row.task, fallback)])
         model = str(reply.get("model") or "cloud")
         conf = reply.get("confidence")
         conf = float(conf) if isinstance(conf, (int, float)) and 0 <= conf <= 1 else None
-        job_input = _job_input(store, row)
-        acts = Actions()
+        job_input = _job_input(journal, row)
+        acts = Actions(closed=[closed])
         if is_unsure(reply.get("confidence"), rt.config.learn):
             # The agent doubts its own answer: it answers the job but is never learned.
             log.info("learn.unsure_not_kept", escalation_id=esc_id, task=row.task)
@@ -377,7 +416,8 @@ class Escalator:
             row.job_id,
             row.task,
             "ok",
-            received_at=_received(store, row),
+            received_at=_received(journal, row),
+            now=self.clock(),
             output=output,
             confidence=conf,
             source="cloud",
@@ -419,7 +459,7 @@ class Escalator:
         return {"text": output["text"]}, None
 
     def _local_result(
-        self, row: EscalationRow, code: str, message: str, store: Store, now: float | None = None
+        self, row: EscalationRow, code: str, message: str, journal: Journal, now: float
     ) -> ResultMessage:
         """The job's answer when the cloud's is missing or unusable: its local answer,
         flagged (``unrecognized`` for the out-of-scope class), or ``unrecognized``."""
@@ -430,7 +470,7 @@ class Escalator:
             row.job_id,
             row.task,
             "ok" if has_local and not oos else "unrecognized",
-            received_at=_received(store, row),
+            received_at=_received(journal, row),
             now=now,
             output=local["output"] if has_local else None,
             confidence=local.get("confidence"),
@@ -445,16 +485,14 @@ class Escalator:
 
     # -- time -----------------------------------------------------------------------
 
-    def tick(
-        self, tx: Ledger, store: Store, *, reachable: bool, now: float | None = None
-    ) -> Actions:
-        """Expire escalations past their deadline (returning what their jobs get) and
+    def tick(self, journal: Journal, *, reachable: bool) -> Actions:
+        """Expire escalations past their deadline (closed, and what their jobs get) and
         re-send due ones while the cloud is reachable."""
-        t = time.time() if now is None else now
+        t = self.clock()
         acts = Actions()
-        for row in store.pending_escalations():
+        for row in journal.pending_escalations():
             if row.deadline_at <= t:
-                tx.close_escalation(row.id, "expired")
+                acts.closed.append(Closed(row.id, "expired"))
                 self.in_flight = max(0, self.in_flight - 1)
                 self.metrics.escalations.labels(row.task, "expired").inc()
                 log.info("escalation.expired", escalation_id=row.id, job_id=row.job_id)
@@ -463,14 +501,14 @@ class Escalator:
                 has_local = row.local.get("output") is not None
                 if self._on_deadline.get(row.task, "local") == "local" and has_local:
                     res = self._local_result(
-                        row, "cloud_timeout", "no cloud answer by the deadline", store, now=t
+                        row, "cloud_timeout", "no cloud answer by the deadline", journal, t
                     )
                 else:
                     res = build(
                         row.job_id,
                         row.task,
                         "expired",
-                        received_at=_received(store, row),
+                        received_at=_received(journal, row),
                         now=t,
                         escalation=EscalationInfo(reason=row.reason, id=row.id),
                         error=ErrorInfo(
@@ -480,27 +518,23 @@ class Escalator:
                     )
                 acts.answers.append(Answer(row.job_id, row.task, res))
             elif reachable and row.next_attempt_at <= t:
-                self._send(tx, row.task, row.id, row.request)
-                tx.escalation_sent(row.id, next_attempt_at=t + self._backoff(row.attempts + 1))
+                acts.requests.append(self._resend(row, t))
         return acts
 
-    def resend_all_now(self, tx: Ledger, store: Store) -> None:
+    def resend_all_now(self, journal: Journal) -> Actions:
         """The cloud just came (back) online: re-send every pending request at once."""
-        for row in store.pending_escalations():
-            self._send(tx, row.task, row.id, row.request)
-            tx.escalation_sent(
-                row.id, next_attempt_at=time.time() + self._backoff(row.attempts + 1)
-            )
+        t = self.clock()
+        return Actions(requests=[self._resend(row, t) for row in journal.pending_escalations()])
 
 
 def _same_bucket(bucket: TokenBucket, task: TaskConfig) -> bool:
     return bucket.rate_per_s == task.budget_per_minute / 60.0 and bucket.burst == task.budget_burst
 
 
-def _job_input(store: Store, row: EscalationRow) -> Any:
-    job = store.job(row.job_id)
+def _job_input(journal: Journal, row: EscalationRow) -> Any:
+    job = journal.job(row.job_id)
     return None if job is None else job.input
 
 
-def _received(store: Store, row: EscalationRow) -> float:
-    return store.received_at(row.job_id) or row.created_at
+def _received(journal: Journal, row: EscalationRow) -> float:
+    return journal.received_at(row.job_id) or row.created_at

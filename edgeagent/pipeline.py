@@ -11,13 +11,15 @@ The path of a job, each step by its function (PROTOCOL.md has the wire side):
  6. route     TaskRuntime._route → router.decide: answer, escalate or unrecognized
  7. settle    Pipeline.deliver → commit → _settle: the answer, or Escalator.escalate (+ audit);
               the cloud's reply or deadline later: Escalator.on_reply / tick return Actions
- 8. commit    Pipeline.commit → _write → _apply: result + outbox + cache + examples, one commit
+ 8. commit    Pipeline.commit → _write → _apply: escalation rows, requests, results, cache,
+              examples (what each step returned as results.Actions): one transaction
  9. count     Pipeline._committed → results.Tally.finish: the job.done line, every counter
 10. publish   Pipeline._published → pump: outbox rows in seq order; on_puback → flush_acked
 
 Invariants: nothing is acknowledged before the journal commit that holds it; nothing is
-published before the commit that holds it; an outbox row goes only after the broker's
-PUBACK.  :meth:`Pipeline.commit` is the one place that writes: it takes a :class:`Work`
+published before the commit that holds it (a cloud request included); an outbox row
+goes only after the broker's PUBACK.  :meth:`Pipeline.commit` is the one place that
+writes (the escalator only returns what to write): it takes a :class:`Work`
 (messages to admit, finished outcomes, cloud messages, the escalation timer, outbox rows
 to delete) and hands it to the group committer (:mod:`edgeagent.commit`), so all the work
 of one event-loop turn shares one transaction (one ``fsync``).
@@ -519,17 +521,18 @@ class Pipeline:
         audited at the task's ``audit_rate``."""
         job = o.pending.job
         rt = self.runtimes.get(job.task)
-        result: ResultMessage | None = o.result
         if o.escalate and rt is not None and rt.cloud_available:
-            result = self.escalator.escalate(tx, o, rt, reachable=reachable)
-        if result is None:
-            return  # waits for the cloud: durable in the escalations table
-        acts = Actions(answers=[Answer(job.id, job.task, result)])
+            # The escalation (row, request), and the job's answer if it gets one now (else
+            # it waits for the cloud, durable in the escalations table).
+            self._apply(tx, self.escalator.escalate(o, rt, reachable=reachable))
+            return
+        acts = Actions(answers=[Answer(job.id, job.task, o.result)])
         if o.cacheable and rt is not None:
-            acts.cache.append(CacheEntry.of(job.task, rt.fingerprint, job.input, result))
+            acts.cache.append(CacheEntry.of(job.task, rt.fingerprint, job.input, o.result))
         self._apply(tx, acts)
         if o.cacheable and rt is not None and self.escalator.wants_audit(rt.config):
-            self.escalator.escalate(tx, o, rt, reachable=reachable, audit=True)
+            # After the answer, so that the job's result goes out before the audit request.
+            self._apply(tx, self.escalator.escalate(o, rt, reachable=reachable, audit=True))
 
     def on_cloud_message(self, msg: Inbound) -> None:
         """A cloud reply or an agent's status: committed, then acknowledged."""
@@ -544,10 +547,10 @@ class Pipeline:
             with tx.savepoint():
                 if msg.topic != self.topics.cloud_replies:
                     if self.escalator.on_status(msg.topic, msg.payload):
-                        self.escalator.resend_all_now(tx, self.store)
+                        self._apply(tx, self.escalator.resend_all_now(self.store))
                 else:
                     acts = self.escalator.on_reply(
-                        tx, self.store, msg.payload, msg.correlation, self.runtimes
+                        self.store, msg.payload, msg.correlation, self.runtimes
                     )
                     self._apply(tx, acts)
             return True
@@ -615,7 +618,7 @@ class Pipeline:
         for msg in work.cloud:
             cloud_failed |= not self._cloud_isolated(tx, msg)
         if work.tick:
-            self._apply(tx, self.escalator.tick(tx, self.store, reachable=reachable))
+            self._apply(tx, self.escalator.tick(self.store, reachable=reachable))
         if work.acked:
             tx.outbox_done(work.acked)
         return _Written(scheduled, self._finished, self._examples, cloud_failed)
@@ -664,8 +667,17 @@ class Pipeline:
         self._acked = work.acked + self._acked  # deleted later: a restart would resend them
 
     def _apply(self, tx: Transaction, acts: Actions) -> None:
-        """Write what a step decided: each result to the journal and the outbox of every
-        reply target, cache entries, labelled examples."""
+        """Write what a step decided: escalation rows, cloud requests (to the outbox: sent
+        once committed), each result to the journal and the outbox of every reply target,
+        cache entries, labelled examples."""
+        for row in acts.opened:
+            tx.add_escalation(row)
+        for closed in acts.closed:
+            tx.close_escalation(closed.escalation_id, closed.state)
+        for r in acts.requests:
+            tx.enqueue(r.topic, r.payload, r.correlation, r.response_topic)
+            if r.next_attempt_at is not None:  # a re-send: count the attempt
+                tx.escalation_sent(r.escalation_id, next_attempt_at=r.next_attempt_at)
         for a in acts.answers:
             payload = a.result.to_bytes()
             fallback = ReplyTarget(self.topics.results(a.task))

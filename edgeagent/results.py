@@ -4,9 +4,10 @@ commit for, and the one place that counts a finished job.
 * :func:`build` makes every :class:`~edgeagent.protocol.ResultMessage` the daemon sends
   (local, cache, cloud, rejections, errors); ``latency_ms`` is measured here, from the
   journal's receipt time.
-* :class:`Actions` is what a step decides and the pipeline's one commit writes: answers
-  (first results or ones that supersede a provisional answer), cache entries and labelled
-  examples.  The escalator returns them; it never writes answers or cache itself.
+* :class:`Actions` is what a step decides and the pipeline's one commit writes:
+  escalations opened and closed, cloud requests to send, answers (first results or ones
+  that supersede a provisional answer), cache entries and labelled examples.  The
+  escalator returns them; it never writes anything itself.
 * :meth:`Tally.finish` logs the canonical ``job.done`` (or ``job.rejected``) line and
   counts the job: Prometheus, the ``stats`` topic, Home Assistant's last answer.
 
@@ -30,6 +31,7 @@ from edgeagent.protocol import (
     Status,
     truncate,
 )
+from edgeagent.store import EscalationRow
 
 log = get_logger("edgeagent.results")
 
@@ -124,18 +126,64 @@ class Example:
     model: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A cloud request to put in the outbox: published only once the commit that holds
+    it (and its escalation row) is durable."""
+
+    escalation_id: str
+    topic: str
+    payload: bytes
+    response_topic: str
+    next_attempt_at: float | None = None
+    """A re-send: when the attempt after it is due (wall clock, seconds since the epoch;
+    the row counts the attempt).  None: the first send, counted in the new row already."""
+
+    @property
+    def correlation(self) -> bytes:
+        """The MQTT v5 Correlation Data the reply carries back: the escalation id."""
+        return self.escalation_id.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """An escalation that ends: ``done`` (answered), ``failed`` (an unusable reply) or
+    ``expired`` (no reply by the job's deadline).  Only a ``pending`` one can close."""
+
+    escalation_id: str
+    state: str
+
+
 @dataclass(slots=True)
 class Actions:
-    """What one step asks the commit to write, in this order."""
+    """What one step asks the commit to write, in this order: escalation rows first (a
+    request refers to its row), then requests, answers, cache entries, examples."""
 
+    opened: list[EscalationRow] = field(default_factory=list)
+    """Escalations to record, ``pending`` (with the request they send)."""
+    closed: list[Closed] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
     answers: list[Answer] = field(default_factory=list)
     cache: list[CacheEntry] = field(default_factory=list)
     examples: list[Example] = field(default_factory=list)
 
     def extend(self, other: Actions) -> None:
+        self.opened += other.opened
+        self.closed += other.closed
+        self.requests += other.requests
         self.answers += other.answers
         self.cache += other.cache
         self.examples += other.examples
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.opened
+            or self.closed
+            or self.requests
+            or self.answers
+            or self.cache
+            or self.examples
+        )
 
 
 # -- counting -------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """Issue 9: no message stops the daemon.  Property tests through the parser, the journal
-(a real SQLite file) and the daemon's intake, plus the store's error kinds.
+(a real SQLite file) and the daemon's intake (its pipeline's one commit), plus the
+store's error kinds.
 
 The e2e side (the daemon subprocess over mosquitto) is in ``test_intake_e2e.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import dataclasses
 import json
 import sqlite3
@@ -23,7 +26,7 @@ from edgeagent.config import load_settings
 from edgeagent.daemon import Daemon
 from edgeagent.metrics import Metrics
 from edgeagent.mqtt import Inbound
-from edgeagent.pipeline import TaskRuntime
+from edgeagent.pipeline import TaskRuntime, Work
 from edgeagent.protocol import Job, Limits, Rejection, ResultMessage, parse_job
 from edgeagent.store import ReplyTarget, Store, StoreError, StoreUnavailable, cache_key, error_kind
 from tests.harness import write_config
@@ -135,6 +138,11 @@ def test_deep_nesting_and_huge_numbers_never_raise(payload: bytes) -> None:
 
 
 # -- the daemon's intake, with a real store ------------------------------------------------
+#
+# Through the pipeline's one write path, as the daemon wires it: Pipeline.commit(Work(
+# messages=...)) admits a batch in one transaction; once it is durable the jobs to run
+# are scheduled on their tasks' queues and the results (rejections, cache hits) are in
+# the outbox.  The daemon is the pipeline's supervisor (a store failure degrades it).
 
 
 @pytest.fixture
@@ -154,18 +162,26 @@ def _msg(payload: bytes, task: str = "alarm", mid: int = 1) -> Inbound:
     return Inbound(f"edgeagent/d1/jobs/{task}", payload, 1, mid, False, 1)
 
 
-def _intake(d: Daemon, msgs: list[Inbound]) -> list[tuple[Job, float]]:
-    assert d.store is not None
-    scheduled: list[tuple[Job, float]] = []
-    with d.store.transaction() as tx:
-        for m in msgs:
-            d._admit_isolated(tx, m, scheduled)
+def _intake(d: Daemon, msgs: list[Inbound]) -> list[Job]:
+    """Admit ``msgs`` as one batch (one commit); the jobs it scheduled, in order."""
+    work = Work(messages=msgs)
+
+    async def turn() -> None:
+        d.pipeline.commit(work)
+        await asyncio.sleep(0)  # the group commit runs at the end of this turn
+
+    asyncio.run(turn())
+    scheduled = []
+    for rt in d.runtimes.values():
+        while not rt.queue.empty():
+            scheduled.append(rt.queue.get_nowait().job)
+    d.pipeline.open.clear()
     return scheduled
 
 
-def _outbox(d: Daemon) -> list[dict[str, Any]]:
+def _outbox(d: Daemon, after: int = 0) -> list[dict[str, Any]]:
     assert d.store is not None
-    return [json.loads(r.payload) for r in d.store.outbox()]
+    return [json.loads(r.payload) for r in d.store.outbox(after=after)]
 
 
 @settings(
@@ -178,65 +194,64 @@ def test_every_message_of_a_batch_is_scheduled_or_answered(
     daemon: Daemon, payloads: list[bytes]
 ) -> None:
     """One transaction per batch, as the intake loop does; each message has an effect: a job
-    journaled to run, or a result (rejection, cache hit) in the outbox — unless its id was
-    already journaled earlier in the same batch (then it waits for that job's result)."""
+    journaled to run, or a result (rejection, cache hit) in the outbox under its id — unless
+    its id was already journaled earlier in the same batch (it waits for that job's result)."""
     store = daemon.store
     assert store is not None
     store._db.execute("DELETE FROM jobs")
     store._db.execute("DELETE FROM reply_targets")
+    msgs = [_msg(payload, mid=i) for i, payload in enumerate(payloads)]
+    last_seq = store.last_seq
+    scheduled = {job.id for job in _intake(daemon, msgs)}
+    answered = {r["id"] for r in _outbox(daemon, after=last_seq)}
     seen: set[str] = set()
-    with store.transaction() as tx:
-        for i, payload in enumerate(payloads):
-            msg = _msg(payload, mid=i)
-            scheduled: list[tuple[Job, float]] = []
-            outbox_before = tx.outbox_added
-            daemon._admit_isolated(tx, msg, scheduled)
-            parsed = parse_job(
-                payload,
-                task="alarm",
-                derived_id=protocol.derive_job_id(msg.topic, payload, None),
-                limits=daemon.limits,
-                known_tasks=frozenset(daemon.runtimes),
-            )
-            effect = len(scheduled) + (tx.outbox_added - outbox_before)
-            assert effect >= 1 or parsed.id in seen, (payload[:80], parsed)
-            seen.add(parsed.id)
-    for row in store.outbox():
-        assert json.loads(row.payload)["status"] in {"rejected", "ok"}
+    for msg in msgs:
+        parsed = parse_job(
+            msg.payload,
+            task="alarm",
+            derived_id=protocol.derive_job_id(msg.topic, msg.payload, None),
+            limits=daemon.limits,
+            known_tasks=frozenset(daemon.runtimes),
+        )
+        assert parsed.id in scheduled | answered | seen, (msg.payload[:80], parsed)
+        seen.add(parsed.id)
+    for row in _outbox(daemon, after=last_seq):
+        assert row["status"] in {"rejected", "ok"}
     assert daemon.metrics.quarantined._value.get() == 0
 
 
 def test_one_bad_message_does_not_abort_its_batch(
     daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = daemon._answer_from_cache
+    p = daemon.pipeline
+    real = p._answer_from_cache
 
     def explode(tx: Any, job: Job, received: float) -> bool:
         if job.input == "boom":
             raise RuntimeError("a bug of ours, triggered by this input")
         return real(tx, job, received)
 
-    monkeypatch.setattr(daemon, "_answer_from_cache", explode)
+    monkeypatch.setattr(p, "_answer_from_cache", explode)
     msgs = [
         _msg(b'{"id":"g1","input":"smoke"}', mid=1),
         _msg(b'{"id":"b1","input":"boom"}', mid=2),
         _msg(SURROGATE_JOB, mid=3),
         _msg(b'{"id":"g2","input":"fire"}', mid=4),
     ]
-    scheduled = _intake(daemon, msgs)
-    assert [j.id for j, _ in scheduled] == ["g1", "g2"]
+    assert [j.id for j in _intake(daemon, msgs)] == ["g1", "g2"]
     codes = {r["id"]: r["error"]["code"] for r in _outbox(daemon)}
     assert codes["p1"] == "not_json"
     assert codes["b1"] == "unprocessable"  # answered under the producer's own id
     assert daemon.store is not None and daemon.store.job("b1") is None  # rolled back alone
     # If even the rejection cannot be written, the message is quarantined, not retried.
-    monkeypatch.setattr(daemon, "_reject", lambda *a: (_ for _ in ()).throw(ValueError("x")))
+    monkeypatch.setattr(p, "_reject", lambda *a: (_ for _ in ()).throw(ValueError("x")))
     assert _intake(daemon, [_msg(b'{"id":"b2","input":"boom"}', mid=5)]) == []
     assert daemon.metrics.quarantined._value.get() == 1
+    assert daemon.degraded is None and p.inbox == collections.deque()  # nothing waits
 
 
 def test_an_id_used_on_another_task_is_an_id_conflict(daemon: Daemon) -> None:
-    [(job, _)] = _intake(daemon, [_msg(b'{"id":"same","input":"smoke"}', "alarm")])
+    [job] = _intake(daemon, [_msg(b'{"id":"same","input":"smoke"}', "alarm")])
     assert job.task == "alarm"
     assert _intake(daemon, [_msg(b'{"id":"same","input":"device=a value=1"}', "reading")]) == []
     [res] = _outbox(daemon)
@@ -398,8 +413,8 @@ def test_a_full_disk_mid_batch_commits_nothing_of_the_batch(
 
     monkeypatch.setattr(Transaction, "admit", admit)
     msgs = [_msg(b'{"id":"g1","input":"smoke"}', mid=1), _msg(b'{"id":"g2","input":"x"}', mid=2)]
-    with pytest.raises(StoreUnavailable) as e:
-        _intake(daemon, msgs)
-    assert e.value.reason == "disk_full"
+    assert _intake(daemon, msgs) == []
+    assert daemon.degraded == "disk_full"  # the daemon degrades: intake pauses
+    assert list(daemon.pipeline.inbox) == msgs  # back at the head, unacknowledged
     assert daemon.store is not None and daemon.store.job("g1") is None  # nothing committed
     assert daemon.store.outbox() == []
