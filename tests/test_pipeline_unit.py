@@ -366,6 +366,8 @@ def test_provisional_answer_then_the_clouds_answer_supersedes_it(cloud_rig: Rig)
     rig.turn(rig.p.on_cloud_message, status)
     [request] = rig.broker.requests()
     esc_id = request["escalation_id"]
+    row = rig.store.escalation(esc_id)
+    assert row is not None and row.attempts == 1  # the re-send was counted in its commit
     body = {"escalation_id": esc_id, "status": "ok", "output": {"label": "a"}, "model": "big"}
     reply = Inbound("edgeagent/d1/cloud/replies", json.dumps(body).encode(), 1, 91, False, 0)
     rig.turn(rig.p.on_cloud_message, reply)
@@ -394,6 +396,46 @@ def test_a_job_waiting_for_the_cloud_gets_the_local_answer_at_its_deadline(
     res = only(rig.broker.results())
     assert res["status"] == "ok" and res["error"]["code"] == "cloud_timeout"
     assert res["output"] == {"label": "b"} and res["escalation"]["reason"] == "low_confidence"
+
+
+def test_a_cloud_request_goes_out_only_with_the_commit_that_records_it(
+    cloud_rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = cloud_rig
+    rig.rt.config = rig.rt.config.model_copy(update={"offline": "wait"})
+    online = Inbound("edgeagent/cloud/status", b'{"state": "online"}', 1, 90, False, 0)
+    rig.turn(rig.p.on_cloud_message, online)
+    rig.commit(Work(messages=[rig.msg({"id": "j1", "input": "hmm"})]))
+
+    def full(*a: Any, **kw: Any) -> Any:
+        raise StoreUnavailable("disk full", "full")
+
+    monkeypatch.setattr(Transaction, "add_escalation", full)
+    rig.run(Prediction({"label": "b"}, 0.2))
+    assert rig.broker.requests() == [] and rig.p.waiting == 1  # nothing sent, nothing lost
+    assert rig.escalator.in_flight == 0  # re-read from the journal after the rollback
+    monkeypatch.undo()
+    rig.supervisor.degraded = None
+    rig.turn(rig.p.resume)
+    [request] = rig.broker.requests()
+    row = rig.store.escalation(request["escalation_id"])
+    assert row is not None and row.state == "pending" and row.attempts == 1
+    assert rig.broker.results() == [] and rig.escalator.in_flight == 1  # the job waits
+
+
+def test_an_audit_request_follows_the_jobs_own_answer(cloud_rig: Rig) -> None:
+    rig = cloud_rig
+    rig.rt.config = rig.rt.config.model_copy(update={"audit_rate": 1.0})
+    online = Inbound("edgeagent/cloud/status", b'{"state": "online"}', 1, 90, False, 0)
+    rig.turn(rig.p.on_cloud_message, online)
+    rig.commit(Work(messages=[rig.msg({"id": "j1", "input": "a"})]))
+    rig.run(Prediction({"label": "a"}, 0.9))
+    topics = [topic for _, topic, _, _ in rig.broker.published]
+    assert topics == ["edgeagent/d1/results/t", "edgeagent/cloud/requests/t"]
+    [request] = rig.broker.requests()
+    row = rig.store.escalation(request["escalation_id"])
+    assert row is not None and row.audit and row.job_id == "j1"
+    assert only(rig.broker.results())["status"] == "ok"  # the job keeps its local answer
 
 
 def test_a_cloud_message_our_code_fails_on_is_acked_and_changes_nothing(
