@@ -75,6 +75,13 @@ STORE_RETRY_MAX_S = 30.0
 MAINTAIN_INTERVAL_S = 30.0
 """Idle WAL truncation / free-page release period (seconds)."""
 
+CLOUD_STATUS_SETTLE_S = 0.5
+"""At start, jobs wait this long after the first SUBACK before they are admitted, so the
+cloud agents' retained statuses (sent by the broker right after the SUBACK) are known
+first.  Jobs queued in our session arrive right after the CONNACK: admitted at once,
+they found the cloud "unreachable" and got the offline policy (a `reject` task answered
+`cloud_unavailable` with two workers online; tests/test_fleet_e2e.py)."""
+
 
 class FatalError(Exception):
     """Start-up failed in a way a restart will not fix; ``exit_code`` says how to exit."""
@@ -123,6 +130,10 @@ class Daemon:
         self.learner = Learner(settings.state_dir(), self.metrics)
         self.pipeline.on_example = self.learner.on_example
         self._models_loaded = False
+        self._held: list[Inbound] | None = (
+            [] if settings.cloud.enabled and not settings.cloud.assume_online else None
+        )
+        """Jobs received before the cloud's status could be known (None: admit at once)."""
         self._rate_mark = (self.pipeline.tally.started, 0)  # (time, results) at the last stats
 
     # The pipeline holds the store and the task runtimes; the daemon opens, swaps and
@@ -288,9 +299,10 @@ class Daemon:
         )
 
     def _subscriptions(self) -> list[str]:
-        """Called by the MQTT thread on every CONNACK (reads immutable data only)."""
+        """Called by the MQTT thread on every CONNACK (reads immutable data and the intake
+        flag: a stopping daemon does not rejoin the fleet group)."""
         subs = [self.topics.jobs_filter]
-        if self.topics.fleet_filter:
+        if self.topics.fleet_filter and self._intake_open:
             subs.append(self.topics.fleet_filter)
         if self.settings.cloud.enabled:
             subs += [
@@ -322,6 +334,13 @@ class Daemon:
             self.mqtt.publish(self.topics.status, self._status_payload(state, **extra), retain=True)
         self._announce_homeassistant()
         self.pipeline.wake_outbox.set()
+        if self._held is not None:
+            asyncio.get_running_loop().call_later(CLOUD_STATUS_SETTLE_S, self._release_held)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        for msg in held or ():
+            self.pipeline.receive(msg)
 
     def _on_disconnected(self) -> None:
         self.metrics.connected.set(0)
@@ -336,6 +355,9 @@ class Daemon:
             return
         if msg.topic == self.topics.cloud_replies or msg.topic.startswith(self.topics.cloud_status):
             self.pipeline.on_cloud_message(msg)
+            return
+        if self._held is not None:
+            self._held.append(msg)  # not acknowledged yet: the broker's window bounds it
             return
         self.pipeline.receive(msg)
 
@@ -747,6 +769,10 @@ class Daemon:
     async def _shutdown(self, *, graceful: bool) -> None:
         self.notifier.stopping()
         self._intake_open = False  # unacknowledged jobs stay with the broker
+        if self.mqtt is not None and self.topics.fleet_filter:
+            # Leave the fleet group: mosquitto would go on dealing fleet jobs to this
+            # stopped device's session (a day, mqtt.session_expiry_s), not to the others.
+            self.mqtt.unsubscribe([self.topics.fleet_filter])
         deadline = time.monotonic() + (self.settings.runtime.drain_timeout_s if graceful else 0)
         jobs = self.pipeline
         while jobs.open and self.degraded is None and time.monotonic() < deadline:

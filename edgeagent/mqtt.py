@@ -352,6 +352,13 @@ class MqttAdapter:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    def unsubscribe(self, topics: list[str]) -> None:
+        """Stop receiving on ``topics`` (queued; the broker answers with an UNSUBACK).  For a
+        shared subscription before a planned stop: mosquitto 2.0 keeps dealing a group's
+        messages to a disconnected member's persistent session, where they wait for it."""
+        if topics and self._connected.is_set():
+            self._client.unsubscribe(topics)
+
     def stop(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly (no last will) and join the network thread."""
         self._stopping.set()

@@ -186,7 +186,7 @@ class CloudAgent:
         self.mqtt = MqttAdapter(
             self._connect_options(),
             loop=loop,
-            subscriptions=lambda: [self.requests_filter],
+            subscriptions=lambda: [self.requests_filter] if self._accepting else [],
             on_message=self._on_message,
             on_connected=self._on_connected,
             on_disconnected=lambda: log.warning("cloud.disconnected"),
@@ -221,8 +221,12 @@ class CloudAgent:
         self._stop.set()
 
     async def _shutdown(self, *, graceful: bool) -> None:
-        # 1. Stop intake: requests not yet started stay unacknowledged with the broker.
+        # 1. Stop intake: requests not yet started stay unacknowledged with the broker, and
+        # leave the group, so that new requests go to the other workers (mosquitto deals
+        # a member's share to its session while it is away: those waited for a re-send).
         self._accepting = False
+        if self.mqtt is not None:
+            self.mqtt.unsubscribe([self.requests_filter])
         for w in self._workers:
             if w not in self._handling:
                 w.cancel()
