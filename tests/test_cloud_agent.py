@@ -243,6 +243,7 @@ prefix = "{prefix}"
 group = "{group}"
 worker_id = "{worker}"
 max_concurrency = 4
+{"" if "status_per_worker" in extra_agent else "status_per_worker = false"}
 {extra_agent}
 [log]
 format = "json"
@@ -1135,3 +1136,11 @@ def test_against_llama_cpp_server(
             server.kill()
             server.wait(10)
         log.close()
+
+
+def test_each_worker_has_its_own_status_topic_by_default() -> None:
+    """PROTOCOL.md: `{prefix}/cloud/status/{worker}`, so one worker's `stopped` never hides
+    the others (the shared topic is an opt-out for older daemons)."""
+    from edgeagent.cloud.config import AgentConfig
+
+    assert AgentConfig(worker_id="w9").status_per_worker is True

@@ -116,10 +116,11 @@ class AgentConfig(_Section):
         "client id defaults to `edgeagent-cloud-{worker_id}`: give each worker its own.",
     )
     status_per_worker: bool = Field(
-        False,
-        description="Publish the retained status on `{prefix}/cloud/status/{worker_id}` instead "
-        "of `{prefix}/cloud/status` (with several workers, one worker's `offline` would "
-        "otherwise hide that the others are up).",
+        True,
+        description="Publish the retained status on `{prefix}/cloud/status/{worker_id}`, as "
+        "PROTOCOL.md says; `false`: on the one shared topic `{prefix}/cloud/status` (older "
+        "daemons; with several workers, one worker's `stopped` or `offline` then hides that "
+        "the others are up).",
     )
     max_concurrency: int = Field(
         4, ge=1, le=1024, description="Requests answered at the same time (LLM calls in flight)."
