@@ -48,6 +48,11 @@ WAL_AUTOCHECKPOINT_PAGES = 128
 """Checkpoint the WAL into the database once it holds this many pages (4 KiB each)."""
 JOURNAL_SIZE_LIMIT_BYTES = 512 * 1024
 """Truncate the WAL to this size after a checkpoint (SQLite's default keeps its peak)."""
+CHECKPOINT_EVERY_COMMITS = 8
+"""A background (PASSIVE) checkpoint is started every this many commits, in the store's
+checkpoint thread on a connection of its own, so that the WAL rarely reaches
+:data:`WAL_AUTOCHECKPOINT_PAGES`, where the committing connection would checkpoint it
+itself: two ``fsync``s inside a COMMIT (on the event loop with ``synchronous = "normal"``)."""
 MIN_FREE_BYTES = 4 * 1024 * 1024
 """Free space on the state file system below which the daemon warns at start (bytes)."""
 
@@ -339,6 +344,10 @@ class Store:
         self._committing: Future[None] | None = None
         self._reader: sqlite3.Connection | None = None
         self._commit_thread: ThreadPoolExecutor | None = None
+        self._checkpointer: ThreadPoolExecutor | None = None
+        self._checkpointing: Future[None] | None = None
+        self._checkpoint_conn: sqlite3.Connection | None = None
+        self._commits_since_checkpoint = 0
         try:
             self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -501,6 +510,33 @@ class Store:
         self._outbox_rows = max(0, self._outbox_rows + tx.outbox_added - tx.outbox_removed)
         if tx.last_seq:
             self.last_seq = tx.last_seq
+        self._commits_since_checkpoint += 1
+        if self._commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS:
+            self._checkpoint_soon()
+
+    def _checkpoint_soon(self) -> None:
+        """Start a PASSIVE checkpoint in the checkpoint thread unless one runs (after a
+        commit; commits never overlap, so this needs no lock)."""
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return
+        self._commits_since_checkpoint = 0
+        if self._checkpointer is None:
+            self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="store-checkpoint")
+        self._checkpointing = self._checkpointer.submit(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        """Copy committed WAL frames into the database without blocking the writer
+        (checkpoint thread).  A failure is harmless: the writer's own checkpoint remains."""
+        try:
+            if self._checkpoint_conn is None:
+                self._checkpoint_conn = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False
+                )
+                level = "FULL" if self.synchronous == "full" else "NORMAL"
+                self._checkpoint_conn.execute(f"PRAGMA synchronous={level}")
+            self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            pass
 
     def rollback(self, tx: Transaction) -> None:
         """Undo ``tx`` (see :meth:`begin`)."""
@@ -752,6 +788,10 @@ class Store:
         self.settle()
         if self._commit_thread is not None:
             self._commit_thread.shutdown()
+        if self._checkpointer is not None:
+            self._checkpointer.shutdown()
+        if self._checkpoint_conn is not None:
+            self._checkpoint_conn.close()
         if self._reader is not None:
             self._reader.close()
         with suppress(sqlite3.Error):
