@@ -29,9 +29,12 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import shutil
 import sqlite3
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
@@ -344,9 +347,9 @@ class Store:
         self._committing: Future[None] | None = None
         self._reader: sqlite3.Connection | None = None
         self._commit_thread: ThreadPoolExecutor | None = None
-        self._checkpointer: ThreadPoolExecutor | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_requests: queue.SimpleQueue[Future[None] | None] = queue.SimpleQueue()
         self._checkpointing: Future[None] | None = None
-        self._checkpoint_conn: sqlite3.Connection | None = None
         self._commits_since_checkpoint = 0
         try:
             self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -515,28 +518,23 @@ class Store:
             self._checkpoint_soon()
 
     def _checkpoint_soon(self) -> None:
-        """Start a PASSIVE checkpoint in the checkpoint thread unless one runs (after a
+        """Ask the checkpoint thread for a PASSIVE checkpoint unless one runs (after a
         commit; commits never overlap, so this needs no lock)."""
         if self._checkpointing is not None and not self._checkpointing.done():
             return
         self._commits_since_checkpoint = 0
         if self._checkpointer is None:
-            self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="store-checkpoint")
-        self._checkpointing = self._checkpointer.submit(self._checkpoint)
-
-    def _checkpoint(self) -> None:
-        """Copy committed WAL frames into the database without blocking the writer
-        (checkpoint thread).  A failure is harmless: the writer's own checkpoint remains."""
-        try:
-            if self._checkpoint_conn is None:
-                self._checkpoint_conn = sqlite3.connect(
-                    self.path, isolation_level=None, check_same_thread=False
-                )
-                level = "FULL" if self.synchronous == "full" else "NORMAL"
-                self._checkpoint_conn.execute(f"PRAGMA synchronous={level}")
-            self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error:
-            pass
+            # A daemon thread: a store nobody closed must not keep the process alive.
+            self._checkpointer = threading.Thread(
+                target=_checkpoint_worker,
+                args=(self._checkpoint_requests, self.path, self.synchronous),
+                name="store-checkpoint",
+                daemon=True,
+            )
+            self._checkpointer.start()
+            weakref.finalize(self, self._checkpoint_requests.put, None)
+        self._checkpointing = Future()
+        self._checkpoint_requests.put(self._checkpointing)
 
     def rollback(self, tx: Transaction) -> None:
         """Undo ``tx`` (see :meth:`begin`)."""
@@ -789,9 +787,8 @@ class Store:
         if self._commit_thread is not None:
             self._commit_thread.shutdown()
         if self._checkpointer is not None:
-            self._checkpointer.shutdown()
-        if self._checkpoint_conn is not None:
-            self._checkpoint_conn.close()
+            self._checkpoint_requests.put(None)
+            self._checkpointer.join()
         if self._reader is not None:
             self._reader.close()
         with suppress(sqlite3.Error):
@@ -1023,6 +1020,30 @@ class Transaction:
                 (trim,),
             )
             self._store.cache_rows -= cur.rowcount
+
+
+def _checkpoint_worker(
+    requests: queue.SimpleQueue[Future[None] | None], path: Path, synchronous: str
+) -> None:
+    """The store's checkpoint thread: a PASSIVE checkpoint per request, on a connection of
+    its own, until ``None``.  It copies committed WAL frames into the database without
+    blocking the writer; a failure is harmless (the writer's own checkpoint remains)."""
+    conn: sqlite3.Connection | None = None
+    try:
+        while (done := requests.get()) is not None:
+            try:
+                if conn is None:
+                    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                    conn.execute(
+                        f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}"
+                    )
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error:
+                pass
+            done.set_result(None)
+    finally:
+        if conn is not None:
+            conn.close()
 
 
 # -- opening --------------------------------------------------------------------
