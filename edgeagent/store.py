@@ -1,8 +1,11 @@
 """SQLite (WAL) state: job journal, result outbox and result cache, in one file.
 
-Thread model: one connection, used only by the event-loop thread.  Every method
-that changes state commits before it returns, so what the caller does next
-(acknowledge a job, publish a result) happens only after the change is durable.
+Thread model: one connection for every read and write, used by the event-loop thread
+(a COMMIT may run in the commit thread, :meth:`Store.commit_in_thread`; the loop then
+waits for it before its next use).  Every method that changes state commits before it
+returns, so what the caller does next (acknowledge a job, publish a result) happens only
+after the change is durable.  Two more connections only read or checkpoint: the outbox
+reader (while a COMMIT runs in the commit thread) and the checkpoint thread's.
 
 Invariants:
 * a job row is ``received`` until its result is written; the result, the
@@ -18,7 +21,10 @@ disk, an I/O error or a file turned read-only at run time is a
 never retried.
 
 Disk footprint: the WAL is checkpointed every :data:`WAL_AUTOCHECKPOINT_PAGES`
-pages and truncated to :data:`JOURNAL_SIZE_LIMIT_BYTES` after each checkpoint;
+pages and truncated to :data:`JOURNAL_SIZE_LIMIT_BYTES` after each checkpoint (the
+checkpoint thread runs a PASSIVE checkpoint every :data:`CHECKPOINT_EVERY_COMMITS`
+commits, so the committing connection, which would stall on its two ``fsync`` calls, rarely
+reaches that bound itself);
 :meth:`Store.maintain` truncates it to zero and returns free pages to the file
 system when the daemon is idle.  Temporary tables and indices live in memory.
 """
