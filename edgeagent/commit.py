@@ -13,7 +13,8 @@ The guarantees are those of a transaction per write:
   has succeeded, so nothing is acknowledged before it is durable and nothing is
   published before it is committed;
 * each write runs under its own savepoint: one that raises is rolled back alone
-  (its ``undo`` runs and the error goes to ``on_error``) and the others still commit;
+  (its ``undo`` runs and the error goes to ``on_error``) and the others still commit
+  (a group of one write needs no savepoint: its transaction is rolled back instead);
 * a store failure (disk full, I/O error, damaged file) anywhere rolls back the whole
   group: no ``after`` runs, every ``undo`` runs (in reverse submission order, so that
   each can push its items back to the head of a queue and keep their order) and the
@@ -156,10 +157,11 @@ class GroupCommitter:
             tx = self.store.begin(durable=durable)
         except Exception as exc:
             return self._fail(batch, exc)
+        alone = len(batch) == 1  # no savepoint: a failure rolls the transaction back
         try:
             for item in batch:
                 try:
-                    with tx.savepoint():
+                    with tx.savepoint(alone=alone):
                         done.append((item, item.write(tx)))
                 except StoreError:
                     raise
@@ -168,6 +170,12 @@ class GroupCommitter:
         except Exception as exc:
             self.store.rollback(tx)
             return self._fail(batch, exc)
+        if alone and failed:
+            self.store.rollback(tx)  # its only write failed: nothing to commit
+            item, error = failed[0]
+            self._run(item.undo, item.where)
+            self._on_error(error, item.where)
+            return True
         if durable and self.store.synchronous == "full" and not wait:
             self._hand_off(_Landing(batch, done, failed, self.store.commit_in_thread(tx)))
             return True

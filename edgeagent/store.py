@@ -1,8 +1,11 @@
 """SQLite (WAL) state: job journal, result outbox and result cache, in one file.
 
-Thread model: one connection, used only by the event-loop thread.  Every method
-that changes state commits before it returns, so what the caller does next
-(acknowledge a job, publish a result) happens only after the change is durable.
+Thread model: one connection for every read and write, used by the event-loop thread
+(a COMMIT may run in the commit thread, :meth:`Store.commit_in_thread`; the loop then
+waits for it before its next use).  Every method that changes state commits before it
+returns, so what the caller does next (acknowledge a job, publish a result) happens only
+after the change is durable.  Two more connections only read or checkpoint: the outbox
+reader (while a COMMIT runs in the commit thread) and the checkpoint thread's.
 
 Invariants:
 * a job row is ``received`` until its result is written; the result, the
@@ -18,7 +21,10 @@ disk, an I/O error or a file turned read-only at run time is a
 never retried.
 
 Disk footprint: the WAL is checkpointed every :data:`WAL_AUTOCHECKPOINT_PAGES`
-pages and truncated to :data:`JOURNAL_SIZE_LIMIT_BYTES` after each checkpoint;
+pages and truncated to :data:`JOURNAL_SIZE_LIMIT_BYTES` after each checkpoint (the
+checkpoint thread runs a PASSIVE checkpoint every :data:`CHECKPOINT_EVERY_COMMITS`
+commits, so the committing connection, which would stall on its two ``fsync`` calls, rarely
+reaches that bound itself);
 :meth:`Store.maintain` truncates it to zero and returns free pages to the file
 system when the daemon is idle.  Temporary tables and indices live in memory.
 """
@@ -29,9 +35,12 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import shutil
 import sqlite3
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
@@ -48,6 +57,11 @@ WAL_AUTOCHECKPOINT_PAGES = 128
 """Checkpoint the WAL into the database once it holds this many pages (4 KiB each)."""
 JOURNAL_SIZE_LIMIT_BYTES = 512 * 1024
 """Truncate the WAL to this size after a checkpoint (SQLite's default keeps its peak)."""
+CHECKPOINT_EVERY_COMMITS = 16
+"""A background (PASSIVE) checkpoint is started every this many commits, in the store's
+checkpoint thread on a connection of its own, so that the WAL rarely reaches
+:data:`WAL_AUTOCHECKPOINT_PAGES`, where the committing connection would checkpoint it
+itself: two ``fsync``s inside a COMMIT (on the event loop with ``synchronous = "normal"``)."""
 MIN_FREE_BYTES = 4 * 1024 * 1024
 """Free space on the state file system below which the daemon warns at start (bytes)."""
 
@@ -339,6 +353,10 @@ class Store:
         self._committing: Future[None] | None = None
         self._reader: sqlite3.Connection | None = None
         self._commit_thread: ThreadPoolExecutor | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_requests: queue.SimpleQueue[Future[None] | None] = queue.SimpleQueue()
+        self._checkpointing: Future[None] | None = None
+        self._commits_since_checkpoint = 0
         try:
             self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -501,6 +519,28 @@ class Store:
         self._outbox_rows = max(0, self._outbox_rows + tx.outbox_added - tx.outbox_removed)
         if tx.last_seq:
             self.last_seq = tx.last_seq
+        self._commits_since_checkpoint += 1
+        if self._commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS:
+            self._checkpoint_soon()
+
+    def _checkpoint_soon(self) -> None:
+        """Ask the checkpoint thread for a PASSIVE checkpoint unless one runs (after a
+        commit; commits never overlap, so this needs no lock)."""
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return
+        self._commits_since_checkpoint = 0
+        if self._checkpointer is None:
+            # A daemon thread: a store nobody closed must not keep the process alive.
+            self._checkpointer = threading.Thread(
+                target=_checkpoint_worker,
+                args=(self._checkpoint_requests, self.path, self.synchronous),
+                name="store-checkpoint",
+                daemon=True,
+            )
+            self._checkpointer.start()
+            weakref.finalize(self, self._checkpoint_requests.put, None)
+        self._checkpointing = Future()
+        self._checkpoint_requests.put(self._checkpointing)
 
     def rollback(self, tx: Transaction) -> None:
         """Undo ``tx`` (see :meth:`begin`)."""
@@ -752,6 +792,9 @@ class Store:
         self.settle()
         if self._commit_thread is not None:
             self._commit_thread.shutdown()
+        if self._checkpointer is not None:
+            self._checkpoint_requests.put(None)
+            self._checkpointer.join()
         if self._reader is not None:
             self._reader.close()
         with suppress(sqlite3.Error):
@@ -772,16 +815,20 @@ class Transaction:
         self.last_seq = 0
 
     @contextmanager
-    def savepoint(self) -> Iterator[None]:
+    def savepoint(self, *, alone: bool = False) -> Iterator[None]:
         """Writes of one message: on an exception they are undone, the transaction goes on.
 
         Errors after which SQLite may have abandoned the whole transaction (disk full, I/O,
-        corruption) are not contained: they fail the transaction.
+        corruption) are not contained: they fail the transaction.  ``alone``: these are the
+        only writes of the transaction, so no SAVEPOINT is needed (two statements fewer);
+        after an exception the caller must roll the whole transaction back instead of
+        committing it (:meth:`Store.rollback`), which undoes the same writes.
         """
         if not self._db.in_transaction:  # SAVEPOINT would silently open a new transaction
             raise StoreUnavailable(f"state file {self._store.path}: transaction lost", "io")
         saved = (self.outbox_added, self.outbox_removed, self.last_seq, self._store.cache_rows)
-        self._db.execute("SAVEPOINT one_message")
+        if not alone:
+            self._db.execute("SAVEPOINT one_message")
         try:
             yield
         except BaseException as exc:
@@ -792,11 +839,13 @@ class Transaction:
                 raise StoreUnavailable(
                     f"state file {self._store.path}: transaction rolled back ({exc!r})", "io"
                 ) from exc
-            self._db.execute("ROLLBACK TO one_message")
-            self._db.execute("RELEASE one_message")
+            if not alone:
+                self._db.execute("ROLLBACK TO one_message")
+                self._db.execute("RELEASE one_message")
             self.outbox_added, self.outbox_removed, self.last_seq, self._store.cache_rows = saved
             raise
-        self._db.execute("RELEASE one_message")
+        if not alone:
+            self._db.execute("RELEASE one_message")
 
     def admit(self, job: Job, target: ReplyTarget | None, *, redelivery: bool) -> Admission:
         """Journal a job (idempotent by id) and remember where its result must go.
@@ -977,6 +1026,30 @@ class Transaction:
                 (trim,),
             )
             self._store.cache_rows -= cur.rowcount
+
+
+def _checkpoint_worker(
+    requests: queue.SimpleQueue[Future[None] | None], path: Path, synchronous: str
+) -> None:
+    """The store's checkpoint thread: a PASSIVE checkpoint per request, on a connection of
+    its own, until ``None``.  It copies committed WAL frames into the database without
+    blocking the writer; a failure is harmless (the writer's own checkpoint remains)."""
+    conn: sqlite3.Connection | None = None
+    try:
+        while (done := requests.get()) is not None:
+            try:
+                if conn is None:
+                    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                    conn.execute(
+                        f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}"
+                    )
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error:
+                pass
+            done.set_result(None)
+    finally:
+        if conn is not None:
+            conn.close()
 
 
 # -- opening --------------------------------------------------------------------

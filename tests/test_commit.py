@@ -296,3 +296,29 @@ def test_callbacks_run_group_after_group_even_when_the_next_group_commits_inline
     asyncio.run(main())
     assert rec.events == [("after", ("a", True)), ("after", "relaxed")]
     assert gc.commits == 2
+
+
+@SYNC
+def test_a_group_of_one_failing_write_is_rolled_back_and_the_next_commits(
+    tmp_path: Path, synchronous: str
+) -> None:
+    """A group of one write runs without a savepoint: its failure rolls the whole
+    transaction back (the same writes are undone) and nothing of it is committed."""
+    store = opened(Store(tmp_path / "e.db", synchronous=synchronous))
+    rec = Recorder(store.path)
+    gc = GroupCommitter(store, on_error=rec.on_error)
+    cache_rows = store.cache_rows
+
+    def broken(tx: Transaction) -> None:
+        tx.admit(job("bad"), ReplyTarget("r"), redelivery=False)
+        tx.enqueue("t", b"half")
+        tx.cache_put("k", "intent", {"output": 1}, ttl_s=60, max_entries=10)
+        raise ValueError("a bug of ours")
+
+    run_turn(gc, lambda: gc.submit(broken, undo=lambda: rec.events.append(("undo", "bad"))))
+    assert rec.events == [("undo", "bad")] and gc.commits == 0
+    assert [(type(e).__name__, w) for e, w in rec.errors] == [("ValueError", "write")]
+    assert rec.committed_ids() == set() and store.outbox() == [] and store.outbox_depth == 0
+    assert store.cache_rows == cache_rows and store.cache_get("k") is None
+    run_turn(gc, lambda: gc.submit(*rec.admit("a")[:2]))  # type: ignore[call-overload]
+    assert rec.events[-1] == ("after", ("a", True)) and gc.commits == 1

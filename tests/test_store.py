@@ -122,3 +122,28 @@ def test_outbox_reads_only_committed_rows(tmp_path: Path) -> None:
     s.commit(tx)
     assert [r.topic for r in s.outbox()] == ["t/1"]
     s.close()
+
+
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+def test_the_wal_is_checkpointed_in_the_background(tmp_path: Path, synchronous: str) -> None:
+    """Every CHECKPOINT_EVERY_COMMITS commits a PASSIVE checkpoint runs in the store's
+    checkpoint thread: committed pages reach the database file although the committing
+    connection never checkpoints (its automatic checkpoint is off here)."""
+    from edgeagent.store import CHECKPOINT_EVERY_COMMITS
+
+    s = Store(tmp_path / "e.db", synchronous=synchronous)
+    try:
+        s._db.execute("PRAGMA wal_autocheckpoint=0")
+        marker = b"background-checkpoint-marker"
+        for i in range(CHECKPOINT_EVERY_COMMITS - 1):
+            with s.transaction() as tx:
+                tx.enqueue("t", marker + str(i).encode())
+        assert s._checkpointing is None and marker not in s.path.read_bytes()
+        with s.transaction() as tx:
+            tx.enqueue("t", b"last")
+        assert s._checkpointing is not None
+        s._checkpointing.result(30)
+        assert marker + b"0" in s.path.read_bytes()  # copied from the WAL by the checkpoint
+        assert [r.payload for r in s.outbox()][-1] == b"last"
+    finally:
+        s.close()
