@@ -592,8 +592,13 @@ def scenario_cost(data: Data, args: argparse.Namespace) -> dict[str, Any]:
             during += run.prod.sequential(run.topic, job, 20)
         run.settle()
         rec = run.rounds()[-1]
+        # The same number of jobs again after the round (the machine's load drifts: the
+        # baseline is the jobs before and after the refit together).
+        after = run.prod.sequential(run.topic, job, args.probe)
     finally:
         run.close()
+    before = idle
+    idle = before + after
     p50i, p99i, p50d, p99d = pct(idle, 0.5), pct(idle, 0.99), pct(during, 0.5), pct(during, 0.99)
     print(
         f"  refit: {rec.get('outcome')} in {rec.get('seconds')} s (fit {rec.get('fit_s')} s), "
@@ -601,7 +606,8 @@ def scenario_cost(data: Data, args: argparse.Namespace) -> dict[str, Any]:
     )
     print(
         f"  sequential job latency without a refit: p50 {p50i:.2f} ms, p99 {p99i:.2f} ms "
-        f"({len(idle)} jobs)"
+        f"({len(idle)} jobs: p99 {pct(before, 0.99):.2f} ms before the refit, "
+        f"{pct(after, 0.99):.2f} ms after)"
     )
     print(
         f"  during the refit:                       p50 {p50d:.2f} ms, p99 {p99d:.2f} ms "

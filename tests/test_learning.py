@@ -337,6 +337,28 @@ def test_gate_allows_noise_and_the_split_budget_never_a_real_loss() -> None:
     assert no_worse(fig(0.96, 0.015), serving, 0.0, 2.0, base=base, margin=0.01)
 
 
+def test_stricter_out_of_scope_cut_off_only_where_the_traffic_odds_call_for_it() -> None:
+    from types import SimpleNamespace
+
+    from edgeagent.learning.refit import _cut_variants
+
+    metrics = {
+        "oos": {
+            "score": "energy|oos_class",
+            "candidates": {"energy|oos_class": {"oos_decline_cuts": {"0.01": 2.0}}},
+        }
+    }
+    cand: Any = SimpleNamespace(oos_cut=1.0)
+    # 18 % out of scope against 0.7 % in training: the 5 % cut-off first, then 1 %.
+    assert _cut_variants(metrics, cand, 0.05, 0.18, 0.007) == [(0.05, 1.0), (0.01, 2.0)]
+    # Traffic like the training set (or new intents only): 1 % only.
+    assert _cut_variants(metrics, cand, 0.05, 0.01, 0.007) == [(0.01, 2.0)]
+    assert _cut_variants(metrics, cand, 0.05, 0.0, 0.007) == [(0.01, 2.0)]
+    # Nothing stricter configured, or no 1 % cut-off recorded: the candidate's own.
+    assert _cut_variants(metrics, cand, 0.01, 0.18, 0.007) == [(0.01, 1.0)]
+    assert _cut_variants({}, cand, 0.05, 0.18, 0.007) == [(0.05, 1.0)]
+
+
 def test_contradicting_cloud_answers_are_not_promoted(base_bundle: Path, tmp_path: Path) -> None:
     """A cloud that calls every weather request an alarm: the candidate learns it, looks
     fine on its own (equally wrong) holdout, but is worse on the bundle's held-out split."""

@@ -84,10 +84,10 @@ class LearnConfig(BaseModel):
         ge=0.0,
         le=0.5,
         description="Largest share of held-out in-scope examples the refitted head's "
-        "out-of-scope cut-off may flag (`edgeagent train` uses 0.01).  A round also tries "
-        "the 1 % cut-off and keeps the first that passes the promotion rule: traffic with "
-        "more out-of-scope inputs than the training set pays for the stricter one, traffic "
-        "like the training set does not.",
+        "out-of-scope cut-off may flag (`edgeagent train` uses 0.01).  Used only when the "
+        "traffic's out-of-scope odds (learned examples, audits weighted 1 / `audit_rate`) "
+        "are at least `oos_target_loss` / 1 % times the training set's, and only if that "
+        "candidate passes the promotion rule; otherwise the 1 % cut-off.",
     )
     prior_correction: float = Field(
         1.0,
