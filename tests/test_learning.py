@@ -329,6 +329,11 @@ def test_gate_allows_noise_and_the_split_budget_never_a_real_loss() -> None:
     assert no_worse(fig(0.960, 0.020), serving, 0.0, 2.0)  # 2 points of accuracy: real
     assert no_worse(fig(0.980, 0.040), serving, 0.0, 2.0)
     assert no_worse(fig(0.978, 0.022), serving, 0.0, 0.0)  # no noise allowed: any loss
+    # The serving model answered nothing locally (a vacuous 100 %): one wrong answer of
+    # two is noise, 50 % of 100 answers is not.
+    silent = {"n": 5, "local": 0, "local_accuracy": 1.0, "escalation_needed": 1.0}
+    assert no_worse({**fig(0.5, 1.0, 5), "local": 2}, silent, 0.0, 2.0) == []
+    assert no_worse({**fig(0.5, 1.0, 100), "local": 100}, silent, 0.0, 2.0)
     base = fig(0.975, 0.015)
     # 1.5 points more escalation than the configured bundle: inside a 1-point budget
     # plus noise (SE ~0.27 points), whatever the serving model needs.

@@ -186,9 +186,10 @@ def no_worse(
     if not cand.get("n"):
         return []
     why = []
-    acc_slack = max(
-        tolerance, noise_se * _se(serv["local_accuracy"], serv.get("local_eff", serv["local"]))
-    )
+    # A serving model that answered nothing locally has a vacuous 100 %: the bound is then
+    # that of the candidate's own answers (one wrong answer of one is noise, of 100 not).
+    n_local = serv.get("local_eff", serv["local"]) or cand.get("local_eff", cand["local"])
+    acc_slack = max(tolerance, noise_se * _se(serv["local_accuracy"], n_local))
     if cand["local_accuracy"] < serv["local_accuracy"] - acc_slack - 1e-12:
         why.append(
             f"local accuracy {cand['local_accuracy']:.4f} < {serv['local_accuracy']:.4f} "
