@@ -269,6 +269,101 @@ def test_prior_correction_raises_only_the_labels_with_few_examples() -> None:
     assert prior_correction(head, labels, 0.0) == {}
 
 
+def test_weighted_escalation_needed_is_the_escalation_curve_of_the_repeated_inputs() -> None:
+    """An input of integer weight w counts as w copies of it: the weighted escalation
+    needed equals the unweighted curve's on the repeated inputs (and on unit weights, the
+    curve's on the inputs themselves)."""
+    import random
+
+    import numpy as np
+
+    from edgeagent.learning.refit import _escalation_needed
+    from edgeagent.modeltools.calibrate import escalation_curve, escalation_for
+
+    rng = random.Random(3)
+    for _ in range(30):
+        n = rng.randint(1, 40)
+        conf = [rng.choice([0.2, 0.5, 0.7, 0.9, rng.random()]) for _ in range(n)]
+        ok = [rng.random() < 0.8 for _ in range(n)]
+        forced = [rng.random() < 0.1 for _ in range(n)]
+        w = [rng.choice([1, 1, 2, 3]) for _ in range(n)]
+        rep = [i for i in range(n) for _ in range(w[i])]
+        for target in (0.9, 0.98):
+            want = escalation_for(
+                escalation_curve(
+                    [conf[i] for i in rep], [ok[i] for i in rep], [forced[i] for i in rep]
+                ),
+                target,
+            ).escalation
+            got = _escalation_needed(
+                np.array(conf), np.array(ok), np.array(forced), np.array(w, float), target
+            )
+            assert got == pytest.approx(want)
+            plain = escalation_for(escalation_curve(conf, ok, forced), target).escalation
+            unit = _escalation_needed(
+                np.array(conf), np.array(ok), np.array(forced), np.ones(n), target
+            )
+            assert unit == pytest.approx(plain)
+
+
+def test_audit_samples_stand_for_the_confident_traffic_they_were_drawn_from() -> None:
+    from edgeagent.learning.refit import traffic_weights
+
+    assert traffic_weights([False, True, True], 0.25).tolist() == [1.0, 4.0, 4.0]
+    assert traffic_weights([False, True], 0.0).tolist() == [1.0, 1.0]  # no audits configured
+    assert traffic_weights([True], 1.0).tolist() == [1.0]
+
+
+def test_gate_allows_noise_and_the_split_budget_never_a_real_loss() -> None:
+    """The promotion rule on figures: a difference within the one-sided binomial bound is
+    noise; on the bundle's split the escalation budget is measured against the configured
+    bundle (so rounds cannot add up to more than `split_margin`), local accuracy against
+    the serving model."""
+    from edgeagent.learning.refit import no_worse
+
+    def fig(acc: float, esc: float, n: int = 2000) -> dict[str, Any]:
+        return {"n": n, "local": n, "local_accuracy": acc, "escalation_needed": esc}
+
+    serving = fig(0.980, 0.020)
+    assert no_worse(fig(0.978, 0.022), serving, 0.0, 2.0) == []  # within 2 SE: noise
+    assert no_worse(fig(0.960, 0.020), serving, 0.0, 2.0)  # 2 points of accuracy: real
+    assert no_worse(fig(0.980, 0.040), serving, 0.0, 2.0)
+    assert no_worse(fig(0.978, 0.022), serving, 0.0, 0.0)  # no noise allowed: any loss
+    # The serving model answered nothing locally (a vacuous 100 %): one wrong answer of
+    # two is noise, 50 % of 100 answers is not.
+    silent = {"n": 5, "local": 0, "local_accuracy": 1.0, "escalation_needed": 1.0}
+    assert no_worse({**fig(0.5, 1.0, 5), "local": 2}, silent, 0.0, 2.0) == []
+    assert no_worse({**fig(0.5, 1.0, 100), "local": 100}, silent, 0.0, 2.0)
+    base = fig(0.975, 0.015)
+    # 1.5 points more escalation than the configured bundle: inside a 1-point budget
+    # plus noise (SE ~0.27 points), whatever the serving model needs.
+    assert no_worse(fig(0.98, 0.030), serving, 0.0, 2.0, base=base, margin=0.01) == []
+    assert no_worse(fig(0.98, 0.035), fig(0.98, 0.034), 0.0, 2.0, base=base, margin=0.01)
+    assert no_worse(fig(0.96, 0.015), serving, 0.0, 2.0, base=base, margin=0.01)
+
+
+def test_stricter_out_of_scope_cut_off_only_where_the_traffic_odds_call_for_it() -> None:
+    from types import SimpleNamespace
+
+    from edgeagent.learning.refit import _cut_variants
+
+    metrics = {
+        "oos": {
+            "score": "energy|oos_class",
+            "candidates": {"energy|oos_class": {"oos_decline_cuts": {"0.01": 2.0}}},
+        }
+    }
+    cand: Any = SimpleNamespace(oos_cut=1.0)
+    # 18 % out of scope against 0.7 % in training: the 5 % cut-off first, then 1 %.
+    assert _cut_variants(metrics, cand, 0.05, 0.18, 0.007) == [(0.05, 1.0), (0.01, 2.0)]
+    # Traffic like the training set (or new intents only): 1 % only.
+    assert _cut_variants(metrics, cand, 0.05, 0.01, 0.007) == [(0.01, 2.0)]
+    assert _cut_variants(metrics, cand, 0.05, 0.0, 0.007) == [(0.01, 2.0)]
+    # Nothing stricter configured, or no 1 % cut-off recorded: the candidate's own.
+    assert _cut_variants(metrics, cand, 0.01, 0.18, 0.007) == [(0.01, 1.0)]
+    assert _cut_variants({}, cand, 0.05, 0.18, 0.007) == [(0.05, 1.0)]
+
+
 def test_contradicting_cloud_answers_are_not_promoted(base_bundle: Path, tmp_path: Path) -> None:
     """A cloud that calls every weather request an alarm: the candidate learns it, looks
     fine on its own (equally wrong) holdout, but is worse on the bundle's held-out split."""

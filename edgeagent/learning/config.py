@@ -80,11 +80,14 @@ class LearnConfig(BaseModel):
         "many times).",
     )
     oos_target_loss: float = Field(
-        0.01,
+        0.05,
         ge=0.0,
         le=0.5,
         description="Largest share of held-out in-scope examples the refitted head's "
-        "out-of-scope cut-off may flag (`edgeagent train` uses 0.01).",
+        "out-of-scope cut-off may flag (`edgeagent train` uses 0.01).  Used only when the "
+        "traffic's out-of-scope odds (learned examples, audits weighted 1 / `audit_rate`) "
+        "are at least `oos_target_loss` / 1 % times the training set's, and only if that "
+        "candidate passes the promotion rule; otherwise the 1 % cut-off.",
     )
     prior_correction: float = Field(
         1.0,
@@ -135,6 +138,17 @@ class LearnConfig(BaseModel):
         "binomial standard errors of the serving model's figure on that evaluation set (and "
         "by more than `tolerance`): a few examples flipping on a small split is noise.  0: "
         "any difference counts.",
+    )
+    split_margin: float = Field(
+        0.01,
+        ge=0.0,
+        le=0.2,
+        description="Forgetting budget on the bundle's own held-out split: a learned version "
+        "may need at most this much more escalation (absolute) for `target_accuracy` there "
+        "than the configured bundle (beyond the `noise_se` bound), the price of adapting to "
+        "traffic unlike the training set; it must still be no worse than the serving model on "
+        "the traffic-weighted learned holdout, and its local accuracy on the split no worse "
+        "than the serving model's.",
     )
     keep_versions: int = Field(
         5, ge=1, le=100, description="Learned bundle versions kept (older ones are deleted)."

@@ -286,7 +286,10 @@ def _judge_job(settings: Settings, task: str, serving: Path) -> dict[str, Any]:
         "task": task,
         "serving_bundle": str(serving),
         "versions_dir": str(versions_dir(settings.state_dir(), task)),
-        "holdout": [{"text": e.text, "label": e.label} for e in kept if e.split == HOLDOUT],
+        "holdout": [
+            {"text": e.text, "label": e.label, "audit": e.audit} for e in kept if e.split == HOLDOUT
+        ],
+        "audit_rate": cfg.audit_rate,
         "learn": cfg.learn.model_dump(mode="json"),
         "threshold": cfg.threshold,
         "oos_distance": getattr(b, "oos_distance", True),
@@ -299,7 +302,7 @@ def _judge(job: dict[str, Any], cfg: Any, cand: Any) -> tuple[dict[str, Any], li
     import numpy as np
 
     from edgeagent.backends.onnx import Head
-    from edgeagent.learning.refit import bundle_options, encoder_of, judge
+    from edgeagent.learning.refit import bundle_options, encoder_of, judge, traffic_weights
     from edgeagent.learning.refit_data import load_refit_data
 
     serving = Path(job["serving_bundle"])
@@ -311,7 +314,13 @@ def _judge(job: dict[str, Any], cfg: Any, cand: Any) -> tuple[dict[str, Any], li
         if texts
         else np.zeros((0, head.dim), dtype=np.float32)
     )
-    hold = (emb, [e["label"] for e in job["holdout"]])
+    hold = (
+        emb,
+        [e["label"] for e in job["holdout"]],
+        traffic_weights(
+            [bool(e.get("audit")) for e in job["holdout"]], float(job.get("audit_rate") or 0)
+        ),
+    )
     data = load_refit_data(serving)
     opts = bundle_options(manifest, head, job)
     evaluation, reasons, _ = judge(job, cfg, manifest, head, data, hold, opts, cand)

@@ -222,7 +222,8 @@ class Learner:
             if name in self._seen_link and self._seen_link[name] == link:
                 continue  # unchanged: no need to hash the bundle files again
             self._seen_link[name] = link
-            want = serving_bundle(configured, vdir)
+            # Hashing a version's files takes ~0.1 s: never on the event loop.
+            want = await asyncio.to_thread(serving_bundle, configured, vdir)
             if Path(want) != Path(serving):
                 log.info("learn.version_changed", task=name, bundle=str(want))
                 await swap(name)
@@ -328,7 +329,10 @@ class Learner:
             "round": number,
             "serving_bundle": str(getattr(b, "bundle", "")),
             "versions_dir": str(versions_dir(self.state_dir, name)),
-            "examples": [{"text": e.text, "label": e.label, "split": e.split} for e in kept],
+            "examples": [
+                {"text": e.text, "label": e.label, "split": e.split, "audit": e.audit} for e in kept
+            ],
+            "audit_rate": rt.config.audit_rate,
             "learn": cfg.model_dump(mode="json"),
             "threshold": rt.config.threshold,
             "oos_distance": getattr(b, "oos_distance", True),
@@ -367,6 +371,11 @@ class Learner:
             peak_rss_mb=record.get("peak_rss_mb"),
         )
         if outcome == PROMOTED:
+            configured = self._configured.get(name)
+            if configured is not None:  # hash the new version here, not on the loop
+                await asyncio.to_thread(
+                    serving_bundle, configured, versions_dir(self.state_dir, name)
+                )
             swapped = await swap(name)
             log.info("learn.promoted", task=name, bundle=record.get("bundle"), swapped=swapped)
 

@@ -19,11 +19,19 @@ A round:
    (:func:`prior_correction`: the strongest of tau, tau/2, 0 that passes step 6);
 5. candidate and serving head are evaluated at the task's operating point on the learned
    *holdout* and on the bundle's own held-out split: accuracy of the local answers at the
-   task's threshold, and the escalation needed for ``target_accuracy`` with a perfect cloud;
-6. the candidate is promoted only if it is no worse on both (a difference counts when it
-   exceeds ``tolerance`` and ``noise_se`` binomial standard errors of the serving figure): it is
-   published as a new bundle version and ``latest`` points at it; otherwise it is counted
-   as ``rejected`` and only its figures are kept.
+   task's threshold, and the escalation needed for ``target_accuracy`` with a perfect
+   cloud.  The learned holdout is weighted like the traffic it was drawn from
+   (:func:`traffic_weights`: an audit sample stands for 1 / ``audit_rate`` confident jobs);
+6. the candidate is promoted only if (a) on the traffic-weighted holdout it is no worse
+   than the serving head in both figures, (b) on the bundle's split its local accuracy is
+   no worse than the serving head's, and (c) there it needs at most ``split_margin`` more
+   escalation than the configured bundle (the forgetting budget: traffic unlike the
+   training set may justify flagging a little more of the original task, never more than
+   that in total over all rounds).  "No worse" allows ``tolerance`` and ``noise_se``
+   binomial standard errors of the reference figure (one-sided; effective sample size
+   for a weighted set).  A promoted candidate is published as a new bundle version and
+   ``latest`` points at it; otherwise it is counted as ``rejected`` and only its figures
+   are kept.
 """
 
 from __future__ import annotations
@@ -68,6 +76,8 @@ def evaluate(
     oos_distance: bool,
     use_bundle_threshold: bool,
     target_accuracy: float,
+    weights: Any = None,
+    needed_with_cut: bool = True,
 ) -> dict[str, Any]:
     """The task's operating point on labelled embeddings.
 
@@ -75,46 +85,81 @@ def evaluate(
     not below the bundle threshold, confidence >= the task ``threshold``); ``escalation``:
     share not answered locally; ``accuracy``: overall with a perfect cloud at that point;
     ``escalation_needed``: least escalation reaching ``target_accuracy`` (perfect cloud);
-    ``oos_recall``: share of out-of-scope inputs not answered locally (when any)."""
+    ``oos_recall``: share of out-of-scope inputs not answered locally (when any).
+    ``weights``: one per input (an input standing for that many of the traffic's, see
+    :func:`traffic_weights`); shares are then weighted, and ``n_eff`` / ``local_eff`` are
+    the effective sample sizes (Kish) the gate's noise bound uses.  ``needed_with_cut``
+    False: ``escalation_needed`` ignores the out-of-scope score cut-off (the arg-max
+    out-of-scope answers still count)."""
+    import numpy as np
+
     from edgeagent.backends.onnx import predict
-    from edgeagent.modeltools.calibrate import curve_from_predictions, escalation_for
+    from edgeagent.modeltools.calibrate import is_correct
 
     n = len(truths)
     if n == 0:
         return {"n": 0}
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
     preds = predict(head, emb, oos_distance=oos_distance, use_threshold=use_bundle_threshold)
     oos = head.oos_label or "oos"
-    local = right = oos_n = oos_caught = 0
-    for p, t in zip(preds, truths, strict=True):
-        is_local = p.reason is None and p.confidence >= threshold
-        label = (p.output or {}).get("label")
-        if t == oos:
-            oos_n += 1
-            oos_caught += not is_local
-        if is_local:
-            local += 1
-            right += label == t
-    raw = predict(head, emb, oos_distance=oos_distance, use_threshold=False)
-    curve = curve_from_predictions(raw, truths)
+    truth = np.array(truths, dtype=object)
+    is_local = np.array([p.reason is None and p.confidence >= threshold for p in preds])
+    right = np.array(
+        [(p.output or {}).get("label") == t for p, t in zip(preds, truths, strict=True)]
+    )
+    is_oos = truth == oos
+    raw = predict(head, emb, oos_distance=oos_distance and needed_with_cut, use_threshold=False)
+    ok = np.array([is_correct(p, t) for p, t in zip(raw, truths, strict=True)])
+    forced = np.array([p.reason == "out_of_scope" for p in raw])
+    conf = np.array([p.confidence for p in raw])
+    total, w_local = float(w.sum()), float(w[is_local].sum())
+    w_right = float(w[is_local & right].sum())
     out: dict[str, Any] = {
         "n": n,
-        "local": local,
-        "local_accuracy": right / local if local else 1.0,
-        "escalation": 1.0 - local / n,
-        "accuracy": (right + n - local) / n,
-        "escalation_needed": escalation_for(curve, target_accuracy).escalation,
-        "local_only_accuracy": sum(
-            (p.output or {}).get("label") == t or (t == oos and p.reason == "out_of_scope")
-            for p, t in zip(raw, truths, strict=True)
-        )
-        / n,
+        "n_eff": round(_kish(w), 1),
+        "local": int(is_local.sum()),
+        "local_eff": round(_kish(w[is_local]), 1),
+        "local_accuracy": w_right / w_local if w_local else 1.0,
+        "escalation": 1.0 - w_local / total,
+        "accuracy": (w_right + total - w_local) / total,
+        "escalation_needed": _escalation_needed(conf, ok, forced, w, target_accuracy),
+        "local_only_accuracy": float(w[ok | (is_oos & forced)].sum()) / total,
     }
-    if oos_n:
-        out["oos_recall"] = oos_caught / oos_n
+    if is_oos.any():
+        out["oos_recall"] = float(w[is_oos & ~is_local].sum() / w[is_oos].sum())
     return out
 
 
-def _se(p: float, n: int) -> float:
+def _kish(w: Any) -> float:
+    """Effective sample size of weights ``w``: (sum w)^2 / sum w^2."""
+    sq = float((w * w).sum())
+    return float(w.sum()) ** 2 / sq if sq else 0.0
+
+
+def _escalation_needed(conf: Any, ok: Any, forced: Any, w: Any, target: float) -> float:
+    """The least (weighted) share escalated for overall accuracy >= ``target`` with a
+    perfect cloud: flagged inputs first, then by ascending confidence, ties together (the
+    weighted form of :func:`edgeagent.modeltools.calibrate.escalation_curve`)."""
+    import numpy as np
+
+    total = float(w.sum())
+    esc = float(w[forced].sum())
+    cand = np.flatnonzero(~forced)
+    order = cand[np.argsort(conf[cand], kind="stable")]
+    wrong = float(w[cand][~ok[cand]].sum())  # wrong local answers at this point
+    i = 0
+    while True:
+        if 1.0 - wrong / total >= target - 1e-12 or i >= len(order):
+            return esc / total
+        j = i
+        while j < len(order) and conf[order[j]] == conf[order[i]]:
+            esc += float(w[order[j]])
+            wrong -= float(w[order[j]]) * (not ok[order[j]])
+            j += 1
+        i = j
+
+
+def _se(p: float, n: float) -> float:
     """Binomial standard error of a share ``p`` measured on ``n`` items (Laplace-smoothed,
     so a perfect score on a small set still has some)."""
     if n <= 0:
@@ -124,25 +169,41 @@ def _se(p: float, n: int) -> float:
 
 
 def no_worse(
-    cand: dict[str, Any], serv: dict[str, Any], tolerance: float, noise_se: float = 0.0
+    cand: dict[str, Any],
+    serv: dict[str, Any],
+    tolerance: float,
+    noise_se: float = 0.0,
+    *,
+    base: dict[str, Any] | None = None,
+    margin: float = 0.0,
 ) -> list[str]:
     """Why ``cand`` is worse than ``serv`` on one evaluation set (empty: it is not).  A
     difference counts when it exceeds both ``tolerance`` and ``noise_se`` standard errors
-    of the serving figure on that set."""
+    of the serving figure on that set (a one-sided binomial bound; weighted sets use
+    their effective size).  With ``base``: the escalation needed is compared with
+    ``base`` instead, allowing ``margin`` more (the forgetting budget of the bundle's
+    split, see :func:`judge`)."""
     if not cand.get("n"):
         return []
     why = []
-    acc_slack = max(tolerance, noise_se * _se(serv["local_accuracy"], serv["local"]))
+    # A serving model that answered nothing locally has a vacuous 100 %: the bound is then
+    # that of the candidate's own answers (one wrong answer of one is noise, of 100 not).
+    n_local = serv.get("local_eff", serv["local"]) or cand.get("local_eff", cand["local"])
+    acc_slack = max(tolerance, noise_se * _se(serv["local_accuracy"], n_local))
     if cand["local_accuracy"] < serv["local_accuracy"] - acc_slack - 1e-12:
         why.append(
             f"local accuracy {cand['local_accuracy']:.4f} < {serv['local_accuracy']:.4f} "
             f"(slack {acc_slack:.4f})"
         )
-    esc_slack = max(tolerance, noise_se * _se(serv["escalation_needed"], serv["n"]))
-    if cand["escalation_needed"] > serv["escalation_needed"] + esc_slack + 1e-12:
+    ref = serv if base is None else base
+    esc_slack = margin + max(
+        tolerance, noise_se * _se(ref["escalation_needed"], ref.get("n_eff", ref["n"]))
+    )
+    if cand["escalation_needed"] > ref["escalation_needed"] + esc_slack + 1e-12:
         why.append(
             f"escalation needed {cand['escalation_needed']:.4f} > "
-            f"{serv['escalation_needed']:.4f} (slack {esc_slack:.4f})"
+            f"{ref['escalation_needed']:.4f}{'' if base is None else ' (configured bundle)'} "
+            f"(slack {esc_slack:.4f})"
         )
     return why
 
@@ -158,7 +219,6 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
     from edgeagent.bundle import read_manifest
     from edgeagent.learning.config import LearnConfig
     from edgeagent.learning.refit_data import load_refit_data
-    from edgeagent.modeltools.train import train_head
 
     t0 = time.monotonic()
     say = log or (lambda *_a: None)
@@ -191,19 +251,67 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
         if examples
         else np.zeros((0, head.dim), dtype=np.float32)
     )
-    train_i = [i for i, e in enumerate(examples) if e["split"] == "train"]
-    hold_i = [i for i, e in enumerate(examples) if e["split"] == "holdout"]
+    res = fit_round(
+        job,
+        cfg,
+        manifest,
+        head,
+        data,
+        emb,
+        [e["label"] for e in examples],
+        [e["split"] for e in examples],
+        [bool(e.get("audit", False)) for e in examples],
+        say,
+    )
+    record.update(res["record"])
+    if res["skip"]:
+        return _done(record, SKIPPED, res["skip"], t0)
+    if res["failed"]:
+        return _done(record, FAILED, res["failed"], t0)
+    if res["reasons"]:
+        return _done(record, REJECTED, "; ".join(res["reasons"]), t0)
+    bundle = _publish(job, serving, manifest, res["head"], record, res["new_labels"], say)
+    record["bundle"] = str(bundle)
+    record["fingerprint"] = read_manifest(bundle, verify=False)["fingerprint"]
+    return _done(record, PROMOTED, "no worse on every evaluation set", t0)
+
+
+def fit_round(
+    job: dict[str, Any],
+    cfg: Any,
+    manifest: dict[str, Any],
+    head: Head,
+    data: Any,
+    emb: FloatArray,
+    labels: list[str],
+    splits: list[str],
+    audits: list[bool],
+    say: Any = None,
+) -> dict[str, Any]:
+    """Fit and judge a candidate on embeddings (the part of a round after embedding; the
+    offline experiments call it directly).  Returns ``{"record": figures for the round's
+    record, "skip"/"failed": why there is no candidate, "head", "reasons": why it is
+    worse (empty: promote), "new_labels"}``."""
+    import numpy as np
+
+    from edgeagent.modeltools.train import train_head
+
+    t0 = time.monotonic()
+    say = say or (lambda *_a: None)
+    out: dict[str, Any] = {"record": {}, "skip": None, "failed": None, "reasons": []}
+    record = out["record"]
+    train_i = [i for i, s in enumerate(splits) if s == "train"]
+    hold_i = [i for i, s in enumerate(splits) if s == "holdout"]
     known = set(head.labels) | (set(data.labels) if data is not None else set())
     counts: dict[str, int] = {}
     for i in train_i:
-        counts[examples[i]["label"]] = counts.get(examples[i]["label"], 0) + 1
+        counts[labels[i]] = counts.get(labels[i], 0) + 1
     new_labels = sorted(
         lb for lb, c in counts.items() if lb not in known and c >= cfg.min_examples_per_label
     )
+    out["new_labels"] = new_labels
     waiting = sorted(lb for lb in counts if lb not in known and lb not in new_labels)
-    use_i = [
-        i for i in train_i if examples[i]["label"] in known or examples[i]["label"] in new_labels
-    ]
+    use_i = [i for i in train_i if labels[i] in known or labels[i] in new_labels]
     record.update(
         learned_train=len(use_i),
         learned_holdout=len(hold_i),
@@ -211,66 +319,78 @@ def refit(job: dict[str, Any], log: Any = None) -> dict[str, Any]:
         labels_waiting=waiting,
     )
     if not use_i:
-        return _done(record, SKIPPED, "no learned training examples yet", t0)
+        out["skip"] = "no learned training examples yet"
+        return out
     if data is None:
-        missing = sorted(set(head.labels) - {examples[i]["label"] for i in use_i})
+        missing = sorted(set(head.labels) - {labels[i] for i in use_i})
         if missing:
-            return _done(
-                record,
-                SKIPPED,
+            out["skip"] = (
                 f"without the bundle's training embeddings a refit would forget "
-                f"{len(missing)} label(s) with no learned examples (e.g. {missing[:3]})",
-                t0,
+                f"{len(missing)} label(s) with no learned examples (e.g. {missing[:3]})"
             )
+            return out
 
     # The bundle's held-out split is never trained on, so it stays a fair test of every
     # learned version (an unseen sample of the original task: forgetting shows there).
     x_parts = [emb[use_i]]
-    y_parts = [examples[i]["label"] for i in use_i]
+    y = [labels[i] for i in use_i]
     if data is not None:
         keep = np.flatnonzero(~data.held_out)
         x_parts.insert(0, data.emb[keep])
-        y_parts = [data.labels[i] for i in keep] + y_parts
+        y = [data.labels[i] for i in keep] + y
     x = np.concatenate(x_parts).astype(np.float32)
-    x, y_parts = _balance(x, y_parts, len(y_parts) - len(use_i), cfg.balance_max)
+    x, y = _balance(x, y, len(y) - len(use_i), cfg.balance_max)
     opts = bundle_options(manifest, head, job)
     cand_opts = dataclasses.replace(
         opts, oos_weight=cfg.oos_weight, oos_target_loss=cfg.oos_target_loss
     )
-    say(f"fitting a candidate on {len(y_parts)} examples ({len(use_i)} learned)")
+    say(f"fitting a candidate on {len(y)} examples ({len(use_i)} learned)")
     try:
-        cand = train_head(x, y_parts, cand_opts, log=lambda *_a: None).head
+        trained = train_head(x, y, cand_opts, log=lambda *_a: None)
     except ValueError as exc:
-        return _done(record, FAILED, f"cannot fit: {exc}", t0)
+        out["failed"] = f"cannot fit: {exc}"
+        return out
+    cand = trained.head
     cand.threshold = head.threshold  # the operator's calibrated threshold carries over
-    fit_s = time.monotonic() - t0
+    record["fit_s"] = round(time.monotonic() - t0, 2)
 
-    # Prior correction: the strongest of tau, tau/2, 0 that is no worse (the bias shift
-    # costs no refit; a too strong one takes answers from the old labels, which the
-    # bundle's split shows).
-    hold = (emb[hold_i], [examples[i]["label"] for i in hold_i])
+    # Variants that cost no refit, strongest first; the first no worse is kept:
+    # prior correction tau, tau/2, 0 (a too strong one takes answers from the old labels,
+    # which the bundle's split shows) x the out-of-scope cut-off at `oos_target_loss`,
+    # then at `edgeagent train`'s 1 % (traffic like the training set gains nothing from
+    # flagging more of it, and the traffic-weighted holdout shows that).
+    rate = float(job.get("audit_rate") or 0.0)
+    hold = (
+        emb[hold_i],
+        [labels[i] for i in hold_i],
+        traffic_weights([audits[i] for i in hold_i], rate),
+    )
     taus = sorted({cfg.prior_correction, cfg.prior_correction / 2, 0.0}, reverse=True)
-    for tau in taus:
+    w_all = traffic_weights(audits, rate)
+    traffic_oos = float(w_all[[lb == opts.oos_label for lb in labels]].sum() / w_all.sum())
+    train_oos = (
+        sum(lb == opts.oos_label for lb in data.labels) / len(data) if data is not None else 0.0
+    )
+    cuts = _cut_variants(trained.metrics, cand, cfg.oos_target_loss, traffic_oos, train_oos)
+    record["traffic_oos_share"] = round(traffic_oos, 4)
+    for tau, variant in [(t, c) for t in taus for c in cuts]:
+        loss, cut = variant
         tried = copy.copy(cand)
-        shifts = prior_correction(tried, y_parts, tau)
+        tried.oos_cut = cut
+        shifts = prior_correction(tried, y, tau)
         if tau and not shifts:
             continue  # no label below the median: same as tau = 0
         evaluation, reasons, point = judge(job, cfg, manifest, head, data, hold, opts, tried)
         if not reasons:
             break
-    cand = tried
     record.update(
         evaluation=evaluation,
-        fit_s=round(fit_s, 2),
         operating_point=point,
         prior_correction={"tau": tau, "shifts": shifts},
+        oos_cut={"target_loss": loss, "cut": cut},
     )
-    if reasons:
-        return _done(record, REJECTED, "; ".join(reasons), t0)
-    bundle = _publish(job, serving, manifest, cand, record, new_labels, say)
-    record["bundle"] = str(bundle)
-    record["fingerprint"] = read_manifest(bundle, verify=False)["fingerprint"]
-    return _done(record, PROMOTED, "no worse on every evaluation set", t0)
+    out.update(head=tried, reasons=reasons, tau=tau)
+    return out
 
 
 def encoder_of(bundle: Path, manifest: dict[str, Any], job: dict[str, Any]) -> Any:
@@ -317,7 +437,7 @@ def judge(
     manifest: dict[str, Any],
     head: Head,
     data: Any,
-    hold: tuple[FloatArray, list[str]],
+    hold: tuple[FloatArray, list[str], Any],
     opts: Any,
     cand: Head,
 ) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
@@ -332,30 +452,85 @@ def judge(
         "use_bundle_threshold": bool(job.get("use_bundle_threshold", True)),
         "target_accuracy": cfg.target_accuracy,
     }
-    sets: dict[str, tuple[FloatArray, list[str]]] = {}
+    sets: dict[str, tuple[FloatArray, list[str], Any]] = {}
     if hold[1]:
         sets["learned_holdout"] = hold
     if data is not None and data.held_out.any():
         idx = np.flatnonzero(data.held_out)
-        sets["bundle_held_out"] = (data.emb[idx], [data.labels[i] for i in idx])
+        sets["bundle_held_out"] = (data.emb[idx], [data.labels[i] for i in idx], None)
     evaluation: dict[str, Any] = {}
     reasons: list[str] = []
     Path(job["versions_dir"]).mkdir(parents=True, exist_ok=True)
-    for name, (e, t) in sets.items():
-        serving = head
-        if name == "bundle_held_out" and not manifest.get("learned") and data is not None:
-            # The configured bundle was refitted on its whole set, split included: stand
-            # in for it with the same recipe fitted without the split (cached per bundle).
-            serving = _control_head(job, manifest, data, opts, head)
-        before = evaluate(serving, e, t, **point)
-        after = evaluate(cand, e, t, **point)
-        evaluation[name] = {"serving": before, "candidate": after}
-        if serving is not head:
-            evaluation[name]["serving_is"] = "control: the bundle's recipe without the split"
-        reasons += [f"{name}: {w}" for w in no_worse(after, before, cfg.tolerance, cfg.noise_se)]
+    for name, (e, t, w) in sets.items():
+        # On the bundle's split the escalation needed is read without the out-of-scope
+        # cut-off (flagged-as-out-of-scope answers still count): the split stands for the
+        # original task, and what a cut-off costs on in-scope traffic against what it
+        # catches is the traffic-weighted holdout's to judge.
+        with_cut = name != "bundle_held_out"
+        before = evaluate(head, e, t, weights=w, needed_with_cut=with_cut, **point)
+        after = evaluate(cand, e, t, weights=w, needed_with_cut=with_cut, **point)
+        entry: dict[str, Any] = {"serving": before, "candidate": after}
+        base = None
+        if name == "bundle_held_out" and data is not None:
+            # The configured bundle was refitted on its whole set, split included: it is
+            # represented by the same recipe fitted without the split (cached per bundle).
+            control = _control_head(job, manifest, data, opts, head)
+            base = evaluate(control, e, t, needed_with_cut=with_cut, **point)
+            entry["base"] = base
+            if not manifest.get("learned"):
+                entry["serving"] = before = base
+                entry["serving_is"] = "control: the bundle's recipe without the split"
+        evaluation[name] = entry
+        why = no_worse(
+            after, before, cfg.tolerance, cfg.noise_se, base=base, margin=cfg.split_margin
+        )
+        reasons += [f"{name}: {w}" for w in why]
     if not sets:
         reasons.append("nothing to judge the candidate on (no holdout, no bundle split)")
     return evaluation, reasons, point
+
+
+def _cut_variants(
+    metrics: dict[str, Any],
+    cand: Head,
+    target_loss: float,
+    traffic_oos: float,
+    train_oos: float,
+) -> list[tuple[float, float | None]]:
+    """``[(loss, cut)]`` to try, in order: the out-of-scope cut-offs flagging
+    ``target_loss`` and 1 % (``edgeagent train``'s) of the candidate's held-out in-scope
+    examples.  The stricter one is tried only when the traffic's out-of-scope odds
+    (learned examples, traffic-weighted) are at least ``target_loss / 1 %`` times the
+    training set's: flagging more in-scope inputs pays only where out-of-scope inputs are
+    that much more common (a Bayes cut-off moves with the prior odds).  The 1 % cut-off
+    is the one ``train_head`` recorded among the decline cut-offs (the same score)."""
+    low_loss = 0.01
+    oos = metrics.get("oos") or {}
+    cuts = ((oos.get("candidates") or {}).get(oos.get("score")) or {}).get("oos_decline_cuts")
+    low = (cuts or {}).get(f"{low_loss:g}")
+    if target_loss <= low_loss or not isinstance(low, (int, float)) or cand.oos_cut is None:
+        return [(target_loss, cand.oos_cut)]
+    weak = (low_loss, max(float(low), cand.oos_cut))
+
+    def odds(p: float) -> float:
+        return min(p, 0.999) / (1.0 - min(p, 0.999))
+
+    if odds(traffic_oos) >= odds(max(train_oos, 1e-3)) * target_loss / low_loss:
+        return [(target_loss, cand.oos_cut), weak]
+    return [weak]
+
+
+def traffic_weights(audits: list[bool], audit_rate: float) -> Any:
+    """Importance weights that make learned examples stand for the traffic they came from:
+    every escalated job reaches the cloud (weight 1) but only ``audit_rate`` of the
+    confident local answers are audited, so an audit sample stands for 1 / audit_rate jobs.
+    Without audits (rate 0) every example weighs 1."""
+    import numpy as np
+
+    w = np.ones(len(audits))
+    if 0.0 < audit_rate < 1.0:
+        w[np.asarray(audits, dtype=bool)] = 1.0 / audit_rate
+    return w
 
 
 def _balance(
@@ -416,9 +591,10 @@ def _control_head(
     import numpy as np
 
     from edgeagent.backends.onnx import Head
+    from edgeagent.learning.versions import base_fingerprint
     from edgeagent.modeltools.train import train_head
 
-    cache = Path(job["versions_dir"]) / f".control-{manifest['fingerprint'][:16]}"
+    cache = Path(job["versions_dir"]) / f".control-{base_fingerprint(manifest)[:16]}"
     if (cache / "head.npz").exists():
         with contextlib.suppress(OSError, ValueError, KeyError):
             return Head.from_bundle(cache)

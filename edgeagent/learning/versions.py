@@ -16,6 +16,11 @@ from typing import Any
 from edgeagent.bundle import BundleError, read_manifest
 
 LATEST = "latest"
+_VERIFIED: dict[Path, tuple[tuple[tuple[str, int, int], ...], dict[str, Any]]] = {}
+"""Manifests of learned versions whose files were hashed, by the files' (name, size,
+mtime) when hashed: a version is immutable once published, so the daemon hashes it once
+(in a worker thread, :meth:`~edgeagent.learning.learner.Learner`) and a reload on the
+event loop only stats it.  Any change to a file (a damaged version) hashes it again."""
 
 
 def task_dir(state_dir: Path, task: str) -> Path:
@@ -64,10 +69,29 @@ def serving_bundle(configured: Path, vdir: Path) -> Path:
     try:
         # Every file hashed: a damaged learned version must not keep the daemon from
         # starting; the configured bundle is served instead.
-        mine = read_manifest(cur, verify=True)
-    except BundleError:
+        mine = verified_manifest(cur)
+    except (BundleError, OSError):
         return configured
     return cur if base_fingerprint(mine) == base["fingerprint"] else configured
+
+
+def verified_manifest(bundle: Path) -> dict[str, Any]:
+    """``read_manifest(bundle, verify=True)``, hashing the files only when they changed
+    since the last verification (see :data:`_VERIFIED`).  Raises ``BundleError``."""
+    signature = tuple(
+        (f.name, st.st_size, st.st_mtime_ns)
+        for f in sorted(bundle.iterdir())
+        if f.is_file() and not f.is_symlink()
+        for st in (f.stat(),)
+    )
+    hit = _VERIFIED.get(bundle)
+    if hit is not None and hit[0] == signature:
+        return hit[1]
+    manifest = read_manifest(bundle, verify=True)
+    if len(_VERIFIED) > 64:
+        _VERIFIED.clear()
+    _VERIFIED[bundle] = (signature, manifest)
+    return manifest
 
 
 def point_latest(vdir: Path, target: Path | None) -> None:
