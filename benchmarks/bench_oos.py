@@ -41,6 +41,12 @@ many in-scope inputs are flagged out of scope by default (must be 0) and with
 ``--latency``: single-job p50 of the ``before`` and the new default bundle through
 ``OnnxBackend.infer_batch`` (1 thread, interleaved rounds, same process), and the ratio.
 
+``--proxy``: only the proxy of CLINC150's hidden test stream (:func:`clinc_proxy`: the
+validation intents plus CLINC's own out-of-scope queries, cross-fitted in two folds,
+reweighted to 18 %, bootstrap intervals), for ``--proxy-variant`` training options and
+``--proxy-scores``; with ``--latency``, the single-job p50 of its first head, plain and
+with each score.
+
 Every data set is embedded once with the INT8 encoder (1 thread) and cached as ``.npy``
 under ``--cache``, keyed by the encoder fingerprint and the texts.
 """

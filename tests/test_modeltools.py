@@ -247,7 +247,7 @@ def test_oos_examples_train_out_of_scope_detection(np: Any) -> None:
     trained = train_head(x, [str(i) for i in y], opts, log=lambda *_: None, oos_emb=far[:150])
     head = trained.head
     assert head.labels[-1] == "oos" and head.oos_signal
-    assert head.oos_score == "knn+oos_class"
+    assert head.oos_score == "energy|oos_class"
     assert trained.metrics["oos"]["held_out_in_scope_loss"] <= 0.02 + 1e-9
     assert _flagged(predict(head, far[150:])) >= 140
     centres = np.random.default_rng(3).normal(size=(5, 16))  # the blobs' centres

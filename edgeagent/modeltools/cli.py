@@ -130,7 +130,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="auto",
         help="classifier: out-of-scope score, components of centroid, msp, energy, "
         "mahalanobis, knn, oos_class joined by '+' (mean) or '|' (maximum) (default: auto = "
-        "knn+oos_class, energy without out-of-scope examples)",
+        "energy|oos_class, energy without out-of-scope examples)",
     )
     train.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     train.add_argument("--no-knn", action="store_true", help="linear head only (no kNN blend)")
