@@ -273,6 +273,38 @@ def test_oos_score_survives_save_and_load(np: Any, tmp_path: Path) -> None:
     )
 
 
+def test_knn_score_compares_with_the_likeliest_classes_only_and_per_input(np: Any) -> None:
+    """The k-th-neighbour score looks only at the examples of each input's `knn_classes`
+    most probable in-scope classes (cheap per job): an input's value is the same alone or
+    in any batch, and an in-scope input's neighbours are in those classes anyway."""
+    from edgeagent.backends.onnx import Head
+
+    x, y = _blobs(np, 30, 12, 16, seed=8)
+    far = _far(np, 40, 16, seed=9)
+    opts = TrainOptions(oos_score="knn+oos_class", knn_classes=3)
+    head = train_head(x, [str(i) for i in y], opts, log=lambda *_: None, oos_emb=far[:20]).head
+    assert head.knn_classes == 3
+    probe = np.concatenate([x[::7], far[20:]])
+    probs = head.probabilities(probe)
+    batch = head.knn_cos(probe, probs)
+    alone = [head.knn_cos(probe[i : i + 1], probs[i : i + 1])[0] for i in range(len(probe))]
+    assert np.allclose(batch, alone)
+    full = Head(
+        {
+            "weight": head.weight,
+            "bias": head.bias,
+            "centroids": head.centroids,
+            "knn_emb": head.knn_emb,
+            "knn_label": head.knn_label,
+        },
+        head.labels,
+        {**head.calibration, "knn_classes": 0},
+    ).knn_cos(probe, probs)
+    n_in = len(x[::7])
+    assert np.allclose(batch[:n_in], full[:n_in], atol=1e-6)
+    assert (batch <= full + 1e-6).all()  # fewer candidates: never a nearer neighbour
+
+
 def test_calibration_from_before_oos_score_still_loads(np: Any) -> None:
     """A bundle written before the out-of-scope score fields: centroid cosine cut-off,
     applied by default only when the bundle has an out-of-scope class."""

@@ -76,3 +76,46 @@ def test_the_default_escalates_even_confident_out_of_scope() -> None:
         assert rt._route(job, _flagged(5.0)).escalate == "out_of_scope"
     finally:
         rt.close()
+
+
+# -- the benchmark's weighted escalation (bench_oos.py --proxy) ----------------------------
+
+
+def _bench_oos() -> Any:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_oos.py"
+    spec = importlib.util.spec_from_file_location("bench_oos", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_weighted_escalation_matches_the_unweighted_curve_and_reweights() -> None:
+    """With unit weights the proxy's escalation equals calibrate's curve (declined jobs
+    local, flagged ones first, ties together); a weight of 2 counts like a copied row."""
+    np = pytest.importorskip("numpy")
+    from edgeagent.modeltools.calibrate import escalation_curve, escalation_for
+
+    bench = _bench_oos()
+    rng = np.random.default_rng(0)
+    n = 400
+    conf = np.round(rng.uniform(size=n), 2)  # ties
+    right = rng.uniform(size=n) < 0.3 + 0.7 * conf
+    forced = rng.uniform(size=n) < 0.1
+    declined = ~forced & (rng.uniform(size=n) < 0.05)
+    for target in (0.9, 0.95, 0.98, 0.99):
+        curve = escalation_curve(list(conf), list(right), list(forced), list(declined))
+        want = escalation_for(curve, target).escalation
+        got = bench.weighted_escalation(conf, right, forced, declined, np.ones(n), target)
+        assert got == pytest.approx(want)
+        twice = np.concatenate([np.arange(n), np.arange(50)])
+        w = np.ones(n)
+        w[:50] = 2.0
+        curve2 = escalation_curve(
+            list(conf[twice]), list(right[twice]), list(forced[twice]), list(declined[twice])
+        )
+        got2 = bench.weighted_escalation(conf, right, forced, declined, w, target)
+        assert got2 == pytest.approx(escalation_for(curve2, target).escalation)

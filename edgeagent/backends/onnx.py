@@ -422,12 +422,27 @@ class Head:
         out: FloatArray = dist.min(axis=1).astype(np.float32)
         return out
 
-    def knn_cos(self, emb: FloatArray) -> FloatArray:
-        """Cosine to the ``oos_knn_k``-th nearest in-scope training example, shape ``(n,)``."""
+    def knn_cos(self, emb: FloatArray, probs: FloatArray | None = None) -> FloatArray:
+        """Cosine to the ``oos_knn_k``-th nearest in-scope training example, shape ``(n,)``.
+        With ``probs`` and ``knn_classes`` > 0: among the examples of each input's own
+        ``knn_classes`` most probable in-scope classes only (a few hundred comparisons per
+        job instead of every example; per input, so the value never depends on the batch)."""
         import numpy as np
 
         if self.knn_emb is None or self.knn_label is None:
             raise ValueError("this head has no training embeddings")
+        m = self.knn_classes
+        n_in = len(self.in_scope_idx)
+        if probs is not None and 0 < m < n_in:
+            bounds = self._knn_bounds
+            top = np.argpartition(-probs[:, self.in_scope_idx], m - 1, axis=1)[:, :m]
+            out = np.empty(emb.shape[0], dtype=np.float32)
+            for row in range(emb.shape[0]):
+                spans = [(bounds[c], bounds[c + 1]) for c in self.in_scope_idx[top[row]]]
+                sims = np.concatenate([self.knn_emb[a:b] @ emb[row] for a, b in spans])
+                k = min(self.oos_knn_k, len(sims))
+                out[row] = -np.partition(-sims, k - 1)[k - 1] if k else -1.0
+            return out
         if self.oos_label in self.labels:
             keep = self.knn_label != self.labels.index(str(self.oos_label))
             ref = self.knn_emb[keep]
@@ -435,8 +450,8 @@ class Head:
             ref = self.knn_emb
         k = min(self.oos_knn_k, ref.shape[0])
         sims = emb @ ref.T
-        out: FloatArray = (-np.partition(-sims, k - 1, axis=1)[:, k - 1]).astype(np.float32)
-        return out
+        full: FloatArray = (-np.partition(-sims, k - 1, axis=1)[:, k - 1]).astype(np.float32)
+        return full
 
     def component(self, name: str, emb: FloatArray, probs: FloatArray) -> FloatArray:
         """One raw out-of-scope score component (higher = further out of scope), ``(n,)``.
@@ -456,7 +471,7 @@ class Head:
         elif name == "mahalanobis":
             out = self.mahalanobis(emb)
         elif name == "knn":
-            out = -self.knn_cos(emb)
+            out = -self.knn_cos(emb, probs)
         elif name == "oos_class":
             # The linear head's log-odds of the out-of-scope class, not its probability: the
             # probability is ~0 for every in-scope input (no spread to normalise by), and
