@@ -273,9 +273,11 @@ def _applied_threshold_section(
 
     stored = json.loads((bundle / "calibration.json").read_text("utf-8")).get("threshold")
     escalated = wrong = 0
+    reasons: dict[str, int] = {}
     for ws, g, p in zip(words, gold, preds, strict=True):
         if p.output is None or p.reason is not None:
             escalated += 1
+            reasons[str(p.reason)] = reasons.get(str(p.reason), 0) + 1
             continue
         offs = offsets_of(ws)
         want = sorted((slot, offs[a][0], offs[b][1]) for slot, a, b in gold_spans(g))
@@ -288,12 +290,15 @@ def _applied_threshold_section(
         "escalation": escalated / n,
         "frame_accuracy": (n - wrong) / n,
         "interval95": [lo, hi],
+        "escalated_by_reason": reasons,
     }
     print(
         f"\n== the bundle's own threshold ({stored}), applied by the backend (text path) ==\n"
         f"escalated {escalated / n:.1%}, frame accuracy with a perfect cloud {(n - wrong) / n:.2%} "
         f"[95 % CI {lo:.1%}-{hi:.1%}] on {n} sentences -> "
-        f"{'met' if (n - wrong) / n >= target else 'MISSED'} ({target:.0%})"
+        f"{'met' if (n - wrong) / n >= target else 'MISSED'} ({target:.0%}); escalated by "
+        f"reason: {reasons} (schema_invalid: a slot found twice, every slot being a single "
+        "string without a task schema)"
     )
     return out
 

@@ -39,12 +39,17 @@ import edgeagent.backends  # noqa: F401  (import order: the package before edgea
 from edgeagent.backends.tagger import job_confidence
 from edgeagent.modeltools.calibrate import escalation_curve, escalation_for
 from edgeagent.modeltools.tagger import (
+    CALIBRATED,
+    PRINTED_BOUND_Z,
+    PRINTED_RULE,
+    HeldOutCalibration,
     calibrate_held_out,
     calibration_backend,
     calibration_split,
     frame_correct,
     load_tagged_examples,
     offsets_of,
+    stored_threshold,
     wilson_interval,
 )
 
@@ -54,7 +59,7 @@ TESTS = ("test_values", "test_sentences")
 def cached_logits(split: Path, bundle: Path, cache: Path) -> dict[str, Any]:
     """The bundle's INT8 logits on its calibration split and the split's test files."""
     manifest = json.loads((bundle / "manifest.json").read_text("utf-8"))
-    key = f"{split.resolve().name}-{manifest['fingerprint'][:16]}.pkl"
+    key = f"{split.resolve().name}-{manifest['files']['model.onnx']['sha256'][:16]}.pkl"
     path = cache / key
     if path.is_file():
         return dict(pickle.loads(path.read_bytes()))
@@ -82,11 +87,15 @@ def cached_logits(split: Path, bundle: Path, cache: Path) -> dict[str, Any]:
     return data
 
 
-def measure(data: dict[str, Any], seed: int, target: float) -> dict[str, Any]:
+def measure(
+    data: dict[str, Any], seed: int, target: float, rule: str, z: float
+) -> tuple[dict[str, Any], HeldOutCalibration]:
     """Recalibrate on the cached calibration split; each test file at the printed threshold."""
     tags = data["tags"]
     cal = data["sets"]["calibration"]
-    held = calibrate_held_out(tags, cal["words"], cal["gold"], cal["logits"], seed=seed)
+    held = calibrate_held_out(
+        tags, cal["words"], cal["gold"], cal["logits"], seed=seed, target=target, rule=rule, z=z
+    )
     threshold = held.printed.threshold
     out: dict[str, Any] = {
         "threshold": threshold,
@@ -121,7 +130,31 @@ def measure(data: dict[str, Any], seed: int, target: float) -> dict[str, Any]:
             "wrong_answered": wrong,
             "needed_for_target": escalation_for(curve, target).escalation,
         }
-    return out
+    return out, held
+
+
+def store(bundle: Path, held: HeldOutCalibration) -> None:
+    """Write ``held`` into the bundle's ``calibration.json`` as ``train`` does (for a bundle
+    trained before this checkout's calibration code; the weights do not depend on it)."""
+    from edgeagent.bundle import read_manifest, write_manifest
+
+    path = bundle / "calibration.json"
+    cal = json.loads(path.read_text("utf-8"))
+    cal.update(
+        temperature=held.temperature,
+        frame_calibrator=held.calibrator and held.calibrator.to_json(),
+        **stored_threshold(held.printed, len(held.tagged), CALIBRATED),
+    )
+    path.write_text(json.dumps(cal, indent=2, sort_keys=True) + "\n", "utf-8")
+    metrics_path = bundle / "metrics.json"
+    metrics = json.loads(metrics_path.read_text("utf-8"))
+    metrics.update(
+        printed_threshold_97=cal["threshold"], printed_threshold_escalation=held.printed.escalation
+    )
+    metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", "utf-8")
+    manifest = read_manifest(bundle, kind="tagger", verify=False)
+    base = {k: v for k, v in manifest.items() if k not in ("files", "fingerprint", "format")}
+    write_manifest(bundle, base, list(manifest["files"]))
 
 
 def main() -> int:
@@ -129,7 +162,14 @@ def main() -> int:
     ap.add_argument("--run", action="append", required=True, help="SPLIT_DIR:BUNDLE_DIR")
     ap.add_argument("--cache", type=Path, required=True, help="logits cache directory")
     ap.add_argument("--target", type=float, default=0.97)
+    ap.add_argument("--rule", choices=["local", "overall"], default=PRINTED_RULE)
+    ap.add_argument("--z", type=float, default=PRINTED_BOUND_Z, help="one-sided bound's z")
     ap.add_argument("--check-bundle", action="store_true")
+    ap.add_argument(
+        "--store",
+        action="store_true",
+        help="write the recomputed calibration into each bundle, as train would have",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     results: dict[str, Any] = {}
@@ -145,7 +185,10 @@ def main() -> int:
         split, bundle = Path(split_s), Path(bundle_s).resolve()
         manifest = json.loads((bundle / "manifest.json").read_text("utf-8"))
         seed = int(manifest["tagger"]["seed"])
-        r = measure(cached_logits(split, bundle, args.cache), seed, args.target)
+        data = cached_logits(split, bundle, args.cache)
+        r, held = measure(data, seed, args.target, args.rule, args.z)
+        if args.store:
+            store(bundle, held)
         if args.check_bundle:
             stored = json.loads((bundle / "calibration.json").read_text("utf-8")).get("threshold")
             if stored is None or abs(float(stored) - r["threshold"]) > 1e-9:
