@@ -459,6 +459,7 @@ def test_local_bounded_threshold_bounds_the_precision_of_the_answers() -> None:
     from edgeagent.modeltools.tagger import (
         bounded_threshold,
         local_bounded_threshold,
+        printed_threshold,
         stored_threshold,
         wilson_lower,
     )
@@ -485,6 +486,17 @@ def test_local_bounded_threshold_bounds_the_precision_of_the_answers() -> None:
     tiny = escalation_curve([0.99] * 20, [True] * 20, [False] * 20)
     assert local_bounded_threshold(tiny, 0.97).local == 0
     assert stored_threshold(tiny[-1], 20, "calibrated")["threshold"] == 1.0
+    # Errors among the most confident frames too: no threshold shows 97 % answered frames,
+    # so the printed threshold falls back to the overall bound instead of escalating all.
+    top = escalation_curve(
+        [i / 1000 for i in range(1000)],
+        [i > 200 and i % 40 != 0 for i in range(1000)],
+        [False] * 1000,
+    )
+    assert local_bounded_threshold(top, 0.97).local == 0
+    fallback = printed_threshold(top, 1000, 0.97)
+    assert fallback == bounded_threshold(top, 1000, 0.97) and fallback.local > 0
+    assert printed_threshold(curve, len(conf), 0.97) == point  # reachable: the local rule
     # Enough right ones: nothing escalates.
     many = escalation_curve([0.9] * 100, [True] * 100, [False] * 100)
     assert local_bounded_threshold(many, 0.97) == many[0]
