@@ -41,14 +41,15 @@ from typing import Any
 import edgeagent.backends  # noqa: F401  (import order: the package before edgeagent.config)
 from edgeagent.backends.onnx import OnnxBackend
 from edgeagent.config import TaskConfig
-from edgeagent.modeltools.calibrate import (
+from edgeagent.heads.curves import (
     curve_from_predictions,
     ece,
     escalation_for,
     format_curve,
     is_correct,
 )
-from edgeagent.modeltools.train import TrainOptions, load_examples, stratified_split, train_bundle
+from edgeagent.heads.fit import TrainOptions, stratified_split
+from edgeagent.modeltools.train import load_examples, train_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 GOALS = {

@@ -83,7 +83,7 @@ def bootstrap_escalation(
     and moves by several points between resamples (and between split seeds)."""
     import numpy as np
 
-    from edgeagent.modeltools.calibrate import curve_from_predictions, escalation_for
+    from edgeagent.heads.curves import curve_from_predictions, escalation_for
 
     rng = np.random.default_rng(seed)
     got = []
@@ -110,18 +110,9 @@ def run_variant(
     import edgeagent.backends  # noqa: F401  (import order)
     from edgeagent.backends.onnx import Head, OnnxBackend
     from edgeagent.config import TaskConfig
-    from edgeagent.modeltools.calibrate import (
-        curve_from_predictions,
-        ece,
-        escalation_for,
-        is_correct,
-    )
-    from edgeagent.modeltools.train import (
-        TrainOptions,
-        load_examples,
-        stratified_split,
-        train_bundle,
-    )
+    from edgeagent.heads.curves import curve_from_predictions, ece, escalation_for, is_correct
+    from edgeagent.heads.fit import TrainOptions, stratified_split
+    from edgeagent.modeltools.train import load_examples, train_bundle
 
     rows = load_examples(data / "banking77/train.jsonl")
     tr, va = stratified_split([lb for _, lb in rows], 0.15, split_seed)

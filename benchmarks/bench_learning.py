@@ -120,7 +120,8 @@ class Data:
 
     def bundle(self, name: str, rows: list[dict[str, Any]]) -> Path:
         """A classifier bundle trained like `edgeagent train` (cached by name)."""
-        from edgeagent.modeltools.train import TrainOptions, train_bundle
+        from edgeagent.heads.fit import TrainOptions
+        from edgeagent.modeltools.train import train_bundle
 
         root = self.work / "bundles" / ("quick-" if self.quick else "") / name
         link = root / name / "latest"

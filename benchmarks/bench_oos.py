@@ -69,8 +69,9 @@ import edgeagent.backends  # noqa: F401  (import order: the package before edgea
 from edgeagent.backends.onnx import Head, OnnxBackend, OnnxEncoder, predict
 from edgeagent.bundle import read_manifest, write_manifest
 from edgeagent.config import TaskConfig
-from edgeagent.modeltools.calibrate import curve_from_predictions, ece, escalation_for
-from edgeagent.modeltools.train import TrainOptions, load_examples, stratified_split, train_head
+from edgeagent.heads.curves import curve_from_predictions, ece, escalation_for
+from edgeagent.heads.fit import TrainOptions, stratified_split, train_head
+from edgeagent.modeltools.train import load_examples
 from edgeagent.router import confidently_out_of_scope
 
 REPO = Path(__file__).resolve().parent.parent
@@ -421,7 +422,7 @@ def weighted_escalation(
     """With a perfect cloud and row weights ``w``: the least share of weight escalated for
     ``target`` overall accuracy.  ``forced`` rows always escalate, ``declined`` rows stay
     local (right as ``right`` says), the rest escalate by ascending ``conf`` (ties move
-    together), as :func:`edgeagent.modeltools.calibrate.escalation_curve` does unweighted."""
+    together), as :func:`edgeagent.heads.curves.escalation_curve` does unweighted."""
     import numpy as np
 
     total = float(w.sum())
@@ -440,7 +441,7 @@ def weighted_escalation(
 
 
 def weighted_ece(conf: Any, right: Any, w: Any, bins: int = 15) -> float:
-    """:func:`edgeagent.modeltools.calibrate.ece` with row weights."""
+    """:func:`edgeagent.heads.curves.ece` with row weights."""
     import numpy as np
 
     idx = np.minimum((conf * bins).astype(np.int64), bins - 1)

@@ -38,7 +38,7 @@ from typing import Any
 import edgeagent.backends  # noqa: F401  (import order: the package before edgeagent.config)
 from edgeagent.backends.tagger import OnnxTaggerBackend
 from edgeagent.config import TaskConfig
-from edgeagent.modeltools.calibrate import format_curve
+from edgeagent.heads.curves import format_curve
 from edgeagent.modeltools.joint import calibrated_confidences
 from edgeagent.modeltools.tagger import (
     CALIBRATED,
@@ -333,7 +333,7 @@ def _recalibration_section(
     import numpy as np
 
     from edgeagent.backends.tagger import Decoder
-    from edgeagent.modeltools.calibrate import escalation_for, fit_temperature
+    from edgeagent.heads.curves import escalation_for, fit_temperature
 
     metrics = json.loads((bundle / "metrics.json").read_text("utf-8"))
     key = f"threshold_for_{round(target * 100)}_words"

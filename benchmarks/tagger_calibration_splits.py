@@ -27,7 +27,7 @@ from typing import Any
 import edgeagent.backends  # noqa: F401  (import order)
 from edgeagent.backends.tagger import OnnxTaggerBackend
 from edgeagent.config import TaskConfig
-from edgeagent.modeltools.calibrate import escalation_for
+from edgeagent.heads.curves import escalation_for
 from edgeagent.modeltools.tagger import (
     CALIBRATED,
     bounded_threshold,

@@ -37,7 +37,7 @@ from typing import Any
 
 import edgeagent.backends  # noqa: F401  (import order: the package before edgeagent.config)
 from edgeagent.backends.tagger import job_confidence
-from edgeagent.modeltools.calibrate import escalation_curve, escalation_for
+from edgeagent.heads.curves import escalation_curve, escalation_for
 from edgeagent.modeltools.tagger import (
     CALIBRATED,
     PRINTED_BOUND_Z,

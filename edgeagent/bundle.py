@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +130,34 @@ def read_manifest(
         raise BundleError(f"{path}: fingerprint does not match the listed file hashes")
     manifest["fingerprint"] = computed
     return manifest
+
+
+def publish_bundle(
+    staging: Path, task_dir: Path, manifest: dict[str, Any], files: list[str], log: Any
+) -> Path:
+    """Hash ``files`` into the staging directory's manifest, move it to
+    ``task_dir/<UTC time>-<fingerprint>`` and point ``task_dir/latest`` at it.  The staging
+    directory is removed on failure.  Returns the bundle directory."""
+    try:
+        written = write_manifest(staging, manifest, files)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        final = task_dir / f"{stamp}-{written['fingerprint'][:8]}"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging.chmod(0o755)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _point_latest(final)
+    log(f"wrote {final} (fingerprint {written['fingerprint'][:12]}); {final.parent}/latest -> it")
+    return final
+
+
+def _point_latest(bundle: Path) -> None:
+    """``TASK/latest`` -> the newest bundle, swapped atomically (a config can name it; a
+    SIGHUP then loads the new model; the cache fingerprint changes with the files)."""
+    link = bundle.parent / "latest"
+    tmp = bundle.parent / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(bundle.name)
+    tmp.replace(link)

@@ -645,7 +645,8 @@ def intent_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("onnxruntime")
     if not (ENCODER / "model.onnx").exists():
         pytest.skip(f"no INT8 encoder at {ENCODER} (models/build_default.sh)")
-    from edgeagent.modeltools.train import TrainOptions, train_bundle
+    from edgeagent.heads.fit import TrainOptions
+    from edgeagent.modeltools.train import train_bundle
     from tests.test_onnx_backend import INTENTS, OOS, _quiet, _write_examples
 
     root = tmp_path_factory.mktemp("fleet-bundle")

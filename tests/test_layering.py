@@ -25,6 +25,9 @@ DEVICE_MODULES = (
     "edgeagent.backends.rules",
     "edgeagent.learning.learner",
     "edgeagent.learning.cli",
+    "edgeagent.learning.refit",
+    "edgeagent.heads.fit",
+    "edgeagent.heads.curves",
 )
 
 
@@ -55,6 +58,26 @@ def test_device_code_does_not_import_modeltools(module: str) -> None:
     loaded = _loaded_after(f"importlib.import_module({module!r})")
     assert module in loaded
     assert [m for m in loaded if m.startswith("edgeagent.modeltools")] == []
+
+
+def test_no_runtime_module_imports_modeltools_even_lazily() -> None:
+    """A function-level import counts too: the refit child (edgeagent.learning.refit) fits
+    heads with edgeagent.heads, never with the build-time train module.  Only the CLI's
+    optional-command table names the model tools (as a string, imported on demand)."""
+    found = []
+    for path, tree in _sources().items():
+        if path.startswith("edgeagent/modeltools/"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "edgeagent.modeltools"
+            ):
+                found.append(f"{path}:{node.lineno}")
+            elif isinstance(node, ast.Import) and any(
+                a.name.startswith("edgeagent.modeltools") for a in node.names
+            ):
+                found.append(f"{path}:{node.lineno}")
+    assert found == []
 
 
 def test_the_daemon_command_does_not_import_modeltools(tmp_path: Path) -> None:

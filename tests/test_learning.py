@@ -29,6 +29,7 @@ pytest.importorskip("numpy")
 from edgeagent.backends.onnx import OnnxBackend
 from edgeagent.bundle import read_manifest
 from edgeagent.config import TaskConfig
+from edgeagent.heads.fit import TrainOptions
 from edgeagent.learning.config import LearnConfig
 from edgeagent.learning.examples import HOLDOUT, learnable, split_of
 from edgeagent.learning.refit import PROMOTED, REJECTED, SKIPPED, refit
@@ -39,7 +40,7 @@ from edgeagent.learning.versions import (
     serving_bundle,
     versions,
 )
-from edgeagent.modeltools.train import TrainOptions, train_bundle
+from edgeagent.modeltools.train import train_bundle
 from edgeagent.store import Store
 from tests.broker import Broker
 from tests.conftest import DaemonFactory
@@ -277,8 +278,8 @@ def test_weighted_escalation_needed_is_the_escalation_curve_of_the_repeated_inpu
 
     import numpy as np
 
+    from edgeagent.heads.curves import escalation_curve, escalation_for
     from edgeagent.learning.refit import _escalation_needed
-    from edgeagent.modeltools.calibrate import escalation_curve, escalation_for
 
     rng = random.Random(3)
     for _ in range(30):

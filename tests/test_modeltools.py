@@ -23,7 +23,7 @@ from edgeagent.bundle import (
     sha256_file,
     write_manifest,
 )
-from edgeagent.modeltools.calibrate import (
+from edgeagent.heads.curves import (
     ece,
     escalation_curve,
     escalation_for,
@@ -32,15 +32,9 @@ from edgeagent.modeltools.calibrate import (
     threshold_for_escalation,
     threshold_for_precision,
 )
+from edgeagent.heads.fit import TrainOptions, fit_logreg, stratified_split, train_head
 from edgeagent.modeltools.calibrate_llm import fit_platt, load_labelled, out_of_fold
-from edgeagent.modeltools.train import (
-    ExamplesError,
-    TrainOptions,
-    fit_logreg,
-    load_examples,
-    stratified_split,
-    train_head,
-)
+from edgeagent.modeltools.train import ExamplesError, load_examples
 
 
 @pytest.fixture

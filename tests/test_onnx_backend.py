@@ -27,8 +27,9 @@ from edgeagent.backends.base import BackendError, Prediction
 from edgeagent.backends.onnx import OnnxBackend, OnnxEncoder, predict
 from edgeagent.bundle import read_manifest, write_manifest
 from edgeagent.config import TaskConfig
-from edgeagent.modeltools.calibrate import curve_from_predictions
-from edgeagent.modeltools.train import TrainOptions, load_examples, train_bundle
+from edgeagent.heads.curves import curve_from_predictions
+from edgeagent.heads.fit import TrainOptions
+from edgeagent.modeltools.train import load_examples, train_bundle
 from edgeagent.router import OOS_MARGIN, decide
 
 REPO = Path(__file__).resolve().parent.parent
@@ -408,7 +409,7 @@ def test_knn_vote_among_the_best_classes_answers_as_the_full_vote() -> None:
     head's best classes; the answers match the vote over every example."""
     import numpy as np
 
-    from edgeagent.modeltools.train import train_head
+    from edgeagent.heads.fit import train_head
 
     x, y = _clusters(30, 20, 0)
     labels = [f"c{i:02d}" for i in y]
@@ -431,7 +432,7 @@ def test_knn_vote_among_the_best_classes_answers_as_the_full_vote() -> None:
 def test_decline_margin_without_a_flagging_cut() -> None:
     """When the out-of-scope class's arg-max answers alone use the flagging budget (no
     score cut-off), inputs it wins still get a decline margin; answered ones none."""
-    from edgeagent.modeltools.train import train_head
+    from edgeagent.heads.fit import train_head
 
     x, y = _clusters(11, 20, 2)
     labels = ["oos" if i == 10 else f"c{i:02d}" for i in y]

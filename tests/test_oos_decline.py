@@ -97,7 +97,7 @@ def test_weighted_escalation_matches_the_unweighted_curve_and_reweights() -> Non
     """With unit weights the proxy's escalation equals calibrate's curve (declined jobs
     local, flagged ones first, ties together); a weight of 2 counts like a copied row."""
     np = pytest.importorskip("numpy")
-    from edgeagent.modeltools.calibrate import escalation_curve, escalation_for
+    from edgeagent.heads.curves import escalation_curve, escalation_for
 
     bench = _bench_oos()
     rng = np.random.default_rng(0)

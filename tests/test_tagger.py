@@ -440,7 +440,7 @@ def test_fit_frame_calibrator_is_cross_fitted_and_calibrated() -> None:
 
 
 def test_bounded_threshold_asks_for_more_than_the_cheapest_point() -> None:
-    from edgeagent.modeltools.calibrate import escalation_curve, escalation_for
+    from edgeagent.heads.curves import escalation_curve, escalation_for
     from edgeagent.modeltools.tagger import bounded_threshold
 
     rng = random.Random(2)
@@ -455,7 +455,7 @@ def test_bounded_threshold_asks_for_more_than_the_cheapest_point() -> None:
 
 
 def test_local_bounded_threshold_bounds_the_precision_of_the_answers() -> None:
-    from edgeagent.modeltools.calibrate import CurvePoint, escalation_curve
+    from edgeagent.heads.curves import CurvePoint, escalation_curve
     from edgeagent.modeltools.tagger import (
         bounded_threshold,
         local_bounded_threshold,

@@ -10,7 +10,7 @@ A round:
    split; absent in bundles built before it existed) and the learned examples of the job
    (text, cloud label, deterministic train/holdout split);
 2. the learned texts are embedded with the bundle's own INT8 encoder;
-3. a candidate head is fitted with :func:`edgeagent.modeltools.train.train_head` on the
+3. a candidate head is fitted with :func:`edgeagent.heads.fit.train_head` on the
    bundle's examples plus the learned *train* examples (a label the serving model does not
    know needs ``min_examples_per_label`` of them), with the bundle's L2 penalty and kNN
    blend (``reuse_hyperparameters``) and the out-of-scope class weighted ``oos_weight``
@@ -94,7 +94,7 @@ def evaluate(
     import numpy as np
 
     from edgeagent.backends.onnx import predict
-    from edgeagent.modeltools.calibrate import is_correct
+    from edgeagent.heads.curves import is_correct
 
     n = len(truths)
     if n == 0:
@@ -139,7 +139,7 @@ def _kish(w: Any) -> float:
 def _escalation_needed(conf: Any, ok: Any, forced: Any, w: Any, target: float) -> float:
     """The least (weighted) share escalated for overall accuracy >= ``target`` with a
     perfect cloud: flagged inputs first, then by ascending confidence, ties together (the
-    weighted form of :func:`edgeagent.modeltools.calibrate.escalation_curve`)."""
+    weighted form of :func:`edgeagent.heads.curves.escalation_curve`)."""
     import numpy as np
 
     total = float(w.sum())
@@ -294,7 +294,7 @@ def fit_round(
     worse (empty: promote), "new_labels"}``."""
     import numpy as np
 
-    from edgeagent.modeltools.train import train_head
+    from edgeagent.heads.fit import train_head
 
     t0 = time.monotonic()
     say = say or (lambda *_a: None)
@@ -408,11 +408,11 @@ def encoder_of(bundle: Path, manifest: dict[str, Any], job: dict[str, Any]) -> A
 
 
 def bundle_options(manifest: dict[str, Any], head: Head, job: dict[str, Any]) -> Any:
-    """The :class:`~edgeagent.modeltools.train.TrainOptions` the bundle was trained with
+    """The :class:`~edgeagent.heads.fit.TrainOptions` the bundle was trained with
     (as far as its manifest records them).  With ``learn.reuse_hyperparameters`` the L2
     penalty and kNN blend its training chose are taken as they are instead of searched
     again (one fit instead of a grid of them)."""
-    from edgeagent.modeltools.train import TrainOptions
+    from edgeagent.heads.fit import TrainOptions
 
     hinfo = manifest.get("head", {})
     grids: dict[str, Any] = {}
@@ -591,8 +591,8 @@ def _control_head(
     import numpy as np
 
     from edgeagent.backends.onnx import Head
+    from edgeagent.heads.fit import train_head
     from edgeagent.learning.versions import base_fingerprint
-    from edgeagent.modeltools.train import train_head
 
     cache = Path(job["versions_dir"]) / f".control-{base_fingerprint(manifest)[:16]}"
     if (cache / "head.npz").exists():
@@ -636,9 +636,9 @@ def _publish(
     new_labels: list[str],
     say: Any,
 ) -> Path:
+    from edgeagent.bundle import publish_bundle
     from edgeagent.learning.refit_data import REFIT_FILE
     from edgeagent.learning.versions import base_fingerprint
-    from edgeagent.modeltools.train import publish_bundle
 
     vdir = Path(job["versions_dir"])
     vdir.mkdir(parents=True, exist_ok=True)

@@ -44,14 +44,14 @@ from edgeagent.backends.calibration import (
     logit,
     write_calibration,
 )
-from edgeagent.inputs import model_input
-from edgeagent.modeltools.calibrate import (
+from edgeagent.heads.curves import (
     choose_threshold,
     ece,
     escalation_curve,
     escalation_for,
     format_curve,
 )
+from edgeagent.inputs import model_input
 from edgeagent.modeltools.train import ExamplesError, json_lines
 
 if TYPE_CHECKING:

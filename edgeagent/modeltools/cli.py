@@ -299,8 +299,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from edgeagent.bundle import BundleError
+    from edgeagent.heads.fit import TrainOptions
     from edgeagent.modeltools.tagger import is_tagged_file
-    from edgeagent.modeltools.train import ExamplesError, TrainOptions, train_bundle
+    from edgeagent.modeltools.train import ExamplesError, train_bundle
 
     max_length = args.max_length
     if max_length is None:

@@ -41,7 +41,7 @@ from edgeagent.backends.tagger import (
     job_confidence,
     joint_tag,
 )
-from edgeagent.modeltools.calibrate import (
+from edgeagent.heads.curves import (
     CurvePoint,
     ece,
     escalation_curve,
@@ -406,9 +406,8 @@ def train_joint_bundle(
     """Fine-tune, export, quantize, calibrate and write a joint ``tagger`` bundle (with
     ``intents.json``); returns it."""
 
-    from edgeagent.bundle import sha256_file
+    from edgeagent.bundle import publish_bundle, sha256_file
     from edgeagent.modeltools.build import resolve_source
-    from edgeagent.modeltools.train import publish_bundle
 
     examples = load_tagged_examples(examples_path)
     intents_of = load_intents(examples_path)

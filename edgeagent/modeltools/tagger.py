@@ -45,14 +45,14 @@ from edgeagent.backends.tagger import (
     spans,
 )
 from edgeagent.bundle import sha256_file
-from edgeagent.modeltools.build import Source, provenance
-from edgeagent.modeltools.calibrate import (
+from edgeagent.heads.curves import (
     CurvePoint,
     ece,
     escalation_curve,
     escalation_for,
     fit_temperature,
 )
+from edgeagent.modeltools.build import Source, provenance
 from edgeagent.modeltools.train import ExamplesError, json_lines
 
 if TYPE_CHECKING:
@@ -373,7 +373,7 @@ def tagger_manifest(task: str, source: Source, opset: int, command: str | None) 
 @contextmanager
 def staging_dir(out_root: Path, task: str) -> Iterator[Path]:
     """A fresh hidden directory in ``out_root`` to assemble a bundle in (for
-    :func:`edgeagent.modeltools.train.publish_bundle`); removed if the block raises."""
+    :func:`edgeagent.bundle.publish_bundle`); removed if the block raises."""
     out_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{task}-", dir=out_root))
     try:
@@ -424,7 +424,8 @@ def store_frame_threshold(
     on ``examples`` sentences; log it (``quality``: the model's figures, for the log line)
     and, with ``write``, store it in the bundle.  Returns the calibration result."""
     from edgeagent.bundle import read_manifest
-    from edgeagent.modeltools.calibrate import choose_threshold, format_curve, store_threshold
+    from edgeagent.heads.curves import choose_threshold, format_curve
+    from edgeagent.modeltools.calibrate import store_threshold
 
     point, threshold, goal = choose_threshold(
         points, target_escalation, target_precision, "local frame accuracy"
@@ -527,8 +528,8 @@ def train_tagger_bundle(
     """Fine-tune ``source_spec`` (see :func:`edgeagent.modeltools.build.resolve_source`),
     export, quantize, calibrate and write a ``tagger`` bundle; returns it."""
 
+    from edgeagent.bundle import publish_bundle
     from edgeagent.modeltools.build import resolve_source
-    from edgeagent.modeltools.train import publish_bundle
 
     examples = load_tagged_examples(examples_path)
     tags = tag_set(examples)
