@@ -479,7 +479,7 @@ Done: development install in $venv (extras: $EXTRAS).
 Next steps:
   . $venv/bin/activate
   pytest                               # unit and integration tests
-  ruff check . && mypy --strict edgeagent tests
+  ruff check . && mypy --strict edgeagent
   edgeagent check-config --config examples/edgeagent.toml
   edgeagent run --config examples/edgeagent.toml
 EOF

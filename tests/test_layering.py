@@ -69,13 +69,13 @@ def test_no_runtime_module_imports_modeltools_even_lazily() -> None:
         if path.startswith("edgeagent/modeltools/"):
             continue
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
-                "edgeagent.modeltools"
-            ):
-                found.append(f"{path}:{node.lineno}")
-            elif isinstance(node, ast.Import) and any(
-                a.name.startswith("edgeagent.modeltools") for a in node.names
-            ):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(n.startswith("edgeagent.modeltools") for n in names):
                 found.append(f"{path}:{node.lineno}")
     assert found == []
 
