@@ -63,6 +63,9 @@ def load(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 OOS_LABELS = frozenset({"oos", "out_of_scope"})
 #: ``unrecognized`` error codes that mean the device declined to answer with an intent.
 DECLINED = frozenset({"out_of_scope", "low_confidence"})
+#: How a declined job's ``error.message`` starts (PROTOCOL.md, "Declined out-of-scope jobs"):
+#: without a cloud, a job merely flagged out of scope is ``unrecognized``/``out_of_scope`` too.
+DECLINED_PREFIX = "declined:"
 LOCAL_SOURCES = ("local", "cache")
 
 
@@ -84,11 +87,12 @@ def is_right(answer: dict[str, Any], gold: Any, oos_labels: frozenset[str] = OOS
 
 def is_declined(answer: dict[str, Any]) -> bool:
     """The device declined the job as out of scope on its own: ``unrecognized`` /
-    ``out_of_scope`` from the local model, never escalated."""
-    code = (answer.get("error") or {}).get("code")
+    ``out_of_scope`` from the local model with a ``declined:`` message, never escalated."""
+    error = answer.get("error") or {}
     return (
         answer.get("status") == "unrecognized"
-        and code == "out_of_scope"
+        and error.get("code") == "out_of_scope"
+        and str(error.get("message") or "").startswith(DECLINED_PREFIX)
         and answer.get("source") in LOCAL_SOURCES
         and not answer.get("escalation")
     )

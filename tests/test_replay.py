@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgeagent.replay import report
+from edgeagent.router import DECLINED_MESSAGE
 
 
 def _res(
@@ -14,6 +15,7 @@ def _res(
     *,
     label: str | None = None,
     code: str | None = None,
+    message: str | None = None,
     reason: str | None = None,
     supersedes: str | None = None,
 ) -> dict[str, Any]:
@@ -22,7 +24,7 @@ def _res(
         "status": status,
         "source": source,
         "output": None if label is None else {"label": label},
-        "error": None if code is None else {"code": code, "message": code},
+        "error": None if code is None else {"code": code, "message": message or code},
         "escalation": None if reason is None else {"reason": reason, "id": "e-" + job},
         "supersedes": supersedes,
     }
@@ -95,15 +97,19 @@ def test_oos_label_option_extends_the_out_of_scope_labels() -> None:
     assert rep["accuracy_overall"] == 1.0
 
 
+def _declined(job: str) -> dict[str, Any]:
+    return _res(job, "unrecognized", "local", code="out_of_scope", message=DECLINED_MESSAGE)
+
+
 def test_declined_out_of_scope_jobs_are_right_and_counted() -> None:
     """A task with `out_of_scope = "decline"` answers a confidently out-of-scope job
     `unrecognized`/`out_of_scope` locally, without escalating: right for a gold `oos`,
     wrong for an in-scope one, and counted as declined (not escalated)."""
     rep = _run(
         [
-            ("1", "oos", _res("1", "unrecognized", "local", code="out_of_scope"), None),
-            ("2", "oos", _res("2", "unrecognized", "local", code="out_of_scope"), None),
-            ("3", "alarm", _res("3", "unrecognized", "local", code="out_of_scope"), None),
+            ("1", "oos", _declined("1"), None),
+            ("2", "oos", _declined("2"), None),
+            ("3", "alarm", _declined("3"), None),
             ("4", "alarm", _res("4", "ok", "local", label="alarm"), None),
         ]
     )
@@ -112,3 +118,18 @@ def test_declined_out_of_scope_jobs_are_right_and_counted() -> None:
     assert rep["accuracy_out_of_scope"] == 1.0
     assert rep["accuracy_overall"] == 0.75
     assert rep["escalation_rate"] == 0.0
+
+
+def test_flagged_out_of_scope_without_a_cloud_is_not_counted_as_declined() -> None:
+    """Without a cloud, a job only flagged out of scope (below the decline cut-off) is
+    `unrecognized`/`out_of_scope` too, but not declined: PROTOCOL.md tells them apart by
+    the `declined:` message."""
+    rep = _run(
+        [
+            ("1", "oos", _declined("1"), None),
+            ("2", "oos", _res("2", "unrecognized", "local", code="out_of_scope"), None),
+        ]
+    )
+    assert rep["declined_locally"] == 0.5
+    assert rep["accuracy_declined"] == 1.0
+    assert rep["accuracy_out_of_scope"] == 1.0
