@@ -567,7 +567,9 @@ def clinc_proxy(
     validation ``oos`` rows; (b) train on the in-scope rows plus the 100 validation ``oos``
     rows, evaluate on the 100 train ``oos`` rows.  Both folds' rows are pooled (each
     in-scope text counts once per fold) and bootstrapped (90 % intervals).  An encoder
-    fine-tuned on ``train.jsonl`` has seen fold (b)'s evaluation texts: ``--proxy-folds a``."""
+    fine-tuned on ``train.jsonl`` has seen fold (b)'s evaluation texts: ``--proxy-folds a``;
+    fold (b) for a tuned encoder wants one tuned on fold (b)'s training texts (the in-scope
+    rows plus the validation ``oos`` rows), ``--proxy-folds b``."""
     import numpy as np
 
     train = load_examples(root / "clinc150/train.jsonl")
@@ -749,7 +751,11 @@ def main() -> int:
         default=None,
         help="preset (default, oe) or NAME=JSON of TrainOptions fields (+ 'oe': pool names)",
     )
-    ap.add_argument("--proxy-folds", default="a,b", help="a,b (a only for a tuned encoder)")
+    ap.add_argument(
+        "--proxy-folds",
+        default="a,b",
+        help="a,b (tuned encoder: a, or b if tuned without train's oos)",
+    )
     ap.add_argument("--proxy-scores", default=",".join(SCORES), help="scores to compare")
     ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap rounds (proxy)")
     ap.add_argument(
