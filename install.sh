@@ -777,7 +777,7 @@ run_demo() {
     wait "$CLOUD_PID" 2>/dev/null || true
     CLOUD_PID=""
     sleep 0.5
-    demo_submit intent "can you switch the lights to night mode" &
+    demo_submit intent "tone the lights down a notch" &
     local waiter=$!
     sleep 2
     note "(starting the cloud agent again)"
