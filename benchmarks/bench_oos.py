@@ -69,7 +69,12 @@ import edgeagent.backends  # noqa: F401  (import order: the package before edgea
 from edgeagent.backends.onnx import Head, OnnxBackend, OnnxEncoder, predict
 from edgeagent.bundle import read_manifest, write_manifest
 from edgeagent.config import TaskConfig
-from edgeagent.heads.curves import curve_from_predictions, ece, escalation_for
+from edgeagent.heads.curves import (
+    curve_from_predictions,
+    ece,
+    escalation_for,
+    weighted_escalation,
+)
 from edgeagent.heads.fit import TrainOptions, stratified_split, train_head
 from edgeagent.modeltools.train import load_examples
 from edgeagent.router import confidently_out_of_scope
@@ -414,30 +419,6 @@ def clinc(
 
 #: The hidden CLINC150 test stream's out-of-scope share (1,000 of 5,500).
 PROXY_OOS_SHARE = 1000 / 5500
-
-
-def weighted_escalation(
-    conf: Any, right: Any, forced: Any, declined: Any, w: Any, target: float
-) -> float:
-    """With a perfect cloud and row weights ``w``: the least share of weight escalated for
-    ``target`` overall accuracy.  ``forced`` rows always escalate, ``declined`` rows stay
-    local (right as ``right`` says), the rest escalate by ascending ``conf`` (ties move
-    together), as :func:`edgeagent.heads.curves.escalation_curve` does unweighted."""
-    import numpy as np
-
-    total = float(w.sum())
-    base = float(w[forced].sum()) + float((w * right)[declined].sum())
-    cand = ~forced & ~declined
-    order = np.argsort(conf[cand], kind="stable")
-    c, r, ww = conf[cand][order], right[cand][order], w[cand][order]
-    cw = np.concatenate([[0.0], np.cumsum(ww)])
-    cr = np.concatenate([[0.0], np.cumsum(ww * r)])
-    acc = (base + cw + (cr[-1] - cr)) / total
-    valid = np.ones(len(c) + 1, dtype=bool)
-    valid[1:-1] = c[1:] != c[:-1]
-    ok = valid & (acc >= target - 1e-12)
-    i = int(np.argmax(ok)) if ok.any() else len(c)
-    return (float(w[forced].sum()) + float(cw[i])) / total
 
 
 def weighted_ece(conf: Any, right: Any, w: Any, bins: int = 15) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgeagent.router import confidently_out_of_scope
 
@@ -132,6 +132,30 @@ def escalation_curve(
             j += 1
         i = j
     return points
+
+
+def weighted_escalation(
+    conf: Any, right: Any, forced: Any, declined: Any, w: Any, target: float
+) -> float:
+    """:func:`escalation_curve` with row weights ``w`` (numpy arrays), read at ``target``:
+    the least share of weight escalated for ``target`` overall accuracy with a perfect
+    cloud.  ``forced`` rows always escalate, ``declined`` rows stay local (right as
+    ``right`` says), the rest escalate by ascending ``conf`` (ties move together)."""
+    import numpy as np
+
+    total = float(w.sum())
+    base = float(w[forced].sum()) + float((w * right)[declined].sum())
+    cand = ~forced & ~declined
+    order = np.argsort(conf[cand], kind="stable")
+    c, r, ww = conf[cand][order], right[cand][order], w[cand][order]
+    cw = np.concatenate([[0.0], np.cumsum(ww)])
+    cr = np.concatenate([[0.0], np.cumsum(ww * r)])
+    acc = (base + cw + (cr[-1] - cr)) / total
+    valid = np.ones(len(c) + 1, dtype=bool)
+    valid[1:-1] = c[1:] != c[:-1]
+    ok = valid & (acc >= target - 1e-12)
+    i = int(np.argmax(ok)) if ok.any() else len(c)
+    return (float(w[forced].sum()) + float(cw[i])) / total
 
 
 def escalation_for(points: list[CurvePoint], target_accuracy: float) -> CurvePoint:

@@ -138,25 +138,10 @@ def _kish(w: Any) -> float:
 
 def _escalation_needed(conf: Any, ok: Any, forced: Any, w: Any, target: float) -> float:
     """The least (weighted) share escalated for overall accuracy >= ``target`` with a
-    perfect cloud: flagged inputs first, then by ascending confidence, ties together (the
-    weighted form of :func:`edgeagent.heads.curves.escalation_curve`)."""
-    import numpy as np
+    perfect cloud (flagged inputs first, then by ascending confidence; nothing declined)."""
+    from edgeagent.heads.curves import weighted_escalation
 
-    total = float(w.sum())
-    esc = float(w[forced].sum())
-    cand = np.flatnonzero(~forced)
-    order = cand[np.argsort(conf[cand], kind="stable")]
-    wrong = float(w[cand][~ok[cand]].sum())  # wrong local answers at this point
-    i = 0
-    while True:
-        if 1.0 - wrong / total >= target - 1e-12 or i >= len(order):
-            return esc / total
-        j = i
-        while j < len(order) and conf[order[j]] == conf[order[i]]:
-            esc += float(w[order[j]])
-            wrong -= float(w[order[j]]) * (not ok[order[j]])
-            j += 1
-        i = j
+    return weighted_escalation(conf, ok, forced, forced & False, w, target)
 
 
 def _se(p: float, n: float) -> float:
