@@ -5,6 +5,8 @@ Run (in an environment with the ``onnx`` extra; the fp32 comparison also needs t
 
     python benchmarks/bench_classify.py --encoder models/minilm-l6-int8
     python benchmarks/bench_classify.py --quick          # fewer timing rounds, no fp32 RSS
+    python benchmarks/bench_classify.py --only banking77 --no-speed --kept-errors 0.12
+        # + the wrong answers kept locally at 12 % escalation, to read
 
 Sections (each prints a table; ``--json FILE`` writes every figure):
 
@@ -128,6 +130,7 @@ def quality(
     no_knn: bool,
     show_curve: bool,
     finetune_epochs: int = 0,
+    kept_errors: float | None = None,
 ) -> tuple[dict[str, Any], Path]:
     import numpy as np
 
@@ -206,7 +209,28 @@ def quality(
         print(f"escalation for {target:.0%} overall: {esc:.1%}{verdict}")
     if show_curve:
         print(format_curve(curve, steps=40))
+    if kept_errors is not None:
+        print_kept_errors(preds, texts, truths, kept_errors)
     return res, bundle
+
+
+def print_kept_errors(preds: list[Any], texts: list[str], truths: list[str], rate: float) -> None:
+    """The wrong answers a perfect cloud never sees at escalation ``rate`` (flagged inputs
+    first, then the least confident): the errors that decide the 99 % figure, to read."""
+    order = sorted(
+        range(len(preds)),
+        key=lambda i: (preds[i].reason != "out_of_scope", preds[i].confidence),
+        reverse=True,
+    )
+    kept = order[: len(order) - round(rate * len(order))]
+    wrong = [i for i in kept if not is_correct(preds[i], truths[i])]
+    print(
+        f"\nkept errors at {rate:.0%} escalation: {len(wrong)} of {len(preds)} "
+        f"(overall accuracy {1 - len(wrong) / len(preds):.2%}); confidence, gold -> answer, text:"
+    )
+    for i in wrong:
+        label = (preds[i].output or {}).get("label")
+        print(f"  {preds[i].confidence:.3f}  {truths[i]} -> {label}  {texts[i]!r}")
 
 
 # -- speed and memory (each runtime in a fresh process) -----------------------------------
@@ -393,6 +417,13 @@ def main() -> int:
         help="also fine-tune the encoder (torch) for N epochs and report that variant",
     )
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument(
+        "--kept-errors",
+        type=float,
+        default=None,
+        metavar="RATE",
+        help="list the wrong answers kept locally at this escalation rate (e.g. 0.12)",
+    )
     args = ap.parse_args()
     root = _datasets(args.datasets)
     if not (args.encoder / "manifest.json").is_file():
@@ -434,6 +465,7 @@ def main() -> int:
                         no_knn,
                         show_curve=not args.quick and not no_knn,
                         finetune_epochs=epochs,
+                        kept_errors=None if no_knn else args.kept_errors,
                     )
                     report["quality"].append(res)
                     if not no_knn and not epochs:
