@@ -472,7 +472,12 @@ def _check_promotions(
     return worse
 
 
-def scenario_newintents(data: Data, args: argparse.Namespace) -> dict[str, Any]:
+def new_intents_setup(
+    data: Data,
+) -> tuple[list[str], list[str], Path, dict[str, list[str]], list[dict[str, Any]]]:
+    """Scenario 2's split: ``(all intents, the new ones, the base bundle trained without
+    them, each new intent's training sentences in the order the cloud answers them, the
+    new intents' validation rows)`` (bench_learning_offline.py replays the same)."""
     intents = sorted({r["label"] for r in data.clinc_train if r["label"] != "oos"})
     rng = random.Random(7)
     new = sorted(rng.sample(intents, len(intents) // 5))
@@ -480,6 +485,11 @@ def scenario_newintents(data: Data, args: argparse.Namespace) -> dict[str, Any]:
     base = data.bundle(f"clinc-minus{len(new)}", base_rows)
     pool = {lb: [r["text"] for r in data.clinc_train if r["label"] == lb] for lb in new}
     val = [r for r in data.clinc_val if r["label"] in new]
+    return intents, new, base, pool, val
+
+
+def scenario_newintents(data: Data, args: argparse.Namespace) -> dict[str, Any]:
+    intents, new, base, pool, val = new_intents_setup(data)
     emb = data.embed(base, [r["text"] for r in val], "newval")
     truths = [r["label"] for r in val]
     old_val = [r for r in data.clinc_val if r["label"] not in new]
@@ -491,7 +501,11 @@ def scenario_newintents(data: Data, args: argparse.Namespace) -> dict[str, Any]:
     run = Run(
         base,
         gold,
-        f"every_examples = {len(new) * 5}\nmemory = false\nmin_examples_per_label = 3",
+        # every_s: the answers that arrive while a round runs (or after the last
+        # count-triggered one) are learned by a time-triggered round before the figures
+        # "after k answers" are read (drain), so those are of a model that learned all k.
+        f"every_examples = {len(new) * 5}\nevery_s = {TAIL_S}\nmin_new_examples = 1\n"
+        "memory = false\nmin_examples_per_label = 3",
         extra=f"labels = {json.dumps([*intents, 'oos'])}",
     )
     print(
@@ -507,6 +521,7 @@ def scenario_newintents(data: Data, args: argparse.Namespace) -> dict[str, Any]:
             r = run_stream_forced(run, items)
             sent = k
             run.settle()
+            run.drain(TAIL_S)
             serving = run.serving()
             per, top1 = per_intent(serving if serving.name else base, emb, truths, new)
             old_ev = evaluate_bundle(serving if serving.name else base, old_emb, old_truths)

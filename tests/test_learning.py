@@ -99,7 +99,7 @@ def _job(bundle: Path, vdir: Path, examples: list[tuple[str, str]], **learn: Any
         ],
         "learn": cfg.model_dump(mode="json"),
         "threshold": 0.5,
-        "oos_distance": True,
+        "oos_distance": None,  # as the daemon sends it: the backend's setting, unset
         "use_bundle_threshold": True,
         "max_length": 128,
     }
@@ -194,6 +194,7 @@ def test_new_label_is_learned_and_promoted_then_rolled_back(
     rec = refit(_job(base_bundle, vdir, [(t, "music") for t in MUSIC]))
     assert rec["outcome"] == PROMOTED, rec
     assert rec["new_labels"] == ["music"]
+    assert rec["operating_point"]["oos_distance"] is None  # the head's signal decides
     hold = rec["evaluation"]["learned_holdout"]
     assert hold["candidate"]["escalation_needed"] < hold["serving"]["escalation_needed"]
     bundle = current(vdir)
@@ -341,6 +342,40 @@ def test_gate_allows_noise_and_the_split_budget_never_a_real_loss() -> None:
     assert no_worse(fig(0.98, 0.030), serving, 0.0, 2.0, base=base, margin=0.01) == []
     assert no_worse(fig(0.98, 0.035), fig(0.98, 0.034), 0.0, 2.0, base=base, margin=0.01)
     assert no_worse(fig(0.96, 0.015), serving, 0.0, 2.0, base=base, margin=0.01)
+
+
+def test_gate_judges_at_the_out_of_scope_setting_the_daemon_serves_with() -> None:
+    """`oos_distance` unset (the backend default, sent as null in the round's job) applies
+    a head's out-of-scope cut-off when the head was trained with out-of-scope examples, as
+    the daemon does; it used to be read as false, so the rule judged such a head without
+    the cut-off it is served with.  The escalation needed on the bundle's split is still
+    read without the cut-off (``needed_with_cut`` false), whatever the setting."""
+    import numpy as np
+
+    from edgeagent.backends.onnx import Head
+    from edgeagent.learning.refit import evaluate
+
+    head = Head(
+        {
+            # x = (1, 0): clearly "a"; x = (0, 1): "a" by a little, far from both labels.
+            "weight": np.array([[5.0, -5.0, 0.0], [0.0, -0.5, 0.0]], np.float32),
+            "bias": np.array([0.0, 0.0, -1.0], np.float32),
+            "centroids": np.eye(2, dtype=np.float32),
+        },
+        ["a", "b", "oos"],
+        {"oos_label": "oos", "oos_score": "energy", "oos_cut": -2.0},
+    )
+    assert head.oos_signal
+    emb = np.eye(2, dtype=np.float32)
+    point = {"threshold": 0.0, "use_bundle_threshold": False, "target_accuracy": 0.5}
+    unset = evaluate(head, emb, ["a", "a"], oos_distance=None, **point)
+    assert unset["local"] == 1 and unset["escalation"] == 0.5
+    assert evaluate(head, emb, ["a", "a"], oos_distance=True, **point) == unset
+    assert evaluate(head, emb, ["a", "a"], oos_distance=False, **point)["local"] == 2
+    # Without the cut-off both are answered right: nothing needs escalating for 50 %.
+    for setting in (None, True):
+        got = evaluate(head, emb, ["a", "a"], oos_distance=setting, needed_with_cut=False, **point)
+        assert got["escalation_needed"] == 0.0 and got["local"] == 1
 
 
 def test_stricter_out_of_scope_cut_off_only_where_the_traffic_odds_call_for_it() -> None:

@@ -73,7 +73,7 @@ def evaluate(
     truths: list[str],
     *,
     threshold: float,
-    oos_distance: bool,
+    oos_distance: bool | None,
     use_bundle_threshold: bool,
     target_accuracy: float,
     weights: Any = None,
@@ -81,6 +81,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """The task's operating point on labelled embeddings.
 
+    ``oos_distance`` as the task's backend setting: ``None`` (unset) applies the head's
+    out-of-scope cut-off when it was trained with out-of-scope examples, as the daemon does.
     ``local_accuracy``: share right among the jobs answered locally (no out-of-scope flag,
     not below the bundle threshold, confidence >= the task ``threshold``); ``escalation``:
     share not answered locally; ``accuracy``: overall with a perfect cloud at that point;
@@ -108,7 +110,9 @@ def evaluate(
         [(p.output or {}).get("label") == t for p, t in zip(preds, truths, strict=True)]
     )
     is_oos = truth == oos
-    raw = predict(head, emb, oos_distance=oos_distance and needed_with_cut, use_threshold=False)
+    raw = predict(
+        head, emb, oos_distance=oos_distance if needed_with_cut else False, use_threshold=False
+    )
     ok = np.array([is_correct(p, t) for p, t in zip(raw, truths, strict=True)])
     forced = np.array([p.reason == "out_of_scope" for p in raw])
     conf = np.array([p.confidence for p in raw])
@@ -433,7 +437,10 @@ def judge(
 
     point: dict[str, Any] = {
         "threshold": float(job.get("threshold", 0.5)),
-        "oos_distance": bool(job.get("oos_distance", True)),
+        # The backend's setting as it is: unset (None) means the head's own out-of-scope
+        # signal decides, as at run time (bool(None) judged a CLINC-like head without its
+        # cut-off while the daemon serves it with it).
+        "oos_distance": job.get("oos_distance", True),
         "use_bundle_threshold": bool(job.get("use_bundle_threshold", True)),
         "target_accuracy": cfg.target_accuracy,
     }
