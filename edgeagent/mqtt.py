@@ -163,6 +163,51 @@ def _properties(packet_type: int) -> Properties:
     return copy.copy(_empty_properties(packet_type))
 
 
+class _Client(paho.Client):
+    """paho's client, less one thread switch per packet the event loop sends.
+
+    For every packet queued (a publish, an acknowledgement) paho writes a byte to its
+    wake-up socket, so that the network thread's ``select`` returns, then (outside its
+    callbacks) writes the packet itself at once.  The network thread then wakes for
+    nothing: a thread switch and a GIL hand-off per packet.  Here the byte is written only
+    when the packet could not be written at once (inside a paho callback; a full socket
+    buffer), which the network thread then sends when it can.
+    """
+
+    def _packet_queue(
+        self,
+        command: int,
+        packet: bytes | bytearray,
+        mid: int,
+        qos: int,
+        info: paho.MQTTMessageInfo | None = None,
+    ) -> MQTTErrorCode:
+        if (
+            self._thread is not None
+            or self._on_socket_register_write is not None
+            or not self._in_callback_mutex.acquire(False)  # in a callback: paho wakes it
+        ):
+            return super()._packet_queue(command, packet, mid, qos, info)
+        self._in_callback_mutex.release()
+        self._out_packet.append(
+            {
+                "command": command,
+                "mid": mid,
+                "qos": qos,
+                "pos": 0,
+                "to_process": len(packet),
+                "packet": packet,
+                "info": info,
+            }
+        )
+        rc = self.loop_write()
+        wake = self._sockpairW
+        if self._out_packet and wake is not None:  # not all written: the network thread will
+            with contextlib.suppress(OSError):
+                wake.send(b"0")
+        return rc
+
+
 class _ReplyProperties(Properties):
     """The properties of a result PUBLISH (Response Topic and/or Correlation Data), packed
     once here.  paho's ``Properties.pack`` scans all 27 property names with string
@@ -305,7 +350,7 @@ class MqttAdapter:
 
     def _build_client(self) -> paho.Client:
         o = self.options
-        client = paho.Client(
+        client = _Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=o.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
