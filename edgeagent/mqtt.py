@@ -52,6 +52,11 @@ from edgeagent.logs import get_logger
 
 log = get_logger("edgeagent.mqtt")
 
+PUBACK_LINGER_S = 0.02
+"""Longest a PUBACK that nothing waits for lingers before the event loop runs it."""
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
+"""Linux: hold partial segments until uncorked (:meth:`MqttAdapter._cork`)."""
+
 # CONNACK reason codes that retrying cannot fix (v5 codes; paho maps v3 rc 4/5 to 134/135).
 FATAL_CONNACK = {
     0x84: "unsupported protocol version",
@@ -344,6 +349,13 @@ class MqttAdapter:
             collections.deque()
         )
         self._drain_scheduled = False
+        self._corked: socket.socket | None = None  # held until the end of the loop turn
+        self.puback_may_wait: Callable[[], bool] | None = None
+        """Set by the owner: True while a PUBACK may wait (up to :data:`PUBACK_LINGER_S`)
+        for the event loop's next wake-up instead of waking it (called in the network
+        thread: must only read)."""
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sent_since_sweep = False
         self._client = self._build_client()
 
     # -- construction -------------------------------------------------------------
@@ -426,6 +438,11 @@ class MqttAdapter:
         props = None
         if self._v5 and (correlation is not None or response_topic is not None):
             props = _ReplyProperties(correlation, response_topic)
+        self._cork()
+        if qos and self.puback_may_wait is not None:
+            self._sent_since_sweep = True
+            if self._sweep is None:
+                self._sweep = self._loop.call_later(PUBACK_LINGER_S, self._swept)
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("mqtt.publish_refused", topic=topic, rc=int(info.rc))
@@ -436,7 +453,40 @@ class MqttAdapter:
         """Acknowledge a job to the broker (only on the connection that delivered it)."""
         if message.qos == 0 or message.generation != self._generation:
             return
+        self._cork()
         self._client.ack(message.mid, message.qos)
+
+    def _cork(self) -> None:
+        """Hold what the event loop sends until the end of its turn, then send it at once
+        (``TCP_CORK``, Linux): the acknowledgements and results of one group commit leave
+        in one segment, not one each (one wake-up of the broker, not one per packet).
+        The cork comes off at the next loop iteration, and after 200 ms at the latest."""
+        if self._corked is not None or _TCP_CORK is None:
+            return
+        sock = self._client.socket()
+        if not isinstance(sock, socket.socket):
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
+        except OSError:
+            return
+        self._corked = sock
+        self._loop.call_soon(self._uncork)
+
+    def _swept(self) -> None:
+        """Run the PUBACKs that waited (event loop); again later while publishes go out."""
+        self._sweep = None
+        if self._handoffs and not self._drain_scheduled:
+            self._drain()
+        if self._sent_since_sweep or self._handoffs:
+            self._sent_since_sweep = False
+            self._sweep = self._loop.call_later(PUBACK_LINGER_S, self._swept)
+
+    def _uncork(self) -> None:
+        sock, self._corked = self._corked, None
+        if sock is not None and _TCP_CORK is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile (a reconnect)
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
 
     # -- network thread -----------------------------------------------------------
 
@@ -739,4 +789,10 @@ class MqttAdapter:
             )
             if self._on_publish_refused_cb is not None:
                 self._call(self._on_publish_refused_cb, int(mid), code, str(reason_code))
+        may_wait = self.puback_may_wait
+        if code < 0x80 and may_wait is not None and may_wait():
+            # Nothing waits for it (its row is published; only its delete is left): it
+            # goes with the next wake-up of the loop, or the sweep, not a wake-up of its own.
+            self._handoffs.append((self._on_puback_cb, (int(mid),)))
+            return
         self._call(self._on_puback_cb, int(mid))

@@ -816,6 +816,11 @@ class Pipeline:
             asyncio.get_running_loop().call_soon(self.flush_acked)
         self.wake_outbox.set()
 
+    def puback_may_wait(self) -> bool:
+        """Whether a PUBACK may wait for the loop's next wake-up: the publish window is
+        less than half full (called in the MQTT network thread: reads only)."""
+        return len(self.inflight) < self.settings.mqtt.max_inflight // 2
+
     def on_publish_refused(self, mid: int, reason_code: int, reason: str) -> None:
         """The broker refused an outbox publish (v5 PUBACK >= 0x80, e.g. its ACL): resending
         cannot help, so the row becomes a dead letter (the result stays in the journal;
