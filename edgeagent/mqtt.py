@@ -2,9 +2,11 @@
 
 Thread model: paho runs in one network thread owned by this adapter (its own
 connect/backoff loop, not paho's).  paho callbacks never touch daemon state;
-they hand events to the event loop with ``loop.call_soon_threadsafe``.
-``publish`` and ``ack`` are called from the event loop thread (paho guards its
-queues with locks and wakes its network thread).
+they hand events to the event loop with ``loop.call_soon_threadsafe`` (a PUBACK
+nothing waits for rides with the next hand-off, or a sweep within
+:data:`PUBACK_LINGER_S`).  ``publish`` and ``ack`` are called from the event loop
+thread: the packet is written there at once (the network thread is woken only for what
+is left to write), corked until the end of the loop's turn (:meth:`MqttAdapter._cork`).
 
 Guarantees this adapter gives the daemon:
 * jobs are acknowledged only when the daemon calls :meth:`ack` (manual ack),
