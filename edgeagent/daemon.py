@@ -234,6 +234,7 @@ class Daemon:
             on_publish_refused=self.pipeline.on_publish_refused,
             on_subscription_refused=self._on_subscription_refused,
         )
+        self.mqtt.puback_may_wait = self.pipeline.puback_may_wait
         self.pipeline.mqtt = self.mqtt
         self.mqtt.start()
         self._spawn(self.pipeline.intake_loop(), "daemon:intake")

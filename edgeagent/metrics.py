@@ -19,8 +19,14 @@ from prometheus_client import (
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+CHILDREN_CACHED = 4096
+"""Labelled children :meth:`Metrics.child` remembers, at most."""
+
+
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._levels: dict[int, float] = {}
         r = self.registry = CollectorRegistry()
         self.jobs = Counter(
             "edgeagent_jobs", "Jobs finished", ["task", "status", "source"], registry=r
@@ -135,6 +141,25 @@ class Metrics:
         )
         self._server: Any = None
         self._thread: threading.Thread | None = None
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: prometheus_client takes a lock and builds
+        the key at every call, and the daemon counts several per job."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = metric.labels(*labels)
+            if len(self._children) < CHILDREN_CACHED:
+                self._children[key] = found
+        return found
+
+    def level(self, gauge: Any, value: float) -> None:
+        """``gauge.set(value)`` if ``value`` changed since the last call for that gauge
+        (the pipeline reports its depths after every commit)."""
+        key = id(gauge)
+        if self._levels.get(key) != value:
+            self._levels[key] = value
+            gauge.set(value)
 
     def serve(self, listen: str, readiness: Callable[[], list[str]] | None = None) -> None:
         """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (own thread).

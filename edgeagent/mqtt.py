@@ -2,9 +2,11 @@
 
 Thread model: paho runs in one network thread owned by this adapter (its own
 connect/backoff loop, not paho's).  paho callbacks never touch daemon state;
-they hand events to the event loop with ``loop.call_soon_threadsafe``.
-``publish`` and ``ack`` are called from the event loop thread (paho guards its
-queues with locks and wakes its network thread).
+they hand events to the event loop with ``loop.call_soon_threadsafe`` (a PUBACK
+nothing waits for rides with the next hand-off, or a sweep within
+:data:`PUBACK_LINGER_S`).  ``publish`` and ``ack`` are called from the event loop
+thread: the packet is written there at once (the network thread is woken only for what
+is left to write), corked until the end of the loop's turn (:meth:`MqttAdapter._cork`).
 
 Guarantees this adapter gives the daemon:
 * jobs are acknowledged only when the daemon calls :meth:`ack` (manual ack),
@@ -51,6 +53,11 @@ from edgeagent.config import MqttConfig
 from edgeagent.logs import get_logger
 
 log = get_logger("edgeagent.mqtt")
+
+PUBACK_LINGER_S = 0.02
+"""Longest a PUBACK that nothing waits for lingers before the event loop runs it."""
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
+"""Linux: hold partial segments until uncorked (:meth:`MqttAdapter._cork`)."""
 
 # CONNACK reason codes that retrying cannot fix (v5 codes; paho maps v3 rc 4/5 to 134/135).
 FATAL_CONNACK = {
@@ -161,6 +168,51 @@ def _properties(packet_type: int) -> Properties:
     """Empty properties for a packet: a copy of a cached empty one (``Properties()`` rebuilds
     its name tables every time: about half the cost of a result's properties)."""
     return copy.copy(_empty_properties(packet_type))
+
+
+class _Client(paho.Client):
+    """paho's client, less one thread switch per packet the event loop sends.
+
+    For every packet queued (a publish, an acknowledgement) paho writes a byte to its
+    wake-up socket, so that the network thread's ``select`` returns, then (outside its
+    callbacks) writes the packet itself at once.  The network thread then wakes for
+    nothing: a thread switch and a GIL hand-off per packet.  Here the byte is written only
+    when the packet could not be written at once (inside a paho callback; a full socket
+    buffer), which the network thread then sends when it can.
+    """
+
+    def _packet_queue(
+        self,
+        command: int,
+        packet: bytes | bytearray,
+        mid: int,
+        qos: int,
+        info: paho.MQTTMessageInfo | None = None,
+    ) -> MQTTErrorCode:
+        if (
+            self._thread is not None
+            or self._on_socket_register_write is not None
+            or not self._in_callback_mutex.acquire(False)  # in a callback: paho wakes it
+        ):
+            return super()._packet_queue(command, packet, mid, qos, info)
+        self._in_callback_mutex.release()
+        self._out_packet.append(
+            {
+                "command": command,
+                "mid": mid,
+                "qos": qos,
+                "pos": 0,
+                "to_process": len(packet),
+                "packet": packet,
+                "info": info,
+            }
+        )
+        rc = self.loop_write()
+        wake = self._sockpairW
+        if self._out_packet and wake is not None:  # not all written: the network thread will
+            with contextlib.suppress(OSError):
+                wake.send(b"0")
+        return rc
 
 
 class _ReplyProperties(Properties):
@@ -299,13 +351,20 @@ class MqttAdapter:
             collections.deque()
         )
         self._drain_scheduled = False
+        self._corked: socket.socket | None = None  # held until the end of the loop turn
+        self.puback_may_wait: Callable[[], bool] | None = None
+        """Set by the owner: True while a PUBACK may wait (up to :data:`PUBACK_LINGER_S`)
+        for the event loop's next wake-up instead of waking it (called in the network
+        thread: must only read)."""
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sent_since_sweep = False
         self._client = self._build_client()
 
     # -- construction -------------------------------------------------------------
 
     def _build_client(self) -> paho.Client:
         o = self.options
-        client = paho.Client(
+        client = _Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=o.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
@@ -381,6 +440,11 @@ class MqttAdapter:
         props = None
         if self._v5 and (correlation is not None or response_topic is not None):
             props = _ReplyProperties(correlation, response_topic)
+        self._cork()
+        if qos and self.puback_may_wait is not None:
+            self._sent_since_sweep = True
+            if self._sweep is None:
+                self._sweep = self._loop.call_later(PUBACK_LINGER_S, self._swept)
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("mqtt.publish_refused", topic=topic, rc=int(info.rc))
@@ -391,7 +455,40 @@ class MqttAdapter:
         """Acknowledge a job to the broker (only on the connection that delivered it)."""
         if message.qos == 0 or message.generation != self._generation:
             return
+        self._cork()
         self._client.ack(message.mid, message.qos)
+
+    def _cork(self) -> None:
+        """Hold what the event loop sends until the end of its turn, then send it at once
+        (``TCP_CORK``, Linux): the acknowledgements and results of one group commit leave
+        in one segment, not one each (one wake-up of the broker, not one per packet).
+        The cork comes off at the next loop iteration, and after 200 ms at the latest."""
+        if self._corked is not None or _TCP_CORK is None:
+            return
+        sock = self._client.socket()
+        if not isinstance(sock, socket.socket):
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
+        except OSError:
+            return
+        self._corked = sock
+        self._loop.call_soon(self._uncork)
+
+    def _swept(self) -> None:
+        """Run the PUBACKs that waited (event loop); again later while publishes go out."""
+        self._sweep = None
+        if self._handoffs and not self._drain_scheduled:
+            self._drain()
+        if self._sent_since_sweep or self._handoffs:
+            self._sent_since_sweep = False
+            self._sweep = self._loop.call_later(PUBACK_LINGER_S, self._swept)
+
+    def _uncork(self) -> None:
+        sock, self._corked = self._corked, None
+        if sock is not None and _TCP_CORK is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile (a reconnect)
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
 
     # -- network thread -----------------------------------------------------------
 
@@ -694,4 +791,10 @@ class MqttAdapter:
             )
             if self._on_publish_refused_cb is not None:
                 self._call(self._on_publish_refused_cb, int(mid), code, str(reason_code))
+        may_wait = self.puback_may_wait
+        if code < 0x80 and may_wait is not None and may_wait():
+            # Nothing waits for it (its row is published; only its delete is left): it
+            # goes with the next wake-up of the loop, or the sweep, not a wake-up of its own.
+            self._handoffs.append((self._on_puback_cb, (int(mid),)))
+            return
         self._call(self._on_puback_cb, int(mid))

@@ -6,6 +6,8 @@ The path of a job, each step by its function (PROTOCOL.md has the wire side):
  1. receive   Pipeline.receive: mqtt.py hands a PUBLISH over; it waits in the inbox, unacked
  2. admit     Pipeline.intake_loop → commit → _admit: parse, reply topic, journal, cache, reject
  3. ack       Pipeline._committed, once the journal is durable: PUBACK, then Pipeline.schedule
+              (an ``inline`` backend answers at admission instead, Pipeline._answer_inline:
+              steps 4-7 in the admission's transaction, one commit for journal and result)
  4. batch     TaskRuntime._worker: the task's queue, micro-batches of up to max_batch
  5. infer     TaskRuntime._run_batch → _infer: a worker thread, a deadline, a slot (inline: loop)
  6. route     TaskRuntime._route → router.decide: answer, escalate or unrecognized
@@ -446,7 +448,7 @@ class Pipeline:
             return False
         assert self.store is not None
         hit = self.store.cache_get(cache_key(job.task, rt.fingerprint, job.input))
-        self.metrics.cache.labels(job.task, "hit" if hit else "miss").inc()
+        self.metrics.child(self.metrics.cache, job.task, "hit" if hit else "miss").inc()
         if hit is None:
             return False
         res = build(
@@ -468,7 +470,7 @@ class Pipeline:
         """Hand a journaled job to its task's batching workers."""
         rt = self.runtimes.get(job.task)
         self.open.add(job.id)
-        self.metrics.queue_depth.set(len(self.open))
+        self.metrics.level(self.metrics.queue_depth, len(self.open))
         if rt is None:
             # The task was removed by a reload after the job was journaled.
             err = ErrorInfo(code="unknown_task", message=f"task {job.task!r} was removed")
@@ -476,6 +478,30 @@ class Pipeline:
             self.deliver([Outcome(PendingJob(job, received_at), res)])
             return
         rt.queue.put_nowait(PendingJob(job, received_at))
+
+    def _answer_inline(
+        self, tx: Transaction, scheduled: list[tuple[Job, float]], reachable: bool
+    ) -> list[tuple[Job, float]]:
+        """Steps 4-7 within the admission's transaction, for the jobs of ``inline`` backends
+        (:meth:`TaskRuntime.answer_inline`): each is journaled and answered by one commit,
+        acknowledged and published after it.  Returns the jobs left to schedule."""
+        by_task: dict[str, list[PendingJob]] = {}
+        for job, received in scheduled:
+            by_task.setdefault(job.task, []).append(PendingJob(job, received))
+        left: list[tuple[Job, float]] = []
+        for task, batch in by_task.items():
+            rt = self.runtimes.get(task)
+            rest = batch
+            if rt is not None:
+                try:
+                    done, rest = rt.answer_inline(batch)
+                except Exception:  # our bug: the task's workers answer them instead
+                    log.exception("task.inline_failed", task=task, batch=len(batch))
+                    done = []
+                for o in done:
+                    self._settle_isolated(tx, o, reachable)
+            left += [(p.job, p.received_at) for p in rest]
+        return left
 
     def requeue(self, old: TaskRuntime) -> None:
         """A runtime is retired (reload): its queued jobs go to the task's new runtime (or
@@ -613,6 +639,8 @@ class Pipeline:
         self._finished, self._examples = [], []
         for msg in work.messages:
             self._admit_isolated(tx, msg, scheduled)
+        if scheduled:
+            scheduled = self._answer_inline(tx, scheduled, reachable)
         for o in work.outcomes:
             self._settle_isolated(tx, o, reachable)
         for msg in work.cloud:
@@ -640,15 +668,15 @@ class Pipeline:
         if self.on_example is not None:
             for ex in done.examples:
                 self.on_example(ex.task, ex.input, ex.cloud_output, ex.reason)
-        self.metrics.escalations_in_flight.set(self.escalator.in_flight)
-        self.metrics.queue_depth.set(len(self.open))
+        self.metrics.level(self.metrics.escalations_in_flight, self.escalator.in_flight)
+        self.metrics.level(self.metrics.queue_depth, len(self.open))
         if work.outcomes or work.acked:
             self.wake_intake.set()  # answered jobs and sent results make room
 
     def _published(self) -> None:
         """After each group commit: publish what it queued in the outbox."""
         if self.store is not None:
-            self.metrics.outbox_depth.set(self.store.outbox_depth)
+            self.metrics.level(self.metrics.outbox_depth, self.store.outbox_depth)
         if self.pump():
             self.wake_outbox.set()
 
@@ -774,7 +802,7 @@ class Pipeline:
                 return False
             self.inflight[mid] = row.seq
             self._last_sent_seq = row.seq
-        self.metrics.outbox_depth.set(self.store.outbox_depth)
+        self.metrics.level(self.metrics.outbox_depth, self.store.outbox_depth)
         return len(rows) == room
 
     def on_puback(self, mid: int) -> None:
@@ -788,6 +816,11 @@ class Pipeline:
             asyncio.get_running_loop().call_soon(self.flush_acked)
         self.wake_outbox.set()
 
+    def puback_may_wait(self) -> bool:
+        """Whether a PUBACK may wait for the loop's next wake-up: the publish window is
+        less than half full (called in the MQTT network thread: reads only)."""
+        return len(self.inflight) < self.settings.mqtt.max_inflight // 2
+
     def on_publish_refused(self, mid: int, reason_code: int, reason: str) -> None:
         """The broker refused an outbox publish (v5 PUBACK >= 0x80, e.g. its ACL): resending
         cannot help, so the row becomes a dead letter (the result stays in the journal;
@@ -797,7 +830,7 @@ class Pipeline:
             return  # not an outbox row (status); mqtt.py has logged it
         dead = self.store.dead_letter(seq, reason_code, reason)
         self.metrics.dead_letters.labels(_reason_label(reason)).inc()
-        self.metrics.outbox_depth.set(self.store.outbox_depth)
+        self.metrics.level(self.metrics.outbox_depth, self.store.outbox_depth)
         log.error(
             "outbox.dead_letter",
             seq=seq,
@@ -844,6 +877,9 @@ class TaskRuntime:
         )
         self._workers: list[asyncio.Task[None]] = []
         self._inline = runs_inline(backend)
+        self.answers_at_admission = self._inline
+        """Fresh jobs are answered in their admission's transaction when possible
+        (:meth:`answer_inline`); an ``inline`` backend's default."""
         self.cloud_available = False
         """Set by the daemon: the cloud is configured and this task may use it."""
         self.redactor: Redactor | None = None
@@ -928,13 +964,7 @@ class TaskRuntime:
                 yield_at = time.monotonic() + WORKER_SLICE_S
 
     async def _run_batch(self, batch: list[PendingJob]) -> list[Outcome]:
-        now = time.time()
-        live = [p for p in batch if p.deadline_at > now]
-        outcomes = [Outcome(p, expired(p, self.name)) for p in batch if p.deadline_at <= now]
-        # Inputs with nothing in them are refused before any model runs (an answer would be
-        # invented); the others are fed in the one normalised form the cache key hashes.
-        outcomes += [self._route(p, NO_CONTENT) for p in live if not has_content(p.job.input)]
-        live = [p for p in live if has_content(p.job.input)]
+        outcomes, live = self._triage(batch)
         if not live:
             return outcomes
         started = time.monotonic()
@@ -953,14 +983,67 @@ class TaskRuntime:
             )
             return outcomes + [Outcome(p, self._result(p, "error", error=err)) for p in live]
         except Exception as exc:  # a backend bug must not kill the worker
-            log.exception("inference.failed", task=self.name, batch=len(live))
-            err = ErrorInfo(
-                code="inference_failed", message=f"local inference failed: {type(exc).__name__}"
-            )
-            return outcomes + [Outcome(p, self._result(p, "error", error=err)) for p in live]
+            return outcomes + self._failed(live, exc)
+        return outcomes + self._routed(live, predictions, started)
+
+    def answer_inline(self, batch: list[PendingJob]) -> tuple[list[Outcome], list[PendingJob]]:
+        """Answer fresh jobs on the spot, in their admission's transaction, when the
+        backend is ``inline`` and nothing waits in the task's queue (no overtaking): their
+        journal entry and result then share one commit, with no worker hand-off.
+
+        Returns the outcomes, and the jobs left to schedule as usual: over
+        :data:`~edgeagent.backends.base.INLINE_MAX_CHARS` in all, objects, and outcomes to
+        redact for the cloud (escalations, audits: redaction may take long, off the loop).
+        """
+        if not (self._inline and self.answers_at_admission) or not self.queue.empty():
+            return [], batch
+        outcomes, live = self._triage(batch)
+        size, take = 0.0, 0
+        for p in live:
+            size += _inline_size([model_input(p.job.input)])
+            if size > INLINE_MAX_CHARS:
+                break
+            take += 1
+        live, rest = live[:take], live[take:]
+        if live:
+            started = time.monotonic()
+            try:
+                inputs = [model_input(p.job.input) for p in live]
+                predictions = self._checked(inputs, self.backend.infer_batch(inputs))
+            except Exception as exc:  # a backend bug: the job is answered `error`, as usual
+                outcomes += self._failed(live, exc)
+            else:
+                outcomes += self._routed(live, predictions, started)
+        done = [o for o in outcomes if not self._to_redact(o)]
+        rest += [o.pending for o in outcomes if self._to_redact(o)]
+        return done, rest
+
+    def _triage(self, batch: list[PendingJob]) -> tuple[list[Outcome], list[PendingJob]]:
+        """The outcomes of jobs no model needs to see (past their deadline; no content),
+        and the jobs left to infer."""
+        now = time.time()
+        live = [p for p in batch if p.deadline_at > now]
+        outcomes = [Outcome(p, expired(p, self.name)) for p in batch if p.deadline_at <= now]
+        # Inputs with nothing in them are refused before any model runs (an answer would be
+        # invented); the others are fed in the one normalised form the cache key hashes.
+        outcomes += [self._route(p, NO_CONTENT) for p in live if not has_content(p.job.input)]
+        return outcomes, [p for p in live if has_content(p.job.input)]
+
+    def _failed(self, live: list[PendingJob], exc: Exception) -> list[Outcome]:
+        log.exception("inference.failed", task=self.name, batch=len(live))
+        err = ErrorInfo(
+            code="inference_failed", message=f"local inference failed: {type(exc).__name__}"
+        )
+        return [Outcome(p, self._result(p, "error", error=err)) for p in live]
+
+    def _routed(
+        self, live: list[PendingJob], predictions: list[Prediction], started: float
+    ) -> list[Outcome]:
         elapsed = time.monotonic() - started
-        self.metrics.inference.labels(self.name).observe(elapsed)
-        self.metrics.batch_size.labels(self.name).observe(len(live))
+        m = self.metrics
+        m.child(m.inference, self.name).observe(elapsed)
+        m.child(m.batch_size, self.name).observe(len(live))
+        outcomes = []
         for p, pred in zip(live, predictions, strict=True):
             try:
                 outcomes.append(self._route(p, pred))
@@ -969,6 +1052,13 @@ class TaskRuntime:
                 outcomes.append(Outcome(p, self._result(p, "error", error=INTERNAL_ERROR)))
         return outcomes
 
+    def _to_redact(self, o: Outcome) -> bool:
+        """Whether ``o`` may leave the device (an escalation, or an answer to audit) and is
+        to be redacted first."""
+        if self.redactor is None or not self.cloud_available:
+            return False
+        return bool(o.escalate) or (self.config.audit_rate > 0 and o.cacheable)
+
     async def _redact_for_cloud(self, outcomes: list[Outcome]) -> list[Outcome]:
         """Redact, in a worker thread, what may leave the device: escalations and (with
         ``audit_rate``) confident answers.  Redaction is linear in the input but pure
@@ -976,11 +1066,8 @@ class TaskRuntime:
         run on the event loop, where every task would wait for it; except a batch of at
         most :data:`REDACT_INLINE_CHARS` characters, cheaper to redact than to hand off."""
         redactor = self.redactor
-        if redactor is None or not self.cloud_available:
-            return outcomes
-        audits = self.config.audit_rate > 0
-        todo = [i for i, o in enumerate(outcomes) if o.escalate or (audits and o.cacheable)]
-        if not todo:
+        todo = [i for i, o in enumerate(outcomes) if self._to_redact(o)]
+        if redactor is None or not todo:
             return outcomes
         if not self.may_escalate():  # decided now, so nothing is redacted on the loop later
             return [

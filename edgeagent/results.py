@@ -215,9 +215,10 @@ class Tally:
             log.info("job.rejected", job_id=res.id, task=truncate(res.task, 64), code=code)
             return
         source = res.source or ""
-        self.metrics.jobs.labels(res.task, res.status, source).inc()
+        m = self.metrics
+        m.child(m.jobs, res.task, res.status, source).inc()
         if res.latency_ms is not None:
-            self.metrics.latency.labels(res.task, source).observe(res.latency_ms / 1000.0)
+            m.child(m.latency, res.task, source).observe(res.latency_ms / 1000.0)
             self.latencies.append(res.latency_ms)
         self.by_status[res.status] += 1
         self.by_source[source] += 1

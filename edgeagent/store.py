@@ -31,8 +31,10 @@ system when the daemon is idle.  Temporary tables and indices live in memory.
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -62,6 +64,9 @@ CHECKPOINT_EVERY_COMMITS = 16
 checkpoint thread on a connection of its own, so that the WAL rarely reaches
 :data:`WAL_AUTOCHECKPOINT_PAGES`, where the committing connection would checkpoint it
 itself: two ``fsync``s inside a COMMIT (on the event loop with ``synchronous = "normal"``)."""
+FRESH_OUTBOX_ROWS = 4096
+"""Committed outbox rows kept in memory for the publisher (:meth:`Store.outbox` then needs
+no SELECT); beyond this many unsent ones (the broker is away) it reads them back."""
 MIN_FREE_BYTES = 4 * 1024 * 1024
 """Free space on the state file system below which the daemon warns at start (bytes)."""
 
@@ -146,6 +151,9 @@ CREATE TABLE IF NOT EXISTS examples (
 );
 """
 
+
+_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+"""``INSERT … RETURNING``: a result goes to its reply targets' outbox rows in one statement."""
 
 DEAD_LETTER_MAX_ROWS = 10000
 """Refused publishes kept for inspection (`edgeagent results`); older ones are dropped."""
@@ -383,6 +391,11 @@ class Store:
                 self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
             )
             """Highest outbox ``seq`` committed (lets the publisher skip an empty query)."""
+            self._fresh: collections.deque[OutboxRow] = collections.deque()
+            """Committed outbox rows after ``_fresh_from``, every one of them, in ``seq``
+            order: what :meth:`outbox` serves without a SELECT."""
+            self._fresh_from = self.last_seq
+            self._fresh_lock = threading.Lock()  # commit() may run in the commit thread
             self.cache_rows = self._count("cache")
         except StoreError:
             self._db.close()
@@ -517,11 +530,29 @@ class Store:
             if tx.relaxed:
                 self._set_synchronous("FULL")
         self._outbox_rows = max(0, self._outbox_rows + tx.outbox_added - tx.outbox_removed)
+        if tx.fresh:
+            with self._fresh_lock:
+                if len(self._fresh) + len(tx.fresh) > FRESH_OUTBOX_ROWS:
+                    self._fresh.clear()  # nobody takes them: read them back when wanted
+                    self._fresh_from = tx.last_seq
+                else:
+                    self._fresh.extend(tx.fresh)
+        if tx.removed:
+            self._forget_fresh(tx.removed)
         if tx.last_seq:
             self.last_seq = tx.last_seq
         self._commits_since_checkpoint += 1
         if self._commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS:
             self._checkpoint_soon()
+
+    def _forget_fresh(self, seqs: list[int]) -> None:
+        """Deleted outbox rows leave the publisher's memory too (usually they left it when
+        they were sent)."""
+        with self._fresh_lock:
+            fresh = self._fresh
+            if fresh and max(seqs) >= fresh[0].seq:
+                gone = set(seqs)
+                self._fresh = collections.deque(r for r in fresh if r.seq not in gone)
 
     def _checkpoint_soon(self) -> None:
         """Ask the checkpoint thread for a PASSIVE checkpoint unless one runs (after a
@@ -621,9 +652,18 @@ class Store:
     def outbox(self, *, after: int = 0, limit: int = 1000) -> list[OutboxRow]:
         """Committed outbox rows after ``after``, in ``seq`` order (``seq <= last_seq``).
 
-        While a COMMIT runs in the commit thread they are read on a second connection,
-        which sees committed data only and does not wait for it.
+        The rows this process committed are served from memory; others (those of an
+        earlier run, or too many unsent) are read back.  While a COMMIT runs in the commit
+        thread they are read on a second connection, which sees committed data only and
+        does not wait for it.
         """
+        with self._fresh_lock:
+            if after >= self._fresh_from:
+                fresh = self._fresh
+                while fresh and fresh[0].seq <= after:  # sent: never asked for again
+                    fresh.popleft()
+                self._fresh_from = after
+                return list(itertools.islice(fresh, limit))
         try:
             busy = self._committing is not None and not self._committing.done()
             if busy and self._reader is None:
@@ -684,6 +724,7 @@ class Store:
                 (DEAD_LETTER_MAX_ROWS,),
             )
         self._outbox_rows = max(0, self._outbox_rows - 1)
+        self._forget_fresh([seq])
         return DeadLetter(seq, job_id, row[0], payload, reason_code, reason, now)
 
     # -- cache --------------------------------------------------------------------
@@ -813,6 +854,10 @@ class Transaction:
         self.outbox_added = 0
         self.outbox_removed = 0
         self.last_seq = 0
+        self.fresh: list[OutboxRow] = []
+        """The outbox rows this transaction adds (the publisher's, once committed)."""
+        self.removed: list[int] = []
+        """The outbox rows this transaction deletes."""
 
     @contextmanager
     def savepoint(self, *, alone: bool = False) -> Iterator[None]:
@@ -827,6 +872,7 @@ class Transaction:
         if not self._db.in_transaction:  # SAVEPOINT would silently open a new transaction
             raise StoreUnavailable(f"state file {self._store.path}: transaction lost", "io")
         saved = (self.outbox_added, self.outbox_removed, self.last_seq, self._store.cache_rows)
+        fresh, removed = len(self.fresh), len(self.removed)
         if not alone:
             self._db.execute("SAVEPOINT one_message")
         try:
@@ -843,6 +889,7 @@ class Transaction:
                 self._db.execute("ROLLBACK TO one_message")
                 self._db.execute("RELEASE one_message")
             self.outbox_added, self.outbox_removed, self.last_seq, self._store.cache_rows = saved
+            del self.fresh[fresh:], self.removed[removed:]
             raise
         if not alone:
             self._db.execute("RELEASE one_message")
@@ -894,12 +941,10 @@ class Transaction:
         )
         if cur.rowcount == 0:
             return []
-        rows = self._db.execute(
-            "SELECT topic, correlation FROM reply_targets WHERE job_id=?", (job_id,)
-        ).fetchall()
-        targets = [ReplyTarget(r[0], bytes(r[1]) or None) for r in rows] or [fallback]
-        for t in targets:
-            self.enqueue(t.topic, result, t.correlation)
+        targets = self._enqueue_for_targets(job_id, result)
+        if not targets:
+            self.enqueue(fallback.topic, result, fallback.correlation)
+            targets = [fallback]
         return targets
 
     def supersede(self, job_id: str, result: bytes) -> list[ReplyTarget]:
@@ -910,12 +955,33 @@ class Transaction:
         )
         if cur.rowcount == 0:
             return []
+        return self._enqueue_for_targets(job_id, result)
+
+    def _enqueue_for_targets(self, job_id: str, result: bytes) -> list[ReplyTarget]:
+        """Queue ``result`` for each reply target of the job (none: nothing queued)."""
+        if not _RETURNING:  # SQLite < 3.35: a SELECT, then an INSERT per target
+            rows = self._db.execute(
+                "SELECT topic, correlation FROM reply_targets WHERE job_id=?", (job_id,)
+            ).fetchall()
+            targets = [ReplyTarget(r[0], bytes(r[1]) or None) for r in rows]
+            for t in targets:
+                self.enqueue(t.topic, result, t.correlation)
+            return targets
         rows = self._db.execute(
-            "SELECT topic, correlation FROM reply_targets WHERE job_id=?", (job_id,)
+            "INSERT INTO outbox(topic, payload, correlation, response_topic, created_at) "
+            "SELECT topic, ?, nullif(correlation, x''), NULL, ? FROM reply_targets "
+            "WHERE job_id=? RETURNING seq, topic, correlation",
+            (result, time.time(), job_id),
         ).fetchall()
-        targets = [ReplyTarget(r[0], bytes(r[1]) or None) for r in rows]
-        for t in targets:
-            self.enqueue(t.topic, result, t.correlation)
+        rows.sort()
+        targets = []
+        for seq, topic, corr in rows:
+            target = ReplyTarget(topic, None if corr is None else bytes(corr))
+            self.fresh.append(OutboxRow(seq, topic, result, target.correlation))
+            targets.append(target)
+        if rows:
+            self.outbox_added += len(rows)
+            self.last_seq = int(rows[-1][0])
         return targets
 
     def job_state(self, job_id: str) -> str | None:
@@ -1000,11 +1066,13 @@ class Transaction:
         )
         self.outbox_added += 1
         self.last_seq = int(cur.lastrowid or 0)
+        self.fresh.append(OutboxRow(self.last_seq, topic, payload, correlation, response_topic))
 
     def outbox_done(self, seqs: list[int]) -> None:
         """The broker acknowledged these outbox rows: forget them."""
-        cur = self._db.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in seqs])
+        cur = self._db.executemany("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", _runs(seqs))
         self.outbox_removed += max(0, cur.rowcount)
+        self.removed += seqs
 
     def cache_put(
         self, key: str, task: str, value: dict[str, Any], *, ttl_s: float, max_entries: int
@@ -1026,6 +1094,18 @@ class Transaction:
                 (trim,),
             )
             self._store.cache_rows -= cur.rowcount
+
+
+def _runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """``seqs`` as runs of consecutive numbers, ``(first, last)`` each (PUBACKs mostly come
+    in order: one DELETE for a run of them)."""
+    runs: list[tuple[int, int]] = []
+    for seq in sorted(set(seqs)):
+        if runs and seq == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], seq)
+        else:
+            runs.append((seq, seq))
+    return runs
 
 
 def _checkpoint_worker(

@@ -515,6 +515,43 @@ def test_an_inline_backend_answers_small_batches_on_the_loop_and_large_ones_in_a
     assert big_thread.startswith("infer-t") and obj_thread.startswith("infer-t")
 
 
+def test_an_inline_backend_answers_at_admission_in_the_same_commit(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Journal entry and result in one commit: acknowledged and published only after it;
+    never scheduled.  Inputs over the inline size are left to the task's workers."""
+    backend = ThreadRecordingBackend()
+    rt = TaskRuntime("t", rig.rt.config, backend, rig.metrics)  # type: ignore[arg-type]
+    rig.p.runtimes = {"t": rt}
+    seen: list[tuple[list[int], int]] = []
+    real_commit = rig.store.commit
+
+    def commit(tx: Transaction) -> None:  # what the broker had when each commit ran
+        seen.append((list(rig.broker.acked), len(rig.broker.published)))
+        real_commit(tx)
+
+    monkeypatch.setattr(rig.store, "commit", commit)
+    big = "a" * (INLINE_MAX_CHARS + 1)
+    try:
+        msgs = [rig.msg({"id": "j1", "input": "say a"}), rig.msg({"id": "j2", "input": big})]
+        assert rig.commit(Work(messages=msgs))
+        assert seen == [([], 0)]  # one commit, before any acknowledgement or publish
+        assert rig.broker.acked == [m.mid for m in msgs]
+        assert [(r["id"], r["status"]) for r in rig.broker.results()] == [("j1", "ok")]
+        assert rig.store.open_job_count() == 1 and rig.p.open == {"j2"}
+        assert [p.job.id for p in _drain(rt)] == ["j2"]  # too long: the workers answer it
+        assert backend.threads == ["MainThread"] and rig.p.tally.by_status == {"ok": 1}
+    finally:
+        rt.close()
+
+
+def _drain(rt: TaskRuntime) -> list[PendingJob]:
+    out = []
+    while not rt.queue.empty():
+        out.append(rt.queue.get_nowait())
+    return out
+
+
 def test_small_batches_are_redacted_on_the_loop_and_large_ones_in_a_thread(
     cloud_rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeagent import store as store_module
 from edgeagent.protocol import Job
 from edgeagent.store import (
     ReplyTarget,
@@ -147,3 +148,37 @@ def test_the_wal_is_checkpointed_in_the_background(tmp_path: Path, synchronous: 
         assert [r.payload for r in s.outbox()][-1] == b"last"
     finally:
         s.close()
+
+
+def test_the_publisher_reads_committed_rows_from_memory_and_older_ones_from_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of an earlier run, and rows beyond the in-memory bound, are read back; rows
+    rolled back (a savepoint) or deleted are never served."""
+    path = tmp_path / "e.db"
+    s = Store(path)
+    with s.transaction() as tx:
+        tx.enqueue("t/old", b"o")
+    s.close()
+    s = Store(path)
+    with s.transaction() as tx:
+        tx.enqueue("t/a", b"a", b"c1", "r/1")
+        with pytest.raises(RuntimeError), tx.savepoint():
+            tx.enqueue("t/gone", b"g")
+            raise RuntimeError("rolled back alone")
+        tx.enqueue("t/b", b"b")
+    rows = s.outbox(after=0)
+    assert [(r.topic, r.payload, r.correlation, r.response_topic) for r in rows] == [
+        ("t/old", b"o", None, None),
+        ("t/a", b"a", b"c1", "r/1"),
+        ("t/b", b"b", None, None),
+    ]
+    assert s.outbox(after=rows[0].seq) == rows[1:]  # from memory now
+    s.outbox_done([rows[2].seq])
+    assert s.outbox(after=rows[0].seq) == rows[1:2]
+    monkeypatch.setattr(store_module, "FRESH_OUTBOX_ROWS", 2)
+    with s.transaction() as tx:
+        for i in range(3):
+            tx.enqueue(f"t/{i}", b"x")
+    assert [r.topic for r in s.outbox(after=rows[0].seq)] == ["t/a", "t/0", "t/1", "t/2"]
+    s.close()

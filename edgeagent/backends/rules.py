@@ -115,11 +115,11 @@ class RulesBackend:
         self._task = task
         self._cfg = task.backend
         icase = self._cfg.ignore_case
-        self._rules: list[tuple[str, list[regex.Pattern]]] = []
+        self._rules: list[tuple[str, regex.Pattern | None, list[regex.Pattern]]] = []
         for rule in self._cfg.rules:
-            pats = [regex.compile(p, ignore_case=icase) for p in rule.patterns]
-            pats += [regex.compile(keyword_pattern(k), ignore_case=icase) for k in rule.keywords]
-            self._rules.append((rule.label, pats))
+            sources = list(rule.patterns) + [keyword_pattern(k) for k in rule.keywords]
+            pats = [regex.compile(p, ignore_case=icase) for p in sources]
+            self._rules.append((rule.label, _any_of(sources, icase), pats))
         self._fields = {
             name: regex.compile(p, ignore_case=icase) for name, p in self._cfg.fields.items()
         }
@@ -153,7 +153,9 @@ class RulesBackend:
 
     def _infer(self, text: str) -> Prediction:
         if self._task.kind == "classify":
-            for label, pats in self._rules:
+            for label, any_of, pats in self._rules:
+                if any_of is not None and not any_of.search(text):
+                    continue  # one search instead of one per pattern
                 for p in pats:
                     if p.search(text):
                         return Prediction({"label": label}, 1.0, details={"rule": p.pattern})
@@ -182,6 +184,18 @@ class RulesBackend:
         if not out:
             return Prediction(None, 0.0, reason="out_of_scope")
         return Prediction(out, 1.0)
+
+
+def _any_of(sources: list[str], ignore_case: bool) -> regex.Pattern | None:
+    """One pattern that matches where any of ``sources`` does (RE2 scopes inline flags to
+    their group), to rule a rule out in one search; None if RE2 cannot compile it (the
+    rule's patterns are then tried one by one)."""
+    if len(sources) < 2:
+        return None
+    try:
+        return regex.compile("|".join(f"(?:{p})" for p in sources), ignore_case=ignore_case)
+    except regex.PatternError:
+        return None
 
 
 def _as_text(value: JSONValue) -> str:
