@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt as paho_mqtt
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -56,6 +57,10 @@ log = get_logger("edgeagent.mqtt")
 
 PUBACK_LINGER_S = 0.02
 """Longest a PUBACK that nothing waits for lingers before the event loop runs it."""
+_QUEUE_AS_PAHO = str(getattr(paho_mqtt, "__version__", "")).startswith(("2.1.", "2.2."))
+"""``_Client._packet_queue`` repeats paho's own (a private method): only on the paho
+releases it was written against; any other release gets paho's (one more thread switch
+per packet, nothing else changes)."""
 _TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
 """Linux: hold partial segments until uncorked (:meth:`MqttAdapter._cork`)."""
 
@@ -190,7 +195,8 @@ class _Client(paho.Client):
         info: paho.MQTTMessageInfo | None = None,
     ) -> MQTTErrorCode:
         if (
-            self._thread is not None
+            not _QUEUE_AS_PAHO
+            or self._thread is not None
             or self._on_socket_register_write is not None
             or not self._in_callback_mutex.acquire(False)  # in a callback: paho wakes it
         ):
