@@ -648,7 +648,7 @@ def scenario_cost(data: Data, args: argparse.Namespace) -> dict[str, Any]:
         print(
             f"  round {k}: refit {rec.get('outcome')} in {rec.get('seconds')} s "
             f"(fit {rec.get('fit_s')} s), peak RSS of the refit process "
-            f"{rec.get('peak_rss_mb')} MB"
+            f"{rec.get('peak_rss_mb')} MB; yielded to jobs: {rec.get('yielded')}"
         )
         print(
             f"    job latency without a refit (before + after): p50 {p50i:.2f} ms, "

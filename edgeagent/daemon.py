@@ -127,7 +127,9 @@ class Daemon:
         self._retry_attempt = 0
         self._retry_rng = random.Random()
         self._wake_retry = asyncio.Event()
-        self.learner = Learner(settings.state_dir(), self.metrics)
+        self.learner = Learner(
+            settings.state_dir(), self.metrics, busy=lambda: not self.pipeline.idle()
+        )
         self.pipeline.on_example = self.learner.on_example
         self._models_loaded = False
         self._held: list[Inbound] | None = (

@@ -208,6 +208,19 @@ class LearnConfig(BaseModel):
         description="Run the refit process under the SCHED_IDLE CPU policy (Linux): it only "
         "gets a core nothing else wants, so jobs keep their latency.",
     )
+    refit_yield_ms: float = Field(
+        20.0,
+        ge=0,
+        description="Pause the refit process (SIGSTOP) while the daemon has jobs in flight "
+        "and for this many milliseconds after; 0: never pause it (POSIX only).",
+    )
+    refit_min_share: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="Share of the time the refit runs even under continuous traffic (so a "
+        "busy device still learns; jobs that arrive meanwhile share the CPU with it).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LearnConfig:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeagent.learning.examples import learnable
-from edgeagent.learning.refit import FAILED, PROMOTED
+from edgeagent.learning.gate import CAN_PAUSE, GateStats, yield_to_jobs
+from edgeagent.learning.refit import FAILED, PARENT_ENV, PROMOTED
 from edgeagent.learning.versions import (
     current,
     prune,
@@ -91,9 +92,14 @@ def append_round(state_dir: Path, task: str, record: dict[str, Any]) -> None:
 class Learner:
     """Owned by the daemon; see the module docstring."""
 
-    def __init__(self, state_dir: Path, metrics: Metrics) -> None:
+    def __init__(
+        self, state_dir: Path, metrics: Metrics, busy: Callable[[], bool] | None = None
+    ) -> None:
         self.state_dir = state_dir
         self.metrics = metrics
+        self.busy = busy
+        """True while the daemon has jobs in flight: the refit is paused then
+        (``learn.refit_yield_ms``; None: never paused)."""
         self._new: dict[str, int] = {}
         self._last_round_at: dict[str, float] = {}
         self._round_no: dict[str, int] = {}
@@ -346,7 +352,7 @@ class Learner:
         }
         await asyncio.to_thread(_write_job, job_path, result_path, job)
         log.info("learn.round_started", task=name, round=number, examples=len(kept))
-        record = await self._child(job_path, result_path, cfg.refit_timeout_s)
+        record = await self._child(job_path, result_path, cfg)
         record.setdefault("task", name)
         record.setdefault("round", number)
         record["max_seq"] = max((r[0] for r in rows), default=0)
@@ -379,9 +385,11 @@ class Learner:
             swapped = await swap(name)
             log.info("learn.promoted", task=name, bundle=record.get("bundle"), swapped=swapped)
 
-    async def _child(self, job_path: Path, result_path: Path, timeout_s: float) -> dict[str, Any]:
-        """Run the refit process; its result record, or a ``failed`` one."""
-        env = {**os.environ, **THREAD_ENV}
+    async def _child(self, job_path: Path, result_path: Path, cfg: Any) -> dict[str, Any]:
+        """Run the refit process (paused while jobs are in flight, see
+        :mod:`edgeagent.learning.gate`); its result record, or a ``failed`` one."""
+        timeout_s = cfg.refit_timeout_s
+        env = {**os.environ, **THREAD_ENV, PARENT_ENV: str(os.getpid())}
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -394,17 +402,39 @@ class Learner:
             env=env,
         )
         log.info("learn.refit_spawned", pid=proc.pid, job=str(job_path))
+        stats = GateStats()
+        gate = None
+        if self.busy is not None and cfg.refit_yield_ms > 0 and CAN_PAUSE:
+            gate = asyncio.get_running_loop().create_task(
+                yield_to_jobs(
+                    proc.pid, self.busy, cfg.refit_yield_ms / 1000, cfg.refit_min_share, stats
+                )
+            )
         try:
             _, err = await asyncio.wait_for(proc.communicate(), timeout_s)
         except TimeoutError:
+            await _stop_gate(gate)
             proc.kill()
             await proc.wait()
             return {"outcome": FAILED, "why": f"refit took longer than {timeout_s:g} s"}
         except asyncio.CancelledError:
+            await _stop_gate(gate)
             proc.kill()
             await proc.wait()
             raise
-        return await asyncio.to_thread(_read_result, result_path, proc.returncode, err)
+        await _stop_gate(gate)
+        record = await asyncio.to_thread(_read_result, result_path, proc.returncode, err)
+        if gate is not None:
+            record["yielded"] = stats.as_dict()
+        return record
+
+
+async def _stop_gate(gate: asyncio.Task[None] | None) -> None:
+    """Cancel the gate (it leaves the refit running) and wait for it."""
+    if gate is not None:
+        gate.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gate
 
 
 def _write_job(job_path: Path, result_path: Path, job: dict[str, Any]) -> None:

@@ -44,6 +44,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -669,11 +670,30 @@ def _publish(
     return publish_bundle(staging, vdir, new, files, say)
 
 
+PARENT_ENV = "EDGEAGENT_REFIT_PARENT"
+"""The daemon's pid, set by the learner for the refit process."""
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to kill this process when the daemon dies (Linux
+    ``PR_SET_PDEATHSIG``): a refit the daemon paused (SIGSTOP) must not outlive it."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    parent = os.environ.get(PARENT_ENV)
+    if parent and os.getppid() != int(parent):  # the daemon died before that took effect
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m edgeagent.learning.refit JOB.json RESULT.json``: exit 0 with a result
     file for every outcome, 1 (and a traceback on stderr) when the round crashed."""
     args = sys.argv[1:] if argv is None else argv
     job_path, result_path = Path(args[0]), Path(args[1])
+    _die_with_parent()
     job = json.loads(job_path.read_text("utf-8"))
     limits = job.get("limits", {})
     if limits.get("nice"):
