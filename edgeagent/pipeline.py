@@ -993,22 +993,29 @@ class TaskRuntime:
 
         Returns the outcomes, and the jobs left to schedule as usual: over
         :data:`~edgeagent.backends.base.INLINE_MAX_CHARS` in all, objects, and outcomes to
-        redact for the cloud (escalations, audits: redaction may take long, off the loop).
+        redact for the cloud (escalations, audits: redaction may take long, off the loop;
+        the worker infers those again).  A task that audits its confident answers is not
+        answered here at all: every such answer would be inferred twice.
         """
-        if not (self._inline and self.answers_at_admission) or not self.queue.empty():
+        if (
+            not (self._inline and self.answers_at_admission)
+            or not self.queue.empty()
+            or self._audits_redacted()
+        ):
             return [], batch
         outcomes, live = self._triage(batch)
-        size, take = 0.0, 0
+        inputs: list[Any] = []
+        size = 0.0
         for p in live:
-            size += _inline_size([model_input(p.job.input)])
+            text = model_input(p.job.input)
+            size += _inline_size([text])
             if size > INLINE_MAX_CHARS:
                 break
-            take += 1
-        live, rest = live[:take], live[take:]
+            inputs.append(text)
+        live, rest = live[: len(inputs)], live[len(inputs) :]
         if live:
             started = time.monotonic()
             try:
-                inputs = [model_input(p.job.input) for p in live]
                 predictions = self._checked(inputs, self.backend.infer_batch(inputs))
             except Exception as exc:  # a backend bug: the job is answered `error`, as usual
                 outcomes += self._failed(live, exc)
@@ -1058,6 +1065,10 @@ class TaskRuntime:
         if self.redactor is None or not self.cloud_available:
             return False
         return bool(o.escalate) or (self.config.audit_rate > 0 and o.cacheable)
+
+    def _audits_redacted(self) -> bool:
+        """Whether confident answers may go to the cloud for audit, redacted first."""
+        return self.redactor is not None and self.cloud_available and self.config.audit_rate > 0
 
     async def _redact_for_cloud(self, outcomes: list[Outcome]) -> list[Outcome]:
         """Redact, in a worker thread, what may leave the device: escalations and (with

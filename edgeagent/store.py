@@ -973,15 +973,11 @@ class Transaction:
             "WHERE job_id=? RETURNING seq, topic, correlation",
             (result, time.time(), job_id),
         ).fetchall()
-        rows.sort()
         targets = []
-        for seq, topic, corr in rows:
+        for seq, topic, corr in sorted(rows):
             target = ReplyTarget(topic, None if corr is None else bytes(corr))
-            self.fresh.append(OutboxRow(seq, topic, result, target.correlation))
+            self._added(int(seq), topic, result, target.correlation, None)
             targets.append(target)
-        if rows:
-            self.outbox_added += len(rows)
-            self.last_seq = int(rows[-1][0])
         return targets
 
     def job_state(self, job_id: str) -> str | None:
@@ -1064,9 +1060,21 @@ class Transaction:
             "VALUES (?, ?, ?, ?, ?)",
             (topic, payload, correlation, response_topic, time.time()),
         )
+        self._added(int(cur.lastrowid or 0), topic, payload, correlation, response_topic)
+
+    def _added(
+        self,
+        seq: int,
+        topic: str,
+        payload: bytes,
+        correlation: bytes | None,
+        response_topic: str | None,
+    ) -> None:
+        """Account for an outbox row this transaction inserted (the publisher gets it from
+        memory once committed)."""
         self.outbox_added += 1
-        self.last_seq = int(cur.lastrowid or 0)
-        self.fresh.append(OutboxRow(self.last_seq, topic, payload, correlation, response_topic))
+        self.last_seq = seq
+        self.fresh.append(OutboxRow(seq, topic, payload, correlation, response_topic))
 
     def outbox_done(self, seqs: list[int]) -> None:
         """The broker acknowledged these outbox rows: forget them."""

@@ -545,6 +545,24 @@ def test_an_inline_backend_answers_at_admission_in_the_same_commit(
         rt.close()
 
 
+def test_a_task_that_audits_its_answers_is_not_answered_at_admission(rig: Rig) -> None:
+    """Its confident answers go to the cloud, redacted off the loop by the workers: answered
+    at admission, each would be inferred a second time there."""
+    backend = ThreadRecordingBackend()
+    config = rig.rt.config.model_copy(update={"audit_rate": 0.5})
+    rt = TaskRuntime("t", config, backend, rig.metrics)  # type: ignore[arg-type]
+    rt.redactor, rt.cloud_available = Redactor(), True
+    batch = [PendingJob(Job("j", "t", "say a", {}, 30000, "auto"), time.time())]
+    try:
+        assert rt.answer_inline(batch) == ([], batch)
+        assert backend.threads == []  # no inference here
+        rt.cloud_available = False  # nothing leaves the device: answered on the spot
+        done, rest = rt.answer_inline(batch)
+        assert [o.pending for o in done] == batch and rest == []
+    finally:
+        rt.close()
+
+
 def _drain(rt: TaskRuntime) -> list[PendingJob]:
     out = []
     while not rt.queue.empty():

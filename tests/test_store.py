@@ -23,7 +23,11 @@ def job(jid: str, text: str = "hi") -> Job:
     return Job(jid, "intent", text, {}, 1000, "auto")
 
 
-def test_admit_is_idempotent_and_answer_reaches_every_target(tmp_path: Path) -> None:
+@pytest.mark.parametrize("returning", [True, False], ids=["insert-returning", "sqlite<3.35"])
+def test_admit_is_idempotent_and_answer_reaches_every_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, returning: bool
+) -> None:
+    monkeypatch.setattr(store_module, "_RETURNING", returning)  # both ways to the outbox
     s = Store(tmp_path / "e.db")
     a, b = ReplyTarget("r/a", b"1"), ReplyTarget("r/b", None)
     with s.transaction() as tx:
@@ -39,6 +43,11 @@ def test_admit_is_idempotent_and_answer_reaches_every_target(tmp_path: Path) -> 
         ("r/a", b"result-1", b"1"),
         ("r/b", b"result-1", None),
     ] or sorted(r.topic for r in s.outbox()) == ["r/a", "r/b"]
+    from_file = Store(tmp_path / "e.db")  # what the publisher had in memory is on disk
+    assert [(r.seq, r.topic, r.payload, r.correlation) for r in from_file.outbox()] == [
+        (r.seq, r.topic, r.payload, r.correlation) for r in s.outbox()
+    ]
+    from_file.close()
     with s.transaction() as tx:
         again = tx.admit(job("j"), ReplyTarget("r/c"), redelivery=False)
         assert again.state == "answered" and again.result == b"result-1"

@@ -139,9 +139,13 @@ def weighted_escalation(
 ) -> float:
     """:func:`escalation_curve` with row weights ``w`` (numpy arrays), read at ``target``:
     the least share of weight escalated for ``target`` overall accuracy with a perfect
-    cloud.  ``forced`` rows always escalate, ``declined`` rows stay local (right as
-    ``right`` says), the rest escalate by ascending ``conf`` (ties move together)."""
+    cloud.  ``forced`` rows always escalate, ``declined`` rows (None: none) stay local
+    (right as ``right`` says), the rest escalate by ascending ``conf`` (ties move
+    together)."""
     import numpy as np
+
+    if declined is None:
+        declined = np.zeros_like(forced)
 
     total = float(w.sum())
     base = float(w[forced].sum()) + float((w * right)[declined].sum())

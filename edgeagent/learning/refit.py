@@ -146,7 +146,7 @@ def _escalation_needed(conf: Any, ok: Any, forced: Any, w: Any, target: float) -
     perfect cloud (flagged inputs first, then by ascending confidence; nothing declined)."""
     from edgeagent.heads.curves import weighted_escalation
 
-    return weighted_escalation(conf, ok, forced, forced & False, w, target)
+    return weighted_escalation(conf, ok, forced, None, w, target)
 
 
 def _se(p: float, n: float) -> float:
