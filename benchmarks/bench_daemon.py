@@ -1,6 +1,6 @@
 """End-to-end daemon benchmark: a `rules` task over MQTT vs a bare MQTT echo, same run.
 
-    .venv/bin/python benchmarks/bench_daemon.py [--n 500] [--burst 5000] [--window 64]
+    .venv/bin/python benchmarks/bench_daemon.py [--n 500] [--burst 5000] [--window 64] [--floor]
 
 Starts its own mosquitto on a free port (tests/broker.py), a bare echo service
 (benchmarks/echo.py) and `edgeagent run` as subprocesses, then measures from one
@@ -19,6 +19,12 @@ disk, the daemon's RSS, and the goals of issue 10 with PASS/MISS:
 * single-job p50 <= 2x the echo's (``synchronous = "normal"``: with "full" every
   result waits for at least one ``fsync``, printed for comparison);
 * cache-hit p50 <= 1.5x the echo's.
+
+``--floor`` adds the durable echo (``benchmarks/echo.py --durable``): journal, answer and
+outbox row in one group commit before the acknowledgement and the answer, outbox delete
+after the broker's PUBACK, one thread, nothing else. It is the least any daemon keeping
+PROTOCOL.md's guarantees must do, so ``daemon / floor`` is edgeagent's own overhead and
+``floor / echo`` what durability alone costs on this machine.
 
 Machine noise: run it twice; compare ratios, not absolute numbers.
 """
@@ -184,6 +190,25 @@ def start_daemon(
     return proc
 
 
+def start_floor(port: int, work: Path, synchronous: str) -> subprocess.Popen[bytes]:
+    """The durable echo (benchmarks/echo.py --durable) on ``bench/floor-SYNC/req``."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "echo.py"),
+            str(port),
+            "--durable",
+            synchronous,
+            str(work / f"floor-{synchronous}.db"),
+            f"bench/floor-{synchronous}/req",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    return proc
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -249,6 +274,12 @@ def main() -> int:
     ap.add_argument(
         "--rounds", type=int, default=5, help="interleaved rounds (n and burst are split)"
     )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure the durable echo (benchmarks/echo.py --durable): the least any "
+        "daemon keeping PROTOCOL.md's guarantees must do, for synchronous normal and full",
+    )
     args = ap.parse_args()
 
     with (
@@ -262,6 +293,10 @@ def main() -> int:
         )
         assert echo.stdout is not None
         echo.stdout.readline()
+        floors = {
+            sync: start_floor(broker.port, work, sync)
+            for sync in (("normal", "full") if args.floor else ())
+        }
         daemons = {
             "normal": start_daemon(broker.port, work, "dnormal", "normal", cache=False),
             "full": start_daemon(broker.port, work, "dfull", "full", cache=False),
@@ -286,6 +321,12 @@ def main() -> int:
                 Case("daemon, cache hits", "edgeagent/dcache/jobs/alarm", same,
                      daemons["cache"].pid),
             ]  # fmt: skip
+            cases += [
+                Case(
+                    f"durable echo, synchronous={sync}", f"bench/floor-{sync}/req", text_job, p.pid
+                )
+                for sync, p in floors.items()
+            ]
             for c in cases:  # warm up every path (and fill the cache)
                 prod.sequential(c.topic, c.make, 50)
             # Interleaved rounds, the order rotated each time: machine noise (other jobs on
@@ -304,7 +345,9 @@ def main() -> int:
             for p in daemons.values():
                 p.terminate()
             echo.terminate()
-            for p in [*daemons.values(), echo]:
+            for p in floors.values():
+                p.terminate()
+            for p in [*daemons.values(), *floors.values(), echo]:
                 p.wait(30)
 
     infer = inference_ms()
@@ -316,7 +359,7 @@ def main() -> int:
         f"{sys.version.split()[0]}, {os.cpu_count()} cpu, load {os.getloadavg()[0]:.1f})\n"
     )
     print(
-        f"{'case':28} {'p50 ms':>7} {'p99 ms':>7} {'jobs/s':>7} {'CPU ms/job':>10} "
+        f"{'case':34} {'p50 ms':>7} {'p99 ms':>7} {'jobs/s':>7} {'CPU ms/job':>10} "
         f"{'p50/echo':>8} {'p99/echo':>8} {'tput/echo':>9}"
     )
     tput_ratio: dict[str, float] = {}
@@ -328,14 +371,14 @@ def main() -> int:
         )
         p50_ratio[c.label] = pct(c.lat, 0.5) / b50
         print(
-            f"{c.label:28} {pct(c.lat, 0.5):7.2f} {pct(c.lat, 0.99):7.2f} "
+            f"{c.label:34} {pct(c.lat, 0.5):7.2f} {pct(c.lat, 0.99):7.2f} "
             f"{statistics.median(c.tput):7.0f} {statistics.median(c.cpu) * 1000:10.3f} "
             f"{p50_ratio[c.label]:8.2f} {pct(c.lat, 0.99) / b99:8.2f} {tput_ratio[c.label]:9.2f}"
         )
     print(f"\nrules inference alone (in process, median): {infer:.3f} ms")
     print(f"one fsync-ed SQLite commit on this disk (median): {fsync:.3f} ms")
     print("daemon RSS (MB): " + ", ".join(f"{k} {v:.1f}" for k, v in rss.items()))
-    normal, full, cache = (c.label for c in cases[1:])
+    normal, full, cache = (c.label for c in cases[1:4])
     goals = [
         ("pipelined throughput, synchronous=full", tput_ratio[full], ">=", 0.9),
         ("single-job p50, synchronous=normal", p50_ratio[normal], "<=", 2.0),
@@ -349,6 +392,17 @@ def main() -> int:
         f"  {'(single-job p50, synchronous=full)':40} {p50_ratio[full]:6.2f}x  "
         f"(no goal: at least one fsync of {fsync:.2f} ms per result)"
     )
+    if args.floor:
+        fnormal, ffull = (c.label for c in cases[4:6])
+        print("\nthe durable echo (the floor of any daemon with these guarantees), same run:")
+        for label, ratio in [
+            ("floor: pipelined throughput, full / echo", tput_ratio[ffull]),
+            ("floor: single-job p50, normal / echo", p50_ratio[fnormal]),
+            ("daemon / floor: throughput, full", tput_ratio[full] / tput_ratio[ffull]),
+            ("daemon / floor: single-job p50, normal", p50_ratio[normal] / p50_ratio[fnormal]),
+            ("daemon / floor: cache hit p50 (floor normal)", p50_ratio[cache] / p50_ratio[fnormal]),
+        ]:
+            print(f"  {label:46} {ratio:6.2f}x")
     return 0
 
 

@@ -388,6 +388,11 @@ def daemon_config(tmp: Path, port: int, bundle: Path, model: Path) -> Path:
     if line not in reading:
         raise SystemExit(f"examples/extract.toml: no line {line!r} to point at --model")
     reading = reading.replace(line, f"model = {json.dumps(str(model.resolve()))}")
+    # Paths in examples/extract.toml are relative to it; this config lives elsewhere.
+    calibration = 'calibration = "reading.calibration.json"'
+    if calibration in reading:
+        path = REPO / "examples" / "reading.calibration.json"
+        reading = reading.replace(calibration, f"calibration = {json.dumps(str(path))}")
     cfg = tmp / "daemon.toml"
     cfg.write_text(
         f'device_id = "rssbench"\n[mqtt]\nhost = "127.0.0.1"\nport = {port}\n'

@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import os
 import signal
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from edgeagent.logs import get_logger
 
-__all__ = ["Service", "run_service", "wait_for_stop"]
+__all__ = ["MALLOC_ARENAS", "Service", "limit_malloc_arenas", "run_service", "wait_for_stop"]
+
+MALLOC_ARENAS = 2
+"""glibc malloc arenas a service process keeps (glibc's default: 8 per core)."""
 
 log = get_logger("edgeagent.lifecycle")
 
@@ -34,10 +40,33 @@ class Service(Protocol):
         ...
 
 
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas at ``arenas`` for this process, unless the operator set
+    ``MALLOC_ARENA_MAX`` (which wins).  Returns whether the cap was applied.
+
+    Every thread that allocates (paho's network thread, inference workers, onnxruntime and
+    llama.cpp threads) may get an arena of its own, each keeping freed pages it does not
+    return: on a daemon with a classifier and a GGUF model that is ~15 MB of resident memory
+    for nothing (bench_llamacpp.py --rss-with-classifier).  The daemon's threads mostly wait,
+    so they rarely contend for an arena.  Must run before the threads start; a no-op where
+    there is no glibc ``mallopt``.
+    """
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_arena_max = -8  # <malloc.h> M_ARENA_MAX
+    return bool(mallopt(ctypes.c_int(m_arena_max), ctypes.c_int(arenas)))
+
+
 def run_service(make: Callable[[], Service], name: str, *, hup_hint: str) -> int:
     """Build the service with ``make()`` on a new event loop, install the stop signals,
     run it, and return its exit code.  ``name`` prefixes the SIGHUP log event
-    (``{name}.sighup_ignored``); ``hup_hint`` tells the operator what to do instead."""
+    (``{name}.sighup_ignored``); ``hup_hint`` tells the operator what to do instead.
+    glibc's malloc arenas are capped first (:func:`limit_malloc_arenas`)."""
+    limit_malloc_arenas()
 
     async def main() -> int:
         service = make()

@@ -7,12 +7,13 @@ import os
 import random
 import signal
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from edgeagent.backoff import backoff_delay, backoff_delays
-from edgeagent.lifecycle import run_service, wait_for_stop
+from edgeagent.lifecycle import limit_malloc_arenas, run_service, wait_for_stop
 
 
 @given(
@@ -77,3 +78,19 @@ def test_wait_for_stop_reports_a_fatal_broker_error() -> None:
     with capture_logs() as logs:
         assert asyncio.run(main()) == ("not authorized", None)
     assert [r["event"] for r in logs] == ["mqtt.fatal"]
+
+
+def test_malloc_arenas_capped_unless_the_operator_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platform
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False  # the operator's setting wins
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    # In a fresh process (the cap must come before threads start): glibc takes it.
+    code = "from edgeagent.lifecycle import limit_malloc_arenas; print(limit_malloc_arenas())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
