@@ -74,6 +74,8 @@ class Gazetteer:
         self.values: dict[str, set[str]] = {}
         self.slots_of: dict[str, set[str]] = {}
         spans_of_intent: dict[str, list[int]] = {}
+        # intent -> (sorted slot types of a sentence) -> count: how usual the whole set is
+        slot_sets: dict[str, dict[tuple[str, ...], int]] = {}
         slot_in_intent: dict[str, dict[str, int]] = {}
         halves: list[dict[str, list[str]]] = [{}, {}]
         # (side, slot, word) -> how often the word is a span's edge word / the O word next
@@ -83,6 +85,9 @@ class Gazetteer:
         for k, ((words, tags), intent) in enumerate(zip(examples, intents, strict=True)):
             spans = sorted(gold_spans(tags), key=lambda s: s[1])
             spans_of_intent.setdefault(intent, []).append(len(spans))
+            key = tuple(sorted(s for s, _, _ in spans))
+            sets = slot_sets.setdefault(intent, {})
+            sets[key] = sets.get(key, 0) + 1
             folded = [w.casefold() for w in words]
             for slot, a, b in spans:
                 for key, where in (
@@ -119,6 +124,10 @@ class Gazetteer:
             for n in ns:
                 hist[n] = hist.get(n, 0) + 1
             self.span_counts[intent] = {n: c / total for n, c in hist.items()}
+        self.slot_set_share: dict[str, dict[tuple[str, ...], float]] = {
+            i: {k: c / len(spans_of_intent[i]) for k, c in sets.items()}
+            for i, sets in slot_sets.items()
+        }
         self.slot_share: dict[str, dict[str, float]] = {
             i: {s: c / len(spans_of_intent[i]) for s, c in counts.items()}
             for i, counts in slot_in_intent.items()
@@ -158,6 +167,10 @@ def features(
     out["boundary_margin"] = min((margins[w] for w in boundary), default=20.0)
     ent = [float(-(r * np.log(np.maximum(r, _FLOOR))).sum()) for r in tag_probs]
     out["max_entropy"] = max(ent, default=0.0)
+    out["max_boundary_entropy"] = max((ent[w] for w in boundary), default=0.0)
+    sets = gaz.slot_set_share.get(intent, {})
+    out["log_slot_set"] = _log(sets.get(tuple(sorted(s.slot for s in t.spans)), 0.0) + 1e-3)
+    out["slot_set_surprise"] = -out["log_slot_set"]
     out["sum_entropy"] = float(sum(ent))
     hist = gaz.span_counts.get(intent, {})
     out["log_span_count"] = _log(hist.get(len(t.spans), 0.0) + 1e-3)
@@ -211,6 +224,10 @@ MARGINS = ("intent_margin", "min_margin", "boundary_margin")
 SHAPE = ("max_entropy", "sum_entropy", "log_span_count", "min_slot_share", "log_words_n", "n_spans")
 GAZ = ("unseen", "unseen_surprise", "max_unseen_surprise", "other_slot_value", "near_miss")
 EDGES = ("max_edge_ambiguity", "sum_edge_ambiguity")
+# tried after the 4-epoch bundle's search: how usual the predicted set of slot types is for
+# the intent in training (log share of its sentences with exactly that set), and the
+# largest tag entropy on a span edge word or its neighbour
+SLOT_SET = ("log_slot_set", "max_boundary_entropy")
 INTENTS = (
     "AddToPlaylist",
     "BookRestaurant",
@@ -240,6 +257,9 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "all": BASE + MARGINS + SHAPE + GAZ,
     "all + edge ambiguity": BASE + MARGINS + SHAPE + GAZ + EDGES,
     "all + intent": BASE + MARGINS + SHAPE + GAZ + INTENT,
+    "base + slot set": BASE + SLOT_SET,
+    "base + margins + slot set": BASE + MARGINS + SLOT_SET,
+    "all + slot set": BASE + MARGINS + SHAPE + GAZ + SLOT_SET,
 }
 
 
@@ -424,7 +444,14 @@ def main() -> int:
                 {c: round(float(v), 2) for c, v in zip(cols, w * xh.std(axis=0), strict=True)}
             )
     # product/words discounted by one feature: exp(-beta * feature), beta chosen on held-out
-    for name in ("unseen", "unseen_surprise", "near_miss", "max_edge_ambiguity"):
+    for name in (
+        "unseen",
+        "unseen_surprise",
+        "near_miss",
+        "max_edge_ambiguity",
+        "slot_set_surprise",
+        "max_boundary_entropy",
+    ):
         lh = np.log(np.maximum(np.array(hb), _FLOOR))
         fh = np.array([f[name] for f in hf])
         fv = np.array([f[name] for f in vf])

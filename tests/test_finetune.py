@@ -157,6 +157,75 @@ def test_quiet_ml_libraries_hides_their_warnings_but_not_errors(
     assert [r.getMessage() for r in caplog.records] == ["export failed", "ours still shows"]
 
 
+# -- weight averages and layer-wise learning rates ---------------------------------------------
+
+
+def _averaged(modes: list[str], epochs: int, values: list[list[float]]) -> dict[str, float]:
+    """Train a one-weight "model" through ``values`` (one list of weights per epoch, one
+    weight per step) and return each mode's averaged weight."""
+    torch = pytest.importorskip("torch")
+    from edgeagent.modeltools.finetune import WeightAverages
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    averages = WeightAverages(model, modes, epochs, ema_decay=0.5)
+    for epoch, steps in enumerate(values):
+        for v in steps:
+            with torch.no_grad():
+                model.weight.fill_(v)
+            averages.step(epoch)
+        averages.epoch_end(epoch)
+    out = {m: float(averages.state(m)["weight"]) for m in ["none", *modes]}
+    # the model keeps its last weights until a state is loaded
+    assert float(model.weight) == values[-1][-1]
+    return out
+
+
+def test_weight_averages_follow_their_definitions() -> None:
+    got = _averaged(["ema", "swa", "epochs"], 3, [[1.0, 2.0], [4.0, 6.0], [8.0, 10.0]])
+    assert got["none"] == 10.0
+    assert got["swa"] == 9.0  # the last epoch's steps
+    assert got["epochs"] == 8.0  # ends of epochs 2 and 3: (6 + 10) / 2
+    # from epoch 2 on, decay 0.5: 4 -> 5 -> 6.5 -> 8.25
+    assert got["ema"] == pytest.approx(8.25)
+
+
+def test_weight_averages_of_one_epoch_use_all_of_it_and_reject_unknown_modes() -> None:
+    got = _averaged(["ema", "epochs", "swa"], 1, [[2.0, 4.0]])
+    assert (got["swa"], got["epochs"], got["ema"]) == (3.0, 4.0, 3.0)
+    torch = pytest.importorskip("torch")
+    from edgeagent.modeltools.finetune import WeightAverages
+
+    with pytest.raises(ValueError, match="unknown weight averages"):
+        WeightAverages(torch.nn.Linear(1, 1), ["swag"], 2)
+
+
+def test_layer_decay_lowers_the_rate_layer_by_layer_down_to_the_embeddings() -> None:
+    torch = pytest.importorskip("torch")
+    from edgeagent.modeltools.tagger import head_body_optimizer
+
+    class Tiny(torch.nn.Module):  # the parameter names of a BERT token classifier
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = torch.nn.Module()
+            self.bert.embeddings = torch.nn.Linear(1, 1)
+            self.bert.encoder = torch.nn.Module()
+            self.bert.encoder.layer = torch.nn.ModuleList(torch.nn.Linear(1, 1) for _ in range(3))
+            self.classifier = torch.nn.Linear(1, 1)
+
+    model = Tiny()
+    rates = {
+        id(p): g["lr"]
+        for g in head_body_optimizer(torch, model, 1.0, 5.0, 0.5).param_groups
+        for p in g["params"]
+    }
+    enc = model.bert.encoder.layer
+    assert [rates[id(enc[i].weight)] for i in (2, 1, 0)] == [1.0, 0.5, 0.25]
+    assert rates[id(model.bert.embeddings.weight)] == 0.125
+    assert rates[id(model.classifier.weight)] == 5.0
+    flat = head_body_optimizer(torch, model, 1.0, 5.0).param_groups
+    assert [g["lr"] for g in flat] == [1.0, 5.0]
+
+
 # -- joint intent + slot confidence -----------------------------------------------------------
 
 
@@ -317,6 +386,39 @@ def test_joint_bundle_answers_intent_and_slots_through_the_backend(joint_bundle:
     assert a.details["intent"]["label"] == "weather"
     # the frame confidence is never above the intent's own probability
     assert 0 < a.confidence <= a.details["intent"]["confidence"]
+
+
+@pytest.mark.slow
+def test_one_joint_training_writes_a_bundle_per_weight_average(tmp_path: Path) -> None:
+    """``also_average`` (benchmarks/joint_averages.py): the same run's averaged weights as
+    bundles beside the main one, each calibrated and recording its average."""
+    source = _minilm()
+    pytest.importorskip("optimum.exporters.onnx")
+    from edgeagent.bundle import read_manifest
+    from edgeagent.modeltools.joint import JointOptions, train_joint_bundle
+
+    examples = tmp_path / "joint.jsonl"
+    examples.write_text("".join(json.dumps(r) + "\n" for r in _joint_rows(120)), "utf-8")
+    opts = JointOptions(epochs=2, lr=3e-4, held_out=0.25, layer_decay=0.8)
+    main = train_joint_bundle(
+        "home",
+        examples,
+        str(source),
+        tmp_path / "b",
+        opts,
+        also_average=("swa",),
+        log=lambda *a: None,
+    )
+    swa = (tmp_path / "b" / "home-swa" / "latest").resolve()
+    assert main.parent.name == "home"
+    for bundle, average in ((main, None), (swa, "swa")):
+        tagger = read_manifest(bundle, kind="tagger")["tagger"]
+        assert tagger.get("average") == average
+        assert tagger["layer_decay"] == 0.8
+        metrics = json.loads((bundle / "metrics.json").read_text())
+        assert metrics["average"] == (average or "none")
+        assert "threshold" in json.loads((bundle / "calibration.json").read_text())
+    assert (main / "model.onnx").read_bytes() != (swa / "model.onnx").read_bytes()
 
 
 @pytest.mark.slow

@@ -490,3 +490,68 @@ def train_step(model: Any, optim: Any, sched: Any, loss: Any) -> float:
     optim.step()
     sched.step()
     return float(loss.detach())
+
+
+#: Weight averages :class:`WeightAverages` keeps (``none``: the last step's weights).
+AVERAGES = ("none", "ema", "swa", "epochs")
+
+
+class WeightAverages:
+    """Running averages of a model's weights during training, one per ``modes`` entry:
+
+    - ``ema``: exponential moving average (decay ``ema_decay`` per step, about
+      ``1 / (1 - ema_decay)`` steps of memory) from the start of the second epoch;
+    - ``swa``: uniform mean of the weights after every step of the last epoch;
+    - ``epochs``: uniform mean of the weights at the end of every epoch from the second on.
+
+    Call :meth:`step` after every optimiser step and :meth:`epoch_end` after every epoch;
+    :meth:`state` gives a ``state_dict`` to load (non-float entries as the model's)."""
+
+    def __init__(self, model: Any, modes: list[str], epochs: int, ema_decay: float = 0.995) -> None:
+        unknown = sorted(set(modes) - set(AVERAGES))
+        if unknown:
+            raise ValueError(f"unknown weight averages {unknown}; expected some of {AVERAGES}")
+        self.model = model
+        self.modes = sorted(set(modes) - {"none"})
+        self.epochs = epochs
+        self.ema_decay = ema_decay
+        self._sums: dict[str, dict[str, Any]] = {}
+        self._counts: dict[str, int] = dict.fromkeys(self.modes, 0)
+
+    def _floats(self) -> dict[str, Any]:
+        return {k: v.detach() for k, v in self.model.state_dict().items() if v.is_floating_point()}
+
+    def _mean_in(self, mode: str) -> None:
+        """Add the current weights to ``mode``'s uniform mean."""
+        self._counts[mode] += 1
+        n = self._counts[mode]
+        current = self._floats()
+        if n == 1:
+            self._sums[mode] = {k: v.clone() for k, v in current.items()}
+            return
+        for k, avg in self._sums[mode].items():
+            avg.add_(current[k] - avg, alpha=1.0 / n)
+
+    def step(self, epoch: int) -> None:
+        """After an optimiser step of 0-based ``epoch``."""
+        if "ema" in self.modes and (epoch >= 1 or self.epochs == 1):
+            if "ema" not in self._sums:
+                self._mean_in("ema")
+            else:
+                current = self._floats()
+                for k, avg in self._sums["ema"].items():
+                    avg.mul_(self.ema_decay).add_(current[k], alpha=1.0 - self.ema_decay)
+        if "swa" in self.modes and epoch == self.epochs - 1:
+            self._mean_in("swa")
+
+    def epoch_end(self, epoch: int) -> None:
+        """After 0-based ``epoch``."""
+        if "epochs" in self.modes and (epoch >= 1 or self.epochs == 1):
+            self._mean_in("epochs")
+
+    def state(self, mode: str) -> dict[str, Any]:
+        """The model's ``state_dict`` with ``mode``'s averaged float weights."""
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if mode != "none":
+            state.update({k: v.clone() for k, v in self._sums[mode].items()})
+        return state

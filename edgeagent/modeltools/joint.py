@@ -83,6 +83,8 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
+    from edgeagent.modeltools.build import Source
+
     FloatArray = npt.NDArray[np.float32]
 
 
@@ -101,6 +103,11 @@ class JointOptions:
     max_length: int = 128
     opset: int = 18
     progress_every: float = 30.0
+    #: the weights the bundle keeps: the last step's (``none``) or an average of
+    #: :data:`~edgeagent.modeltools.finetune.AVERAGES` (see ``WeightAverages``)
+    average: str = "none"
+    #: encoder learning rate multiplied by this per layer below the top (1: one rate)
+    layer_decay: float = 1.0
 
 
 def is_joint_file(path: Path) -> bool:
@@ -311,17 +318,18 @@ def finetune_joint(
     intents_of: list[str],
     tags: list[str],
     intents: list[str],
-    out_dir: Path,
+    out_dirs: dict[str, Path],
     opts: JointOptions,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Fine-tune ``source_dir`` with the joint tag + intent layer; save model + tokenizer to
-    ``out_dir``.  Returns training stats (seconds, peak RSS, loss by epoch)."""
+    """Fine-tune ``source_dir`` with the joint tag + intent layer; save model + tokenizer
+    with each weight average of ``out_dirs`` (``{"none": dir}``: the last step's weights)
+    to its directory.  Returns training stats (seconds, peak RSS, loss by epoch)."""
     from edgeagent.modeltools.finetune import length_buckets, quiet_ml_libraries
 
     with quiet_ml_libraries():
         return _finetune_joint(
-            source_dir, examples, intents_of, tags, intents, out_dir, opts, log, length_buckets
+            source_dir, examples, intents_of, tags, intents, out_dirs, opts, log, length_buckets
         )
 
 
@@ -331,12 +339,17 @@ def _finetune_joint(
     intents_of: list[str],
     tags: list[str],
     intents: list[str],
-    out_dir: Path,
+    out_dirs: dict[str, Path],
     opts: JointOptions,
     log: Any,
     length_buckets: Any,
 ) -> dict[str, Any]:
-    from edgeagent.modeltools.finetune import save_tuned, train_step, warmup_decay
+    from edgeagent.modeltools.finetune import (
+        WeightAverages,
+        save_tuned,
+        train_step,
+        warmup_decay,
+    )
 
     columns = [*tags, *(f"intent:{x}" for x in intents)]
     torch, tokenizer, model = token_classifier(source_dir, columns, opts.seed, opts.threads)
@@ -359,7 +372,8 @@ def _finetune_joint(
     pad_id = int(tokenizer.pad_token_id or 0)
 
     model.train()
-    optim = head_body_optimizer(torch, model, opts.lr, opts.head_lr)
+    optim = head_body_optimizer(torch, model, opts.lr, opts.head_lr, opts.layer_decay)
+    averages = WeightAverages(model, list(out_dirs), opts.epochs)
     steps_per_epoch = math.ceil(len(examples) / opts.batch_size)
     total = steps_per_epoch * opts.epochs
     sched = warmup_decay(optim, total)
@@ -386,11 +400,16 @@ def _finetune_joint(
             target = torch.tensor([intent_index[intents_of[i]] for i in batch])
             intent_loss = torch.nn.functional.cross_entropy(intent_logits, target)
             value = train_step(model, optim, sched, tag_loss + opts.intent_weight * intent_loss)
+            averages.step(epoch)
             running += value
             prog.update(extra=f"epoch {epoch + 1}/{opts.epochs}, loss {value:.3f}")
         losses.append(running / steps_per_epoch)
+        averages.epoch_end(epoch)
     seconds = prog.close(extra="loss by epoch " + ", ".join(f"{x:.3f}" for x in losses))
-    save_tuned(model, tokenizer, out_dir)
+    states = {mode: averages.state(mode) for mode in out_dirs}
+    for mode, out_dir in out_dirs.items():
+        model.load_state_dict(states[mode])
+        save_tuned(model, tokenizer, out_dir)
     return {
         "train_seconds": round(seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -406,12 +425,14 @@ def train_joint_bundle(
     opts: JointOptions,
     *,
     command: str | None = None,
+    also_average: tuple[str, ...] = (),
     log: Any = print,
 ) -> Path:
     """Fine-tune, export, quantize, calibrate and write a joint ``tagger`` bundle (with
-    ``intents.json``); returns it."""
+    ``intents.json``); returns it.  ``also_average``: other weight averages of the same
+    training run (``opts.average`` names the bundle's), each written as bundle
+    ``<task>-<average>`` beside it, to compare them at the cost of one training."""
 
-    from edgeagent.bundle import publish_bundle, sha256_file
     from edgeagent.modeltools.build import resolve_source
 
     examples = load_tagged_examples(examples_path)
@@ -434,106 +455,163 @@ def train_joint_bundle(
     with tempfile.TemporaryDirectory(prefix="edgeagent-joint-") as tmp:
         work = Path(tmp)
         log(f"fine-tuning {source.upstream} for tags + intent (one encoder pass) …")
+        averages = [opts.average, *(a for a in dict.fromkeys(also_average) if a != opts.average)]
+        tuned = {a: work / f"tuned-{a}" for a in averages}
         stats = finetune_joint(
             Path(source.path_or_id),
             [examples[i] for i in train],
             [intents_of[i] for i in train],
             tags,
             intents,
-            work / "tuned",
+            tuned,
             opts,
             log,
         )
-        files_dir, _ = export_tagger(work / "tuned", work, opts.opset, log)
-        (files_dir / "labels.json").write_text(json.dumps(tags) + "\n", "utf-8")
-        (files_dir / INTENTS_FILE).write_text(json.dumps(intents) + "\n", "utf-8")
-        (files_dir / "calibration.json").write_text('{"temperature": 1.0}\n', "utf-8")
+        out = [
+            _joint_bundle(
+                task if a == opts.average else f"{task}-{a}",
+                tuned[a],
+                work / f"export-{a}",
+                _JointData(examples, intents_of, tags, intents, train, held, examples_path),
+                source,
+                opts,
+                a,
+                {**stats, "training_seconds_to_bundle": round(time.monotonic() - t0, 1)},
+                out_root,
+                command,
+                log,
+            )
+            for a in averages
+        ]
+    return out[0]
 
-        # Calibrate on the held-out split through the INT8 model, one input at a time.
-        model = JointTaggerModel(
-            files_dir / "model.onnx",
-            files_dir / "tokenizer.json",
-            len(tags),
-            max_length=max(opts.max_length, 512),
-            intra_op_threads=opts.threads,
-        )
-        held_words = [examples[i][0] for i in held]
-        held_tags = [examples[i][1] for i in held]
-        held_intents = [intents_of[i] for i in held]
-        outs = [model.joint_logits(w) for w in held_words]
-        calibration, ev, printed = calibrate_joint(
-            model,
-            tags,
-            [examples[i] for i in train],
-            [intents_of[i] for i in train],
-            (held_words, held_tags, held_intents, outs),
-            opts.seed,
-        )
-        best = ev.best_mode(0.97)
-        combine, slot_mode = best.split("/")
-        used = calibration["threshold_calibration"]["frame_confidence"]
-        temperature = calibration["temperature"]
-        intent_temperature = calibration["intent_temperature"]
-        metrics: dict[str, Any] = {
-            **ev.summary(),
-            "frame_calibrator": calibration["frame_calibrator"],
-            "printed_threshold_97": None if math.isinf(printed.threshold) else printed.threshold,
-            "printed_threshold_confidence": used,
-            "printed_threshold_escalation": printed.escalation,
-            "temperature": temperature,
-            "intent_temperature": intent_temperature,
-            "confidence_combine": combine,
-            "best_slot_confidence": slot_mode,
-            "train_examples": len(train),
-            "held_out_examples": len(held),
-            **stats,
-            "total_seconds": round(time.monotonic() - t0, 1),
+
+@dataclass(frozen=True)
+class _JointData:
+    """What :func:`_joint_bundle` needs of the training file and its split."""
+
+    examples: list[Tagged]
+    intents_of: list[str]
+    tags: list[str]
+    intents: list[str]
+    train: list[int]
+    held: list[int]
+    path: Path
+
+
+def _joint_bundle(
+    task: str,
+    tuned: Path,
+    work: Path,
+    data: _JointData,
+    source: Source,
+    opts: JointOptions,
+    average: str,
+    stats: dict[str, Any],
+    out_root: Path,
+    command: str | None,
+    log: Any,
+) -> Path:
+    """Export, quantize, calibrate and publish the fine-tuned model in ``tuned``."""
+    from edgeagent.bundle import publish_bundle, sha256_file
+
+    t0 = time.monotonic()
+    examples, intents_of, tags, intents = data.examples, data.intents_of, data.tags, data.intents
+    train, held = data.train, data.held
+    work.mkdir()
+    files_dir, _ = export_tagger(tuned, work, opts.opset, log)
+    (files_dir / "labels.json").write_text(json.dumps(tags) + "\n", "utf-8")
+    (files_dir / INTENTS_FILE).write_text(json.dumps(intents) + "\n", "utf-8")
+    (files_dir / "calibration.json").write_text('{"temperature": 1.0}\n', "utf-8")
+
+    # Calibrate on the held-out split through the INT8 model, one input at a time.
+    model = JointTaggerModel(
+        files_dir / "model.onnx",
+        files_dir / "tokenizer.json",
+        len(tags),
+        max_length=max(opts.max_length, 512),
+        intra_op_threads=opts.threads,
+    )
+    held_words = [examples[i][0] for i in held]
+    held_tags = [examples[i][1] for i in held]
+    held_intents = [intents_of[i] for i in held]
+    outs = [model.joint_logits(w) for w in held_words]
+    calibration, ev, printed = calibrate_joint(
+        model,
+        tags,
+        [examples[i] for i in train],
+        [intents_of[i] for i in train],
+        (held_words, held_tags, held_intents, outs),
+        opts.seed,
+    )
+    best = ev.best_mode(0.97)
+    combine, slot_mode = best.split("/")
+    used = calibration["threshold_calibration"]["frame_confidence"]
+    temperature = calibration["temperature"]
+    intent_temperature = calibration["intent_temperature"]
+    metrics: dict[str, Any] = {
+        **ev.summary(),
+        "frame_calibrator": calibration["frame_calibrator"],
+        "printed_threshold_97": None if math.isinf(printed.threshold) else printed.threshold,
+        "printed_threshold_confidence": used,
+        "printed_threshold_escalation": printed.escalation,
+        "temperature": temperature,
+        "intent_temperature": intent_temperature,
+        "confidence_combine": combine,
+        "best_slot_confidence": slot_mode,
+        "train_examples": len(train),
+        "held_out_examples": len(held),
+        "average": average,
+        **stats,
+        "total_seconds": round(stats["training_seconds_to_bundle"] + time.monotonic() - t0, 1),
+    }
+    del metrics["training_seconds_to_bundle"]
+    log(
+        f"held-out ({len(held)}), weights {average!r}: intent accuracy "
+        f"{ev.intent_accuracy:.2%}, slot F1 {ev.slot_f1:.2%}, frame accuracy "
+        f"{ev.frame_accuracy:.2%}; escalation for 97% frames "
+        f"{ev.escalation_for(0.97, best):.1%} with {combine} of intent and "
+        f"{slot_mode!r} slot confidence; {ev.escalation_for(0.97, CALIBRATED):.1%} with "
+        f"the frame calibrator (cross-fitted; "
+        f"{'kept' if calibration['frame_calibrator'] else 'not kept: no better'}); "
+        f"T={temperature:.3f}, intent T={intent_temperature:.3f}\n"
+        f"{printed_line(printed, len(held), used)}"
+    )
+
+    with staging_dir(out_root, task) as staging:
+        for name in ("model.onnx", "tokenizer.json", "labels.json", INTENTS_FILE):
+            shutil.copyfile(files_dir / name, staging / name)
+        write_json(staging / "calibration.json", calibration)
+        write_json(staging / "metrics.json", metrics)
+        manifest: dict[str, Any] = {
+            **tagger_manifest(task, source, opts.opset, command),
+            "tagger": {
+                "output": "logits",
+                "tags": len(tags),
+                "slots": (len(tags) - 1) // 2,
+                "intents": len(intents),
+                "scheme": "BIO, first sub-word token; intent = token mean of the intent columns",
+                "trained_on_examples": len(train),
+                "examples_sha256": sha256_file(data.path),
+                "epochs": opts.epochs,
+                "lr": opts.lr,
+                "seed": opts.seed,
+                "held_out": opts.held_out,
+                "max_length_trained": opts.max_length,
+                **_training_choices(opts, average),
+            },
+            "metrics": {
+                k: metrics[k]
+                for k in (
+                    "intent_accuracy",
+                    "slot_f1",
+                    "frame_accuracy",
+                    "confidence_combine",
+                    "best_slot_confidence",
+                    "train_seconds",
+                )
+            },
         }
-        log(
-            f"held-out ({len(held)}): intent accuracy {ev.intent_accuracy:.2%}, slot F1 "
-            f"{ev.slot_f1:.2%}, frame accuracy {ev.frame_accuracy:.2%}; escalation for 97% "
-            f"frames {ev.escalation_for(0.97, best):.1%} with {combine} of intent and "
-            f"{slot_mode!r} slot confidence; {ev.escalation_for(0.97, CALIBRATED):.1%} with "
-            f"the frame calibrator (cross-fitted; "
-            f"{'kept' if calibration['frame_calibrator'] else 'not kept: no better'}); "
-            f"T={temperature:.3f}, intent T={intent_temperature:.3f}\n"
-            f"{printed_line(printed, len(held), used)}"
-        )
-
-        with staging_dir(out_root, task) as staging:
-            for name in ("model.onnx", "tokenizer.json", "labels.json", INTENTS_FILE):
-                shutil.copyfile(files_dir / name, staging / name)
-            write_json(staging / "calibration.json", calibration)
-            write_json(staging / "metrics.json", metrics)
-            manifest: dict[str, Any] = {
-                **tagger_manifest(task, source, opts.opset, command),
-                "tagger": {
-                    "output": "logits",
-                    "tags": len(tags),
-                    "slots": (len(tags) - 1) // 2,
-                    "intents": len(intents),
-                    "scheme": "BIO, first sub-word token; intent = token mean of the "
-                    "intent columns",
-                    "trained_on_examples": len(train),
-                    "examples_sha256": sha256_file(examples_path),
-                    "epochs": opts.epochs,
-                    "lr": opts.lr,
-                    "seed": opts.seed,
-                    "held_out": opts.held_out,
-                    "max_length_trained": opts.max_length,
-                },
-                "metrics": {
-                    k: metrics[k]
-                    for k in (
-                        "intent_accuracy",
-                        "slot_f1",
-                        "frame_accuracy",
-                        "confidence_combine",
-                        "best_slot_confidence",
-                        "train_seconds",
-                    )
-                },
-            }
     files = [
         "model.onnx",
         "tokenizer.json",
@@ -543,6 +621,17 @@ def train_joint_bundle(
         "metrics.json",
     ]
     return publish_bundle(staging, out_root / task, manifest, files, log)
+
+
+def _training_choices(opts: JointOptions, average: str) -> dict[str, Any]:
+    """The training options that differ from the original recipe (so the manifests of
+    bundles trained before them stay as they were)."""
+    out: dict[str, Any] = {}
+    if average != "none":
+        out["average"] = average
+    if opts.layer_decay != 1.0:
+        out["layer_decay"] = opts.layer_decay
+    return out
 
 
 def calibrate_joint(

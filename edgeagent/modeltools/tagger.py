@@ -22,13 +22,14 @@ Steps of :func:`train_tagger_bundle`:
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import math
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,17 +308,54 @@ def token_classifier(
     return torch, tokenizer, model
 
 
-def head_body_optimizer(torch: Any, model: Any, lr: float, head_lr: float) -> Any:
+def head_body_optimizer(
+    torch: Any, model: Any, lr: float, head_lr: float, layer_decay: float = 1.0
+) -> Any:
     """AdamW with ``lr`` (weight decay 0.01) for the encoder and ``head_lr`` (no decay) for
-    the new ``classifier.`` layer."""
+    the new ``classifier.`` layer.  ``layer_decay`` < 1: layer-wise learning-rate decay, the
+    top encoder layer at ``lr``, each layer below it (then the embeddings) at
+    ``layer_decay`` times the rate above (parameters outside the layers and embeddings,
+    e.g. a pooler, at ``lr``)."""
     head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
-    body = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    body = [(n, p) for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    groups: dict[int, list[Any]] = {}
+    depth = encoder_depth(n for n, _ in body) if layer_decay != 1.0 else 0
+    for name, param in body:
+        groups.setdefault(_layers_below_top(name, depth), []).append(param)
     return torch.optim.AdamW(
         [
-            {"params": body, "lr": lr, "weight_decay": 0.01},
+            *(
+                {"params": ps, "lr": lr * layer_decay**below, "weight_decay": 0.01}
+                for below, ps in sorted(groups.items())
+            ),
             {"params": head, "lr": head_lr, "weight_decay": 0.0},
         ]
     )
+
+
+def encoder_depth(names: Iterable[str]) -> int:
+    """The number of ``….layer.<i>.…`` transformer layers among parameter ``names``."""
+    found = [_layer_number(n) for n in names]
+    return 1 + max((i for i in found if i is not None), default=-1)
+
+
+def _layer_number(name: str) -> int | None:
+    parts = name.split(".")
+    for a, b in itertools.pairwise(parts):
+        if a == "layer" and b.isdigit():
+            return int(b)
+    return None
+
+
+def _layers_below_top(name: str, depth: int) -> int:
+    """How many layers ``name`` sits below the top one (the embeddings: ``depth``; 0 for
+    anything else, and for every name when ``depth`` is 0)."""
+    if depth == 0:
+        return 0
+    i = _layer_number(name)
+    if i is not None:
+        return depth - 1 - i
+    return depth if ".embeddings." in f".{name}" else 0
 
 
 def random_held_out(n: int, fraction: float, seed: int) -> list[int]:
