@@ -185,7 +185,50 @@ def run_variant(
         "head": "logistic_regression" + ("" if blend >= 1 else f"+knn (weight {1 - blend:g})"),
         "split_seed": split_seed,
         "single_job_ms": timing,
+        # per validation example, for paired comparisons (--compare)
+        "confidence": [round(float(c), 6) for c in conf],
+        "correct": [bool(x) for x in ok],
+        "forced": [p.reason == "out_of_scope" for p in preds],
     }
+
+
+def paired_better(a: dict[str, Any], b: dict[str, Any], rounds: int = 200) -> float:
+    """Share of paired bootstrap resamples of the validation split (the same rows for both)
+    in which ``b`` needs less escalation for 99 % than ``a`` (ties count half)."""
+    import numpy as np
+
+    from edgeagent.heads.curves import escalation_curve, escalation_for
+
+    def esc(r: dict[str, Any], idx: Any) -> float:
+        curve = escalation_curve(
+            [r["confidence"][i] for i in idx],
+            [r["correct"][i] for i in idx],
+            [r["forced"][i] for i in idx],
+        )
+        return escalation_for(curve, 0.99).escalation
+
+    rng = np.random.default_rng(0)
+    wins = 0.0
+    for _ in range(rounds):
+        idx = rng.integers(0, len(a["correct"]), len(a["correct"]))
+        ea, eb = esc(a, idx), esc(b, idx)
+        wins += 1.0 if eb < ea else 0.5 if eb == ea else 0.0
+    return wins / rounds
+
+
+def compare(files: list[Path]) -> None:
+    """Paired comparison at 99 % of every pair of results of one split seed (``--json``
+    files of separate runs: the validation rows are the same for a split seed)."""
+    results = [r for f in files for r in json.loads(f.read_text()) if "correct" in r]
+    print("| split seed | a | b | b needs less escalation for 99 % than a, paired |")
+    print("|---|---|---|---|")
+    for i, a in enumerate(results):
+        for b in results[i + 1 :]:
+            if a["split_seed"] == b["split_seed"]:
+                print(
+                    f"| {a['split_seed']} | {a['variant']} | {b['variant']} | "
+                    f"{paired_better(a, b):.0%} |"
+                )
 
 
 def _parse(spec: str) -> tuple[str, dict[str, Any] | None]:
@@ -217,8 +260,19 @@ def main() -> int:
         metavar="N",
         help="time N single jobs per variant against the untuned encoder (interleaved)",
     )
+    ap.add_argument(
+        "--compare",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="print paired comparisons of the results in these --json files and exit",
+    )
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process mode
     args = ap.parse_args()
+    if args.compare:
+        compare(args.compare)
+        return 0
     data = _datasets(args.datasets)
     if not (data / "banking77/train.jsonl").is_file():
         print(f"Banking77 not found under {data} (set EDGEAGENT_DATASETS)", file=sys.stderr)

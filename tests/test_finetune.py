@@ -119,6 +119,39 @@ def test_supcon_loss_rewards_same_label_rows_being_close() -> None:
     assert float(supcon_loss(torch, tight, torch.tensor([0, 1, 2, 3]), 0.1)) == 0.0
 
 
+def test_weight_average_keeps_the_mean_of_the_added_steps() -> None:
+    torch = pytest.importorskip("torch")
+    from edgeagent.modeltools.finetune import WeightAverage
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    avg = WeightAverage(torch, [w])
+    for value in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            w.fill_(value)
+        avg.add()
+    avg.apply()
+    assert avg.count == 3 and torch.allclose(w, torch.full((3,), 3.0))
+
+
+def test_the_learning_rate_stops_decaying_where_weight_averaging_starts() -> None:
+    torch = pytest.importorskip("torch")
+    from edgeagent.modeltools.finetune import warmup_decay
+
+    def rates(hold_from: int | None) -> list[float]:
+        optim = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = warmup_decay(optim, 100, hold_from=hold_from)
+        out = []
+        for _ in range(100):
+            out.append(optim.param_groups[0]["lr"])
+            optim.step()
+            sched.step()
+        return out
+
+    plain, held = rates(None), rates(60)
+    assert plain[:61] == held[:61]
+    assert plain[99] < plain[60] and set(held[60:]) == {held[60]} and held[60] > 0.3
+
+
 def test_length_stats_counts_truncated_examples() -> None:
     s = length_stats([10, 12, 14, 80, 11], max_length=64)
     assert (s["p50"], s["max"], s["truncated"], s["mean"]) == (12, 80, 1, 25.4)
@@ -130,6 +163,8 @@ def test_finetune_options_reject_unknown_names() -> None:
         FinetuneOptions.from_kwargs({"epoch": 1})
     with pytest.raises(ValueError):
         FinetuneOptions.from_kwargs({"epochs": 0})
+    with pytest.raises(ValueError):
+        FinetuneOptions.from_kwargs({"swa": 1.0})
 
 
 def test_quiet_ml_libraries_hides_their_warnings_but_not_errors(

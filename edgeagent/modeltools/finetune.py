@@ -118,6 +118,10 @@ class FinetuneOptions:
     """SetFit-style contrastive term: with ``pairs`` > 0 each batch is half anchors, half a
     same-label partner of each, and ``pairs`` times a supervised contrastive loss over the
     batch (temperature ``1 / scale``) is added to the classifier's cross-entropy."""
+    swa: float = 0.0
+    """Weight averaging (SWA): with ``swa`` > 0 the learning rate stops decaying for the
+    last ``swa`` fraction of the steps and the encoder saved is the uniform average of
+    the trainable weights after each of those steps (one model, no run-time cost)."""
     max_length: int = 64
     freeze_layers: int = 2
     bucket: bool = True
@@ -135,6 +139,8 @@ class FinetuneOptions:
         opts = cls(**kwargs)
         if opts.epochs < 1 or opts.batch_size < 1 or opts.max_length < 8:
             raise ValueError("fine-tuning needs epochs >= 1, batch_size >= 1, max_length >= 8")
+        if not 0.0 <= opts.swa < 1.0:
+            raise ValueError("fine-tuning needs 0 <= swa < 1")
         return opts
 
 
@@ -414,9 +420,12 @@ def _finetune(
             {"params": [classifier], "lr": opts.head_lr, "weight_decay": 0.0},
         ]
     )
-    sched = warmup_decay(optim, total)
+    swa_from = total - round(total * opts.swa) if opts.swa > 0 else total
+    sched = warmup_decay(optim, total, hold_from=swa_from)
+    averaged = WeightAverage(torch, enc.trainable())
     prog = Progress(total, "fine-tuning", log=log, every=opts.progress_every)
     losses: list[float] = []
+    step = 0
     for epoch in range(opts.epochs):
         running = 0.0
         if opts.pairs > 0:
@@ -434,10 +443,16 @@ def _finetune(
             if opts.pairs > 0:
                 loss = loss + opts.pairs * supcon_loss(torch, emb, target, 1.0 / opts.scale)
             value = train_step(model, optim, sched, loss)
+            step += 1
+            if step > swa_from:
+                averaged.add()
             running += value
             prog.update(extra=f"epoch {epoch + 1}/{opts.epochs}, loss {value:.3f}")
         losses.append(running / steps_per_epoch)
     seconds = prog.close(extra="loss by epoch " + ", ".join(f"{x:.3f}" for x in losses))
+    if averaged.count:
+        log(f"  encoder weights: the average of the last {averaged.count} steps (swa)")
+        averaged.apply()
     save_tuned(model, tokenizer, out_dir)
     for extra in ("README.md",):  # keeps the licence line for the manifest
         if (source_dir / extra).is_file():
@@ -470,15 +485,42 @@ def save_tuned(model: Any, tokenizer: Any, out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
 
-def warmup_decay(optim: Any, total: int) -> Any:
+def warmup_decay(optim: Any, total: int, hold_from: int | None = None) -> Any:
     """Learning rate: linear warm-up over the first 10 % of ``total`` steps, then linear
-    decay to 0."""
+    decay to 0; from step ``hold_from`` on (SWA) it stays at that step's value."""
     torch: Any = importlib.import_module("torch")
     warmup = max(1, total // 10)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optim,
-        lambda step: min((step + 1) / warmup, max(0.0, (total - step) / (total - warmup + 1))),
-    )
+
+    def factor(step: int) -> float:
+        step = step if hold_from is None else min(step, hold_from)
+        return min((step + 1) / warmup, max(0.0, (total - step) / (total - warmup + 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optim, factor)
+
+
+class WeightAverage:
+    """Running uniform average of ``params`` (SWA, Izmailov et al. 2018): :meth:`add` after
+    each averaged step, :meth:`apply` copies the average into the parameters."""
+
+    def __init__(self, torch: Any, params: list[Any]) -> None:
+        self.torch = torch
+        self.params = params
+        self.sums: list[Any] = []
+        self.count = 0
+
+    def add(self) -> None:
+        with self.torch.no_grad():
+            if not self.sums:
+                self.sums = [p.detach().clone() for p in self.params]
+            else:
+                for s, p in zip(self.sums, self.params, strict=True):
+                    s.add_(p.detach())
+        self.count += 1
+
+    def apply(self) -> None:
+        with self.torch.no_grad():
+            for s, p in zip(self.sums, self.params, strict=True):
+                p.copy_(s / self.count)
 
 
 def train_step(model: Any, optim: Any, sched: Any, loss: Any) -> float:
