@@ -119,18 +119,18 @@ def test_supcon_loss_rewards_same_label_rows_being_close() -> None:
     assert float(supcon_loss(torch, tight, torch.tensor([0, 1, 2, 3]), 0.1)) == 0.0
 
 
-def test_weight_average_keeps_the_mean_of_the_added_steps() -> None:
+def test_weight_average_from_a_step_keeps_the_mean_of_the_steps_after_it() -> None:
     torch = pytest.importorskip("torch")
-    from edgeagent.modeltools.finetune import WeightAverage
+    from edgeagent.modeltools.finetune import WeightAverages
 
-    w = torch.nn.Parameter(torch.zeros(3))
-    avg = WeightAverage(torch, [w])
-    for value in (1.0, 2.0, 6.0):
+    model = torch.nn.Linear(3, 1, bias=False)
+    avg = WeightAverages(model, ["swa"], epochs=2, swa_start=1)  # steps 2, 3 and 4 of 4
+    for step, value in enumerate((9.0, 1.0, 2.0, 6.0)):
         with torch.no_grad():
-            w.fill_(value)
-        avg.add()
-    avg.apply()
-    assert avg.count == 3 and torch.allclose(w, torch.full((3,), 3.0))
+            model.weight.fill_(value)
+        avg.step(epoch=step // 2)
+    model.load_state_dict(avg.state("swa"))
+    assert avg.count("swa") == 3 and torch.allclose(model.weight, torch.full((1, 3), 3.0))
 
 
 def test_the_learning_rate_stops_decaying_where_weight_averaging_starts() -> None:

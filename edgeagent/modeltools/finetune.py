@@ -422,10 +422,11 @@ def _finetune(
     )
     swa_from = total - round(total * opts.swa) if opts.swa > 0 else total
     sched = warmup_decay(optim, total, hold_from=swa_from)
-    averaged = WeightAverage(torch, enc.trainable())
+    averages = WeightAverages(
+        model, ["swa"] if opts.swa > 0 else [], opts.epochs, swa_start=swa_from
+    )
     prog = Progress(total, "fine-tuning", log=log, every=opts.progress_every)
     losses: list[float] = []
-    step = 0
     for epoch in range(opts.epochs):
         running = 0.0
         if opts.pairs > 0:
@@ -443,16 +444,14 @@ def _finetune(
             if opts.pairs > 0:
                 loss = loss + opts.pairs * supcon_loss(torch, emb, target, 1.0 / opts.scale)
             value = train_step(model, optim, sched, loss)
-            step += 1
-            if step > swa_from:
-                averaged.add()
+            averages.step(epoch)
             running += value
             prog.update(extra=f"epoch {epoch + 1}/{opts.epochs}, loss {value:.3f}")
         losses.append(running / steps_per_epoch)
     seconds = prog.close(extra="loss by epoch " + ", ".join(f"{x:.3f}" for x in losses))
-    if averaged.count:
-        log(f"  encoder weights: the average of the last {averaged.count} steps (swa)")
-        averaged.apply()
+    if averages.count("swa"):
+        log(f"  encoder weights: the average of the last {averages.count('swa')} steps (swa)")
+        model.load_state_dict(averages.state("swa"))
     save_tuned(model, tokenizer, out_dir)
     for extra in ("README.md",):  # keeps the licence line for the manifest
         if (source_dir / extra).is_file():
@@ -498,31 +497,6 @@ def warmup_decay(optim: Any, total: int, hold_from: int | None = None) -> Any:
     return torch.optim.lr_scheduler.LambdaLR(optim, factor)
 
 
-class WeightAverage:
-    """Running uniform average of ``params`` (SWA, Izmailov et al. 2018): :meth:`add` after
-    each averaged step, :meth:`apply` copies the average into the parameters."""
-
-    def __init__(self, torch: Any, params: list[Any]) -> None:
-        self.torch = torch
-        self.params = params
-        self.sums: list[Any] = []
-        self.count = 0
-
-    def add(self) -> None:
-        with self.torch.no_grad():
-            if not self.sums:
-                self.sums = [p.detach().clone() for p in self.params]
-            else:
-                for s, p in zip(self.sums, self.params, strict=True):
-                    s.add_(p.detach())
-        self.count += 1
-
-    def apply(self) -> None:
-        with self.torch.no_grad():
-            for s, p in zip(self.sums, self.params, strict=True):
-                p.copy_(s / self.count)
-
-
 def train_step(model: Any, optim: Any, sched: Any, loss: Any) -> float:
     """One optimiser step on ``loss`` (gradients clipped to norm 1); returns the loss."""
     torch: Any = importlib.import_module("torch")
@@ -543,13 +517,21 @@ class WeightAverages:
 
     - ``ema``: exponential moving average (decay ``ema_decay`` per step, about
       ``1 / (1 - ema_decay)`` steps of memory) from the start of the second epoch;
-    - ``swa``: uniform mean of the weights after every step of the last epoch;
+    - ``swa``: uniform mean of the weights after every step of the last epoch (or, with
+      ``swa_start``, after every step from that 0-based step on);
     - ``epochs``: uniform mean of the weights at the end of every epoch from the second on.
 
     Call :meth:`step` after every optimiser step and :meth:`epoch_end` after every epoch;
     :meth:`state` gives a ``state_dict`` to load (non-float entries as the model's)."""
 
-    def __init__(self, model: Any, modes: list[str], epochs: int, ema_decay: float = 0.995) -> None:
+    def __init__(
+        self,
+        model: Any,
+        modes: list[str],
+        epochs: int,
+        ema_decay: float = 0.995,
+        swa_start: int | None = None,
+    ) -> None:
         unknown = sorted(set(modes) - set(AVERAGES))
         if unknown:
             raise ValueError(f"unknown weight averages {unknown}; expected some of {AVERAGES}")
@@ -557,8 +539,14 @@ class WeightAverages:
         self.modes = sorted(set(modes) - {"none"})
         self.epochs = epochs
         self.ema_decay = ema_decay
+        self.swa_start = swa_start
+        self._steps = 0
         self._sums: dict[str, dict[str, Any]] = {}
         self._counts: dict[str, int] = dict.fromkeys(self.modes, 0)
+
+    def count(self, mode: str) -> int:
+        """How many weight sets ``mode``'s average holds (0: none yet)."""
+        return self._counts.get(mode, 0)
 
     def _floats(self) -> dict[str, Any]:
         return {k: v.detach() for k, v in self.model.state_dict().items() if v.is_floating_point()}
@@ -583,7 +571,10 @@ class WeightAverages:
                 current = self._floats()
                 for k, avg in self._sums["ema"].items():
                     avg.mul_(self.ema_decay).add_(current[k], alpha=1.0 - self.ema_decay)
-        if "swa" in self.modes and epoch == self.epochs - 1:
+        self._steps += 1
+        if "swa" in self.modes and (
+            epoch == self.epochs - 1 if self.swa_start is None else self._steps > self.swa_start
+        ):
             self._mean_in("swa")
 
     def epoch_end(self, epoch: int) -> None:
