@@ -74,6 +74,7 @@ from edgeagent.modeltools.tagger import (
     stored_threshold,
     tag_set,
     tagger_manifest,
+    tagger_section,
     token_classifier,
     write_json,
 )
@@ -406,9 +407,10 @@ def _finetune_joint(
         losses.append(running / steps_per_epoch)
         averages.epoch_end(epoch)
     seconds = prog.close(extra="loss by epoch " + ", ".join(f"{x:.3f}" for x in losses))
-    states = {mode: averages.state(mode) for mode in out_dirs}
-    for mode, out_dir in out_dirs.items():
-        model.load_state_dict(states[mode])
+    # The last step's weights first, as they are (no copy), then each average over them.
+    for mode, out_dir in sorted(out_dirs.items(), key=lambda item: item[0] != "none"):
+        if mode != "none":
+            model.load_state_dict(averages.state(mode))
         save_tuned(model, tokenizer, out_dir)
     return {
         "train_seconds": round(seconds, 1),
@@ -513,7 +515,7 @@ def _joint_bundle(
     log: Any,
 ) -> Path:
     """Export, quantize, calibrate and publish the fine-tuned model in ``tuned``."""
-    from edgeagent.bundle import publish_bundle, sha256_file
+    from edgeagent.bundle import publish_bundle
 
     t0 = time.monotonic()
     examples, intents_of, tags, intents = data.examples, data.intents_of, data.tags, data.intents
@@ -586,18 +588,14 @@ def _joint_bundle(
         manifest: dict[str, Any] = {
             **tagger_manifest(task, source, opts.opset, command),
             "tagger": {
-                "output": "logits",
-                "tags": len(tags),
-                "slots": (len(tags) - 1) // 2,
+                **tagger_section(
+                    tags,
+                    len(train),
+                    data.path,
+                    opts,
+                    "BIO, first sub-word token; intent = token mean of the intent columns",
+                ),
                 "intents": len(intents),
-                "scheme": "BIO, first sub-word token; intent = token mean of the intent columns",
-                "trained_on_examples": len(train),
-                "examples_sha256": sha256_file(data.path),
-                "epochs": opts.epochs,
-                "lr": opts.lr,
-                "seed": opts.seed,
-                "held_out": opts.held_out,
-                "max_length_trained": opts.max_length,
                 **_training_choices(opts, average),
             },
             "metrics": {

@@ -408,6 +408,31 @@ def tagger_manifest(task: str, source: Source, opset: int, command: str | None) 
     }
 
 
+def tagger_section(
+    tags: list[str],
+    trained_on: int,
+    examples_path: Path,
+    opts: Any,
+    scheme: str = "BIO, first sub-word token",
+) -> dict[str, Any]:
+    """The manifest's ``tagger`` entries every tagger bundle has (``opts``: the training
+    options, with ``epochs``, ``lr``, ``seed``, ``held_out`` and ``max_length``); the
+    caller adds what its kind of bundle has besides."""
+    return {
+        "output": "logits",
+        "tags": len(tags),
+        "slots": (len(tags) - 1) // 2,
+        "scheme": scheme,
+        "trained_on_examples": trained_on,
+        "examples_sha256": sha256_file(examples_path),
+        "epochs": opts.epochs,
+        "lr": opts.lr,
+        "seed": opts.seed,
+        "held_out": opts.held_out,
+        "max_length_trained": opts.max_length,
+    }
+
+
 @contextmanager
 def staging_dir(out_root: Path, task: str) -> Iterator[Path]:
     """A fresh hidden directory in ``out_root`` to assemble a bundle in (for
@@ -660,18 +685,8 @@ def train_tagger_bundle(
             manifest: dict[str, Any] = {
                 **tagger_manifest(task, source, opts.opset, command),
                 "tagger": {
-                    "output": "logits",
-                    "tags": len(tags),
-                    "slots": (len(tags) - 1) // 2,
-                    "scheme": "BIO, first sub-word token",
-                    "trained_on_examples": len(train),
-                    "examples_sha256": sha256_file(examples_path),
-                    "epochs": opts.epochs,
-                    "lr": opts.lr,
-                    "seed": opts.seed,
-                    "held_out": opts.held_out,
+                    **tagger_section(tags, len(train), examples_path, opts),
                     "held_out_by": opts.held_out_by,
-                    "max_length_trained": opts.max_length,
                 },
                 "metrics": {
                     k: metrics[k]
