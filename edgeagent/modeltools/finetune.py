@@ -121,7 +121,8 @@ class FinetuneOptions:
     swa: float = 0.0
     """Weight averaging (SWA): with ``swa`` > 0 the learning rate stops decaying for the
     last ``swa`` fraction of the steps and the encoder saved is the uniform average of
-    the trainable weights after each of those steps (one model, no run-time cost)."""
+    the weights after each of those steps (:class:`WeightAverages`; one model, no run-time
+    cost)."""
     max_length: int = 64
     freeze_layers: int = 2
     bucket: bool = True
