@@ -13,7 +13,12 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from edgeagent.backoff import backoff_delay, backoff_delays
-from edgeagent.lifecycle import limit_malloc_arenas, run_service, wait_for_stop
+from edgeagent.lifecycle import (
+    limit_malloc_arenas,
+    release_free_memory,
+    run_service,
+    wait_for_stop,
+)
 
 
 @given(
@@ -92,5 +97,25 @@ def test_malloc_arenas_capped_unless_the_operator_chose(monkeypatch: pytest.Monk
         pytest.skip("glibc only")
     # In a fresh process (the cap must come before threads start): glibc takes it.
     code = "from edgeagent.lifecycle import limit_malloc_arenas; print(limit_malloc_arenas())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_release_free_memory_hands_back_what_a_load_freed() -> None:
+    """glibc: freed blocks below the top of the heap stay resident until malloc_trim."""
+    import platform
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        assert release_free_memory() is False
+        return
+    code = (
+        "from edgeagent.lifecycle import release_free_memory\n"
+        "blocks = [bytearray(64 * 1024) for _ in range(400)]\n"  # under the mmap threshold
+        "keep = blocks[-1]\n"
+        "del blocks\n"
+        "print(release_free_memory())\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"

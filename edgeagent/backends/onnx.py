@@ -37,6 +37,7 @@ from edgeagent.backends.base import (
     Prediction,
 )
 from edgeagent.bundle import BundleError, read_manifest
+from edgeagent.lifecycle import release_free_memory
 
 if TYPE_CHECKING:
     import numpy as np
@@ -693,6 +694,7 @@ class OnnxBackend:
                 )
             self._manifest, self._encoder, self._head = manifest, encoder, head
         self.warmup()
+        release_free_memory()  # the loader's temporaries (file buffers, conversions)
 
     def warmup(self) -> None:
         self.infer_batch([WARMUP_TEXT])
