@@ -40,13 +40,12 @@ import edgeagent.backends  # noqa: F401  (import order)
 from edgeagent.backends import tagger as device
 from edgeagent.bundle import read_manifest
 from edgeagent.heads.curves import ece, escalation_curve, escalation_for
-from edgeagent.modeltools.joint import joint_correct, load_intents
+from edgeagent.modeltools.joint import bundle_held_out, joint_correct, load_intents
 from edgeagent.modeltools.tagger import (
     calibration_backend,
     fit_logistic,
     load_tagged_examples,
     offsets_of,
-    random_held_out,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -276,7 +275,7 @@ def cached_logits(args: argparse.Namespace) -> dict[str, Any]:
             return data
     manifest = read_manifest(args.bundle, kind="tagger", verify=False)["tagger"]
     examples = load_tagged_examples(args.examples)
-    held = random_held_out(len(examples), manifest["held_out"], manifest["seed"])
+    held = bundle_held_out(manifest, len(examples))
     val = load_tagged_examples(args.data)
     backend = calibration_backend(args.bundle, args.threads)
     try:

@@ -271,6 +271,29 @@ def test_frame_confidence_combines_intent_and_slots() -> None:
     assert frame_confidence(0.9, 0.5, "min") == 0.5
 
 
+def test_a_split_seed_holds_out_the_same_rows_for_another_training_seed() -> None:
+    """``--split-seed`` (benchmarks/bench_joint_ensemble.py): models trained with other
+    seeds share one held-out split; the manifest records it only when it differs, and
+    bundles trained before it (no ``split_seed``) keep the split of their ``seed``."""
+    from edgeagent.modeltools.joint import (
+        JointOptions,
+        _training_choices,
+        bundle_held_out,
+        split_seed,
+    )
+    from edgeagent.modeltools.tagger import random_held_out
+
+    assert split_seed(JointOptions(seed=3)) == 3
+    assert split_seed(JointOptions(seed=3, split_seed=0)) == 0
+    assert "split_seed" not in _training_choices(JointOptions(seed=3), "none")
+    assert "split_seed" not in _training_choices(JointOptions(seed=0, split_seed=0), "none")
+    assert _training_choices(JointOptions(seed=1, split_seed=0), "none") == {"split_seed": 0}
+    old = {"seed": 1, "held_out": 0.1}
+    assert bundle_held_out(old, 500) == random_held_out(500, 0.1, 1)
+    assert bundle_held_out({**old, "split_seed": 0}, 500) == random_held_out(500, 0.1, 0)
+    assert random_held_out(500, 0.1, 0) != random_held_out(500, 0.1, 1)
+
+
 def test_joint_evaluation_needs_intent_and_slots_right() -> None:
     np = pytest.importorskip("numpy")
     from edgeagent.backends.tagger import TaggedText, spans

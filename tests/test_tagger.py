@@ -324,6 +324,47 @@ def test_tagged_examples_are_checked_line_by_line(tmp_path: Path) -> None:
             load_tagged_examples(bad)
 
 
+def test_split_seed_is_refused_for_anything_but_a_joint_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgeagent.cli import main
+
+    monkeypatch.setenv("EDGEAGENT_CONFIG", str(tmp_path / "none.toml"))
+    tags = tmp_path / "tags.jsonl"
+    tags.write_text('{"tokens": ["a", "b"], "tags": ["O", "B-x"]}\n', "utf-8")
+    joint = tmp_path / "joint.jsonl"
+    joint.write_text('{"tokens": ["a", "b"], "tags": ["O", "B-x"], "intent": "i"}\n', "utf-8")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"text": "a", "label": "x"}\n', "utf-8")
+    for path, extra in ((tags, []), (joint, ["--no-intent"]), (plain, [])):
+        argv = ["train", "t", "--examples", str(path), "--split-seed", "0", *extra]
+        assert main(argv) == 2
+        assert "--split-seed is for a joint model" in capsys.readouterr().err
+
+
+def test_split_seed_reaches_the_joint_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edgeagent.modeltools.joint as joint_mod
+    from edgeagent.cli import main
+
+    seen: list[Any] = []
+
+    def fake_train(*args: Any, **kwargs: Any) -> Path:
+        seen.append(args[4])
+        raise ExamplesError("stop here")
+
+    monkeypatch.setenv("EDGEAGENT_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setattr(joint_mod, "train_joint_bundle", fake_train)
+    joint = tmp_path / "joint.jsonl"
+    joint.write_text('{"tokens": ["a", "b"], "tags": ["O", "B-x"], "intent": "i"}\n', "utf-8")
+    argv = ["train", "t", "--examples", str(joint), "--seed", "1", "--source", "x"]
+    assert main([*argv, "--split-seed", "0"]) == 2
+    assert main(argv) == 2
+    assert "stop here" in capsys.readouterr().err
+    assert [(o.seed, o.split_seed) for o in seen] == [(1, 0), (1, None)]
+
+
 def test_schema_toml_quotes_dotted_slot_names() -> None:
     text = schema_toml("atis", ["O", "B-fromloc.city_name", "I-fromloc.city_name", "B-day"])
     assert 'properties."fromloc.city_name" = { type = "string", maxLength = 64 }' in text

@@ -132,7 +132,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "mahalanobis, knn, oos_class joined by '+' (mean) or '|' (maximum) (default: auto = "
         "energy|oos_class, energy without out-of-scope examples)",
     )
-    train.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="split seed; for a tagger or joint model also its initialisation and shuffling "
+        "(default: 0)",
+    )
+    train.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="joint model: the held-out split's own seed (default: --seed), to train models "
+        "that differ only in --seed on the same rows",
+    )
     train.add_argument("--no-knn", action="store_true", help="linear head only (no kNN blend)")
     train.add_argument(
         "--finetune",
@@ -300,6 +313,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from edgeagent.bundle import BundleError
     from edgeagent.heads.fit import TrainOptions
+    from edgeagent.modeltools.joint import is_joint_file
     from edgeagent.modeltools.tagger import is_tagged_file
     from edgeagent.modeltools.train import ExamplesError, train_bundle
 
@@ -309,11 +323,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if isinstance(backend, int):
             return backend
         max_length = backend.max_length if backend is not None else 128
-    if is_tagged_file(args.examples):
-        from edgeagent.modeltools.joint import is_joint_file
-
-        if is_joint_file(args.examples) and not args.no_intent:
-            return _train_joint(args, max_length)
+    tagged = is_tagged_file(args.examples)
+    joint = tagged and is_joint_file(args.examples) and not args.no_intent
+    if args.split_seed is not None and not joint:
+        _err("--split-seed is for a joint model (tagged lines with an intent)")
+        return EXIT_USAGE
+    if joint:
+        return _train_joint(args, max_length)
+    if tagged:
         return _train_tagger(args, max_length)
     opts = TrainOptions(
         oos_label=args.oos_label,
@@ -460,6 +477,7 @@ def _train_joint(args: argparse.Namespace, max_length: int) -> int:
         epochs=JointOptions.epochs if args.epochs is None else args.epochs,
         held_out=0.1 if args.held_out is None else args.held_out,
         seed=args.seed,
+        split_seed=args.split_seed,
         threads=args.threads,
         max_length=max_length,
         lr=JointOptions.lr if args.lr is None else args.lr,

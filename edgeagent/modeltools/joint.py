@@ -99,7 +99,11 @@ class JointOptions:
     head_lr: float = 2e-3
     intent_weight: float = 1.0
     held_out: float = 0.1
+    #: initialisation, shuffling and, unless ``split_seed`` is set, the held-out split
     seed: int = 0
+    #: the held-out split's own seed (``None``: ``seed``), so models trained with other
+    #: seeds can share one split (``benchmarks/bench_joint_ensemble.py``)
+    split_seed: int | None = None
     threads: int = 1
     max_length: int = 128
     opset: int = 18
@@ -446,7 +450,7 @@ def train_joint_bundle(
     source = resolve_source(source_spec)
     if not Path(source.path_or_id).is_dir():
         raise ValueError(f"training a tagger needs the source model on disk, not {source.spec!r}")
-    held = random_held_out(len(examples), opts.held_out, opts.seed)
+    held = random_held_out(len(examples), opts.held_out, split_seed(opts))
     train = sorted(set(range(len(examples))) - set(held))
     log(
         f"{len(examples)} examples, {len(intents)} intents, {len(tags)} tags "
@@ -629,7 +633,21 @@ def _training_choices(opts: JointOptions, average: str) -> dict[str, Any]:
         out["average"] = average
     if opts.layer_decay != 1.0:
         out["layer_decay"] = opts.layer_decay
+    if split_seed(opts) != opts.seed:
+        out["split_seed"] = split_seed(opts)
     return out
+
+
+def split_seed(opts: JointOptions) -> int:
+    """The seed of the held-out split: ``opts.split_seed``, else ``opts.seed``."""
+    return opts.seed if opts.split_seed is None else opts.split_seed
+
+
+def bundle_held_out(tagger: dict[str, Any], n: int) -> list[int]:
+    """The rows of the ``n``-line training file that a joint bundle held out for its
+    calibration (``tagger``: its manifest's ``tagger`` section)."""
+    seed = int(tagger.get("split_seed", tagger["seed"]))
+    return random_held_out(n, float(tagger["held_out"]), seed)
 
 
 def calibrate_joint(
