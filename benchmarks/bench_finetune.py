@@ -292,6 +292,15 @@ ENSEMBLE_RULES = {
 }
 
 
+def shared_errors(a: dict[str, Any], b: dict[str, Any], rate: float = 0.12) -> str:
+    """Of ``a``'s wrong answers kept local at ``rate`` escalation (its most confident
+    ``1 - rate``), how many ``b`` gives the same wrong answer: those no agreement flags."""
+    n = len(a["correct"])
+    kept = sorted(range(n), key=lambda i: -a["confidence"][i])[: int(n * (1 - rate))]
+    wrong = [i for i in kept if not a["correct"][i]]
+    return f"{sum(a['predicted'][i] == b['predicted'][i] for i in wrong)}/{len(wrong)}"
+
+
 def ensemble(a: dict[str, Any], b: dict[str, Any], rule: str) -> dict[str, Any]:
     """The result of the two-model ensemble ``a`` + ``b`` (two ``--json`` results of one
     split seed) under ``rule`` (:data:`ENSEMBLE_RULES`), with the keys :func:`paired_better`
@@ -332,7 +341,9 @@ def ensembles(files: list[Path]) -> None:
     ensemble under each rule: local accuracy, escalation for 98 / 99 % with a perfect
     cloud (the cut-off read off the validation split itself, as for single models) and
     its bootstrap interval, and the paired comparison at 99 % against the best single
-    result of that split seed in the files (and against each member)."""
+    result of that split seed in the files (and against each member); then, for every two
+    results, how many of one's confidently wrong answers the other gives too
+    (:func:`shared_errors`)."""
     results = [r for f in files for r in json.loads(f.read_text()) if "probabilities" in r]
     print(
         "| split seed | ensemble | rule | local acc | members disagree | esc. 98 % | "
@@ -368,6 +379,15 @@ def ensembles(files: list[Path]) -> None:
         "\npaired: the share of 200 paired bootstrap resamples in which the row needs less "
         "escalation for 99 % than the single result named (ties half; 50 % is no difference)"
     )
+    print("\n| split seed | a | b | a's wrong answers kept at 12 % that b gives too |")
+    print("|---|---|---|---|")
+    for a in results:
+        for b in results:
+            if a is not b and a["split_seed"] == b["split_seed"]:
+                print(
+                    f"| {a['split_seed']} | {a['variant']} | {b['variant']} | "
+                    f"{shared_errors(a, b)} |"
+                )
 
 
 def _parse(spec: str) -> tuple[str, dict[str, Any] | None]:
