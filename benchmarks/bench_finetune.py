@@ -20,7 +20,10 @@ the fine-tune process (each variant runs in a fresh subprocess so the peaks are 
 ``baseline`` is the frozen-encoder head (no fine-tuning); ratios are against it.
 
 Variants: ``baseline``, ``default`` (the :class:`FinetuneOptions` defaults) or
-``NAME=JSON`` (keyword arguments of ``finetune_encoder``).  ``--json FILE`` writes all.
+``NAME=JSON`` (keyword arguments of ``finetune_encoder``).  ``--json FILE`` writes all,
+with each validation example's confidence, correctness, answer and calibrated probability
+vector: ``--compare`` pairs results of one split seed, ``--ensemble`` combines every two of
+them into a two-model ensemble (:data:`ENSEMBLE_RULES`).
 """
 
 from __future__ import annotations
@@ -75,23 +78,61 @@ def single_job_ms(backend: Any, encoder: Path, texts: list[str], threads: int) -
     return {key: round(statistics.median(v), 3) for key, v in runs.items()}
 
 
+def result_curve(r: dict[str, Any], idx: Any = None) -> Any:
+    """The escalation curve of a result's ``confidence`` / ``correct`` / ``forced`` lists
+    (the rows ``idx`` of them, or all)."""
+    from edgeagent.heads.curves import escalation_curve
+
+    rows = range(len(r["correct"])) if idx is None else idx
+    return escalation_curve(
+        [r["confidence"][i] for i in rows],
+        [r["correct"][i] for i in rows],
+        [r["forced"][i] for i in rows],
+    )
+
+
+def escalation_needed(r: dict[str, Any], target: float, idx: Any = None) -> float:
+    """Escalation needed for ``target`` overall accuracy with a perfect cloud."""
+    from edgeagent.heads.curves import escalation_for
+
+    return escalation_for(result_curve(r, idx), target).escalation
+
+
+def wrong_kept(r: dict[str, Any], rate: float = 0.12) -> str:
+    """The wrong answers kept local (and the overall accuracy) when at most ``rate`` of
+    the validation rows are escalated to a perfect cloud: 99 % allows 1 % of the rows."""
+    from edgeagent.heads.curves import threshold_for_escalation
+
+    point = threshold_for_escalation(result_curve(r), rate)
+    return f"{round((1 - point.accuracy) * len(r['correct']))} ({point.accuracy:.2%})"
+
+
 def bootstrap_escalation(
-    preds: list[Any], truths: list[str], target: float, rounds: int = 200, seed: int = 0
+    r: dict[str, Any], target: float, rounds: int = 200, seed: int = 0
 ) -> list[float]:
     """5 % and 95 % quantiles of the escalation needed for ``target`` over bootstrap
     resamples of the validation set: on 1,500 examples the 99 % point rests on ~15 errors
     and moves by several points between resamples (and between split seeds)."""
     import numpy as np
 
-    from edgeagent.heads.curves import curve_from_predictions, escalation_for
-
     rng = np.random.default_rng(seed)
-    got = []
-    for _ in range(rounds):
-        idx = rng.integers(0, len(preds), len(preds))
-        curve = curve_from_predictions([preds[i] for i in idx], [truths[i] for i in idx])
-        got.append(escalation_for(curve, target).escalation)
+    n = len(r["correct"])
+    got = [escalation_needed(r, target, rng.integers(0, n, n)) for _ in range(rounds)]
     return [round(float(q), 4) for q in np.quantile(got, [0.05, 0.95])]
+
+
+def validation_probabilities(head: Any, bundle: Path, texts: list[str], threads: int) -> Any:
+    """The head's calibrated probabilities over all labels, shape ``(n, k)``, for the
+    validation texts embedded in the same batches of 64 as the backend's answers (INT8
+    activations are quantized per batch, so other batches give other embeddings)."""
+    import numpy as np
+
+    from edgeagent.backends.onnx import OnnxEncoder
+
+    enc = OnnxEncoder(bundle / "model.onnx", bundle / "tokenizer.json", intra_op_threads=threads)
+    return np.concatenate(
+        [head.probabilities(enc.embed(texts[i : i + 64])) for i in range(0, len(texts), 64)]
+    )
 
 
 def run_variant(
@@ -110,7 +151,13 @@ def run_variant(
     import edgeagent.backends  # noqa: F401  (import order)
     from edgeagent.backends.onnx import Head, OnnxBackend
     from edgeagent.config import TaskConfig
-    from edgeagent.heads.curves import curve_from_predictions, ece, escalation_for, is_correct
+    from edgeagent.heads.curves import (
+        OOS_REASON,
+        curve_from_predictions,
+        ece,
+        escalation_for,
+        is_correct,
+    )
     from edgeagent.heads.fit import TrainOptions, stratified_split
     from edgeagent.modeltools.train import load_examples, train_bundle
 
@@ -159,11 +206,17 @@ def run_variant(
         for i in range(0, len(texts), 64):
             preds.extend(backend.infer_batch(texts[i : i + 64]))
         timing = single_job_ms(backend, encoder, texts[:latency], threads) if latency else {}
-        blend = Head.from_bundle(bundle).blend
+        head = Head.from_bundle(bundle)
+        blend = head.blend
         backend.close()
+        probs = validation_probabilities(head, bundle, texts, threads)
+    predicted = [p.output.get("label") if p.output else None for p in preds]
+    if [head.labels[int(j)] for j in probs.argmax(axis=1)] != predicted:
+        raise RuntimeError("the saved probabilities do not give the backend's answers")
     curve = curve_from_predictions(preds, truths)
     ok = np.array([is_correct(p, t) for p, t in zip(preds, truths, strict=True)])
     conf = np.array([p.confidence for p in preds], dtype=np.float32)
+    forced = [p.reason == OOS_REASON for p in preds]
     ft = [x for x in lines if "fine-tuned in" in x]
     ft_s = float(ft[0].split("fine-tuned in ")[1].split(" s")[0]) if ft else 0.0
     ft_cpu = float(ft[0].split("(CPU ")[1].split(" s")[0]) if ft and "(CPU " in ft[0] else 0.0
@@ -175,7 +228,9 @@ def run_variant(
         "local_accuracy": float(ok.mean()),
         "escalation_for_98": escalation_for(curve, 0.98).escalation,
         "escalation_for_99": escalation_for(curve, 0.99).escalation,
-        "escalation_for_99_90ci": bootstrap_escalation(preds, truths, 0.99),
+        "escalation_for_99_90ci": bootstrap_escalation(
+            {"confidence": conf.tolist(), "correct": ok.tolist(), "forced": forced}, 0.99
+        ),
         "ece": ece(conf, ok),
         "flagged_out_of_scope": sum(p.reason == "out_of_scope" for p in preds) / len(preds),
         "finetune_seconds": ft_s,
@@ -188,7 +243,12 @@ def run_variant(
         # per validation example, for paired comparisons (--compare)
         "confidence": [round(float(c), 6) for c in conf],
         "correct": [bool(x) for x in ok],
-        "forced": [p.reason == "out_of_scope" for p in preds],
+        "forced": forced,
+        # for --ensemble: the answers, the gold labels and the calibrated probabilities
+        "predicted": predicted,
+        "truth": truths,
+        "label_names": list(head.labels),
+        "probabilities": [[round(float(x), 5) for x in row] for row in probs],
     }
 
 
@@ -197,21 +257,11 @@ def paired_better(a: dict[str, Any], b: dict[str, Any], rounds: int = 200) -> fl
     in which ``b`` needs less escalation for 99 % than ``a`` (ties count half)."""
     import numpy as np
 
-    from edgeagent.heads.curves import escalation_curve, escalation_for
-
-    def esc(r: dict[str, Any], idx: Any) -> float:
-        curve = escalation_curve(
-            [r["confidence"][i] for i in idx],
-            [r["correct"][i] for i in idx],
-            [r["forced"][i] for i in idx],
-        )
-        return escalation_for(curve, 0.99).escalation
-
     rng = np.random.default_rng(0)
     wins = 0.0
     for _ in range(rounds):
         idx = rng.integers(0, len(a["correct"]), len(a["correct"]))
-        ea, eb = esc(a, idx), esc(b, idx)
+        ea, eb = escalation_needed(a, 0.99, idx), escalation_needed(b, 0.99, idx)
         wins += 1.0 if eb < ea else 0.5 if eb == ea else 0.0
     return wins / rounds
 
@@ -228,6 +278,115 @@ def compare(files: list[Path]) -> None:
                 print(
                     f"| {a['split_seed']} | {a['variant']} | {b['variant']} | "
                     f"{paired_better(a, b):.0%} |"
+                )
+
+
+#: How an ensemble of two results answers and ranks for escalation (``--ensemble``).  The
+#: answer is the arg-max of the mean of the two calibrated probability vectors in every rule;
+#: "agree" rules escalate every disagreement of the two members' answers before any
+#: agreement (disagreements among themselves by the mean vector's max probability).
+ENSEMBLE_RULES = {
+    "mean": "mean probability vector, its max probability",
+    "agree-mean": "disagreements first, then the mean of the two max probabilities",
+    "agree-min": "disagreements first, then the lower of the two max probabilities",
+}
+
+
+def shared_errors(a: dict[str, Any], b: dict[str, Any], rate: float = 0.12) -> str:
+    """Of ``a``'s wrong answers kept local at ``rate`` escalation (its most confident
+    ``1 - rate``), how many ``b`` gives the same wrong answer: those no agreement flags."""
+    n = len(a["correct"])
+    kept = sorted(range(n), key=lambda i: -a["confidence"][i])[: int(n * (1 - rate))]
+    wrong = [i for i in kept if not a["correct"][i]]
+    return f"{sum(a['predicted'][i] == b['predicted'][i] for i in wrong)}/{len(wrong)}"
+
+
+def ensemble(a: dict[str, Any], b: dict[str, Any], rule: str) -> dict[str, Any]:
+    """The result of the two-model ensemble ``a`` + ``b`` (two ``--json`` results of one
+    split seed) under ``rule`` (:data:`ENSEMBLE_RULES`), with the keys :func:`paired_better`
+    and :func:`bootstrap_escalation` read.  Forced (out-of-scope) when either member is."""
+    import numpy as np
+
+    if a["truth"] != b["truth"]:
+        raise ValueError("not the same validation rows (another split seed?)")
+    names = a["label_names"]
+    pa = np.asarray(a["probabilities"], dtype=np.float64)
+    order = [b["label_names"].index(n) for n in names]  # b's columns in a's label order
+    pb = np.asarray(b["probabilities"], dtype=np.float64)[:, order]
+    mean = (pa + pb) / 2
+    answer = [names[int(j)] for j in mean.argmax(axis=1)]
+    agree = np.array([x == y for x, y in zip(a["predicted"], b["predicted"], strict=True)])
+    ca, cb, cm = pa.max(axis=1), pb.max(axis=1), mean.max(axis=1)
+    if rule == "mean":
+        conf = cm
+    elif rule in ("agree-mean", "agree-min"):
+        both = (ca + cb) / 2 if rule == "agree-mean" else np.minimum(ca, cb)
+        conf = np.where(agree, both, cm - 1.0)  # below every agreement's confidence
+    else:
+        raise ValueError(f"unknown ensemble rule {rule!r}")
+    correct = [x == t for x, t in zip(answer, a["truth"], strict=True)]
+    return {
+        "variant": f"{a['variant']}+{b['variant']} {rule}",
+        "split_seed": a["split_seed"],
+        "confidence": conf.tolist(),
+        "correct": correct,
+        "forced": [x or y for x, y in zip(a["forced"], b["forced"], strict=True)],
+        "local_accuracy": float(np.mean(correct)),
+        "disagreement": float(1.0 - agree.mean()),
+    }
+
+
+def ensembles(files: list[Path]) -> None:
+    """Every pair of results of one split seed in these ``--json`` files as a two-model
+    ensemble under each rule: local accuracy, escalation for 98 / 99 % with a perfect
+    cloud (the cut-off read off the validation split itself, as for single models) and
+    its bootstrap interval, and the paired comparison at 99 % against the best single
+    result of that split seed in the files (and against each member); then, for every two
+    results, how many of one's confidently wrong answers the other gives too
+    (:func:`shared_errors`)."""
+    results = [r for f in files for r in json.loads(f.read_text()) if "probabilities" in r]
+    print(
+        "| split seed | ensemble | rule | local acc | members disagree | esc. 98 % | "
+        "esc. 99 % [90 % bootstrap] | wrong kept at 12 % esc. | paired vs best single | "
+        "vs a | vs b |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for seed in sorted({r["split_seed"] for r in results}):
+        singles = [r for r in results if r["split_seed"] == seed]
+        best = min(singles, key=lambda r: r["escalation_for_99"])
+        for r in singles:
+            ci = bootstrap_escalation(r, 0.99)
+            print(
+                f"| {seed} | {r['variant']} alone{' (best)' if r is best else ''} | - | "
+                f"{r['local_accuracy']:.2%} | - | {r['escalation_for_98']:.1%} | "
+                f"{r['escalation_for_99']:.1%} [{ci[0]:.1%}-{ci[1]:.1%}] | {wrong_kept(r)} | "
+                f"{paired_better(best, r):.0%} | - | - |"
+            )
+        for i, a in enumerate(singles):
+            for b in singles[i + 1 :]:
+                for rule in ENSEMBLE_RULES:
+                    e = ensemble(a, b, rule)
+                    ci = bootstrap_escalation(e, 0.99)
+                    print(
+                        f"| {seed} | {a['variant']} + {b['variant']} | {rule} | "
+                        f"{e['local_accuracy']:.2%} | {e['disagreement']:.1%} | "
+                        f"{escalation_needed(e, 0.98):.1%} | "
+                        f"{escalation_needed(e, 0.99):.1%} [{ci[0]:.1%}-{ci[1]:.1%}] | "
+                        f"{wrong_kept(e)} | {paired_better(best, e):.0%} | "
+                        f"{paired_better(a, e):.0%} | {paired_better(b, e):.0%} |"
+                    )
+    print(
+        "\npaired: the share of 200 paired bootstrap resamples in which the row needs less "
+        "escalation for 99 % than the single result named (ties half; 50 % is no difference)"
+    )
+    print("\n| split seed | a | b | a's wrong answers kept at 12 % that b gives too |")
+    print("|---|---|---|---|")
+    for a in results:
+        for b in results:
+            if a is not b and a["split_seed"] == b["split_seed"]:
+                print(
+                    f"| {a['split_seed']} | {a['variant']} | {b['variant']} | "
+                    f"{shared_errors(a, b)} |"
                 )
 
 
@@ -268,10 +427,22 @@ def main() -> int:
         metavar="JSON",
         help="print paired comparisons of the results in these --json files and exit",
     )
+    ap.add_argument(
+        "--ensemble",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="print every pair of results of one split seed in these --json files as a "
+        "two-model ensemble (each rule) and exit",
+    )
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process mode
     args = ap.parse_args()
     if args.compare:
         compare(args.compare)
+        return 0
+    if args.ensemble:
+        ensembles(args.ensemble)
         return 0
     data = _datasets(args.datasets)
     if not (data / "banking77/train.jsonl").is_file():

@@ -607,3 +607,31 @@ def test_a_finetuned_head_takes_the_knn_blend_for_a_smaller_gain(
         opts = train.TrainOptions(knn_min_gain=gain)
         train.train_bundle("t", examples, tmp_path, tmp_path, opts, finetune=finetune)
     assert seen == [0.05, KNN_MIN_GAIN, 0.0]
+
+
+def test_a_finetune_seed_option_trains_another_encoder_on_the_same_splits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train --finetune``: the encoder is trained with the training seed unless the
+    fine-tune options name their own ``seed`` (a second encoder for an ensemble): that one
+    seeds the fine-tune only, not the held-out split it leaves out."""
+    from edgeagent.modeltools import build, finetune, train
+
+    monkeypatch.setattr(train, "read_manifest", lambda *a, **k: {"source": {"from": "x"}})
+    monkeypatch.setattr(
+        build, "resolve_source", lambda s: build.Source(str(tmp_path), s, s, None, None)
+    )
+    monkeypatch.setattr(build, "build_encoder", lambda *a, **k: None)
+    seen: list[tuple[int, int]] = []
+
+    def fake_finetune(source: Path, rows: list[Any], out: Path, **kw: Any) -> Path:
+        seen.append((kw["seed"], len(rows)))
+        return out
+
+    monkeypatch.setattr(finetune, "finetune_encoder", fake_finetune)
+    rows = [(f"text {i}", "ab"[i % 2]) for i in range(40)]
+    opts = train.TrainOptions(seed=3)
+    for options in ({}, {"seed": 1}):
+        train._finetuned_encoder("t", rows, tmp_path, tmp_path, opts, options, lambda *a: None)
+    assert [s for s, _ in seen] == [3, 1]
+    assert seen[0][1] == seen[1][1] < 40

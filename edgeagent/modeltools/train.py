@@ -192,10 +192,11 @@ def _finetuned_encoder(
         Path(source.path_or_id),
         [examples[i] for i in train_idx],
         work / "tuned",
-        seed=opts.seed,
         threads=opts.threads,
         log=log,
-        **finetune,
+        # the training seed by default; a fine-tune option "seed" trains another encoder
+        # on the same splits (benchmarks/README.md: two-model ensembles)
+        **{"seed": opts.seed, **finetune},
     )
     out = work / "encoder"
     build_encoder(
