@@ -58,11 +58,8 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     so they rarely contend for an arena.  Must run before the threads start; a no-op where
     there is no glibc ``mallopt``.
     """
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = None if os.environ.get("MALLOC_ARENA_MAX") else _glibc("mallopt")
+    if mallopt is None:
         return False
     m_arena_max = -8  # <malloc.h> M_ARENA_MAX
     return bool(mallopt(ctypes.c_int(m_arena_max), ctypes.c_int(arenas)))
@@ -77,13 +74,19 @@ def release_free_memory() -> bool:
     (bench_llamacpp.py --rss-with-classifier).  Call it after a load, not per job (it walks
     every arena under its lock).  A no-op returning False without glibc.
     """
+    malloc_trim = _glibc("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(ctypes.c_size_t(0)))
+
+
+def _glibc(name: str) -> Any:
+    """The C library's function ``name`` on Linux, None where there is none (musl has no
+    ``malloc_trim``; other systems no such tuning)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
-        return False
-    return bool(malloc_trim(ctypes.c_size_t(0)))
+        return None
 
 
 def run_service(make: Callable[[], Service], name: str, *, hup_hint: str) -> int:
