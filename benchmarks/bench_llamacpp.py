@@ -46,7 +46,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # for tests.test_llamacpp_backend
 
 from edgeagent.backends.base import Prediction  # noqa: E402
-from edgeagent.backends.llamacpp import LlamaCppBackend, LlamaCppBackendConfig  # noqa: E402
+from edgeagent.backends.llamacpp import (  # noqa: E402
+    LlamaCppBackend,
+    LlamaCppBackendConfig,
+    kv_cache_params,
+)
 from edgeagent.config import TaskConfig  # noqa: E402
 from edgeagent.grammar import control_chars_in  # noqa: E402
 
@@ -187,6 +191,7 @@ def bench_speed(model: Path, fmt: str, rounds: int) -> dict[str, Any]:
         n_ubatch=cfg.n_batch,
         n_threads=cfg.n_threads,
         n_threads_batch=cfg.n_threads,
+        **kv_cache_params(llama_cpp, cfg.kv_cache_type),  # the same KV cache as ours
         verbose=False,
     )
     assert ours.grammar is not None

@@ -29,7 +29,7 @@ import pytest
 
 from edgeagent.backends.base import BackendError, Prediction
 from edgeagent.backends.calibration import PlattCalibration, write_calibration
-from edgeagent.backends.llamacpp import LlamaCppBackend
+from edgeagent.backends.llamacpp import LlamaCppBackend, LlamaCppBackendConfig
 from edgeagent.cli import main as cli_main
 from edgeagent.config import TaskConfig, load_settings
 from edgeagent.grammar import control_chars_in
@@ -889,3 +889,27 @@ def _with_fake_download(files: dict[str, Path]) -> Any:
         return real(name, dest, **kw)
 
     return wrapped
+
+
+def test_kv_cache_type_q8_0_is_the_default_and_f16_calibrations_say_so(
+    model_path: Path, tmp_path: Path
+) -> None:
+    """The 8-bit KV cache (flash attention) is the default; a calibration file fitted with
+    the 16-bit one (every file written before `kv_cache_type` existed) is refused with the
+    setting that would match it, and loads with that setting."""
+    default = shipped_example(model_path, calibration=None, kv_cache_type="q8_0")
+    f16 = shipped_example(model_path, calibration=None, kv_cache_type="f16")
+    assert LlamaCppBackendConfig.model_fields["kv_cache_type"].default == "q8_0"
+    assert default.prompt_fingerprint != f16.prompt_fingerprint  # it changes the confidences
+    doc = json.loads((REPO / "examples" / "reading.calibration.json").read_text())
+    path = tmp_path / "f16.calibration.json"
+    path.write_text(json.dumps({**doc, "prompt_fingerprint": f16.prompt_fingerprint}))
+    with pytest.raises(BackendError, match='kv_cache_type = "f16"'):
+        shipped_example(model_path, calibration=path).load()
+    backend = shipped_example(model_path, calibration=path, kv_cache_type="f16")
+    backend.load()
+    try:
+        [pred] = backend.infer_batch(["[boiler-2] pressure=2.4bar ok"])
+    finally:
+        backend.close()
+    assert pred.output == {"device_id": "boiler-2", "value": 2.4, "unit": "bar"}

@@ -131,6 +131,7 @@ _PROMPT_VERSION = "1"  # bump when prompt layout changes (part of the fingerprin
 _LOW_CONFIDENCE = "low_confidence"
 # Settings that do not change the raw confidence: left out of the prompt fingerprint.
 _NOT_PROMPT = {"n_threads", "model", "calibration", "use_calibration_threshold"}
+_KV_CACHE_TYPES = {"f16": 1, "q8_0": 8}  # ggml_type; fallbacks for a llama_cpp without names
 _GGUF_MAGIC = b"GGUF"
 _COMPLETION_STOP = "\n\nInput:"
 
@@ -151,6 +152,23 @@ class _Run:
     reused_tokens: int = 0
     prompt_s: float = 0.0
     gen_s: float = 0.0
+
+
+def _prompt_settings(cfg: LlamaCppBackendConfig) -> dict[str, Any]:
+    """The backend settings a raw confidence depends on.  ``kv_cache_type = "f16"`` is left
+    out, so calibration files fitted before that setting existed still match it."""
+    exclude = _NOT_PROMPT | ({"kv_cache_type"} if cfg.kv_cache_type == "f16" else set())
+    return cfg.model_dump(mode="json", exclude=exclude)
+
+
+def kv_cache_params(lc: Any, kind: str) -> dict[str, Any]:
+    """``Llama(...)`` keyword arguments for the KV cache's precision: llama.cpp quantizes
+    the V cache only with flash attention, so ``q8_0`` turns it on; ``f16`` is llama.cpp's
+    own default (no flash attention), exactly as before the setting existed."""
+    if kind == "f16":
+        return {}
+    ggml_type = getattr(lc, f"GGML_TYPE_{kind.upper()}", _KV_CACHE_TYPES[kind])
+    return {"flash_attn": True, "type_k": ggml_type, "type_v": ggml_type}
 
 
 def _fail(failure: str, **details: JSONValue) -> Prediction:
@@ -236,20 +254,24 @@ class LlamaCppBackend:
     @property
     def prompt_fingerprint(self) -> str:
         """Digest of everything the raw confidence depends on: model weights, prompt,
-        schema/grammar, decoding and aggregation settings (not the calibration)."""
+        schema/grammar, decoding and aggregation settings, the KV cache's precision (not
+        the calibration)."""
         if self._prompt_fingerprint is None:
-            payload = {
-                "model_sha256": self._model_sha(),
-                "prompt_version": _PROMPT_VERSION,
-                "task": self._task.model_dump(
-                    mode="json", include={"kind", "description", "labels", "output_schema"}
-                ),
-                "backend": self._cfg.model_dump(mode="json", exclude=_NOT_PROMPT),
-                "grammar": self._grammar,
-            }
-            blob = json.dumps(payload, sort_keys=True).encode()
-            self._prompt_fingerprint = hashlib.sha256(blob).hexdigest()
+            self._prompt_fingerprint = self._prompt_digest(self._cfg)
         return self._prompt_fingerprint
+
+    def _prompt_digest(self, cfg: LlamaCppBackendConfig) -> str:
+        payload = {
+            "model_sha256": self._model_sha(),
+            "prompt_version": _PROMPT_VERSION,
+            "task": self._task.model_dump(
+                mode="json", include={"kind", "description", "labels", "output_schema"}
+            ),
+            "backend": _prompt_settings(cfg),
+            "grammar": self._grammar,
+        }
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
 
     @property
     def fingerprint(self) -> str:
@@ -308,6 +330,16 @@ class LlamaCppBackend:
                 f"{cal.model_sha256[:12]}, this one is {self._model_sha()[:12]}): stale; {redo}"
             )
         if cal.prompt_fingerprint != self.prompt_fingerprint:
+            f16 = self._cfg.model_copy(update={"kv_cache_type": "f16"})
+            if self._cfg.kv_cache_type != "f16" and cal.prompt_fingerprint == self._prompt_digest(
+                f16
+            ):
+                raise BackendError(
+                    f"{where} {path} was fitted with the 16-bit KV cache (`kv_cache_type = "
+                    f'"f16"`, the only one before that setting existed; now '
+                    f'{self._cfg.kv_cache_type!r}): set `kv_cache_type = "f16"` in the '
+                    f"task's backend, or {redo}"
+                )
             raise BackendError(
                 f"{where} {path} was fitted for another prompt, schema or decoding setting "
                 f"(prompt fingerprint {cal.prompt_fingerprint[:12]}, now "
@@ -351,6 +383,7 @@ class LlamaCppBackend:
                 n_ubatch=cfg.n_batch,
                 n_threads=cfg.n_threads,
                 n_threads_batch=cfg.n_threads,
+                **kv_cache_params(lc, cfg.kv_cache_type),
                 seed=cfg.seed,
                 logits_all=False,
                 verbose=False,
@@ -960,6 +993,15 @@ class LlamaCppBackendConfig(BackendConfig):
         "escalated, never cut.",
     )
     n_batch: int = Field(512, ge=8, le=8192, description="Prompt tokens decoded per batch.")
+    kv_cache_type: Literal["f16", "q8_0"] = Field(
+        "q8_0",
+        description="Precision of llama.cpp's KV cache (the attention keys and values of the "
+        "context, allocated for all `n_ctx` tokens at load).  `q8_0`: 8-bit, about half the "
+        "memory of `f16` (SmolLM2-135M at `n_ctx = 1024`: 12 instead of 24 MiB), with flash "
+        "attention, which llama.cpp needs for it.  `f16`: 16-bit, no flash attention (the "
+        "only setting before this field; a calibration file fitted then needs it, or a new "
+        "`edgeagent calibrate`).",
+    )
     n_threads: int = Field(2, ge=1, le=64, description="CPU threads.")
     max_tokens: int = Field(256, ge=1, le=8192, description="Generation cap (tokens).")
     temperature: float = Field(
