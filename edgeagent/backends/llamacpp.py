@@ -407,6 +407,7 @@ class LlamaCppBackend:
             task=self._name,
             model=str(path),
             n_ctx=cfg.n_ctx,
+            kv_cache_type=cfg.kv_cache_type,
             prompt_format=self._format,
             prefix_tokens=len(self._prefix),
             load_s=round(time.perf_counter() - t0, 3),
