@@ -891,25 +891,46 @@ def _with_fake_download(files: dict[str, Path]) -> Any:
     return wrapped
 
 
-def test_kv_cache_type_q8_0_is_the_default_and_f16_calibrations_say_so(
+def test_kv_cache_type_q8_0_is_the_default_and_f16_calibrations_keep_f16(
     model_path: Path, tmp_path: Path
 ) -> None:
-    """The 8-bit KV cache (flash attention) is the default; a calibration file fitted with
-    the 16-bit one (every file written before `kv_cache_type` existed) is refused with the
-    setting that would match it, and loads with that setting."""
-    default = shipped_example(model_path, calibration=None, kv_cache_type="q8_0")
-    f16 = shipped_example(model_path, calibration=None, kv_cache_type="f16")
+    """The 8-bit KV cache (flash attention) is the default.  A calibration file fitted with
+    the 16-bit one (every file written before `kv_cache_type` existed) keeps the task on the
+    16-bit cache when the setting is left at its default (an upgrade does not stop a
+    calibrated task), and is refused, with the way out, when q8_0 is set explicitly."""
     assert LlamaCppBackendConfig.model_fields["kv_cache_type"].default == "q8_0"
+    default = shipped_example(model_path, calibration=None)
+    f16 = shipped_example(model_path, calibration=None, kv_cache_type="f16")
     assert default.prompt_fingerprint != f16.prompt_fingerprint  # it changes the confidences
     doc = json.loads((REPO / "examples" / "reading.calibration.json").read_text())
     path = tmp_path / "f16.calibration.json"
     path.write_text(json.dumps({**doc, "prompt_fingerprint": f16.prompt_fingerprint}))
+    explicit = shipped_example(model_path, calibration=path, kv_cache_type="q8_0")
     with pytest.raises(BackendError, match='kv_cache_type = "f16"'):
-        shipped_example(model_path, calibration=path).load()
-    backend = shipped_example(model_path, calibration=path, kv_cache_type="f16")
+        explicit.load()
+    task = reading_task(REPO / "examples" / "extract.toml")
+    assert "kv_cache_type" not in task.backend.model_fields_set
+    backend = LlamaCppBackend(
+        "reading",
+        task.model_copy(
+            update={
+                "backend": LlamaCppBackendConfig.model_validate(
+                    {
+                        **task.backend.model_dump(exclude={"kv_cache_type"}),
+                        "calibration": path,
+                        "model": model_path,
+                        "n_threads": 1,
+                    }
+                )
+            }
+        ),
+    )
     backend.load()
     try:
+        type_k = backend._llm.context_params.type_k  # no public accessor
         [pred] = backend.infer_batch(["[boiler-2] pressure=2.4bar ok"])
     finally:
         backend.close()
+    assert backend.prompt_fingerprint == f16.prompt_fingerprint
+    assert type_k == 1  # GGML_TYPE_F16: the old cache
     assert pred.output == {"device_id": "boiler-2", "value": 2.4, "unit": "bar"}

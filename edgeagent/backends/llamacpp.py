@@ -330,16 +330,8 @@ class LlamaCppBackend:
                 f"{cal.model_sha256[:12]}, this one is {self._model_sha()[:12]}): stale; {redo}"
             )
         if cal.prompt_fingerprint != self.prompt_fingerprint:
-            f16 = self._cfg.model_copy(update={"kv_cache_type": "f16"})
-            if self._cfg.kv_cache_type != "f16" and cal.prompt_fingerprint == self._prompt_digest(
-                f16
-            ):
-                raise BackendError(
-                    f"{where} {path} was fitted with the 16-bit KV cache (`kv_cache_type = "
-                    f'"f16"`, the only one before that setting existed; now '
-                    f'{self._cfg.kv_cache_type!r}): set `kv_cache_type = "f16"` in the '
-                    f"task's backend, or {redo}"
-                )
+            self._older_kv_cache(cal.prompt_fingerprint, where, path, redo)
+        if cal.prompt_fingerprint != self.prompt_fingerprint:
             raise BackendError(
                 f"{where} {path} was fitted for another prompt, schema or decoding setting "
                 f"(prompt fingerprint {cal.prompt_fingerprint[:12]}, now "
@@ -357,6 +349,34 @@ class LlamaCppBackend:
             self._fingerprint = None  # the file changed since the fingerprint was taken
         self._calibration, self._calibration_sha = cal, sha
 
+    def _older_kv_cache(self, fitted: str, where: str, path: Path, redo: str) -> None:
+        """A calibration file fitted with the 16-bit KV cache (every file written before
+        `kv_cache_type` existed).  Left at its default, the setting follows the file: the
+        task keeps the 16-bit cache, with a warning, so an upgrade does not stop a working
+        task.  Set explicitly to another type, the file is refused with the way out."""
+        cfg = self._cfg
+        if cfg.kv_cache_type == "f16":
+            return
+        f16 = cfg.model_copy(update={"kv_cache_type": "f16"})
+        if fitted != self._prompt_digest(f16):
+            return
+        if "kv_cache_type" in cfg.model_fields_set:
+            raise BackendError(
+                f'{where} {path} was fitted with the 16-bit KV cache (`kv_cache_type = "f16"`, '
+                f"the only one before that setting existed; now {cfg.kv_cache_type!r}): set "
+                f'`kv_cache_type = "f16"` in the task\'s backend, or {redo}'
+            )
+        log.warning(
+            "llamacpp.kv_cache_from_calibration",
+            task=self._name,
+            calibration=str(path),
+            kv_cache_type="f16",
+            hint=f"the file was fitted with the 16-bit KV cache, so the task keeps it; {redo} "
+            'for the 8-bit one (half the memory), or set kv_cache_type = "f16" to silence this',
+        )
+        self._cfg = f16
+        self._prompt_fingerprint = self._fingerprint = None
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def load(self) -> None:
@@ -366,6 +386,7 @@ class LlamaCppBackend:
         _check_gguf(path, self._name)
         self._model_sha()  # hash now (~0.3 s per 100 MB) so identity errors surface at load
         self._read_calibration()  # before the model: a stale file fails fast
+        cfg = self._cfg  # the calibration may have chosen the KV cache
         try:
             lc = importlib.import_module("llama_cpp")
             np = importlib.import_module("numpy")
@@ -1000,8 +1021,9 @@ class LlamaCppBackendConfig(BackendConfig):
         "context, allocated for all `n_ctx` tokens at load).  `q8_0`: 8-bit, about half the "
         "memory of `f16` (SmolLM2-135M at `n_ctx = 1024`: 12 instead of 24 MiB), with flash "
         "attention, which llama.cpp needs for it.  `f16`: 16-bit, no flash attention (the "
-        "only setting before this field; a calibration file fitted then needs it, or a new "
-        "`edgeagent calibrate`).",
+        "only cache before this setting existed).  Left unset, a task whose `calibration` was "
+        "fitted with the 16-bit cache keeps it, with a warning; `edgeagent calibrate` again "
+        "moves it to the default.",
     )
     n_threads: int = Field(2, ge=1, le=64, description="CPU threads.")
     max_tokens: int = Field(256, ge=1, le=8192, description="Generation cap (tokens).")
