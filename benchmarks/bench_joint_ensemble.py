@@ -58,7 +58,7 @@ from edgeagent.backends.tagger import (
 )
 from edgeagent.bundle import read_manifest
 from edgeagent.heads.curves import CurvePoint, escalation_curve, escalation_for, fit_temperature
-from edgeagent.modeltools.joint import bundle_held_out, load_intents
+from edgeagent.modeltools.joint import bundle_held_out, bundle_split_seed, load_intents
 from edgeagent.modeltools.tagger import (
     PRINTED_TARGET,
     calibration_backend,
@@ -365,7 +365,7 @@ def main() -> int:
         ap.error("the bundles have different tag or intent sets")
     for m, man in zip(members, manifests, strict=True):
         print(
-            f"{m.bundle}: seed {man['seed']}, split seed {man.get('split_seed', man['seed'])}, "
+            f"{m.bundle}: seed {man['seed']}, split seed {bundle_split_seed(man)}, "
             f"{man['epochs']} epochs, T={m.decoder.temperature:.3f}, intent "
             f"T={m.model.intent_temperature:.3f}, {m.model.combine}; "
             f"{m.ms_per_input:.1f} ms/input"

@@ -131,7 +131,6 @@ _PROMPT_VERSION = "1"  # bump when prompt layout changes (part of the fingerprin
 _LOW_CONFIDENCE = "low_confidence"
 # Settings that do not change the raw confidence: left out of the prompt fingerprint.
 _NOT_PROMPT = {"n_threads", "model", "calibration", "use_calibration_threshold"}
-_KV_CACHE_TYPES = {"f16": 1, "q8_0": 8}  # ggml_type; fallbacks for a llama_cpp without names
 _GGUF_MAGIC = b"GGUF"
 _COMPLETION_STOP = "\n\nInput:"
 
@@ -167,7 +166,7 @@ def kv_cache_params(lc: Any, kind: str) -> dict[str, Any]:
     own default (no flash attention), exactly as before the setting existed."""
     if kind == "f16":
         return {}
-    ggml_type = getattr(lc, f"GGML_TYPE_{kind.upper()}", _KV_CACHE_TYPES[kind])
+    ggml_type = getattr(lc, f"GGML_TYPE_{kind.upper()}")
     return {"flash_attn": True, "type_k": ggml_type, "type_v": ggml_type}
 
 
@@ -329,9 +328,9 @@ class LlamaCppBackend:
                 f"{where} {path} was fitted for another model file (sha256 "
                 f"{cal.model_sha256[:12]}, this one is {self._model_sha()[:12]}): stale; {redo}"
             )
-        if cal.prompt_fingerprint != self.prompt_fingerprint:
-            self._older_kv_cache(cal.prompt_fingerprint, where, path, redo)
-        if cal.prompt_fingerprint != self.prompt_fingerprint:
+        if cal.prompt_fingerprint != self.prompt_fingerprint and not self._older_kv_cache(
+            cal.prompt_fingerprint, where, path, redo
+        ):
             raise BackendError(
                 f"{where} {path} was fitted for another prompt, schema or decoding setting "
                 f"(prompt fingerprint {cal.prompt_fingerprint[:12]}, now "
@@ -349,17 +348,18 @@ class LlamaCppBackend:
             self._fingerprint = None  # the file changed since the fingerprint was taken
         self._calibration, self._calibration_sha = cal, sha
 
-    def _older_kv_cache(self, fitted: str, where: str, path: Path, redo: str) -> None:
-        """A calibration file fitted with the 16-bit KV cache (every file written before
-        `kv_cache_type` existed).  Left at its default, the setting follows the file: the
-        task keeps the 16-bit cache, with a warning, so an upgrade does not stop a working
-        task.  Set explicitly to another type, the file is refused with the way out."""
+    def _older_kv_cache(self, fitted: str, where: str, path: Path, redo: str) -> bool:
+        """Whether a calibration file whose fingerprint ``fitted`` does not match was fitted
+        with the 16-bit KV cache (every file written before `kv_cache_type` existed) and
+        the task now uses that cache.  Left at its default, the setting follows the file:
+        the task keeps the 16-bit cache, with a warning, so an upgrade does not stop a
+        working task.  Set explicitly to another type, the file is refused with the way out."""
         cfg = self._cfg
         if cfg.kv_cache_type == "f16":
-            return
+            return False
         f16 = cfg.model_copy(update={"kv_cache_type": "f16"})
         if fitted != self._prompt_digest(f16):
-            return
+            return False
         if "kv_cache_type" in cfg.model_fields_set:
             raise BackendError(
                 f'{where} {path} was fitted with the 16-bit KV cache (`kv_cache_type = "f16"`, '
@@ -376,6 +376,7 @@ class LlamaCppBackend:
         )
         self._cfg = f16
         self._prompt_fingerprint = self._fingerprint = None
+        return True
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -643,11 +643,16 @@ def split_seed(opts: JointOptions) -> int:
     return opts.seed if opts.split_seed is None else opts.split_seed
 
 
+def bundle_split_seed(tagger: dict[str, Any]) -> int:
+    """The seed of a joint bundle's held-out split (``tagger``: its manifest's ``tagger``
+    section; bundles trained before ``split_seed`` existed used ``seed``)."""
+    return int(tagger.get("split_seed", tagger["seed"]))
+
+
 def bundle_held_out(tagger: dict[str, Any], n: int) -> list[int]:
     """The rows of the ``n``-line training file that a joint bundle held out for its
     calibration (``tagger``: its manifest's ``tagger`` section)."""
-    seed = int(tagger.get("split_seed", tagger["seed"]))
-    return random_held_out(n, float(tagger["held_out"]), seed)
+    return random_held_out(n, float(tagger["held_out"]), bundle_split_seed(tagger))
 
 
 def calibrate_joint(
