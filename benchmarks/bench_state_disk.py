@@ -12,7 +12,17 @@ idle maintenance (``Store.maintain``), with ratios to the baseline.
 Part 2 (``--daemon``): the real ``edgeagent run`` subprocess over its own mosquitto, a burst
 of ``--jobs`` jobs, the state directory sampled every 10 ms: the peak as a device sees it.
 
+Part 3 (``--writes N``): what a job costs the storage (flash wear on an SD card or eMMC).
+The real daemon (``rules`` task, ``synchronous = "normal"``) answers N jobs one at a time,
+then N pipelined (64 in flight), and the kernel's per-process counters (``/proc/PID/io``) give the bytes it wrote: to the
+state file system (``write_bytes``: WAL frames, checkpoints into the database) and through
+``write`` calls of any kind (``wchar``: also its MQTT packets), per job.  With
+``--baseline-repo DIR`` (a ``git archive`` of another commit) the daemon of that tree
+runs in the same invocation (three fresh daemons per tree, alternated; medians), and the
+ratios are printed.
+
     .venv/bin/python benchmarks/bench_state_disk.py [--jobs 5000] [--batch 64] [--daemon]
+    .venv/bin/python benchmarks/bench_state_disk.py --writes 2000 [--baseline-repo /tmp/old]
 """
 
 from __future__ import annotations
@@ -20,7 +30,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -119,12 +132,104 @@ def daemon_burst(jobs: int) -> dict[str, int]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _io(pid: int) -> dict[str, int]:
+    fields = Path(f"/proc/{pid}/io").read_text().split("\n")
+    return {k: int(v) for k, v in (f.split(": ") for f in fields if f)}
+
+
+def daemon_writes(repo: Path, jobs: int, work: Path, port: int) -> dict[str, float]:
+    """Bytes the daemon of ``repo`` writes per sequentially answered job (see part 3)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_daemon import TASKS, Producer, job  # type: ignore[import-not-found]
+
+    name = f"w{abs(hash(str(repo))) % 10000}"
+    cfg = work / f"{name}.toml"
+    state = work / name
+    cfg.write_text(
+        f'device_id = "{name}"\n[mqtt]\nport = {port}\n'
+        f'[store]\nstate_dir = "{state}"\nsynchronous = "normal"\n'
+        f'[metrics]\nlisten = ""\n[log]\nformat = "json"\nlevel = "warning"\n'
+        f'[topics]\nallowed_reply_prefixes = ["bench/"]\n' + TASKS.replace("{cache}", "false")
+    )
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(work / f"{name}.log", "ab"),  # noqa: SIM115
+    )
+    prod = Producer(port)
+    try:
+        prod.wait_online([name])
+        topic = f"edgeagent/{name}/jobs/alarm"
+        texts = ["smoke in hall {i}", "door forced at gate {i}", "quiet {i}"]
+        prod.sequential(topic, lambda i: job(i, texts[i % 3]), 200)  # warm: WAL at its bound
+        make = lambda i: job(i, texts[i % 3])  # noqa: E731
+        out: dict[str, float] = {}
+        for mode in ("sequential", "pipelined"):
+            before = _io(proc.pid)
+            if mode == "sequential":
+                prod.sequential(topic, make, jobs)
+            else:
+                prod.pipelined(topic, make, jobs, 64)
+            after = _io(proc.pid)
+            for k in ("write_bytes", "wchar", "syscw"):
+                out[f"{mode} {k}"] = (after[k] - before[k]) / jobs
+        return out
+    finally:
+        prod.close()
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def writes(jobs: int, baseline: Path | None) -> None:
+    from tests.broker import Broker
+
+    trees = ([("baseline", baseline)] if baseline else []) + [("this tree", REPO)]
+    got: dict[str, list[dict[str, float]]] = {name: [] for name, _ in trees}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Broker(Path(tmp) / "broker", extra_config=["set_tcp_nodelay true"]) as broker,
+    ):
+        for r in range(3):  # alternated: a fresh daemon (and state file) per tree per round
+            for name, repo in trees if r % 2 == 0 else trees[::-1]:
+                got[name].append(daemon_writes(repo, jobs, Path(tmp), broker.port))
+    med = {
+        name: {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+        for name, runs in got.items()
+    }
+    for mode in ("sequential", "pipelined"):
+        print(f"\nbytes written per job, {jobs} {mode} jobs, median of 3 daemons per tree:")
+        print(f"{'':12}{'write_bytes':>12}{'(4 KiB pages)':>15}{'wchar':>10}{'write calls':>13}")
+        for name, m in med.items():
+            w = m[f"{mode} write_bytes"]
+            print(
+                f"{name:12}{w:12.0f}{w / 4096:15.1f}"
+                f"{m[f'{mode} wchar']:10.0f}{m[f'{mode} syscw']:13.1f}"
+            )
+        if baseline:
+            b, n = med["baseline"], med["this tree"]
+            ratios = [
+                n[f"{mode} {k}"] / b[f"{mode} {k}"] for k in ("write_bytes", "wchar", "syscw")
+            ]
+            print(f"{'ratio':12}{ratios[0]:12.2f}{'':15}{ratios[1]:10.2f}{ratios[2]:13.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--daemon", action="store_true", help="also measure the daemon subprocess")
+    ap.add_argument(
+        "--writes", type=int, default=0, metavar="N", help="only part 3: bytes written per job"
+    )
+    ap.add_argument("--baseline-repo", type=Path, help="part 3: another tree's daemon, alternated")
     args = ap.parse_args()
+    if args.writes:
+        writes(args.writes, args.baseline_repo)
+        return
     kib = 1024.0
     rows = {}
     for name, defaults in (("sqlite defaults (before)", True), ("bounded WAL (now)", False)):

@@ -53,7 +53,7 @@ from typing import Any
 from edgeagent.inputs import canonical_input
 from edgeagent.protocol import Job
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 WAL_AUTOCHECKPOINT_PAGES = 128
 """Checkpoint the WAL into the database once it holds this many pages (4 KiB each)."""
@@ -82,15 +82,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     result      BLOB
 );
 CREATE INDEX IF NOT EXISTS jobs_open ON jobs (received_at) WHERE state = 'received';
-CREATE INDEX IF NOT EXISTS jobs_answered ON jobs (answered_at) WHERE state = 'answered';
 CREATE TABLE IF NOT EXISTS reply_targets (
     job_id      TEXT NOT NULL,
     topic       TEXT NOT NULL,
     correlation BLOB NOT NULL DEFAULT x'',
     PRIMARY KEY (job_id, topic, correlation)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox (
-    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq         INTEGER PRIMARY KEY,
     topic       TEXT NOT NULL,
     payload     BLOB NOT NULL,
     correlation BLOB,
@@ -150,10 +149,41 @@ CREATE TABLE IF NOT EXISTS examples (
     created_at       REAL NOT NULL
 );
 """
+# Schema 2 writes fewer pages per job than 1 (each page a 4 KiB WAL frame, and again at
+# the checkpoint: flash wear; ``bench_state_disk.py --writes``).  Every b-tree a job's
+# commit touches costs at least one page, so a job touches as few as it can:
+# - ``reply_targets`` is ``WITHOUT ROWID``: its key is its primary key, no second b-tree
+#   for the key's index;
+# - ``outbox.seq`` is assigned by the store (:attr:`Store._next_seq`), not by
+#   ``AUTOINCREMENT``, whose ``sqlite_sequence`` row is one more page per commit.  Numbers
+#   are never reused by one process (the publisher's watermark relies on that) nor against
+#   a kept dead letter; after a restart with an empty outbox they may start lower again,
+#   which nothing persisted refers to;
+# - no index on ``answered_at``: :meth:`Store.prune` walks the oldest rows in ``rowid``
+#   order (jobs are inserted as they arrive), so answering a job touches no index of it.
 
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: (
+        "CREATE TABLE reply_targets_v2 (job_id TEXT NOT NULL, topic TEXT NOT NULL, "
+        "correlation BLOB NOT NULL DEFAULT x'', PRIMARY KEY (job_id, topic, correlation)) "
+        "WITHOUT ROWID",
+        "INSERT OR IGNORE INTO reply_targets_v2(job_id, topic, correlation) "
+        "SELECT job_id, topic, correlation FROM reply_targets",
+        "DROP TABLE reply_targets",
+        "ALTER TABLE reply_targets_v2 RENAME TO reply_targets",
+        "CREATE TABLE outbox_v2 (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, "
+        "payload BLOB NOT NULL, correlation BLOB, response_topic TEXT, created_at REAL NOT NULL)",
+        "INSERT INTO outbox_v2(seq, topic, payload, correlation, response_topic, created_at) "
+        "SELECT seq, topic, payload, correlation, response_topic, created_at FROM outbox",
+        "DROP TABLE outbox",
+        "ALTER TABLE outbox_v2 RENAME TO outbox",
+        "DROP INDEX IF EXISTS jobs_answered",
+    ),
+}
+"""Statements that bring a file of schema ``N - 1`` to ``N``, in one transaction with the
+rest of :meth:`Store._migrate` (after a backup of the file)."""
 
-_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
-"""``INSERT … RETURNING``: a result goes to its reply targets' outbox rows in one statement."""
+_MAX_ROWID = 2**63 - 1
 
 DEAD_LETTER_MAX_ROWS = 10000
 """Refused publishes kept for inspection (`edgeagent results`); older ones are dropped."""
@@ -395,6 +425,13 @@ class Store:
             """Committed outbox rows after ``_fresh_from``, every one of them, in ``seq``
             order: what :meth:`outbox` serves without a SELECT."""
             self._fresh_from = self.last_seq
+            self._next_seq = 1 + max(
+                self.last_seq,
+                int(
+                    self._db.execute("SELECT coalesce(max(seq), 0) FROM dead_letters").fetchone()[0]
+                ),
+            )
+            """The ``seq`` of the next outbox row (see the note on schema 2)."""
             self._fresh_lock = threading.Lock()  # commit() may run in the commit thread
             self.cache_rows = self._count("cache")
         except StoreError:
@@ -432,6 +469,9 @@ class Store:
                         "full" if exc.errno == errno.ENOSPC else "io",
                     ) from exc
             with self._tx():
+                for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1) if have else ():
+                    for stmt in _MIGRATIONS[step]:
+                        self._db.execute(stmt)
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         self._db.execute(stmt)
@@ -629,14 +669,22 @@ class Store:
     def prune(self, *, retention_s: float, now: float | None = None) -> int:
         """Forget answered jobs older than the retention window and expired cache rows."""
         t = time.time() if now is None else now
+        cutoff = t - retention_s
         with self._tx() as db:
-            cur = db.execute(
-                "DELETE FROM reply_targets WHERE job_id IN "
-                "(SELECT id FROM jobs WHERE state='answered' AND answered_at < ?)",
-                (t - retention_s,),
+            # Jobs are inserted as they arrive: the old ones are the first rowids, up to the
+            # first job received after the cut-off (a scan as long as what it deletes; no
+            # index on answered_at to keep up at every answer).
+            first_kept = db.execute(
+                "SELECT rowid FROM jobs WHERE received_at >= ? ORDER BY rowid LIMIT 1", (cutoff,)
+            ).fetchone()
+            old = (first_kept[0] if first_kept else _MAX_ROWID, cutoff)
+            db.execute(
+                "DELETE FROM reply_targets WHERE job_id IN (SELECT id FROM jobs WHERE "
+                "rowid < ? AND state='answered' AND answered_at < ?)",
+                old,
             )
             cur = db.execute(
-                "DELETE FROM jobs WHERE state='answered' AND answered_at < ?", (t - retention_s,)
+                "DELETE FROM jobs WHERE rowid < ? AND state='answered' AND answered_at < ?", old
             )
             n = cur.rowcount
             db.execute("DELETE FROM cache WHERE expires_at < ?", (t,))
@@ -959,25 +1007,12 @@ class Transaction:
 
     def _enqueue_for_targets(self, job_id: str, result: bytes) -> list[ReplyTarget]:
         """Queue ``result`` for each reply target of the job (none: nothing queued)."""
-        if not _RETURNING:  # SQLite < 3.35: a SELECT, then an INSERT per target
-            rows = self._db.execute(
-                "SELECT topic, correlation FROM reply_targets WHERE job_id=?", (job_id,)
-            ).fetchall()
-            targets = [ReplyTarget(r[0], bytes(r[1]) or None) for r in rows]
-            for t in targets:
-                self.enqueue(t.topic, result, t.correlation)
-            return targets
         rows = self._db.execute(
-            "INSERT INTO outbox(topic, payload, correlation, response_topic, created_at) "
-            "SELECT topic, ?, nullif(correlation, x''), NULL, ? FROM reply_targets "
-            "WHERE job_id=? RETURNING seq, topic, correlation",
-            (result, time.time(), job_id),
+            "SELECT topic, correlation FROM reply_targets WHERE job_id=?", (job_id,)
         ).fetchall()
-        targets = []
-        for seq, topic, corr in sorted(rows):
-            target = ReplyTarget(topic, None if corr is None else bytes(corr))
-            self._added(int(seq), topic, result, target.correlation, None)
-            targets.append(target)
+        targets = [ReplyTarget(r[0], bytes(r[1]) or None) for r in rows]
+        for t in targets:
+            self.enqueue(t.topic, result, t.correlation)
         return targets
 
     def job_state(self, job_id: str) -> str | None:
@@ -1055,12 +1090,14 @@ class Transaction:
         correlation: bytes | None = None,
         response_topic: str | None = None,
     ) -> None:
-        cur = self._db.execute(
-            "INSERT INTO outbox(topic, payload, correlation, response_topic, created_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (topic, payload, correlation, response_topic, time.time()),
+        seq = self._store._next_seq
+        self._db.execute(
+            "INSERT INTO outbox(seq, topic, payload, correlation, response_topic, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (seq, topic, payload, correlation, response_topic, time.time()),
         )
-        self._added(int(cur.lastrowid or 0), topic, payload, correlation, response_topic)
+        self._store._next_seq = seq + 1  # a number rolled back with its row is not reused
+        self._added(seq, topic, payload, correlation, response_topic)
 
     def _added(
         self,

@@ -23,11 +23,7 @@ def job(jid: str, text: str = "hi") -> Job:
     return Job(jid, "intent", text, {}, 1000, "auto")
 
 
-@pytest.mark.parametrize("returning", [True, False], ids=["insert-returning", "sqlite<3.35"])
-def test_admit_is_idempotent_and_answer_reaches_every_target(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, returning: bool
-) -> None:
-    monkeypatch.setattr(store_module, "_RETURNING", returning)  # both ways to the outbox
+def test_admit_is_idempotent_and_answer_reaches_every_target(tmp_path: Path) -> None:
     s = Store(tmp_path / "e.db")
     a, b = ReplyTarget("r/a", b"1"), ReplyTarget("r/b", None)
     with s.transaction() as tx:
@@ -106,6 +102,113 @@ def test_prune_forgets_old_answered_jobs(tmp_path: Path) -> None:
         tx.answer("old", b"x", fallback=ReplyTarget("r"))
     assert s.prune(retention_s=60, now=time.time() + 3600) == 1
     assert s.stored_result("old") is None
+
+
+def test_prune_keeps_open_and_recent_jobs_and_their_reply_targets(tmp_path: Path) -> None:
+    s = Store(tmp_path / "e.db")
+    with s.transaction() as tx:
+        for jid in ("old", "old-open", "recent"):
+            tx.admit(job(jid), ReplyTarget(f"r/{jid}"), redelivery=False)
+        tx.answer("old", b"x", fallback=ReplyTarget("r"))
+        tx.answer("recent", b"y", fallback=ReplyTarget("r"))
+    db = sqlite3.connect(tmp_path / "e.db")
+    db.execute(
+        "UPDATE jobs SET received_at = received_at - 7200, answered_at = answered_at - 7200 "
+        "WHERE id IN ('old', 'old-open')"
+    )
+    db.commit()
+    db.close()
+    assert s.prune(retention_s=3600) == 1
+    assert s.stored_result("old") is None and s.stored_result("recent") == b"y"
+    assert [j.id for j in s.open_jobs()] == ["old-open"]
+    targets = s._db.execute("SELECT job_id FROM reply_targets ORDER BY job_id").fetchall()
+    assert targets == [("old-open",), ("recent",)]
+
+
+_SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE jobs (id TEXT PRIMARY KEY, task TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('received', 'answered')), job TEXT NOT NULL,
+    received_at REAL NOT NULL, answered_at REAL, result BLOB);
+CREATE INDEX jobs_open ON jobs (received_at) WHERE state = 'received';
+CREATE INDEX jobs_answered ON jobs (answered_at) WHERE state = 'answered';
+CREATE TABLE reply_targets (job_id TEXT NOT NULL, topic TEXT NOT NULL,
+    correlation BLOB NOT NULL DEFAULT x'', PRIMARY KEY (job_id, topic, correlation));
+CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+    payload BLOB NOT NULL, correlation BLOB, response_topic TEXT, created_at REAL NOT NULL);
+CREATE TABLE dead_letters (seq INTEGER PRIMARY KEY, job_id TEXT, topic TEXT NOT NULL,
+    payload BLOB NOT NULL, correlation BLOB, response_topic TEXT, created_at REAL NOT NULL,
+    reason_code INTEGER NOT NULL, reason TEXT NOT NULL, refused_at REAL NOT NULL);
+INSERT INTO meta VALUES ('schema', '1');
+"""
+
+
+def test_a_schema_1_file_is_backed_up_and_migrated_with_everything_it_holds(
+    tmp_path: Path,
+) -> None:
+    """What an edgeagent before schema 2 left behind (an open job, an answered one with two
+    reply targets, two unsent outbox rows, a dead letter) is all there after the upgrade,
+    and new outbox rows are numbered after every kept one."""
+    path = tmp_path / "e.db"
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA_1)
+    now = time.time()
+    db.executemany(
+        "INSERT INTO jobs VALUES (?, 'intent', ?, ?, ?, ?, ?)",
+        [
+            ("open", "received", job("open").to_json(), now, None, None),
+            ("done", "answered", job("done").to_json(), now, now, b"result"),
+        ],
+    )
+    db.executemany(
+        "INSERT INTO reply_targets VALUES (?, ?, ?)",
+        [("open", "r/a", b""), ("done", "r/a", b"c1"), ("done", "r/b", b"")],
+    )
+    for _ in range(7):  # sqlite_sequence remembers 7; rows 5 and 7 are left unsent
+        db.execute(
+            "INSERT INTO outbox(topic, payload, created_at) VALUES ('r/a', x'70', ?)", (now,)
+        )
+    db.execute("DELETE FROM outbox WHERE seq NOT IN (5, 7)")
+    db.execute(
+        "INSERT INTO dead_letters VALUES (9, 'x', 'r/x', x'70', NULL, NULL, ?, 135, 'no', ?)",
+        (now, now),
+    )
+    db.commit()
+    db.close()
+
+    s = Store(path)
+    assert (tmp_path / "e.v1.bak").exists()
+    assert s._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+    sql = dict(s._db.execute("SELECT name, sql FROM sqlite_master WHERE type='table'").fetchall())
+    assert "WITHOUT ROWID" in sql["reply_targets"] and "AUTOINCREMENT" not in sql["outbox"]
+    assert "outbox" not in {r[0] for r in s._db.execute("SELECT name FROM sqlite_sequence")}
+    assert (
+        s._db.execute("SELECT name FROM sqlite_master WHERE name='jobs_answered'").fetchone()
+        is None
+    )
+    assert [j.id for j in s.open_jobs()] == ["open"]
+    assert s.stored_result("done") == b"result"
+    assert [r.seq for r in s.outbox(limit=10)] == [5, 7]
+    with s.transaction() as tx:
+        targets = tx.answer("open", b"answer", fallback=ReplyTarget("r/default"))
+    assert targets == [ReplyTarget("r/a", None)]
+    assert [r.seq for r in s.outbox(limit=10)] == [5, 7, 10]  # after the dead letter's 9
+    with s.transaction() as tx:  # a retry of the answered job gets its stored result
+        assert tx.admit(job("done"), ReplyTarget("r/c"), redelivery=False).state == "answered"
+    s.close()
+    Store(path).close()  # and it opens again as schema 2, with nothing left to migrate
+
+
+def test_outbox_numbers_are_never_reused_once_the_outbox_is_empty(tmp_path: Path) -> None:
+    s = Store(tmp_path / "e.db")
+    seqs = []
+    for _ in range(3):
+        with s.transaction() as tx:
+            tx.enqueue("r/a", b"p")
+        (row,) = s.outbox(after=seqs[-1] if seqs else 0, limit=10)
+        seqs.append(row.seq)
+        s.outbox_done([row.seq])  # acknowledged: the outbox is empty again
+    assert seqs == [1, 2, 3]
 
 
 def test_newer_schema_is_refused_and_garbage_file_is_a_clear_error(tmp_path: Path) -> None:
