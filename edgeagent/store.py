@@ -562,6 +562,7 @@ class Store:
         Touches only the connection, so :meth:`commit_in_thread` may run it elsewhere.
         """
         try:
+            tx.write_held()
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -906,6 +907,12 @@ class Transaction:
         """The outbox rows this transaction adds (the publisher's, once committed)."""
         self.removed: list[int] = []
         """The outbox rows this transaction deletes."""
+        self._held: dict[str, tuple[str, str, float]] = {}
+        """Jobs admitted in this transaction and not written yet (``task``, job JSON, time
+        received).  A job answered in the same transaction (at admission: an ``inline``
+        backend, the cache) is then written once, as ``answered``, and never enters the
+        index of open jobs: one page fewer per job.  The others are written as
+        ``received`` just before the COMMIT (:meth:`write_held`)."""
 
     @contextmanager
     def savepoint(self, *, alone: bool = False) -> Iterator[None]:
@@ -920,7 +927,7 @@ class Transaction:
         if not self._db.in_transaction:  # SAVEPOINT would silently open a new transaction
             raise StoreUnavailable(f"state file {self._store.path}: transaction lost", "io")
         saved = (self.outbox_added, self.outbox_removed, self.last_seq, self._store.cache_rows)
-        fresh, removed = len(self.fresh), len(self.removed)
+        fresh, removed, held = len(self.fresh), len(self.removed), dict(self._held)
         if not alone:
             self._db.execute("SAVEPOINT one_message")
         try:
@@ -938,6 +945,7 @@ class Transaction:
                 self._db.execute("RELEASE one_message")
             self.outbox_added, self.outbox_removed, self.last_seq, self._store.cache_rows = saved
             del self.fresh[fresh:], self.removed[removed:]
+            self._held = held
             raise
         if not alone:
             self._db.execute("RELEASE one_message")
@@ -950,16 +958,21 @@ class Transaction:
         stored result again.  An id is a device-wide key: the same id on another
         task is a ``conflict`` (nothing is written).
         """
-        now = time.time()
-        cur = self._db.execute(
-            "INSERT OR IGNORE INTO jobs(id, task, state, job, received_at) "
-            "VALUES (?, ?, 'received', ?, ?)",
-            (job.id, job.task, job.to_json(), now),
-        )
-        if cur.rowcount == 0:
-            owner = self._db.execute("SELECT task FROM jobs WHERE id=?", (job.id,)).fetchone()
-            if owner is not None and owner[0] != job.task:
-                return Admission("conflict", task=str(owner[0]))
+        held = self._held.get(job.id)
+        stored: Any = None  # the result of an answered job
+        if held is not None:  # a second message of this transaction with the same id
+            owner, state = held[0], "received"
+        else:
+            row = self._db.execute(
+                "SELECT task, state, result FROM jobs WHERE id=?", (job.id,)
+            ).fetchone()
+            if row is None:
+                self._held[job.id] = (job.task, job.to_json(), time.time())
+                owner, state = job.task, "new"
+            else:
+                owner, state, stored = str(row[0]), str(row[1]), row[2]
+        if owner != job.task:
+            return Admission("conflict", task=owner)
         known_target = False
         if target is not None:
             t = self._db.execute(
@@ -967,14 +980,24 @@ class Transaction:
                 (job.id, target.topic, target.correlation or b""),
             )
             known_target = t.rowcount == 0
-        if cur.rowcount == 1:
+        if state == "new":
             return Admission("new")
-        row = self._db.execute("SELECT state, result FROM jobs WHERE id=?", (job.id,)).fetchone()
-        if row[0] == "received":
+        if state == "received":
             return Admission("in_flight")
         if known_target and redelivery:
             return Admission("duplicate_delivery")
-        return Admission("answered", bytes(row[1]))
+        return Admission("answered", bytes(stored))
+
+    def write_held(self) -> None:
+        """Journal the jobs admitted in this transaction and not answered in it, as
+        ``received`` (:meth:`Store.commit` calls it just before the COMMIT)."""
+        if self._held:
+            self._db.executemany(
+                "INSERT INTO jobs(id, task, state, job, received_at) "
+                "VALUES (?, ?, 'received', ?, ?)",
+                [(jid, *row) for jid, row in self._held.items()],
+            )
+            self._held.clear()
 
     def answer(self, job_id: str, result: bytes, *, fallback: ReplyTarget) -> list[ReplyTarget]:
         """Store a job's result and queue it for every reply target, in this transaction.
@@ -982,13 +1005,21 @@ class Transaction:
         Returns the targets (``fallback`` when the job named none).  A job that is
         already answered keeps its first result (never answered twice).
         """
-        cur = self._db.execute(
-            "UPDATE jobs SET state='answered', result=?, answered_at=? "
-            "WHERE id=? AND state='received'",
-            (result, time.time(), job_id),
-        )
-        if cur.rowcount == 0:
-            return []
+        held = self._held.pop(job_id, None)
+        if held is not None:  # admitted in this transaction: one row, written answered
+            self._db.execute(
+                "INSERT INTO jobs(id, task, state, job, received_at, answered_at, result) "
+                "VALUES (?, ?, 'answered', ?, ?, ?, ?)",
+                (job_id, *held, time.time(), result),
+            )
+        else:
+            cur = self._db.execute(
+                "UPDATE jobs SET state='answered', result=?, answered_at=? "
+                "WHERE id=? AND state='received'",
+                (result, time.time(), job_id),
+            )
+            if cur.rowcount == 0:
+                return []
         targets = self._enqueue_for_targets(job_id, result)
         if not targets:
             self.enqueue(fallback.topic, result, fallback.correlation)
@@ -1016,6 +1047,8 @@ class Transaction:
         return targets
 
     def job_state(self, job_id: str) -> str | None:
+        if job_id in self._held:
+            return "received"
         row = self._db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
         return None if row is None else str(row[0])
 

@@ -211,7 +211,7 @@ def _averaged(modes: list[str], epochs: int, values: list[list[float]]) -> dict[
         averages.epoch_end(epoch)
     out = {m: float(averages.state(m)["weight"]) for m in ["none", *modes]}
     # the model keeps its last weights until a state is loaded
-    assert float(model.weight) == values[-1][-1]
+    assert float(model.weight.detach()) == values[-1][-1]
     return out
 
 

@@ -294,3 +294,58 @@ def test_the_publisher_reads_committed_rows_from_memory_and_older_ones_from_the_
             tx.enqueue(f"t/{i}", b"x")
     assert [r.topic for r in s.outbox(after=rows[0].seq)] == ["t/a", "t/0", "t/1", "t/2"]
     s.close()
+
+
+def test_a_job_answered_in_its_admission_transaction_is_written_once_as_answered(
+    tmp_path: Path,
+) -> None:
+    """Answered at admission (an inline backend, the cache): one row, written answered; it
+    never enters the index of open jobs.  A job only admitted is journaled as received."""
+    s = Store(tmp_path / "e.db")
+    statements: list[str] = []
+    s._db.set_trace_callback(statements.append)
+    with s.transaction() as tx:
+        assert tx.admit(job("inline"), ReplyTarget("r/a"), redelivery=False).state == "new"
+        assert tx.admit(job("queued"), ReplyTarget("r/a"), redelivery=False).state == "new"
+        assert tx.job_state("inline") == "received"
+        assert tx.answer("inline", b"ok", fallback=ReplyTarget("r/x")) == [ReplyTarget("r/a")]
+    s._db.set_trace_callback(None)
+    writes = [q for q in statements if q.startswith(("INSERT INTO jobs", "UPDATE jobs"))]
+    assert len(writes) == 2 and "'answered'" in writes[0] and "'received'" in writes[1]
+    assert not any(q.startswith("UPDATE jobs") for q in statements)
+    assert s.stored_result("inline") == b"ok"
+    assert [j.id for j in s.open_jobs()] == ["queued"]
+    with s.transaction() as tx:
+        assert tx.answer("queued", b"later", fallback=ReplyTarget("r/x")) == [ReplyTarget("r/a")]
+        assert tx.answer("queued", b"twice", fallback=ReplyTarget("r/x")) == []
+    assert s.stored_result("queued") == b"later" and s.open_jobs() == []
+
+
+def test_a_held_job_keeps_idempotency_and_savepoints_within_its_transaction(
+    tmp_path: Path,
+) -> None:
+    s = Store(tmp_path / "e.db")
+    with s.transaction() as tx:
+        assert tx.admit(job("j"), ReplyTarget("r/a"), redelivery=False).state == "new"
+        # the same id again in the same transaction: in flight; on another task: a conflict
+        assert tx.admit(job("j"), ReplyTarget("r/b"), redelivery=False).state == "in_flight"
+        other = Job("j", "other-task", "hi", {}, 1000, "auto")
+        adm = tx.admit(other, ReplyTarget("r/c"), redelivery=False)
+        assert (adm.state, adm.task) == ("conflict", "intent")
+        with pytest.raises(RuntimeError), tx.savepoint():  # an answer rolled back ...
+            tx.answer("j", b"lost", fallback=ReplyTarget("r/x"))
+            raise RuntimeError("the write failed after answering")
+        with pytest.raises(RuntimeError), tx.savepoint():  # ... and an admission too
+            tx.admit(job("k"), ReplyTarget("r/a"), redelivery=False)
+            raise RuntimeError("the write failed after admitting")
+    assert [j.id for j in s.open_jobs()] == ["j"]  # ... leave "j" open, and no "k"
+    assert s.stored_result("j") is None and s.job("k") is None
+    with s.transaction() as tx:
+        assert set(tx.answer("j", b"ok", fallback=ReplyTarget("r/x"))) == {
+            ReplyTarget("r/a"),
+            ReplyTarget("r/b"),
+        }
+    with s.transaction() as tx:
+        adm = tx.admit(job("j"), ReplyTarget("r/a"), redelivery=True)
+        assert adm.state == "duplicate_delivery"
+        assert tx.admit(job("j"), ReplyTarget("r/a"), redelivery=False).result == b"ok"
