@@ -364,6 +364,10 @@ class MqttAdapter:
         thread: must only read)."""
         self._sweep: asyncio.TimerHandle | None = None
         self._sent_since_sweep = False
+        self._outstanding = 0
+        """QoS 1 publishes whose PUBACK the event loop has not run yet (event loop only):
+        the sweep goes on while there are any, so that a PUBACK that may wait is never
+        left behind by a sweep that found nothing yet."""
         self._client = self._build_client()
 
     # -- construction -------------------------------------------------------------
@@ -455,6 +459,8 @@ class MqttAdapter:
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("mqtt.publish_refused", topic=topic, rc=int(info.rc))
             return None
+        if qos:
+            self._outstanding += 1
         return int(info.mid)
 
     def ack(self, message: Inbound) -> None:
@@ -482,13 +488,26 @@ class MqttAdapter:
         self._loop.call_soon(self._uncork)
 
     def _swept(self) -> None:
-        """Run the PUBACKs that waited (event loop); again later while publishes go out."""
+        """Run the PUBACKs that waited (event loop); again later while publishes go out or
+        wait for their PUBACK on a live connection (after a reconnect paho sends them
+        again, and :meth:`_arm_sweep` starts the sweeps again)."""
         self._sweep = None
         if self._handoffs and not self._drain_scheduled:
             self._drain()
-        if self._sent_since_sweep or self._handoffs:
+        waiting = self._outstanding > 0 and self._connected.is_set()
+        if self._sent_since_sweep or self._handoffs or waiting:
             self._sent_since_sweep = False
             self._sweep = self._loop.call_later(PUBACK_LINGER_S, self._swept)
+
+    def _arm_sweep(self) -> None:
+        """Sweep while publishes wait for their PUBACK (event loop; on each connection)."""
+        if self._outstanding and self._sweep is None and self.puback_may_wait is not None:
+            self._sweep = self._loop.call_later(PUBACK_LINGER_S, self._swept)
+
+    def _puback(self, mid: int) -> None:
+        """A PUBACK reaches the owner (event loop)."""
+        self._outstanding = max(0, self._outstanding - 1)
+        self._on_puback_cb(mid)
 
     def _uncork(self) -> None:
         sock, self._corked = self._corked, None
@@ -658,6 +677,7 @@ class MqttAdapter:
 
     def _set_connected(self, session_present: bool) -> None:
         self._connected.set()
+        self._call(self._arm_sweep)
         self._call(self._on_connected_cb, session_present)
 
     def _on_subscribe(
@@ -801,6 +821,6 @@ class MqttAdapter:
         if code < 0x80 and may_wait is not None and may_wait():
             # Nothing waits for it (its row is published; only its delete is left): it
             # goes with the next wake-up of the loop, or the sweep, not a wake-up of its own.
-            self._handoffs.append((self._on_puback_cb, (int(mid),)))
+            self._handoffs.append((self._puback, (int(mid),)))
             return
-        self._call(self._on_puback_cb, int(mid))
+        self._call(self._puback, int(mid))
