@@ -461,12 +461,19 @@ class Store:
                 )
             if have and version < SCHEMA_VERSION:
                 # Back up before migrating: a failed migration must not cost the journal.
+                # SQLite's online backup, not a file copy: what the last run committed may
+                # still be in the WAL only (it was killed), and a copy of the file misses it.
+                bak = self.path.with_suffix(f".v{version}.bak")
                 try:
-                    shutil.copy2(self.path, self.path.with_suffix(f".v{version}.bak"))
-                except OSError as exc:
+                    dst = sqlite3.connect(bak)
+                    try:
+                        self._db.backup(dst)
+                    finally:
+                        dst.close()
+                except sqlite3.Error as exc:
                     raise StoreError(
-                        f"cannot back up {self.path} before migrating it: {exc.strerror}",
-                        "full" if exc.errno == errno.ENOSPC else "io",
+                        f"cannot back up {self.path} to {bak} before migrating it: {exc}",
+                        "full" if error_kind(exc) == "full" else "io",
                     ) from exc
             with self._tx():
                 for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1) if have else ():

@@ -349,3 +349,28 @@ def test_a_held_job_keeps_idempotency_and_savepoints_within_its_transaction(
         adm = tx.admit(job("j"), ReplyTarget("r/a"), redelivery=True)
         assert adm.state == "duplicate_delivery"
         assert tx.admit(job("j"), ReplyTarget("r/a"), redelivery=False).result == b"ok"
+
+
+def test_the_backup_before_a_migration_holds_what_only_the_wal_held(tmp_path: Path) -> None:
+    """A daemon killed mid-burst leaves its last commits in the WAL: the backup taken before
+    the migration has them too (a copy of the database file alone would not)."""
+    path = tmp_path / "e.db"
+    killed = sqlite3.connect(path, isolation_level=None)  # stays open: never checkpointed
+    killed.execute("PRAGMA journal_mode=WAL")
+    killed.execute("PRAGMA wal_autocheckpoint=0")
+    killed.executescript(_SCHEMA_1)
+    killed.execute(
+        "INSERT INTO jobs VALUES ('open', 'intent', 'received', ?, 1.0, NULL, NULL)",
+        (job("open").to_json(),),
+    )
+    killed.execute("INSERT INTO outbox(topic, payload, created_at) VALUES ('r/a', x'70', 1.0)")
+    assert (tmp_path / "e.db-wal").stat().st_size > 0
+    s = Store(path)
+    assert [j.id for j in s.open_jobs()] == ["open"]
+    s.close()
+    killed.close()
+    bak = sqlite3.connect(tmp_path / "e.v1.bak")
+    assert bak.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("1",)
+    assert bak.execute("SELECT id FROM jobs").fetchall() == [("open",)]
+    assert bak.execute("SELECT count(*) FROM outbox").fetchone() == (1,)
+    bak.close()
