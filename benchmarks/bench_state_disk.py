@@ -14,12 +14,12 @@ of ``--jobs`` jobs, the state directory sampled every 10 ms: the peak as a devic
 
 Part 3 (``--writes N``): what a job costs the storage (flash wear on an SD card or eMMC).
 The real daemon (``rules`` task, ``synchronous = "normal"``) answers N jobs one at a time,
-then N pipelined (64 in flight), and the kernel's per-process counters (``/proc/PID/io``) give the bytes it wrote: to the
-state file system (``write_bytes``: WAL frames, checkpoints into the database) and through
-``write`` calls of any kind (``wchar``: also its MQTT packets), per job.  With
-``--baseline-repo DIR`` (a ``git archive`` of another commit) the daemon of that tree
-runs in the same invocation (three fresh daemons per tree, alternated; medians), and the
-ratios are printed.
+then N pipelined (64 in flight), and the kernel's per-process counters (``/proc/PID/io``)
+give the bytes it wrote: to the state file system (``write_bytes``: WAL frames,
+checkpoints into the database) and through ``write`` calls of any kind (``wchar``: also
+its MQTT packets), per job.  With ``--baseline-repo DIR`` (a ``git archive`` of another
+commit) the daemon of that tree runs in the same invocation (three fresh daemons per
+tree, alternated; medians), and the ratios are printed.
 
     .venv/bin/python benchmarks/bench_state_disk.py [--jobs 5000] [--batch 64] [--daemon]
     .venv/bin/python benchmarks/bench_state_disk.py --writes 2000 [--baseline-repo /tmp/old]
