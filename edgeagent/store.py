@@ -160,7 +160,10 @@ CREATE TABLE IF NOT EXISTS examples (
 #   a kept dead letter; after a restart with an empty outbox they may start lower again,
 #   which nothing persisted refers to;
 # - no index on ``answered_at``: :meth:`Store.prune` walks the oldest rows in ``rowid``
-#   order (jobs are inserted as they arrive), so answering a job touches no index of it.
+#   order (jobs are inserted as they arrive), so answering a job touches no index of it;
+# - (no schema change) a transaction holds a new job's row until its COMMIT
+#   (:meth:`Transaction.write_held`): a job answered in its admission's transaction is
+#   inserted once, as ``answered``, and never enters ``jobs_open``.
 
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: (
