@@ -171,8 +171,10 @@ def job(i: int, text: str) -> bytes:
 
 
 def start_daemon(
-    port: int, work: Path, name: str, synchronous: str, cache: bool
+    port: int, work: Path, name: str, synchronous: str, cache: bool, repo: Path = REPO
 ) -> subprocess.Popen[bytes]:
+    """``edgeagent run`` with the benchmark's `rules` task; ``repo``: the tree whose code
+    runs (another checkout, for a same-invocation baseline)."""
     cfg = work / f"{name}.toml"
     cfg.write_text(
         f'device_id = "{name}"\n[mqtt]\nport = {port}\nreceive_maximum = 256\n'
@@ -183,7 +185,8 @@ def start_daemon(
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)],
-        cwd=REPO,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
         stdout=subprocess.DEVNULL,
         stderr=open(work / f"{name}.log", "wb"),  # noqa: SIM115
     )

@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -138,27 +136,14 @@ def _io(pid: int) -> dict[str, int]:
 
 
 def daemon_writes(repo: Path, jobs: int, work: Path, port: int) -> dict[str, float]:
-    """Bytes the daemon of ``repo`` writes per sequentially answered job (see part 3)."""
+    """Bytes the daemon of ``repo`` writes per job answered, one at a time and pipelined
+    (see part 3)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_daemon import TASKS, Producer, job  # type: ignore[import-not-found]
+    from bench_daemon import Producer, job, start_daemon  # type: ignore[import-not-found]
 
     name = f"w{abs(hash(str(repo))) % 10000}"
-    cfg = work / f"{name}.toml"
     state = work / name
-    cfg.write_text(
-        f'device_id = "{name}"\n[mqtt]\nport = {port}\n'
-        f'[store]\nstate_dir = "{state}"\nsynchronous = "normal"\n'
-        f'[metrics]\nlisten = ""\n[log]\nformat = "json"\nlevel = "warning"\n'
-        f'[topics]\nallowed_reply_prefixes = ["bench/"]\n' + TASKS.replace("{cache}", "false")
-    )
-    env = {**os.environ, "PYTHONPATH": str(repo)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)],
-        cwd=repo,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(work / f"{name}.log", "ab"),  # noqa: SIM115
-    )
+    proc = start_daemon(port, work, name, "normal", cache=False, repo=repo)
     prod = Producer(port)
     try:
         prod.wait_online([name])

@@ -165,26 +165,26 @@ CREATE TABLE IF NOT EXISTS examples (
 #   (:meth:`Transaction.write_held`): a job answered in its admission's transaction is
 #   inserted once, as ``answered``, and never enters ``jobs_open``.
 
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
+_MIGRATIONS: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {
     2: (
-        "CREATE TABLE reply_targets_v2 (job_id TEXT NOT NULL, topic TEXT NOT NULL, "
-        "correlation BLOB NOT NULL DEFAULT x'', PRIMARY KEY (job_id, topic, correlation)) "
-        "WITHOUT ROWID",
-        "INSERT OR IGNORE INTO reply_targets_v2(job_id, topic, correlation) "
-        "SELECT job_id, topic, correlation FROM reply_targets",
-        "DROP TABLE reply_targets",
-        "ALTER TABLE reply_targets_v2 RENAME TO reply_targets",
-        "CREATE TABLE outbox_v2 (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, "
-        "payload BLOB NOT NULL, correlation BLOB, response_topic TEXT, created_at REAL NOT NULL)",
-        "INSERT INTO outbox_v2(seq, topic, payload, correlation, response_topic, created_at) "
-        "SELECT seq, topic, payload, correlation, response_topic, created_at FROM outbox",
-        "DROP TABLE outbox",
-        "ALTER TABLE outbox_v2 RENAME TO outbox",
-        "DROP INDEX IF EXISTS jobs_answered",
+        (  # before _SCHEMA: the tables it defines anew step aside
+            "ALTER TABLE reply_targets RENAME TO reply_targets_v1",
+            "ALTER TABLE outbox RENAME TO outbox_v1",
+            "DROP INDEX IF EXISTS jobs_answered",
+        ),
+        (  # after _SCHEMA created them: their rows move in
+            "INSERT OR IGNORE INTO reply_targets(job_id, topic, correlation) "
+            "SELECT job_id, topic, correlation FROM reply_targets_v1",
+            "DROP TABLE reply_targets_v1",
+            "INSERT INTO outbox(seq, topic, payload, correlation, response_topic, created_at) "
+            "SELECT seq, topic, payload, correlation, response_topic, created_at FROM outbox_v1",
+            "DROP TABLE outbox_v1",
+        ),
     ),
 }
-"""Statements that bring a file of schema ``N - 1`` to ``N``, in one transaction with the
-rest of :meth:`Store._migrate` (after a backup of the file)."""
+"""Statements that bring a file of schema ``N - 1`` to ``N``: those run before
+:data:`_SCHEMA`'s (which creates what is missing) and those run after it, all in one
+transaction (after a backup of the file).  The tables are defined once, in ``_SCHEMA``."""
 
 _MAX_ROWID = 2**63 - 1
 
@@ -478,12 +478,16 @@ class Store:
                         f"cannot back up {self.path} to {bak} before migrating it: {exc}",
                         "full" if error_kind(exc) == "full" else "io",
                     ) from exc
+            steps = [_MIGRATIONS[n] for n in range(max(version, 1) + 1, SCHEMA_VERSION + 1)]
             with self._tx():
-                for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1) if have else ():
-                    for stmt in _MIGRATIONS[step]:
+                for before, _ in steps if have else ():
+                    for stmt in before:
                         self._db.execute(stmt)
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
+                        self._db.execute(stmt)
+                for _, after in steps if have else ():
+                    for stmt in after:
                         self._db.execute(stmt)
                 self._db.execute(
                     "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema', ?)",
@@ -1055,12 +1059,6 @@ class Transaction:
         for t in targets:
             self.enqueue(t.topic, result, t.correlation)
         return targets
-
-    def job_state(self, job_id: str) -> str | None:
-        if job_id in self._held:
-            return "received"
-        row = self._db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return None if row is None else str(row[0])
 
     def add_escalation(self, row: EscalationRow) -> None:
         self._db.execute(
