@@ -20,6 +20,9 @@ disk, the daemon's RSS, and the goals of issue 10 with PASS/MISS:
   result waits for at least one ``fsync``, printed for comparison);
 * cache-hit p50 <= 1.5x the echo's.
 
+``--baseline-repo DIR`` runs another checkout's daemons through the same rounds and prints
+this tree's figures as ratios to theirs (a same-invocation A/B).
+
 ``--floor`` adds the durable echo (``benchmarks/echo.py --durable``): journal, answer and
 outbox row in one group commit before the acknowledgement and the answer, outbox delete
 after the broker's PUBACK, one thread, nothing else. It is the least any daemon keeping
@@ -283,6 +286,13 @@ def main() -> int:
         help="also measure the durable echo (benchmarks/echo.py --durable): the least any "
         "daemon keeping PROTOCOL.md's guarantees must do, for synchronous normal and full",
     )
+    ap.add_argument(
+        "--baseline-repo",
+        type=Path,
+        help="another checkout (e.g. `git worktree add /tmp/base HEAD~1`): its daemons run the "
+        "same cases in the same rounds, and each of this tree's figures is printed as a ratio "
+        "to its own",
+    )
     args = ap.parse_args()
 
     with (
@@ -305,9 +315,16 @@ def main() -> int:
             "full": start_daemon(broker.port, work, "dfull", "full", cache=False),
             "cache": start_daemon(broker.port, work, "dcache", "normal", cache=True),
         }
+        if args.baseline_repo:
+            daemons |= {
+                f"base-{k}": start_daemon(
+                    broker.port, work, f"b{k}", sync, cache=k == "cache", repo=args.baseline_repo
+                )
+                for k, sync in (("normal", "normal"), ("full", "full"), ("cache", "normal"))
+            }  # devices bnormal, bfull, bcache
         prod = Producer(broker.port)
         try:
-            prod.wait_online(["dnormal", "dfull", "dcache"])
+            prod.wait_online([k.replace("base-", "b") if "-" in k else f"d{k}" for k in daemons])
 
             def text_job(i: int) -> bytes:
                 return job(i, TEXTS[i % 4])
@@ -330,6 +347,12 @@ def main() -> int:
                 )
                 for sync, p in floors.items()
             ]
+            cases += [
+                Case(f"baseline {c.label}", c.topic.replace("/d", "/b", 1), c.make,
+                     daemons["base-" + key].pid)
+                for c, key in zip(cases[1:4], ("normal", "full", "cache"), strict=True)
+                if args.baseline_repo
+            ]  # fmt: skip
             for c in cases:  # warm up every path (and fill the cache)
                 prod.sequential(c.topic, c.make, 50)
             # Interleaved rounds, the order rotated each time: machine noise (other jobs on
@@ -395,6 +418,15 @@ def main() -> int:
         f"  {'(single-job p50, synchronous=full)':40} {p50_ratio[full]:6.2f}x  "
         f"(no goal: at least one fsync of {fsync:.2f} ms per result)"
     )
+    if args.baseline_repo:
+        print(f"\nthis tree / {args.baseline_repo} (same rounds; < 1 is faster for p50 and CPU):")
+        for c in cases[1:4]:
+            b = next(x for x in cases if x.label == f"baseline {c.label}")
+            print(
+                f"  {c.label:34} p50 {pct(c.lat, 0.5) / pct(b.lat, 0.5):5.2f}x  "
+                f"throughput {statistics.median(t / u for t, u in zip(c.tput, b.tput, strict=True)):5.2f}x  "  # noqa: E501
+                f"CPU/job {statistics.median(c.cpu) / statistics.median(b.cpu):5.2f}x"
+            )
     if args.floor:
         fnormal, ffull = (c.label for c in cases[4:6])
         print("\nthe durable echo (the floor of any daemon with these guarantees), same run:")
