@@ -45,7 +45,7 @@ from typing import Any
 import paho.mqtt as paho_mqtt
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.exception import MQTTException
+from paho.mqtt.exception import MalformedPacket, MQTTException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import (
     Properties,
@@ -53,7 +53,6 @@ from paho.mqtt.properties import (
     readBytes,
     readInt16,
     readInt32,
-    readUTF,
 )
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -265,7 +264,23 @@ _read_int16: Callable[[Any], int] = readInt16
 _read_int32: Callable[[Any], int] = readInt32
 _read_vbi: Callable[[Any], tuple[int, int]] = VariableByteIntegers.decode
 _read_bytes: Callable[[Any, int], tuple[bytes, int]] = readBytes
-_read_utf: Callable[[Any, int], tuple[str, int]] = readUTF
+
+
+def _read_utf(buffer: Any, maxlen: int) -> tuple[str, int]:
+    """paho's ``readUTF`` (same checks and errors) with its per-character scan done by
+    ``str.find``.  (Its D800-DFFF check cannot fire: strict UTF-8 decoding refuses them.)"""
+    if maxlen < 2:
+        raise MalformedPacket("Not enough data to read string length")
+    length = _read_int16(buffer)
+    if length > maxlen - 2:
+        raise MalformedPacket("Length delimited string too long")
+    text = bytes(buffer[2 : 2 + length]).decode("utf-8")
+    null, bom = text.find("\x00"), text.find("\ufeff")
+    if null >= 0 and (bom < 0 or null < bom):
+        raise MalformedPacket("[MQTT-1.5.4-2] Null found in UTF-8 data")
+    if bom >= 0:
+        raise MalformedPacket("[MQTT-1.5.4-3] U+FEFF in UTF-8 data")
+    return text, length + 2
 
 
 class _FastProperties(Properties):
@@ -357,16 +372,17 @@ class _FastProperties(Properties):
         propslen, vbi_len = _read_vbi(buffer)
         region = buffer[vbi_len : vbi_len + propslen]  # not the payload behind it
         pos = 0
-        left = propslen
         d = self.__dict__
-        while left > 0:
-            ident, n = _read_vbi(region[pos:])
-            pos += n
-            left -= n
+        while pos < propslen:
+            ident = region[pos]
+            if ident < 0x80:  # every property id is one byte; paho's reader for the rest
+                pos += 1
+            else:
+                ident, n = _read_vbi(region[pos:])
+                pos += n
             kind = _SPECS[ident][0]  # an unknown id: KeyError, as paho (MalformedPacket)
-            value, n = self.readProperty(region[pos:], kind, left)
+            value, n = self.readProperty(region[pos:], kind, propslen - pos)
             pos += n
-            left -= n
             name = _COMPACT_OF[ident]
             if ident not in _MULTIPLE and name in d:
                 raise MQTTException(f"Property '{name}' must not exist more than once")

@@ -921,12 +921,14 @@ class Transaction:
         """The outbox rows this transaction adds (the publisher's, once committed)."""
         self.removed: list[int] = []
         """The outbox rows this transaction deletes."""
-        self._held: dict[str, tuple[str, str, float]] = {}
+        self._held: dict[str, tuple[str, str, float, tuple[ReplyTarget, ...]]] = {}
         """Jobs admitted in this transaction and not written yet (``task``, job JSON, time
-        received).  A job answered in the same transaction (at admission: an ``inline``
-        backend, the cache) is then written once, as ``answered``, and never enters the
-        index of open jobs: one page fewer per job.  The others are written as
-        ``received`` just before the COMMIT (:meth:`write_held`)."""
+        received, the reply targets this transaction gave it).  A job answered in the same
+        transaction (at admission: an ``inline`` backend, the cache) is then written once,
+        as ``answered``, and never enters the index of open jobs: one page fewer per job;
+        its targets are all those it has (a new job has none before), so its answer reads
+        nothing back.  The others are written as ``received`` just before the COMMIT
+        (:meth:`write_held`)."""
 
     @contextmanager
     def savepoint(self, *, alone: bool = False) -> Iterator[None]:
@@ -981,7 +983,7 @@ class Transaction:
                 "SELECT task, state, result FROM jobs WHERE id=?", (job.id,)
             ).fetchone()
             if row is None:
-                self._held[job.id] = (job.task, job.to_json(), time.time())
+                self._held[job.id] = (job.task, job.to_json(), time.time(), ())
                 owner, state = job.task, "new"
             else:
                 owner, state, stored = str(row[0]), str(row[1]), row[2]
@@ -994,6 +996,10 @@ class Transaction:
                 (job.id, target.topic, target.correlation or b""),
             )
             known_target = t.rowcount == 0
+            held = self._held.get(job.id)
+            if held is not None and not known_target:
+                stored_as = ReplyTarget(target.topic, target.correlation or None)  # as read back
+                self._held[job.id] = (*held[:3], (*held[3], stored_as))
         if state == "new":
             return Admission("new")
         if state == "received":
@@ -1009,7 +1015,7 @@ class Transaction:
             self._db.executemany(
                 "INSERT INTO jobs(id, task, state, job, received_at) "
                 "VALUES (?, ?, 'received', ?, ?)",
-                [(jid, *row) for jid, row in self._held.items()],
+                [(jid, *row[:3]) for jid, row in self._held.items()],
             )
             self._held.clear()
 
@@ -1024,8 +1030,12 @@ class Transaction:
             self._db.execute(
                 "INSERT INTO jobs(id, task, state, job, received_at, answered_at, result) "
                 "VALUES (?, ?, 'answered', ?, ?, ?, ?)",
-                (job_id, *held, time.time(), result),
+                (job_id, *held[:3], time.time(), result),
             )
+            # Its targets are the ones given here, in the table's (primary key) order.
+            targets = sorted(held[3], key=lambda t: (t.topic, t.correlation or b""))
+            for t in targets:
+                self.enqueue(t.topic, result, t.correlation)
         else:
             cur = self._db.execute(
                 "UPDATE jobs SET state='answered', result=?, answered_at=? "
@@ -1034,7 +1044,7 @@ class Transaction:
             )
             if cur.rowcount == 0:
                 return []
-        targets = self._enqueue_for_targets(job_id, result)
+            targets = self._enqueue_for_targets(job_id, result)
         if not targets:
             self.enqueue(fallback.topic, result, fallback.correlation)
             targets = [fallback]

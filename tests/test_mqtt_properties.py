@@ -175,3 +175,29 @@ def test_fast_properties_decode_a_publish_like_paho() -> None:
     assert decoded.properties.json() == props.json()
     assert decoded.payload == b'{"input": "smoke"}'
     assert decoded.mid == 7 and decoded.topic == topic
+
+
+def _read(fn: Any, buf: bytes, maxlen: int) -> tuple[str, Any]:
+    try:
+        return "ok", fn(buf, maxlen)
+    except DECODE_ERRORS as exc:
+        return type(exc).__name__, str(exc)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    text=st.text(alphabet=st.sampled_from("ab/\x00\ufeff\u00e4\U0001f600"), max_size=8),
+    raw=st.binary(max_size=12),
+    cut=st.integers(-2, 3),
+)
+def test_read_utf_like_paho(text: str, raw: bytes, cut: int) -> None:
+    """The strings of properties (a Response Topic, a User Property) are read with the same
+    checks and errors as paho's readUTF: NUL and U+FEFF refused, whichever comes first."""
+    from paho.mqtt.properties import readUTF
+
+    from edgeagent.mqtt import _read_utf
+
+    data = text.encode()
+    for buf in (len(data).to_bytes(2, "big") + data, raw):
+        maxlen = len(buf) + cut
+        assert _read(_read_utf, buf, maxlen) == _read(readUTF, buf, maxlen)

@@ -321,6 +321,35 @@ def test_a_job_answered_in_its_admission_transaction_is_written_once_as_answered
     assert s.stored_result("queued") == b"later" and s.open_jobs() == []
 
 
+def test_a_job_answered_at_admission_reaches_its_targets_without_reading_them_back(
+    tmp_path: Path,
+) -> None:
+    """The targets a job got in its admission's transaction are all it has: answered in that
+    transaction, it is queued for each of them, in the same order and with the same
+    correlation as a job answered later (read back from ``reply_targets``)."""
+    targets = [ReplyTarget("r/b", b"2"), ReplyTarget("r/a", b""), ReplyTarget("r/a", b"1")]
+    outboxes = []
+    for answer_at_admission in (True, False):
+        s = Store(tmp_path / f"{answer_at_admission}.db")
+        statements: list[str] = []
+        s._db.set_trace_callback(statements.append)
+        with s.transaction() as tx:
+            for t in targets:
+                tx.admit(job("j"), t, redelivery=False)
+            if answer_at_admission:
+                got = tx.answer("j", b"ok", fallback=ReplyTarget("r/x"))
+        if not answer_at_admission:
+            with s.transaction() as tx:
+                got = tx.answer("j", b"ok", fallback=ReplyTarget("r/x"))
+        s._db.set_trace_callback(None)
+        reads = [q for q in statements if q.startswith("SELECT topic, correlation")]
+        assert bool(reads) != answer_at_admission
+        assert got == [ReplyTarget("r/a"), ReplyTarget("r/a", b"1"), ReplyTarget("r/b", b"2")]
+        outboxes.append([(r.topic, r.payload, r.correlation) for r in s.outbox()])
+        s.close()
+    assert outboxes[0] == outboxes[1]
+
+
 def test_a_held_job_keeps_idempotency_and_savepoints_within_its_transaction(
     tmp_path: Path,
 ) -> None:
