@@ -5,12 +5,13 @@ paho's own Properties would send, and the faster Properties paho decodes packets
 from __future__ import annotations
 
 import functools
+import struct
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from paho.mqtt._packet import DECODE_ERRORS
+from paho.mqtt.exception import MQTTException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -49,6 +50,8 @@ def test_reply_properties_cannot_change_after_packing() -> None:
 
 # -- _FastProperties: paho's Properties with tables built once (decoding every packet) ------
 
+DECODE_ERRORS = (struct.error, IndexError, KeyError, ValueError, MQTTException)
+"""What paho's decoders turn into MalformedPacket (paho.mqtt._packet.DECODE_ERRORS, 2.2)."""
 _PACKET_TYPES = [*range(1, 16), PacketTypes.WILLMESSAGE]
 _SAMPLES = {  # a valid value of each of paho's property types
     0: 1,  # Byte
@@ -159,7 +162,7 @@ def test_fast_properties_unpack_like_paho(packet_type: int, parts: list[bytes], 
 
 
 def test_fast_properties_decode_a_publish_like_paho() -> None:
-    from paho.mqtt import _packet
+    _packet = pytest.importorskip("paho.mqtt._packet")  # paho 2.2 (2.1 decodes in client.py)
     from paho.mqtt.enums import MQTTProtocolVersion
 
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -201,3 +204,12 @@ def test_read_utf_like_paho(text: str, raw: bytes, cut: int) -> None:
     for buf in (len(data).to_bytes(2, "big") + data, raw):
         maxlen = len(buf) + cut
         assert _read(_read_utf, buf, maxlen) == _read(readUTF, buf, maxlen)
+
+
+def test_paho_decodes_with_the_fast_properties_only_on_checked_releases() -> None:
+    import paho.mqtt.client as paho_client
+
+    from edgeagent import mqtt
+
+    installed = paho_client.Properties is _FastProperties  # type: ignore[attr-defined]
+    assert installed == mqtt._PAHO_CHECKED
