@@ -315,3 +315,27 @@ def test_a_crashed_background_task_exits_non_zero(
     out = capsys.readouterr()
     text = out.out + out.err
     assert "daemon.fatal" in text and "daemon:test-crash" in text
+
+
+def test_a_job_with_200000_user_properties_does_not_freeze_the_daemon(
+    broker: Broker, daemon_factory: DaemonFactory, client_factory, device: str
+) -> None:
+    """MQTT v5 lets a producer attach any number of User Properties (the broker forwards
+    them): 200,000 in one PUBLISH (1 MB) took paho's decoder minutes in the daemon's network
+    thread, which holds the GIL, so no other job was answered meanwhile."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    d = daemon_factory(broker.port)
+    d.wait_connected()
+    c = client_factory(broker.port)
+    c.subscribe(f"edgeagent/{device}/results/#")
+    flood = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    flood.UserProperty = [("k", "v")] * 200_000
+    topic = f"edgeagent/{device}/jobs/alarm"
+    c.client.publish(topic, _job("smoke", "flood"), qos=1, properties=flood).wait_for_publish(30)
+    c.publish(topic, _job("smoke", "after-flood"))
+    got = {json.loads(m.payload)["id"]: json.loads(m.payload) for m in c.collect(2, timeout=60)}
+    assert set(got) == {"flood", "after-flood"}
+    assert all(r["status"] == "ok" for r in got.values())
+    assert d.proc is not None and d.proc.poll() is None

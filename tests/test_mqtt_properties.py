@@ -213,3 +213,22 @@ def test_paho_decodes_with_the_fast_properties_only_on_checked_releases() -> Non
 
     installed = paho_client.Properties is _FastProperties  # type: ignore[attr-defined]
     assert installed == mqtt._PAHO_CHECKED
+
+
+def test_a_flood_of_user_properties_is_read_in_one_pass_and_capped() -> None:
+    """A producer may send hundreds of thousands of User Properties in one PUBLISH (the
+    broker forwards them): the first MAX_USER_PROPERTIES are kept, the rest skipped, and
+    what follows them (the Response Topic here) is still read; their framing is checked."""
+    from edgeagent.mqtt import MAX_USER_PROPERTIES
+
+    pair = _encoded(38, 6, ("k", "v"))
+    topic = _encoded(8, 5, "reply/here")
+    body = pair * (MAX_USER_PROPERTIES * 20) + topic
+    props = _FastProperties(PacketTypes.PUBLISH)
+    _, length = props.unpack(_varint(len(body)) + body + b"payload")
+    assert length == len(_varint(len(body))) + len(body)
+    assert props.UserProperty == [("k", "v")] * MAX_USER_PROPERTIES
+    assert props.ResponseTopic == "reply/here"
+    broken = pair * (MAX_USER_PROPERTIES + 1) + b"\x26\x00\x05ab"  # a string cut short
+    with pytest.raises(MQTTException):
+        _FastProperties(PacketTypes.PUBLISH).unpack(_varint(len(broken)) + broken)
