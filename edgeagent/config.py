@@ -119,6 +119,16 @@ class MqttConfig(_Section):
     max_inflight: int = Field(
         256, ge=1, le=65535, description="Unacknowledged QoS 1 publishes (results) in flight."
     )
+    max_packet_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=0,
+        le=268_435_455,
+        description="Largest packet the broker may send us (MQTT v5 Maximum Packet Size; 0: no "
+        "limit).  The broker discards a bigger job unanswered and tells nobody; a smaller one "
+        "over `limits.max_payload_bytes` is answered `rejected`/`too_large`.  Bounds the "
+        "memory one message takes: decoding holds about 3 copies of it (a 100 MB job took the "
+        "daemon to 367 MB).",
+    )
     reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay (seconds).")
     reconnect_max_s: float = Field(30.0, gt=0, description="Reconnect delay cap (seconds).")
     connect_timeout_s: float = Field(10.0, gt=0, description="TCP/TLS connect timeout (seconds).")
@@ -479,6 +489,11 @@ class BrokerClientSettings(BaseSettings):
         return self.mqtt.tls.key_file or credential_path("mqtt-client.key", environ)
 
 
+PACKET_HEADROOM_BYTES = 131_072
+"""Room in ``mqtt.max_packet_bytes`` beyond ``limits.max_payload_bytes``: a topic (up to 64 KiB)
+and properties."""
+
+
 class Settings(BrokerClientSettings):
     """The whole edgeagent configuration."""
 
@@ -510,6 +525,17 @@ class Settings(BrokerClientSettings):
     )
 
     _v_device = field_validator("device_id")(segment)
+
+    @model_validator(mode="after")
+    def _check_packet_size(self) -> Settings:
+        cap, payload = self.mqtt.max_packet_bytes, self.limits.max_payload_bytes
+        if cap and cap < payload + PACKET_HEADROOM_BYTES:
+            raise ValueError(
+                f"mqtt.max_packet_bytes ({cap}) must exceed limits.max_payload_bytes ({payload}) "
+                f"by at least {PACKET_HEADROOM_BYTES} bytes (topic and properties), or jobs the "
+                "daemon would answer `too_large` are dropped unanswered by the broker"
+            )
+        return self
 
     @field_validator("tasks")
     @classmethod

@@ -115,6 +115,7 @@ class ConnectOptions:
     keepalive_s: int = 30
     session_expiry_s: int = 86400
     receive_maximum: int = 64
+    max_packet_bytes: int = 0
     max_inflight: int = 256
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
@@ -148,6 +149,7 @@ def connect_options(
         "keepalive_s": m.keepalive_s,
         "session_expiry_s": m.session_expiry_s,
         "receive_maximum": m.receive_maximum,
+        "max_packet_bytes": m.max_packet_bytes,
         "max_inflight": m.max_inflight,
         "reconnect_min_s": m.reconnect_min_s,
         "reconnect_max_s": m.reconnect_max_s,
@@ -793,6 +795,8 @@ class MqttAdapter:
             props = _FastProperties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = o.session_expiry_s
             props.ReceiveMaximum = o.receive_maximum
+            if o.max_packet_bytes:  # the broker discards bigger packets for us (v5 3.1.2.11.4)
+                props.MaximumPacketSize = o.max_packet_bytes
         self._client.connect(
             o.host,
             o.port,

@@ -339,3 +339,38 @@ def test_a_job_with_200000_user_properties_does_not_freeze_the_daemon(
     assert set(got) == {"flood", "after-flood"}
     assert all(r["status"] == "ok" for r in got.values())
     assert d.proc is not None and d.proc.poll() is None
+
+
+def test_a_job_over_the_packet_cap_never_reaches_the_daemon(
+    broker: Broker, daemon_factory: DaemonFactory, client_factory, device: str
+) -> None:
+    """`mqtt.max_packet_bytes` (MQTT v5 Maximum Packet Size): the broker discards a bigger
+    job for us instead of sending it (decoding holds ~3 copies: a job of hundreds of MB could
+    exhaust a small device's memory, and the broker would send it again at every restart).
+    Below the cap, a payload over `limits.max_payload_bytes` is still answered `too_large`."""
+    d = daemon_factory(broker.port, mqtt_extra="max_packet_bytes = 1048576")
+    d.wait_connected()
+    c = client_factory(broker.port)
+    c.subscribe(f"edgeagent/{device}/results/#")
+    topic = f"edgeagent/{device}/jobs/alarm"
+    c.publish(topic, _job("a" * 2_000_000, "over-cap"))
+    c.publish(topic, _job("a" * 500_000, "over-limit"))
+    c.publish(topic, _job("smoke", "normal"))
+    got = [json.loads(m.payload) for m in c.collect(2, timeout=60) + c.drain(1.0)]
+    # Two answers: the 500 kB job (too large to read its id: a derived one), the normal job.
+    assert sorted((r["status"], (r.get("error") or {}).get("code")) for r in got) == [
+        ("ok", None),
+        ("rejected", "too_large"),
+    ]
+    assert [r["id"] for r in got if r["status"] == "ok"] == ["normal"]
+    assert d.proc is not None and d.proc.poll() is None
+
+
+def test_a_packet_cap_below_the_payload_limit_is_a_config_error() -> None:
+    from pydantic import ValidationError
+
+    from edgeagent.config import Settings
+
+    with pytest.raises(ValidationError, match="max_packet_bytes"):
+        Settings(mqtt={"max_packet_bytes": 100_000}, limits={"max_payload_bytes": 65536})
+    Settings(mqtt={"max_packet_bytes": 0}, limits={"max_payload_bytes": 10_000_000})  # no cap
