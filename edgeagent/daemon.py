@@ -6,8 +6,9 @@ the published result.  The daemon wires the pipeline to the store, the broker, t
 runtimes and the escalator, starts its loops, and decides what a store failure means.
 
 Thread model: one asyncio event loop owns all state (store, queues, in-flight
-maps).  The MQTT network thread and inference threads only hand results back
-with ``call_soon_threadsafe``.
+maps) and drives paho's socket (:mod:`edgeagent.mqtt`).  Inference threads, the store's
+commit thread and the MQTT connect helper only hand results back with
+``call_soon_threadsafe``.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     """Cap glibc's malloc arenas at ``arenas`` for this process, unless the operator set
     ``MALLOC_ARENA_MAX`` (which wins).  Returns whether the cap was applied.
 
-    Every thread that allocates (paho's network thread, inference workers, onnxruntime and
+    Every thread that allocates (the MQTT connect helper, inference workers, onnxruntime and
     llama.cpp threads) may get an arena of its own, each keeping freed pages it does not
     return: on a daemon with a classifier and a GGUF model that is ~15 MB of resident memory
     for nothing (bench_llamacpp.py --rss-with-classifier).  The daemon's threads mostly wait,

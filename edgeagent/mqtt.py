@@ -1,12 +1,16 @@
 """MQTT adapter: the only module that imports paho.
 
-Thread model: paho runs in one network thread owned by this adapter (its own
-connect/backoff loop, not paho's).  paho callbacks never touch daemon state;
-they hand events to the event loop with ``loop.call_soon_threadsafe`` (a PUBACK
-nothing waits for rides with the next hand-off, or a sweep within
-:data:`PUBACK_LINGER_S`).  ``publish`` and ``ack`` are called from the event loop
-thread: the packet is written there at once (the network thread is woken only for what
-is left to write), corked until the end of the loop's turn (:meth:`MqttAdapter._cork`).
+Thread model: the asyncio event loop drives paho's socket (paho's "external event
+loop" hooks: ``loop.add_reader`` runs ``loop_read``, a packet queued by :meth:`publish`
+or :meth:`ack` is written at once by ``loop_write``, corked until the end of the loop's
+turn (:meth:`MqttAdapter._cork`), a timer runs ``loop_misc`` for keepalive).  paho
+callbacks run on the loop and hand events to the owner right after the paho step that
+received them (a PUBACK nothing waits for rides with the next hand-off, or a sweep
+within :data:`PUBACK_LINGER_S`): no network thread, no thread hop per packet.  Only the
+blocking part of a connect (DNS, TCP connect, TLS handshake, queueing CONNECT) runs in
+a short-lived helper thread; the loop takes the socket over once it is open.
+:meth:`publish`, :meth:`ack` and :meth:`aclose` are for the event loop; :meth:`stop`
+may be called from any thread.
 
 Guarantees this adapter gives the daemon:
 * jobs are acknowledged only when the daemon calls :meth:`ack` (manual ack),
@@ -33,6 +37,7 @@ import collections
 import contextlib
 import importlib
 import random
+import select
 import socket
 import ssl
 import struct
@@ -66,10 +71,9 @@ log = get_logger("edgeagent.mqtt")
 PUBACK_LINGER_S = 0.02
 """Longest a PUBACK that nothing waits for lingers before the event loop runs it."""
 _PAHO_CHECKED = str(getattr(paho_mqtt, "__version__", "")).startswith(("2.1.", "2.2."))
-"""The paho releases this module's two speed-ups were written against: ``_Client._packet_queue``
-repeats paho's own (a private method), and :class:`_FastProperties` stands in for paho's
-``Properties`` where paho decodes packets.  Any other release gets paho's own (one more thread
-switch per packet and slower decoding, nothing else changes)."""
+"""The paho releases :class:`_FastProperties` was checked against: there it stands in for
+paho's ``Properties`` where paho decodes packets; any other release keeps paho's own (slower
+decoding, nothing else changes)."""
 _TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
 """Linux: hold partial segments until uncorked (:meth:`MqttAdapter._cork`)."""
 
@@ -159,60 +163,9 @@ def connect_options(
     return ConnectOptions(**fields)
 
 
-def _wake_network_thread(client: paho.Client, userdata: Any, sock: Any) -> None:
-    """No-op: paho has already written a byte to its wake-up socket pair, so the network
-    thread's select() returns and it writes the queued packet itself."""
-
-
 def _code(reason_code: Any) -> int:
     """The number of a paho ReasonCode (or of a plain int)."""
     return int(getattr(reason_code, "value", reason_code))
-
-
-class _Client(paho.Client):
-    """paho's client, less one thread switch per packet the event loop sends.
-
-    For every packet queued (a publish, an acknowledgement) paho writes a byte to its
-    wake-up socket, so that the network thread's ``select`` returns, then (outside its
-    callbacks) writes the packet itself at once.  The network thread then wakes for
-    nothing: a thread switch and a GIL hand-off per packet.  Here the byte is written only
-    when the packet could not be written at once (inside a paho callback; a full socket
-    buffer), which the network thread then sends when it can.
-    """
-
-    def _packet_queue(
-        self,
-        command: int,
-        packet: bytes | bytearray,
-        mid: int,
-        qos: int,
-        info: paho.MQTTMessageInfo | None = None,
-    ) -> MQTTErrorCode:
-        if (
-            not _PAHO_CHECKED
-            or self._thread is not None
-            or self._on_socket_register_write is not None
-            or not self._in_callback_mutex.acquire(False)  # in a callback: paho wakes it
-        ):
-            return super()._packet_queue(command, packet, mid, qos, info)
-        self._in_callback_mutex.release()
-        self._out_packet.append(
-            {
-                "command": command,
-                "mid": mid,
-                "qos": qos,
-                "pos": 0,
-                "to_process": len(packet),
-                "packet": packet,
-                "info": info,
-            }
-        )
-        rc = self.loop_write()
-        wake = self._sockpairW
-        if self._out_packet and wake is not None:  # not all written: the network thread will
-            with contextlib.suppress(OSError):
-                wake.send(b"0")
-        return rc
 
 
 def _with_length(data: bytes) -> bytes:
@@ -236,7 +189,7 @@ def _varint(n: int) -> bytes:
 # and its ``__setattr__``, ``unpack``, ``clear`` and ``pack`` scan the 27 names with string
 # operations per attribute.  It makes one for every PUBLISH and two for every PUBACK it
 # receives: ~50 µs of decoding per job received and ~25 µs per result acknowledged, in
-# paho's network thread, holding the GIL that the event loop waits for.  ``_FastProperties``
+# the thread that reads the socket (the event loop).  ``_FastProperties``
 # does the same with tables built once; :func:`_install_fast_properties` puts it where paho
 # decodes packets.
 
@@ -377,7 +330,7 @@ class _FastProperties(Properties):
     def unpack(self, buffer: Any) -> tuple[_FastProperties, int]:
         """As paho's, in time linear in the size of the properties (paho's copies the rest of
         the packet at every property and rebuilds the list of User Properties at each one:
-        a packet of 20,000 took it 1.8 s, of a megabyte minutes, in the network thread).
+        a packet of 20,000 took it 1.8 s, of a megabyte minutes, with the event loop stalled).
         Differences, on purpose: a property that runs past the Property Length is malformed
         (paho's reads on into the payload); User Properties after the first
         :data:`MAX_USER_PROPERTIES` are skipped, their strings unread."""
@@ -476,7 +429,7 @@ class TakeoverDetector:
     """Detects a client-id clash from its symptom: connections the broker ends soon after
     they start, again and again.  (The v5 reason "session taken over", 0x8E, is not
     reliable: mosquitto 2.0.11 sent 128 to two daemons that kicked each other off 10 times
-    in 8 s.)  Not thread-safe: the MQTT network thread owns it; others read ``active``.
+    in 8 s.)  Not thread-safe: the event loop owns it.
     """
 
     SHORT_S = 10.0
@@ -518,6 +471,14 @@ class TakeoverDetector:
         return lo + (hi - lo) * u
 
 
+READS_PER_TURN = 256
+"""Most packets read in one wake-up of the event loop (then other work gets a turn)."""
+MISC_INTERVAL_S = 0.5
+"""How often the loop runs paho's keepalive check and retries refused subscriptions (s)."""
+DISCONNECT_FLUSH_S = 0.5
+"""How long :meth:`MqttAdapter.aclose` lets a DISCONNECT go out before it drops the socket."""
+
+
 class MqttAdapter:
     """One broker connection.  Create in the event loop thread, then :meth:`start`."""
 
@@ -552,8 +513,16 @@ class MqttAdapter:
         """Topic filters the broker refused at the latest SUBACK (empty while all granted)."""
         self._name = name
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sock: Any = None
+        """The socket the event loop drives (None between connections)."""
+        self._changed = asyncio.Event()  # the socket closed, or a stop was asked for
+        self._writer_added = False
+        self._in_paho = False
+        """Inside one of paho's network steps (its callbacks may run): hand-offs and writes
+        wait for its end (:meth:`_drive`)."""
         self._generation = 0
+        self._was_up = False
         self._connected = threading.Event()
         self.subscriptions_refused: list[str] | None = None
         """After a SUBACK: the filters the broker refused ([] = all granted); None before."""
@@ -568,8 +537,8 @@ class MqttAdapter:
         self._corked: socket.socket | None = None  # held until the end of the loop turn
         self.puback_may_wait: Callable[[], bool] | None = None
         """Set by the owner: True while a PUBACK may wait (up to :data:`PUBACK_LINGER_S`)
-        for the event loop's next wake-up instead of waking it (called in the network
-        thread: must only read)."""
+        for the event loop's next hand-off instead of its own (so that its outbox delete shares
+        the next job's commit; called inside paho's read: must only read)."""
         self._sweep: asyncio.TimerHandle | None = None
         self._sent_since_sweep = False
         self._outstanding = 0
@@ -582,7 +551,7 @@ class MqttAdapter:
 
     def _build_client(self) -> paho.Client:
         o = self.options
-        client = _Client(
+        client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=o.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
@@ -606,12 +575,12 @@ class MqttAdapter:
             client.tls_insecure_set(o.tls_insecure)
         if o.will_topic is not None:
             client.will_set(o.will_topic, o.will_payload, qos=1, retain=True)
-        # Every socket write must happen on our network thread: paho only writes from the
-        # caller's thread (publish/ack) when it believes no loop thread exists, which it does
-        # here because we run our own loop rather than loop_start().  Writing from the event
-        # loop while the network thread reads corrupts TLS records ("bad record mac").  With a
-        # register-write callback set, paho queues the packet and wakes the network thread.
-        client.on_socket_register_write = _wake_network_thread
+        # The event loop drives the socket: with these set, paho queues each packet and asks
+        # for a write (:meth:`_on_socket_register_write` writes it at once, or after the
+        # paho step under way), and says when a socket closes.
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        client.on_socket_close = self._on_socket_close
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -622,8 +591,8 @@ class MqttAdapter:
     # -- lifecycle (event loop thread) --------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        self._thread.start()
+        """Connect and keep connected, in a task of the event loop (call on the loop)."""
+        self._task = self._loop.create_task(self._run(), name=self._name)
 
     @property
     def connected(self) -> bool:
@@ -636,13 +605,42 @@ class MqttAdapter:
         if topics and self._connected.is_set():
             self._client.unsubscribe(topics)
 
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (no last will) and end the connection task (event loop)."""
+        self._request_stop()
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=timeout)
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._drop_socket()
+
     def stop(self, timeout: float = 5.0) -> None:
-        """Disconnect cleanly (no last will) and join the network thread."""
-        self._stopping.set()
-        if self._connected.is_set():
-            self._client.disconnect()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        """Disconnect cleanly (no last will) and end the connection task, from any thread.
+
+        Off the event loop (e.g. ``await asyncio.to_thread(adapter.stop)``) it waits up to
+        ``timeout`` for :meth:`aclose` on the loop.  On the loop thread itself, where it
+        cannot wait, it writes the DISCONNECT at once (best effort) and drops the socket.
+        """
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop and self._loop.is_running():
+            fut = asyncio.run_coroutine_threadsafe(self.aclose(timeout), self._loop)
+            with contextlib.suppress(Exception):
+                fut.result(timeout + 1.0)
+            return
+        self._request_stop()
+        if self._sock is not None:
+            with contextlib.suppress(Exception):
+                self._client.loop_write()  # the DISCONNECT: small, the socket takes it
+        self._drop_socket()
+        if self._task is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                self._task.cancel()
 
     def publish(
         self,
@@ -673,7 +671,7 @@ class MqttAdapter:
 
     def ack(self, message: Inbound) -> None:
         """Acknowledge a job to the broker (only on the connection that delivered it)."""
-        if message.qos == 0 or message.generation != self._generation:
+        if message.qos == 0 or message.generation != self._generation or self._sock is None:
             return
         self._cork()
         self._client.ack(message.mid, message.qos)
@@ -723,15 +721,15 @@ class MqttAdapter:
             with contextlib.suppress(OSError):  # closed meanwhile (a reconnect)
                 sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
 
-    # -- network thread -----------------------------------------------------------
+    # -- the connection task (event loop) -------------------------------------------
 
-    def _run(self) -> None:
+    async def _run(self) -> None:
         o = self.options
         delay = backoff_delays(o.reconnect_min_s, o.reconnect_max_s, random.Random())
         attempt = 0
         while not self._stopping.is_set():
             try:
-                self._connect()
+                await self._open()
             except ssl.SSLCertVerificationError as exc:
                 self._set_fatal(
                     f"TLS verification of {o.host}:{o.port} failed: {exc.verify_message}"
@@ -747,31 +745,28 @@ class MqttAdapter:
                     error=str(exc),
                     retry_in_s=round(wait, 2),
                 )
-                self._stopping.wait(wait)
+                await self._pause(wait)
                 continue
-            was_up = False
-            while not self._stopping.is_set():
-                rc = self._client.loop(timeout=0.5)
+            while self._sock is not None and not self._stopping.is_set():
+                await self._pause(MISC_INTERVAL_S)
+                if self._sock is not None:  # keepalive: PINGREQ, or drop a dead connection
+                    self._drive(self._client.loop_misc)
                 if self._resubscribe_at and time.monotonic() >= self._resubscribe_at:
                     self._retry_refused()
-                if self._connected.is_set():
-                    was_up = True
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    break
             if self._stopping.is_set():
-                # Let paho flush a pending DISCONNECT.
-                for _ in range(10):
-                    if self._client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                        break
+                until = time.monotonic() + DISCONNECT_FLUSH_S
+                while self._disconnecting and self._sock is not None and time.monotonic() < until:
+                    await self._pause(until - time.monotonic(), stop=False)  # DISCONNECT out
+                self._drop_socket()
                 return
             if self.fatal.done() or self._fatal_pending:
                 return
             self._mark_disconnected()
-            if was_up:
+            if self._was_up:
                 attempt = 0
             wait = delay(attempt)
             attempt += 1
-            if was_up and self.takeover.connection_ended(time.monotonic() - self._up_since):
+            if self._was_up and self.takeover.connection_ended(time.monotonic() - self._up_since):
                 wait = max(wait, self.takeover.backoff_s(random.random()))
                 if self.takeover.newly_detected():
                     log.error(
@@ -783,12 +778,59 @@ class MqttAdapter:
                         "with one device_id?): give each its own device_id or mqtt.client_id",
                     )
             log.warning("mqtt.disconnected", retry_in_s=round(wait, 2))
-            self._stopping.wait(wait)
+            await self._pause(wait)
 
     _fatal_pending = False
+    _disconnecting = False
     _up_since = 0.0
 
-    def _connect(self) -> None:
+    async def _pause(self, seconds: float, *, stop: bool = True) -> None:
+        """Wait ``seconds``, or less if the socket closes or (``stop``) a stop is asked for."""
+        self._changed.clear()
+        if (stop and self._stopping.is_set()) or seconds <= 0:
+            return
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):  # distinct on 3.10
+            await asyncio.wait_for(self._changed.wait(), seconds)
+
+    async def _open(self) -> None:
+        """Connect in a helper thread (DNS, TCP, TLS handshake and CONNECT block), then let
+        the event loop drive the socket."""
+        fut: asyncio.Future[Any] = self._loop.create_future()
+
+        def land(sock: Any, error: BaseException | None) -> None:  # event loop
+            if fut.done():  # given up meanwhile (stop): nobody will drive this socket
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()
+            elif error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(sock)
+
+        def connect() -> None:  # helper thread
+            try:
+                sock = self._connect()
+            except BaseException as exc:  # handed to the loop as it is
+                result: tuple[Any, BaseException | None] = (None, exc)
+            else:
+                result = (sock, None)
+            try:
+                self._loop.call_soon_threadsafe(land, *result)
+            except RuntimeError:  # the loop is closed: nobody will drive this socket
+                if result[0] is not None:
+                    with contextlib.suppress(OSError):
+                        result[0].close()
+
+        threading.Thread(target=connect, name=f"{self._name}-connect", daemon=True).start()
+        sock = await fut
+        if self._stopping.is_set():
+            with contextlib.suppress(OSError):
+                sock.close()
+            raise ConnectionAbortedError("stopping")
+        self._attach(sock)
+
+    def _connect(self) -> Any:
+        """paho's blocking connect (helper thread): the socket, CONNECT queued on it."""
         o = self.options
         props = None
         if self._v5:
@@ -810,6 +852,119 @@ class MqttAdapter:
         if isinstance(sock, socket.socket):  # ssl.SSLSocket is one too
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _attach(self, sock: Any) -> None:
+        """The event loop drives ``sock`` from now on (a new connection)."""
+        self._sock = sock
+        self._generation += 1  # what arrives from now on is acknowledged on this one
+        self._was_up = False
+        self._writer_added = False
+        self._loop.add_reader(sock, self._readable)
+        self._write()  # the CONNECT paho queued
+
+    def _detach(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        self._generation += 1  # nothing of the old connection is acknowledged any more
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+        self._writer_added = False
+        self._changed.set()
+
+    def _drop_socket(self) -> None:
+        """Stop driving the socket and close it (no DISCONNECT: one was sent already, or
+        none is wanted)."""
+        sock = self._sock
+        self._detach()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _request_stop(self) -> None:
+        first = not self._stopping.is_set()
+        self._stopping.set()
+        self._changed.set()
+        if first and self._connected.is_set() and self._sock is not None:
+            self._disconnecting = True
+            self._client.disconnect()  # queued: written by the loop, then paho closes
+
+    def _readable(self) -> None:
+        """The socket has data (event loop)."""
+        self._drive(self._read)
+
+    def _read(self) -> MQTTErrorCode:
+        """paho's ``loop_read`` until nothing is left to read now (it reads at most one packet
+        more than the messages it has in flight: one per loop turn, while idle), at most
+        :data:`READS_PER_TURN` packets."""
+        sock = self._sock
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        for _ in range(READS_PER_TURN):
+            rc = self._client.loop_read()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or sock is not self._sock:
+                break
+            # TLS: a record may hold more than paho read; the kernel socket then has nothing
+            # left to wake the selector for.
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                continue
+            if not select.select([sock], [], [], 0)[0]:
+                break
+        return rc
+
+    def _drive(self, step: Callable[[], MQTTErrorCode]) -> MQTTErrorCode:
+        """Run one of paho's network steps (``loop_read``, ``loop_write``, ``loop_misc``) on
+        the event loop; then the owner's callbacks it queued (outside paho's callbacks, so
+        that they may publish and acknowledge), then write what it left queued."""
+        self._in_paho = True
+        try:
+            rc = step()
+        except Exception:  # our callbacks guard themselves; this is paho's own trouble
+            log.exception("mqtt.network_step_failed", step=getattr(step, "__name__", "?"))
+            rc = MQTTErrorCode.MQTT_ERR_UNKNOWN
+        finally:
+            self._in_paho = False
+        if self._drain_scheduled:
+            self._drain()
+        if self._sock is not None and self._client.want_write():
+            self._write()
+        return rc
+
+    def _write(self) -> None:
+        """Write what paho queued; what the socket does not take now waits for it to drain."""
+        armed = self._drain_scheduled
+        self._in_paho = True
+        try:
+            self._client.loop_write()
+        except Exception:
+            log.exception("mqtt.write_failed")
+        finally:
+            self._in_paho = False
+        if self._drain_scheduled and not armed:  # a lost connection: its callbacks, later
+            self._loop.call_soon(self._drain)  # (the caller may be one of them)
+        sock = self._sock
+        if sock is not None and self._client.want_write() and not self._writer_added:
+            self._writer_added = True
+            self._loop.add_writer(sock, self._write)
+
+    # paho socket callbacks (event loop; during a connect also the helper thread, which
+    # they ignore: the loop takes the socket over afterwards).
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        """paho queued a packet: from the owner (publish, ack) it is written at once (corked
+        until the end of the loop's turn); inside a paho step, right after it."""
+        if sock is self._sock and sock is not None and not self._in_paho:
+            self._write()
+
+    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if sock is self._sock and sock is not None and self._writer_added:
+            self._writer_added = False
+            self._loop.remove_writer(sock)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if sock is self._sock and sock is not None:
+            self._detach()  # before paho closes it: the selector needs its descriptor
 
     def _mark_disconnected(self) -> None:
         if self._connected.is_set():
@@ -819,22 +974,18 @@ class MqttAdapter:
     def _set_fatal(self, reason: str) -> None:
         self._fatal_pending = True
         self._stopping.set()
-
-        def settle() -> None:
-            if not self.fatal.done():
-                self.fatal.set_result(reason)
-
-        self._loop.call_soon_threadsafe(settle)
+        self._changed.set()
+        if not self.fatal.done():
+            self.fatal.set_result(reason)
 
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
-        """Hand ``fn(*args)`` to the event loop, in order.  One wake-up of the loop carries
-        every callback queued until it runs: the packets of one read cost one thread
-        switch, not one each (network thread)."""
-        self._handoffs.append((fn, args))  # appended before the flag is read: never lost
-        if not self._drain_scheduled and not self._loop.is_closed():
+        """Hand ``fn(*args)`` to the owner, in order: run after the paho step that queued it
+        (outside paho's callbacks), or at the loop's next turn."""
+        self._handoffs.append((fn, args))
+        if not self._drain_scheduled:
             self._drain_scheduled = True
-            with contextlib.suppress(RuntimeError):  # loop closed meanwhile
-                self._loop.call_soon_threadsafe(self._drain)
+            if not self._in_paho:
+                self._loop.call_soon(self._drain)
 
     def _drain(self) -> None:
         """Run the handed-off callbacks (event loop)."""
@@ -843,10 +994,10 @@ class MqttAdapter:
             fn, args = self._handoffs.popleft()
             try:
                 fn(*args)
-            except Exception:  # as when each was its own loop callback: the rest still run
+            except Exception:  # one callback's failure must not cost the others theirs
                 log.exception("mqtt.callback_failed", callback=getattr(fn, "__name__", "?"))
 
-    # paho callbacks (network thread): hand off only.
+    # paho callbacks (event loop, inside loop_read/loop_misc).
 
     def _on_connect(
         self,
@@ -866,7 +1017,6 @@ class MqttAdapter:
             else:
                 log.warning("mqtt.connack_refused", reason_code=code, reason=str(reason_code))
             return
-        self._generation += 1
         self._suback_pending.clear()  # SUBACKs of an earlier connection never come
         self._resubscribe_at = 0.0  # every filter is subscribed again below
         session_present = bool(flags.session_present)
@@ -886,6 +1036,7 @@ class MqttAdapter:
         self._set_connected(session_present)
 
     def _set_connected(self, session_present: bool) -> None:
+        self._was_up = True
         self._connected.set()
         self._call(self._arm_sweep)
         self._call(self._on_connected_cb, session_present)
@@ -982,7 +1133,7 @@ class MqttAdapter:
         try:
             self._hand_off(msg)
         except Exception as exc:
-            # An exception here would leave paho's loop() and end this network thread.  Only
+            # An exception here would abort paho's read of the rest of the packet.  Only
             # a broker that forwards what MQTT forbids (a topic that is not UTF-8) gets here:
             # such a message has no topic to answer on; acknowledge it so it is not resent.
             log.error("mqtt.bad_message", error=repr(exc)[:200], mid=msg.mid, qos=msg.qos)

@@ -818,7 +818,7 @@ class Pipeline:
 
     def puback_may_wait(self) -> bool:
         """Whether a PUBACK may wait for the loop's next wake-up: the publish window is
-        less than half full (called in the MQTT network thread: reads only)."""
+        less than half full (called by the MQTT adapter: reads only)."""
         return len(self.inflight) < self.settings.mqtt.max_inflight // 2
 
     def on_publish_refused(self, mid: int, reason_code: int, reason: str) -> None:

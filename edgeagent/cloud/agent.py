@@ -1,7 +1,8 @@
 """The cloud agent: escalation requests in over MQTT, a chat completion each, replies out.
 
-Thread model: one event loop owns all state.  The MQTT adapter's network thread
-only hands messages over (``call_soon_threadsafe``); httpx runs on the loop.
+Thread model: one event loop owns all state; it also drives the MQTT adapter's socket
+(only a connect runs in a helper thread, which hands over with ``call_soon_threadsafe``);
+httpx runs on the loop.
 
 A request's life (PROTOCOL.md, "Escalation"):
 
